@@ -1,0 +1,190 @@
+//! Keys. One ed25519 key type serves providers, buyers and the coordinator.
+//! A provider's key is also its libp2p identity, so the peer a coordinator
+//! talks to over an authenticated connection is the one whose signature a
+//! receipt must carry.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use libp2p_identity::PeerId;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::ids::{random_bytes, IdParseError};
+
+/// An ed25519 signing key.
+#[derive(Clone)]
+pub struct Keypair(SigningKey);
+
+impl Keypair {
+    /// A fresh key from the operating system's CSPRNG.
+    pub fn generate() -> Self {
+        Self(SigningKey::from_bytes(&random_bytes::<32>()))
+    }
+    pub fn from_secret_bytes(secret: [u8; 32]) -> Self {
+        Self(SigningKey::from_bytes(&secret))
+    }
+    /// The 32-byte secret seed, for writing the key file.
+    pub fn secret_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key())
+    }
+    pub(crate) fn sign_raw(&self, msg: &[u8]) -> [u8; 64] {
+        self.0.sign(msg).to_bytes()
+    }
+    /// The same key as a libp2p identity (same public key, so the PeerId
+    /// derived here equals [`PublicKey::to_peer_id`]).
+    pub fn to_libp2p(&self) -> libp2p_identity::Keypair {
+        let mut secret = self.0.to_bytes();
+        #[allow(clippy::expect_used)]
+        libp2p_identity::Keypair::ed25519_from_bytes(&mut secret)
+            .expect("a 32-byte ed25519 seed is always a valid libp2p key")
+    }
+}
+
+impl fmt::Debug for Keypair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Keypair({})", self.public())
+    }
+}
+
+/// An ed25519 public key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey(VerifyingKey);
+
+impl PublicKey {
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, IdParseError> {
+        VerifyingKey::from_bytes(bytes)
+            .map(Self)
+            .map_err(|e| IdParseError::new("public key", &hex::encode(bytes), e))
+    }
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        self.0.as_bytes()
+    }
+    pub fn to_peer_id(&self) -> PeerId {
+        #[allow(clippy::expect_used)]
+        let key = libp2p_identity::ed25519::PublicKey::try_from_bytes(self.0.as_bytes())
+            .expect("a valid ed25519 verifying key is a valid libp2p ed25519 key");
+        PeerId::from_public_key(&libp2p_identity::PublicKey::from(key))
+    }
+    /// Recovers the ed25519 key embedded in a `PeerId` (ed25519 peer ids
+    /// inline the public key), so a transport-authenticated peer can be
+    /// matched against a signer.
+    pub fn from_peer_id(peer: &PeerId) -> Option<Self> {
+        let mh = peer.as_ref();
+        if mh.code() != 0 {
+            return None; // not an identity multihash: the key is not inlined
+        }
+        let pk = libp2p_identity::PublicKey::try_decode_protobuf(mh.digest()).ok()?;
+        let ed = pk.try_into_ed25519().ok()?;
+        Self::from_bytes(&ed.to_bytes()).ok()
+    }
+    pub(crate) fn verify_raw(&self, msg: &[u8], sig: &[u8; 64]) -> bool {
+        self.0.verify(msg, &Signature::from_bytes(sig)).is_ok()
+    }
+}
+
+impl PartialOrd for PublicKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for PublicKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.as_bytes()))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", &hex::encode(&self.as_bytes()[..4]))
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = IdParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut b = [0u8; 32];
+        hex::decode_to_slice(s, &mut b)
+            .map_err(|e| IdParseError::new("public key", s, format!("expected 64 hex digits ({e})")))?;
+        Self::from_bytes(&b)
+    }
+}
+
+impl Serialize for PublicKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            self.as_bytes().serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            String::deserialize(d)?
+                .parse()
+                .map_err(serde::de::Error::custom)
+        } else {
+            let b = <[u8; 32]>::deserialize(d)?;
+            Self::from_bytes(&b).map_err(serde::de::Error::custom)
+        }
+    }
+}
+
+/// A detached ed25519 signature (hex for humans, raw bytes on the wire).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SignatureBytes(pub [u8; 64]);
+
+impl fmt::Debug for SignatureBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signature({}..)", hex::encode(&self.0[..4]))
+    }
+}
+
+impl Serialize for SignatureBytes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&hex::encode(self.0))
+        } else {
+            s.serialize_bytes(&self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SignatureBytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bytes = if d.is_human_readable() {
+            hex::decode(String::deserialize(d)?).map_err(serde::de::Error::custom)?
+        } else {
+            <Vec<u8>>::deserialize(d)?
+        };
+        let arr: [u8; 64] = bytes
+            .try_into()
+            .map_err(|_| serde::de::Error::custom("a signature is exactly 64 bytes"))?;
+        Ok(Self(arr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libp2p_identity_matches_our_key() {
+        let kp = Keypair::generate();
+        let peer = kp.to_libp2p().public().to_peer_id();
+        assert_eq!(peer, kp.public().to_peer_id());
+        assert_eq!(PublicKey::from_peer_id(&peer), Some(kp.public()));
+    }
+}

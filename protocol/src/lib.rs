@@ -1,0 +1,35 @@
+//! # kiln-protocol
+//!
+//! The vocabulary every Kiln component speaks: identifiers, job specifications,
+//! capability adverts, offers, receipts, the [`Signed`] envelope, and the one
+//! canonical binary encoding ([`encoding`]).
+//!
+//! This is the leaf crate of the workspace. It has no async runtime, no
+//! database, no HTTP and no Docker in it, so that anything (a provider node, the
+//! coordinator, an auditor's tool, a future on-chain verifier) can depend on it
+//! and agree byte-for-byte on what was signed.
+//!
+//! Reading order: [`ids`] (what things are called), [`keys`] (who signs),
+//! [`signed`] (how signatures are scoped so they cannot be replayed elsewhere),
+//! [`spec`] (what a buyer asks for), [`messages`] (what flows between parties),
+//! [`content`] (how bytes are named).
+
+pub mod content;
+pub mod encoding;
+pub mod ids;
+pub mod keys;
+pub mod messages;
+pub mod signed;
+pub mod spec;
+pub mod units;
+
+pub use content::{ContentId, Manifest, ManifestEntry, ManifestError};
+pub use ids::{BuyerId, IdParseError, JobId, Nonce, OfferId, ProviderId};
+pub use keys::{Keypair, PublicKey};
+pub use messages::*;
+pub use signed::{Signed, SignedMessage, VerifyError};
+pub use spec::{ImageRef, JobSpec, Resources, SpecError};
+pub use units::{ByteSize, Credits, MilliCpu, Seconds, UnixMillis};
+
+/// Version of the wire protocol; bumped on any incompatible change to a message.
+pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,253 @@
+//! Messages between buyers, the coordinator and providers.
+//!
+//! Each signed message type has its own domain tag (see [`crate::signed`]).
+//! Who signs what:
+//!
+//! | message | signer | sent over |
+//! |---|---|---|
+//! | [`JobSubmission`] | buyer | REST `POST /v1/jobs` |
+//! | [`ApiAuth`] | buyer | REST `Authorization` header |
+//! | [`CapabilityAdvert`] | provider | gossipsub + request-response |
+//! | [`JobOffer`] | coordinator | request-response |
+//! | [`ResultReceipt`] | provider | request-response |
+//!
+//! The libp2p request-response payloads are [`NetRequest`]/[`NetResponse`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::content::{ContentId, Manifest};
+use crate::ids::{BuyerId, JobId, OfferId, ProviderId};
+use crate::signed::{Signed, SignedMessage};
+use crate::spec::JobSpec;
+use crate::units::{ByteSize, Credits, UnixMillis};
+
+/// One GPU as the provider's driver reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    pub memory_total: ByteSize,
+    /// e.g. (9, 0) for Hopper.
+    pub compute_capability: (u32, u32),
+    pub driver_version: String,
+}
+
+/// CPU facts and a measured figure (integers: signed data has no floats).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuInfo {
+    pub model: String,
+    pub logical_cores: u32,
+    /// Measured f64 matrix-multiply throughput, in MFLOP/s (0 if not measured).
+    pub matmul_mflops: u64,
+}
+
+/// What a provider offers, signed by the provider's key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapabilityAdvert {
+    pub provider: ProviderId,
+    pub protocol_version: u32,
+    pub node_version: String,
+    /// Multiaddrs the provider listens on.
+    pub listen_addrs: Vec<String>,
+    pub cpu: CpuInfo,
+    /// Memory the provider lends to jobs.
+    pub memory: ByteSize,
+    pub gpus: Vec<GpuInfo>,
+    /// How many jobs it runs at once.
+    pub slots: u32,
+    pub price_per_cpu_hour: Credits,
+    pub price_per_gpu_hour: Credits,
+    /// The OCI runtime jobs run under (e.g. `runc`, `runsc`).
+    pub runtime: String,
+    pub issued_at: UnixMillis,
+}
+
+impl SignedMessage for CapabilityAdvert {
+    const DOMAIN: &'static str = "kiln/capability-advert/v1";
+}
+
+impl CapabilityAdvert {
+    /// Milli-CPUs this provider lends (all logical cores).
+    pub fn millicpus(&self) -> u32 {
+        self.cpu.logical_cores.saturating_mul(1000)
+    }
+    /// Price per hour of a job with these resources at this provider's rates.
+    pub fn price_per_hour(&self, spec: &JobSpec) -> Option<Credits> {
+        let cpu = u128::from(self.price_per_cpu_hour.0) * u128::from(spec.resources.cpus.0) / 1000;
+        let gpu = u128::from(self.price_per_gpu_hour.0) * u128::from(spec.resources.gpus);
+        u64::try_from(cpu + gpu).ok().map(Credits)
+    }
+}
+
+/// A buyer's signed request to run a job. The envelope's nonce names the job
+/// (`JobId::derive(buyer, nonce)`), so a retried submission is the same job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSubmission {
+    pub spec: JobSpec,
+    /// Optional free-text label shown in listings.
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+impl SignedMessage for JobSubmission {
+    const DOMAIN: &'static str = "kiln/job-submission/v1";
+}
+
+/// Proof of key possession for one REST call: the method and the path (with
+/// query) it is for, short-lived. Sent hex-encoded in `Authorization: Kiln <hex>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiAuth {
+    pub method: String,
+    pub path: String,
+}
+
+impl SignedMessage for ApiAuth {
+    const DOMAIN: &'static str = "kiln/api-auth/v1";
+}
+
+/// The coordinator's offer of one job to one provider. Addressed: a provider
+/// must refuse an offer whose `provider` is not itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobOffer {
+    pub offer_id: OfferId,
+    pub job_id: JobId,
+    pub provider: ProviderId,
+    pub owner: BuyerId,
+    pub spec: JobSpec,
+    /// Agreed price for this job per hour of wall time.
+    pub price_per_hour: Credits,
+}
+
+impl SignedMessage for JobOffer {
+    const DOMAIN: &'static str = "kiln/job-offer/v1";
+}
+
+/// How a job ended on the provider.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The container exited 0.
+    Succeeded,
+    /// The container exited non-zero, or the job could not be started.
+    Failed,
+    /// The wall-clock limit was reached and the container was killed.
+    TimedOut,
+}
+
+/// What a job used.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceUsage {
+    pub wall_ms: u64,
+    pub output_bytes: u64,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    /// Whether the logs were cut at the provider's log cap.
+    pub logs_truncated: bool,
+}
+
+/// The provider's signed statement of what it ran and what came out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultReceipt {
+    pub job_id: JobId,
+    pub offer_id: OfferId,
+    pub provider: ProviderId,
+    pub outcome: Outcome,
+    pub exit_code: Option<i64>,
+    /// Why the job failed without an exit code (image missing, input unavailable…).
+    pub error: Option<String>,
+    /// The image id (`sha256:…`) that actually ran.
+    pub image_digest: String,
+    pub input_cids: Vec<ContentId>,
+    /// Manifest CID of the output directory.
+    pub output_cid: ContentId,
+    pub stdout_cid: ContentId,
+    pub stderr_cid: ContentId,
+    pub started_at: UnixMillis,
+    pub finished_at: UnixMillis,
+    pub usage: ResourceUsage,
+}
+
+impl SignedMessage for ResultReceipt {
+    const DOMAIN: &'static str = "kiln/result-receipt/v1";
+}
+
+/// A blob carried inline in a message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blob {
+    pub cid: ContentId,
+    #[serde(with = "serde_bytes_compat")]
+    pub bytes: Vec<u8>,
+}
+
+/// A finished job: the receipt plus the bytes it names (the output manifest's
+/// files and the logs), checked against their CIDs by the receiver.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub receipt: Signed<ResultReceipt>,
+    pub manifest: Manifest,
+    pub blobs: Vec<Blob>,
+}
+
+/// Requests over Kiln's point-to-point protocol (`/kiln/rpc/1`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum NetRequest {
+    /// Provider → coordinator: register (or refresh) an advert; also the heartbeat.
+    Register(Signed<CapabilityAdvert>),
+    /// Coordinator → provider: run this job.
+    Offer(Signed<JobOffer>),
+    /// Provider → coordinator: a finished job.
+    Result(Box<JobResult>),
+    /// Either way: fetch a blob by id.
+    GetBlob(ContentId),
+}
+
+/// Responses over `/kiln/rpc/1`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum NetResponse {
+    Accepted,
+    Rejected { reason: String },
+    Blob(Option<Blob>),
+}
+
+/// Serde of `Vec<u8>` as one byte string in binary encodings (bincode encodes
+/// `Vec<u8>` as a length and bytes either way; this keeps JSON compact as hex).
+mod serde_bytes_compat {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&hex::encode(v))
+        } else {
+            s.serialize_bytes(v)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        if d.is_human_readable() {
+            hex::decode(String::deserialize(d)?).map_err(serde::de::Error::custom)
+        } else {
+            <Vec<u8>>::deserialize(d)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoding;
+    use crate::keys::Keypair;
+
+    #[test]
+    fn net_messages_round_trip() {
+        let k = Keypair::generate();
+        let blob = Blob { cid: ContentId::of_bytes(b"x"), bytes: b"x".to_vec() };
+        let r = NetResponse::Blob(Some(blob.clone()));
+        let back: NetResponse = encoding::decode(&encoding::encode(&r).unwrap()).unwrap();
+        assert!(matches!(back, NetResponse::Blob(Some(b)) if b == blob));
+        let auth = Signed::sign(&k, ApiAuth { method: "GET".into(), path: "/v1/jobs".into() }, 60).unwrap();
+        let back: Signed<ApiAuth> = encoding::decode(&encoding::encode(&auth).unwrap()).unwrap();
+        back.verify(UnixMillis::now()).unwrap();
+    }
+}
