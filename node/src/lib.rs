@@ -1,0 +1,531 @@
+//! # kiln-node — the provider daemon
+//!
+//! A node lends an idle machine to the marketplace. On start it loads (or
+//! creates) its identity key, connects to the Docker engine, reaps anything a
+//! previous crash left behind, discovers its GPUs (NVML; CPU-only when there
+//! is no driver), measures its CPU, and then:
+//!
+//! 1. registers a signed [`CapabilityAdvert`] with its coordinator over
+//!    request-response, and gossips it on the advert topic; re-registering
+//!    every heartbeat interval doubles as its liveness signal;
+//! 2. answers [`JobOffer`]s: an offer must be signed by *its* coordinator,
+//!    addressed to *this* node, unexpired, and fit a free slot; accepting the
+//!    same offer id twice is idempotent;
+//! 3. for each accepted job, fetches inputs by CID (verifying the bytes),
+//!    runs the container under the sandbox in [`runner`], and sends back a
+//!    signed [`ResultReceipt`] together with the output and log bytes it names.
+//!
+//! Module map: [`hw`] (what the machine has), [`runner`] (one job in one
+//! container), this file (the service that ties them to the network).
+
+pub mod hw;
+pub mod runner;
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_net::{Addr, NetConfig, NetEvent, Peer};
+use kiln_protocol::keys::keyfile;
+use kiln_protocol::{
+    Blob, CapabilityAdvert, ContentId, Credits, JobId, JobOffer, JobResult, Keypair, NetRequest,
+    NetResponse, OfferId, ProviderId, PublicKey, ResourceUsage, ResultReceipt, Signed, UnixMillis,
+};
+use runner::{Limits, LocalInput, Runner};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How a node is set up.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The coordinator's multiaddr, ending in `/p2p/<peer id>`.
+    pub coordinator: Addr,
+    /// Identity key and job working directories live here.
+    pub state_dir: PathBuf,
+    pub listen: Addr,
+    /// Jobs run at once.
+    pub slots: u32,
+    pub price_per_cpu_hour: Credits,
+    pub price_per_gpu_hour: Credits,
+    /// How often the advert is re-registered (the liveness signal).
+    pub heartbeat: Duration,
+    pub limits: Limits,
+}
+
+impl NodeConfig {
+    pub fn new(coordinator: Addr, state_dir: PathBuf) -> Self {
+        Self {
+            coordinator,
+            state_dir,
+            listen: "/ip4/127.0.0.1/tcp/0"
+                .parse()
+                .unwrap_or_else(|_| Addr::empty()),
+            slots: 2,
+            price_per_cpu_hour: Credits(100_000),
+            price_per_gpu_hour: Credits(2_000_000),
+            heartbeat: Duration::from_secs(5),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Key(#[from] keyfile::KeyFileError),
+    #[error(transparent)]
+    Docker(#[from] kiln_docker::DockerError),
+    #[error(transparent)]
+    Net(#[from] kiln_net::NetError),
+    #[error(
+        "the coordinator address `{0}` must end in /p2p/<peer id> (the coordinator prints its full address at start-up)"
+    )]
+    CoordinatorAddress(String),
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A running node.
+pub struct Node {
+    pub provider: ProviderId,
+    pub listen_addrs: Vec<Addr>,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+struct State {
+    key: Keypair,
+    provider: ProviderId,
+    coordinator: Peer,
+    coordinator_addr: Addr,
+    coordinator_key: PublicKey,
+    client: kiln_net::Client,
+    runner: Runner,
+    config: NodeConfig,
+    gpus: Vec<kiln_protocol::GpuInfo>,
+    advert_base: CapabilityAdvert,
+    jobs: Mutex<Jobs>,
+}
+
+#[derive(Default)]
+struct Jobs {
+    accepted: HashMap<OfferId, JobId>,
+    running: usize,
+    busy_gpus: HashSet<u32>,
+}
+
+/// Starts a node; it runs until `cancel` fires.
+pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node, NodeError> {
+    let state_dir_err = |source| NodeError::StateDir {
+        path: config.state_dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&config.state_dir).map_err(state_dir_err)?;
+    std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(state_dir_err)?;
+    let key = keyfile::load_or_create(&config.state_dir.join("identity.key"))?;
+    let provider = ProviderId::from_public_key(&key.public());
+    let coordinator = kiln_net::peer_of(&config.coordinator)
+        .ok_or_else(|| NodeError::CoordinatorAddress(config.coordinator.to_string()))?;
+    let coordinator_key = PublicKey::from_peer_id(&coordinator)
+        .ok_or_else(|| NodeError::CoordinatorAddress(config.coordinator.to_string()))?;
+
+    let docker = kiln_docker::connect().await?;
+    let runner = Runner::new(
+        docker,
+        config.state_dir.join("jobs"),
+        provider.to_string(),
+        config.limits.clone(),
+    );
+    match runner.reap_orphans().await {
+        Ok(reaped) if !reaped.is_empty() => {
+            tracing::warn!(count = reaped.len(), "reaped orphaned job containers")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("could not list leftover containers: {e}"),
+    }
+
+    let gpus = hw::discover_gpus().unwrap_or_else(|why| {
+        tracing::info!("{why}");
+        Vec::new()
+    });
+    let cpu = tokio::task::spawn_blocking(|| hw::cpu_info(Duration::from_millis(100)))
+        .await
+        .unwrap_or_else(|_| hw::cpu_info(Duration::ZERO));
+
+    let (client, mut events, event_loop) = kiln_net::spawn(
+        key.to_libp2p(),
+        NetConfig {
+            listen: vec![config.listen.clone()],
+            ..NetConfig::default()
+        },
+        cancel.clone(),
+    )
+    .await?;
+    let listen_addrs = client.listen_addrs().to_vec();
+    tracing::info!(provider = %provider, addrs = ?listen_addrs, gpus = gpus.len(), cpu = %cpu.model, "provider node up");
+
+    let advert_base = CapabilityAdvert {
+        provider,
+        protocol_version: kiln_protocol::PROTOCOL_VERSION,
+        node_version: env!("CARGO_PKG_VERSION").into(),
+        listen_addrs: listen_addrs.iter().map(ToString::to_string).collect(),
+        cpu,
+        memory: hw::total_memory(),
+        gpus: gpus.clone(),
+        slots: config.slots,
+        price_per_cpu_hour: config.price_per_cpu_hour,
+        price_per_gpu_hour: config.price_per_gpu_hour,
+        runtime: "runc".into(),
+        issued_at: UnixMillis::now(),
+    };
+    let state = Arc::new(State {
+        key,
+        provider,
+        coordinator,
+        coordinator_addr: config.coordinator.clone(),
+        coordinator_key,
+        client,
+        runner,
+        config,
+        gpus,
+        advert_base,
+        jobs: Mutex::new(Jobs::default()),
+    });
+
+    let mut tasks = vec![tokio::spawn(event_loop.run())];
+    tasks.push(tokio::spawn(heartbeat(state.clone(), cancel.clone())));
+    let s = state.clone();
+    let c = cancel.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            let ev = tokio::select! {
+                () = c.cancelled() => break,
+                ev = events.recv() => match ev { Some(ev) => ev, None => break },
+            };
+            if let NetEvent::Request {
+                peer,
+                request,
+                reply,
+            } = ev
+            {
+                let response = handle_request(&s, peer, request);
+                let _ = reply.send(response);
+            }
+        }
+    }));
+    Ok(Node {
+        provider,
+        listen_addrs,
+        tasks,
+    })
+}
+
+impl State {
+    fn signed_advert(&self) -> Option<Signed<CapabilityAdvert>> {
+        let mut advert = self.advert_base.clone();
+        advert.issued_at = UnixMillis::now();
+        let ttl = (self.config.heartbeat.as_secs() * 3).max(15);
+        Signed::sign(&self.key, advert, ttl).ok()
+    }
+}
+
+/// Registers with the coordinator now and every heartbeat interval.
+async fn heartbeat(state: Arc<State>, cancel: CancellationToken) {
+    let mut registered = false;
+    loop {
+        if let Some(advert) = state.signed_advert() {
+            let _ = state.client.publish_advert(&advert).await;
+            let addrs = vec![state.coordinator_addr.clone()];
+            match state
+                .client
+                .request(state.coordinator, addrs, NetRequest::Register(advert))
+                .await
+            {
+                Ok(NetResponse::Accepted) => {
+                    if !registered {
+                        tracing::info!(coordinator = %state.coordinator, "registered with the coordinator");
+                    }
+                    registered = true;
+                }
+                Ok(other) => {
+                    registered = false;
+                    tracing::warn!("the coordinator refused our advert: {other:?}");
+                }
+                Err(e) => {
+                    registered = false;
+                    tracing::warn!("cannot register with the coordinator: {e}");
+                }
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(state.config.heartbeat) => {}
+        }
+    }
+}
+
+fn reject(reason: String) -> NetResponse {
+    tracing::warn!("{reason}");
+    NetResponse::Rejected { reason }
+}
+
+fn handle_request(state: &Arc<State>, peer: Peer, request: NetRequest) -> NetResponse {
+    match request {
+        NetRequest::Offer(offer) => handle_offer(state, peer, offer),
+        NetRequest::GetBlob(cid) => reject(format!(
+            "blob {cid} requested by {peer}: this node does not serve blobs yet"
+        )),
+        NetRequest::Register(_) | NetRequest::Result(_) => reject(format!(
+            "peer {peer} sent a request only a coordinator accepts"
+        )),
+    }
+}
+
+/// Decides whether to take an offer. Pure checks first, then capacity.
+fn handle_offer(state: &Arc<State>, peer: Peer, signed: Signed<JobOffer>) -> NetResponse {
+    let offer = match signed.verify(UnixMillis::now()) {
+        Ok(o) => o.clone(),
+        Err(e) => return reject(format!("offer from {peer} rejected: {e}")),
+    };
+    if signed.signer != state.coordinator_key || peer != state.coordinator {
+        return reject(format!(
+            "offer {} rejected: not from this node's coordinator",
+            offer.offer_id.short()
+        ));
+    }
+    if offer.provider != state.provider {
+        return reject(format!(
+            "offer {} rejected: addressed to provider {}, not this one",
+            offer.offer_id.short(),
+            offer.provider
+        ));
+    }
+    if let Err(e) = offer.spec.validate() {
+        return reject(format!(
+            "offer {} rejected: invalid spec: {e}",
+            offer.offer_id.short()
+        ));
+    }
+    let gpu_uuids = {
+        let Ok(mut jobs) = state.jobs.lock() else {
+            return reject("internal error: job table poisoned".into());
+        };
+        if jobs.accepted.contains_key(&offer.offer_id) {
+            return NetResponse::Accepted; // a retried dispatch of an offer we already run
+        }
+        if jobs.running >= state.config.slots as usize {
+            return reject(format!(
+                "offer {} rejected: all {} slots busy",
+                offer.offer_id.short(),
+                state.config.slots
+            ));
+        }
+        let free: Vec<&kiln_protocol::GpuInfo> = state
+            .gpus
+            .iter()
+            .filter(|g| !jobs.busy_gpus.contains(&g.index))
+            .collect();
+        let want = offer.spec.resources.gpus as usize;
+        if free.len() < want {
+            return reject(format!(
+                "offer {} rejected: needs {want} GPUs, {} free",
+                offer.offer_id.short(),
+                free.len()
+            ));
+        }
+        let picked: Vec<(u32, String)> = free
+            .iter()
+            .take(want)
+            .map(|g| (g.index, g.uuid.clone()))
+            .collect();
+        for (i, _) in &picked {
+            jobs.busy_gpus.insert(*i);
+        }
+        jobs.accepted.insert(offer.offer_id, offer.job_id);
+        jobs.running += 1;
+        picked
+    };
+    tracing::info!(job = %offer.job_id.short(), offer = %offer.offer_id.short(), "accepted offer");
+    let s = state.clone();
+    tokio::spawn(async move {
+        let gpu_indices: Vec<u32> = gpu_uuids.iter().map(|(i, _)| *i).collect();
+        let uuids: Vec<String> = gpu_uuids.into_iter().map(|(_, u)| u).collect();
+        run_job(&s, offer, &uuids).await;
+        if let Ok(mut jobs) = s.jobs.lock() {
+            jobs.running -= 1;
+            for i in gpu_indices {
+                jobs.busy_gpus.remove(&i);
+            }
+        }
+    });
+    NetResponse::Accepted
+}
+
+/// Fetches each input from the coordinator by CID, verifying the bytes.
+async fn fetch_inputs(
+    state: &State,
+    job: &JobId,
+    offer: &JobOffer,
+) -> Result<Vec<LocalInput>, String> {
+    let dir = state.runner.job_dir(job).join("in");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create the input directory: {e}"))?;
+    let mut out = Vec::new();
+    for (i, input) in offer.spec.inputs.iter().enumerate() {
+        let addrs = vec![state.coordinator_addr.clone()];
+        let blob = match state
+            .client
+            .request(state.coordinator, addrs, NetRequest::GetBlob(input.cid))
+            .await
+        {
+            Ok(NetResponse::Blob(Some(b))) => b,
+            Ok(NetResponse::Blob(None)) => {
+                return Err(format!(
+                    "input {} is not held by the coordinator; upload it first",
+                    input.cid
+                ));
+            }
+            Ok(other) => return Err(format!("fetching input {} failed: {other:?}", input.cid)),
+            Err(e) => return Err(format!("fetching input {} failed: {e}", input.cid)),
+        };
+        let got = ContentId::of_bytes(&blob.bytes);
+        if got != input.cid {
+            return Err(format!(
+                "input content mismatch: expected {}, received bytes hashing to {got}",
+                input.cid
+            ));
+        }
+        let path = dir.join(i.to_string());
+        std::fs::write(&path, &blob.bytes)
+            .map_err(|e| format!("cannot store input {}: {e}", input.cid))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))
+            .map_err(|e| format!("cannot protect input {}: {e}", input.cid))?;
+        out.push(LocalInput {
+            host_path: path,
+            container_path: input.path.clone(),
+        });
+    }
+    Ok(out)
+}
+
+async fn run_job(state: &State, offer: JobOffer, gpu_uuids: &[String]) {
+    let job = offer.job_id;
+    let report = match fetch_inputs(state, &job, &offer).await {
+        Ok(inputs) => state.runner.run(job, &offer.spec, &inputs, gpu_uuids).await,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(state.runner.job_dir(&job));
+            tracing::warn!(job = %job.short(), "{e}");
+            let mut r = runner::RunReport {
+                outcome: kiln_protocol::Outcome::Failed,
+                exit_code: None,
+                error: Some(e),
+                image_digest: String::new(),
+                started_at: UnixMillis::now(),
+                finished_at: UnixMillis::now(),
+                wall_ms: 0,
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+                logs_truncated: false,
+                manifest: Default::default(),
+                outputs: Vec::new(),
+            };
+            r.finished_at = UnixMillis::now();
+            r
+        }
+    };
+    tracing::info!(job = %job.short(), outcome = ?report.outcome, exit = ?report.exit_code, wall_ms = report.wall_ms, "job finished");
+
+    let stdout_cid = ContentId::of_bytes(&report.stdout);
+    let stderr_cid = ContentId::of_bytes(&report.stderr);
+    let receipt = ResultReceipt {
+        job_id: job,
+        offer_id: offer.offer_id,
+        provider: state.provider,
+        outcome: report.outcome,
+        exit_code: report.exit_code,
+        error: report.error.clone(),
+        image_digest: report.image_digest.clone(),
+        input_cids: offer.spec.inputs.iter().map(|i| i.cid).collect(),
+        output_cid: report.manifest.cid(),
+        stdout_cid,
+        stderr_cid,
+        started_at: report.started_at,
+        finished_at: report.finished_at,
+        usage: ResourceUsage {
+            wall_ms: report.wall_ms,
+            output_bytes: report.manifest.total_size(),
+            stdout_bytes: report.stdout.len() as u64,
+            stderr_bytes: report.stderr.len() as u64,
+            logs_truncated: report.logs_truncated,
+        },
+    };
+    let Ok(receipt) = Signed::sign(&state.key, receipt, 3600) else {
+        tracing::error!(job = %job.short(), "could not sign the receipt");
+        return;
+    };
+    let mut blobs = vec![
+        Blob {
+            cid: stdout_cid,
+            bytes: report.stdout,
+        },
+        Blob {
+            cid: stderr_cid,
+            bytes: report.stderr,
+        },
+    ];
+    let mut seen: HashSet<ContentId> = blobs.iter().map(|b| b.cid).collect();
+    for f in report.outputs {
+        if seen.insert(f.entry.cid) {
+            blobs.push(Blob {
+                cid: f.entry.cid,
+                bytes: f.bytes,
+            });
+        }
+    }
+    let result = JobResult {
+        receipt,
+        manifest: report.manifest,
+        blobs,
+    };
+    deliver(state, job, result).await;
+}
+
+/// Sends a result until the coordinator answers; a refusal is final.
+async fn deliver(state: &State, job: JobId, result: JobResult) {
+    let mut delay = Duration::from_millis(500);
+    for attempt in 1..=10 {
+        let addrs = vec![state.coordinator_addr.clone()];
+        match state
+            .client
+            .request(
+                state.coordinator,
+                addrs,
+                NetRequest::Result(Box::new(result.clone())),
+            )
+            .await
+        {
+            Ok(NetResponse::Accepted) => {
+                tracing::info!(job = %job.short(), "result delivered");
+                return;
+            }
+            Ok(NetResponse::Rejected { reason }) => {
+                tracing::error!(job = %job.short(), "the coordinator refused our result: {reason}");
+                return;
+            }
+            Ok(other) => {
+                tracing::warn!(job = %job.short(), "unexpected answer to a result: {other:?}")
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.short(), attempt, "delivering the result failed: {e}")
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+    tracing::error!(job = %job.short(), "gave up delivering the result after 10 attempts");
+}

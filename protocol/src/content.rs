@@ -65,7 +65,11 @@ impl ContentId {
 
     fn check(cid: Cid, input: &str) -> Result<Self, IdParseError> {
         if cid.version() != cid::Version::V1 {
-            return Err(IdParseError::new("content id", input, "only CIDv1 is accepted"));
+            return Err(IdParseError::new(
+                "content id",
+                input,
+                "only CIDv1 is accepted",
+            ));
         }
         if cid.hash().code() != BLAKE3_MULTIHASH || cid.hash().size() != 32 {
             return Err(IdParseError::new(
@@ -78,7 +82,10 @@ impl ContentId {
             return Err(IdParseError::new(
                 "content id",
                 input,
-                format!("codec 0x{:x} is not raw (0x55) or dag-cbor (0x71)", cid.codec()),
+                format!(
+                    "codec 0x{:x} is not raw (0x55) or dag-cbor (0x71)",
+                    cid.codec()
+                ),
             ));
         }
         Ok(Self(cid))
@@ -153,7 +160,9 @@ pub struct Manifest {
 /// Why a manifest is not acceptable.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ManifestError {
-    #[error("manifest path `{0}` is not a clean relative path (no leading `/`, no `.` or `..`, no empty components)")]
+    #[error(
+        "manifest path `{0}` is not a clean relative path (no leading `/`, no `.` or `..`, no empty components)"
+    )]
     BadPath(String),
     #[error("manifest lists `{0}` twice")]
     Duplicate(String),
@@ -192,7 +201,9 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), ManifestError> {
         let sorted = Self::new(self.entries.clone())?;
         if sorted.entries != self.entries {
-            return Err(ManifestError::BadPath("<entries not sorted by path>".into()));
+            return Err(ManifestError::BadPath(
+                "<entries not sorted by path>".into(),
+            ));
         }
         Ok(())
     }
@@ -285,8 +296,14 @@ mod tests {
         assert_eq!(c.codec(), RAW_CODEC);
         // Pinned vectors, computed independently (Python `blake3` + RFC 4648
         // base32 of 0x01 0x55 0x1e 0x20 ‖ digest): `b3sum` prints the digest.
-        assert_eq!(hex::encode(c.digest()), "b65fd6ec1ffadd33dd5af826361607f346199e0d75ef2ac8de151b976552d887");
-        assert_eq!(c.to_string(), "bafkr4ifwl7loyh723uz52wxyey3bmb7tiymz4dlv54vmrxqvdolwkuwyq4");
+        assert_eq!(
+            hex::encode(c.digest()),
+            "b65fd6ec1ffadd33dd5af826361607f346199e0d75ef2ac8de151b976552d887"
+        );
+        assert_eq!(
+            c.to_string(),
+            "bafkr4ifwl7loyh723uz52wxyey3bmb7tiymz4dlv54vmrxqvdolwkuwyq4"
+        );
         assert_eq!(c.to_string().parse::<ContentId>().unwrap(), c);
         assert!(c.matches(data));
         assert!(!c.matches(b"hello kiln"));
@@ -295,8 +312,14 @@ mod tests {
     #[test]
     fn rejects_other_hashes_and_versions() {
         // CIDv0 (sha2-256) and a sha2-256 CIDv1.
-        assert!("QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG".parse::<ContentId>().is_err());
-        let e = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku".parse::<ContentId>().unwrap_err();
+        assert!(
+            "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"
+                .parse::<ContentId>()
+                .is_err()
+        );
+        let e = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
+            .parse::<ContentId>()
+            .unwrap_err();
         assert!(e.to_string().contains("blake3"), "{e}");
     }
 
@@ -311,15 +334,31 @@ mod tests {
         let m = Manifest::new(vec![f("b.txt"), f("a/x.bin")]).unwrap();
         assert_eq!(m.entries[0].path, "a/x.bin");
         assert_eq!(m.cid().codec(), DAG_CBOR_CODEC);
-        assert_eq!(m.cid(), Manifest::new(vec![f("a/x.bin"), f("b.txt")]).unwrap().cid());
+        assert_eq!(
+            m.cid(),
+            Manifest::new(vec![f("a/x.bin"), f("b.txt")]).unwrap().cid()
+        );
         for bad in ["../x", "/etc/passwd", "a/../b", "a//b", "./a", ""] {
-            assert!(matches!(Manifest::new(vec![f(bad)]), Err(ManifestError::BadPath(_))), "{bad}");
+            assert!(
+                matches!(Manifest::new(vec![f(bad)]), Err(ManifestError::BadPath(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!(Manifest::new(vec![f("a"), f("a")]), Err(ManifestError::Duplicate(_))));
+        assert!(matches!(
+            Manifest::new(vec![f("a"), f("a")]),
+            Err(ManifestError::Duplicate(_))
+        ));
         // Empty manifest: {"entries": [], "version": 1}
         assert_eq!(
             Manifest::default().to_dag_cbor(),
-            [&[0xa2, 0x67][..], b"entries", &[0x80, 0x67], b"version", &[0x01]].concat()
+            [
+                &[0xa2, 0x67][..],
+                b"entries",
+                &[0x80, 0x67],
+                b"version",
+                &[0x01]
+            ]
+            .concat()
         );
     }
 }

@@ -9,8 +9,8 @@
 //! Decoding is bounded: a peer cannot make us allocate more than
 //! [`MAX_MESSAGE_BYTES`].
 
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// Upper bound on any single decoded message.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
@@ -53,7 +53,10 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, EncodeError> {
 /// Decodes exactly one `T` from `bytes`; trailing bytes are an error so that
 /// two different byte strings never decode to the same signed message.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
-    let what = std::any::type_name::<T>().rsplit("::").next().unwrap_or("message");
+    let what = std::any::type_name::<T>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("message");
     let (value, read) = bincode::serde::decode_from_slice(bytes, config())
         .map_err(|source| DecodeError::Malformed { what, source })?;
     if read != bytes.len() {

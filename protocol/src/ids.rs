@@ -285,6 +285,9 @@ mod tests {
         let b = BuyerId::new(kp.public());
         let n = Nonce::from_bytes([1; 16]);
         assert_eq!(JobId::derive(&b, &n), JobId::derive(&b, &n));
-        assert_ne!(JobId::derive(&b, &n), JobId::derive(&b, &Nonce::from_bytes([2; 16])));
+        assert_ne!(
+            JobId::derive(&b, &n),
+            JobId::derive(&b, &Nonce::from_bytes([2; 16]))
+        );
     }
 }

@@ -10,7 +10,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use libp2p_identity::PeerId;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::ids::{random_bytes, IdParseError};
+use crate::ids::{IdParseError, random_bytes};
 
 /// An ed25519 signing key.
 #[derive(Clone)]
@@ -113,8 +113,9 @@ impl FromStr for PublicKey {
     type Err = IdParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut b = [0u8; 32];
-        hex::decode_to_slice(s, &mut b)
-            .map_err(|e| IdParseError::new("public key", s, format!("expected 64 hex digits ({e})")))?;
+        hex::decode_to_slice(s, &mut b).map_err(|e| {
+            IdParseError::new("public key", s, format!("expected 64 hex digits ({e})"))
+        })?;
         Self::from_bytes(&b)
     }
 }
@@ -186,5 +187,112 @@ mod tests {
         let peer = kp.to_libp2p().public().to_peer_id();
         assert_eq!(peer, kp.public().to_peer_id());
         assert_eq!(PublicKey::from_peer_id(&peer), Some(kp.public()));
+    }
+}
+
+/// Key files: 32 secret bytes, hex-encoded, in a file only the owner can read.
+pub mod keyfile {
+    use std::fs;
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::path::Path;
+
+    use super::Keypair;
+
+    /// Why a key file could not be used.
+    #[derive(Debug, thiserror::Error)]
+    pub enum KeyFileError {
+        #[error("cannot read key file {path}: {source}")]
+        Read {
+            path: String,
+            source: std::io::Error,
+        },
+        #[error("cannot create key file {path}: {source}; check that its directory is writable")]
+        Write {
+            path: String,
+            source: std::io::Error,
+        },
+        #[error(
+            "key file {path} is malformed (expected 64 hex digits); move it aside to create a new identity"
+        )]
+        Malformed { path: String },
+        #[error(
+            "key file {path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`"
+        )]
+        Permissions { path: String, mode: u32 },
+    }
+
+    /// Loads the key at `path`, or creates one (mode 0600, parent 0700) if
+    /// the file does not exist. Refuses a key file others can read.
+    pub fn load_or_create(path: &Path) -> Result<Keypair, KeyFileError> {
+        let p = path.display().to_string();
+        match fs::read_to_string(path) {
+            Ok(text) => {
+                let mode = fs::metadata(path)
+                    .map_err(|source| KeyFileError::Read {
+                        path: p.clone(),
+                        source,
+                    })?
+                    .permissions()
+                    .mode()
+                    & 0o777;
+                if mode & 0o077 != 0 {
+                    return Err(KeyFileError::Permissions { path: p, mode });
+                }
+                let mut secret = [0u8; 32];
+                hex::decode_to_slice(text.trim(), &mut secret)
+                    .map_err(|_| KeyFileError::Malformed { path: p })?;
+                Ok(Keypair::from_secret_bytes(secret))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let write_err = |source| KeyFileError::Write {
+                    path: p.clone(),
+                    source,
+                };
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    fs::create_dir_all(dir).map_err(write_err)?;
+                    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                        .map_err(write_err)?;
+                }
+                let key = Keypair::generate();
+                // create_new: never overwrite a key another process just made.
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(write_err)?;
+                f.write_all(hex::encode(key.secret_bytes()).as_bytes())
+                    .map_err(write_err)?;
+                f.sync_all().map_err(write_err)?;
+                Ok(key)
+            }
+            Err(source) => Err(KeyFileError::Read { path: p, source }),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn creates_0600_and_reloads_same_key() {
+            let dir =
+                std::env::temp_dir().join(format!("kiln-key-test-{}", crate::ids::JobId::random()));
+            let path = dir.join("sub/id.key");
+            let k1 = load_or_create(&path).unwrap();
+            assert_eq!(
+                fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+            let k2 = load_or_create(&path).unwrap();
+            assert_eq!(k1.public(), k2.public());
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(matches!(
+                load_or_create(&path),
+                Err(KeyFileError::Permissions { .. })
+            ));
+            fs::remove_dir_all(dir).unwrap();
+        }
     }
 }

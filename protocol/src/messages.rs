@@ -242,11 +242,22 @@ mod tests {
     #[test]
     fn net_messages_round_trip() {
         let k = Keypair::generate();
-        let blob = Blob { cid: ContentId::of_bytes(b"x"), bytes: b"x".to_vec() };
+        let blob = Blob {
+            cid: ContentId::of_bytes(b"x"),
+            bytes: b"x".to_vec(),
+        };
         let r = NetResponse::Blob(Some(blob.clone()));
         let back: NetResponse = encoding::decode(&encoding::encode(&r).unwrap()).unwrap();
         assert!(matches!(back, NetResponse::Blob(Some(b)) if b == blob));
-        let auth = Signed::sign(&k, ApiAuth { method: "GET".into(), path: "/v1/jobs".into() }, 60).unwrap();
+        let auth = Signed::sign(
+            &k,
+            ApiAuth {
+                method: "GET".into(),
+                path: "/v1/jobs".into(),
+            },
+            60,
+        )
+        .unwrap();
         let back: Signed<ApiAuth> = encoding::decode(&encoding::encode(&auth).unwrap()).unwrap();
         back.verify(UnixMillis::now()).unwrap();
     }

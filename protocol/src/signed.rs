@@ -44,8 +44,13 @@ pub struct Signed<T> {
 /// Why a signed message was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    #[error("bad signature on {domain} from {signer}: the message was altered or signed by another key")]
-    BadSignature { domain: &'static str, signer: String },
+    #[error(
+        "bad signature on {domain} from {signer}: the message was altered or signed by another key"
+    )]
+    BadSignature {
+        domain: &'static str,
+        signer: String,
+    },
     #[error("{domain} expired at {expires_at} ms (now {now} ms); ask the sender for a fresh one")]
     Expired {
         domain: &'static str,
@@ -85,7 +90,12 @@ fn signing_bytes<T: SignedMessage>(
 impl<T: SignedMessage> Signed<T> {
     /// Signs `payload` with a fresh random nonce, valid for `ttl_secs`.
     pub fn sign(key: &Keypair, payload: T, ttl_secs: u64) -> Result<Self, EncodeError> {
-        Self::sign_with(key, payload, Nonce::random(), UnixMillis::now().plus_secs(ttl_secs))
+        Self::sign_with(
+            key,
+            payload,
+            Nonce::random(),
+            UnixMillis::now().plus_secs(ttl_secs),
+        )
     }
 
     /// Signs with an explicit nonce and expiry (tests, deterministic vectors).
@@ -159,7 +169,10 @@ mod tests {
 
         let mut bad = s.clone();
         bad.payload = A(8);
-        assert!(matches!(bad.verify(UnixMillis::now()), Err(VerifyError::BadSignature { .. })));
+        assert!(matches!(
+            bad.verify(UnixMillis::now()),
+            Err(VerifyError::BadSignature { .. })
+        ));
 
         let mut other_signer = s.clone();
         other_signer.signer = Keypair::generate().public();
@@ -182,8 +195,14 @@ mod tests {
             payload: B(7),
             signature: a.signature,
         };
-        assert_eq!(encoding::encode(&A(7)).unwrap(), encoding::encode(&B(7)).unwrap());
-        assert!(matches!(b.verify(UnixMillis::now()), Err(VerifyError::BadSignature { .. })));
+        assert_eq!(
+            encoding::encode(&A(7)).unwrap(),
+            encoding::encode(&B(7)).unwrap()
+        );
+        assert!(matches!(
+            b.verify(UnixMillis::now()),
+            Err(VerifyError::BadSignature { .. })
+        ));
     }
 
     #[test]
@@ -191,14 +210,18 @@ mod tests {
         let k = Keypair::generate();
         let s = Signed::sign_with(&k, A(1), Nonce::random(), UnixMillis(1000)).unwrap();
         assert!(s.verify(UnixMillis(1000)).is_ok());
-        assert!(matches!(s.verify(UnixMillis(1001)), Err(VerifyError::Expired { .. })));
+        assert!(matches!(
+            s.verify(UnixMillis(1001)),
+            Err(VerifyError::Expired { .. })
+        ));
     }
 
     #[test]
     fn json_and_binary_forms_verify_identically() {
         let k = Keypair::generate();
         let s = Signed::sign(&k, A(3), 60).unwrap();
-        let via_json: Signed<A> = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        let via_json: Signed<A> =
+            serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         via_json.verify(UnixMillis::now()).unwrap();
         let via_bin = Signed::<A>::from_bytes(&s.to_bytes().unwrap()).unwrap();
         via_bin.verify(UnixMillis::now()).unwrap();
@@ -208,7 +231,10 @@ mod tests {
             let mut b = bytes.clone();
             b[i] ^= 0x01;
             if let Ok(t) = Signed::<A>::from_bytes(&b) {
-                assert!(t.verify(UnixMillis::now()).is_err() || t == s, "flip at {i} verified");
+                assert!(
+                    t.verify(UnixMillis::now()).is_err() || t == s,
+                    "flip at {i} verified"
+                );
             }
         }
     }

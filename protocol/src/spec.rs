@@ -45,8 +45,11 @@ impl ImageRef {
             None => self.0.as_str(),
         };
         let hex = d.strip_prefix("sha256:")?;
-        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-            .then_some(d)
+        (hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+        .then_some(d)
     }
     /// Whether this names a local image id (as opposed to a repository digest).
     pub fn is_image_id(&self) -> bool {
@@ -147,15 +150,25 @@ fn check_abs_path(field: &str, p: &str) -> Result<(), SpecError> {
         && p.len() > 1
         && !p.ends_with('/')
         && !p.contains('\0')
-        && p[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+        && p[1..]
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
     if !clean {
         return Err(err(
             field,
-            format!("`{p}` must be a clean absolute path such as /in/data (no `..`, `.`, `//` or trailing `/`)"),
+            format!(
+                "`{p}` must be a clean absolute path such as /in/data (no `..`, `.`, `//` or trailing `/`)"
+            ),
         ));
     }
-    if let Some(r) = RESERVED_PATHS.iter().find(|r| p == **r || (**r != "/" && p.starts_with(&format!("{r}/")))) {
-        return Err(err(field, format!("`{p}` is inside the reserved system path {r}")));
+    if let Some(r) = RESERVED_PATHS
+        .iter()
+        .find(|r| p == **r || (**r != "/" && p.starts_with(&format!("{r}/"))))
+    {
+        return Err(err(
+            field,
+            format!("`{p}` is inside the reserved system path {r}"),
+        ));
     }
     Ok(())
 }
@@ -193,13 +206,19 @@ impl JobSpec {
         }
         if let Some(ep) = &self.entrypoint {
             if ep.is_empty() {
-                return Err(err("entrypoint", "must not be empty when given; omit it to use the image's"));
+                return Err(err(
+                    "entrypoint",
+                    "must not be empty when given; omit it to use the image's",
+                ));
             }
         }
         let args = self.entrypoint.iter().flatten().chain(&self.command);
         for (i, a) in args.enumerate() {
             if a.contains('\0') || a.len() > 16 * 1024 {
-                return Err(err(format!("command[{i}]"), "contains a NUL byte or is longer than 16 KiB"));
+                return Err(err(
+                    format!("command[{i}]"),
+                    "contains a NUL byte or is longer than 16 KiB",
+                ));
             }
         }
         if self.command.len() > 1024 {
@@ -213,13 +232,22 @@ impl JobSpec {
                 && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                 && !k.as_bytes()[0].is_ascii_digit();
             if !ok_name {
-                return Err(err(format!("env.{k}"), "names are letters, digits and `_`, not starting with a digit"));
+                return Err(err(
+                    format!("env.{k}"),
+                    "names are letters, digits and `_`, not starting with a digit",
+                ));
             }
             if k.starts_with("KILN_") {
-                return Err(err(format!("env.{k}"), "the KILN_ prefix is reserved for variables Kiln sets"));
+                return Err(err(
+                    format!("env.{k}"),
+                    "the KILN_ prefix is reserved for variables Kiln sets",
+                ));
             }
             if v.contains('\0') || v.len() > 32 * 1024 {
-                return Err(err(format!("env.{k}"), "value contains a NUL byte or is longer than 32 KiB"));
+                return Err(err(
+                    format!("env.{k}"),
+                    "value contains a NUL byte or is longer than 32 KiB",
+                ));
             }
         }
         check_abs_path("output_path", &self.output_path)?;
@@ -230,24 +258,45 @@ impl JobSpec {
             let field = format!("inputs[{i}].path");
             check_abs_path(&field, &input.path)?;
             if overlaps(&input.path, &self.output_path) {
-                return Err(err(field, format!("`{}` overlaps the output path `{}`", input.path, self.output_path)));
+                return Err(err(
+                    field,
+                    format!(
+                        "`{}` overlaps the output path `{}`",
+                        input.path, self.output_path
+                    ),
+                ));
             }
-            if let Some(j) = self.inputs[..i].iter().position(|o| overlaps(&o.path, &input.path)) {
-                return Err(err(field, format!("`{}` overlaps inputs[{j}].path", input.path)));
+            if let Some(j) = self.inputs[..i]
+                .iter()
+                .position(|o| overlaps(&o.path, &input.path))
+            {
+                return Err(err(
+                    field,
+                    format!("`{}` overlaps inputs[{j}].path", input.path),
+                ));
             }
         }
         let r = &self.resources;
         if r.cpus.0 == 0 || r.cpus.0 > 1024 * 1000 {
-            return Err(err("resources.cpus", "must be more than 0 and at most 1024"));
+            return Err(err(
+                "resources.cpus",
+                "must be more than 0 and at most 1024",
+            ));
         }
         if r.memory.0 < MIN_MEMORY {
-            return Err(err("resources.memory", format!("must be at least {}", ByteSize(MIN_MEMORY))));
+            return Err(err(
+                "resources.memory",
+                format!("must be at least {}", ByteSize(MIN_MEMORY)),
+            ));
         }
         if r.gpus > 64 {
             return Err(err("resources.gpus", "at most 64"));
         }
         if r.timeout.0 == 0 || r.timeout.0 > MAX_TIMEOUT_SECS {
-            return Err(err("resources.timeout", format!("must be between 1s and {MAX_TIMEOUT_SECS}s (7 days)")));
+            return Err(err(
+                "resources.timeout",
+                format!("must be between 1s and {MAX_TIMEOUT_SECS}s (7 days)"),
+            ));
         }
         if r.pids < 8 || r.pids > 65_536 {
             return Err(err("resources.pids", "must be between 8 and 65536"));
@@ -260,7 +309,10 @@ impl JobSpec {
     /// The most this job can cost: price per hour × timeout, rounded up to
     /// the micro-credit. This is what escrow locks at submission.
     pub fn max_cost(&self) -> Option<Credits> {
-        cost_for(self.resources.max_price_per_hour, self.resources.timeout.0.checked_mul(1000)?)
+        cost_for(
+            self.resources.max_price_per_hour,
+            self.resources.timeout.0.checked_mul(1000)?,
+        )
     }
 }
 
@@ -293,16 +345,70 @@ mod tests {
     #[test]
     fn validation_names_the_field() {
         let table: &[(&str, fn(&mut JobSpec), &str)] = &[
-            ("image", |s| s.image = ImageRef("alpine:latest".into()), "not pinned"),
-            ("env.KILN_X", |s| { s.env.insert("KILN_X".into(), "1".into()); }, "reserved"),
-            ("env.1A", |s| { s.env.insert("1A".into(), "1".into()); }, "letters"),
-            ("output_path", |s| s.output_path = "out".into(), "clean absolute"),
-            ("output_path", |s| s.output_path = "/etc/x".into(), "reserved"),
-            ("inputs[0].path", |s| s.inputs.push(InputSpec { cid: ContentId::of_bytes(b""), path: "/in/../etc".into() }), "clean"),
-            ("inputs[0].path", |s| s.inputs.push(InputSpec { cid: ContentId::of_bytes(b""), path: "/out/x".into() }), "overlaps"),
-            ("resources.cpus", |s| s.resources.cpus = MilliCpu(0), "more than 0"),
-            ("resources.memory", |s| s.resources.memory = ByteSize(1), "at least"),
-            ("resources.timeout", |s| s.resources.timeout = Seconds(0), "between"),
+            (
+                "image",
+                |s| s.image = ImageRef("alpine:latest".into()),
+                "not pinned",
+            ),
+            (
+                "env.KILN_X",
+                |s| {
+                    s.env.insert("KILN_X".into(), "1".into());
+                },
+                "reserved",
+            ),
+            (
+                "env.1A",
+                |s| {
+                    s.env.insert("1A".into(), "1".into());
+                },
+                "letters",
+            ),
+            (
+                "output_path",
+                |s| s.output_path = "out".into(),
+                "clean absolute",
+            ),
+            (
+                "output_path",
+                |s| s.output_path = "/etc/x".into(),
+                "reserved",
+            ),
+            (
+                "inputs[0].path",
+                |s| {
+                    s.inputs.push(InputSpec {
+                        cid: ContentId::of_bytes(b""),
+                        path: "/in/../etc".into(),
+                    })
+                },
+                "clean",
+            ),
+            (
+                "inputs[0].path",
+                |s| {
+                    s.inputs.push(InputSpec {
+                        cid: ContentId::of_bytes(b""),
+                        path: "/out/x".into(),
+                    })
+                },
+                "overlaps",
+            ),
+            (
+                "resources.cpus",
+                |s| s.resources.cpus = MilliCpu(0),
+                "more than 0",
+            ),
+            (
+                "resources.memory",
+                |s| s.resources.memory = ByteSize(1),
+                "at least",
+            ),
+            (
+                "resources.timeout",
+                |s| s.resources.timeout = Seconds(0),
+                "between",
+            ),
             ("resources.pids", |s| s.resources.pids = 1, "between"),
         ];
         for (field, mutate, reason) in table {
@@ -325,7 +431,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_named() {
-        let e = toml::from_str::<JobSpec>(&format!("image = \"{IMG}\"\n[resources]\nmemroy = 5\n")).unwrap_err();
+        let e = toml::from_str::<JobSpec>(&format!("image = \"{IMG}\"\n[resources]\nmemroy = 5\n"))
+            .unwrap_err();
         assert!(e.to_string().contains("memroy"), "{e}");
     }
 }

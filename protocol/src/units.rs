@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 /// CPU in thousandths of a core (`cpus = 0.5` is `MilliCpu(500)`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -22,12 +22,16 @@ pub struct ByteSize(pub u64);
 pub struct Seconds(pub u64);
 
 /// Money in micro-credits (1 credit = 1_000_000 µcr). Always an integer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Credits(pub u64);
 
 /// Milliseconds since the Unix epoch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct UnixMillis(pub u64);
 
@@ -51,7 +55,12 @@ impl fmt::Display for Credits {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
         for (name, size) in UNITS {
             if self.0 >= size && self.0 % size == 0 {
                 return write!(f, "{}{name}", self.0 / size);
@@ -81,9 +90,9 @@ pub fn parse_byte_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size; write e.g. 512MiB, 2GiB or a number of bytes"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("`{s}` is not a size; write e.g. 512MiB, 2GiB or a number of bytes")
+    })?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "K" | "KB" => 1000,
@@ -94,9 +103,14 @@ pub fn parse_byte_size(s: &str) -> Result<u64, String> {
         "GiB" => 1 << 30,
         "TB" => 1000 * 1000 * 1000 * 1000,
         "TiB" => 1 << 40,
-        other => return Err(format!("unknown size unit `{other}`; use B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}`; use B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB)"
+            ));
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 pub fn parse_seconds(s: &str) -> Result<u64, String> {
@@ -113,17 +127,36 @@ pub fn parse_seconds(s: &str) -> Result<u64, String> {
         "d" => 86400,
         other => return Err(format!("unknown duration unit `{other}`; use s, m, h or d")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+impl Serialize for MilliCpu {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            // Humans read cores; an integer here would mean cores on the way back in.
+            s.serialize_f64(f64::from(self.0) / 1000.0)
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl Serialize for Seconds {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
 }
 
 /// Human forms are strings or numbers; the canonical form is the integer.
 macro_rules! int_unit {
     ($ty:ident, $inner:ty, $expect:expr, $parse_u64:expr, $parse_str:expr, $parse_f64:expr) => {
-        impl Serialize for $ty {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                self.0.serialize(s)
-            }
-        }
         impl<'de> Deserialize<'de> for $ty {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 if !d.is_human_readable() {
@@ -140,7 +173,8 @@ macro_rules! int_unit {
                         f(v).map($ty).map_err(E::custom)
                     }
                     fn visit_i64<E: de::Error>(self, v: i64) -> Result<$ty, E> {
-                        let v = u64::try_from(v).map_err(|_| E::custom(format!("{v} must not be negative")))?;
+                        let v = u64::try_from(v)
+                            .map_err(|_| E::custom(format!("{v} must not be negative")))?;
                         self.visit_u64(v)
                     }
                     fn visit_f64<E: de::Error>(self, v: f64) -> Result<$ty, E> {
@@ -219,17 +253,46 @@ mod tests {
     #[test]
     fn friendly_forms_parse() {
         let t: T = serde_json::from_str(r#"{"c":1.5,"m":"2GiB","t":"10m"}"#).unwrap();
-        assert_eq!((t.c, t.m, t.t), (MilliCpu(1500), ByteSize(2 << 30), Seconds(600)));
+        assert_eq!(
+            (t.c, t.m, t.t),
+            (MilliCpu(1500), ByteSize(2 << 30), Seconds(600))
+        );
         let t: T = serde_json::from_str(r#"{"c":2,"m":1024,"t":30}"#).unwrap();
-        assert_eq!((t.c, t.m, t.t), (MilliCpu(2000), ByteSize(1024), Seconds(30)));
+        assert_eq!(
+            (t.c, t.m, t.t),
+            (MilliCpu(2000), ByteSize(1024), Seconds(30))
+        );
     }
 
     #[test]
     fn bad_forms_say_why() {
-        let e = serde_json::from_str::<T>(r#"{"c":1,"m":"2 parsecs","t":1}"#).err().unwrap();
+        let e = serde_json::from_str::<T>(r#"{"c":1,"m":"2 parsecs","t":1}"#)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("unknown size unit"), "{e}");
-        let e = serde_json::from_str::<T>(r#"{"c":-1,"m":1,"t":1}"#).err().unwrap();
+        let e = serde_json::from_str::<T>(r#"{"c":-1,"m":1,"t":1}"#)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("must not be negative"), "{e}");
+    }
+
+    #[test]
+    fn json_round_trip_is_exact() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct U {
+            c: MilliCpu,
+            m: ByteSize,
+            t: Seconds,
+        }
+        for c in [1, 500, 1000, 1500, 123_456] {
+            let u = U {
+                c: MilliCpu(c),
+                m: ByteSize(12345),
+                t: Seconds(7),
+            };
+            let back: U = serde_json::from_str(&serde_json::to_string(&u).unwrap()).unwrap();
+            assert_eq!(back, u);
+        }
     }
 
     #[test]

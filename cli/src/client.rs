@@ -1,0 +1,191 @@
+//! A typed client for the coordinator's REST API. Every request that needs
+//! identity carries `Authorization: Kiln <signed ApiAuth>` made with the
+//! buyer's key, scoped to that method and path and valid for one minute.
+
+use kiln_protocol::{ApiAuth, ContentId, JobId, JobSpec, JobSubmission, Keypair, Signed};
+use serde_json::Value;
+
+/// An error from the coordinator or from reaching it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach the coordinator at {url}: {reason}; is it running? (set --coordinator or KILN_COORDINATOR)"
+    )]
+    Unreachable { url: String, reason: String },
+    #[error("{message}")]
+    Api {
+        status: u16,
+        message: String,
+        field: Option<String>,
+    },
+    #[error("unexpected response from the coordinator: {0}")]
+    Protocol(String),
+}
+
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    key: Keypair,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str, key: Keypair) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            key,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn key(&self) -> &Keypair {
+        &self.key
+    }
+
+    fn auth(&self, method: &str, path: &str) -> Result<String, ClientError> {
+        let signed = Signed::sign(
+            &self.key,
+            ApiAuth {
+                method: method.into(),
+                path: path.into(),
+            },
+            60,
+        )
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let bytes = signed
+            .to_bytes()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(format!("Kiln {}", hex::encode(bytes)))
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: e.to_string(),
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        Err(ClientError::Api {
+            status,
+            message: body["error"]
+                .as_str()
+                .unwrap_or("request failed")
+                .to_string(),
+            field: body["field"].as_str().map(str::to_string),
+        })
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Value, ClientError> {
+        let req = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("authorization", self.auth("GET", path)?);
+        self.send(req)
+            .await?
+            .json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Submits a job signed by this buyer; returns the job as the coordinator sees it.
+    pub async fn submit(&self, spec: JobSpec, label: Option<String>) -> Result<Value, ClientError> {
+        let signed = Signed::sign(&self.key, JobSubmission { spec, label }, 300)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.submit_signed(&signed).await
+    }
+
+    pub async fn submit_signed(
+        &self,
+        signed: &Signed<JobSubmission>,
+    ) -> Result<Value, ClientError> {
+        let req = self
+            .http
+            .post(format!("{}/v1/jobs", self.base))
+            .json(signed);
+        self.send(req)
+            .await?
+            .json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    pub async fn job(&self, id: &JobId) -> Result<Value, ClientError> {
+        self.get_json(&format!("/v1/jobs/{id}")).await
+    }
+
+    pub async fn jobs(&self) -> Result<Value, ClientError> {
+        self.get_json("/v1/jobs").await
+    }
+
+    pub async fn logs(&self, id: &JobId) -> Result<Value, ClientError> {
+        self.get_json(&format!("/v1/jobs/{id}/logs")).await
+    }
+
+    pub async fn outputs(&self, id: &JobId) -> Result<Value, ClientError> {
+        self.get_json(&format!("/v1/jobs/{id}/outputs")).await
+    }
+
+    pub async fn account(&self) -> Result<Value, ClientError> {
+        self.get_json("/v1/account").await
+    }
+
+    pub async fn providers(&self) -> Result<Value, ClientError> {
+        self.get_json("/v1/providers").await
+    }
+
+    pub async fn info(&self) -> Result<Value, ClientError> {
+        self.get_json("/v1/info").await
+    }
+
+    /// Downloads one blob of a job and checks it against its CID.
+    pub async fn blob(&self, id: &JobId, cid: &ContentId) -> Result<Vec<u8>, ClientError> {
+        let path = format!("/v1/jobs/{id}/blobs/{cid}");
+        let req = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("authorization", self.auth("GET", &path)?);
+        let bytes = self
+            .send(req)
+            .await?
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let got = ContentId::of_bytes(&bytes);
+        if got != *cid {
+            return Err(ClientError::Protocol(format!(
+                "blob {cid} arrived as bytes hashing to {got}; refusing it"
+            )));
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// Uploads an input; returns its CID (computed locally and checked against the answer).
+    pub async fn upload(&self, bytes: Vec<u8>) -> Result<ContentId, ClientError> {
+        let cid = ContentId::of_bytes(&bytes);
+        let req = self
+            .http
+            .post(format!("{}/v1/blobs", self.base))
+            .header("authorization", self.auth("POST", "/v1/blobs")?)
+            .body(bytes);
+        let v: Value = self
+            .send(req)
+            .await?
+            .json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if v["cid"].as_str() != Some(cid.to_string().as_str()) {
+            return Err(ClientError::Protocol(format!(
+                "coordinator stored the upload as {}, expected {cid}",
+                v["cid"]
+            )));
+        }
+        Ok(cid)
+    }
+}

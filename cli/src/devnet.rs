@@ -1,0 +1,171 @@
+//! `kiln devnet`: a whole marketplace on loopback, in one process.
+//!
+//! A coordinator (SQLite in a temp dir, a faucet for buyers) and N provider
+//! nodes (each with its own identity and state dir) start on 127.0.0.1; the
+//! demo workload image is built locally if missing; a demo job is submitted
+//! and its receipt verified on the client side.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kiln_coordinator::CoordinatorConfig;
+use kiln_node::NodeConfig;
+use kiln_protocol::{ByteSize, Credits, JobSpec, MilliCpu, Seconds};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::Client;
+
+pub struct DevnetOptions {
+    pub providers: usize,
+    pub state_dir: Option<PathBuf>,
+    pub http_port: u16,
+    pub heartbeat: Duration,
+}
+
+impl Default for DevnetOptions {
+    fn default() -> Self {
+        Self {
+            providers: 2,
+            state_dir: None,
+            http_port: 0,
+            heartbeat: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A running devnet. Dropping it does not stop it: call [`Devnet::shutdown`].
+pub struct Devnet {
+    pub coordinator: kiln_coordinator::Coordinator,
+    pub nodes: Vec<kiln_node::Node>,
+    pub image_id: String,
+    pub cancel: CancellationToken,
+    pub state_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Devnet {
+    pub async fn start(opts: DevnetOptions) -> anyhow::Result<Self> {
+        let (temp, state_dir) = match opts.state_dir {
+            Some(d) => (None, d),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("kiln-devnet-")
+                    .tempdir()
+                    .context("creating a temp dir")?;
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        let docker = kiln_docker::connect().await?;
+        let image = kiln_docker::ensure_workload_image(&docker).await?;
+        let cancel = CancellationToken::new();
+        let mut cc = CoordinatorConfig::new(state_dir.join("coordinator"));
+        cc.http_listen = std::net::SocketAddr::from(([127, 0, 0, 1], opts.http_port));
+        cc.faucet = Some(Credits(1_000_000_000));
+        cc.provider_lease = opts.heartbeat * 5;
+        cc.schedule_interval = Duration::from_millis(250);
+        let coordinator = kiln_coordinator::start(cc, cancel.clone()).await?;
+        let coord_addr = coordinator
+            .p2p_addrs
+            .first()
+            .cloned()
+            .context("the coordinator has no p2p address")?;
+        let mut nodes = Vec::new();
+        for i in 0..opts.providers {
+            let mut nc = NodeConfig::new(coord_addr.clone(), state_dir.join(format!("node{i}")));
+            nc.heartbeat = opts.heartbeat;
+            nodes.push(kiln_node::start(nc, cancel.clone()).await?);
+        }
+        let dn = Self {
+            coordinator,
+            nodes,
+            image_id: image.id,
+            cancel,
+            state_dir,
+            _temp: temp,
+        };
+        dn.wait_for_providers(opts.providers, Duration::from_secs(30))
+            .await?;
+        Ok(dn)
+    }
+
+    pub fn url(&self) -> String {
+        self.coordinator.url()
+    }
+
+    /// Waits until `n` providers are registered.
+    pub async fn wait_for_providers(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let client = Client::new(&self.url(), kiln_protocol::Keypair::generate());
+        let start = Instant::now();
+        loop {
+            let v = client.providers().await?;
+            if v["providers"].as_array().map_or(0, Vec::len) >= n {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                anyhow::bail!(
+                    "only {} of {n} providers registered after {}s",
+                    v["providers"].as_array().map_or(0, Vec::len),
+                    timeout.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A spec for the workload image with small resources.
+    pub fn workload_spec(&self, args: &[&str]) -> JobSpec {
+        let mut spec = JobSpec::new(
+            self.image_id.clone(),
+            args.iter().map(|s| s.to_string()).collect(),
+        );
+        spec.resources.cpus = MilliCpu(500);
+        spec.resources.memory = ByteSize(64 << 20);
+        spec.resources.timeout = Seconds(60);
+        spec
+    }
+
+    /// Stops everything in order: the cancel token stops the network loops,
+    /// the schedulers and the HTTP server; then we wait for every task.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        for n in self.nodes {
+            for t in n.tasks {
+                let _ = t.await;
+            }
+        }
+        for t in self.coordinator.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Runs the demo job on a devnet and returns the summary printed by `kiln devnet`.
+pub async fn run_demo(dn: &Devnet, client: &Client) -> anyhow::Result<Value> {
+    let spec = dn.workload_spec(&["demo", "7"]);
+    let job = client.submit(spec, Some("devnet demo".into())).await?;
+    let id = crate::job_id_of(&job)?;
+    let done = crate::wait_for(client, &id, Duration::from_secs(120), |_| {}).await?;
+    let outputs = client.outputs(&id).await.ok();
+    let manifest = outputs
+        .as_ref()
+        .and_then(|o| serde_json::from_value(o["entries"].clone()).ok())
+        .and_then(|e| kiln_protocol::Manifest::new(e).ok());
+    let verified = crate::verify_receipt(&done, manifest.as_ref()).is_ok();
+    let logs = client.logs(&id).await.ok();
+    Ok(json!({
+        "job_id": id,
+        "state": done["state"],
+        "provider": done["provider"],
+        "output_cid": done["output_cid"],
+        "receipt_verified": verified,
+        "exit_code": done["exit_code"],
+        "cost": done["cost"],
+        "stdout": logs.as_ref().map(|l| l["stdout"].clone()),
+        "outputs": outputs.map(|o| o["entries"].clone()),
+        "coordinator": dn.url(),
+        "providers": dn.nodes.iter().map(|n| n.provider.to_string()).collect::<Vec<_>>(),
+    }))
+}

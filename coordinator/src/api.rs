@@ -1,0 +1,399 @@
+//! The buyer-facing REST API.
+//!
+//! | route | auth | what |
+//! |---|---|---|
+//! | `POST /v1/jobs` | signed body | submit a `Signed<JobSubmission>` (idempotent) |
+//! | `GET /v1/jobs` | buyer | the caller's jobs |
+//! | `GET /v1/jobs/{id}` | owner | status, reason, receipt, history |
+//! | `GET /v1/jobs/{id}/logs` | owner | stdout/stderr |
+//! | `GET /v1/jobs/{id}/outputs` | owner | output manifest |
+//! | `GET /v1/jobs/{id}/blobs/{cid}` | owner | bytes of one output or log |
+//! | `POST /v1/blobs` | buyer | upload an input, returns its CID |
+//! | `GET /v1/account` | buyer | balance |
+//! | `GET /v1/providers` | none | live providers |
+//! | `GET /v1/info` | none | coordinator identity and addresses |
+//!
+//! "buyer"/"owner" auth is `Authorization: Kiln <hex of a Signed<ApiAuth>>`
+//! for this exact method and path. A job is visible only to its owner: to
+//! anyone else it does not exist (404), so ids leak nothing.
+//!
+//! Every error is JSON `{"error": "...", "field": "..."}` with one status
+//! mapping, in [`ApiError`].
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kiln_contracts::AccountId;
+use kiln_protocol::{ApiAuth, BuyerId, ContentId, JobId, JobSubmission, Signed, UnixMillis};
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::db::{DbError, JobRecord};
+use crate::service::{self, SubmitError};
+
+/// Largest request body (an uploaded input).
+pub const MAX_BODY: usize = 64 << 20;
+/// Longest validity accepted for a request signature.
+const MAX_AUTH_TTL_MS: u64 = 5 * 60 * 1000;
+
+/// Every API error, and its status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{reason}")]
+    BadRequest {
+        field: Option<String>,
+        reason: String,
+    },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    PaymentRequired(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, field) = match &self {
+            Self::BadRequest { field, .. } => (StatusCode::BAD_REQUEST, field.clone()),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, None),
+            Self::PaymentRequired(_) => (StatusCode::PAYMENT_REQUIRED, None),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, None),
+            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, None),
+            Self::Internal(e) => {
+                tracing::error!("internal error serving a request: {e}");
+                (StatusCode::INTERNAL_SERVER_ERROR, None)
+            }
+        };
+        let mut body = json!({ "error": self.to_string() });
+        if let Some(f) = field {
+            body["field"] = json!(f);
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Signature(s) => {
+                Self::Unauthorized(format!("submission signature refused: {s}"))
+            }
+            SubmitError::Spec(s) => Self::BadRequest {
+                field: Some(format!("spec.{}", s.field)),
+                reason: format!("invalid job spec: {s}"),
+            },
+            e @ SubmitError::Funds { .. } => Self::PaymentRequired(e.to_string()),
+            SubmitError::Db(e) => e.into(),
+            SubmitError::Bank(e) => Self::Internal(e),
+        }
+    }
+}
+
+/// The authenticated buyer making the request.
+pub struct Buyer(pub BuyerId);
+
+impl FromRequestParts<AppState> for Buyer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| ApiError::Unauthorized("missing `Authorization: Kiln <signed request>` header; use the kiln CLI, which signs requests with your buyer key".into()))?;
+        let hex_part = header.strip_prefix("Kiln ").ok_or_else(|| {
+            ApiError::Unauthorized("the Authorization scheme must be `Kiln`".into())
+        })?;
+        let bytes = hex::decode(hex_part.trim())
+            .map_err(|_| ApiError::Unauthorized("the Authorization value is not hex".into()))?;
+        let signed: Signed<ApiAuth> = Signed::from_bytes(&bytes)
+            .map_err(|e| ApiError::Unauthorized(format!("unreadable request signature: {e}")))?;
+        let now = UnixMillis::now();
+        let auth = signed
+            .verify(now)
+            .map_err(|e| ApiError::Unauthorized(format!("request signature refused: {e}")))?;
+        if signed.expires_at.0 > now.0 + MAX_AUTH_TTL_MS {
+            return Err(ApiError::Unauthorized(
+                "request signature is valid for too long (at most 5 minutes)".into(),
+            ));
+        }
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
+        if auth.method != parts.method.as_str() || auth.path != path {
+            return Err(ApiError::Unauthorized(format!(
+                "request signature is for {} {}, not {} {path}",
+                auth.method, auth.path, parts.method
+            )));
+        }
+        Ok(Buyer(BuyerId::new(signed.signer)))
+    }
+}
+
+pub fn create_app(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/jobs", post(submit_job).get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/logs", get(job_logs))
+        .route("/v1/jobs/{id}/outputs", get(job_outputs))
+        .route("/v1/jobs/{id}/blobs/{cid}", get(job_blob))
+        .route("/v1/blobs", post(upload_blob))
+        .route("/v1/account", get(account))
+        .route("/v1/providers", get(providers))
+        .route("/v1/info", get(info))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+fn job_json(j: &JobRecord) -> Value {
+    let r = j.receipt.as_ref().map(|r| &r.payload);
+    json!({
+        "job_id": j.id,
+        "owner": j.owner,
+        "label": j.label,
+        "state": j.state,
+        "reason": j.reason,
+        "provider": j.provider,
+        "attempts": j.attempts,
+        "price_per_hour": j.price_per_hour,
+        "max_cost": j.max_cost,
+        "cost": j.cost,
+        "exit_code": j.exit_code,
+        "output_cid": r.map(|r| r.output_cid),
+        "stdout_cid": r.map(|r| r.stdout_cid),
+        "stderr_cid": r.map(|r| r.stderr_cid),
+        "receipt_verified": j.receipt.is_some(),
+        "receipt": j.receipt,
+        "spec": j.spec,
+        "created_at": j.created_at,
+        "updated_at": j.updated_at,
+    })
+}
+
+fn parse_id(id: &str) -> Result<JobId, ApiError> {
+    id.parse()
+        .map_err(|e: kiln_protocol::IdParseError| ApiError::BadRequest {
+            field: Some("id".into()),
+            reason: e.to_string(),
+        })
+}
+
+/// Loads a job the caller owns; anyone else gets the same 404 as for a missing job.
+async fn owned_job(state: &AppState, buyer: &BuyerId, id: &str) -> Result<JobRecord, ApiError> {
+    let id = parse_id(id)?;
+    match state.db.job(&id).await? {
+        Some(j) if j.owner == *buyer => Ok(j),
+        _ => Err(ApiError::NotFound(format!(
+            "no job {id} for buyer {}",
+            buyer.short()
+        ))),
+    }
+}
+
+async fn submit_job(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let signed: Signed<JobSubmission> = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::BadRequest {
+            field: (path != ".").then(|| path.trim_start_matches("payload.").to_string()),
+            reason: format!("malformed submission at `{path}`: {}", e.inner()),
+        }
+    })?;
+    let (job, created) = service::submit(&state, signed).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(job_json(&job))).into_response())
+}
+
+async fn list_jobs(
+    State(state): State<AppState>,
+    Buyer(buyer): Buyer,
+) -> Result<Json<Value>, ApiError> {
+    let jobs = state.db.jobs_of(&buyer, 500).await?;
+    Ok(Json(
+        json!({ "jobs": jobs.iter().map(job_json).collect::<Vec<_>>() }),
+    ))
+}
+
+async fn get_job(
+    State(state): State<AppState>,
+    Buyer(buyer): Buyer,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = owned_job(&state, &buyer, &id).await?;
+    let mut v = job_json(&job);
+    v["events"] = json!(state.db.events(&job.id).await?);
+    Ok(Json(v))
+}
+
+async fn job_logs(
+    State(state): State<AppState>,
+    Buyer(buyer): Buyer,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = owned_job(&state, &buyer, &id).await?;
+    let Some(r) = job.receipt.as_ref().map(|r| &r.payload) else {
+        return Err(ApiError::NotFound(format!(
+            "job {} has no logs yet (state {})",
+            job.id,
+            job.state.as_str()
+        )));
+    };
+    let read = |cid: &ContentId| -> Result<String, ApiError> {
+        let bytes = state
+            .blobs
+            .get(cid)
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .unwrap_or_default();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    Ok(Json(json!({
+        "job_id": job.id,
+        "stdout": read(&r.stdout_cid)?,
+        "stderr": read(&r.stderr_cid)?,
+        "stdout_cid": r.stdout_cid,
+        "stderr_cid": r.stderr_cid,
+        "truncated": r.usage.logs_truncated,
+    })))
+}
+
+async fn job_outputs(
+    State(state): State<AppState>,
+    Buyer(buyer): Buyer,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = owned_job(&state, &buyer, &id).await?;
+    let (Some(r), Some(m)) = (job.receipt.as_ref(), job.manifest.as_ref()) else {
+        return Err(ApiError::NotFound(format!(
+            "job {} has no outputs yet (state {})",
+            job.id,
+            job.state.as_str()
+        )));
+    };
+    Ok(Json(
+        json!({ "job_id": job.id, "output_cid": r.payload.output_cid, "entries": m.entries }),
+    ))
+}
+
+async fn job_blob(
+    State(state): State<AppState>,
+    Buyer(buyer): Buyer,
+    Path((id, cid)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let job = owned_job(&state, &buyer, &id).await?;
+    let cid: ContentId =
+        cid.parse()
+            .map_err(|e: kiln_protocol::IdParseError| ApiError::BadRequest {
+                field: Some("cid".into()),
+                reason: e.to_string(),
+            })?;
+    let belongs = job
+        .receipt
+        .as_ref()
+        .is_some_and(|r| r.payload.stdout_cid == cid || r.payload.stderr_cid == cid)
+        || job
+            .manifest
+            .as_ref()
+            .is_some_and(|m| m.entries.iter().any(|e| e.cid == cid));
+    if !belongs {
+        return Err(ApiError::NotFound(format!(
+            "{cid} is not an output or log of job {}",
+            job.id
+        )));
+    }
+    let bytes = state
+        .blobs
+        .get(&cid)
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .ok_or_else(|| ApiError::NotFound(format!("blob {cid} is missing from the store")))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn upload_blob(
+    State(state): State<AppState>,
+    Buyer(_buyer): Buyer,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let cid = ContentId::of_bytes(&body);
+    state
+        .blobs
+        .put(&cid, &body)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut tx = state.db.begin().await?;
+    crate::db::Db::record_blob(&mut tx, &cid, body.len() as u64).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    Ok(Json(json!({ "cid": cid, "size": body.len() })))
+}
+
+async fn account(
+    State(state): State<AppState>,
+    Buyer(buyer): Buyer,
+) -> Result<Json<Value>, ApiError> {
+    let ledger = state.bank.snapshot().await;
+    let escrowed: u64 = ledger
+        .escrows()
+        .values()
+        .filter(|e| e.buyer == buyer)
+        .map(|e| e.held().0)
+        .sum();
+    Ok(Json(json!({
+        "account": AccountId::Buyer(buyer).to_string(),
+        "balance": ledger.balance(&AccountId::Buyer(buyer)),
+        "escrowed": escrowed,
+    })))
+}
+
+async fn providers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let since = UnixMillis(
+        UnixMillis::now()
+            .0
+            .saturating_sub(state.config.provider_lease.as_millis() as u64),
+    );
+    let live = state.db.providers_seen_since(since).await?;
+    let ledger = state.bank.snapshot().await;
+    let list: Vec<Value> = live
+        .iter()
+        .map(|p| {
+            let a = &p.advert.payload;
+            json!({
+                "provider": a.provider,
+                "last_seen": p.last_seen,
+                "cpu": a.cpu,
+                "memory": a.memory,
+                "gpus": a.gpus,
+                "slots": a.slots,
+                "price_per_cpu_hour": a.price_per_cpu_hour,
+                "price_per_gpu_hour": a.price_per_gpu_hour,
+                "earned": ledger.balance(&AccountId::Provider(a.provider)),
+                "addrs": a.listen_addrs,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "providers": list })))
+}
+
+async fn info(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "peer_id": state.peer,
+        "public_key": state.key.public(),
+        "p2p_addrs": state.net.listen_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "faucet": state.config.faucet,
+    }))
+}

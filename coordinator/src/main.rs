@@ -1,0 +1,85 @@
+//! `kiln-coordinator`: the marketplace's coordinator. All logic lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kiln_coordinator::CoordinatorConfig;
+use kiln_protocol::Credits;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln-coordinator",
+    version,
+    about = "Kiln coordinator: REST API for buyers, matching, dispatch, verification, settlement"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the coordinator on an embedded SQLite database until Ctrl-C.
+    Run {
+        #[arg(long, env = "KILN_COORDINATOR_STATE", default_value_os_t = default_state_dir())]
+        state_dir: PathBuf,
+        /// HTTP address for the buyer API.
+        #[arg(long, default_value = "127.0.0.1:8730")]
+        http: SocketAddr,
+        /// libp2p address for providers.
+        #[arg(long, default_value = "/ip4/0.0.0.0/tcp/4730")]
+        p2p: kiln_net::Addr,
+        /// Credits granted once to each new buyer (for test networks).
+        #[arg(long)]
+        faucet: Option<u64>,
+        /// Marketplace fee in basis points.
+        #[arg(long, default_value_t = 100)]
+        fee_bps: u16,
+    },
+}
+
+fn default_state_dir() -> PathBuf {
+    dirs::data_local_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("kiln-coordinator")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let Cmd::Run {
+        state_dir,
+        http,
+        p2p,
+        faucet,
+        fee_bps,
+    } = Cli::parse().cmd;
+    let mut config = CoordinatorConfig::new(state_dir);
+    config.http_listen = http;
+    config.p2p_listen = p2p;
+    config.faucet = faucet.map(Credits);
+    config.fee_bps = fee_bps;
+    let cancel = CancellationToken::new();
+    let c = kiln_coordinator::start(config, cancel.clone())
+        .await
+        .context("starting the coordinator")?;
+    println!("coordinator API at {}", c.url());
+    for a in &c.p2p_addrs {
+        println!("providers join with: kiln-node run --coordinator {a}");
+    }
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    cancel.cancel();
+    for t in c.tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}

@@ -1,0 +1,610 @@
+//! The coordinator's moving parts: answering peers, placing jobs,
+//! dispatching offers, and accepting results.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use kiln_contracts::{AccountId, ContractError, Op, OpKey};
+use kiln_net::{NetEvent, Peer};
+use kiln_protocol::spec::cost_for;
+use kiln_protocol::{
+    BuyerId, Credits, JobId, JobOffer, JobResult, JobSpec, JobSubmission, NetRequest, NetResponse,
+    OfferId, Outcome, ProviderId, Signed, UnixMillis,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::AppState;
+use crate::bank::BankError;
+use crate::db::{Change, Db, DbError, JobRecord, JobState, ResultColumns};
+use crate::sched::{self, ProviderView};
+use crate::verify::{self, Expected};
+
+/// Why a submission was refused (mapped to HTTP statuses by the API).
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{0}")]
+    Signature(String),
+    #[error(transparent)]
+    Spec(#[from] kiln_protocol::SpecError),
+    #[error(
+        "insufficient funds: the job may cost up to {needed}, the account holds {available}; deposit more or lower resources.max_price_per_hour or resources.timeout"
+    )]
+    Funds { needed: Credits, available: Credits },
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("settlement error: {0}")]
+    Bank(String),
+}
+
+impl From<BankError> for SubmitError {
+    fn from(e: BankError) -> Self {
+        match e {
+            BankError::Contract(ContractError::InsufficientFunds {
+                needed, available, ..
+            }) => Self::Funds { needed, available },
+            BankError::Db(e) => Self::Db(e),
+            other => Self::Bank(other.to_string()),
+        }
+    }
+}
+
+/// Accepts a signed submission. Idempotent: the same signed submission
+/// returns the same job (`created == false` the second time).
+pub async fn submit(
+    state: &AppState,
+    signed: Signed<JobSubmission>,
+) -> Result<(JobRecord, bool), SubmitError> {
+    let sub = signed
+        .verify(UnixMillis::now())
+        .map_err(|e| SubmitError::Signature(e.to_string()))?;
+    sub.spec.validate()?;
+    let owner = BuyerId::new(signed.signer);
+    let id = JobId::derive(&owner, &signed.nonce);
+    if let Some(existing) = state.db.job(&id).await? {
+        return Ok((existing, false));
+    }
+    let max_cost = sub
+        .spec
+        .max_cost()
+        .ok_or_else(|| kiln_protocol::SpecError {
+            field: "resources.max_price_per_hour".into(),
+            reason: "price × timeout overflows".into(),
+        })?;
+    let now = UnixMillis::now();
+    let job = JobRecord {
+        id,
+        owner,
+        spec: sub.spec.clone(),
+        label: sub.label.clone(),
+        state: JobState::Queued,
+        reason: Some("waiting for the scheduler".into()),
+        provider: None,
+        offer_id: None,
+        attempts: 0,
+        price_per_hour: None,
+        max_cost,
+        cost: None,
+        exit_code: None,
+        receipt: None,
+        manifest: None,
+        created_at: now,
+        updated_at: now,
+    };
+    let bytes = signed
+        .to_bytes()
+        .map_err(|e| SubmitError::Bank(e.to_string()))?;
+    let mut tx = state.db.begin().await?;
+    let mut pending = state.bank.begin().await;
+    Db::claim_nonce(
+        &mut tx,
+        &owner.to_string(),
+        &signed.nonce.to_string(),
+        "job-submission",
+        signed.expires_at,
+    )
+    .await?;
+    if let Some(grant) = state.config.faucet {
+        // Devnet: every new buyer starts funded, once.
+        pending
+            .apply(
+                &mut tx,
+                Op::Deposit {
+                    key: OpKey::new(format!("faucet:{owner}")),
+                    account: AccountId::Buyer(owner),
+                    amount: grant,
+                },
+            )
+            .await?;
+    }
+    if max_cost.0 > 0 {
+        pending
+            .apply(
+                &mut tx,
+                Op::Lock {
+                    key: OpKey::new(format!("lock:{id}")),
+                    job: id,
+                    buyer: owner,
+                    amount: max_cost,
+                },
+            )
+            .await?;
+    }
+    Db::insert_job(&mut tx, &job, &bytes).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    pending.commit();
+    tracing::info!(job = %id.short(), owner = %owner.short(), max_cost = %max_cost, "job submitted");
+    state.wake.notify_one();
+    Ok((job, true))
+}
+
+/// Receives network events until cancelled.
+pub async fn handle_network(
+    state: AppState,
+    mut events: mpsc::Receiver<NetEvent>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let ev = tokio::select! {
+            () = cancel.cancelled() => break,
+            ev = events.recv() => match ev { Some(ev) => ev, None => break },
+        };
+        match ev {
+            NetEvent::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                // Each request gets its own task: a large result must not
+                // hold up registrations behind it.
+                let s = state.clone();
+                tokio::spawn(async move {
+                    let response = answer(&s, peer, request).await;
+                    if let NetResponse::Rejected { reason } = &response {
+                        tracing::warn!(%peer, "rejected: {reason}");
+                    }
+                    let _ = reply.send(response);
+                });
+            }
+            NetEvent::Advert { from, advert } => {
+                if let Err(e) = advert.verify(UnixMillis::now()) {
+                    tracing::debug!(%from, "ignoring gossiped advert: {e}");
+                }
+            }
+            NetEvent::Connected(_) | NetEvent::Disconnected(_) => {}
+        }
+    }
+}
+
+fn rejected(reason: impl Into<String>) -> NetResponse {
+    NetResponse::Rejected {
+        reason: reason.into(),
+    }
+}
+
+async fn answer(state: &AppState, peer: Peer, request: NetRequest) -> NetResponse {
+    let peer = ProviderId::from_peer_id(peer);
+    let result = match request {
+        NetRequest::Register(advert) => register(state, peer, &advert).await,
+        NetRequest::Result(result) => accept_result(state, peer, *result).await,
+        NetRequest::GetBlob(cid) => serve_input(state, peer, cid).await,
+        NetRequest::Offer(_) => Ok(rejected("a coordinator does not take offers")),
+    };
+    result.unwrap_or_else(|e| rejected(format!("internal error: {e}")))
+}
+
+async fn register(
+    state: &AppState,
+    peer: ProviderId,
+    advert: &Signed<kiln_protocol::CapabilityAdvert>,
+) -> Result<NetResponse, DbError> {
+    let a = match advert.verify(UnixMillis::now()) {
+        Ok(a) => a,
+        Err(e) => return Ok(rejected(format!("advert refused: {e}"))),
+    };
+    let signer = ProviderId::from_public_key(&advert.signer);
+    if signer != peer || a.provider != peer {
+        return Ok(rejected(format!(
+            "advert refused: signed by {signer} for {}, but sent by {peer}",
+            a.provider
+        )));
+    }
+    if a.protocol_version != kiln_protocol::PROTOCOL_VERSION {
+        return Ok(rejected(format!(
+            "advert refused: protocol version {} is not {}; upgrade kiln-node",
+            a.protocol_version,
+            kiln_protocol::PROTOCOL_VERSION
+        )));
+    }
+    let known = state
+        .db
+        .providers_seen_since(UnixMillis(0))
+        .await?
+        .iter()
+        .any(|p| p.advert.payload.provider == peer);
+    state.db.upsert_provider(advert).await?;
+    if !known {
+        tracing::info!(provider = %peer, cpus = a.cpu.logical_cores, gpus = a.gpus.len(), "provider registered");
+    }
+    state.wake.notify_one();
+    Ok(NetResponse::Accepted)
+}
+
+/// Serves a job input to the provider that runs the job, and to no one else.
+async fn serve_input(
+    state: &AppState,
+    peer: ProviderId,
+    cid: kiln_protocol::ContentId,
+) -> Result<NetResponse, DbError> {
+    let active = state
+        .db
+        .jobs_in(&[JobState::Dispatched, JobState::Running], 10_000)
+        .await?;
+    let allowed = active
+        .iter()
+        .any(|j| j.provider == Some(peer) && j.spec.inputs.iter().any(|i| i.cid == cid));
+    if !allowed {
+        return Ok(rejected(format!(
+            "blob {cid} is not an input of any job assigned to {peer}"
+        )));
+    }
+    match state.blobs.get(&cid) {
+        Ok(Some(bytes)) => Ok(NetResponse::Blob(Some(kiln_protocol::Blob { cid, bytes }))),
+        Ok(None) => Ok(NetResponse::Blob(None)),
+        Err(e) => Ok(rejected(e.to_string())),
+    }
+}
+
+/// Verifies, stores and settles a finished job.
+async fn accept_result(
+    state: &AppState,
+    peer: ProviderId,
+    result: JobResult,
+) -> Result<NetResponse, DbError> {
+    let claimed = result.receipt.payload.job_id;
+    let Some(job) = state.db.job(&claimed).await? else {
+        return Ok(rejected(format!("result for unknown job {claimed}")));
+    };
+    if job.state.is_terminal() {
+        if job.receipt.as_ref() == Some(&result.receipt) {
+            return Ok(NetResponse::Accepted); // a retried delivery of what we already hold
+        }
+        return Ok(rejected(format!(
+            "job {} already has a result; replayed receipt refused",
+            job.id
+        )));
+    }
+    let (Some(provider), Some(offer)) = (job.provider, job.offer_id) else {
+        return Ok(rejected(format!(
+            "job {} was never dispatched; receipt refused",
+            job.id
+        )));
+    };
+    if !matches!(job.state, JobState::Dispatched | JobState::Running) {
+        return Ok(rejected(format!(
+            "job {} is {:?}, not running; receipt refused",
+            job.id, job.state
+        )));
+    }
+    let expected = Expected {
+        job: job.id,
+        offer,
+        provider,
+    };
+    if let Err(e) = verify::check_result(&result, &expected, peer, UnixMillis::now()) {
+        return Ok(rejected(format!("result for job {} refused: {e}", job.id)));
+    }
+    for b in &result.blobs {
+        if let Err(e) = state.blobs.put(&b.cid, &b.bytes) {
+            return Ok(rejected(format!("cannot store blob {}: {e}", b.cid)));
+        }
+    }
+    let receipt = &result.receipt.payload;
+    let price = job.price_per_hour.unwrap_or_default();
+    let cost = cost_for(price, receipt.usage.wall_ms)
+        .unwrap_or(job.max_cost)
+        .min(job.max_cost);
+    let (to, reason) = match receipt.outcome {
+        Outcome::Succeeded => (JobState::Completed, None),
+        Outcome::Failed => (
+            JobState::Failed,
+            Some(match (&receipt.error, receipt.exit_code) {
+                (Some(e), _) => e.clone(),
+                (None, Some(c)) => format!("exited with code {c}"),
+                (None, None) => "failed".into(),
+            }),
+        ),
+        Outcome::TimedOut => (JobState::TimedOut, receipt.error.clone()),
+    };
+
+    let mut tx = state.db.begin().await?;
+    let mut pending = state.bank.begin().await;
+    let signer = result.receipt.signer.to_string();
+    if !Db::claim_nonce(
+        &mut tx,
+        &signer,
+        &result.receipt.nonce.to_string(),
+        "result-receipt",
+        result.receipt.expires_at,
+    )
+    .await?
+    {
+        return Ok(rejected(format!(
+            "receipt for job {} was already used; replay refused",
+            job.id
+        )));
+    }
+    let change = Change {
+        reason: reason.as_deref(),
+        result: Some(ResultColumns {
+            receipt: &result.receipt,
+            manifest: &result.manifest,
+            cost,
+        }),
+        ..Default::default()
+    };
+    if !Db::transition(
+        &mut tx,
+        &job.id,
+        &[JobState::Dispatched, JobState::Running],
+        to,
+        change,
+    )
+    .await?
+    {
+        return Ok(rejected(format!(
+            "job {} changed state while its result was checked; resend",
+            job.id
+        )));
+    }
+    for b in &result.blobs {
+        Db::record_blob(&mut tx, &b.cid, b.bytes.len() as u64).await?;
+    }
+    if job.max_cost.0 > 0 {
+        let op = if cost.0 > 0 {
+            Op::Release {
+                key: OpKey::new(format!("settle:{}", job.id)),
+                job: job.id,
+                provider,
+                cost,
+                fee_bps: state.bank.fee_bps,
+            }
+        } else {
+            Op::Refund {
+                key: OpKey::new(format!("settle:{}", job.id)),
+                job: job.id,
+            }
+        };
+        if let Err(e) = pending.apply(&mut tx, op).await {
+            return Ok(rejected(format!(
+                "settlement of job {} failed: {e}",
+                job.id
+            )));
+        }
+    }
+    tx.commit().await?;
+    pending.commit();
+    tracing::info!(job = %job.id.short(), state = to.as_str(), provider = %provider.short(), cost = %cost, "result accepted");
+    state.wake.notify_one();
+    Ok(NetResponse::Accepted)
+}
+
+/// Places queued jobs whenever woken, and at least every `schedule_interval`.
+pub async fn schedule_loop(state: AppState, cancel: CancellationToken) {
+    loop {
+        if let Err(e) = schedule_once(&state).await {
+            tracing::error!("scheduling round failed: {e}");
+        }
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = state.wake.notified() => {}
+            () = tokio::time::sleep(state.config.schedule_interval) => {}
+        }
+    }
+}
+
+/// The fleet as the scheduler sees it: live providers and what is booked on them.
+async fn fleet(state: &AppState) -> Result<Vec<ProviderView>, DbError> {
+    let since = UnixMillis(
+        UnixMillis::now()
+            .0
+            .saturating_sub(state.config.provider_lease.as_millis() as u64),
+    );
+    let providers = state.db.providers_seen_since(since).await?;
+    let mut views: Vec<ProviderView> = providers
+        .into_iter()
+        .map(|p| ProviderView {
+            id: p.advert.payload.provider,
+            advert: p.advert.payload,
+            running: 0,
+            used_millicpu: 0,
+            used_memory: 0,
+            used_gpus: 0,
+        })
+        .collect();
+    let index: HashMap<ProviderId, usize> =
+        views.iter().enumerate().map(|(i, v)| (v.id, i)).collect();
+    for j in state
+        .db
+        .jobs_in(&[JobState::Dispatched, JobState::Running], 100_000)
+        .await?
+    {
+        if let Some(&i) = j.provider.as_ref().and_then(|p| index.get(p)) {
+            book(&mut views[i], &j.spec);
+        }
+    }
+    Ok(views)
+}
+
+fn book(v: &mut ProviderView, spec: &JobSpec) {
+    v.running += 1;
+    v.used_millicpu += spec.resources.cpus.0;
+    v.used_memory += spec.resources.memory.0;
+    v.used_gpus += spec.resources.gpus;
+}
+
+async fn schedule_once(state: &AppState) -> Result<(), DbError> {
+    let queued = state.db.jobs_in(&[JobState::Queued], 500).await?;
+    if queued.is_empty() {
+        return Ok(());
+    }
+    let mut views = fleet(state).await?;
+    for job in queued {
+        match sched::place(&job.spec, &views) {
+            Ok(placement) => {
+                let offer_id = OfferId::random();
+                let mut tx = state.db.begin().await?;
+                let change = Change {
+                    reason: None,
+                    provider: Some(placement.provider),
+                    offer_id: Some(offer_id),
+                    price_per_hour: Some(placement.price_per_hour),
+                    bump_attempts: true,
+                    result: None,
+                };
+                if !Db::transition(
+                    &mut tx,
+                    &job.id,
+                    &[JobState::Queued],
+                    JobState::Dispatched,
+                    change,
+                )
+                .await?
+                {
+                    continue;
+                }
+                tx.commit().await?;
+                book(&mut views[placement.index], &job.spec);
+                let offer = JobOffer {
+                    offer_id,
+                    job_id: job.id,
+                    provider: placement.provider,
+                    owner: job.owner,
+                    spec: job.spec.clone(),
+                    price_per_hour: placement.price_per_hour,
+                };
+                let addrs = views[placement.index].advert.listen_addrs.clone();
+                tracing::info!(job = %job.id.short(), provider = %placement.provider.short(), price = %placement.price_per_hour, "dispatching");
+                tokio::spawn(dispatch(state.clone(), offer, addrs, job.attempts + 1));
+            }
+            Err(why) => {
+                let line = why.to_string();
+                if job.reason.as_deref() != Some(line.as_str()) {
+                    state.db.set_reason(&job.id, &line).await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends one offer. The same signed offer id is retried on a transport error
+/// (the provider dedups by offer id, so a retry never runs a job twice).
+async fn dispatch(state: AppState, offer: JobOffer, addrs: Vec<String>, attempt: u32) {
+    let job = offer.job_id;
+    let peer = offer.provider.peer_id();
+    let addrs = addrs
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect::<Vec<_>>();
+    let signed = match Signed::sign(&state.key, offer.clone(), state.config.offer_ttl.as_secs()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(job = %job.short(), "cannot sign offer: {e}");
+            return;
+        }
+    };
+    let mut outcome = Err("not sent".to_string());
+    for _ in 0..3 {
+        match state
+            .net
+            .request(peer, addrs.clone(), NetRequest::Offer(signed.clone()))
+            .await
+        {
+            Ok(NetResponse::Accepted) => {
+                outcome = Ok(());
+                break;
+            }
+            Ok(NetResponse::Rejected { reason }) => {
+                outcome = Err(format!(
+                    "provider {} refused the offer: {reason}",
+                    offer.provider.short()
+                ));
+                break;
+            }
+            Ok(other) => outcome = Err(format!("unexpected answer to an offer: {other:?}")),
+            Err(e) => {
+                outcome = Err(e.to_string());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    let res: Result<(), DbError> = async {
+        let mut tx = state.db.begin().await?;
+        match outcome {
+            Ok(()) => {
+                Db::transition(
+                    &mut tx,
+                    &job,
+                    &[JobState::Dispatched],
+                    JobState::Running,
+                    Change::default(),
+                )
+                .await?;
+                tx.commit().await?;
+            }
+            Err(reason) if attempt >= state.config.max_attempts => {
+                let reason =
+                    format!("could not be dispatched after {attempt} attempts; last: {reason}");
+                let mut pending = state.bank.begin().await;
+                if Db::transition(
+                    &mut tx,
+                    &job,
+                    &[JobState::Dispatched],
+                    JobState::Failed,
+                    Change {
+                        reason: Some(&reason),
+                        ..Default::default()
+                    },
+                )
+                .await?
+                {
+                    let refund = Op::Refund {
+                        key: OpKey::new(format!("settle:{job}")),
+                        job,
+                    };
+                    if pending.ledger().escrow(&job).is_some() {
+                        if let Err(e) = pending.apply(&mut tx, refund).await {
+                            tracing::error!(job = %job.short(), "refund failed: {e}");
+                            return Ok(());
+                        }
+                    }
+                }
+                tx.commit().await?;
+                pending.commit();
+            }
+            Err(reason) => {
+                tracing::warn!(job = %job.short(), "dispatch failed: {reason}; requeued");
+                let reason = format!("requeued: {reason}");
+                Db::transition(
+                    &mut tx,
+                    &job,
+                    &[JobState::Dispatched],
+                    JobState::Queued,
+                    Change {
+                        reason: Some(&reason),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = res {
+        tracing::error!(job = %job.short(), "recording the dispatch outcome failed: {e}");
+    }
+    state.wake.notify_one();
+}

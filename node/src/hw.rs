@@ -1,0 +1,129 @@
+//! What this machine has: GPUs through NVML (loaded at run time, so the
+//! binary runs where no NVIDIA library exists), CPU and memory from `/proc`,
+//! and a quick measured CPU figure.
+
+use std::time::{Duration, Instant};
+
+use kiln_protocol::{ByteSize, CpuInfo, GpuInfo};
+
+/// The GPUs NVML reports, or why there are none.
+pub fn discover_gpus() -> Result<Vec<GpuInfo>, String> {
+    let nvml = nvml_wrapper::Nvml::init().map_err(|e| {
+        format!("NVML is not available ({e}); running CPU-only. Install the NVIDIA driver (libnvidia-ml.so.1) to offer GPUs")
+    })?;
+    let driver = nvml.sys_driver_version().unwrap_or_default();
+    let count = nvml
+        .device_count()
+        .map_err(|e| format!("NVML could not count devices: {e}"))?;
+    let mut gpus = Vec::new();
+    for index in 0..count {
+        let d = nvml
+            .device_by_index(index)
+            .map_err(|e| format!("NVML could not open GPU {index}: {e}"))?;
+        let cc = d
+            .cuda_compute_capability()
+            .map(|c| (c.major as u32, c.minor as u32))
+            .unwrap_or((0, 0));
+        gpus.push(GpuInfo {
+            index,
+            uuid: d.uuid().unwrap_or_default(),
+            name: d.name().unwrap_or_default(),
+            memory_total: ByteSize(d.memory_info().map(|m| m.total).unwrap_or(0)),
+            compute_capability: cc,
+            driver_version: driver.clone(),
+        });
+    }
+    Ok(gpus)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Total memory from `/proc/meminfo`.
+pub fn total_memory() -> ByteSize {
+    let kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    ByteSize(kib * 1024)
+}
+
+/// Measured f64 matrix-multiply throughput of one core, in MFLOP/s. Inputs are
+/// pseudo-random (a zero matrix would be unrepresentative), and the loop
+/// runs for at least `budget`.
+pub fn cpu_matmul_mflops(budget: Duration) -> u64 {
+    const N: usize = 96;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let a: Vec<f64> = (0..N * N).map(|_| next()).collect();
+    let b: Vec<f64> = (0..N * N).map(|_| next()).collect();
+    let mut c = vec![0.0f64; N * N];
+    let start = Instant::now();
+    let mut reps = 0u64;
+    while reps == 0 || start.elapsed() < budget {
+        for i in 0..N {
+            for k in 0..N {
+                let aik = a[i * N + k];
+                for j in 0..N {
+                    c[i * N + j] += aik * b[k * N + j];
+                }
+            }
+        }
+        reps += 1;
+    }
+    std::hint::black_box(&c);
+    let flops = 2.0 * (N * N * N) as f64 * reps as f64;
+    (flops / start.elapsed().as_secs_f64() / 1e6) as u64
+}
+
+pub fn cpu_info(bench: Duration) -> CpuInfo {
+    CpuInfo {
+        model: cpu_model(),
+        logical_cores: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        matmul_mflops: cpu_matmul_mflops(bench),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_facts_are_measured() {
+        let c = cpu_info(Duration::from_millis(20));
+        assert!(c.logical_cores >= 1);
+        assert!(c.matmul_mflops > 0);
+        assert!(total_memory().0 > 0);
+    }
+
+    #[test]
+    fn gpu_discovery_never_panics_without_nvml() {
+        // On a machine without the NVIDIA driver this is an error with a fix;
+        // with one, a list. Either way, no panic.
+        match discover_gpus() {
+            Ok(gpus) => assert!(gpus.iter().all(|g| !g.uuid.is_empty())),
+            Err(e) => assert!(e.contains("NVML"), "{e}"),
+        }
+    }
+}
