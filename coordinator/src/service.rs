@@ -261,12 +261,13 @@ async fn accept_result(
     peer: ProviderId,
     result: JobResult,
 ) -> Result<NetResponse, DbError> {
-    let claimed = result.receipt.payload.job_id;
+    let claimed = result.job_id;
     let Some(job) = state.db.job(&claimed).await? else {
         return Ok(rejected(format!("result for unknown job {claimed}")));
     };
     if job.state.is_terminal() {
-        if job.receipt.as_ref() == Some(&result.receipt) {
+        if job.receipt.as_ref() == Some(&result.receipt) && result.receipt.payload.job_id == job.id
+        {
             return Ok(NetResponse::Accepted); // a retried delivery of what we already hold
         }
         return Ok(rejected(format!(

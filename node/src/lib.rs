@@ -488,6 +488,7 @@ async fn run_job(state: &State, offer: JobOffer, gpu_uuids: &[String]) {
         }
     }
     let result = JobResult {
+        job_id: job,
         receipt,
         manifest: report.manifest,
         blobs,

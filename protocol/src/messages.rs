@@ -185,6 +185,10 @@ pub struct Blob {
 /// files and the logs), checked against their CIDs by the receiver.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobResult {
+    /// The job this result claims to settle. Not trusted: the coordinator
+    /// looks the job up by it and then requires the signed receipt to name
+    /// the same job, so a receipt replayed against another job is refused.
+    pub job_id: JobId,
     pub receipt: Signed<ResultReceipt>,
     pub manifest: Manifest,
     pub blobs: Vec<Blob>,

@@ -1,1 +1,6 @@
-fn main() {}
+//! Kiln's integration tests: one binary, real components (Docker engine,
+//! libp2p on loopback, SQLite, HTTP). See `kiln_tests` for the harness.
+
+mod api;
+mod e2e;
+mod tamper;

@@ -1,1 +1,268 @@
+//! Kiln's integration-test harness.
+//!
+//! [`devnet`] boots a real coordinator (SQLite, HTTP, libp2p) and N real
+//! provider nodes (Docker engine, libp2p) on loopback — the same code
+//! `kiln devnet` runs. [`RogueProvider`] is a real libp2p peer with its own
+//! key that registers like a provider but lets a test decide what it sends
+//! back (tampered, replayed or foreign receipts). [`TestCoordinatorPeer`] is
+//! the mirror image: a libp2p peer a real node trusts as its coordinator, so a
+//! test can send that node expired or misaddressed offers.
 
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use kiln_cli::Client;
+use kiln_cli::devnet::{Devnet, DevnetOptions};
+use kiln_net::{Addr, NetConfig, NetEvent, Peer};
+use kiln_protocol::{
+    Blob, ByteSize, CapabilityAdvert, ContentId, CpuInfo, Credits, JobOffer, JobResult, Keypair,
+    Manifest, NetRequest, NetResponse, Outcome, ProviderId, ResourceUsage, ResultReceipt, Signed,
+    UnixMillis,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A coordinator and `providers` nodes on loopback.
+pub async fn devnet(providers: usize) -> anyhow::Result<Devnet> {
+    init_tracing();
+    Devnet::start(DevnetOptions {
+        providers,
+        http_port: 0,
+        heartbeat: Duration::from_secs(1),
+        state_dir: None,
+    })
+    .await
+}
+
+/// A fresh buyer (new key) talking to the devnet.
+pub fn buyer(dn: &Devnet) -> Client {
+    Client::new(&dn.url(), Keypair::generate())
+}
+
+/// Submits a job and waits for it to end.
+pub async fn run_job(
+    client: &Client,
+    spec: kiln_protocol::JobSpec,
+) -> anyhow::Result<serde_json::Value> {
+    let v = client.submit(spec, None).await?;
+    let id = kiln_cli::job_id_of(&v)?;
+    kiln_cli::wait_for(client, &id, Duration::from_secs(120), |_| {}).await
+}
+
+/// A provider peer whose answers the test scripts.
+pub struct RogueProvider {
+    pub key: Keypair,
+    pub id: ProviderId,
+    net: kiln_net::Client,
+    events: mpsc::Receiver<NetEvent>,
+    coordinator: Peer,
+    coordinator_addr: Addr,
+}
+
+impl RogueProvider {
+    /// Joins the coordinator at `addr` with a real signed advert.
+    pub async fn join(addr: &Addr, cancel: &CancellationToken) -> anyhow::Result<Self> {
+        let key = Keypair::generate();
+        let (net, events, ev) =
+            kiln_net::spawn(key.to_libp2p(), NetConfig::default(), cancel.clone()).await?;
+        tokio::spawn(ev.run());
+        let coordinator = kiln_net::peer_of(addr).context("coordinator address without /p2p")?;
+        let id = ProviderId::from_public_key(&key.public());
+        let me = Self {
+            key,
+            id,
+            net,
+            events,
+            coordinator,
+            coordinator_addr: addr.clone(),
+        };
+        match me.send(NetRequest::Register(me.advert()?)).await? {
+            NetResponse::Accepted => Ok(me),
+            other => bail!("registration refused: {other:?}"),
+        }
+    }
+
+    fn advert(&self) -> anyhow::Result<Signed<CapabilityAdvert>> {
+        let a = CapabilityAdvert {
+            provider: self.id,
+            protocol_version: kiln_protocol::PROTOCOL_VERSION,
+            node_version: "rogue".into(),
+            listen_addrs: self
+                .net
+                .listen_addrs()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            cpu: CpuInfo {
+                model: "test".into(),
+                logical_cores: 4,
+                matmul_mflops: 1,
+            },
+            memory: ByteSize(8 << 30),
+            gpus: vec![],
+            slots: 8,
+            // Cheaper than any real node, so the scheduler prefers it.
+            price_per_cpu_hour: Credits(1),
+            price_per_gpu_hour: Credits(1),
+            runtime: "none".into(),
+            issued_at: UnixMillis::now(),
+        };
+        Ok(Signed::sign(&self.key, a, 3600)?)
+    }
+
+    pub async fn send(&self, req: NetRequest) -> anyhow::Result<NetResponse> {
+        Ok(self
+            .net
+            .request(self.coordinator, vec![self.coordinator_addr.clone()], req)
+            .await?)
+    }
+
+    /// Waits for the next offer, accepts it, and returns it.
+    pub async fn next_offer(&mut self) -> anyhow::Result<Signed<JobOffer>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ev = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .context("no offer within 30s")?;
+            match ev {
+                Some(NetEvent::Request {
+                    request: NetRequest::Offer(o),
+                    reply,
+                    ..
+                }) => {
+                    let _ = reply.send(NetResponse::Accepted);
+                    return Ok(o);
+                }
+                Some(NetEvent::Request { reply, .. }) => {
+                    let _ = reply.send(NetResponse::Rejected {
+                        reason: "rogue".into(),
+                    });
+                }
+                Some(_) => {}
+                None => bail!("network stopped"),
+            }
+        }
+    }
+
+    /// An honest, well-formed result for `offer`, signed by `signer`.
+    pub fn result_for(offer: &JobOffer, signer: &Keypair) -> anyhow::Result<JobResult> {
+        let stdout = b"rogue ran it\n".to_vec();
+        let stderr = Vec::new();
+        let manifest = Manifest::default();
+        let now = UnixMillis::now();
+        let receipt = ResultReceipt {
+            job_id: offer.job_id,
+            offer_id: offer.offer_id,
+            provider: ProviderId::from_public_key(&signer.public()),
+            outcome: Outcome::Succeeded,
+            exit_code: Some(0),
+            error: None,
+            image_digest: offer.spec.image.0.clone(),
+            input_cids: vec![],
+            output_cid: manifest.cid(),
+            stdout_cid: ContentId::of_bytes(&stdout),
+            stderr_cid: ContentId::of_bytes(&stderr),
+            started_at: now,
+            finished_at: now,
+            usage: ResourceUsage {
+                wall_ms: 1000,
+                stdout_bytes: stdout.len() as u64,
+                ..Default::default()
+            },
+        };
+        Ok(JobResult {
+            job_id: offer.job_id,
+            receipt: Signed::sign(signer, receipt, 600)?,
+            manifest,
+            blobs: vec![
+                Blob {
+                    cid: ContentId::of_bytes(&stdout),
+                    bytes: stdout,
+                },
+                Blob {
+                    cid: ContentId::of_bytes(&stderr),
+                    bytes: stderr,
+                },
+            ],
+        })
+    }
+}
+
+/// A libp2p peer that a real node trusts as its coordinator.
+pub struct TestCoordinatorPeer {
+    pub key: Keypair,
+    pub net: kiln_net::Client,
+    events: mpsc::Receiver<NetEvent>,
+}
+
+impl TestCoordinatorPeer {
+    pub async fn start(cancel: &CancellationToken) -> anyhow::Result<Self> {
+        let key = Keypair::generate();
+        let (net, events, ev) =
+            kiln_net::spawn(key.to_libp2p(), NetConfig::default(), cancel.clone()).await?;
+        tokio::spawn(ev.run());
+        Ok(Self { key, net, events })
+    }
+
+    pub fn addr(&self) -> Addr {
+        self.net.listen_addrs()[0].clone()
+    }
+
+    /// Waits for a node to register and accepts it; returns its advert.
+    pub async fn accept_registration(&mut self) -> anyhow::Result<CapabilityAdvert> {
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(60), self.events.recv())
+                .await
+                .context("no registration")?;
+            if let Some(NetEvent::Request {
+                request: NetRequest::Register(a),
+                reply,
+                ..
+            }) = ev
+            {
+                let _ = reply.send(NetResponse::Accepted);
+                return Ok(a.payload);
+            }
+        }
+    }
+
+    /// Sends an offer to the node and returns its answer, answering any
+    /// heartbeats that arrive meanwhile.
+    pub async fn offer(
+        &mut self,
+        to: &CapabilityAdvert,
+        offer: Signed<JobOffer>,
+    ) -> anyhow::Result<NetResponse> {
+        let addrs: Vec<Addr> = to
+            .listen_addrs
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        let (tx, rx) = oneshot::channel();
+        let net = self.net.clone();
+        let peer = to.provider.peer_id();
+        tokio::spawn(async move {
+            let _ = tx.send(net.request(peer, addrs, NetRequest::Offer(offer)).await);
+        });
+        let mut rx = rx;
+        loop {
+            tokio::select! {
+                r = &mut rx => return Ok(r.context("request task died")??),
+                Some(ev) = self.events.recv() => {
+                    if let NetEvent::Request { reply, .. } = ev {
+                        let _ = reply.send(NetResponse::Accepted);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! The REST API's contract: bad input gets a 400 naming the field, retries
+//! are idempotent, and jobs are visible to their owner only.
+
+use kiln_protocol::{ImageRef, JobSubmission, Signed};
+use kiln_tests::{buyer, devnet};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_specs_get_400_with_the_field() {
+    let dn = devnet(0).await.unwrap();
+    let http = reqwest::Client::new();
+    let client = buyer(&dn);
+
+    // Structurally malformed (a size that is not a size): the JSON path is named.
+    let mut body = serde_json::to_value(
+        Signed::sign(
+            client.key(),
+            JobSubmission {
+                spec: dn.workload_spec(&["echo"]),
+                label: None,
+            },
+            60,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    body["payload"]["spec"]["resources"]["memory"] = json!("lots");
+    let r = http
+        .post(format!("{}/v1/jobs", dn.url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["field"], "spec.resources.memory", "{v:#}");
+    assert!(v["error"].as_str().unwrap().contains("not a size"), "{v:#}");
+
+    // Well-formed and correctly signed, but semantically invalid: an unpinned image.
+    let mut spec = dn.workload_spec(&["echo"]);
+    spec.image = ImageRef("kiln-workload:latest".into());
+    let err = client.submit(spec, None).await.unwrap_err();
+    match err {
+        kiln_cli::ClientError::Api {
+            status,
+            field,
+            message,
+        } => {
+            assert_eq!(status, 400);
+            assert_eq!(field.as_deref(), Some("spec.image"));
+            assert!(message.contains("not pinned"), "{message}");
+        }
+        other => panic!("{other}"),
+    }
+
+    // A body whose signature does not match its content: 401, nothing stored.
+    let mut forged = serde_json::to_value(
+        Signed::sign(
+            client.key(),
+            JobSubmission {
+                spec: dn.workload_spec(&["echo"]),
+                label: None,
+            },
+            60,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    forged["payload"]["label"] = json!("changed after signing");
+    let r = http
+        .post(format!("{}/v1/jobs", dn.url()))
+        .json(&forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        client.jobs().await.unwrap()["jobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    dn.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submission_is_idempotent_and_jobs_are_owner_only() {
+    let dn = devnet(0).await.unwrap();
+    let alice = buyer(&dn);
+    let mallory = buyer(&dn);
+    let signed = Signed::sign(
+        alice.key(),
+        JobSubmission {
+            spec: dn.workload_spec(&["echo"]),
+            label: None,
+        },
+        60,
+    )
+    .unwrap();
+    let first = alice.submit_signed(&signed).await.unwrap();
+    let second = alice.submit_signed(&signed).await.unwrap();
+    assert_eq!(first["job_id"], second["job_id"]);
+    assert_eq!(
+        alice.jobs().await.unwrap()["jobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // With no provider online the job waits and says why.
+    assert_eq!(first["state"], "queued");
+    let id = kiln_cli::job_id_of(&first).unwrap();
+    let mut why = String::new();
+    for _ in 0..50 {
+        why = alice.job(&id).await.unwrap()["reason"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if why.contains("no provider online") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(why.contains("no provider online"), "{why}");
+
+    // Someone else cannot see it, its logs or its outputs: 404, as if it did not exist.
+    for r in [
+        mallory.job(&id).await,
+        mallory.logs(&id).await,
+        mallory.outputs(&id).await,
+    ] {
+        match r {
+            Err(kiln_cli::ClientError::Api { status, .. }) => assert_eq!(status, 404),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        mallory.jobs().await.unwrap()["jobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    // Unauthenticated requests are refused.
+    let r = reqwest::get(format!("{}/v1/jobs/{id}", dn.url()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    dn.shutdown().await;
+}

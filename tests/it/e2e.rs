@@ -1,0 +1,157 @@
+//! Jobs through the whole marketplace: real coordinator, real nodes, real containers.
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use kiln_protocol::Seconds;
+use kiln_tests::{buyer, devnet, run_job};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_completes_with_verified_outputs_and_is_paid_for() {
+    let dn = devnet(2).await.unwrap();
+    let client = buyer(&dn);
+    let done = run_job(&client, dn.workload_spec(&["demo", "7"]))
+        .await
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done["exit_code"], 0);
+    let id = kiln_cli::job_id_of(&done).unwrap();
+
+    // Outputs come back verified (each file against its CID, the manifest against the receipt).
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = kiln_cli::fetch_outputs(&client, &id, dir.path())
+        .await
+        .unwrap();
+    assert_eq!(
+        manifest.cid().to_string(),
+        done["output_cid"].as_str().unwrap()
+    );
+    let result = std::fs::read_to_string(dir.path().join("result.txt")).unwrap();
+    assert!(result.contains("seed=7"), "{result}");
+    // Deterministic workload: the same seed gives the same matmul checksum on any provider.
+    let again = run_job(&client, dn.workload_spec(&["demo", "7"]))
+        .await
+        .unwrap();
+    assert_eq!(again["output_cid"], done["output_cid"]);
+
+    let logs = client.logs(&id).await.unwrap();
+    assert!(
+        logs["stdout"].as_str().unwrap().contains("demo: done"),
+        "{logs:#}"
+    );
+
+    // Settlement: the buyer paid exactly the recorded cost of both jobs; the rest was refunded.
+    let acct = client.account().await.unwrap();
+    let cost = done["cost"].as_u64().unwrap() + again["cost"].as_u64().unwrap();
+    assert!(cost > 0);
+    assert_eq!(
+        acct["balance"].as_u64().unwrap(),
+        1_000_000_000 - cost,
+        "{acct:#}"
+    );
+    assert_eq!(acct["escrowed"], 0);
+    let providers = client.providers().await.unwrap();
+    let earned: u64 = providers["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["earned"].as_u64().unwrap())
+        .sum();
+    assert!(earned > 0 && earned <= cost, "earned {earned}, cost {cost}");
+    dn.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_cannot_reach_the_coordinator_port_from_inside_its_container() {
+    let dn = devnet(1).await.unwrap();
+    let port = dn.coordinator.http_addr.port();
+    // Control: from the host the port is open, so a failure inside is the sandbox's doing.
+    TcpStream::connect_timeout(&dn.coordinator.http_addr, Duration::from_secs(2))
+        .expect("the coordinator port is reachable from the host");
+    let client = buyer(&dn);
+    let target = format!("127.0.0.1:{port}");
+    let done = run_job(&client, dn.workload_spec(&["connect", &target, "2000"]))
+        .await
+        .unwrap();
+    assert_eq!(done["state"], "failed", "{done:#}");
+    assert_eq!(
+        done["exit_code"], 42,
+        "the workload exits 42 when connect fails"
+    );
+    let logs = client
+        .logs(&kiln_cli::job_id_of(&done).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        logs["stderr"].as_str().unwrap().contains("connect failed"),
+        "{logs:#}"
+    );
+    dn.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_job_keeps_exit_code_and_logs_and_a_slow_one_times_out() {
+    let dn = devnet(1).await.unwrap();
+    let client = buyer(&dn);
+    let failed = run_job(&client, dn.workload_spec(&["exit", "3", "something broke"]))
+        .await
+        .unwrap();
+    assert_eq!(failed["state"], "failed");
+    assert_eq!(failed["exit_code"], 3);
+    assert_eq!(failed["reason"], "exited with code 3");
+    let logs = client
+        .logs(&kiln_cli::job_id_of(&failed).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        logs["stderr"].as_str().unwrap().contains("something broke"),
+        "{logs:#}"
+    );
+
+    let mut slow = dn.workload_spec(&["sleep", "60"]);
+    slow.resources.timeout = Seconds(2);
+    let t0 = std::time::Instant::now();
+    let timed_out = run_job(&client, slow).await.unwrap();
+    assert_eq!(timed_out["state"], "timed_out", "{timed_out:#}");
+    assert!(
+        timed_out["reason"]
+            .as_str()
+            .unwrap()
+            .contains("wall-clock limit"),
+        "{timed_out:#}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(40),
+        "killed promptly, took {:?}",
+        t0.elapsed()
+    );
+    // The buyer pays for at most the time it was allowed to run.
+    assert!(timed_out["cost"].as_u64().unwrap() <= timed_out["max_cost"].as_u64().unwrap());
+    dn.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inputs_are_fetched_by_cid_and_mounted_read_only() {
+    let dn = devnet(1).await.unwrap();
+    let client = buyer(&dn);
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let cid = client.upload(data.clone()).await.unwrap();
+    let mut spec = dn.workload_spec(&["hash", "/in/data.bin"]);
+    spec.inputs.push(kiln_protocol::spec::InputSpec {
+        cid,
+        path: "/in/data.bin".into(),
+    });
+    let done = run_job(&client, spec).await.unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let logs = client
+        .logs(&kiln_cli::job_id_of(&done).unwrap())
+        .await
+        .unwrap();
+    let expected = blake3::hash(&data).to_hex().to_string();
+    assert!(
+        logs["stdout"].as_str().unwrap().contains(&expected),
+        "{logs:#}"
+    );
+
+    dn.shutdown().await;
+}

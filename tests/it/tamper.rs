@@ -1,0 +1,194 @@
+//! Bad results and bad offers are refused, with the job state intact.
+//!
+//! A `RogueProvider` is a real libp2p peer that registers like a provider and
+//! then sends whatever the test scripts; a `TestCoordinatorPeer` is a peer a
+//! real node trusts as its coordinator.
+
+use kiln_cli::Client;
+use kiln_protocol::{
+    JobId, JobOffer, Keypair, NetResponse, Nonce, OfferId, ProviderId, ResultReceipt, Signed,
+    UnixMillis, encoding,
+};
+use kiln_tests::{RogueProvider, TestCoordinatorPeer, devnet};
+use tokio_util::sync::CancellationToken;
+
+fn rejected(r: &NetResponse) -> String {
+    match r {
+        NetResponse::Rejected { reason } => reason.clone(),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+async fn state_of(client: &Client, id: &JobId) -> serde_json::Value {
+    client.job(id).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tampered_foreign_and_replayed_receipts_are_refused() {
+    let dn = devnet(0).await.unwrap();
+    let cancel = CancellationToken::new();
+    let addr = dn.coordinator.p2p_addrs[0].clone();
+    let mut rogue = RogueProvider::join(&addr, &cancel).await.unwrap();
+    let mut other = RogueProvider::join(&addr, &cancel).await.unwrap();
+    let client = kiln_tests::buyer(&dn);
+
+    // Both peers advertise the same price; whichever gets job A is "assigned".
+    let a = client
+        .submit(dn.workload_spec(&["echo", "a"]), None)
+        .await
+        .unwrap();
+    let a_id = kiln_cli::job_id_of(&a).unwrap();
+    let first = tokio::select! {
+        o = rogue.next_offer() => (o.unwrap().payload, true),
+        o = other.next_offer() => (o.unwrap().payload, false),
+    };
+    let (offer_a, mut assigned, mut bystander) = if first.1 {
+        (first.0, rogue, other)
+    } else {
+        (first.0, other, rogue)
+    };
+    assert_eq!(offer_a.job_id, a_id);
+    assert_eq!(offer_a.provider, assigned.id);
+
+    // 1. One flipped byte in the signed receipt: refused, job untouched.
+    let honest = RogueProvider::result_for(&offer_a, &assigned.key).unwrap();
+    let bytes = encoding::encode(&honest.receipt).unwrap();
+    let mut tampered = None;
+    for i in (0..bytes.len()).rev() {
+        let mut b = bytes.clone();
+        b[i] ^= 0x01;
+        if let Ok(r) = encoding::decode::<Signed<ResultReceipt>>(&b) {
+            if r.payload != honest.receipt.payload {
+                tampered = Some(r);
+                break;
+            }
+        }
+    }
+    let mut flipped = honest.clone();
+    flipped.receipt = tampered.expect("some single-byte flip still decodes");
+    let reason = rejected(
+        &assigned
+            .send(kiln_protocol::NetRequest::Result(Box::new(flipped)))
+            .await
+            .unwrap(),
+    );
+    assert!(reason.contains("signature"), "{reason}");
+    let s = state_of(&client, &a_id).await;
+    assert_eq!(s["state"], "running", "{s:#}");
+    assert_eq!(s["receipt_verified"], false);
+
+    // 2. A receipt signed by a provider other than the assigned one: refused.
+    let foreign = RogueProvider::result_for(&offer_a, &bystander.key).unwrap();
+    let reason = rejected(
+        &bystander
+            .send(kiln_protocol::NetRequest::Result(Box::new(foreign)))
+            .await
+            .unwrap(),
+    );
+    assert!(reason.contains("assigned to"), "{reason}");
+    assert_eq!(state_of(&client, &a_id).await["state"], "running");
+
+    // The honest receipt is accepted and the job completes.
+    assert!(matches!(
+        assigned
+            .send(kiln_protocol::NetRequest::Result(Box::new(honest.clone())))
+            .await
+            .unwrap(),
+        NetResponse::Accepted
+    ));
+    let s = state_of(&client, &a_id).await;
+    assert_eq!(s["state"], "completed", "{s:#}");
+
+    // 3. Job B: replaying A's (valid) receipt as B's result is refused.
+    let b = client
+        .submit(dn.workload_spec(&["echo", "b"]), None)
+        .await
+        .unwrap();
+    let b_id = kiln_cli::job_id_of(&b).unwrap();
+    let first = tokio::select! {
+        o = assigned.next_offer() => (o.unwrap().payload, false),
+        o = bystander.next_offer() => (o.unwrap().payload, true),
+    };
+    let offer_b = first.0;
+    if first.1 {
+        std::mem::swap(&mut assigned, &mut bystander);
+    }
+    assert_eq!(offer_b.job_id, b_id);
+    let mut replay = honest.clone();
+    replay.job_id = b_id;
+    let reason = rejected(
+        &assigned
+            .send(kiln_protocol::NetRequest::Result(Box::new(replay)))
+            .await
+            .unwrap(),
+    );
+    assert!(reason.contains("replayed"), "{reason}");
+    let s = state_of(&client, &b_id).await;
+    assert_eq!(s["state"], "running", "{s:#}");
+    // ...and A is still completed with its original receipt.
+    assert_eq!(state_of(&client, &a_id).await["state"], "completed");
+    assert!(matches!(
+        assigned
+            .send(kiln_protocol::NetRequest::Result(Box::new(
+                RogueProvider::result_for(&offer_b, &assigned.key).unwrap()
+            )))
+            .await
+            .unwrap(),
+        NetResponse::Accepted
+    ));
+    assert_eq!(state_of(&client, &b_id).await["state"], "completed");
+    cancel.cancel();
+    dn.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_refuses_expired_misaddressed_and_foreign_offers() {
+    kiln_tests::init_tracing();
+    let cancel = CancellationToken::new();
+    let mut coord = TestCoordinatorPeer::start(&cancel).await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = kiln_node::NodeConfig::new(coord.addr(), state.path().to_path_buf());
+    cfg.heartbeat = std::time::Duration::from_secs(1);
+    let node = kiln_node::start(cfg, cancel.clone()).await.unwrap();
+    let advert = coord.accept_registration().await.unwrap();
+    assert_eq!(advert.provider, node.provider);
+
+    let image = format!("sha256:{}", "ab".repeat(32));
+    let offer = |provider: ProviderId| JobOffer {
+        offer_id: OfferId::random(),
+        job_id: JobId::random(),
+        provider,
+        owner: kiln_protocol::BuyerId::new(Keypair::generate().public()),
+        spec: kiln_protocol::JobSpec::new(image.clone(), vec!["echo".into()]),
+        price_per_hour: kiln_protocol::Credits(1),
+    };
+
+    // Expired: signed by the right coordinator, addressed right, but past its expiry.
+    let expired = Signed::sign_with(
+        &coord.key,
+        offer(node.provider),
+        Nonce::random(),
+        UnixMillis(UnixMillis::now().0 - 1000),
+    )
+    .unwrap();
+    let reason = rejected(&coord.offer(&advert, expired).await.unwrap());
+    assert!(reason.contains("expired"), "{reason}");
+
+    // Addressed to another provider.
+    let elsewhere = ProviderId::from_public_key(&Keypair::generate().public());
+    let misaddressed = Signed::sign(&coord.key, offer(elsewhere), 30).unwrap();
+    let reason = rejected(&coord.offer(&advert, misaddressed).await.unwrap());
+    assert!(reason.contains("addressed to"), "{reason}");
+
+    // Signed by a key that is not this node's coordinator.
+    let forged = Signed::sign(&Keypair::generate(), offer(node.provider), 30).unwrap();
+    let reason = rejected(&coord.offer(&advert, forged).await.unwrap());
+    assert!(
+        reason.contains("not from this node's coordinator"),
+        "{reason}"
+    );
+    cancel.cancel();
+    for t in node.tasks {
+        let _ = t.await;
+    }
+}
