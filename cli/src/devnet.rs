@@ -165,6 +165,7 @@ pub async fn run_demo(dn: &Devnet, client: &Client) -> anyhow::Result<Value> {
         "cost": done["cost"],
         "stdout": logs.as_ref().map(|l| l["stdout"].clone()),
         "outputs": outputs.map(|o| o["entries"].clone()),
+        "image": dn.image_id,
         "coordinator": dn.url(),
         "providers": dn.nodes.iter().map(|n| n.provider.to_string()).collect::<Vec<_>>(),
     }))

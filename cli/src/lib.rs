@@ -121,14 +121,14 @@ pub fn verify_receipt(
             receipt.payload.job_id
         );
     }
-    if let Some(m) = manifest {
-        if m.cid() != receipt.payload.output_cid {
-            bail!(
-                "output manifest hashes to {}, receipt says {}",
-                m.cid(),
-                receipt.payload.output_cid
-            );
-        }
+    if let Some(m) = manifest
+        && m.cid() != receipt.payload.output_cid
+    {
+        bail!(
+            "output manifest hashes to {}, receipt says {}",
+            m.cid(),
+            receipt.payload.output_cid
+        );
     }
     Ok(receipt)
 }

@@ -429,6 +429,14 @@ impl Db {
         Ok(())
     }
 
+    pub async fn provider_known(&self, id: &ProviderId) -> Result<bool, DbError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM providers WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
+    }
+
     /// Providers seen since `since`.
     pub async fn providers_seen_since(
         &self,

@@ -89,7 +89,9 @@ pub enum StartError {
     Blobs(#[from] blobs::BlobError),
     #[error(transparent)]
     Net(#[from] kiln_net::NetError),
-    #[error("cannot listen for HTTP on {addr}: {source}; pick another port with --http")]
+    #[error(
+        "cannot listen for HTTP on {addr}: {source}; is another coordinator running? pick another port"
+    )]
     Http {
         addr: SocketAddr,
         source: std::io::Error,

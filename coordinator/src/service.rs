@@ -574,11 +574,11 @@ async fn dispatch(state: AppState, offer: JobOffer, addrs: Vec<String>, attempt:
                         key: OpKey::new(format!("settle:{job}")),
                         job,
                     };
-                    if pending.ledger().escrow(&job).is_some() {
-                        if let Err(e) = pending.apply(&mut tx, refund).await {
-                            tracing::error!(job = %job.short(), "refund failed: {e}");
-                            return Ok(());
-                        }
+                    if pending.ledger().escrow(&job).is_some()
+                        && let Err(e) = pending.apply(&mut tx, refund).await
+                    {
+                        tracing::error!(job = %job.short(), "refund failed: {e}");
+                        return Ok(());
                     }
                 }
                 tx.commit().await?;

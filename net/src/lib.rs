@@ -455,13 +455,9 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
-            } => {
-                if num_established == 0 {
-                    emit(&self.events, NetEvent::Disconnected(peer_id)).await;
-                }
-            }
+            } => emit(&self.events, NetEvent::Disconnected(peer_id)).await,
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error,

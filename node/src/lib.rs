@@ -420,22 +420,7 @@ async fn run_job(state: &State, offer: JobOffer, gpu_uuids: &[String]) {
         Err(e) => {
             let _ = std::fs::remove_dir_all(state.runner.job_dir(&job));
             tracing::warn!(job = %job.short(), "{e}");
-            let mut r = runner::RunReport {
-                outcome: kiln_protocol::Outcome::Failed,
-                exit_code: None,
-                error: Some(e),
-                image_digest: String::new(),
-                started_at: UnixMillis::now(),
-                finished_at: UnixMillis::now(),
-                wall_ms: 0,
-                stdout: Vec::new(),
-                stderr: Vec::new(),
-                logs_truncated: false,
-                manifest: Default::default(),
-                outputs: Vec::new(),
-            };
-            r.finished_at = UnixMillis::now();
-            r
+            runner::RunReport::failed_before_start(e, String::new())
         }
     };
     tracing::info!(job = %job.short(), outcome = ?report.outcome, exit = ?report.exit_code, wall_ms = report.wall_ms, "job finished");

@@ -79,7 +79,8 @@ pub struct RunReport {
 }
 
 impl RunReport {
-    fn failed_before_start(error: String, image_digest: String) -> Self {
+    /// A job that failed before its container ran (nothing to pay for).
+    pub fn failed_before_start(error: String, image_digest: String) -> Self {
         let now = UnixMillis::now();
         Self {
             outcome: Outcome::Failed,
@@ -377,18 +378,17 @@ impl Runner {
             .docker
             .inspect_container(name, None::<InspectContainerOptions>)
             .await
+            && let Some(state) = info.state
         {
-            if let Some(state) = info.state {
-                if state.oom_killed == Some(true) {
-                    outcome = Outcome::Failed;
-                    error = Some(format!(
-                        "killed: out of memory (limit {})",
-                        spec.resources.memory
-                    ));
-                }
-                if exit_code.is_none() && outcome != Outcome::TimedOut {
-                    exit_code = state.exit_code;
-                }
+            if state.oom_killed == Some(true) {
+                outcome = Outcome::Failed;
+                error = Some(format!(
+                    "killed: out of memory (limit {})",
+                    spec.resources.memory
+                ));
+            }
+            if exit_code.is_none() && outcome != Outcome::TimedOut {
+                exit_code = state.exit_code;
             }
         }
 

@@ -204,13 +204,13 @@ impl JobSpec {
                 ),
             ));
         }
-        if let Some(ep) = &self.entrypoint {
-            if ep.is_empty() {
-                return Err(err(
-                    "entrypoint",
-                    "must not be empty when given; omit it to use the image's",
-                ));
-            }
+        if let Some(ep) = &self.entrypoint
+            && ep.is_empty()
+        {
+            return Err(err(
+                "entrypoint",
+                "must not be empty when given; omit it to use the image's",
+            ));
         }
         let args = self.entrypoint.iter().flatten().chain(&self.command);
         for (i, a) in args.enumerate() {
@@ -342,9 +342,12 @@ mod tests {
         assert_eq!(s.max_cost(), Some(Credits(1_000_000 * 120 / 3600 + 1)));
     }
 
+    /// (expected field, how to break the spec, expected words in the reason)
+    type Case = (&'static str, fn(&mut JobSpec), &'static str);
+
     #[test]
     fn validation_names_the_field() {
-        let table: &[(&str, fn(&mut JobSpec), &str)] = &[
+        let table: &[Case] = &[
             (
                 "image",
                 |s| s.image = ImageRef("alpine:latest".into()),

@@ -62,7 +62,7 @@ impl fmt::Display for ByteSize {
             ("KiB", 1 << 10),
         ];
         for (name, size) in UNITS {
-            if self.0 >= size && self.0 % size == 0 {
+            if self.0 >= size && self.0.is_multiple_of(size) {
                 return write!(f, "{}{name}", self.0 / size);
             }
         }
@@ -72,7 +72,7 @@ impl fmt::Display for ByteSize {
 
 impl fmt::Display for MilliCpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 % 1000 == 0 {
+        if self.0.is_multiple_of(1000) {
             write!(f, "{}", self.0 / 1000)
         } else {
             write!(f, "{}.{:03}", self.0 / 1000, self.0 % 1000)
@@ -225,7 +225,7 @@ int_unit!(
 );
 
 fn cpus_from_f64(v: f64) -> Result<u32, String> {
-    if !(v.is_finite() && v >= 0.0 && v <= 100_000.0) {
+    if !(v.is_finite() && (0.0..=100_000.0).contains(&v)) {
         return Err(format!("{v} is not a valid number of CPUs"));
     }
     Ok((v * 1000.0).round() as u32)

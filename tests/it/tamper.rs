@@ -20,7 +20,7 @@ fn rejected(r: &NetResponse) -> String {
 }
 
 async fn state_of(client: &Client, id: &JobId) -> serde_json::Value {
-    client.job(id).await.unwrap()
+    client.job(id).await.expect("job status")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -57,11 +57,11 @@ async fn tampered_foreign_and_replayed_receipts_are_refused() {
     for i in (0..bytes.len()).rev() {
         let mut b = bytes.clone();
         b[i] ^= 0x01;
-        if let Ok(r) = encoding::decode::<Signed<ResultReceipt>>(&b) {
-            if r.payload != honest.receipt.payload {
-                tampered = Some(r);
-                break;
-            }
+        if let Ok(r) = encoding::decode::<Signed<ResultReceipt>>(&b)
+            && r.payload != honest.receipt.payload
+        {
+            tampered = Some(r);
+            break;
         }
     }
     let mut flipped = honest.clone();

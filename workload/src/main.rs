@@ -13,8 +13,13 @@
 //! errors go to stderr.
 //!
 //! Exit codes: 0 success, 1 runtime failure (I/O...), 2 usage error,
-//! 42 `connect` could not connect, and whatever `exit <code>` asks for.
+//! 42 `connect` could not connect, 99 a `hostile` case breached the sandbox,
+//! and whatever `exit <code>` asks for.
+//!
+//! `hostile <case>` (see `hostile.rs`) is not deterministic: it is the sandbox
+//! test suite's probe, attempting escapes and resource abuse for real.
 
+mod hostile;
 mod matmul;
 mod prng;
 
@@ -60,12 +65,16 @@ commands:
                                   TCP connect; exit 0 if it works, 42 if not
   demo [seed]                     the devnet demo: hash <indir>, matmul 64 <seed>,
                                   summary in <outdir>/result.txt
+  hostile <case> [args...]        sandbox probe: attempt something hostile for real;
+                                  last line `HOSTILE <case> contained|BREACHED|done: ...`
+                                  (`hostile list`, `hostile help`)
 
 environment:
   KILN_OUTPUT_DIR  output directory (default /out)
   KILN_INPUT_DIR   input directory used by demo (default /in)
 
-exit codes: 0 ok, 1 runtime error, 2 usage error, 42 connect failed";
+exit codes: 0 ok, 1 runtime error, 2 usage error, 42 connect failed,
+            99 hostile case breached";
 
 /// Why a command did not succeed.
 #[derive(Debug)]
@@ -124,6 +133,7 @@ fn run(args: &[String]) -> CmdResult {
         "matmul" => cmd_matmul(rest),
         "connect" => cmd_connect(rest),
         "demo" => cmd_demo(rest),
+        "hostile" => hostile::run(rest),
         "help" | "--help" | "-h" => {
             say(USAGE);
             Ok(())
