@@ -124,6 +124,20 @@ impl Client {
         self.get_json("/v1/jobs").await
     }
 
+    /// Cancels a job: refunded if it had not started, otherwise stopped and paid for the time used.
+    pub async fn cancel(&self, id: &JobId) -> Result<Value, ClientError> {
+        let path = format!("/v1/jobs/{id}/cancel");
+        let req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("authorization", self.auth("POST", &path)?);
+        self.send(req)
+            .await?
+            .json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
     pub async fn logs(&self, id: &JobId) -> Result<Value, ClientError> {
         self.get_json(&format!("/v1/jobs/{id}/logs")).await
     }

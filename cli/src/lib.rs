@@ -60,7 +60,7 @@ pub fn job_id_of(v: &Value) -> anyhow::Result<JobId> {
 }
 
 pub fn is_terminal(state: &str) -> bool {
-    matches!(state, "completed" | "failed" | "timed_out")
+    matches!(state, "completed" | "failed" | "timed_out" | "cancelled")
 }
 
 /// Polls a job until it ends or `timeout` passes; calls `on_change` on each new state or reason.

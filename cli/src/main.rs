@@ -73,6 +73,10 @@ enum JobCmd {
     Status {
         id: JobId,
     },
+    /// Cancel a job (refunded if not started; otherwise stopped and paid for the time used).
+    Cancel {
+        id: JobId,
+    },
     Logs {
         id: JobId,
     },
@@ -163,6 +167,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_default()
         }),
         Cmd::Job(JobCmd::Status { id }) => print(json, &client.job(&id).await?, job_line),
+        Cmd::Job(JobCmd::Cancel { id }) => print(json, &client.cancel(&id).await?, |v| {
+            format!(
+                "{}  {}",
+                v["job_id"].as_str().unwrap_or("?"),
+                v["outcome"].as_str().unwrap_or("?")
+            )
+        }),
         Cmd::Job(JobCmd::Logs { id }) => print(json, &client.logs(&id).await?, |v| {
             format!(
                 "{}{}",

@@ -6,13 +6,21 @@ use std::str::FromStr;
 use kiln_protocol::{BuyerId, IdParseError, ProviderId};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Who holds a balance. Written `buyer:kb<64 hex>`, `provider:<peer id>` or
-/// `fee`; it serializes as that string, so it works as a JSON map key and as a
-/// database primary key.
+/// Who holds a balance. Written `buyer:kb<64 hex>`, `provider:<peer id>`,
+/// `verifier:<peer id>` or `fee`; it serializes as that string (in JSON and in
+/// the canonical binary encoding alike), so it works as a JSON map key and as
+/// a database primary key.
+///
+/// Burned credits are not an account: nobody can withdraw them, so they are a
+/// running total, [`Ledger::total_burned`](crate::Ledger::total_burned).
+/// Stake bonds are not accounts either: see [`Bond`](crate::Bond).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AccountId {
     Buyer(BuyerId),
     Provider(ProviderId),
+    /// A provider acting as a verifier (it re-executes sampled jobs); slash
+    /// bounties are paid here, apart from what it earns running jobs.
+    Verifier(ProviderId),
     /// The marketplace's fee account.
     Fee,
 }
@@ -22,6 +30,7 @@ impl fmt::Display for AccountId {
         match self {
             Self::Buyer(b) => write!(f, "buyer:{b}"),
             Self::Provider(p) => write!(f, "provider:{p}"),
+            Self::Verifier(p) => write!(f, "verifier:{p}"),
             Self::Fee => f.write_str("fee"),
         }
     }
@@ -45,8 +54,13 @@ impl FromStr for AccountId {
                 .parse()
                 .map(Self::Provider)
                 .map_err(|e| err(e.to_string())),
+            Some(("verifier", rest)) => rest
+                .parse()
+                .map(Self::Verifier)
+                .map_err(|e| err(e.to_string())),
             _ => Err(err(
-                "expected `buyer:kb<64 hex>`, `provider:<peer id>` or `fee`".into(),
+                "expected `buyer:kb<64 hex>`, `provider:<peer id>`, `verifier:<peer id>` or `fee`"
+                    .into(),
             )),
         }
     }

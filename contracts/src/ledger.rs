@@ -14,7 +14,8 @@ pub const MAX_KEY_LEN: usize = 256;
 
 /// The marketplace fee on `cost`: `cost * fee_bps / 10_000`, rounded down.
 /// `fee_bps` above [`MAX_FEE_BPS`] counts as 100%, so the fee never exceeds
-/// the cost (`apply` refuses such a rate outright).
+/// the cost (`apply` refuses such a rate outright). Slash shares use the same
+/// rule.
 pub fn fee_for(cost: Credits, fee_bps: u16) -> Credits {
     let fee = u128::from(cost.0) * u128::from(fee_bps.min(MAX_FEE_BPS)) / u128::from(MAX_FEE_BPS);
     // fee <= cost, so it always fits back into a u64.
@@ -25,19 +26,21 @@ pub fn fee_for(cost: Credits, fee_bps: u16) -> Credits {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EscrowState {
+    /// Open: interval settlements may still pay out of it.
     Locked,
-    /// Settled: `paid` (cost less fee) to the provider, `fee` to the fee
-    /// account, `refunded` to the buyer; the three sum to `locked`.
+    /// Closed by a final release: `paid` (the final part of the cost, less
+    /// fee) to the provider, `fee` to the fee account, `refunded` to the
+    /// buyer. With what intervals paid before
+    /// ([`Escrow::interval_paid`]) the four sum to `locked`.
     Released {
         to: ProviderId,
         paid: Credits,
         refunded: Credits,
         fee: Credits,
     },
-    /// Settled: everything went back to the buyer.
-    Refunded {
-        refunded: Credits,
-    },
+    /// Closed by a refund: everything intervals had not paid went back to the
+    /// buyer (`interval_paid + refunded == locked`).
+    Refunded { refunded: Credits },
 }
 
 /// Credits set aside from a buyer for one job.
@@ -47,19 +50,48 @@ pub struct Escrow {
     pub buyer: BuyerId,
     pub locked: Credits,
     pub state: EscrowState,
+    /// Gross credits (provider pay plus fee) that
+    /// [`Op::SettleInterval`]s paid out of this escrow.
+    #[serde(default)]
+    pub interval_paid: Credits,
+    /// How many intervals were settled.
+    #[serde(default)]
+    pub intervals: u64,
 }
 
 impl Escrow {
-    /// Credits this escrow still holds: all of `locked` until settled, then 0.
+    /// Credits this escrow still holds: `locked` less what intervals paid
+    /// while it is open, 0 once closed.
     pub fn held(&self) -> Credits {
         match self.state {
-            EscrowState::Locked => self.locked,
+            EscrowState::Locked => Credits(self.locked.0.saturating_sub(self.interval_paid.0)),
             _ => Credits(0),
         }
     }
+    /// Whether the escrow can still pay out (it is neither released nor refunded).
+    pub fn is_open(&self) -> bool {
+        self.state == EscrowState::Locked
+    }
+}
+
+/// A provider's stake bond. Only `held` is money; the other three are
+/// all-time totals kept so that `held == staked - unstaked - slashed` can be
+/// checked, which is what makes "a slashed stake cannot be withdrawn" an
+/// invariant rather than a hope.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bond {
+    /// What is bonded now, and what eligibility and slashing look at.
+    pub held: Credits,
+    pub staked: Credits,
+    pub unstaked: Credits,
+    /// Taken by slashes: paid to buyers and verifiers, or burned. Gone.
+    pub slashed: Credits,
 }
 
 /// A change to the ledger. Each carries the idempotency key of the event it records.
+///
+/// New variants are only ever appended: the canonical binary encoding names a
+/// variant by its index.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
@@ -75,14 +107,17 @@ pub enum Op {
         account: AccountId,
         amount: Credits,
     },
-    /// Sets `amount` of the buyer's balance aside for `job`.
+    /// Sets `amount` of the buyer's balance aside for `job` (at submission:
+    /// maximum price × maximum duration).
     Lock {
         key: OpKey,
         job: JobId,
         buyer: BuyerId,
         amount: Credits,
     },
-    /// Pays `min(cost, locked)` less the fee to `provider`, the fee to
+    /// Closes the escrow. `cost` is the job's *total* cost; it is capped at
+    /// what was locked and raised to what intervals already paid. The part
+    /// intervals have not paid goes to `provider` less the fee, the fee to
     /// [`AccountId::Fee`], and the rest of the escrow back to the buyer.
     Release {
         key: OpKey,
@@ -91,8 +126,47 @@ pub enum Op {
         cost: Credits,
         fee_bps: u16,
     },
-    /// Returns the whole escrow to the buyer.
+    /// Closes the escrow, returning all it still holds to the buyer
+    /// (intervals already paid stay paid).
     Refund { key: OpKey, job: JobId },
+    /// Moves `amount` of the provider's balance into its stake bond.
+    Stake {
+        key: OpKey,
+        provider: ProviderId,
+        amount: Credits,
+    },
+    /// Moves `amount` of the bond back to the provider's balance; fails if
+    /// the bond holds less (slashed stake is gone from the bond, so it can
+    /// never be unstaked).
+    Unstake {
+        key: OpKey,
+        provider: ProviderId,
+        amount: Credits,
+    },
+    /// Takes `min(amount, bond)` from the provider's bond for a wrong done
+    /// on `job`: `buyer_share_bps` of it to the job's buyer,
+    /// `verifier_share_bps` to `verifier` (a bounty; needs a verifier), and
+    /// burns the rest (rounding included).
+    Slash {
+        key: OpKey,
+        provider: ProviderId,
+        job: JobId,
+        amount: Credits,
+        buyer_share_bps: u16,
+        verifier: Option<ProviderId>,
+        verifier_share_bps: u16,
+    },
+    /// Pays one interval of a running job from its escrow, leaving it open:
+    /// `cost` less the fee to `provider`, the fee to [`AccountId::Fee`].
+    /// Fails with [`ContractError::EscrowExhausted`] when the escrow holds
+    /// less than `cost`: the job must stop.
+    SettleInterval {
+        key: OpKey,
+        job: JobId,
+        provider: ProviderId,
+        cost: Credits,
+        fee_bps: u16,
+    },
 }
 
 impl Op {
@@ -102,7 +176,11 @@ impl Op {
             | Self::Withdraw { key, .. }
             | Self::Lock { key, .. }
             | Self::Release { key, .. }
-            | Self::Refund { key, .. } => key,
+            | Self::Refund { key, .. }
+            | Self::Stake { key, .. }
+            | Self::Unstake { key, .. }
+            | Self::Slash { key, .. }
+            | Self::SettleInterval { key, .. } => key,
         }
     }
     /// The op's name, for messages.
@@ -113,11 +191,17 @@ impl Op {
             Self::Lock { .. } => "lock",
             Self::Release { .. } => "release",
             Self::Refund { .. } => "refund",
+            Self::Stake { .. } => "stake",
+            Self::Unstake { .. } => "unstake",
+            Self::Slash { .. } => "slash",
+            Self::SettleInterval { .. } => "interval settlement",
         }
     }
 }
 
 /// What an applied [`Op`] did. Balances are those right after it applied.
+///
+/// New variants and fields are only ever appended (see [`Op`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Applied {
@@ -137,7 +221,9 @@ pub enum Applied {
         amount: Credits,
         balance: Credits,
     },
-    /// `cost` is what was charged (the requested cost capped at the escrow).
+    /// `cost` is the job's total charged cost (the requested cost capped at
+    /// the escrow, and at least `already_paid`); `already_paid` of it went out
+    /// by intervals earlier, `paid + fee` now: `cost == already_paid + paid + fee`.
     Released {
         job: JobId,
         provider: ProviderId,
@@ -146,11 +232,55 @@ pub enum Applied {
         paid: Credits,
         fee: Credits,
         refunded: Credits,
+        #[serde(default)]
+        already_paid: Credits,
     },
+    /// `refunded` is what the escrow still held; `already_paid` went out by
+    /// intervals earlier.
     Refunded {
         job: JobId,
         buyer: BuyerId,
         refunded: Credits,
+        #[serde(default)]
+        already_paid: Credits,
+    },
+    /// `balance` is the provider's balance and `bond` its bond, after.
+    Staked {
+        provider: ProviderId,
+        amount: Credits,
+        balance: Credits,
+        bond: Credits,
+    },
+    Unstaked {
+        provider: ProviderId,
+        amount: Credits,
+        balance: Credits,
+        bond: Credits,
+    },
+    /// `taken` left the bond (`bond` is what remains):
+    /// `taken == to_buyer + to_verifier + burned`.
+    Slashed {
+        job: JobId,
+        provider: ProviderId,
+        buyer: BuyerId,
+        taken: Credits,
+        to_buyer: Credits,
+        verifier: Option<ProviderId>,
+        to_verifier: Credits,
+        burned: Credits,
+        bond: Credits,
+    },
+    /// Interval number `interval` (1-based) of `job`: `cost == paid + fee`
+    /// left the escrow, which still holds `remaining`.
+    IntervalSettled {
+        job: JobId,
+        provider: ProviderId,
+        buyer: BuyerId,
+        interval: u64,
+        cost: Credits,
+        paid: Credits,
+        fee: Credits,
+        remaining: Credits,
     },
 }
 
@@ -170,13 +300,13 @@ pub enum ContractError {
         needed: Credits,
         available: Credits,
     },
-    #[error("a {op} of zero credits does nothing; send a positive amount")]
+    #[error("the {op} is for zero credits, which does nothing; send a positive amount")]
     ZeroAmount { op: &'static str },
     #[error(
         "job {job} already has an escrow; a job is locked once — derive a new job id for a new job"
     )]
     EscrowExists { job: JobId },
-    #[error("job {job} has no escrow; lock funds for it before releasing or refunding")]
+    #[error("job {job} has no escrow; lock funds for it before settling, refunding or slashing")]
     NoSuchEscrow { job: JobId },
     #[error(
         "the escrow of job {job} is already settled ({state:?}); \
@@ -202,20 +332,56 @@ pub enum ContractError {
     InvalidKey { key: OpKey, reason: &'static str },
     #[error("{what} would overflow a u64 of micro-credits; the amount is implausibly large")]
     Overflow { what: &'static str },
+    #[error(
+        "escrow exhausted: the escrow of job {job} holds {remaining} but the interval costs {needed}; \
+         stop the job and close the escrow with a release (it pays at most what is left)"
+    )]
+    EscrowExhausted {
+        job: JobId,
+        needed: Credits,
+        remaining: Credits,
+    },
+    #[error(
+        "provider {provider} has {bonded} staked but {needed} was asked for; \
+         stake slashed so far ({slashed}) is gone and can never be unstaked"
+    )]
+    InsufficientStake {
+        provider: Box<ProviderId>,
+        needed: Credits,
+        bonded: Credits,
+        slashed: Credits,
+    },
+    #[error(
+        "provider {provider} has no stake bonded, so there is nothing to slash; \
+         check the provider id, or compensate the buyer from the job's escrow"
+    )]
+    NothingToSlash { provider: Box<ProviderId> },
+    #[error(
+        "slash split (buyer {buyer_share_bps} bps, verifier {verifier_share_bps} bps) is invalid: \
+         {reason}; check the slashing configuration"
+    )]
+    InvalidSlash {
+        buyer_share_bps: u16,
+        verifier_share_bps: u16,
+        reason: &'static str,
+    },
 }
 
 /// A broken ledger invariant: a bug in this crate or corrupted storage.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvariantViolation {
     #[error(
-        "credits are not conserved: balances {balances} + escrowed {escrowed} != \
-         deposited {deposited} - withdrawn {withdrawn}; stop settling and audit the op history"
+        "credits are not conserved: balances {balances} + escrowed {escrowed} + bonded {bonded} != \
+         deposited {deposited} - withdrawn {withdrawn} - burned {burned}; \
+         stop settling and audit the op history"
     )]
     NotConserved {
         balances: u128,
         escrowed: u128,
+        bonded: u128,
         deposited: Credits,
         withdrawn: Credits,
+        burned: Credits,
     },
     #[error("escrow stored under job {key} says it is for job {job}; the stored ledger is corrupt")]
     Misfiled { key: JobId, job: JobId },
@@ -231,16 +397,53 @@ pub enum InvariantViolation {
         "the escrow of job {job} was settled {times} times in the op history; audit the op history"
     )]
     SettledTwice { job: JobId, times: usize },
+    #[error(
+        "the escrow of job {job} records {recorded} paid by intervals but the op history \
+         shows {history}; audit the op history"
+    )]
+    IntervalsMismatch {
+        job: JobId,
+        recorded: Credits,
+        history: u128,
+    },
+    #[error(
+        "the bond of {provider} holds {held} but staked {staked} - unstaked {unstaked} - \
+         slashed {slashed} says otherwise; audit the op history"
+    )]
+    BondMismatch {
+        provider: Box<ProviderId>,
+        held: Credits,
+        staked: Credits,
+        unstaked: Credits,
+        slashed: Credits,
+    },
+    #[error(
+        "the bond of {provider} records {recorded} slashed but the op history shows {history}; \
+         audit the op history"
+    )]
+    SlashMismatch {
+        provider: Box<ProviderId>,
+        recorded: Credits,
+        history: u128,
+    },
+    #[error(
+        "the ledger records {recorded} burned but its slashes burned {history}; audit the op history"
+    )]
+    BurnMismatch { recorded: Credits, history: u128 },
 }
 
-/// The settlement state: balances, escrows, totals and applied ops. Fields
-/// are private; change it only through [`Ledger::apply`].
+/// The settlement state: balances, escrows, stake bonds, totals and applied
+/// ops. Fields are private; change it only through [`Ledger::apply`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ledger {
     balances: BTreeMap<AccountId, Credits>,
     escrows: BTreeMap<JobId, Escrow>,
+    #[serde(default)]
+    bonds: BTreeMap<ProviderId, Bond>,
     deposited: Credits,
     withdrawn: Credits,
+    #[serde(default)]
+    burned: Credits,
     applied: BTreeMap<OpKey, AppliedOp>,
 }
 
@@ -264,6 +467,26 @@ fn nonzero(amount: Credits, op: &'static str) -> Result<(), ContractError> {
     }
 }
 
+fn check_fee(fee_bps: u16) -> Result<(), ContractError> {
+    if fee_bps > MAX_FEE_BPS {
+        Err(ContractError::InvalidFeeBps { fee_bps })
+    } else {
+        Ok(())
+    }
+}
+
+fn wide(c: Credits) -> u128 {
+    u128::from(c.0)
+}
+
+/// An open escrow's buyer, lock and what intervals already paid.
+struct Open {
+    buyer: BuyerId,
+    locked: Credits,
+    already: Credits,
+    intervals: u64,
+}
+
 impl Ledger {
     pub fn new() -> Self {
         Self::default()
@@ -281,11 +504,29 @@ impl Ledger {
     pub fn escrows(&self) -> &BTreeMap<JobId, Escrow> {
         &self.escrows
     }
+    /// What `provider` has bonded now (0 if it never staked).
+    pub fn bond(&self, provider: &ProviderId) -> Credits {
+        self.bonds.get(provider).map(|b| b.held).unwrap_or_default()
+    }
+    /// Every provider's bond record, including all-time totals.
+    pub fn bonds(&self) -> &BTreeMap<ProviderId, Bond> {
+        &self.bonds
+    }
+    /// Whether `provider` has at least `min_stake` bonded, the condition for
+    /// being offered jobs. With `min_stake` 0 every provider is eligible.
+    pub fn is_eligible(&self, provider: &ProviderId, min_stake: Credits) -> bool {
+        self.bond(provider) >= min_stake
+    }
     pub fn total_deposited(&self) -> Credits {
         self.deposited
     }
     pub fn total_withdrawn(&self) -> Credits {
         self.withdrawn
+    }
+    /// Credits destroyed by slashes: the part of each slash that went to
+    /// neither the buyer nor a verifier.
+    pub fn total_burned(&self) -> Credits {
+        self.burned
     }
     /// The op applied under `key`, and its effect, if any.
     pub fn applied(&self, key: &OpKey) -> Option<&AppliedOp> {
@@ -370,6 +611,8 @@ impl Ledger {
                         buyer,
                         locked: amount,
                         state: EscrowState::Locked,
+                        interval_paid: Credits(0),
+                        intervals: 0,
                     },
                 );
                 Applied::Locked {
@@ -386,27 +629,26 @@ impl Ledger {
                 fee_bps,
                 ..
             } => {
-                if fee_bps > MAX_FEE_BPS {
-                    return Err(ContractError::InvalidFeeBps { fee_bps });
-                }
-                let (buyer, locked) = self.locked_escrow(job)?;
-                let cost = cost.min(locked);
-                let fee = fee_for(cost, fee_bps);
-                let paid = sub(cost, fee, "the provider's pay")?;
+                check_fee(fee_bps)?;
+                let Open {
+                    buyer,
+                    locked,
+                    already,
+                    ..
+                } = self.open_escrow(job)?;
+                // Never more than was locked, never less than intervals paid.
+                let cost = cost.min(locked).max(already);
+                let due = sub(cost, already, "the final payment")?;
+                let fee = fee_for(due, fee_bps);
+                let paid = sub(due, fee, "the provider's pay")?;
                 let refunded = sub(locked, cost, "the refund")?;
-                let credits = [
+                let new = self.credited(&[
                     (AccountId::Provider(provider), paid),
                     (AccountId::Fee, fee),
                     (AccountId::Buyer(buyer), refunded),
-                ];
-                let mut new = Vec::with_capacity(credits.len());
-                for (account, amount) in credits {
-                    if amount.0 > 0 {
-                        new.push((account, add(self.balance(&account), amount, "a balance")?));
-                    }
-                }
+                ])?;
                 self.balances.extend(new);
-                self.settle(
+                self.close(
                     job,
                     EscrowState::Released {
                         to: provider,
@@ -423,18 +665,187 @@ impl Ledger {
                     paid,
                     fee,
                     refunded,
+                    already_paid: already,
                 }
             }
             Op::Refund { job, .. } => {
-                let (buyer, locked) = self.locked_escrow(job)?;
-                let account = AccountId::Buyer(buyer);
-                let balance = add(self.balance(&account), locked, "the buyer's balance")?;
-                self.balances.insert(account, balance);
-                self.settle(job, EscrowState::Refunded { refunded: locked });
+                let Open {
+                    buyer,
+                    locked,
+                    already,
+                    ..
+                } = self.open_escrow(job)?;
+                let refunded = sub(locked, already, "the refund")?;
+                let new = self.credited(&[(AccountId::Buyer(buyer), refunded)])?;
+                self.balances.extend(new);
+                self.close(job, EscrowState::Refunded { refunded });
                 Applied::Refunded {
                     job,
                     buyer,
-                    refunded: locked,
+                    refunded,
+                    already_paid: already,
+                }
+            }
+            Op::Stake {
+                provider, amount, ..
+            } => {
+                nonzero(amount, "stake")?;
+                let account = AccountId::Provider(provider);
+                let balance = self.debit(account, amount)?;
+                let mut bond = self.bonds.get(&provider).cloned().unwrap_or_default();
+                bond.held = add(bond.held, amount, "the bond")?;
+                bond.staked = add(bond.staked, amount, "total staked")?;
+                let held = bond.held;
+                self.balances.insert(account, balance);
+                self.bonds.insert(provider, bond);
+                Applied::Staked {
+                    provider,
+                    amount,
+                    balance,
+                    bond: held,
+                }
+            }
+            Op::Unstake {
+                provider, amount, ..
+            } => {
+                nonzero(amount, "unstake")?;
+                let account = AccountId::Provider(provider);
+                let mut bond = self.bonds.get(&provider).cloned().unwrap_or_default();
+                bond.held = bond
+                    .held
+                    .0
+                    .checked_sub(amount.0)
+                    .map(Credits)
+                    .ok_or_else(|| ContractError::InsufficientStake {
+                        provider: Box::new(provider),
+                        needed: amount,
+                        bonded: bond.held,
+                        slashed: bond.slashed,
+                    })?;
+                bond.unstaked = add(bond.unstaked, amount, "total unstaked")?;
+                let balance = add(self.balance(&account), amount, "the balance")?;
+                let held = bond.held;
+                self.balances.insert(account, balance);
+                self.bonds.insert(provider, bond);
+                Applied::Unstaked {
+                    provider,
+                    amount,
+                    balance,
+                    bond: held,
+                }
+            }
+            Op::Slash {
+                provider,
+                job,
+                amount,
+                buyer_share_bps,
+                verifier,
+                verifier_share_bps,
+                ..
+            } => {
+                nonzero(amount, "slash")?;
+                let invalid = |reason| ContractError::InvalidSlash {
+                    buyer_share_bps,
+                    verifier_share_bps,
+                    reason,
+                };
+                if u32::from(buyer_share_bps) + u32::from(verifier_share_bps)
+                    > u32::from(MAX_FEE_BPS)
+                {
+                    return Err(invalid("the shares add up to more than 100% (10000 bps)"));
+                }
+                if verifier.is_none() && verifier_share_bps > 0 {
+                    return Err(invalid(
+                        "a verifier share needs a verifier to pay; set it to 0 to burn that part",
+                    ));
+                }
+                if verifier == Some(provider) {
+                    return Err(invalid("the slashed provider cannot be its own verifier"));
+                }
+                let buyer = self
+                    .escrows
+                    .get(&job)
+                    .ok_or(ContractError::NoSuchEscrow { job })?
+                    .buyer;
+                let mut bond = self.bonds.get(&provider).cloned().unwrap_or_default();
+                if bond.held.0 == 0 {
+                    return Err(ContractError::NothingToSlash {
+                        provider: Box::new(provider),
+                    });
+                }
+                let taken = amount.min(bond.held);
+                let to_buyer = fee_for(taken, buyer_share_bps);
+                let to_verifier = fee_for(taken, verifier_share_bps);
+                let burned = sub(sub(taken, to_buyer, "the burn")?, to_verifier, "the burn")?;
+                bond.held = sub(bond.held, taken, "the bond")?;
+                bond.slashed = add(bond.slashed, taken, "total slashed")?;
+                let total_burned = add(self.burned, burned, "total burned")?;
+                let mut credits = vec![(AccountId::Buyer(buyer), to_buyer)];
+                if let Some(v) = verifier {
+                    credits.push((AccountId::Verifier(v), to_verifier));
+                }
+                let new = self.credited(&credits)?;
+                let held = bond.held;
+                self.balances.extend(new);
+                self.bonds.insert(provider, bond);
+                self.burned = total_burned;
+                Applied::Slashed {
+                    job,
+                    provider,
+                    buyer,
+                    taken,
+                    to_buyer,
+                    verifier,
+                    to_verifier,
+                    burned,
+                    bond: held,
+                }
+            }
+            Op::SettleInterval {
+                job,
+                provider,
+                cost,
+                fee_bps,
+                ..
+            } => {
+                check_fee(fee_bps)?;
+                nonzero(cost, "interval settlement")?;
+                let Open {
+                    buyer,
+                    locked,
+                    already,
+                    intervals,
+                } = self.open_escrow(job)?;
+                let remaining = sub(locked, already, "the escrow")?;
+                let remaining = remaining.0.checked_sub(cost.0).map(Credits).ok_or(
+                    ContractError::EscrowExhausted {
+                        job,
+                        needed: cost,
+                        remaining,
+                    },
+                )?;
+                let fee = fee_for(cost, fee_bps);
+                let paid = sub(cost, fee, "the provider's pay")?;
+                let interval_paid = add(already, cost, "interval payments")?;
+                let interval = intervals.checked_add(1).ok_or(ContractError::Overflow {
+                    what: "the interval count",
+                })?;
+                let new =
+                    self.credited(&[(AccountId::Provider(provider), paid), (AccountId::Fee, fee)])?;
+                self.balances.extend(new);
+                if let Some(escrow) = self.escrows.get_mut(&job) {
+                    escrow.interval_paid = interval_paid;
+                    escrow.intervals = interval;
+                }
+                Applied::IntervalSettled {
+                    job,
+                    provider,
+                    buyer,
+                    interval,
+                    cost,
+                    paid,
+                    fee,
+                    remaining,
                 }
             }
         };
@@ -462,14 +873,34 @@ impl Ledger {
             })
     }
 
-    /// The buyer and amount of `job`'s escrow, if it exists and is still locked.
-    fn locked_escrow(&self, job: JobId) -> Result<(BuyerId, Credits), ContractError> {
+    /// The new balances after crediting each (distinct) account; zero
+    /// amounts are skipped so that they create no empty accounts.
+    fn credited(
+        &self,
+        credits: &[(AccountId, Credits)],
+    ) -> Result<Vec<(AccountId, Credits)>, ContractError> {
+        let mut new = Vec::with_capacity(credits.len());
+        for &(account, amount) in credits {
+            if amount.0 > 0 {
+                new.push((account, add(self.balance(&account), amount, "a balance")?));
+            }
+        }
+        Ok(new)
+    }
+
+    /// `job`'s escrow, if it exists and is still open.
+    fn open_escrow(&self, job: JobId) -> Result<Open, ContractError> {
         let escrow = self
             .escrows
             .get(&job)
             .ok_or(ContractError::NoSuchEscrow { job })?;
         match escrow.state {
-            EscrowState::Locked => Ok((escrow.buyer, escrow.locked)),
+            EscrowState::Locked => Ok(Open {
+                buyer: escrow.buyer,
+                locked: escrow.locked,
+                already: escrow.interval_paid,
+                intervals: escrow.intervals,
+            }),
             ref state => Err(ContractError::AlreadySettled {
                 job,
                 state: Box::new(state.clone()),
@@ -477,43 +908,62 @@ impl Ledger {
         }
     }
 
-    fn settle(&mut self, job: JobId, state: EscrowState) {
+    fn close(&mut self, job: JobId, state: EscrowState) {
         if let Some(escrow) = self.escrows.get_mut(&job) {
             escrow.state = state;
         }
     }
 
-    /// Checks that credits are conserved (balances + locked escrows ==
-    /// deposits − withdrawals), that every settled escrow paid out exactly
-    /// what it locked, and that no job was settled twice in the history.
+    /// Checks, over the state and the whole op history:
+    ///
+    /// * conservation: balances + what open escrows hold + bonds ==
+    ///   deposits − withdrawals − burned;
+    /// * every escrow paid out no more than it locked, and a closed one
+    ///   exactly what it locked (intervals + final release/refund);
+    /// * what each escrow records as paid by intervals matches the history;
+    /// * no escrow was closed twice in the history;
+    /// * every bond holds exactly staked − unstaked − slashed (so slashed
+    ///   stake was never unstaked), and its slashed total matches the history;
+    /// * the burned total matches the burns the history records.
     pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
         // u128 sums of u64 values cannot overflow.
-        let balances: u128 = self.balances.values().map(|c| u128::from(c.0)).sum();
-        let escrowed: u128 = self.escrows.values().map(|e| u128::from(e.held().0)).sum();
-        let net = u128::from(self.deposited.0).checked_sub(u128::from(self.withdrawn.0));
-        if net.is_none() || balances.checked_add(escrowed) != net {
+        let balances: u128 = self.balances.values().map(|c| wide(*c)).sum();
+        let escrowed: u128 = self.escrows.values().map(|e| wide(e.held())).sum();
+        let bonded: u128 = self.bonds.values().map(|b| wide(b.held)).sum();
+        let net = wide(self.deposited)
+            .checked_sub(wide(self.withdrawn))
+            .and_then(|n| n.checked_sub(wide(self.burned)));
+        if net != Some(balances + escrowed + bonded) {
             return Err(InvariantViolation::NotConserved {
                 balances,
                 escrowed,
+                bonded,
                 deposited: self.deposited,
                 withdrawn: self.withdrawn,
+                burned: self.burned,
             });
         }
         for (&key, e) in &self.escrows {
             if e.job != key {
                 return Err(InvariantViolation::Misfiled { key, job: e.job });
             }
-            let settled = match e.state {
-                EscrowState::Locked => continue,
-                EscrowState::Released {
-                    paid,
-                    refunded,
-                    fee,
-                    ..
-                } => u128::from(paid.0) + u128::from(refunded.0) + u128::from(fee.0),
-                EscrowState::Refunded { refunded } => u128::from(refunded.0),
+            let settled = wide(e.interval_paid)
+                + match e.state {
+                    EscrowState::Locked => 0,
+                    EscrowState::Released {
+                        paid,
+                        refunded,
+                        fee,
+                        ..
+                    } => wide(paid) + wide(refunded) + wide(fee),
+                    EscrowState::Refunded { refunded } => wide(refunded),
+                };
+            let ok = if e.is_open() {
+                settled <= wide(e.locked)
+            } else {
+                settled == wide(e.locked)
             };
-            if settled != u128::from(e.locked.0) {
+            if !ok {
                 return Err(InvariantViolation::SettlementMismatch {
                     job: key,
                     locked: e.locked,
@@ -521,15 +971,84 @@ impl Ledger {
                 });
             }
         }
-        let mut settlements: BTreeMap<JobId, usize> = BTreeMap::new();
-        for done in self.applied.values() {
-            if let Applied::Released { job, .. } | Applied::Refunded { job, .. } = done.effect {
-                let times = settlements.entry(job).or_default();
-                *times += 1;
-                if *times > 1 {
-                    return Err(InvariantViolation::SettledTwice { job, times: *times });
-                }
+        for (provider, b) in &self.bonds {
+            if wide(b.held) + wide(b.unstaked) + wide(b.slashed) != wide(b.staked) {
+                return Err(InvariantViolation::BondMismatch {
+                    provider: Box::new(*provider),
+                    held: b.held,
+                    staked: b.staked,
+                    unstaked: b.unstaked,
+                    slashed: b.slashed,
+                });
             }
+        }
+        let mut closes: BTreeMap<JobId, usize> = BTreeMap::new();
+        let mut intervals: BTreeMap<JobId, u128> = BTreeMap::new();
+        let mut slashed: BTreeMap<ProviderId, u128> = BTreeMap::new();
+        let mut burned: u128 = 0;
+        for done in self.applied.values() {
+            match done.effect {
+                Applied::Released { job, .. } | Applied::Refunded { job, .. } => {
+                    let times = closes.entry(job).or_default();
+                    *times += 1;
+                    if *times > 1 {
+                        return Err(InvariantViolation::SettledTwice { job, times: *times });
+                    }
+                }
+                Applied::IntervalSettled { job, cost, .. } => {
+                    *intervals.entry(job).or_default() += wide(cost);
+                }
+                Applied::Slashed {
+                    provider,
+                    taken,
+                    burned: b,
+                    ..
+                } => {
+                    *slashed.entry(provider).or_default() += wide(taken);
+                    burned += wide(b);
+                }
+                _ => {}
+            }
+        }
+        for (&job, e) in &self.escrows {
+            let history = intervals.remove(&job).unwrap_or(0);
+            if history != wide(e.interval_paid) {
+                return Err(InvariantViolation::IntervalsMismatch {
+                    job,
+                    recorded: e.interval_paid,
+                    history,
+                });
+            }
+        }
+        if let Some((job, history)) = intervals.pop_first() {
+            return Err(InvariantViolation::IntervalsMismatch {
+                job,
+                recorded: Credits(0),
+                history,
+            });
+        }
+        for (provider, b) in &self.bonds {
+            let history = slashed.remove(provider).unwrap_or(0);
+            if history != wide(b.slashed) {
+                return Err(InvariantViolation::SlashMismatch {
+                    provider: Box::new(*provider),
+                    recorded: b.slashed,
+                    history,
+                });
+            }
+        }
+        if let Some((provider, history)) = slashed.pop_first() {
+            return Err(InvariantViolation::SlashMismatch {
+                provider: Box::new(provider),
+                recorded: Credits(0),
+                history,
+            });
+        }
+        if burned != wide(self.burned) {
+            return Err(InvariantViolation::BurnMismatch {
+                recorded: self.burned,
+                history: burned,
+            });
         }
         Ok(())
     }
@@ -538,7 +1057,7 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use AccountId::{Buyer, Fee, Provider};
+    use AccountId::{Buyer, Fee, Provider, Verifier};
     use kiln_protocol::Keypair;
 
     fn b(i: u8) -> BuyerId {
@@ -639,6 +1158,7 @@ mod tests {
             paid: Credits(paid),
             fee: Credits(fee),
             refunded: Credits(refunded),
+            already_paid: Credits(0),
         };
         type Case = (&'static str, Op, Applied, Vec<(AccountId, u64)>);
         let cases: Vec<Case> = vec![
@@ -714,6 +1234,7 @@ mod tests {
                     job: j(1),
                     buyer: b(1),
                     refunded: Credits(600),
+                    already_paid: Credits(0),
                 },
                 vec![(Buyer(b(1)), 1100)],
             ),
@@ -911,17 +1432,21 @@ mod tests {
 
     #[test]
     fn account_ids_round_trip_and_bad_ones_say_why() {
-        for a in [Buyer(b(1)), Provider(p(1)), Fee] {
+        for a in [Buyer(b(1)), Provider(p(1)), Verifier(p(1)), Fee] {
             assert_eq!(a.to_string().parse::<AccountId>().unwrap(), a);
         }
         assert!(Buyer(b(1)).to_string().starts_with("buyer:kb"));
         assert!(Provider(p(1)).to_string().starts_with("provider:12D3"));
+        assert!(Verifier(p(1)).to_string().starts_with("verifier:12D3"));
+        assert_ne!(Verifier(p(1)), Provider(p(1)));
         for bad in [
             "",
             "fees",
             "buyer:",
             "buyer:12",
             "provider:xyz",
+            "verifier:",
+            "burn",
             "kb00:buyer",
         ] {
             let e = bad.parse::<AccountId>().unwrap_err();
@@ -948,5 +1473,642 @@ mod tests {
             bad.check_invariants(),
             Err(InvariantViolation::SettlementMismatch { .. })
         ));
+    }
+
+    fn stake(key: &str, provider: u8, n: u64) -> Op {
+        Op::Stake {
+            key: k(key),
+            provider: p(provider),
+            amount: Credits(n),
+        }
+    }
+    fn unstake(key: &str, provider: u8, n: u64) -> Op {
+        Op::Unstake {
+            key: k(key),
+            provider: p(provider),
+            amount: Credits(n),
+        }
+    }
+    fn slash(key: &str, job: u8, n: u64, buyer_bps: u16, verifier: Option<u8>, v_bps: u16) -> Op {
+        Op::Slash {
+            key: k(key),
+            provider: p(2),
+            job: j(job),
+            amount: Credits(n),
+            buyer_share_bps: buyer_bps,
+            verifier: verifier.map(p),
+            verifier_share_bps: v_bps,
+        }
+    }
+    fn interval(key: &str, job: u8, cost: u64, fee_bps: u16) -> Op {
+        Op::SettleInterval {
+            key: k(key),
+            job: j(job),
+            provider: p(2),
+            cost: Credits(cost),
+            fee_bps,
+        }
+    }
+
+    /// [`funded`], plus: p2 deposited 900 and staked 800 (balance 200, bond
+    /// 800), then job 1 (600 locked) paid one interval of 200 at 2.5% (195 to
+    /// p2, 5 fee; 400 left). So p2 holds 395.
+    fn bonded() -> Ledger {
+        let mut l = funded();
+        for op in [
+            dep("pd", Provider(p(2)), 900),
+            stake("s", 2, 800),
+            interval("i1", 1, 200, 250),
+        ] {
+            l.apply(op).unwrap();
+        }
+        assert_eq!(l.balance(&Provider(p(2))), Credits(395));
+        assert_eq!(l.bond(&p(2)), Credits(800));
+        assert_eq!(l.escrow(&j(1)).unwrap().held(), Credits(400));
+        l.check_invariants().unwrap();
+        l
+    }
+
+    #[test]
+    fn stake_slash_and_interval_operations_move_the_right_amounts() {
+        let released = |cost, paid, fee, refunded, already| Applied::Released {
+            job: j(1),
+            provider: p(2),
+            buyer: b(1),
+            cost: Credits(cost),
+            paid: Credits(paid),
+            fee: Credits(fee),
+            refunded: Credits(refunded),
+            already_paid: Credits(already),
+        };
+        let slashed =
+            |taken, to_buyer, verifier: Option<u8>, to_verifier, burned, bond| Applied::Slashed {
+                job: j(1),
+                provider: p(2),
+                buyer: b(1),
+                taken: Credits(taken),
+                to_buyer: Credits(to_buyer),
+                verifier: verifier.map(p),
+                to_verifier: Credits(to_verifier),
+                burned: Credits(burned),
+                bond: Credits(bond),
+            };
+        // (name, op, effect, balances, p2's bond, total burned, job 1 still holds)
+        type Case = (
+            &'static str,
+            Op,
+            Applied,
+            Vec<(AccountId, u64)>,
+            u64,
+            u64,
+            u64,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "stake the whole balance",
+                stake("x", 2, 395),
+                Applied::Staked {
+                    provider: p(2),
+                    amount: Credits(395),
+                    balance: Credits(0),
+                    bond: Credits(1195),
+                },
+                vec![(Provider(p(2)), 0)],
+                1195,
+                0,
+                400,
+            ),
+            (
+                "unstake part",
+                unstake("x", 2, 300),
+                Applied::Unstaked {
+                    provider: p(2),
+                    amount: Credits(300),
+                    balance: Credits(695),
+                    bond: Credits(500),
+                },
+                vec![(Provider(p(2)), 695)],
+                500,
+                0,
+                400,
+            ),
+            (
+                "unstake all",
+                unstake("x", 2, 800),
+                Applied::Unstaked {
+                    provider: p(2),
+                    amount: Credits(800),
+                    balance: Credits(1195),
+                    bond: Credits(0),
+                },
+                vec![(Provider(p(2)), 1195)],
+                0,
+                0,
+                400,
+            ),
+            (
+                "slash split buyer 50%, verifier 20%, burn 30%",
+                slash("x", 1, 500, 5000, Some(3), 2000),
+                slashed(500, 250, Some(3), 100, 150, 300),
+                vec![
+                    (Buyer(b(1)), 750),
+                    (Verifier(p(3)), 100),
+                    (Provider(p(2)), 395),
+                ],
+                300,
+                150,
+                400,
+            ),
+            (
+                "slash is capped at the bond",
+                slash("x", 1, 10_000, 0, None, 0),
+                slashed(800, 0, None, 0, 800, 0),
+                vec![(Buyer(b(1)), 500)],
+                0,
+                800,
+                400,
+            ),
+            (
+                "slash rounding is burned",
+                slash("x", 1, 7, 3333, Some(3), 3333),
+                slashed(7, 2, Some(3), 2, 3, 793),
+                vec![(Buyer(b(1)), 502), (Verifier(p(3)), 2)],
+                793,
+                3,
+                400,
+            ),
+            (
+                "slash all to the buyer burns nothing",
+                slash("x", 1, 100, 10_000, Some(3), 0),
+                slashed(100, 100, Some(3), 0, 0, 700),
+                vec![(Buyer(b(1)), 600), (Verifier(p(3)), 0)],
+                700,
+                0,
+                400,
+            ),
+            (
+                "second interval empties the escrow",
+                interval("x", 1, 400, 250),
+                Applied::IntervalSettled {
+                    job: j(1),
+                    provider: p(2),
+                    buyer: b(1),
+                    interval: 2,
+                    cost: Credits(400),
+                    paid: Credits(390),
+                    fee: Credits(10),
+                    remaining: Credits(0),
+                },
+                vec![(Provider(p(2)), 785), (Fee, 15), (Buyer(b(1)), 500)],
+                800,
+                0,
+                0,
+            ),
+            (
+                "final release pays the total less what intervals paid",
+                rel("x", 1, 500, 250),
+                released(500, 293, 7, 100, 200),
+                vec![(Buyer(b(1)), 600), (Provider(p(2)), 688), (Fee, 12)],
+                800,
+                0,
+                0,
+            ),
+            (
+                "final release below what intervals paid pays nothing more",
+                rel("x", 1, 50, 250),
+                released(200, 0, 0, 400, 200),
+                vec![(Buyer(b(1)), 900), (Provider(p(2)), 395), (Fee, 5)],
+                800,
+                0,
+                0,
+            ),
+            (
+                "final release caps the total at locked",
+                rel("x", 1, 5_000, 0),
+                released(600, 400, 0, 0, 200),
+                vec![(Buyer(b(1)), 500), (Provider(p(2)), 795)],
+                800,
+                0,
+                0,
+            ),
+            (
+                "refund returns what intervals did not pay",
+                refund("x", 1),
+                Applied::Refunded {
+                    job: j(1),
+                    buyer: b(1),
+                    refunded: Credits(400),
+                    already_paid: Credits(200),
+                },
+                vec![(Buyer(b(1)), 900), (Provider(p(2)), 395), (Fee, 5)],
+                800,
+                0,
+                0,
+            ),
+        ];
+        for (name, op, effect, balances, bond, burned, held) in cases {
+            let mut l = bonded();
+            assert_eq!(l.apply(op.clone()), Ok(effect.clone()), "{name}");
+            for (account, n) in balances {
+                assert_eq!(l.balance(&account), Credits(n), "{name}: {account}");
+            }
+            assert_eq!(l.bond(&p(2)), Credits(bond), "{name}: bond");
+            assert_eq!(l.total_burned(), Credits(burned), "{name}: burned");
+            assert_eq!(
+                l.escrow(&j(1)).unwrap().held(),
+                Credits(held),
+                "{name}: held"
+            );
+            l.check_invariants()
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let after = l.clone();
+            assert_eq!(l.apply(op), Ok(effect), "{name}: replay");
+            assert_eq!(l, after, "{name}: replay changed the ledger");
+        }
+    }
+
+    #[test]
+    fn refused_stake_slash_and_interval_operations_say_why_and_change_nothing() {
+        use ContractError::*;
+        let stake_short = |provider, needed, bonded, slashed| InsufficientStake {
+            provider: Box::new(p(provider)),
+            needed: Credits(needed),
+            bonded: Credits(bonded),
+            slashed: Credits(slashed),
+        };
+        let invalid = |buyer_share_bps, verifier_share_bps, reason| InvalidSlash {
+            buyer_share_bps,
+            verifier_share_bps,
+            reason,
+        };
+        let cases: Vec<(&str, Op, ContractError)> = vec![
+            (
+                "stake more than the balance",
+                stake("x", 2, 396),
+                InsufficientFunds {
+                    account: Box::new(Provider(p(2))),
+                    needed: Credits(396),
+                    available: Credits(395),
+                },
+            ),
+            (
+                "stake from a verifier-only provider",
+                stake("x", 3, 1),
+                InsufficientFunds {
+                    account: Box::new(Provider(p(3))),
+                    needed: Credits(1),
+                    available: Credits(0),
+                },
+            ),
+            ("zero stake", stake("x", 2, 0), ZeroAmount { op: "stake" }),
+            (
+                "zero unstake",
+                unstake("x", 2, 0),
+                ZeroAmount { op: "unstake" },
+            ),
+            (
+                "unstake more than bonded",
+                unstake("x", 2, 801),
+                stake_short(2, 801, 800, 0),
+            ),
+            (
+                "unstake without a bond",
+                unstake("x", 3, 1),
+                stake_short(3, 1, 0, 0),
+            ),
+            (
+                "zero slash",
+                slash("x", 1, 0, 0, None, 0),
+                ZeroAmount { op: "slash" },
+            ),
+            (
+                "slash a provider with no bond",
+                Op::Slash {
+                    key: k("x"),
+                    provider: p(3),
+                    job: j(1),
+                    amount: Credits(1),
+                    buyer_share_bps: 0,
+                    verifier: None,
+                    verifier_share_bps: 0,
+                },
+                NothingToSlash {
+                    provider: Box::new(p(3)),
+                },
+            ),
+            (
+                "slash for an unknown job",
+                slash("x", 9, 1, 0, None, 0),
+                NoSuchEscrow { job: j(9) },
+            ),
+            (
+                "slash shares over 100%",
+                slash("x", 1, 1, 6000, Some(3), 4001),
+                invalid(
+                    6000,
+                    4001,
+                    "the shares add up to more than 100% (10000 bps)",
+                ),
+            ),
+            (
+                "slash shares overflowing u16 sums",
+                slash("x", 1, 1, u16::MAX, Some(3), u16::MAX),
+                invalid(
+                    u16::MAX,
+                    u16::MAX,
+                    "the shares add up to more than 100% (10000 bps)",
+                ),
+            ),
+            (
+                "slash verifier share without a verifier",
+                slash("x", 1, 1, 0, None, 1),
+                invalid(
+                    0,
+                    1,
+                    "a verifier share needs a verifier to pay; set it to 0 to burn that part",
+                ),
+            ),
+            (
+                "slashed provider as its own verifier",
+                slash("x", 1, 1, 0, Some(2), 1000),
+                invalid(0, 1000, "the slashed provider cannot be its own verifier"),
+            ),
+            (
+                "interval larger than the escrow holds",
+                interval("x", 1, 401, 250),
+                EscrowExhausted {
+                    job: j(1),
+                    needed: Credits(401),
+                    remaining: Credits(400),
+                },
+            ),
+            (
+                "interval huge",
+                interval("x", 1, u64::MAX, 0),
+                EscrowExhausted {
+                    job: j(1),
+                    needed: Credits(u64::MAX),
+                    remaining: Credits(400),
+                },
+            ),
+            (
+                "zero interval",
+                interval("x", 1, 0, 250),
+                ZeroAmount {
+                    op: "interval settlement",
+                },
+            ),
+            (
+                "interval on a released job",
+                interval("x", 2, 1, 0),
+                AlreadySettled {
+                    job: j(2),
+                    state: Box::new(EscrowState::Released {
+                        to: p(2),
+                        paid: Credits(100),
+                        refunded: Credits(0),
+                        fee: Credits(0),
+                    }),
+                },
+            ),
+            (
+                "interval on an unknown job",
+                interval("x", 9, 1, 0),
+                NoSuchEscrow { job: j(9) },
+            ),
+            (
+                "interval fee over 100%",
+                interval("x", 1, 1, 10_001),
+                InvalidFeeBps { fee_bps: 10_001 },
+            ),
+            (
+                "interval key reused",
+                interval("i1", 1, 100, 250),
+                KeyReused {
+                    key: k("i1"),
+                    first: "interval settlement",
+                    now: "interval settlement",
+                },
+            ),
+            (
+                "stake key reused by an unstake",
+                unstake("s", 2, 800),
+                KeyReused {
+                    key: k("s"),
+                    first: "stake",
+                    now: "unstake",
+                },
+            ),
+        ];
+        for (name, op, err) in cases {
+            let mut l = bonded();
+            let before = l.clone();
+            assert_eq!(l.apply(op), Err(err.clone()), "{name}");
+            assert_eq!(l, before, "{name}: a refused op changed the ledger");
+            assert!(!err.to_string().is_empty());
+        }
+        let exhausted = interval("x", 1, 401, 250);
+        let msg = bonded().apply(exhausted).unwrap_err().to_string();
+        assert!(
+            msg.contains("escrow exhausted") && msg.contains("stop the job"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn slashed_stake_can_never_be_unstaked_and_costs_eligibility() {
+        let mut l = bonded();
+        assert!(l.is_eligible(&p(2), Credits(800)));
+        assert!(!l.is_eligible(&p(2), Credits(801)));
+        assert!(l.is_eligible(&p(3), Credits(0)));
+        assert!(!l.is_eligible(&p(3), Credits(1)));
+        l.apply(slash("sl", 1, 500, 5000, Some(3), 2000)).unwrap();
+        assert!(!l.is_eligible(&p(2), Credits(800)));
+        assert!(l.is_eligible(&p(2), Credits(300)));
+        assert_eq!(
+            l.apply(unstake("u", 2, 800)),
+            Err(ContractError::InsufficientStake {
+                provider: Box::new(p(2)),
+                needed: Credits(800),
+                bonded: Credits(300),
+                slashed: Credits(500),
+            })
+        );
+        l.apply(unstake("u", 2, 300)).unwrap();
+        assert!(matches!(
+            l.apply(unstake("u2", 2, 1)),
+            Err(ContractError::InsufficientStake { .. })
+        ));
+        // Slashing again with nothing bonded is refused, not a silent no-op.
+        assert!(matches!(
+            l.apply(slash("sl2", 1, 1, 0, None, 0)),
+            Err(ContractError::NothingToSlash { .. })
+        ));
+        // The verifier can withdraw its bounty, the provider only what it unstaked.
+        l.apply(wd("vw", Verifier(p(3)), 100)).unwrap();
+        assert_eq!(l.balance(&Provider(p(2))), Credits(695));
+        assert!(l.apply(wd("pw", Provider(p(2)), 696)).is_err());
+        let bond = &l.bonds()[&p(2)];
+        assert_eq!(
+            (bond.held, bond.staked, bond.unstaked, bond.slashed),
+            (Credits(0), Credits(800), Credits(300), Credits(500))
+        );
+        assert_eq!(l.total_burned(), Credits(150));
+        l.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn an_escrow_that_runs_dry_stops_the_job_and_release_pays_the_rest() {
+        let mut l = Ledger::new();
+        l.apply(dep("d", Buyer(b(1)), 1000)).unwrap();
+        l.apply(lock("l", 1, 1000)).unwrap();
+        for n in 1..=3 {
+            let effect = l.apply(interval(&format!("i{n}"), 1, 300, 0)).unwrap();
+            assert!(
+                matches!(effect, Applied::IntervalSettled { interval, remaining, .. }
+                if interval == n && remaining == Credits(1000 - 300 * n))
+            );
+        }
+        assert_eq!(
+            l.apply(interval("i4", 1, 300, 0)),
+            Err(ContractError::EscrowExhausted {
+                job: j(1),
+                needed: Credits(300),
+                remaining: Credits(100),
+            })
+        );
+        let e = l.escrow(&j(1)).unwrap();
+        assert_eq!(
+            (e.intervals, e.interval_paid, e.held()),
+            (3, Credits(900), Credits(100))
+        );
+        // The job stopped after 4 intervals' worth; the release pays what is left.
+        assert_eq!(
+            l.apply(rel("r", 1, 1200, 0)),
+            Ok(Applied::Released {
+                job: j(1),
+                provider: p(2),
+                buyer: b(1),
+                cost: Credits(1000),
+                paid: Credits(100),
+                fee: Credits(0),
+                refunded: Credits(0),
+                already_paid: Credits(900),
+            })
+        );
+        assert_eq!(l.balance(&Provider(p(2))), Credits(1000));
+        assert_eq!(l.escrow(&j(1)).unwrap().held(), Credits(0));
+        assert!(matches!(
+            l.apply(interval("i4", 1, 1, 0)),
+            Err(ContractError::AlreadySettled { .. })
+        ));
+        l.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn corrupted_bonds_burns_and_interval_records_are_caught() {
+        let l = {
+            let mut l = bonded();
+            l.apply(slash("sl", 1, 100, 5000, None, 0)).unwrap();
+            l
+        };
+        l.check_invariants().unwrap();
+        let json = serde_json::to_value(&l).unwrap();
+        let p2 = p(2).to_string();
+        let j1 = j(1).to_string();
+        type Tamper = Box<dyn Fn(&mut serde_json::Value)>;
+        type Expect = fn(&InvariantViolation) -> bool;
+        fn bump(v: &mut serde_json::Value, n: i64) {
+            *v = (v.as_i64().unwrap() + n).into();
+        }
+        let cases: Vec<(&str, Tamper, Expect)> = vec![
+            (
+                "bond held changed",
+                Box::new(move |v| bump(&mut v["bonds"][&p2]["held"], 1)),
+                |e| matches!(e, InvariantViolation::NotConserved { .. }),
+            ),
+            (
+                "bond staked changed",
+                {
+                    let p2 = p(2).to_string();
+                    Box::new(move |v| bump(&mut v["bonds"][&p2]["staked"], 1))
+                },
+                |e| matches!(e, InvariantViolation::BondMismatch { .. }),
+            ),
+            (
+                "bond slashed rewritten consistently",
+                {
+                    let p2 = p(2).to_string();
+                    Box::new(move |v| {
+                        bump(&mut v["bonds"][&p2]["staked"], -50);
+                        bump(&mut v["bonds"][&p2]["slashed"], -50);
+                    })
+                },
+                |e| matches!(e, InvariantViolation::SlashMismatch { .. }),
+            ),
+            (
+                "burn total changed",
+                Box::new(|v| bump(&mut v["burned"], 1)),
+                |e| matches!(e, InvariantViolation::NotConserved { .. }),
+            ),
+            (
+                "burn total rewritten consistently",
+                Box::new(|v| {
+                    bump(&mut v["burned"], 10);
+                    bump(&mut v["deposited"], 10);
+                }),
+                |e| matches!(e, InvariantViolation::BurnMismatch { .. }),
+            ),
+            (
+                "interval payments rewritten consistently",
+                Box::new(move |v| {
+                    bump(&mut v["escrows"][&j1]["interval_paid"], 10);
+                    bump(&mut v["deposited"], -10);
+                }),
+                |e| matches!(e, InvariantViolation::IntervalsMismatch { .. }),
+            ),
+            (
+                "escrow overpaid",
+                {
+                    let j1 = j(1).to_string();
+                    Box::new(move |v| {
+                        // held() saturates: 400 held becomes 0.
+                        bump(&mut v["escrows"][&j1]["interval_paid"], 500);
+                        bump(&mut v["deposited"], -400);
+                    })
+                },
+                |e| matches!(e, InvariantViolation::SettlementMismatch { .. }),
+            ),
+        ];
+        for (name, tamper, expected) in cases {
+            let mut v = json.clone();
+            tamper(&mut v);
+            let bad: Ledger = serde_json::from_value(v).unwrap();
+            let err = bad.check_invariants().unwrap_err();
+            assert!(expected(&err), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn old_json_without_the_new_fields_still_loads() {
+        let l = funded();
+        let mut v = serde_json::to_value(&l).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("bonds");
+        obj.remove("burned");
+        for e in obj["escrows"].as_object_mut().unwrap().values_mut() {
+            let e = e.as_object_mut().unwrap();
+            e.remove("interval_paid");
+            e.remove("intervals");
+        }
+        for done in obj["applied"].as_object_mut().unwrap().values_mut() {
+            if let Some(effect) = done["effect"].as_object_mut()
+                && let Some(inner) = effect.values_mut().next().and_then(|i| i.as_object_mut())
+            {
+                inner.remove("already_paid");
+            }
+        }
+        let old: Ledger = serde_json::from_value(v).unwrap();
+        assert_eq!(old, l);
     }
 }

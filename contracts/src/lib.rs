@@ -8,21 +8,38 @@
 //!
 //! ## The model
 //!
-//! A [`Ledger`] holds account balances ([`AccountId`] → [`Credits`]), one
-//! [`Escrow`] per job, running totals of deposits and withdrawals, and the set
-//! of applied operations. Every change is an [`Op`] applied with
-//! [`Ledger::apply`], which returns an [`Applied`] effect or a
-//! [`ContractError`] and leaves the ledger exactly as it was. A job's life:
+//! A [`Ledger`] holds account balances ([`AccountId`] → [`Credits`]: buyers,
+//! providers, verifiers and the fee account), one [`Escrow`] per job, one
+//! stake [`Bond`] per provider, running totals of deposits, withdrawals and
+//! burned credits, and the set of applied operations. Every change is an
+//! [`Op`] applied with [`Ledger::apply`], which returns an [`Applied`] effect
+//! or a [`ContractError`] and leaves the ledger exactly as it was. A job's life:
 //!
 //! 1. `Deposit` credits a buyer (after the payment rail confirmed the money).
-//! 2. `Lock` moves the job's maximum cost (`JobSpec::max_cost`) from the buyer
-//!    into the job's escrow, before the job is dispatched.
-//! 3. `Release` settles it: `cost = kiln_protocol::spec::cost_for(price,
-//!    metered_millis)` (capped at what was locked) goes to the provider less
-//!    the marketplace fee ([`fee_for`]), the fee to [`AccountId::Fee`], the
-//!    rest back to the buyer. Or `Refund` returns everything (the job failed
-//!    before starting, or was cancelled). Either happens at most once.
-//! 4. `Withdraw` pays a balance out.
+//! 2. `Lock` moves the job's maximum cost (`JobSpec::max_cost`: maximum price
+//!    × maximum duration) from the buyer into the job's escrow, before the
+//!    job is dispatched.
+//! 3. For a long job, `SettleInterval` pays each interval the provider
+//!    reported (`cost` less the fee) out of the escrow, leaving it open. When
+//!    the escrow cannot cover an interval it fails with
+//!    [`ContractError::EscrowExhausted`]: the coordinator stops the job.
+//! 4. `Release` closes the escrow: the job's total `cost =
+//!    kiln_protocol::spec::cost_for(price, metered_millis)` (capped at what
+//!    was locked, and at least what intervals paid) — its part not yet paid by
+//!    intervals goes to the provider less the marketplace fee ([`fee_for`]),
+//!    the fee to [`AccountId::Fee`], the rest back to the buyer. Or `Refund`
+//!    returns everything the escrow still holds (the job failed or was
+//!    cancelled). Either happens at most once.
+//! 5. `Withdraw` pays a balance out.
+//!
+//! Providers `Stake` part of their balance into a bond (eligibility for jobs:
+//! [`Ledger::is_eligible`]) and `Unstake` it back. A `Slash` takes from the
+//! bond — paying the wronged buyer and a verifier's bounty
+//! ([`AccountId::Verifier`]) by basis points and burning the rest
+//! ([`Ledger::total_burned`]); slashed stake is gone and can never be
+//! unstaked. [`Settlement`] is the same interface as a trait a blockchain
+//! escrow contract could implement; [`chain`] records every applied op as a
+//! signed, hash-chained [`LedgerEntry`] that anyone can verify.
 //!
 //! ```
 //! use kiln_contracts::{AccountId, Applied, Credits, JobId, Ledger, Op, OpKey};
@@ -49,9 +66,11 @@
 //! machines and lose micro-credits silently; two parties checking a settlement
 //! must agree exactly. Every sum is checked: overflow is an error, never a
 //! wrap. Rounding is stated, not accidental: cost rounds up (`cost_for`), the
-//! fee rounds down (in the provider's favour), and a buyer never pays more
-//! than it locked. [`Ledger::check_invariants`] proves conservation: balances
-//! plus locked escrows always equal deposits minus withdrawals.
+//! fee rounds down (in the provider's favour), slash shares round down (the
+//! remainder is burned), and a buyer never pays more than it locked.
+//! [`Ledger::check_invariants`] proves conservation: balances plus what open
+//! escrows hold plus bonds always equal deposits minus withdrawals minus
+//! burns.
 //!
 //! ## Why idempotency keys
 //!
@@ -61,9 +80,27 @@
 //! applying a key a second time is a no-op that returns the original effect,
 //! so a retry can never move money twice. Derive keys from the event, not from
 //! the attempt: `deposit:<payment tx id>`, `lock:<job>`, `settle:<job>`,
-//! `withdraw:<request id>`. Reusing a key for a *different* op is a bug and
+//! `withdraw:<request id>`, `interval:<job>:<n>`, `stake:<request id>`,
+//! `slash:<job>:<evidence hash>`. Reusing a key for a *different* op is a bug and
 //! fails with [`ContractError::KeyReused`]. Failed ops are not recorded, so an
 //! op refused for lack of funds may be retried with the same key later.
+//!
+//! ## Interval settlement
+//!
+//! For a long job the provider sends a signed usage report every interval;
+//! the coordinator checks it and applies `SettleInterval { key:
+//! interval:<job>:<n>, cost: cost of that interval }` at once. That bounds
+//! both sides' exposure to one interval: the provider has at most the
+//! interval in progress unpaid, and the buyer pays only for intervals a
+//! signed report covers — if reports stop (or a sampled verification fails),
+//! the coordinator stops the job, so at most one interval of unverified work
+//! is paid for, and a `Slash` can make the buyer whole from the provider's
+//! bond. The contract enforces the money side: an interval is paid only from
+//! what the escrow still holds (otherwise
+//! [`EscrowExhausted`](ContractError::EscrowExhausted): stop the job), and
+//! the final `Release` pays `cost_total − already_paid` and refunds the rest.
+//! Fees are taken per payment, each rounded down, so the sum of interval fees
+//! can be a few micro-credits below the fee on the total.
 //!
 //! ## How the coordinator uses it
 //!
@@ -72,30 +109,32 @@
 //! new ledger and the returned effect, commit. On `Err` roll back — there is
 //! nothing to undo, the ledger is unchanged. Fields are private so that state
 //! only changes through `apply`; run `check_invariants` after loading from
-//! storage to catch corruption early. Later, an op touches at most three
-//! accounts, one escrow and one key, so the coordinator can load just those
-//! rows plus the totals.
+//! storage to catch corruption early. With the auditable ledger, each op
+//! applied under a new key also gets a [`ChainBuilder::append`]ed entry,
+//! stored in the same transaction (see [`chain`]).
 //!
-//! ## Where later rules go (not built yet)
+//! ## Encodings
 //!
-//! All are additive: new [`Op`] variants and new fields with `#[serde(default)]`.
-//! * **Stake bonds**: an `AccountId::Bond(ProviderId)` account and
-//!   `Bond`/`Unbond` ops moving a provider's balance in and out of it.
-//! * **Slashing**: a `Slash { provider, amount, to, evidence }` op taking from
-//!   the bond to the harmed buyer and/or `Fee`, keyed by the evidence's hash.
-//! * **Interval payouts**: `EscrowState::Locked` gains a `paid_so_far`, a
-//!   `PayInterval { job, n, cost }` op (key `pay:<job>:<n>`) pays part, and
-//!   `Release` settles the remainder; conservation is unchanged.
-//! * **Hash-chained ledger**: the applied-op map becomes an index over an
-//!   append-only log of `(seq, prev_hash, op, effect)` hashed with blake3 over
-//!   the canonical encoding, so an auditor can replay and verify history.
+//! [`Op`], [`Applied`], [`Ledger`] and signed [`LedgerEntry`]s round-trip
+//! through both JSON and the canonical binary encoding
+//! ([`kiln_protocol::encoding`], bincode: not self-describing, so no tagged
+//! or flattened enums and no skipped fields here). New `Op`/`Applied`
+//! variants are only ever appended, since the binary form names a variant by
+//! its index; new fields of stored types get `#[serde(default)]` for JSON.
 
 mod account;
+pub mod chain;
 mod ledger;
+pub mod settlement;
 
 pub use account::{AccountId, OpKey};
+pub use chain::{
+    ChainBuilder, ChainError, ChainFault, GENESIS_PREV, LedgerEntry, Mismatch, NEVER_EXPIRES,
+    compare_balances, entry_hash, verify_chain,
+};
 pub use kiln_protocol::{BuyerId, Credits, JobId, ProviderId};
 pub use ledger::{
-    Applied, AppliedOp, ContractError, Escrow, EscrowState, InvariantViolation, Ledger,
+    Applied, AppliedOp, Bond, ContractError, Escrow, EscrowState, InvariantViolation, Ledger,
     MAX_FEE_BPS, MAX_KEY_LEN, Op, fee_for,
 };
+pub use settlement::{Settlement, SlashSplit};

@@ -5,6 +5,7 @@
 //! | `POST /v1/jobs` | signed body | submit a `Signed<JobSubmission>` (idempotent) |
 //! | `GET /v1/jobs` | buyer | the caller's jobs |
 //! | `GET /v1/jobs/{id}` | owner | status, reason, receipt, history |
+//! | `POST /v1/jobs/{id}/cancel` | owner | cancel (refund if not started; else stop and pay for time used) |
 //! | `GET /v1/jobs/{id}/logs` | owner | stdout/stderr |
 //! | `GET /v1/jobs/{id}/outputs` | owner | output manifest |
 //! | `GET /v1/jobs/{id}/blobs/{cid}` | owner | bytes of one output or log |
@@ -56,6 +57,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -68,6 +71,7 @@ impl IntoResponse for ApiError {
             Self::PaymentRequired(_) => (StatusCode::PAYMENT_REQUIRED, None),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, None),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, None),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, None),
             Self::Internal(e) => {
                 tracing::error!("internal error serving a request: {e}");
                 (StatusCode::INTERNAL_SERVER_ERROR, None)
@@ -147,6 +151,7 @@ pub fn create_app(state: AppState) -> Router {
     Router::new()
         .route("/v1/jobs", post(submit_job).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/logs", get(job_logs))
         .route("/v1/jobs/{id}/outputs", get(job_outputs))
         .route("/v1/jobs/{id}/blobs/{cid}", get(job_blob))
@@ -176,6 +181,8 @@ fn job_json(j: &JobRecord) -> Value {
         "stdout_cid": r.map(|r| r.stdout_cid),
         "stderr_cid": r.map(|r| r.stderr_cid),
         "receipt_verified": j.receipt.is_some(),
+        "logs_truncated": r.map(|r| r.usage.logs_truncated),
+        "usage": r.map(|r| &r.usage),
         "receipt": j.receipt,
         "spec": j.spec,
         "created_at": j.created_at,
@@ -240,6 +247,23 @@ async fn get_job(
     let mut v = job_json(&job);
     v["events"] = json!(state.db.events(&job.id).await?);
     Ok(Json(v))
+}
+
+async fn cancel_job(
+    State(state): State<AppState>,
+    Buyer(buyer): Buyer,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = owned_job(&state, &buyer, &id).await?;
+    let outcome = match service::cancel(&state, &job).await.map_err(|e| match e {
+        SubmitError::Bank(msg) => ApiError::Unavailable(msg),
+        other => other.into(),
+    })? {
+        service::CancelOutcome::Cancelled => "cancelled".to_string(),
+        service::CancelOutcome::Requested => "cancel_requested".to_string(),
+        service::CancelOutcome::AlreadyEnded(s) => format!("already_{}", s.as_str()),
+    };
+    Ok(Json(json!({ "job_id": job.id, "outcome": outcome })))
 }
 
 async fn job_logs(

@@ -47,6 +47,7 @@ pub enum JobState {
     Completed,
     Failed,
     TimedOut,
+    Cancelled,
 }
 
 impl JobState {
@@ -58,10 +59,14 @@ impl JobState {
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::TimedOut => "timed_out",
+            Self::Cancelled => "cancelled",
         }
     }
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Completed | Self::Failed | Self::TimedOut)
+        matches!(
+            self,
+            Self::Completed | Self::Failed | Self::TimedOut | Self::Cancelled
+        )
     }
 }
 
@@ -75,6 +80,7 @@ impl FromStr for JobState {
             "completed" => Self::Completed,
             "failed" => Self::Failed,
             "timed_out" => Self::TimedOut,
+            "cancelled" => Self::Cancelled,
             other => return Err(format!("unknown job state `{other}`")),
         })
     }

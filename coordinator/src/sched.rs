@@ -24,7 +24,14 @@ pub struct ProviderView {
 }
 
 /// The hard constraints, in the order they are checked.
-pub const CONSTRAINTS: [&str; 5] = ["slots", "gpus", "cpus", "memory", "max_price_per_hour"];
+pub const CONSTRAINTS: [&str; 6] = [
+    "network",
+    "slots",
+    "gpus",
+    "cpus",
+    "memory",
+    "max_price_per_hour",
+];
 
 /// Why a job could not be placed now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +66,9 @@ pub struct Placement {
 fn first_violation(spec: &JobSpec, p: &ProviderView) -> Result<Credits, &'static str> {
     let r = &spec.resources;
     let a = &p.advert;
+    if spec.network == kiln_protocol::NetworkMode::Full && !a.allows_network {
+        return Err("network");
+    }
     if p.running >= a.slots {
         return Err("slots");
     }
@@ -144,6 +154,7 @@ mod tests {
                 price_per_cpu_hour: Credits(cpu_price),
                 price_per_gpu_hour: Credits(1_000_000),
                 runtime: "runc".into(),
+                allows_network: false,
                 issued_at: UnixMillis(0),
             },
             running: 0,

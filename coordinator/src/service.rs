@@ -188,7 +188,10 @@ async fn answer(state: &AppState, peer: Peer, request: NetRequest) -> NetRespons
         NetRequest::Register(advert) => register(state, peer, &advert).await,
         NetRequest::Result(result) => accept_result(state, peer, *result).await,
         NetRequest::GetBlob(cid) => serve_input(state, peer, cid).await,
-        NetRequest::Offer(_) => Ok(rejected("a coordinator does not take offers")),
+        NetRequest::Lost(lost) => job_lost(state, peer, &lost).await,
+        NetRequest::Offer(_) | NetRequest::Cancel(_) => Ok(rejected(
+            "a coordinator does not take offers or cancellations",
+        )),
     };
     result.unwrap_or_else(|e| rejected(format!("internal error: {e}")))
 }
@@ -316,6 +319,7 @@ async fn accept_result(
             }),
         ),
         Outcome::TimedOut => (JobState::TimedOut, receipt.error.clone()),
+        Outcome::Cancelled => (JobState::Cancelled, receipt.error.clone()),
     };
 
     let mut tx = state.db.begin().await?;
@@ -388,6 +392,194 @@ async fn accept_result(
     tracing::info!(job = %job.id.short(), state = to.as_str(), provider = %provider.short(), cost = %cost, "result accepted");
     state.wake.notify_one();
     Ok(NetResponse::Accepted)
+}
+
+/// A provider reports a job it accepted as lost (e.g. its daemon was killed
+/// and the container reaped): requeue it, or fail it after `max_attempts`.
+async fn job_lost(
+    state: &AppState,
+    peer: ProviderId,
+    signed: &Signed<kiln_protocol::JobLost>,
+) -> Result<NetResponse, DbError> {
+    let lost = match signed.verify(UnixMillis::now()) {
+        Ok(l) => l,
+        Err(e) => return Ok(rejected(format!("lost-job report refused: {e}"))),
+    };
+    let signer = ProviderId::from_public_key(&signed.signer);
+    let Some(job) = state.db.job(&lost.job_id).await? else {
+        return Ok(rejected(format!(
+            "lost-job report for unknown job {}",
+            lost.job_id
+        )));
+    };
+    if signer != peer || job.provider != Some(signer) || job.offer_id != Some(lost.offer_id) {
+        return Ok(rejected(format!(
+            "lost-job report for {} refused: not from the provider holding its current offer",
+            job.id
+        )));
+    }
+    let reason = format!("lost on provider {}: {}", signer.short(), lost.reason);
+    requeue_or_fail(state, &job, &reason).await?;
+    Ok(NetResponse::Accepted)
+}
+
+/// Puts a job that was dispatched or running back in the queue, or fails it
+/// (refunding its escrow) once it has used all its attempts.
+pub async fn requeue_or_fail(
+    state: &AppState,
+    job: &JobRecord,
+    reason: &str,
+) -> Result<(), DbError> {
+    let active = [JobState::Dispatched, JobState::Running];
+    let mut tx = state.db.begin().await?;
+    if job.attempts >= state.config.max_attempts {
+        let reason = format!("failed after {} attempts; last: {reason}", job.attempts);
+        let mut pending = state.bank.begin().await;
+        if Db::transition(
+            &mut tx,
+            &job.id,
+            &active,
+            JobState::Failed,
+            Change {
+                reason: Some(&reason),
+                ..Default::default()
+            },
+        )
+        .await?
+        {
+            refund(&mut pending, &mut tx, &job.id).await;
+        }
+        tx.commit().await?;
+        pending.commit();
+    } else {
+        let reason = format!("requeued: {reason}");
+        Db::transition(
+            &mut tx,
+            &job.id,
+            &active,
+            JobState::Queued,
+            Change {
+                reason: Some(&reason),
+                ..Default::default()
+            },
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    tracing::warn!(job = %job.id.short(), "{reason}");
+    state.wake.notify_one();
+    Ok(())
+}
+
+/// Refunds a job's escrow in full, if it has one.
+async fn refund(pending: &mut crate::bank::Pending<'_>, tx: &mut crate::db::Tx<'_>, job: &JobId) {
+    if pending.ledger().escrow(job).is_some() {
+        let op = Op::Refund {
+            key: OpKey::new(format!("settle:{job}")),
+            job: *job,
+        };
+        if let Err(e) = pending.apply(tx, op).await {
+            tracing::error!(job = %job.short(), "refund failed: {e}");
+        }
+    }
+}
+
+/// What a cancellation did.
+pub enum CancelOutcome {
+    /// The job had not started; it is cancelled and refunded.
+    Cancelled,
+    /// The provider was told to stop it; the result settles the time used.
+    Requested,
+    /// It had already ended.
+    AlreadyEnded(JobState),
+}
+
+/// Cancels a job for its owner.
+pub async fn cancel(state: &AppState, job: &JobRecord) -> Result<CancelOutcome, SubmitError> {
+    match job.state {
+        s if s.is_terminal() => Ok(CancelOutcome::AlreadyEnded(s)),
+        JobState::Queued => {
+            let mut tx = state.db.begin().await?;
+            let mut pending = state.bank.begin().await;
+            let reason = "cancelled by the buyer before it started";
+            if Db::transition(
+                &mut tx,
+                &job.id,
+                &[JobState::Queued],
+                JobState::Cancelled,
+                Change {
+                    reason: Some(reason),
+                    ..Default::default()
+                },
+            )
+            .await?
+            {
+                refund(&mut pending, &mut tx, &job.id).await;
+                tx.commit().await.map_err(DbError::from)?;
+                pending.commit();
+                return Ok(CancelOutcome::Cancelled);
+            }
+            // It was dispatched meanwhile: cancel it on its provider.
+            drop(tx);
+            drop(pending);
+            let fresh = state
+                .db
+                .job(&job.id)
+                .await?
+                .ok_or_else(|| SubmitError::Bank("job vanished".into()))?;
+            Box::pin(cancel(state, &fresh)).await
+        }
+        JobState::Dispatched | JobState::Running => {
+            let (Some(provider), Some(offer_id)) = (job.provider, job.offer_id) else {
+                return Err(SubmitError::Bank(format!(
+                    "job {} is {:?} without a provider",
+                    job.id, job.state
+                )));
+            };
+            let msg = kiln_protocol::CancelJob {
+                job_id: job.id,
+                offer_id,
+                provider,
+                reason: "cancelled by the buyer".into(),
+            };
+            let signed = Signed::sign(&state.key, msg, state.config.offer_ttl.as_secs())
+                .map_err(|e| SubmitError::Bank(e.to_string()))?;
+            let addrs = state
+                .db
+                .providers_seen_since(UnixMillis(0))
+                .await?
+                .into_iter()
+                .find(|p| p.advert.payload.provider == provider)
+                .map(|p| {
+                    p.advert
+                        .payload
+                        .listen_addrs
+                        .iter()
+                        .filter_map(|a| a.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            match state
+                .net
+                .request(provider.peer_id(), addrs, NetRequest::Cancel(signed))
+                .await
+            {
+                Ok(NetResponse::Accepted) => Ok(CancelOutcome::Requested),
+                Ok(NetResponse::Rejected { reason }) => Err(SubmitError::Bank(format!(
+                    "provider {} refused the cancellation: {reason}",
+                    provider.short()
+                ))),
+                Ok(other) => Err(SubmitError::Bank(format!(
+                    "unexpected answer to a cancellation: {other:?}"
+                ))),
+                Err(e) => Err(SubmitError::Bank(format!(
+                    "could not reach provider {} to cancel: {e}",
+                    provider.short()
+                ))),
+            }
+        }
+        _ => Ok(CancelOutcome::AlreadyEnded(job.state)),
+    }
 }
 
 /// Places queued jobs whenever woken, and at least every `schedule_interval`.
@@ -570,16 +762,7 @@ async fn dispatch(state: AppState, offer: JobOffer, addrs: Vec<String>, attempt:
                 )
                 .await?
                 {
-                    let refund = Op::Refund {
-                        key: OpKey::new(format!("settle:{job}")),
-                        job,
-                    };
-                    if pending.ledger().escrow(&job).is_some()
-                        && let Err(e) = pending.apply(&mut tx, refund).await
-                    {
-                        tracing::error!(job = %job.short(), "refund failed: {e}");
-                        return Ok(());
-                    }
+                    refund(&mut pending, &mut tx, &job).await;
                 }
                 tx.commit().await?;
                 pending.commit();

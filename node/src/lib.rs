@@ -30,10 +30,11 @@ use std::time::Duration;
 use kiln_net::{Addr, NetConfig, NetEvent, Peer};
 use kiln_protocol::keys::keyfile;
 use kiln_protocol::{
-    Blob, CapabilityAdvert, ContentId, Credits, JobId, JobOffer, JobResult, Keypair, NetRequest,
-    NetResponse, OfferId, ProviderId, PublicKey, ResourceUsage, ResultReceipt, Signed, UnixMillis,
+    Blob, CancelJob, CapabilityAdvert, ContentId, Credits, JobId, JobLost, JobOffer, JobResult,
+    Keypair, NetRequest, NetResponse, OfferId, ProviderId, PublicKey, ResourceUsage, ResultReceipt,
+    Signed, UnixMillis,
 };
-use runner::{Limits, LocalInput, Runner};
+use runner::{Limits, LocalInput, Orphan, Policy, Runner};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +53,7 @@ pub struct NodeConfig {
     /// How often the advert is re-registered (the liveness signal).
     pub heartbeat: Duration,
     pub limits: Limits,
+    pub policy: Policy,
 }
 
 impl NodeConfig {
@@ -67,6 +69,7 @@ impl NodeConfig {
             price_per_gpu_hour: Credits(2_000_000),
             heartbeat: Duration::from_secs(5),
             limits: Limits::default(),
+            policy: Policy::default(),
         }
     }
 }
@@ -96,6 +99,8 @@ pub struct Node {
     pub provider: ProviderId,
     pub listen_addrs: Vec<Addr>,
     pub tasks: Vec<JoinHandle<()>>,
+    /// The node's job runner, for inspecting what is left on this machine.
+    pub runner: Runner,
 }
 
 struct State {
@@ -115,8 +120,11 @@ struct State {
 #[derive(Default)]
 struct Jobs {
     accepted: HashMap<OfferId, JobId>,
-    running: usize,
+    /// Running jobs and the token that stops them.
+    running: HashMap<JobId, (OfferId, CancellationToken)>,
     busy_gpus: HashSet<u32>,
+    /// Jobs reaped at start-up, still to be reported lost to the coordinator.
+    lost: Vec<Orphan>,
 }
 
 /// Starts a node; it runs until `cancel` fires.
@@ -141,14 +149,15 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         config.state_dir.join("jobs"),
         provider.to_string(),
         config.limits.clone(),
+        config.policy.clone(),
     );
-    match runner.reap_orphans().await {
-        Ok(reaped) if !reaped.is_empty() => {
-            tracing::warn!(count = reaped.len(), "reaped orphaned job containers")
+    let lost = match runner.reap_orphans().await {
+        Ok(reaped) => reaped,
+        Err(e) => {
+            tracing::warn!("could not list leftover containers: {e}");
+            Vec::new()
         }
-        Ok(_) => {}
-        Err(e) => tracing::warn!("could not list leftover containers: {e}"),
-    }
+    };
 
     let gpus = hw::discover_gpus().unwrap_or_else(|why| {
         tracing::info!("{why}");
@@ -181,7 +190,12 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         slots: config.slots,
         price_per_cpu_hour: config.price_per_cpu_hour,
         price_per_gpu_hour: config.price_per_gpu_hour,
-        runtime: "runc".into(),
+        runtime: config
+            .policy
+            .runtime
+            .clone()
+            .unwrap_or_else(|| "runc".into()),
+        allows_network: config.policy.allow_network,
         issued_at: UnixMillis::now(),
     };
     let state = Arc::new(State {
@@ -195,7 +209,10 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         config,
         gpus,
         advert_base,
-        jobs: Mutex::new(Jobs::default()),
+        jobs: Mutex::new(Jobs {
+            lost,
+            ..Jobs::default()
+        }),
     });
 
     let mut tasks = vec![tokio::spawn(event_loop.run())];
@@ -223,6 +240,7 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         provider,
         listen_addrs,
         tasks,
+        runner: state.runner.clone(),
     })
 }
 
@@ -252,6 +270,7 @@ async fn heartbeat(state: Arc<State>, cancel: CancellationToken) {
                         tracing::info!(coordinator = %state.coordinator, "registered with the coordinator");
                     }
                     registered = true;
+                    report_lost(&state).await;
                 }
                 Ok(other) => {
                     registered = false;
@@ -270,6 +289,46 @@ async fn heartbeat(state: Arc<State>, cancel: CancellationToken) {
     }
 }
 
+/// Tells the coordinator about jobs reaped at start-up, so it requeues them
+/// instead of waiting for results that will never come.
+async fn report_lost(state: &State) {
+    let pending = state
+        .jobs
+        .lock()
+        .map(|mut j| std::mem::take(&mut j.lost))
+        .unwrap_or_default();
+    let mut failed = Vec::new();
+    for o in pending {
+        let lost = JobLost {
+            job_id: o.job,
+            offer_id: o.offer,
+            provider: state.provider,
+            reason: "the provider daemon restarted while the job ran; its container was reaped"
+                .into(),
+        };
+        let Ok(signed) = Signed::sign(&state.key, lost, 3600) else {
+            continue;
+        };
+        let addrs = vec![state.coordinator_addr.clone()];
+        match state
+            .client
+            .request(state.coordinator, addrs, NetRequest::Lost(signed))
+            .await
+        {
+            Ok(NetResponse::Accepted) => {
+                tracing::warn!(job = %o.job.short(), "reported a lost job to the coordinator")
+            }
+            Ok(NetResponse::Rejected { reason }) => {
+                tracing::warn!(job = %o.job.short(), "the coordinator ignored a lost job: {reason}")
+            }
+            _ => failed.push(o),
+        }
+    }
+    if let Ok(mut j) = state.jobs.lock() {
+        j.lost.extend(failed);
+    }
+}
+
 fn reject(reason: String) -> NetResponse {
     tracing::warn!("{reason}");
     NetResponse::Rejected { reason }
@@ -278,11 +337,43 @@ fn reject(reason: String) -> NetResponse {
 fn handle_request(state: &Arc<State>, peer: Peer, request: NetRequest) -> NetResponse {
     match request {
         NetRequest::Offer(offer) => handle_offer(state, peer, offer),
+        NetRequest::Cancel(cancel) => handle_cancel(state, peer, &cancel),
         NetRequest::GetBlob(cid) => reject(format!(
-            "blob {cid} requested by {peer}: this node does not serve blobs yet"
+            "blob {cid} requested by {peer}: providers do not serve blobs in this protocol version"
         )),
-        NetRequest::Register(_) | NetRequest::Result(_) => reject(format!(
+        NetRequest::Register(_) | NetRequest::Result(_) | NetRequest::Lost(_) => reject(format!(
             "peer {peer} sent a request only a coordinator accepts"
+        )),
+    }
+}
+
+/// Stops a running job when its coordinator says so.
+fn handle_cancel(state: &Arc<State>, peer: Peer, signed: &Signed<CancelJob>) -> NetResponse {
+    let c = match signed.verify(UnixMillis::now()) {
+        Ok(c) => c,
+        Err(e) => return reject(format!("cancel from {peer} rejected: {e}")),
+    };
+    if signed.signer != state.coordinator_key
+        || peer != state.coordinator
+        || c.provider != state.provider
+    {
+        return reject(format!(
+            "cancel for job {} rejected: not from this node's coordinator or not for this node",
+            c.job_id.short()
+        ));
+    }
+    let Ok(jobs) = state.jobs.lock() else {
+        return reject("internal error: job table poisoned".into());
+    };
+    match jobs.running.get(&c.job_id) {
+        Some((offer, token)) if *offer == c.offer_id => {
+            tracing::info!(job = %c.job_id.short(), reason = %c.reason, "cancelling job");
+            token.cancel();
+            NetResponse::Accepted
+        }
+        _ => reject(format!(
+            "cancel for job {}: not running here",
+            c.job_id.short()
         )),
     }
 }
@@ -319,7 +410,7 @@ fn handle_offer(state: &Arc<State>, peer: Peer, signed: Signed<JobOffer>) -> Net
         if jobs.accepted.contains_key(&offer.offer_id) {
             return NetResponse::Accepted; // a retried dispatch of an offer we already run
         }
-        if jobs.running >= state.config.slots as usize {
+        if jobs.running.len() >= state.config.slots as usize {
             return reject(format!(
                 "offer {} rejected: all {} slots busy",
                 offer.offer_id.short(),
@@ -348,7 +439,8 @@ fn handle_offer(state: &Arc<State>, peer: Peer, signed: Signed<JobOffer>) -> Net
             jobs.busy_gpus.insert(*i);
         }
         jobs.accepted.insert(offer.offer_id, offer.job_id);
-        jobs.running += 1;
+        jobs.running
+            .insert(offer.job_id, (offer.offer_id, CancellationToken::new()));
         picked
     };
     tracing::info!(job = %offer.job_id.short(), offer = %offer.offer_id.short(), "accepted offer");
@@ -356,9 +448,10 @@ fn handle_offer(state: &Arc<State>, peer: Peer, signed: Signed<JobOffer>) -> Net
     tokio::spawn(async move {
         let gpu_indices: Vec<u32> = gpu_uuids.iter().map(|(i, _)| *i).collect();
         let uuids: Vec<String> = gpu_uuids.into_iter().map(|(_, u)| u).collect();
+        let job = offer.job_id;
         run_job(&s, offer, &uuids).await;
         if let Ok(mut jobs) = s.jobs.lock() {
-            jobs.running -= 1;
+            jobs.running.remove(&job);
             for i in gpu_indices {
                 jobs.busy_gpus.remove(&i);
             }
@@ -415,8 +508,19 @@ async fn fetch_inputs(
 
 async fn run_job(state: &State, offer: JobOffer, gpu_uuids: &[String]) {
     let job = offer.job_id;
+    let cancel = state
+        .jobs
+        .lock()
+        .ok()
+        .and_then(|j| j.running.get(&job).map(|(_, t)| t.clone()))
+        .unwrap_or_default();
     let report = match fetch_inputs(state, &job, &offer).await {
-        Ok(inputs) => state.runner.run(job, &offer.spec, &inputs, gpu_uuids).await,
+        Ok(inputs) => {
+            state
+                .runner
+                .run(job, offer.offer_id, &offer.spec, &inputs, gpu_uuids, cancel)
+                .await
+        }
         Err(e) => {
             let _ = std::fs::remove_dir_all(state.runner.job_dir(&job));
             tracing::warn!(job = %job.short(), "{e}");
@@ -444,9 +548,10 @@ async fn run_job(state: &State, offer: JobOffer, gpu_uuids: &[String]) {
         usage: ResourceUsage {
             wall_ms: report.wall_ms,
             output_bytes: report.manifest.total_size(),
-            stdout_bytes: report.stdout.len() as u64,
-            stderr_bytes: report.stderr.len() as u64,
-            logs_truncated: report.logs_truncated,
+            stdout_bytes: report.stdout_total,
+            stderr_bytes: report.stderr_total,
+            logs_truncated: report.logs_truncated(),
+            log_cap_bytes: state.config.limits.log_cap_bytes,
         },
     };
     let Ok(receipt) = Signed::sign(&state.key, receipt, 3600) else {

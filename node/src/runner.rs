@@ -1,12 +1,23 @@
 //! Running one job in a locked-down container.
 //!
-//! Every job container gets, whatever the spec says: no network, all Linux
+//! Every job container gets, whatever the spec says: no network (unless the
+//! job asks for it and the provider's policy allows it), all Linux
 //! capabilities dropped, `no-new-privileges`, a non-root user (65534), a
-//! read-only root filesystem with a size-limited `/tmp`, memory (swap off),
-//! CPU and pids limits, an open-files limit, inputs mounted read-only, a log
-//! driver capped in size, and a wall-clock timeout after which it is killed.
-//! Containers carry the labels `kiln.job` and `kiln.node`, so anything a
-//! crash leaves behind can be found and reaped ([`Runner::reap_orphans`]).
+//! read-only root filesystem with a size-limited `noexec` `/tmp`, Docker's
+//! default seccomp profile, memory (swap off), CPU, pids and open-files
+//! limits, inputs mounted read-only, an output area whose size is enforced
+//! while the job runs, no host path other than its own directories, no
+//! Docker socket, no device but the GPUs assigned to it, and a wall-clock
+//! timeout after which it gets SIGTERM and, after a grace period, SIGKILL.
+//!
+//! Logs never touch the host's disk: the container uses the `none` log
+//! driver and the node reads stdout/stderr from the attach stream, keeping
+//! at most `log_cap_bytes` of each and counting the rest, so a log flood
+//! costs nothing and the receipt says how much was cut.
+//!
+//! Containers carry the labels `kiln.job`, `kiln.offer` and `kiln.node`, and
+//! job directories are named by job id, so whatever a crash leaves behind is
+//! found and reaped at start-up ([`Runner::reap_orphans`]).
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -19,13 +30,17 @@ use bollard::models::{
     ContainerCreateBody, DeviceRequest, HostConfig, HostConfigLogConfig, ResourcesUlimits,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogsOptions,
+    AttachContainerOptions, CreateContainerOptions, InspectContainerOptions, ListContainersOptions,
     RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
-use futures::StreamExt;
-use kiln_protocol::{ContentId, JobId, JobSpec, Manifest, ManifestEntry, Outcome, UnixMillis};
+use futures::{Stream, StreamExt};
+use kiln_protocol::{
+    ContentId, JobId, JobSpec, Manifest, ManifestEntry, NetworkMode, OfferId, Outcome, UnixMillis,
+};
+use tokio_util::sync::CancellationToken;
 
 pub const LABEL_JOB: &str = "kiln.job";
+pub const LABEL_OFFER: &str = "kiln.offer";
 pub const LABEL_NODE: &str = "kiln.node";
 /// The uid:gid jobs run as (`nobody`).
 pub const JOB_USER: &str = "65534:65534";
@@ -33,19 +48,20 @@ pub const JOB_USER: &str = "65534:65534";
 /// Limits the provider applies to every job.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Per stream (stdout, stderr).
+    /// Kept per stream (stdout, stderr); the rest is counted and dropped.
     pub log_cap_bytes: u64,
     pub tmp_size_bytes: u64,
+    /// Size of the output area, enforced while the job runs.
     pub max_output_bytes: u64,
     pub nofile: i64,
-    /// SIGTERM→SIGKILL grace on timeout.
+    /// SIGTERM→SIGKILL grace on timeout or cancellation.
     pub stop_grace: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            log_cap_bytes: 8 << 20,
+            log_cap_bytes: 4 << 20,
             tmp_size_bytes: 64 << 20,
             max_output_bytes: 64 << 20,
             nofile: 1024,
@@ -54,7 +70,73 @@ impl Default for Limits {
     }
 }
 
-/// A file of the job's output, read back from the output directory.
+/// What the provider allows, beyond the fixed sandbox.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// Jobs may ask for `network = "full"`.
+    pub allow_network: bool,
+    /// OCI runtime for jobs (e.g. `runsc` for gVisor); the engine default if `None`.
+    pub runtime: Option<String>,
+    /// If non-empty, only images matching one of these run (image ids, or
+    /// repository name prefixes such as `ghcr.io/acme/`).
+    pub image_allow: Vec<String>,
+    /// Images matching any of these never run. Deny wins over allow.
+    pub image_deny: Vec<String>,
+    /// Largest image (uncompressed bytes) accepted; 0 means no limit.
+    pub max_image_bytes: u64,
+}
+
+/// What an image is known as, for the policy check.
+#[derive(Clone, Debug, Default)]
+pub struct ImageFacts {
+    pub id: String,
+    pub repo_tags: Vec<String>,
+    pub repo_digests: Vec<String>,
+    pub size: u64,
+}
+
+fn matches_pattern(pattern: &str, facts: &ImageFacts) -> bool {
+    if pattern.starts_with("sha256:") {
+        return facts.id == pattern
+            || facts
+                .repo_digests
+                .iter()
+                .any(|d| d.ends_with(&format!("@{pattern}")));
+    }
+    facts
+        .repo_tags
+        .iter()
+        .chain(&facts.repo_digests)
+        .any(|name| name.starts_with(pattern))
+}
+
+/// The provider's image policy, as a pure decision.
+pub fn check_image_policy(policy: &Policy, facts: &ImageFacts) -> Result<(), String> {
+    if let Some(p) = policy.image_deny.iter().find(|p| matches_pattern(p, facts)) {
+        return Err(format!(
+            "image {} is denied by this provider's policy (matches `{p}`)",
+            facts.id
+        ));
+    }
+    if !policy.image_allow.is_empty()
+        && !policy.image_allow.iter().any(|p| matches_pattern(p, facts))
+    {
+        return Err(format!(
+            "image {} is not on this provider's allow list ({})",
+            facts.id,
+            policy.image_allow.join(", ")
+        ));
+    }
+    if policy.max_image_bytes > 0 && facts.size > policy.max_image_bytes {
+        return Err(format!(
+            "image {} is {} bytes, over this provider's {}-byte limit",
+            facts.id, facts.size, policy.max_image_bytes
+        ));
+    }
+    Ok(())
+}
+
+/// A file of the job's output, read back from the output area.
 #[derive(Debug)]
 pub struct OutputFile {
     pub entry: ManifestEntry,
@@ -73,7 +155,9 @@ pub struct RunReport {
     pub wall_ms: u64,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
-    pub logs_truncated: bool,
+    /// Bytes the job wrote to each stream (kept or not).
+    pub stdout_total: u64,
+    pub stderr_total: u64,
     pub manifest: Manifest,
     pub outputs: Vec<OutputFile>,
 }
@@ -92,10 +176,15 @@ impl RunReport {
             wall_ms: 0,
             stdout: Vec::new(),
             stderr: Vec::new(),
-            logs_truncated: false,
+            stdout_total: 0,
+            stderr_total: 0,
             manifest: Manifest::default(),
             outputs: Vec::new(),
         }
+    }
+
+    pub fn logs_truncated(&self) -> bool {
+        self.stdout_total > self.stdout.len() as u64 || self.stderr_total > self.stderr.len() as u64
     }
 }
 
@@ -106,6 +195,13 @@ pub struct LocalInput {
     pub container_path: String,
 }
 
+/// A job left behind by a previous run of this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Orphan {
+    pub job: JobId,
+    pub offer: OfferId,
+}
+
 /// Runs jobs on the local Docker engine.
 #[derive(Clone)]
 pub struct Runner {
@@ -113,57 +209,209 @@ pub struct Runner {
     work_dir: PathBuf,
     node_label: String,
     limits: Limits,
+    policy: Policy,
+}
+
+/// The job's output directory on the host. Mounted as a size-limited tmpfs
+/// when the node may mount (root), so writes past the limit fail with
+/// ENOSPC inside the job; otherwise a plain directory watched while the job
+/// runs, and the job is killed when it goes over.
+struct OutputArea {
+    path: PathBuf,
+    mounted: bool,
+}
+
+impl OutputArea {
+    fn create(path: &Path, limit: u64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(path)?;
+        let opts = format!("size={limit},mode=0777,nosuid,nodev,noexec");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &opts, "tmpfs"])
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            // The job runs as uid 65534 and must be able to write its outputs.
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            mounted,
+        })
+    }
+}
+
+fn unmount(path: &Path) {
+    let ok = std::process::Command::new("umount")
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(path)
+            .status();
+    }
+}
+
+/// Bytes in all regular files under `dir` (not following symlinks).
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+/// Mount points at or below `root`, deepest first.
+fn mounts_under(root: &Path) -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(root))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v
+}
+
+/// Reads a container's attach stream, keeping at most `cap` bytes of each
+/// stream and counting all of them.
+async fn capture_logs(
+    mut stream: std::pin::Pin<
+        Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
+    >,
+    cap: usize,
+) -> (Vec<u8>, Vec<u8>, u64, u64) {
+    let (mut out, mut err, mut out_n, mut err_n) = (Vec::new(), Vec::new(), 0u64, 0u64);
+    while let Some(item) = stream.next().await {
+        let (buf, n, msg) = match item {
+            Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                (&mut out, &mut out_n, message)
+            }
+            Ok(LogOutput::StdErr { message }) => (&mut err, &mut err_n, message),
+            Ok(LogOutput::StdIn { .. }) => continue,
+            Err(_) => break,
+        };
+        *n += msg.len() as u64;
+        let room = cap.saturating_sub(buf.len());
+        buf.extend_from_slice(&msg[..msg.len().min(room)]);
+    }
+    (out, err, out_n, err_n)
+}
+
+enum Ended {
+    Exited(Result<i64, String>),
+    TimedOut,
+    Cancelled,
+    OutputOverflow(u64),
 }
 
 impl Runner {
-    pub fn new(docker: Docker, work_dir: PathBuf, node_label: String, limits: Limits) -> Self {
+    pub fn new(
+        docker: Docker,
+        work_dir: PathBuf,
+        node_label: String,
+        limits: Limits,
+        policy: Policy,
+    ) -> Self {
         Self {
             docker,
             work_dir,
             node_label,
             limits,
+            policy,
         }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     pub fn job_dir(&self, job: &JobId) -> PathBuf {
         self.work_dir.join(job.to_string())
     }
 
-    /// Removes containers and job directories a previous run of this node
-    /// left behind (after a crash or SIGKILL). Returns the job ids reaped.
-    pub async fn reap_orphans(&self) -> Result<Vec<String>, bollard::errors::Error> {
+    /// Containers of this node still present (running or not).
+    pub async fn containers(
+        &self,
+    ) -> Result<Vec<bollard::models::ContainerSummary>, bollard::errors::Error> {
         let filters = HashMap::from([(
             "label".to_string(),
             vec![format!("{LABEL_NODE}={}", self.node_label)],
         )]);
-        let list = self
-            .docker
+        self.docker
             .list_containers(Some(ListContainersOptions {
                 all: true,
                 filters: Some(filters),
                 ..Default::default()
             }))
-            .await?;
-        let mut reaped = Vec::new();
-        for c in list {
-            let job = c
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_JOB))
-                .cloned()
-                .unwrap_or_default();
+            .await
+    }
+
+    /// Removes containers, mounts and job directories a previous run of this
+    /// node left behind (after a crash or SIGKILL), and returns the jobs they
+    /// belonged to so the coordinator can be told they are lost.
+    pub async fn reap_orphans(&self) -> Result<Vec<Orphan>, bollard::errors::Error> {
+        let mut orphans = Vec::new();
+        for c in self.containers().await? {
+            let labels = c.labels.unwrap_or_default();
+            let job = labels.get(LABEL_JOB).and_then(|j| j.parse().ok());
+            let offer = labels.get(LABEL_OFFER).and_then(|o| o.parse().ok());
             if let Some(id) = c.id {
                 self.remove_container(&id).await;
-                tracing::warn!(job = %job, container = %&id[..12.min(id.len())], "reaped a container left by a previous run");
-                reaped.push(job);
+                tracing::warn!(job = ?job, container = %&id[..12.min(id.len())], "reaped a container left by a previous run");
             }
+            if let (Some(job), Some(offer)) = (job, offer) {
+                orphans.push(Orphan { job, offer });
+            }
+        }
+        for m in mounts_under(&self.work_dir) {
+            unmount(&m);
         }
         if let Ok(entries) = std::fs::read_dir(&self.work_dir) {
             for e in entries.flatten() {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
-        Ok(reaped)
+        Ok(orphans)
+    }
+
+    /// Whether anything of `job` is left on this machine (container, mount, directory).
+    pub async fn leftovers(&self, job: &JobId) -> Result<Vec<String>, bollard::errors::Error> {
+        let mut left = Vec::new();
+        for c in self.containers().await? {
+            if c.labels.as_ref().and_then(|l| l.get(LABEL_JOB)) == Some(&job.to_string()) {
+                left.push(format!("container {}", c.id.unwrap_or_default()));
+            }
+        }
+        let dir = self.job_dir(job);
+        left.extend(
+            mounts_under(&dir)
+                .into_iter()
+                .map(|m| format!("mount {}", m.display())),
+        );
+        if dir.exists() {
+            left.push(format!("directory {}", dir.display()));
+        }
+        Ok(left)
     }
 
     async fn remove_container(&self, id: &str) {
@@ -177,9 +425,9 @@ impl Runner {
         }
     }
 
-    /// Resolves the spec's pinned image to a local image id, refusing an
-    /// image whose id does not match the pin.
-    async fn resolve_image(&self, spec: &JobSpec) -> Result<String, String> {
+    /// Resolves the spec's pinned image to a local image id and applies the
+    /// provider's image policy.
+    pub async fn resolve_image(&self, spec: &JobSpec) -> Result<String, String> {
         let reference = &spec.image.0;
         let inspect = self.docker.inspect_image(reference).await.map_err(|e| {
             format!(
@@ -187,61 +435,87 @@ impl Runner {
                  so it must be loaded with `docker load` or built locally first"
             )
         })?;
-        let id = inspect.id.unwrap_or_default();
-        if spec.image.is_image_id() && Some(id.as_str()) != spec.image.digest() {
+        let facts = ImageFacts {
+            id: inspect.id.clone().unwrap_or_default(),
+            repo_tags: inspect.repo_tags.clone().unwrap_or_default(),
+            repo_digests: inspect.repo_digests.clone().unwrap_or_default(),
+            size: inspect
+                .size
+                .and_then(|s| u64::try_from(s).ok())
+                .unwrap_or(0),
+        };
+        if spec.image.is_image_id() && Some(facts.id.as_str()) != spec.image.digest() {
             return Err(format!(
-                "image id mismatch: asked for {reference}, found {id}"
+                "image id mismatch: asked for {reference}, found {}",
+                facts.id
             ));
         }
-        Ok(id)
+        check_image_policy(&self.policy, &facts)?;
+        Ok(facts.id)
     }
 
-    /// Runs `spec` to completion (or timeout) and collects logs and outputs.
-    /// Never returns an error: anything that goes wrong becomes a failed
-    /// report with the reason, so the buyer always gets an answer.
+    /// Runs `spec` to completion, timeout or cancellation, and collects logs
+    /// and outputs. Never returns an error: anything that goes wrong becomes
+    /// a failed report with the reason, so the buyer always gets an answer.
+    /// Everything the job created on this machine is gone when this returns.
     pub async fn run(
         &self,
         job: JobId,
+        offer: OfferId,
         spec: &JobSpec,
         inputs: &[LocalInput],
         gpu_uuids: &[String],
+        cancel: CancellationToken,
     ) -> RunReport {
+        if spec.network == NetworkMode::Full && !self.policy.allow_network {
+            return RunReport::failed_before_start(
+                "this provider does not allow network access for jobs".into(),
+                String::new(),
+            );
+        }
         let image_id = match self.resolve_image(spec).await {
             Ok(id) => id,
             Err(e) => return RunReport::failed_before_start(e, String::new()),
         };
         let dir = self.job_dir(&job);
-        let out_dir = dir.join("out");
-        if let Err(e) = prepare_dirs(&dir, &out_dir) {
-            return RunReport::failed_before_start(
-                format!("cannot prepare the job directory: {e}"),
-                image_id,
-            );
-        }
+        let area = match std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)))
+            .and_then(|()| OutputArea::create(&dir.join("out"), self.limits.max_output_bytes))
+        {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return RunReport::failed_before_start(
+                    format!("cannot prepare the job directory: {e}"),
+                    image_id,
+                );
+            }
+        };
         let name = format!("kiln-{job}");
         let report = match self
-            .run_container(&name, job, spec, &image_id, &out_dir, inputs, gpu_uuids)
+            .run_container(
+                &name, job, offer, spec, &image_id, &area, inputs, gpu_uuids, cancel,
+            )
             .await
         {
             Ok(r) => r,
             Err(e) => RunReport::failed_before_start(e, image_id.clone()),
         };
         self.remove_container(&name).await;
+        if area.mounted {
+            unmount(&area.path);
+        }
         let _ = std::fs::remove_dir_all(&dir);
         report
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn run_container(
+    fn host_config(
         &self,
-        name: &str,
-        job: JobId,
         spec: &JobSpec,
-        image_id: &str,
         out_dir: &Path,
         inputs: &[LocalInput],
         gpu_uuids: &[String],
-    ) -> Result<RunReport, String> {
+    ) -> Result<HostConfig, String> {
         let r = &spec.resources;
         let mut binds = vec![format!("{}:{}:rw", out_dir.display(), spec.output_path)];
         binds.extend(
@@ -249,9 +523,6 @@ impl Runner {
                 .iter()
                 .map(|i| format!("{}:{}:ro", i.host_path.display(), i.container_path)),
         );
-        let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        env.push(format!("KILN_JOB_ID={job}"));
-        env.push(format!("KILN_OUTPUT_DIR={}", spec.output_path));
         let memory = i64::try_from(r.memory.0).map_err(|_| "memory limit too large".to_string())?;
         let device_requests = (!gpu_uuids.is_empty()).then(|| {
             vec![DeviceRequest {
@@ -261,8 +532,12 @@ impl Runner {
                 ..Default::default()
             }]
         });
-        let host_config = HostConfig {
-            network_mode: Some("none".into()),
+        let network = match spec.network {
+            NetworkMode::Isolated => "none",
+            NetworkMode::Full => "bridge",
+        };
+        Ok(HostConfig {
+            network_mode: Some(network.into()),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges".into()]),
             readonly_rootfs: Some(true),
@@ -280,31 +555,49 @@ impl Runner {
                 format!("rw,noexec,nosuid,nodev,size={}", self.limits.tmp_size_bytes),
             )])),
             binds: Some(binds),
+            // No log driver: logs come from the attach stream, capped in memory.
             log_config: Some(HostConfigLogConfig {
-                typ: Some("json-file".into()),
-                config: Some(HashMap::from([
-                    (
-                        "max-size".to_string(),
-                        self.limits.log_cap_bytes.to_string(),
-                    ),
-                    ("max-file".to_string(), "1".to_string()),
-                ])),
+                typ: Some("none".into()),
+                config: None,
             }),
             device_requests,
+            runtime: self.policy.runtime.clone(),
             ..Default::default()
-        };
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_container(
+        &self,
+        name: &str,
+        job: JobId,
+        offer: OfferId,
+        spec: &JobSpec,
+        image_id: &str,
+        area: &OutputArea,
+        inputs: &[LocalInput],
+        gpu_uuids: &[String],
+        cancel: CancellationToken,
+    ) -> Result<RunReport, String> {
+        let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.push(format!("KILN_JOB_ID={job}"));
+        env.push(format!("KILN_OUTPUT_DIR={}", spec.output_path));
         let body = ContainerCreateBody {
             image: Some(image_id.to_string()),
             entrypoint: spec.entrypoint.clone(),
             cmd: Some(spec.command.clone()),
             env: Some(env),
             user: Some(JOB_USER.into()),
-            network_disabled: Some(true),
+            network_disabled: Some(spec.network == NetworkMode::Isolated),
+            tty: Some(false),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
             labels: Some(HashMap::from([
                 (LABEL_JOB.to_string(), job.to_string()),
+                (LABEL_OFFER.to_string(), offer.to_string()),
                 (LABEL_NODE.to_string(), self.node_label.clone()),
             ])),
-            host_config: Some(host_config),
+            host_config: Some(self.host_config(spec, &area.path, inputs, gpu_uuids)?),
             ..Default::default()
         };
         self.docker
@@ -317,6 +610,24 @@ impl Runner {
             )
             .await
             .map_err(|e| format!("the Docker engine refused to create the container: {e}"))?;
+        let attach = self
+            .docker
+            .attach_container(
+                name,
+                Some(AttachContainerOptions {
+                    stdout: true,
+                    stderr: true,
+                    stream: true,
+                    logs: false,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map_err(|e| format!("cannot attach to the container's output: {e}"))?;
+        let logs = tokio::spawn(capture_logs(
+            attach.output,
+            self.limits.log_cap_bytes as usize,
+        ));
 
         let started_at = UnixMillis::now();
         let t0 = Instant::now();
@@ -325,75 +636,60 @@ impl Runner {
             .await
             .map_err(|e| format!("the container did not start: {e}"))?;
 
-        let timeout = Duration::from_secs(spec.resources.timeout.0);
-        let mut wait = self
-            .docker
-            .wait_container(name, None::<WaitContainerOptions>);
-        let waited = tokio::time::timeout(timeout, wait.next()).await;
-        let (mut outcome, mut exit_code, mut error) = match waited {
-            Ok(Some(Ok(resp))) => (Outcome::Succeeded, Some(resp.status_code), None),
-            // bollard reports a non-zero exit as an error carrying the code.
-            Ok(Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. }))) => {
-                (Outcome::Failed, Some(code), None)
-            }
-            Ok(Some(Err(e))) => (
-                Outcome::Failed,
-                None,
-                Some(format!("waiting for the container failed: {e}")),
-            ),
-            Ok(None) => (
-                Outcome::Failed,
-                None,
-                Some("the Docker engine stopped reporting on the container".into()),
-            ),
-            Err(_) => {
-                let grace = i32::try_from(self.limits.stop_grace.as_secs()).unwrap_or(2);
-                let _ = self
-                    .docker
-                    .stop_container(
-                        name,
-                        Some(StopContainerOptions {
-                            t: Some(grace),
-                            signal: None,
-                        }),
-                    )
-                    .await;
-                (
-                    Outcome::TimedOut,
-                    None,
-                    Some(format!(
-                        "killed after the {}s wall-clock limit",
-                        spec.resources.timeout.0
-                    )),
-                )
-            }
-        };
-        drop(wait);
+        let ended = self.wait(name, spec, area, &cancel).await;
         let wall_ms = t0.elapsed().as_millis() as u64;
         let finished_at = UnixMillis::now();
-        if exit_code.is_some_and(|c| c != 0) {
-            outcome = Outcome::Failed;
-        }
+        let (mut outcome, mut exit_code, mut error) = match ended {
+            Ended::Exited(Ok(0)) => (Outcome::Succeeded, Some(0), None),
+            Ended::Exited(Ok(code)) => (Outcome::Failed, Some(code), None),
+            Ended::Exited(Err(e)) => (Outcome::Failed, None, Some(e)),
+            Ended::TimedOut => (
+                Outcome::TimedOut,
+                None,
+                Some(format!(
+                    "killed after the {}s wall-clock limit",
+                    spec.resources.timeout.0
+                )),
+            ),
+            Ended::Cancelled => (
+                Outcome::Cancelled,
+                None,
+                Some("cancelled by the buyer".into()),
+            ),
+            Ended::OutputOverflow(n) => (
+                Outcome::Failed,
+                None,
+                Some(format!(
+                    "killed: wrote {n} bytes of output, over the {}-byte output limit",
+                    self.limits.max_output_bytes
+                )),
+            ),
+        };
         if let Ok(info) = self
             .docker
             .inspect_container(name, None::<InspectContainerOptions>)
             .await
-            && let Some(state) = info.state
         {
-            if state.oom_killed == Some(true) {
-                outcome = Outcome::Failed;
-                error = Some(format!(
-                    "killed: out of memory (limit {})",
-                    spec.resources.memory
-                ));
-            }
-            if exit_code.is_none() && outcome != Outcome::TimedOut {
-                exit_code = state.exit_code;
+            if let Some(state) = info.state {
+                if state.oom_killed == Some(true) {
+                    outcome = Outcome::Failed;
+                    error = Some(format!(
+                        "killed: out of memory (limit {})",
+                        spec.resources.memory
+                    ));
+                }
+                if exit_code.is_none() && matches!(outcome, Outcome::Failed) {
+                    exit_code = state.exit_code;
+                }
             }
         }
-
-        let (stdout, stderr, logs_truncated) = self.collect_logs(name).await;
-        let (manifest, outputs) = match collect_outputs(out_dir, self.limits.max_output_bytes) {
+        let (stdout, stderr, stdout_total, stderr_total) =
+            tokio::time::timeout(Duration::from_secs(10), logs)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+        let (manifest, outputs) = match collect_outputs(&area.path, self.limits.max_output_bytes) {
             Ok(x) => x,
             Err(e) => {
                 outcome = Outcome::Failed;
@@ -411,53 +707,63 @@ impl Runner {
             wall_ms,
             stdout,
             stderr,
-            logs_truncated,
+            stdout_total,
+            stderr_total,
             manifest,
             outputs,
         })
     }
 
-    /// Reads both log streams, each capped at `log_cap_bytes`.
-    async fn collect_logs(&self, name: &str) -> (Vec<u8>, Vec<u8>, bool) {
-        let cap = self.limits.log_cap_bytes as usize;
-        let mut stdout = Vec::new();
-        let mut stderr = Vec::new();
-        let mut truncated = false;
-        let mut logs = self.docker.logs(
-            name,
-            Some(LogsOptions {
-                stdout: true,
-                stderr: true,
-                follow: false,
-                tail: "all".into(),
-                ..Default::default()
-            }),
-        );
-        while let Some(item) = logs.next().await {
-            let (buf, msg) = match item {
-                Ok(LogOutput::StdOut { message }) => (&mut stdout, message),
-                Ok(LogOutput::StdErr { message }) => (&mut stderr, message),
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::warn!(container = name, "reading logs failed: {e}");
-                    break;
+    /// Waits for the container to exit, the timeout, cancellation, or (when
+    /// the output area is not a sized mount) the output limit to be crossed;
+    /// stops the container in every case but a normal exit.
+    async fn wait(
+        &self,
+        name: &str,
+        spec: &JobSpec,
+        area: &OutputArea,
+        cancel: &CancellationToken,
+    ) -> Ended {
+        let deadline = tokio::time::sleep(Duration::from_secs(spec.resources.timeout.0));
+        tokio::pin!(deadline);
+        let mut wait = self
+            .docker
+            .wait_container(name, None::<WaitContainerOptions>);
+        let mut watch = tokio::time::interval(Duration::from_millis(250));
+        let ended = loop {
+            tokio::select! {
+                r = wait.next() => break Ended::Exited(match r {
+                    Some(Ok(resp)) => Ok(resp.status_code),
+                    // bollard reports a non-zero exit as an error carrying the code.
+                    Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+                    Some(Err(e)) => Err(format!("waiting for the container failed: {e}")),
+                    None => Err("the Docker engine stopped reporting on the container".into()),
+                }),
+                () = &mut deadline => break Ended::TimedOut,
+                () = cancel.cancelled() => break Ended::Cancelled,
+                _ = watch.tick(), if !area.mounted => {
+                    let used = dir_size(&area.path);
+                    if used > self.limits.max_output_bytes {
+                        break Ended::OutputOverflow(used);
+                    }
                 }
-            };
-            let room = cap.saturating_sub(buf.len());
-            if msg.len() > room {
-                truncated = true;
             }
-            buf.extend_from_slice(&msg[..msg.len().min(room)]);
+        };
+        if !matches!(ended, Ended::Exited(_)) {
+            let grace = i32::try_from(self.limits.stop_grace.as_secs()).unwrap_or(2);
+            let _ = self
+                .docker
+                .stop_container(
+                    name,
+                    Some(StopContainerOptions {
+                        t: Some(grace),
+                        signal: None,
+                    }),
+                )
+                .await;
         }
-        (stdout, stderr, truncated)
+        ended
     }
-}
-
-fn prepare_dirs(dir: &Path, out_dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(out_dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
-    // The job runs as uid 65534 and must be able to write its outputs.
-    std::fs::set_permissions(out_dir, std::fs::Permissions::from_mode(0o777))
 }
 
 /// Walks the output directory (never following symlinks), hashing each
@@ -502,6 +808,7 @@ pub fn collect_outputs(
                     path: rel,
                     cid: ContentId::of_bytes(&bytes),
                     size: bytes.len() as u64,
+                    // Only the executable bit survives; setuid/setgid never do.
                     executable: meta.permissions().mode() & 0o111 != 0,
                 },
                 bytes,
@@ -530,5 +837,50 @@ mod tests {
         assert_eq!(files.len(), 2);
         assert_eq!(m.entries[0].cid, ContentId::of_bytes(b"bee"));
         assert!(collect_outputs(d.path(), 3).is_err());
+        assert_eq!(dir_size(d.path()), 4);
+    }
+
+    #[test]
+    fn image_policy_table() {
+        let id = format!("sha256:{}", "1".repeat(64));
+        let facts = ImageFacts {
+            id: id.clone(),
+            repo_tags: vec!["ghcr.io/acme/train:1".into()],
+            repo_digests: vec![format!("ghcr.io/acme/train@sha256:{}", "2".repeat(64))],
+            size: 1000,
+        };
+        let p = |allow: &[&str], deny: &[&str], max: u64| Policy {
+            image_allow: allow.iter().map(|s| s.to_string()).collect(),
+            image_deny: deny.iter().map(|s| s.to_string()).collect(),
+            max_image_bytes: max,
+            ..Default::default()
+        };
+        let digest = format!("sha256:{}", "2".repeat(64));
+        let cases: Vec<(&str, Policy, Option<&str>)> = vec![
+            ("no policy", p(&[], &[], 0), None),
+            ("allowed by prefix", p(&["ghcr.io/acme/"], &[], 0), None),
+            ("allowed by id", p(&[&id], &[], 0), None),
+            ("allowed by repo digest", p(&[&digest], &[], 0), None),
+            (
+                "not on allow list",
+                p(&["docker.io/"], &[], 0),
+                Some("not on this provider's allow list"),
+            ),
+            ("denied", p(&[], &["ghcr.io/acme/train"], 0), Some("denied")),
+            ("deny wins", p(&["ghcr.io/"], &[&id], 0), Some("denied")),
+            (
+                "too big",
+                p(&[], &[], 999),
+                Some("over this provider's 999-byte limit"),
+            ),
+            ("fits", p(&[], &[], 1000), None),
+        ];
+        for (name, policy, want) in cases {
+            match (check_image_policy(&policy, &facts), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(w)) => assert!(e.contains(w), "{name}: {e}"),
+                (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 }

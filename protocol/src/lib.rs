@@ -28,7 +28,7 @@ pub use ids::{BuyerId, IdParseError, JobId, Nonce, OfferId, ProviderId};
 pub use keys::{Keypair, PublicKey};
 pub use messages::*;
 pub use signed::{Signed, SignedMessage, VerifyError};
-pub use spec::{ImageRef, JobSpec, Resources, SpecError};
+pub use spec::{ImageRef, JobSpec, NetworkMode, Resources, SpecError};
 pub use units::{ByteSize, Credits, MilliCpu, Seconds, UnixMillis};
 
 /// Version of the wire protocol; bumped on any incompatible change to a message.

@@ -10,6 +10,8 @@
 //! | [`CapabilityAdvert`] | provider | gossipsub + request-response |
 //! | [`JobOffer`] | coordinator | request-response |
 //! | [`ResultReceipt`] | provider | request-response |
+//! | [`CancelJob`] | coordinator | request-response |
+//! | [`JobLost`] | provider | request-response |
 //!
 //! The libp2p request-response payloads are [`NetRequest`]/[`NetResponse`].
 
@@ -60,6 +62,8 @@ pub struct CapabilityAdvert {
     pub price_per_gpu_hour: Credits,
     /// The OCI runtime jobs run under (e.g. `runc`, `runsc`).
     pub runtime: String,
+    /// Whether the provider lets jobs ask for `network = "full"`.
+    pub allows_network: bool,
     pub issued_at: UnixMillis,
 }
 
@@ -124,6 +128,34 @@ impl SignedMessage for JobOffer {
     const DOMAIN: &'static str = "kiln/job-offer/v1";
 }
 
+/// The coordinator's instruction to stop a job (the buyer cancelled it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelJob {
+    pub job_id: JobId,
+    pub offer_id: OfferId,
+    pub provider: ProviderId,
+    pub reason: String,
+}
+
+impl SignedMessage for CancelJob {
+    const DOMAIN: &'static str = "kiln/cancel-job/v1";
+}
+
+/// A provider's statement that a job it accepted will produce no result
+/// (e.g. the daemon was killed and the container reaped on restart), so the
+/// coordinator can requeue it instead of waiting forever.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobLost {
+    pub job_id: JobId,
+    pub offer_id: OfferId,
+    pub provider: ProviderId,
+    pub reason: String,
+}
+
+impl SignedMessage for JobLost {
+    const DOMAIN: &'static str = "kiln/job-lost/v1";
+}
+
 /// How a job ended on the provider.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -134,6 +166,8 @@ pub enum Outcome {
     Failed,
     /// The wall-clock limit was reached and the container was killed.
     TimedOut,
+    /// The buyer cancelled; the container was stopped.
+    Cancelled,
 }
 
 /// What a job used.
@@ -141,10 +175,13 @@ pub enum Outcome {
 pub struct ResourceUsage {
     pub wall_ms: u64,
     pub output_bytes: u64,
+    /// Bytes the job wrote to stdout/stderr (all of them, kept or not).
     pub stdout_bytes: u64,
     pub stderr_bytes: u64,
     /// Whether the logs were cut at the provider's log cap.
     pub logs_truncated: bool,
+    /// The cap: bytes kept per stream.
+    pub log_cap_bytes: u64,
 }
 
 /// The provider's signed statement of what it ran and what came out.
@@ -205,6 +242,10 @@ pub enum NetRequest {
     Result(Box<JobResult>),
     /// Either way: fetch a blob by id.
     GetBlob(ContentId),
+    /// Coordinator → provider: stop this job.
+    Cancel(Signed<CancelJob>),
+    /// Provider → coordinator: this job was lost and will produce no result.
+    Lost(Signed<JobLost>),
 }
 
 /// Responses over `/kiln/rpc/1`.

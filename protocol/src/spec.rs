@@ -71,6 +71,19 @@ pub struct InputSpec {
     pub path: String,
 }
 
+/// Whether a job may use the network. Off unless the buyer asks for it *and*
+/// the provider's policy allows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NetworkMode {
+    /// No network interface but loopback (the default).
+    #[default]
+    #[serde(rename = "none")]
+    Isolated,
+    /// Outbound network through the provider's default bridge.
+    #[serde(rename = "full")]
+    Full,
+}
+
 /// Resources the job needs, and the most the buyer will pay.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -117,6 +130,8 @@ pub struct JobSpec {
     /// Directory inside the container whose contents become the job's output.
     #[serde(default = "default_output_path")]
     pub output_path: String,
+    #[serde(default)]
+    pub network: NetworkMode,
     #[serde(default)]
     pub resources: Resources,
 }
@@ -187,6 +202,7 @@ impl JobSpec {
             env: BTreeMap::new(),
             inputs: Vec::new(),
             output_path: default_output_path(),
+            network: NetworkMode::Isolated,
             resources: Resources::default(),
         }
     }

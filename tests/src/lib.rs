@@ -114,6 +114,7 @@ impl RogueProvider {
             price_per_cpu_hour: Credits(1),
             price_per_gpu_hour: Credits(1),
             runtime: "none".into(),
+            allows_network: false,
             issued_at: UnixMillis::now(),
         };
         Ok(Signed::sign(&self.key, a, 3600)?)
