@@ -22,6 +22,9 @@ pub struct DevnetOptions {
     pub state_dir: Option<PathBuf>,
     pub http_port: u16,
     pub heartbeat: Duration,
+    /// Jobs each provider runs at once.
+    pub slots: u32,
+    pub limits: kiln_node::runner::Limits,
 }
 
 impl Default for DevnetOptions {
@@ -31,6 +34,8 @@ impl Default for DevnetOptions {
             state_dir: None,
             http_port: 0,
             heartbeat: Duration::from_secs(2),
+            slots: 2,
+            limits: kiln_node::runner::Limits::default(),
         }
     }
 }
@@ -76,6 +81,8 @@ impl Devnet {
         for i in 0..opts.providers {
             let mut nc = NodeConfig::new(coord_addr.clone(), state_dir.join(format!("node{i}")));
             nc.heartbeat = opts.heartbeat;
+            nc.slots = opts.slots;
+            nc.limits = opts.limits.clone();
             nodes.push(kiln_node::start(nc, cancel.clone()).await?);
         }
         let dn = Self {

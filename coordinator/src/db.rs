@@ -217,8 +217,11 @@ impl Db {
         Ok(Self { pool })
     }
 
+    /// Starts a write transaction. `BEGIN IMMEDIATE` takes the write lock up
+    /// front, so concurrent writers queue on the busy timeout instead of
+    /// failing with SQLITE_BUSY when a read transaction tries to upgrade.
     pub async fn begin(&self) -> Result<Tx<'static>, DbError> {
-        Ok(self.pool.begin().await?)
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
     /// Records a nonce; `false` if this (signer, nonce) was seen before.

@@ -512,10 +512,11 @@ impl Runner {
     fn host_config(
         &self,
         spec: &JobSpec,
-        out_dir: &Path,
+        area: &OutputArea,
         inputs: &[LocalInput],
         gpu_uuids: &[String],
     ) -> Result<HostConfig, String> {
+        let out_dir = &area.path;
         let r = &spec.resources;
         let mut binds = vec![format!("{}:{}:rw", out_dir.display(), spec.output_path)];
         binds.extend(
@@ -523,7 +524,22 @@ impl Runner {
                 .iter()
                 .map(|i| format!("{}:{}:ro", i.host_path.display(), i.container_path)),
         );
-        let memory = i64::try_from(r.memory.0).map_err(|_| "memory limit too large".to_string())?;
+        // tmpfs pages are charged to the memory cgroup of whoever writes them,
+        // so the scratch areas get their own budgets on top of the job's
+        // declared memory: filling /tmp or the output area hits ENOSPC at its
+        // own limit instead of OOM-killing a job that stays within its memory.
+        let scratch = self.limits.tmp_size_bytes
+            + if area.mounted {
+                self.limits.max_output_bytes
+            } else {
+                0
+            };
+        let memory = r
+            .memory
+            .0
+            .checked_add(scratch)
+            .and_then(|m| i64::try_from(m).ok())
+            .ok_or_else(|| "memory limit too large".to_string())?;
         let device_requests = (!gpu_uuids.is_empty()).then(|| {
             vec![DeviceRequest {
                 driver: Some("nvidia".into()),
@@ -597,7 +613,7 @@ impl Runner {
                 (LABEL_OFFER.to_string(), offer.to_string()),
                 (LABEL_NODE.to_string(), self.node_label.clone()),
             ])),
-            host_config: Some(self.host_config(spec, &area.path, inputs, gpu_uuids)?),
+            host_config: Some(self.host_config(spec, area, inputs, gpu_uuids)?),
             ..Default::default()
         };
         self.docker

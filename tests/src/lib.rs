@@ -33,14 +33,57 @@ pub fn init_tracing() {
 
 /// A coordinator and `providers` nodes on loopback.
 pub async fn devnet(providers: usize) -> anyhow::Result<Devnet> {
-    init_tracing();
-    Devnet::start(DevnetOptions {
+    devnet_with(DevnetOptions {
         providers,
-        http_port: 0,
-        heartbeat: Duration::from_secs(1),
-        state_dir: None,
+        ..DevnetOptions::default()
     })
     .await
+}
+
+/// A devnet with explicit options (1 s heartbeats, a free HTTP port).
+pub async fn devnet_with(opts: DevnetOptions) -> anyhow::Result<Devnet> {
+    init_tracing();
+    Devnet::start(DevnetOptions {
+        http_port: 0,
+        heartbeat: Duration::from_secs(1),
+        ..opts
+    })
+    .await
+}
+
+/// Mount points below `dir` (a job's output area must never outlive it).
+pub fn mounts_below(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| std::path::Path::new(m).starts_with(dir))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Everything nodes of this devnet left behind: containers, job directories, mounts.
+pub async fn leftovers(dn: &Devnet) -> anyhow::Result<Vec<String>> {
+    let mut left = Vec::new();
+    for (i, n) in dn.nodes.iter().enumerate() {
+        for c in n.runner.containers().await? {
+            left.push(format!("node{i} container {:?} {:?}", c.names, c.labels));
+        }
+        let jobs = dn.state_dir.join(format!("node{i}/jobs"));
+        if let Ok(entries) = std::fs::read_dir(&jobs) {
+            left.extend(
+                entries
+                    .flatten()
+                    .map(|e| format!("node{i} job dir {}", e.path().display())),
+            );
+        }
+        left.extend(
+            mounts_below(&jobs)
+                .into_iter()
+                .map(|m| format!("node{i} mount {m}")),
+        );
+    }
+    Ok(left)
 }
 
 /// A fresh buyer (new key) talking to the devnet.

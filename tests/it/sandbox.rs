@@ -1,0 +1,333 @@
+//! Hostile jobs through the real node and Docker engine: each is contained,
+//! the containment is the specific one expected, and afterwards the node is
+//! healthy, nothing is left behind, and an ordinary job still completes.
+
+use std::time::Duration;
+
+use kiln_cli::devnet::DevnetOptions;
+use kiln_protocol::{ByteSize, Seconds};
+use kiln_tests::{buyer, devnet_with, leftovers, run_job};
+use serde_json::Value;
+
+fn stdout_of(logs: &Value) -> &str {
+    logs["stdout"].as_str().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_jobs_are_contained_and_the_provider_keeps_serving() {
+    let dn = devnet_with(DevnetOptions {
+        providers: 1,
+        slots: 4,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = buyer(&dn);
+    let coordinator_port = format!("127.0.0.1:{}", dn.coordinator.http_addr.port());
+    let secret = client
+        .upload(b"job-x-private-input\n".to_vec())
+        .await
+        .unwrap();
+
+    // A long-running job with an input, whose host-side path another job will try to read.
+    let mut victim = dn.workload_spec(&["sleep", "30"]);
+    victim.inputs.push(kiln_protocol::spec::InputSpec {
+        cid: secret,
+        path: "/in/secret".into(),
+    });
+    let v = client.submit(victim, None).await.unwrap();
+    let victim_id = kiln_cli::job_id_of(&v).unwrap();
+    let victim_input = dn.state_dir.join(format!("node0/jobs/{victim_id}/in/0"));
+    for _ in 0..100 {
+        if victim_input.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        victim_input.exists(),
+        "the victim's input is on the host at {}",
+        victim_input.display()
+    );
+    let victim_path = victim_input.display().to_string();
+
+    // (case, args, memory MiB, timeout s, expected state, expected text: in stdout, or in the reason)
+    type Case<'a> = (&'a str, Vec<&'a str>, u64, u64, &'a str, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "net-tcp",
+            vec!["net-tcp", &coordinator_port],
+            64,
+            30,
+            "completed",
+            "HOSTILE net-tcp contained",
+        ),
+        (
+            "net-udp",
+            vec!["net-udp"],
+            64,
+            30,
+            "completed",
+            "HOSTILE net-udp contained",
+        ),
+        (
+            "dns",
+            vec!["dns"],
+            64,
+            30,
+            "completed",
+            "HOSTILE dns contained",
+        ),
+        (
+            "write-root",
+            vec!["write-root"],
+            64,
+            30,
+            "completed",
+            "HOSTILE write-root contained",
+        ),
+        (
+            "proc-root",
+            vec!["proc-root"],
+            64,
+            30,
+            "completed",
+            "HOSTILE proc-root contained",
+        ),
+        (
+            "symlink-input",
+            vec!["symlink-input", "/in/secret"],
+            64,
+            30,
+            "completed",
+            "HOSTILE symlink-input contained",
+        ),
+        (
+            "read-other",
+            vec!["read-other", &victim_path],
+            64,
+            30,
+            "completed",
+            "HOSTILE read-other contained",
+        ),
+        (
+            "fork-bomb",
+            vec!["fork-bomb"],
+            64,
+            30,
+            "completed",
+            "HOSTILE fork-bomb contained",
+        ),
+        (
+            "mount",
+            vec!["mount"],
+            64,
+            30,
+            "completed",
+            "HOSTILE mount contained",
+        ),
+        (
+            "ptrace",
+            vec!["ptrace"],
+            64,
+            30,
+            "completed",
+            "HOSTILE ptrace contained",
+        ),
+        (
+            "raw-socket",
+            vec!["raw-socket"],
+            64,
+            30,
+            "completed",
+            "HOSTILE raw-socket contained",
+        ),
+        (
+            "chown",
+            vec!["chown"],
+            64,
+            30,
+            "completed",
+            "HOSTILE chown contained",
+        ),
+        (
+            "setuid-binary",
+            vec!["setuid-binary"],
+            64,
+            30,
+            "completed",
+            "HOSTILE setuid-binary contained",
+        ),
+        (
+            "fill-out",
+            vec!["fill-out", "200"],
+            64,
+            60,
+            "completed",
+            "HOSTILE fill-out contained",
+        ),
+        (
+            "fill-tmp",
+            vec!["fill-tmp", "200"],
+            64,
+            60,
+            "completed",
+            "HOSTILE fill-tmp contained",
+        ),
+        (
+            "memory",
+            vec!["memory", "1024"],
+            64,
+            60,
+            "failed",
+            "out of memory",
+        ),
+        (
+            "sleep-forever",
+            vec!["sleep-forever"],
+            64,
+            2,
+            "timed_out",
+            "wall-clock limit",
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (name, args, mem, timeout, _, _) in &cases {
+        let mut spec = dn.workload_spec(&[&["hostile"][..], &args[..]].concat());
+        spec.resources.memory = ByteSize(mem << 20);
+        spec.resources.timeout = Seconds(*timeout);
+        spec.resources.pids = 64;
+        if *name == "symlink-input" {
+            spec.inputs.push(kiln_protocol::spec::InputSpec {
+                cid: secret,
+                path: "/in/secret".into(),
+            });
+        }
+        let v = client
+            .submit(spec, Some(format!("hostile {name}")))
+            .await
+            .unwrap();
+        ids.push(kiln_cli::job_id_of(&v).unwrap());
+    }
+    // The log flood: kept at the cap, the rest counted and reported.
+    let flood = client
+        .submit(dn.workload_spec(&["hostile", "flood", "16"]), None)
+        .await
+        .unwrap();
+    let flood_id = kiln_cli::job_id_of(&flood).unwrap();
+
+    for ((name, _, _, _, state, text), id) in cases.iter().zip(&ids) {
+        let done = kiln_cli::wait_for(&client, id, Duration::from_secs(120), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(done["state"], *state, "{name}: {done:#}");
+        let logs = client.logs(id).await.unwrap();
+        let reason = done["reason"].as_str().unwrap_or("");
+        assert!(
+            stdout_of(&logs).contains(text) || reason.contains(text),
+            "{name}: expected `{text}`; reason `{reason}`; stdout:\n{}",
+            stdout_of(&logs)
+        );
+        assert!(
+            !stdout_of(&logs).contains("BREACHED"),
+            "{name} breached the sandbox:\n{}",
+            stdout_of(&logs)
+        );
+    }
+    let done = kiln_cli::wait_for(&client, &flood_id, Duration::from_secs(120), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done["logs_truncated"], true);
+    let usage = &done["usage"];
+    // Every byte is counted: the 16 MiB flood plus the workload's closing verdict line.
+    let emitted = usage["stdout_bytes"].as_u64().unwrap();
+    assert!(
+        (16 << 20..(16 << 20) + 4096).contains(&emitted),
+        "{usage:#}"
+    );
+    let kept = client.logs(&flood_id).await.unwrap()["stdout"]
+        .as_str()
+        .unwrap()
+        .len() as u64;
+    assert!(
+        kept <= usage["log_cap_bytes"].as_u64().unwrap(),
+        "kept {kept} bytes, over the cap"
+    );
+
+    client.cancel(&victim_id).await.unwrap();
+    let v = kiln_cli::wait_for(&client, &victim_id, Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(v["state"], "cancelled", "{v:#}");
+
+    // The provider is healthy, clean, and still serves ordinary work.
+    assert_eq!(leftovers(&dn).await.unwrap(), Vec::<String>::new());
+    let ok = run_job(&client, dn.workload_spec(&["echo", "still", "serving"]))
+        .await
+        .unwrap();
+    assert_eq!(ok["state"], "completed", "{ok:#}");
+    dn.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_mixed_jobs_leave_nothing_behind() {
+    let dn = devnet_with(DevnetOptions {
+        providers: 2,
+        slots: 4,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = buyer(&dn);
+    let volumes_before = docker_volumes();
+    let mut jobs = Vec::new();
+    for i in 0..100 {
+        let (args, expect): (Vec<&str>, &str) = match i % 5 {
+            0 | 1 => (vec!["echo", "ok"], "completed"),
+            2 => (vec!["exit", "1", "nope"], "failed"),
+            3 if i % 2 == 1 => (vec!["sleep", "30"], "timed_out"),
+            _ => (vec!["sleep", "30"], "cancelled"),
+        };
+        let mut spec = dn.workload_spec(&args);
+        if expect == "timed_out" {
+            spec.resources.timeout = Seconds(1);
+        }
+        let v = client.submit(spec, None).await.unwrap();
+        jobs.push((kiln_cli::job_id_of(&v).unwrap(), expect));
+    }
+    // Cancel the ones meant to be cancelled: some are still queued, some running.
+    for (id, expect) in &jobs {
+        if *expect == "cancelled" {
+            client.cancel(id).await.unwrap();
+        }
+    }
+    for (id, expect) in &jobs {
+        let done = kiln_cli::wait_for(&client, id, Duration::from_secs(300), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(done["state"], *expect, "{done:#}");
+    }
+    assert_eq!(leftovers(&dn).await.unwrap(), Vec::<String>::new());
+    assert_eq!(
+        docker_volumes(),
+        volumes_before,
+        "no Docker volume is left behind"
+    );
+    let acct = client.account().await.unwrap();
+    assert_eq!(acct["escrowed"], 0, "every escrow was settled: {acct:#}");
+    dn.shutdown().await;
+}
+
+fn docker_volumes() -> Vec<String> {
+    let out = std::process::Command::new("docker")
+        .args(["volume", "ls", "-q"])
+        .output()
+        .expect("docker CLI");
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
