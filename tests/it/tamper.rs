@@ -192,3 +192,92 @@ async fn a_node_refuses_expired_misaddressed_and_foreign_offers() {
         let _ = t.await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_job_is_requeued_and_completes_not_dropped() {
+    let dn = devnet(0).await.unwrap();
+    let cancel = CancellationToken::new();
+    let addr = dn.coordinator.p2p_addrs[0].clone();
+    let mut a = RogueProvider::join(&addr, &cancel).await.unwrap();
+    let mut b = RogueProvider::join(&addr, &cancel).await.unwrap();
+    let client = kiln_tests::buyer(&dn);
+    let job = client
+        .submit(dn.workload_spec(&["echo", "x"]), None)
+        .await
+        .unwrap();
+    let id = kiln_cli::job_id_of(&job).unwrap();
+    let first = tokio::select! {
+        o = a.next_offer() => (o.unwrap().payload, true),
+        o = b.next_offer() => (o.unwrap().payload, false),
+    };
+    let (offer, mut assigned, mut bystander) = if first.1 {
+        (first.0, a, b)
+    } else {
+        (first.0, b, a)
+    };
+    let lost = |by: &RogueProvider| {
+        let l = kiln_protocol::JobLost {
+            job_id: offer.job_id,
+            offer_id: offer.offer_id,
+            provider: by.id,
+            reason: "daemon restarted".into(),
+        };
+        kiln_protocol::NetRequest::Lost(Signed::sign(&by.key, l, 60).unwrap())
+    };
+    // Only the provider holding the job can declare it lost.
+    let reason = rejected(&bystander.send(lost(&bystander)).await.unwrap());
+    assert!(reason.contains("not from the provider holding"), "{reason}");
+    assert_eq!(state_of(&client, &id).await["state"], "running");
+
+    assert!(matches!(
+        assigned.send(lost(&assigned)).await.unwrap(),
+        NetResponse::Accepted
+    ));
+    // It is offered again (second attempt), and this time it completes.
+    let again = tokio::select! {
+        o = assigned.next_offer() => (o.unwrap().payload, false),
+        o = bystander.next_offer() => (o.unwrap().payload, true),
+    };
+    if again.1 {
+        std::mem::swap(&mut assigned, &mut bystander);
+    }
+    assert_eq!(again.0.job_id, id);
+    assert_ne!(
+        again.0.offer_id, offer.offer_id,
+        "a new offer for the new attempt"
+    );
+    // The old offer's receipt is now stale.
+    let stale = RogueProvider::result_for(&offer, &assigned.key).unwrap();
+    let reason = rejected(
+        &assigned
+            .send(kiln_protocol::NetRequest::Result(Box::new(stale)))
+            .await
+            .unwrap(),
+    );
+    assert!(reason.contains("offer"), "{reason}");
+    let fresh = RogueProvider::result_for(&again.0, &assigned.key).unwrap();
+    assert!(matches!(
+        assigned
+            .send(kiln_protocol::NetRequest::Result(Box::new(fresh)))
+            .await
+            .unwrap(),
+        NetResponse::Accepted
+    ));
+    let done = state_of(&client, &id).await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done["attempts"], 2);
+    let events: Vec<String> = done["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["detail"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|d| d.contains("requeued: lost on provider")),
+        "{events:?}"
+    );
+    cancel.cancel();
+    dn.shutdown().await;
+}
