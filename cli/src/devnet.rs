@@ -137,6 +137,9 @@ impl Devnet {
     /// Stops everything in order: the cancel token stops the network loops,
     /// the schedulers and the HTTP server; then we wait for every task.
     pub async fn shutdown(self) {
+        for n in &self.nodes {
+            n.drain(Duration::from_secs(10)).await;
+        }
         self.cancel.cancel();
         for n in self.nodes {
             for t in n.tasks {

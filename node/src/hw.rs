@@ -36,6 +36,37 @@ pub fn discover_gpus() -> Result<Vec<GpuInfo>, String> {
     Ok(gpus)
 }
 
+/// Compute processes NVML sees on each GPU (by UUID). Used between jobs to
+/// check that nothing of the previous job is left on a GPU.
+pub fn gpu_processes(uuids: &[String]) -> Result<Vec<(String, usize)>, String> {
+    let nvml = nvml_wrapper::Nvml::init().map_err(|e| format!("NVML is not available: {e}"))?;
+    uuids
+        .iter()
+        .map(|u| {
+            let d = nvml
+                .device_by_uuid(u.as_str())
+                .map_err(|e| format!("NVML cannot open GPU {u}: {e}"))?;
+            let n = d
+                .running_compute_processes()
+                .map(|p| p.len())
+                .map_err(|e| format!("NVML cannot list processes on {u}: {e}"))?;
+            Ok((u.clone(), n))
+        })
+        .collect()
+}
+
+/// GPUs that may be given to a new job: not busy with a job, and not dirty
+/// (a previous job's process was still on it at the last check).
+pub fn assignable_gpus<'a>(
+    all: &'a [kiln_protocol::GpuInfo],
+    busy: &std::collections::HashSet<u32>,
+    dirty: &std::collections::HashSet<u32>,
+) -> Vec<&'a kiln_protocol::GpuInfo> {
+    all.iter()
+        .filter(|g| !busy.contains(&g.index) && !dirty.contains(&g.index))
+        .collect()
+}
+
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -115,6 +146,35 @@ mod tests {
         assert!(c.logical_cores >= 1);
         assert!(c.matmul_mflops > 0);
         assert!(total_memory().0 > 0);
+    }
+
+    #[test]
+    fn assignable_gpus_table() {
+        use std::collections::HashSet;
+        let gpu = |index| GpuInfo {
+            index,
+            uuid: format!("GPU-{index}"),
+            name: "H100".into(),
+            memory_total: ByteSize(80 << 30),
+            compute_capability: (9, 0),
+            driver_version: "580".into(),
+        };
+        let all: Vec<GpuInfo> = (0..4).map(gpu).collect();
+        let set = |v: &[u32]| v.iter().copied().collect::<HashSet<u32>>();
+        // (busy, dirty, assignable)
+        let cases: [(&[u32], &[u32], &[u32]); 4] = [
+            (&[], &[], &[0, 1, 2, 3]),
+            (&[0, 1], &[], &[2, 3]),
+            (&[0], &[3], &[1, 2]),
+            (&[0, 1], &[2, 3], &[]),
+        ];
+        for (busy, dirty, want) in cases {
+            let got: Vec<u32> = assignable_gpus(&all, &set(busy), &set(dirty))
+                .iter()
+                .map(|g| g.index)
+                .collect();
+            assert_eq!(got, want, "busy {busy:?} dirty {dirty:?}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! Module map: [`hw`] (what the machine has), [`runner`] (one job in one
 //! container), this file (the service that ties them to the network).
 
+pub mod cli;
 pub mod hw;
 pub mod runner;
 
@@ -101,6 +102,7 @@ pub struct Node {
     pub tasks: Vec<JoinHandle<()>>,
     /// The node's job runner, for inspecting what is left on this machine.
     pub runner: Runner,
+    state: Arc<State>,
 }
 
 struct State {
@@ -123,8 +125,13 @@ struct Jobs {
     /// Running jobs and the token that stops them.
     running: HashMap<JobId, (OfferId, CancellationToken)>,
     busy_gpus: HashSet<u32>,
+    /// GPUs on which a finished job's process was still found; not assigned
+    /// until a later check finds them clean.
+    dirty_gpus: HashSet<u32>,
     /// Jobs reaped at start-up, still to be reported lost to the coordinator.
     lost: Vec<Orphan>,
+    /// Set by [`Node::drain`]: take no offers, report running jobs lost.
+    draining: bool,
 }
 
 /// Starts a node; it runs until `cancel` fires.
@@ -241,6 +248,7 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         listen_addrs,
         tasks,
         runner: state.runner.clone(),
+        state,
     })
 }
 
@@ -248,6 +256,9 @@ impl State {
     fn signed_advert(&self) -> Option<Signed<CapabilityAdvert>> {
         let mut advert = self.advert_base.clone();
         advert.issued_at = UnixMillis::now();
+        if self.jobs.lock().map(|j| j.draining).unwrap_or(true) {
+            advert.slots = 0; // shutting down: take no new work
+        }
         let ttl = (self.config.heartbeat.as_secs() * 3).max(15);
         Signed::sign(&self.key, advert, ttl).ok()
     }
@@ -292,6 +303,14 @@ async fn heartbeat(state: Arc<State>, cancel: CancellationToken) {
 /// Tells the coordinator about jobs reaped at start-up, so it requeues them
 /// instead of waiting for results that will never come.
 async fn report_lost(state: &State) {
+    report_lost_with(
+        state,
+        "the provider daemon restarted while the job ran; its container was reaped",
+    )
+    .await;
+}
+
+async fn report_lost_with(state: &State, why: &str) {
     let pending = state
         .jobs
         .lock()
@@ -303,8 +322,7 @@ async fn report_lost(state: &State) {
             job_id: o.job,
             offer_id: o.offer,
             provider: state.provider,
-            reason: "the provider daemon restarted while the job ran; its container was reaped"
-                .into(),
+            reason: why.into(),
         };
         let Ok(signed) = Signed::sign(&state.key, lost, 3600) else {
             continue;
@@ -417,11 +435,14 @@ fn handle_offer(state: &Arc<State>, peer: Peer, signed: Signed<JobOffer>) -> Net
                 state.config.slots
             ));
         }
-        let free: Vec<&kiln_protocol::GpuInfo> = state
-            .gpus
-            .iter()
-            .filter(|g| !jobs.busy_gpus.contains(&g.index))
-            .collect();
+        if jobs.draining {
+            return reject(format!(
+                "offer {} rejected: this provider is shutting down",
+                offer.offer_id.short()
+            ));
+        }
+        recheck_dirty_gpus(&state.gpus, &mut jobs.dirty_gpus);
+        let free = hw::assignable_gpus(&state.gpus, &jobs.busy_gpus, &jobs.dirty_gpus);
         let want = offer.spec.resources.gpus as usize;
         if free.len() < want {
             return reject(format!(
@@ -450,14 +471,90 @@ fn handle_offer(state: &Arc<State>, peer: Peer, signed: Signed<JobOffer>) -> Net
         let uuids: Vec<String> = gpu_uuids.into_iter().map(|(_, u)| u).collect();
         let job = offer.job_id;
         run_job(&s, offer, &uuids).await;
+        // GPU hygiene: a GPU the job used must be free of processes before
+        // it is given to anyone else.
+        let leftover: HashSet<u32> = match hw::gpu_processes(&uuids) {
+            Ok(counts) => counts
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .filter_map(|(u, _)| s.gpus.iter().find(|g| &g.uuid == u).map(|g| g.index))
+                .collect(),
+            Err(_) => HashSet::new(), // no GPUs, nothing to check
+        };
+        if !leftover.is_empty() {
+            tracing::warn!(job = %job.short(), gpus = ?leftover, "processes left on GPUs after the job; quarantined until clean");
+        }
         if let Ok(mut jobs) = s.jobs.lock() {
             jobs.running.remove(&job);
             for i in gpu_indices {
                 jobs.busy_gpus.remove(&i);
             }
+            jobs.dirty_gpus.extend(leftover);
         }
     });
     NetResponse::Accepted
+}
+
+/// Returns dirty GPUs to service once NVML shows no process on them.
+fn recheck_dirty_gpus(gpus: &[kiln_protocol::GpuInfo], dirty: &mut HashSet<u32>) {
+    if dirty.is_empty() {
+        return;
+    }
+    let uuids: Vec<String> = gpus
+        .iter()
+        .filter(|g| dirty.contains(&g.index))
+        .map(|g| g.uuid.clone())
+        .collect();
+    if let Ok(counts) = hw::gpu_processes(&uuids) {
+        for (u, n) in counts {
+            if n == 0 {
+                if let Some(g) = gpus.iter().find(|g| g.uuid == u) {
+                    dirty.remove(&g.index);
+                }
+            }
+        }
+    }
+}
+
+impl Node {
+    /// Stops taking offers, stops running containers and reports their jobs
+    /// lost (so the coordinator requeues them), waiting up to `grace`. Call
+    /// before cancelling the root token: the network must still be up.
+    pub async fn drain(&self, grace: Duration) {
+        let tokens: Vec<CancellationToken> = match self.state.jobs.lock() {
+            Ok(mut j) => {
+                j.draining = true;
+                j.running.values().map(|(_, t)| t.clone()).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        // Advertise zero slots at once, so the scheduler stops offering work here.
+        if let Some(advert) = self.state.signed_advert() {
+            let addrs = vec![self.state.coordinator_addr.clone()];
+            let _ = self
+                .state
+                .client
+                .request(self.state.coordinator, addrs, NetRequest::Register(advert))
+                .await;
+        }
+        for t in &tokens {
+            t.cancel();
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline {
+            if self
+                .state
+                .jobs
+                .lock()
+                .map(|j| j.running.is_empty())
+                .unwrap_or(true)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::warn!("some jobs were still stopping when the drain period ended");
+    }
 }
 
 /// Fetches each input from the coordinator by CID, verifying the bytes.
@@ -528,6 +625,18 @@ async fn run_job(state: &State, offer: JobOffer, gpu_uuids: &[String]) {
         }
     };
     tracing::info!(job = %job.short(), outcome = ?report.outcome, exit = ?report.exit_code, wall_ms = report.wall_ms, "job finished");
+    if state.jobs.lock().map(|j| j.draining).unwrap_or(false) {
+        // Stopped because this provider is shutting down, not because the
+        // buyer cancelled: the coordinator should run it elsewhere.
+        if let Ok(mut j) = state.jobs.lock() {
+            j.lost.push(Orphan {
+                job,
+                offer: offer.offer_id,
+            });
+        }
+        report_lost_with(state, "the provider shut down while the job ran").await;
+        return;
+    }
 
     let stdout_cid = ContentId::of_bytes(&report.stdout);
     let stderr_cid = ContentId::of_bytes(&report.stderr);

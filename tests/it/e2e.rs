@@ -155,3 +155,53 @@ async fn inputs_are_fetched_by_cid_and_mounted_read_only() {
 
     dn.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_draining_provider_hands_its_running_job_back() {
+    let dn = devnet(1).await.unwrap();
+    let client = buyer(&dn);
+    let v = client
+        .submit(dn.workload_spec(&["sleep", "30"]), None)
+        .await
+        .unwrap();
+    let id = kiln_cli::job_id_of(&v).unwrap();
+    for _ in 0..100 {
+        if client.job(&id).await.unwrap()["state"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    dn.nodes[0].drain(Duration::from_secs(20)).await;
+    let j = client.job(&id).await.unwrap();
+    assert_eq!(j["state"], "queued", "{j:#}");
+    let events = j["events"].to_string();
+    assert!(
+        events.contains("requeued: lost on provider") && events.contains("shut down"),
+        "{j:#}"
+    );
+    // The draining provider advertises no slots, so the job waits rather than bouncing back.
+    for _ in 0..50 {
+        if client.job(&id).await.unwrap()["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("excluded by slots")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let j = client.job(&id).await.unwrap();
+    assert_eq!(j["state"], "queued", "{j:#}");
+    assert!(
+        j["reason"]
+            .as_str()
+            .unwrap()
+            .contains("1 excluded by slots"),
+        "{j:#}"
+    );
+    assert_eq!(
+        kiln_tests::leftovers(&dn).await.unwrap(),
+        Vec::<String>::new()
+    );
+    dn.shutdown().await;
+}
