@@ -507,10 +507,10 @@ fn recheck_dirty_gpus(gpus: &[kiln_protocol::GpuInfo], dirty: &mut HashSet<u32>)
         .collect();
     if let Ok(counts) = hw::gpu_processes(&uuids) {
         for (u, n) in counts {
-            if n == 0 {
-                if let Some(g) = gpus.iter().find(|g| g.uuid == u) {
-                    dirty.remove(&g.index);
-                }
+            if n == 0
+                && let Some(g) = gpus.iter().find(|g| g.uuid == u)
+            {
+                dirty.remove(&g.index);
             }
         }
     }

@@ -685,18 +685,17 @@ impl Runner {
             .docker
             .inspect_container(name, None::<InspectContainerOptions>)
             .await
+            && let Some(state) = info.state
         {
-            if let Some(state) = info.state {
-                if state.oom_killed == Some(true) {
-                    outcome = Outcome::Failed;
-                    error = Some(format!(
-                        "killed: out of memory (limit {})",
-                        spec.resources.memory
-                    ));
-                }
-                if exit_code.is_none() && matches!(outcome, Outcome::Failed) {
-                    exit_code = state.exit_code;
-                }
+            if state.oom_killed == Some(true) {
+                outcome = Outcome::Failed;
+                error = Some(format!(
+                    "killed: out of memory (limit {})",
+                    spec.resources.memory
+                ));
+            }
+            if exit_code.is_none() && matches!(outcome, Outcome::Failed) {
+                exit_code = state.exit_code;
             }
         }
         let (stdout, stderr, stdout_total, stderr_total) =
