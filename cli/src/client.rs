@@ -154,6 +154,21 @@ impl Client {
         self.get_json("/v1/providers").await
     }
 
+    /// One page of the public ledger.
+    pub async fn ledger_page(&self, from: u64, limit: u32) -> Result<Value, ClientError> {
+        self.get_json(&format!("/v1/ledger?from={from}&limit={limit}"))
+            .await
+    }
+
+    pub async fn ledger_balances(&self) -> Result<Value, ClientError> {
+        self.get_json("/v1/ledger/balances").await
+    }
+
+    pub async fn statement(&self, account: &str) -> Result<Value, ClientError> {
+        self.get_json(&format!("/v1/accounts/{account}/statement"))
+            .await
+    }
+
     pub async fn info(&self) -> Result<Value, ClientError> {
         self.get_json("/v1/info").await
     }

@@ -25,6 +25,8 @@ pub struct DevnetOptions {
     /// Jobs each provider runs at once.
     pub slots: u32,
     pub limits: kiln_node::runner::Limits,
+    /// How often providers report usage for interval settlement.
+    pub usage_interval: Duration,
 }
 
 impl Default for DevnetOptions {
@@ -36,6 +38,7 @@ impl Default for DevnetOptions {
             heartbeat: Duration::from_secs(2),
             slots: 2,
             limits: kiln_node::runner::Limits::default(),
+            usage_interval: Duration::from_secs(5),
         }
     }
 }
@@ -82,6 +85,7 @@ impl Devnet {
             let mut nc = NodeConfig::new(coord_addr.clone(), state_dir.join(format!("node{i}")));
             nc.heartbeat = opts.heartbeat;
             nc.slots = opts.slots;
+            nc.usage_interval = opts.usage_interval;
             nc.limits = opts.limits.clone();
             nodes.push(kiln_node::start(nc, cancel.clone()).await?);
         }

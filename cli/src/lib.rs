@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod client;
 pub mod devnet;
+pub mod ledger;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -42,8 +42,12 @@ enum Cmd {
     Job(JobCmd),
     /// List live providers.
     Providers,
-    /// Show this buyer's balance.
-    Account,
+    /// Balances and statements.
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// Audit the coordinator's settlement ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCmd),
     /// Run a coordinator and N providers on loopback, and a demo job.
     Devnet {
         #[arg(long, default_value_t = 2)]
@@ -85,6 +89,28 @@ enum JobCmd {
         id: JobId,
         #[arg(short, long)]
         output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountCmd {
+    /// This buyer's balance and escrowed funds.
+    Balance,
+    /// Ledger entries touching an account (default: this buyer).
+    Statement {
+        /// e.g. `provider:12D3…`, `buyer:kb…`, `fee`.
+        #[arg(long)]
+        account: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCmd {
+    /// Replay the whole chain from genesis: signatures, links, effects, balances.
+    Verify {
+        /// The coordinator's public key (hex); by default the one it publishes.
+        #[arg(long)]
+        key: Option<kiln_protocol::PublicKey>,
     },
 }
 
@@ -212,12 +238,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .unwrap_or_default()
         }),
-        Cmd::Account => print(json, &client.account().await?, |v| {
+        Cmd::Account(AccountCmd::Balance) => print(json, &client.account().await?, |v| {
             format!(
                 "balance {} µcr, escrowed {} µcr",
                 v["balance"], v["escrowed"]
             )
         }),
+        Cmd::Account(AccountCmd::Statement { account }) => {
+            let account = account
+                .unwrap_or_else(|| format!("buyer:{}", kiln_protocol::BuyerId::new(key.public())));
+            print(json, &client.statement(&account).await?, |v| {
+                let mut out = format!(
+                    "{}  balance {} µcr\n",
+                    v["account"].as_str().unwrap_or("?"),
+                    v["balance"]
+                );
+                for e in v["entries"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "#{:<6} {:<16} {:>14} µcr  {}\n",
+                        e["seq"],
+                        e["op"].as_str().unwrap_or(""),
+                        e["delta"].as_str().unwrap_or(""),
+                        e["key"].as_str().unwrap_or("")
+                    ));
+                }
+                out
+            });
+        }
+        Cmd::Ledger(LedgerCmd::Verify { key }) => {
+            match kiln_cli::ledger::verify(&client, key).await? {
+                Ok(v) => print(json, &v, |v| {
+                    format!(
+                        "ledger verified: {} entries, head {}, {} accounts match",
+                        v["entries"],
+                        v["head"].as_str().unwrap_or("-"),
+                        v["accounts"]
+                    )
+                }),
+                Err(e) => anyhow::bail!("ledger verification failed: {e}"),
+            }
+        }
         Cmd::Devnet {
             providers,
             exit_after_demo,

@@ -284,6 +284,70 @@ pub enum Applied {
     },
 }
 
+impl Applied {
+    /// How this effect changed each account's available balance (escrows and
+    /// bonds are not balances): the lines of an account statement.
+    pub fn balance_deltas(&self) -> Vec<(AccountId, i128)> {
+        let c = |x: &Credits| i128::from(x.0);
+        let mut d = match self {
+            Applied::Deposited {
+                account, amount, ..
+            } => vec![(*account, c(amount))],
+            Applied::Withdrawn {
+                account, amount, ..
+            } => vec![(*account, -c(amount))],
+            Applied::Locked { buyer, amount, .. } => vec![(AccountId::Buyer(*buyer), -c(amount))],
+            Applied::Released {
+                provider,
+                buyer,
+                paid,
+                fee,
+                refunded,
+                ..
+            } => vec![
+                (AccountId::Provider(*provider), c(paid)),
+                (AccountId::Fee, c(fee)),
+                (AccountId::Buyer(*buyer), c(refunded)),
+            ],
+            Applied::Refunded {
+                buyer, refunded, ..
+            } => vec![(AccountId::Buyer(*buyer), c(refunded))],
+            Applied::Staked {
+                provider, amount, ..
+            } => vec![(AccountId::Provider(*provider), -c(amount))],
+            Applied::Unstaked {
+                provider, amount, ..
+            } => vec![(AccountId::Provider(*provider), c(amount))],
+            Applied::Slashed {
+                buyer,
+                to_buyer,
+                verifier,
+                to_verifier,
+                ..
+            } => {
+                let mut v = vec![(AccountId::Buyer(*buyer), c(to_buyer))];
+                if let Some(ver) = verifier {
+                    v.push((AccountId::Verifier(*ver), c(to_verifier)));
+                }
+                v
+            }
+            Applied::IntervalSettled {
+                provider,
+                paid,
+                fee,
+                ..
+            } => {
+                vec![
+                    (AccountId::Provider(*provider), c(paid)),
+                    (AccountId::Fee, c(fee)),
+                ]
+            }
+        };
+        d.retain(|(_, x)| *x != 0);
+        d
+    }
+}
+
 /// An op that was applied, with its effect: what a replay of its key returns.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppliedOp {

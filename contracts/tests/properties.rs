@@ -281,6 +281,15 @@ proptest! {
                         prop_assert_eq!(&l, &before, "replaying {:?} changed the ledger", op);
                     } else {
                         model.record(&effect)?;
+                        // Statement lines add up: each delta is exactly the balance change.
+                        let mut touched: BTreeMap<AccountId, i128> = BTreeMap::new();
+                        for (a, d) in effect.balance_deltas() {
+                            *touched.entry(a).or_default() += d;
+                        }
+                        for a in l.balances().keys().chain(before.balances().keys()) {
+                            let change = i128::from(l.balance(a).0) - i128::from(before.balance(a).0);
+                            prop_assert_eq!(touched.get(a).copied().unwrap_or(0), change, "delta of {} for {:?}", a, effect);
+                        }
                         if let Applied::Released { job, .. } | Applied::Refunded { job, .. } = &effect {
                             prop_assert!(closed.insert(*job, l.escrow(job).cloned()).is_none(), "job {} closed twice", job);
                         }

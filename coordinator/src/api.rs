@@ -12,7 +12,13 @@
 //! | `POST /v1/blobs` | buyer | upload an input, returns its CID |
 //! | `GET /v1/account` | buyer | balance |
 //! | `GET /v1/providers` | none | live providers |
-//! | `GET /v1/info` | none | coordinator identity and addresses |
+//! | `GET /v1/info` | none | coordinator identity, public key and addresses |
+//! | `GET /v1/ledger?from=N&limit=M` | none | signed hash-chained ledger entries (canonical bytes, hex) |
+//! | `GET /v1/ledger/balances` | none | the stored balances the chain must reproduce |
+//! | `GET /v1/accounts/{account}/statement` | none | an account's entries and balance |
+//!
+//! The ledger is public on purpose: anyone can replay it with
+//! `kiln ledger verify` against the coordinator's published key.
 //!
 //! "buyer"/"owner" auth is `Authorization: Kiln <hex of a Signed<ApiAuth>>`
 //! for this exact method and path. A job is visible only to its owner: to
@@ -159,6 +165,9 @@ pub fn create_app(state: AppState) -> Router {
         .route("/v1/account", get(account))
         .route("/v1/providers", get(providers))
         .route("/v1/info", get(info))
+        .route("/v1/ledger", get(ledger_entries))
+        .route("/v1/ledger/balances", get(ledger_balances))
+        .route("/v1/accounts/{account}/statement", get(statement))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -410,6 +419,73 @@ async fn providers(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
         })
         .collect();
     Ok(Json(json!({ "providers": list })))
+}
+
+#[derive(serde::Deserialize)]
+struct Page {
+    #[serde(default)]
+    from: u64,
+    limit: Option<u32>,
+}
+
+async fn ledger_entries(
+    State(state): State<AppState>,
+    axum::extract::Query(page): axum::extract::Query<Page>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page.limit.unwrap_or(1000).min(10_000);
+    let rows = state.db.ledger_entries(page.from, limit).await?;
+    let next = rows.last().map(|(seq, _)| seq + 1);
+    let entries: Vec<Value> = rows
+        .iter()
+        .map(|(seq, bytes)| json!({ "seq": seq, "entry": hex::encode(bytes) }))
+        .collect();
+    Ok(Json(json!({ "entries": entries, "next": next })))
+}
+
+async fn ledger_balances(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let balances = state.db.balances().await?;
+    Ok(Json(json!({ "balances": balances })))
+}
+
+async fn statement(
+    State(state): State<AppState>,
+    Path(account): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let account: AccountId =
+        account
+            .parse()
+            .map_err(|e: kiln_protocol::IdParseError| ApiError::BadRequest {
+                field: Some("account".into()),
+                reason: e.to_string(),
+            })?;
+    let mut lines = Vec::new();
+    let mut from = 0;
+    loop {
+        let rows = state.db.ledger_entries(from, 5000).await?;
+        let Some((last, _)) = rows.last() else { break };
+        from = last + 1;
+        for (seq, bytes) in &rows {
+            let entry =
+                kiln_protocol::Signed::<kiln_contracts::chain::LedgerEntry>::from_bytes(bytes)
+                    .map_err(|e| {
+                        ApiError::Internal(format!("ledger entry {seq} is unreadable: {e}"))
+                    })?;
+            if let Some(delta) = crate::bank::touches(&entry.payload.effect, &account) {
+                lines.push(json!({
+                    "seq": seq,
+                    "at": entry.payload.at,
+                    "op": entry.payload.op.name(),
+                    "key": entry.payload.op.key().as_str(),
+                    "delta": delta.to_string(),
+                    "effect": entry.payload.effect,
+                }));
+            }
+        }
+    }
+    let balance = state.bank.snapshot().await.balance(&account);
+    Ok(Json(
+        json!({ "account": account.to_string(), "balance": balance, "entries": lines }),
+    ))
 }
 
 async fn info(State(state): State<AppState>) -> Json<Value> {

@@ -1,10 +1,21 @@
-//! Settlement as the coordinator runs it: the pure `kiln_contracts::Ledger`
-//! in memory, rebuilt at start-up by replaying `ledger_ops`, and every new
-//! operation written to `ledger_ops` in the *same* database transaction as
-//! the job change that caused it. The in-memory ledger is only replaced
-//! after that transaction commits, so memory never runs ahead of disk.
+//! Settlement as the coordinator runs it.
+//!
+//! The pure `kiln_contracts::Ledger` lives in memory; every operation that
+//! applies under a new idempotency key becomes a signed, hash-chained
+//! `LedgerEntry` row and updates the materialized `balances` rows, in the
+//! *same* database transaction as the job change that caused it. The
+//! in-memory state is replaced only after that transaction commits, so
+//! memory never runs ahead of disk, and a crash at any point loses or
+//! doubles nothing.
+//!
+//! At start-up the whole chain is verified from genesis with the
+//! coordinator's own public key, and the stored balances are compared with
+//! the replay: a tampered database stops the coordinator with the first bad
+//! entry named, rather than being served.
 
-use kiln_contracts::{Applied, ContractError, Ledger, Op};
+use kiln_contracts::chain::{ChainBuilder, LedgerEntry, verify_chain};
+use kiln_contracts::{AccountId, Applied, ContractError, Ledger, Op, compare_balances};
+use kiln_protocol::{Keypair, Signed, UnixMillis};
 use tokio::sync::{Mutex, MutexGuard};
 
 use crate::db::{Db, DbError, Tx};
@@ -15,73 +26,137 @@ pub enum BankError {
     Contract(#[from] ContractError),
     #[error(transparent)]
     Db(#[from] DbError),
-    #[error("stored ledger operation is unreadable: {0}")]
-    Corrupt(String),
+    #[error("the stored ledger does not verify: {0}; the database was altered or corrupted")]
+    Tampered(String),
+    #[error("cannot encode a ledger entry: {0}")]
+    Encode(String),
+}
+
+#[derive(Clone)]
+struct State {
+    ledger: Ledger,
+    chain: ChainBuilder,
 }
 
 pub struct Bank {
-    ledger: Mutex<Ledger>,
+    state: Mutex<State>,
     pub fee_bps: u16,
 }
 
-/// A ledger being changed inside a transaction; `commit` publishes it.
+/// A change in progress inside a transaction; `commit` publishes it.
 pub struct Pending<'a> {
-    guard: MutexGuard<'a, Ledger>,
-    next: Ledger,
+    guard: MutexGuard<'a, State>,
+    next: State,
 }
 
 impl Bank {
-    /// Replays every stored operation from genesis and checks the invariants.
-    pub async fn load(db: &Db, fee_bps: u16) -> Result<Self, BankError> {
-        let mut ledger = Ledger::new();
-        for op in db.ledger_ops().await? {
-            let op: Op =
-                serde_json::from_str(&op).map_err(|e| BankError::Corrupt(e.to_string()))?;
-            ledger.apply(op)?;
+    /// Loads and verifies the chain; migrates a pre-chain database by
+    /// replaying its `ledger_ops` into signed entries once.
+    pub async fn load(db: &Db, key: &Keypair, fee_bps: u16) -> Result<Self, BankError> {
+        let mut entries = db.ledger_entries(0, u32::MAX).await?;
+        if entries.is_empty() {
+            let ops = db.ledger_ops().await?;
+            if !ops.is_empty() {
+                let bank = Self {
+                    state: Mutex::new(State {
+                        ledger: Ledger::new(),
+                        chain: ChainBuilder::genesis(key.clone()),
+                    }),
+                    fee_bps,
+                };
+                let mut tx = db.begin().await?;
+                let mut p = bank.begin().await;
+                for op in ops {
+                    let op: Op = serde_json::from_str(&op)
+                        .map_err(|e| BankError::Tampered(e.to_string()))?;
+                    p.apply(&mut tx, op).await?;
+                }
+                tx.commit().await.map_err(DbError::from)?;
+                p.commit();
+                tracing::info!("migrated the settlement ledger to a signed hash chain");
+                entries = db.ledger_entries(0, u32::MAX).await?;
+            }
         }
-        ledger.check_invariants().map_err(|e| {
-            BankError::Corrupt(format!("ledger invariant violated after replay: {e}"))
-        })?;
+        let decoded: Vec<Signed<LedgerEntry>> = entries
+            .iter()
+            .map(|(seq, bytes)| {
+                Signed::from_bytes(bytes).map_err(|e| {
+                    BankError::Tampered(format!("ledger entry {seq} is malformed: {e}"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let ledger = verify_chain(&decoded, &key.public())
+            .map_err(|e| BankError::Tampered(e.to_string()))?;
+        compare_balances(&ledger, &db.balances().await?)
+            .map_err(|e| BankError::Tampered(e.to_string()))?;
+        let chain = match decoded.last() {
+            Some(last) => ChainBuilder::after(key.clone(), last),
+            None => ChainBuilder::genesis(key.clone()),
+        };
         Ok(Self {
-            ledger: Mutex::new(ledger),
+            state: Mutex::new(State { ledger, chain }),
             fee_bps,
         })
     }
 
     /// Starts a change. Holding the returned value serializes settlement.
     pub async fn begin(&self) -> Pending<'_> {
-        let guard = self.ledger.lock().await;
+        let guard = self.state.lock().await;
         let next = guard.clone();
         Pending { guard, next }
     }
 
     pub async fn snapshot(&self) -> Ledger {
-        self.ledger.lock().await.clone()
+        self.state.lock().await.ledger.clone()
     }
 }
 
 impl Pending<'_> {
-    /// Applies `op` to the pending ledger and stages its row in `tx`. An
-    /// operation whose key was already applied changes nothing and writes nothing.
+    /// Applies `op` and stages its signed entry and balance rows in `tx`.
+    /// An operation whose key was already applied changes and writes nothing.
     pub async fn apply(&mut self, tx: &mut Tx<'_>, op: Op) -> Result<Applied, BankError> {
-        let already = self.next.applied(op.key()).is_some();
-        let key = op.key().as_str().to_string();
-        let op_json = serde_json::to_string(&op).map_err(|e| BankError::Corrupt(e.to_string()))?;
-        let applied = self.next.apply(op)?;
+        let already = self.next.ledger.applied(op.key()).is_some();
+        let applied = self.next.ledger.apply(op.clone())?;
         if !already {
-            let applied_json =
-                serde_json::to_string(&applied).map_err(|e| BankError::Corrupt(e.to_string()))?;
-            Db::append_ledger_op(tx, &key, &op_json, &applied_json).await?;
+            let entry = self
+                .next
+                .chain
+                .append(op, applied.clone(), UnixMillis::now())
+                .map_err(|e| BankError::Encode(e.to_string()))?;
+            let bytes = entry
+                .to_bytes()
+                .map_err(|e| BankError::Encode(e.to_string()))?;
+            Db::append_ledger_entry(tx, entry.payload.seq, &bytes, entry.payload.at).await?;
+            for (account, _) in applied.balance_deltas() {
+                Db::set_balance(
+                    tx,
+                    &account.to_string(),
+                    self.next.ledger.balance(&account).0,
+                )
+                .await?;
+            }
         }
         Ok(applied)
     }
 
     pub fn ledger(&self) -> &Ledger {
-        &self.next
+        &self.next.ledger
     }
 
-    /// Publishes the pending ledger; call right after the transaction commits.
+    /// Publishes the pending state; call right after the transaction commits.
     pub fn commit(mut self) {
         *self.guard = self.next;
     }
+}
+
+/// An account's statement line.
+pub fn touches(applied: &Applied, account: &AccountId) -> Option<i128> {
+    let d: i128 = applied
+        .balance_deltas()
+        .iter()
+        .filter(|(a, _)| a == account)
+        .map(|(_, d)| d)
+        .sum();
+    let named = applied.balance_deltas().iter().any(|(a, _)| a == account);
+    named.then_some(d)
 }

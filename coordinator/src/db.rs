@@ -479,20 +479,61 @@ impl Db {
         Ok(())
     }
 
-    pub async fn append_ledger_op(
+    pub async fn append_ledger_entry(
         tx: &mut Tx<'_>,
-        key: &str,
-        op: &str,
-        applied: &str,
+        seq: u64,
+        entry: &[u8],
+        at: UnixMillis,
     ) -> Result<(), DbError> {
-        sqlx::query("INSERT INTO ledger_ops (op_key, op, applied, at) VALUES (?, ?, ?, ?)")
-            .bind(key)
-            .bind(op)
-            .bind(applied)
-            .bind(i(UnixMillis::now().0))
+        sqlx::query("INSERT INTO ledger_entries (seq, entry, at) VALUES (?, ?, ?)")
+            .bind(i(seq))
+            .bind(entry)
+            .bind(i(at.0))
             .execute(&mut **tx)
             .await?;
         Ok(())
+    }
+
+    pub async fn set_balance(tx: &mut Tx<'_>, account: &str, balance: u64) -> Result<(), DbError> {
+        sqlx::query("INSERT INTO balances (account, balance) VALUES (?, ?) ON CONFLICT (account) DO UPDATE SET balance = excluded.balance")
+            .bind(account)
+            .bind(i(balance))
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Ledger entries (seq, canonical bytes) from `from`, in order.
+    pub async fn ledger_entries(
+        &self,
+        from: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT seq, entry FROM ledger_entries WHERE seq >= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(i(from))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((u(r.try_get("seq")?), r.try_get("entry")?)))
+            .collect()
+    }
+
+    /// The stored balances, by account.
+    pub async fn balances(
+        &self,
+    ) -> Result<std::collections::BTreeMap<kiln_contracts::AccountId, Credits>, DbError> {
+        let rows = sqlx::query("SELECT account, balance FROM balances")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let a: String = r.try_get("account")?;
+                Ok((parse("balances", &a)?, Credits(u(r.try_get("balance")?))))
+            })
+            .collect()
     }
 
     /// All settlement operations in the order they were applied.

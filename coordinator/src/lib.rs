@@ -144,7 +144,7 @@ pub async fn start(
     })?;
     let key = keyfile::load_or_create(&config.state_dir.join("coordinator.key"))?;
     let db = db::Db::open_sqlite(&config.state_dir.join("kiln.db")).await?;
-    let bank = bank::Bank::load(&db, config.fee_bps).await?;
+    let bank = bank::Bank::load(&db, &key, config.fee_bps).await?;
     let blobs = blobs::BlobStore::open(&config.state_dir.join("blobs"))?;
     let (net, events, event_loop) = kiln_net::spawn(
         key.to_libp2p(),

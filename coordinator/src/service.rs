@@ -189,6 +189,7 @@ async fn answer(state: &AppState, peer: Peer, request: NetRequest) -> NetRespons
         NetRequest::Result(result) => accept_result(state, peer, *result).await,
         NetRequest::GetBlob(cid) => serve_input(state, peer, cid).await,
         NetRequest::Lost(lost) => job_lost(state, peer, &lost).await,
+        NetRequest::Usage(report) => settle_usage(state, peer, &report).await,
         NetRequest::Offer(_) | NetRequest::Cancel(_) => Ok(rejected(
             "a coordinator does not take offers or cancellations",
         )),
@@ -394,6 +395,88 @@ async fn accept_result(
     Ok(NetResponse::Accepted)
 }
 
+/// Pays one interval of a running job from its escrow. The reported wall
+/// time is trusted only up to what the coordinator itself has seen: the time
+/// since the job started running here, plus a small allowance.
+async fn settle_usage(
+    state: &AppState,
+    peer: ProviderId,
+    signed: &Signed<kiln_protocol::UsageReport>,
+) -> Result<NetResponse, DbError> {
+    let report = match signed.verify(UnixMillis::now()) {
+        Ok(r) => r,
+        Err(e) => return Ok(rejected(format!("usage report refused: {e}"))),
+    };
+    let signer = ProviderId::from_public_key(&signed.signer);
+    let Some(job) = state.db.job(&report.job_id).await? else {
+        return Ok(rejected(format!(
+            "usage report for unknown job {}",
+            report.job_id
+        )));
+    };
+    if signer != peer
+        || job.provider != Some(signer)
+        || job.offer_id != Some(report.offer_id)
+        || job.state != JobState::Running
+    {
+        return Ok(rejected(format!(
+            "usage report for job {} refused: not running on the reporting provider under that offer",
+            job.id
+        )));
+    }
+    let seen_ms = UnixMillis::now().0.saturating_sub(job.updated_at.0) + 2_000;
+    let wall_ms = report.wall_ms.min(seen_ms);
+    let total = cost_for(job.price_per_hour.unwrap_or_default(), wall_ms)
+        .unwrap_or(job.max_cost)
+        .min(job.max_cost);
+    let mut tx = state.db.begin().await?;
+    let mut pending = state.bank.begin().await;
+    let paid = pending
+        .ledger()
+        .escrow(&job.id)
+        .map(|e| e.interval_paid)
+        .unwrap_or_default();
+    let due = Credits(total.0.saturating_sub(paid.0));
+    if due.0 == 0 || job.max_cost.0 == 0 {
+        return Ok(NetResponse::Accepted);
+    }
+    let op = Op::SettleInterval {
+        key: OpKey::new(format!("interval:{}:{}", job.id, report.interval)),
+        job: job.id,
+        provider: signer,
+        cost: due,
+        fee_bps: state.bank.fee_bps,
+    };
+    match pending.apply(&mut tx, op).await {
+        Ok(_) => {
+            tx.commit().await?;
+            pending.commit();
+            Ok(NetResponse::Accepted)
+        }
+        Err(crate::bank::BankError::Contract(ContractError::EscrowExhausted {
+            needed,
+            remaining,
+            ..
+        })) => {
+            drop(tx);
+            drop(pending);
+            let why = format!(
+                "escrow exhausted: interval {} needs {needed}, {remaining} remains",
+                report.interval
+            );
+            tracing::warn!(job = %job.id.short(), "{why}; stopping the job");
+            if let Err(e) = cancel(state, &job).await {
+                tracing::error!(job = %job.id.short(), "could not stop a job whose escrow ran dry: {e}");
+            }
+            Ok(rejected(why))
+        }
+        Err(e) => Ok(rejected(format!(
+            "interval settlement for job {} failed: {e}",
+            job.id
+        ))),
+    }
+}
+
 /// A provider reports a job it accepted as lost (e.g. its daemon was killed
 /// and the container reaped): requeue it, or fail it after `max_attempts`.
 async fn job_lost(
@@ -582,8 +665,42 @@ pub async fn cancel(state: &AppState, job: &JobRecord) -> Result<CancelOutcome, 
     }
 }
 
+/// After a restart: jobs that were offered but not confirmed get the *same*
+/// offer again (providers accept an offer id once, so this never runs a job
+/// twice); their providers answer, or the usual retry/requeue path applies.
+pub async fn recover(state: &AppState) -> Result<(), DbError> {
+    let dispatched = state.db.jobs_in(&[JobState::Dispatched], 100_000).await?;
+    let providers = state.db.providers_seen_since(UnixMillis(0)).await?;
+    for job in dispatched {
+        let (Some(provider), Some(offer_id), Some(price)) =
+            (job.provider, job.offer_id, job.price_per_hour)
+        else {
+            continue;
+        };
+        let addrs = providers
+            .iter()
+            .find(|p| p.advert.payload.provider == provider)
+            .map(|p| p.advert.payload.listen_addrs.clone())
+            .unwrap_or_default();
+        let offer = JobOffer {
+            offer_id,
+            job_id: job.id,
+            provider,
+            owner: job.owner,
+            spec: job.spec.clone(),
+            price_per_hour: price,
+        };
+        tracing::info!(job = %job.id.short(), "re-sending an unconfirmed offer after restart");
+        tokio::spawn(dispatch(state.clone(), offer, addrs, job.attempts));
+    }
+    Ok(())
+}
+
 /// Places queued jobs whenever woken, and at least every `schedule_interval`.
 pub async fn schedule_loop(state: AppState, cancel: CancellationToken) {
+    if let Err(e) = recover(&state).await {
+        tracing::error!("recovering unconfirmed offers failed: {e}");
+    }
     loop {
         if let Err(e) = schedule_once(&state).await {
             tracing::error!("scheduling round failed: {e}");

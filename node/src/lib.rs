@@ -55,6 +55,8 @@ pub struct NodeConfig {
     pub heartbeat: Duration,
     pub limits: Limits,
     pub policy: Policy,
+    /// How often a running job's usage is reported for settlement.
+    pub usage_interval: Duration,
 }
 
 impl NodeConfig {
@@ -71,6 +73,7 @@ impl NodeConfig {
             heartbeat: Duration::from_secs(5),
             limits: Limits::default(),
             policy: Policy::default(),
+            usage_interval: Duration::from_secs(60),
         }
     }
 }
@@ -359,7 +362,10 @@ fn handle_request(state: &Arc<State>, peer: Peer, request: NetRequest) -> NetRes
         NetRequest::GetBlob(cid) => reject(format!(
             "blob {cid} requested by {peer}: providers do not serve blobs in this protocol version"
         )),
-        NetRequest::Register(_) | NetRequest::Result(_) | NetRequest::Lost(_) => reject(format!(
+        NetRequest::Register(_)
+        | NetRequest::Result(_)
+        | NetRequest::Lost(_)
+        | NetRequest::Usage(_) => reject(format!(
             "peer {peer} sent a request only a coordinator accepts"
         )),
     }
@@ -613,10 +619,15 @@ async fn run_job(state: &State, offer: JobOffer, gpu_uuids: &[String]) {
         .unwrap_or_default();
     let report = match fetch_inputs(state, &job, &offer).await {
         Ok(inputs) => {
-            state
-                .runner
-                .run(job, offer.offer_id, &offer.spec, &inputs, gpu_uuids, cancel)
-                .await
+            let run =
+                state
+                    .runner
+                    .run(job, offer.offer_id, &offer.spec, &inputs, gpu_uuids, cancel);
+            // Usage is reported for settlement while the job runs.
+            tokio::select! {
+                report = run => report,
+                never = report_usage(state, &offer) => match never {},
+            }
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(state.runner.job_dir(&job));
@@ -693,6 +704,41 @@ async fn run_job(state: &State, offer: JobOffer, gpu_uuids: &[String]) {
         blobs,
     };
     deliver(state, job, result).await;
+}
+
+/// Reports usage every `usage_interval` for as long as it is polled (the
+/// caller drops it when the job ends).
+async fn report_usage(state: &State, offer: &JobOffer) -> std::convert::Infallible {
+    let started = std::time::Instant::now();
+    let mut interval = 0u64;
+    loop {
+        tokio::time::sleep(state.config.usage_interval).await;
+        interval += 1;
+        let report = kiln_protocol::UsageReport {
+            job_id: offer.job_id,
+            offer_id: offer.offer_id,
+            provider: state.provider,
+            interval,
+            wall_ms: started.elapsed().as_millis() as u64,
+        };
+        let Ok(signed) = Signed::sign(&state.key, report, 3600) else {
+            continue;
+        };
+        let addrs = vec![state.coordinator_addr.clone()];
+        match state
+            .client
+            .request(state.coordinator, addrs, NetRequest::Usage(signed))
+            .await
+        {
+            Ok(NetResponse::Accepted) => {}
+            Ok(NetResponse::Rejected { reason }) => {
+                tracing::warn!(job = %offer.job_id.short(), "usage report refused: {reason}")
+            }
+            Ok(_) | Err(_) => {
+                tracing::warn!(job = %offer.job_id.short(), interval, "usage report not delivered")
+            }
+        }
+    }
 }
 
 /// Sends a result until the coordinator answers; a refusal is final.

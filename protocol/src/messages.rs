@@ -12,6 +12,7 @@
 //! | [`ResultReceipt`] | provider | request-response |
 //! | [`CancelJob`] | coordinator | request-response |
 //! | [`JobLost`] | provider | request-response |
+//! | [`UsageReport`] | provider | request-response |
 //!
 //! The libp2p request-response payloads are [`NetRequest`]/[`NetResponse`].
 
@@ -156,6 +157,25 @@ impl SignedMessage for JobLost {
     const DOMAIN: &'static str = "kiln/job-lost/v1";
 }
 
+/// A provider's signed statement of how long a job has been running, sent
+/// every settlement interval so the coordinator pays as the job goes: the
+/// provider is never owed more than one interval, and the buyer never pays
+/// for more than one interval of work not yet reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    pub job_id: JobId,
+    pub offer_id: OfferId,
+    pub provider: ProviderId,
+    /// 1-based interval number; the coordinator settles each number once.
+    pub interval: u64,
+    /// Wall time the job has run so far.
+    pub wall_ms: u64,
+}
+
+impl SignedMessage for UsageReport {
+    const DOMAIN: &'static str = "kiln/usage-report/v1";
+}
+
 /// How a job ended on the provider.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -246,6 +266,8 @@ pub enum NetRequest {
     Cancel(Signed<CancelJob>),
     /// Provider → coordinator: this job was lost and will produce no result.
     Lost(Signed<JobLost>),
+    /// Provider → coordinator: usage so far of a running job (interval settlement).
+    Usage(Signed<UsageReport>),
 }
 
 /// Responses over `/kiln/rpc/1`.

@@ -3,5 +3,6 @@
 
 mod api;
 mod e2e;
+mod ledger;
 mod sandbox;
 mod tamper;
