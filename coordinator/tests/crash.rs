@@ -1,0 +1,243 @@
+//! Crash safety: the real `kiln-coordinator` binary is SIGKILLed again and
+//! again while jobs are submitted, dispatched and settled. After the last
+//! restart every job has completed exactly once, the ledger replays from
+//! genesis against the coordinator's published key, the stored balances
+//! match the replay, and they add up to the work done.
+//!
+//! The provider is a scripted libp2p peer (this crate never depends on the
+//! node crate): it accepts each offer id once and delivers an honest signed
+//! receipt, retrying until the coordinator answers, as a real node does.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kiln_contracts::chain::{verify_chain, LedgerEntry};
+use kiln_contracts::{compare_balances, AccountId, Credits};
+use kiln_net::{NetConfig, NetEvent};
+use kiln_protocol::{
+    ApiAuth, Blob, BuyerId, ByteSize, CapabilityAdvert, ContentId, CpuInfo, JobId, JobResult, JobSpec, JobSubmission,
+    Keypair, Manifest, MilliCpu, NetRequest, NetResponse, Outcome, ProviderId, PublicKey, ResourceUsage, ResultReceipt,
+    Seconds, Signed, UnixMillis,
+};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+const FAUCET: u64 = 1_000_000_000;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+fn spawn(dir: &Path, http: u16, p2p: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_kiln-coordinator"))
+        .args(["run", "--http", &format!("127.0.0.1:{http}"), "--p2p", &format!("/ip4/127.0.0.1/tcp/{p2p}")])
+        .args(["--faucet", &FAUCET.to_string()])
+        .arg("--state-dir")
+        .arg(dir)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kiln-coordinator binary")
+}
+
+/// Waits until the HTTP API answers (the coordinator verifies its whole
+/// ledger before it serves anything); returns `/v1/info`.
+async fn wait_up(http: &reqwest::Client, base: &str) -> Value {
+    for _ in 0..300 {
+        if let Ok(r) = http.get(format!("{base}/v1/info")).send().await {
+            if let Ok(v) = r.json::<Value>().await {
+                return v;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the coordinator did not come back up (did its ledger fail to verify?)");
+}
+
+fn auth(key: &Keypair, method: &str, path: &str) -> String {
+    let s = Signed::sign(key, ApiAuth { method: method.into(), path: path.into() }, 60).unwrap();
+    format!("Kiln {}", hex::encode(s.to_bytes().unwrap()))
+}
+
+/// A provider that accepts each offer once and delivers its result until the
+/// coordinator takes it.
+async fn provider(coordinator: kiln_net::Addr, cancel: CancellationToken) {
+    let key = Keypair::generate();
+    let id = ProviderId::from_public_key(&key.public());
+    let (net, mut events, ev) = kiln_net::spawn(key.to_libp2p(), NetConfig::default(), cancel.clone()).await.unwrap();
+    tokio::spawn(ev.run());
+    let peer = kiln_net::peer_of(&coordinator).unwrap();
+    let advert = CapabilityAdvert {
+        provider: id,
+        protocol_version: kiln_protocol::PROTOCOL_VERSION,
+        node_version: "crash-test".into(),
+        listen_addrs: net.listen_addrs().iter().map(ToString::to_string).collect(),
+        cpu: CpuInfo { model: "test".into(), logical_cores: 8, matmul_mflops: 1 },
+        memory: ByteSize(16 << 30),
+        gpus: vec![],
+        slots: 4,
+        price_per_cpu_hour: Credits(3_600_000),
+        price_per_gpu_hour: Credits(0),
+        runtime: "none".into(),
+        allows_network: false,
+        issued_at: UnixMillis::now(),
+    };
+    let mut seen = HashSet::new();
+    let mut pending: Vec<JobResult> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(300));
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {
+                let signed = Signed::sign(&key, advert.clone(), 60).unwrap();
+                let _ = net.request(peer, vec![coordinator.clone()], NetRequest::Register(signed)).await;
+                let mut still = Vec::new();
+                for r in pending.drain(..) {
+                    match net.request(peer, vec![coordinator.clone()], NetRequest::Result(Box::new(r.clone()))).await {
+                        Ok(NetResponse::Accepted) => {}
+                        Ok(NetResponse::Rejected { reason }) => panic!("an honest result was refused: {reason}"),
+                        _ => still.push(r),
+                    }
+                }
+                pending = still;
+            }
+            Some(ev) = events.recv() => {
+                if let NetEvent::Request { request: NetRequest::Offer(o), reply, .. } = ev {
+                    let _ = reply.send(NetResponse::Accepted);
+                    if seen.insert(o.payload.offer_id) {
+                        pending.push(result_for(&o.payload, &key, id));
+                    }
+                } else if let NetEvent::Request { reply, .. } = ev {
+                    let _ = reply.send(NetResponse::Rejected { reason: "unexpected".into() });
+                }
+            }
+        }
+    }
+}
+
+fn result_for(offer: &kiln_protocol::JobOffer, key: &Keypair, id: ProviderId) -> JobResult {
+    let out = format!("ran {}\n", offer.job_id).into_bytes();
+    let manifest = Manifest::default();
+    let now = UnixMillis::now();
+    let receipt = ResultReceipt {
+        job_id: offer.job_id,
+        offer_id: offer.offer_id,
+        provider: id,
+        outcome: Outcome::Succeeded,
+        exit_code: Some(0),
+        error: None,
+        image_digest: offer.spec.image.0.clone(),
+        input_cids: vec![],
+        output_cid: manifest.cid(),
+        stdout_cid: ContentId::of_bytes(&out),
+        stderr_cid: ContentId::of_bytes(b""),
+        started_at: now,
+        finished_at: now,
+        usage: ResourceUsage { wall_ms: 1_500, stdout_bytes: out.len() as u64, ..Default::default() },
+    };
+    JobResult {
+        job_id: offer.job_id,
+        receipt: Signed::sign(key, receipt, 3600).unwrap(),
+        manifest,
+        blobs: vec![Blob { cid: ContentId::of_bytes(&out), bytes: out }, Blob { cid: ContentId::of_bytes(b""), bytes: vec![] }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_any_point_never_loses_or_doubles_a_payment() {
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, p2p_port) = (free_port(), free_port());
+    let base = format!("http://127.0.0.1:{http_port}");
+    let http = reqwest::Client::new();
+    let mut coordinator = spawn(dir.path(), http_port, p2p_port);
+    let info = wait_up(&http, &base).await;
+    let peer = info["peer_id"].as_str().unwrap();
+    let addr: kiln_net::Addr = format!("/ip4/127.0.0.1/tcp/{p2p_port}/p2p/{peer}").parse().unwrap();
+    let cancel = CancellationToken::new();
+    tokio::spawn(provider(addr, cancel.clone()));
+
+    let buyer = Keypair::generate();
+    let image = format!("sha256:{}", "ab".repeat(32));
+    let mut jobs: Vec<JobId> = Vec::new();
+    let mut kills = 0;
+    for i in 0..12u32 {
+        let mut spec = JobSpec::new(image.clone(), vec![format!("job-{i}")]);
+        spec.resources.cpus = MilliCpu(1000);
+        spec.resources.timeout = Seconds(60);
+        spec.resources.max_price_per_hour = Credits(10_000_000);
+        let signed = Signed::sign(&buyer, JobSubmission { spec, label: None }, 600).unwrap();
+        // Retried until accepted: the same signed submission is the same job.
+        let v: Value = loop {
+            match http.post(format!("{base}/v1/jobs")).json(&signed).send().await {
+                Ok(r) if r.status().is_success() => break r.json().await.unwrap(),
+                Ok(r) => panic!("submission refused: {}", r.text().await.unwrap_or_default()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        jobs.push(v["job_id"].as_str().unwrap().parse().unwrap());
+        // Kill at varying points: right after a submission, mid-dispatch, mid-settlement.
+        if i % 2 == 1 {
+            tokio::time::sleep(Duration::from_millis(u64::from(i) * 40)).await;
+            coordinator.kill().unwrap();
+            coordinator.wait().unwrap();
+            kills += 1;
+            coordinator = spawn(dir.path(), http_port, p2p_port);
+            wait_up(&http, &base).await;
+        }
+    }
+    assert_eq!(kills, 6);
+
+    // Every job completes exactly once.
+    let mut costs = 0u64;
+    for id in &jobs {
+        let path = format!("/v1/jobs/{id}");
+        let mut last = Value::Null;
+        for _ in 0..600 {
+            if let Ok(r) = http.get(format!("{base}{path}")).header("authorization", auth(&buyer, "GET", &path)).send().await {
+                last = r.json().await.unwrap_or(Value::Null);
+                if last["state"] == "completed" {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(last["state"], "completed", "{last:#}");
+        let completions = last["events"].as_array().unwrap().iter().filter(|e| e["state"] == "completed").count();
+        assert_eq!(completions, 1, "{last:#}");
+        costs += last["cost"].as_u64().unwrap();
+    }
+    assert!(costs > 0);
+
+    // One more kill after everything settled, then audit from the outside.
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    let mut coordinator = spawn(dir.path(), http_port, p2p_port);
+    let info = wait_up(&http, &base).await;
+    let key: PublicKey = info["public_key"].as_str().unwrap().parse().unwrap();
+    let page: Value = http.get(format!("{base}/v1/ledger?from=0&limit=10000")).send().await.unwrap().json().await.unwrap();
+    let entries: Vec<Signed<LedgerEntry>> = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| Signed::from_bytes(&hex::decode(e["entry"].as_str().unwrap()).unwrap()).unwrap())
+        .collect();
+    let ledger = verify_chain(&entries, &key).expect("the ledger replays from genesis");
+    let stored: Value = http.get(format!("{base}/v1/ledger/balances")).send().await.unwrap().json().await.unwrap();
+    let stored: BTreeMap<AccountId, Credits> = serde_json::from_value(stored["balances"].clone()).unwrap();
+    compare_balances(&ledger, &stored).expect("stored balances equal the replay");
+
+    // The money adds up to the work done: nothing lost, nothing doubled.
+    let buyer_acct = AccountId::Buyer(BuyerId::new(buyer.public()));
+    assert_eq!(ledger.balance(&buyer_acct).0, FAUCET - costs);
+    let earned: u64 = ledger.balances().iter().filter(|(a, _)| !matches!(a, AccountId::Buyer(_))).map(|(_, c)| c.0).sum();
+    assert_eq!(earned, costs, "provider + fee = what the buyer paid");
+    assert!(ledger.escrows().values().all(|e| !e.is_open()), "every escrow is settled");
+    assert_eq!(ledger.escrows().len(), jobs.len(), "one escrow per job, none doubled");
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    cancel.cancel();
+}
