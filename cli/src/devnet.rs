@@ -47,6 +47,9 @@ impl Default for DevnetOptions {
 pub struct Devnet {
     pub coordinator: kiln_coordinator::Coordinator,
     pub nodes: Vec<kiln_node::Node>,
+    /// One token per node (children of `cancel`): cancelling one stops that
+    /// node's network and heartbeats at once, as if its machine vanished.
+    pub node_cancels: Vec<CancellationToken>,
     pub image_id: String,
     pub cancel: CancellationToken,
     pub state_dir: PathBuf,
@@ -81,17 +84,21 @@ impl Devnet {
             .cloned()
             .context("the coordinator has no p2p address")?;
         let mut nodes = Vec::new();
+        let mut node_cancels = Vec::new();
         for i in 0..opts.providers {
             let mut nc = NodeConfig::new(coord_addr.clone(), state_dir.join(format!("node{i}")));
             nc.heartbeat = opts.heartbeat;
             nc.slots = opts.slots;
             nc.usage_interval = opts.usage_interval;
             nc.limits = opts.limits.clone();
-            nodes.push(kiln_node::start(nc, cancel.clone()).await?);
+            let token = cancel.child_token();
+            nodes.push(kiln_node::start(nc, token.clone()).await?);
+            node_cancels.push(token);
         }
         let dn = Self {
             coordinator,
             nodes,
+            node_cancels,
             image_id: image.id,
             cancel,
             state_dir,

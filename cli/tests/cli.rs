@@ -117,31 +117,59 @@ async fn ledger_commands_show_interval_payouts_and_catch_tampering() {
     .unwrap();
     let key = kiln_cli::buyer_key(&home.path().join("buyer.key")).unwrap();
     let client = kiln_cli::Client::new(&dn.url(), key);
-    let job = client.submit(dn.workload_spec(&["sleep", "3"]), None).await.unwrap();
+    let job = client
+        .submit(dn.workload_spec(&["sleep", "3"]), None)
+        .await
+        .unwrap();
     let id = kiln_cli::job_id_of(&job).unwrap();
-    let done = kiln_cli::wait_for(&client, &id, std::time::Duration::from_secs(60), |_| {}).await.unwrap();
+    let done = kiln_cli::wait_for(&client, &id, std::time::Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
     assert_eq!(done["state"], "completed");
     let url = dn.url();
     let run = |args: &[&str]| {
-        let out = kiln(home.path()).args(["--coordinator", &url]).args(args).output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        let out = kiln(home.path())
+            .args(["--coordinator", &url])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let provider = format!("provider:{}", done["provider"].as_str().unwrap());
     let (code, stdout, _) = run(&["account", "statement", "--account", &provider]);
     assert_eq!(code, Some(0));
-    assert!(stdout.matches("interval settlement").count() >= 2, "{stdout}");
+    assert!(
+        stdout.matches("interval settlement").count() >= 2,
+        "{stdout}"
+    );
     assert!(stdout.contains("release"), "{stdout}");
 
     let (code, stdout, stderr) = run(&["ledger", "verify"]);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("ledger verified"), "{stdout}");
 
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", dn.state_dir.join("coordinator/kiln.db").display())).await.unwrap();
-    let (entry,): (Vec<u8>,) = sqlx::query_as("SELECT entry FROM ledger_entries WHERE seq = 2").fetch_one(&db).await.unwrap();
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dn.state_dir.join("coordinator/kiln.db").display()
+    ))
+    .await
+    .unwrap();
+    let (entry,): (Vec<u8>,) = sqlx::query_as("SELECT entry FROM ledger_entries WHERE seq = 2")
+        .fetch_one(&db)
+        .await
+        .unwrap();
     let mut bad = entry;
     let i = bad.len() / 2;
     bad[i] ^= 0x04;
-    sqlx::query("UPDATE ledger_entries SET entry = ? WHERE seq = 2").bind(&bad).execute(&db).await.unwrap();
+    sqlx::query("UPDATE ledger_entries SET entry = ? WHERE seq = 2")
+        .bind(&bad)
+        .execute(&db)
+        .await
+        .unwrap();
     let (code, _, stderr) = run(&["ledger", "verify"]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("entry 2 "), "{stderr}");

@@ -11,7 +11,8 @@
 //! | `GET /v1/jobs/{id}/blobs/{cid}` | owner | bytes of one output or log |
 //! | `POST /v1/blobs` | buyer | upload an input, returns its CID |
 //! | `GET /v1/account` | buyer | balance |
-//! | `GET /v1/providers` | none | live providers |
+//! | `GET /v1/providers` | none | live providers, with reputation |
+//! | `GET /v1/providers/{id}/audits` | none | capability-challenge history |
 //! | `GET /v1/info` | none | coordinator identity, public key and addresses |
 //! | `GET /v1/ledger?from=N&limit=M` | none | signed hash-chained ledger entries (canonical bytes, hex) |
 //! | `GET /v1/ledger/balances` | none | the stored balances the chain must reproduce |
@@ -164,6 +165,7 @@ pub fn create_app(state: AppState) -> Router {
         .route("/v1/blobs", post(upload_blob))
         .route("/v1/account", get(account))
         .route("/v1/providers", get(providers))
+        .route("/v1/providers/{id}/audits", get(provider_audits))
         .route("/v1/info", get(info))
         .route("/v1/ledger", get(ledger_entries))
         .route("/v1/ledger/balances", get(ledger_balances))
@@ -400,24 +402,24 @@ async fn providers(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
     );
     let live = state.db.providers_seen_since(since).await?;
     let ledger = state.bank.snapshot().await;
-    let list: Vec<Value> = live
-        .iter()
-        .map(|p| {
-            let a = &p.advert.payload;
-            json!({
-                "provider": a.provider,
-                "last_seen": p.last_seen,
-                "cpu": a.cpu,
-                "memory": a.memory,
-                "gpus": a.gpus,
-                "slots": a.slots,
-                "price_per_cpu_hour": a.price_per_cpu_hour,
-                "price_per_gpu_hour": a.price_per_gpu_hour,
-                "earned": ledger.balance(&AccountId::Provider(a.provider)),
-                "addrs": a.listen_addrs,
-            })
-        })
-        .collect();
+    let mut list = Vec::new();
+    for p in &live {
+        let a = &p.advert.payload;
+        list.push(json!({
+            "provider": a.provider,
+            "last_seen": p.last_seen,
+            "cpu": a.cpu,
+            "memory": a.memory,
+            "gpus": a.gpus,
+            "slots": a.slots,
+            "price_per_cpu_hour": a.price_per_cpu_hour,
+            "price_per_gpu_hour": a.price_per_gpu_hour,
+            "benchmark": a.benchmark,
+            "reputation": crate::audit::reputation(&state, &a.provider).await?,
+            "earned": ledger.balance(&AccountId::Provider(a.provider)),
+            "addrs": a.listen_addrs,
+        }));
+    }
     Ok(Json(json!({ "providers": list })))
 }
 
@@ -486,6 +488,23 @@ async fn statement(
     Ok(Json(
         json!({ "account": account.to_string(), "balance": balance, "entries": lines }),
     ))
+}
+
+async fn provider_audits(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id: kiln_protocol::ProviderId =
+        id.parse()
+            .map_err(|e: kiln_protocol::IdParseError| ApiError::BadRequest {
+                field: Some("id".into()),
+                reason: e.to_string(),
+            })?;
+    Ok(Json(json!({
+        "provider": id,
+        "reputation": crate::audit::reputation(&state, &id).await?,
+        "audits": crate::audit::history(&state, &id, 100).await?,
+    })))
 }
 
 async fn info(State(state): State<AppState>) -> Json<Value> {

@@ -18,8 +18,11 @@
 //! and returns a handle; `main.rs` is a thin shell around it.
 
 pub mod api;
+pub mod audit;
 pub mod bank;
+pub mod bench;
 pub mod blobs;
+pub mod challenge;
 pub mod db;
 pub mod sched;
 pub mod service;
@@ -57,6 +60,8 @@ pub struct CoordinatorConfig {
     pub offer_ttl: Duration,
     /// Dispatch attempts before a job fails.
     pub max_attempts: u32,
+    /// Capability challenges (random-time benchmark audits).
+    pub audit: audit::AuditConfig,
 }
 
 impl CoordinatorConfig {
@@ -73,6 +78,7 @@ impl CoordinatorConfig {
             schedule_interval: Duration::from_secs(1),
             offer_ttl: Duration::from_secs(30),
             max_attempts: 5,
+            audit: audit::AuditConfig::default(),
         }
     }
 }

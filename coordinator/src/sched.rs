@@ -1,259 +1,306 @@
-//! Matching: which provider should run a job. A pure function over a
-//! snapshot of the fleet, so every decision can be tested from a table.
+//! Matching: which provider(s) should run a job. Pure: no I/O, no clock, no
+//! randomness; every decision can be tested from a table.
 //!
-//! Hard constraints are checked in a fixed order and a provider that fails
-//! one is counted against the *first* it fails, which is what makes the
-//! "why not placed" line useful: `3 online; 2 excluded by memory; 1 by price`.
-//! Among fitting providers the cheapest wins, then the least loaded (so work
-//! spreads), then the smallest id (so the choice is deterministic).
+//! * [`Fleet`] holds the providers and what is reserved on each (slots, GPU
+//!   indices, milli-CPUs, memory, disk). [`place`] and [`place_gang`]
+//!   *reserve* what they pick, so a caller cannot double-book; [`Fleet::release`]
+//!   gives a reservation back (idempotent).
+//! * Hard constraints are checked in the fixed order of [`Constraint::ALL`];
+//!   a provider that fails one is counted against the *first* it fails, which
+//!   is what makes the why-not line useful:
+//!   `waiting: 12 online; 9 excluded by min_vram=80GiB; 3 by max_price_per_hour=2.000000 cr`.
+//!   The order is: the node's GPUs (how many, which model, compute
+//!   capability, memory, benchmarked speed), then the provider's policy and
+//!   standing (network, region, reputation), then price, then what it has in
+//!   total (CPUs, memory, disk), then what is *free now* (a slot, GPUs, CPUs,
+//!   memory, disk), and last whether it is held for a job that has waited
+//!   longer ([`queue`]).
+//! * Among providers that fit, the order is: lower price; then more
+//!   benchmarked TFLOP/s per unit of price; then higher reputation; then more
+//!   of the job's input CIDs already cached (locality); then lower load
+//!   (running ÷ slots, so work spreads); then the smaller provider id, so
+//!   the choice is deterministic.
+//! * [`queue`] orders the queue (priority, then submission order), runs a
+//!   scheduling round without head-of-line blocking, holds providers for
+//!   jobs that have waited too long (anti-starvation) and reports jobs past
+//!   their queue deadline. [`search`] lists offers for people.
+//!
+//! # Speed
+//!
+//! Providers are sorted once per *price class* — the GPUs and CPUs a job
+//! asks for, which fix each provider's price — by the static part of the
+//! score (price, TFLOP/s per price, reputation, id). A job's *shape* adds its
+//! GPU requirements (model, compute capability, VRAM, TFLOP/s); the fleet
+//! caches, per shape, the class filtered by them, with the GPUs that qualify
+//! on each provider as a bit mask and the provider's network policy, region
+//! and reputation inline. A decision is then a binary search for the price
+//! limit plus a sequential walk of that list checking network, region,
+//! reputation and what is free now, which stops at the first fitting
+//! provider (and its exact ties). Only a job that does not fit walks the
+//! whole list (to count the why-not line). Classes and shapes are rebuilt
+//! only when a provider joins, leaves or changes what it is or charges (a
+//! heartbeat that only renews the advert keeps them).
 
-use std::collections::BTreeMap;
+mod fleet;
+mod matching;
+pub mod queue;
+pub mod search;
+
+#[cfg(test)]
+mod tests;
+
 use std::fmt;
+use std::sync::Arc;
 
-use kiln_protocol::{CapabilityAdvert, Credits, JobSpec, ProviderId};
+use kiln_protocol::spec::ComputeCapability;
+use kiln_protocol::{ByteSize, Credits, JobSpec, MilliCpu};
 
-/// A provider as the scheduler sees it: its advert and what is already booked.
-#[derive(Clone, Debug)]
-pub struct ProviderView {
-    pub id: ProviderId,
-    pub advert: CapabilityAdvert,
-    pub running: u32,
-    pub used_millicpu: u32,
-    pub used_memory: u64,
-    pub used_gpus: u32,
+pub use fleet::{DEFAULT_REPUTATION, Fleet, Free, MAX_GPUS_PER_NODE, ProviderView, ReservationId};
+pub use matching::{Placement, gpu_model_matches, place, place_gang, region_matches};
+pub use queue::{Decision, QueueItem, RoundPolicy, order, run_round};
+pub use search::{OfferRow, Query, QueryError, SortBy, search};
+
+/// A hard constraint, in the order they are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum Constraint {
+    /// The node has fewer GPUs in all than the job needs.
+    Gpus,
+    /// Fewer GPUs than needed are of an allowed model.
+    GpuModels,
+    /// … of those, fewer have the compute capability.
+    MinComputeCapability,
+    /// … of those, fewer have the memory.
+    MinVram,
+    /// The provider's benchmarked TFLOP/s per GPU is unknown or too low.
+    MinTflops,
+    /// The job wants the network and the provider does not allow it.
+    Network,
+    /// The provider is not in the job's region.
+    Region,
+    /// The provider's reputation is below the job's minimum.
+    MinReputation,
+    /// The provider's price for this job is above the job's limit.
+    MaxPrice,
+    /// The node has fewer CPUs in all than the job needs.
+    Cpus,
+    /// … less memory in all.
+    Memory,
+    /// … less disk in all.
+    Disk,
+    /// Every slot is in use.
+    Slots,
+    /// Not enough qualifying GPUs are free now.
+    FreeGpus,
+    /// Not enough CPU is free now.
+    FreeCpus,
+    /// Not enough memory is free now.
+    FreeMemory,
+    /// Not enough disk is free now.
+    FreeDisk,
+    /// It would fit, but it is held for a job that has waited longer.
+    Held,
 }
 
-/// The hard constraints, in the order they are checked.
-pub const CONSTRAINTS: [&str; 6] = [
-    "network",
-    "slots",
+/// Number of constraints.
+pub const N_CONSTRAINTS: usize = 18;
+
+/// The hard constraints' names, in the order they are checked.
+pub const CONSTRAINTS: [&str; N_CONSTRAINTS] = [
     "gpus",
+    "gpu_models",
+    "min_compute_capability",
+    "min_vram",
+    "min_tflops",
+    "network",
+    "region",
+    "min_reputation",
+    "max_price_per_hour",
     "cpus",
     "memory",
-    "max_price_per_hour",
+    "disk",
+    "slots",
+    "free_gpus",
+    "free_cpus",
+    "free_memory",
+    "free_disk",
+    "held",
 ];
 
-/// Why a job could not be placed now.
+impl Constraint {
+    pub const ALL: [Constraint; N_CONSTRAINTS] = [
+        Self::Gpus,
+        Self::GpuModels,
+        Self::MinComputeCapability,
+        Self::MinVram,
+        Self::MinTflops,
+        Self::Network,
+        Self::Region,
+        Self::MinReputation,
+        Self::MaxPrice,
+        Self::Cpus,
+        Self::Memory,
+        Self::Disk,
+        Self::Slots,
+        Self::FreeGpus,
+        Self::FreeCpus,
+        Self::FreeMemory,
+        Self::FreeDisk,
+        Self::Held,
+    ];
+
+    /// The name used in why-not lines (`min_vram`).
+    pub fn name(self) -> &'static str {
+        CONSTRAINTS[self as usize]
+    }
+
+    /// Whether it depends on what is booked now (as opposed to what the
+    /// provider is and charges).
+    pub fn is_dynamic(self) -> bool {
+        self >= Self::Slots
+    }
+}
+
+impl fmt::Display for Constraint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The requirement values a why-not line quotes (`min_vram=80GiB`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Wanted {
+    pub network: bool,
+    pub region: Option<Arc<str>>,
+    pub min_reputation: u32,
+    pub gpus: u32,
+    pub gpu_models: Option<Arc<str>>,
+    pub min_compute_capability: Option<ComputeCapability>,
+    pub min_vram: ByteSize,
+    pub min_tflops: u32,
+    pub max_price: Credits,
+    pub cpus: MilliCpu,
+    pub memory: ByteSize,
+    pub disk: ByteSize,
+}
+
+impl Wanted {
+    pub(crate) fn of(spec: &JobSpec) -> Self {
+        let r = &spec.resources;
+        Self {
+            network: spec.network == kiln_protocol::NetworkMode::Full,
+            region: r.region.as_deref().map(Arc::from),
+            min_reputation: r.min_reputation,
+            gpus: r.gpus,
+            gpu_models: (!r.gpu_models.is_empty()).then(|| Arc::from(r.gpu_models.join(","))),
+            min_compute_capability: r.min_compute_capability,
+            min_vram: r.min_vram,
+            min_tflops: r.min_tflops,
+            max_price: r.max_price_per_hour,
+            cpus: r.cpus,
+            memory: r.memory,
+            disk: r.disk,
+        }
+    }
+
+    fn write_label(&self, c: Constraint, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = c.name();
+        match c {
+            Constraint::Network => write!(f, "{name}=full"),
+            Constraint::Region => write!(f, "{name}={}", self.region.as_deref().unwrap_or("")),
+            Constraint::MinReputation => write!(f, "{name}={}", self.min_reputation),
+            Constraint::Gpus | Constraint::FreeGpus => write!(f, "{name}={}", self.gpus),
+            Constraint::GpuModels => {
+                write!(f, "{name}={}", self.gpu_models.as_deref().unwrap_or(""))
+            }
+            Constraint::MinComputeCapability => match self.min_compute_capability {
+                Some(cc) => write!(f, "{name}={cc}"),
+                None => f.write_str(name),
+            },
+            Constraint::MinVram => write!(f, "{name}={}", self.min_vram),
+            Constraint::MinTflops => write!(f, "{name}={}", self.min_tflops),
+            Constraint::MaxPrice => write!(f, "{name}={}", self.max_price),
+            Constraint::Cpus | Constraint::FreeCpus => write!(f, "{name}={}", self.cpus),
+            Constraint::Memory | Constraint::FreeMemory => write!(f, "{name}={}", self.memory),
+            Constraint::Disk | Constraint::FreeDisk => write!(f, "{name}={}", self.disk),
+            Constraint::Slots => f.write_str(name),
+            Constraint::Held => write!(f, "{name} for a job waiting longer"),
+        }
+    }
+}
+
+/// Why a job could not be placed now. Its `Display` is the job's status line:
+///
+/// `waiting: 12 online; 9 excluded by min_vram=80GiB; 3 by max_price_per_hour=2.000000 cr`
+///
+/// Every online provider is counted once: against the first constraint it
+/// fails, or in `fit` (a gang job for which too few providers fit).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NotPlaced {
+    /// Providers online.
     pub online: usize,
-    pub excluded: BTreeMap<&'static str, usize>,
+    /// Providers excluded by each constraint, indexed by `Constraint as usize`.
+    pub counts: [u32; N_CONSTRAINTS],
+    /// Providers that would take one node of a gang (fewer than it needs).
+    pub fit: usize,
+    /// Nodes the job needs.
+    pub gang: u32,
+    /// Providers held for this job this round (see [`queue`]).
+    pub holding: u32,
+    /// `place` was asked to put a gang job on a single node.
+    pub gang_unsupported: bool,
+    pub(crate) wanted: Wanted,
+}
+
+impl NotPlaced {
+    /// How many providers `c` excluded.
+    pub fn count(&self, c: Constraint) -> usize {
+        self.counts[c as usize] as usize
+    }
+
+    /// The constraints that excluded providers, with their counts, in check order.
+    pub fn excluded(&self) -> impl Iterator<Item = (Constraint, usize)> + '_ {
+        Constraint::ALL
+            .into_iter()
+            .map(|c| (c, self.count(c)))
+            .filter(|(_, n)| *n > 0)
+    }
 }
 
 impl fmt::Display for NotPlaced {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.gang_unsupported {
+            return write!(
+                f,
+                "waiting: gang={} jobs (all-or-nothing on several nodes) are not dispatched by this coordinator yet",
+                self.gang
+            );
+        }
         if self.online == 0 {
             return f.write_str("waiting: no provider online");
         }
         write!(f, "waiting: {} online", self.online)?;
-        for c in CONSTRAINTS {
-            if let Some(n) = self.excluded.get(c) {
-                write!(f, "; {n} excluded by {c}")?;
-            }
+        if self.gang > 1 {
+            write!(
+                f,
+                "; {} fit but gang={} needs {} nodes",
+                self.fit, self.gang, self.gang
+            )?;
+        }
+        let mut first = true;
+        for (c, n) in self.excluded() {
+            write!(f, "; {n} {}", if first { "excluded by " } else { "by " })?;
+            self.wanted.write_label(c, f)?;
+            first = false;
+        }
+        if self.holding > 0 {
+            write!(
+                f,
+                "; holding {} provider{} for it",
+                self.holding,
+                if self.holding == 1 { "" } else { "s" }
+            )?;
         }
         Ok(())
-    }
-}
-
-/// The chosen provider and the agreed price per hour.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Placement {
-    pub index: usize,
-    pub provider: ProviderId,
-    pub price_per_hour: Credits,
-}
-
-fn first_violation(spec: &JobSpec, p: &ProviderView) -> Result<Credits, &'static str> {
-    let r = &spec.resources;
-    let a = &p.advert;
-    if spec.network == kiln_protocol::NetworkMode::Full && !a.allows_network {
-        return Err("network");
-    }
-    if p.running >= a.slots {
-        return Err("slots");
-    }
-    if (a.gpus.len() as u32).saturating_sub(p.used_gpus) < r.gpus {
-        return Err("gpus");
-    }
-    if a.millicpus().saturating_sub(p.used_millicpu) < r.cpus.0 {
-        return Err("cpus");
-    }
-    if a.memory.0.saturating_sub(p.used_memory) < r.memory.0 {
-        return Err("memory");
-    }
-    match a.price_per_hour(spec) {
-        Some(price) if price <= r.max_price_per_hour => Ok(price),
-        _ => Err("max_price_per_hour"),
-    }
-}
-
-/// Picks a provider for `spec` among `providers`, or says why none fits.
-pub fn place(spec: &JobSpec, providers: &[ProviderView]) -> Result<Placement, NotPlaced> {
-    let mut excluded = BTreeMap::new();
-    let mut best: Option<(Credits, u64, ProviderId, usize)> = None;
-    for (i, p) in providers.iter().enumerate() {
-        match first_violation(spec, p) {
-            Err(c) => *excluded.entry(c).or_insert(0) += 1,
-            Ok(price) => {
-                // Load as a fraction of slots, in parts per million.
-                let load = u64::from(p.running) * 1_000_000 / u64::from(p.advert.slots.max(1));
-                let key = (price, load, p.id, i);
-                if best
-                    .as_ref()
-                    .is_none_or(|b| (key.0, key.1, key.2) < (b.0, b.1, b.2))
-                {
-                    best = Some(key);
-                }
-            }
-        }
-    }
-    match best {
-        Some((price_per_hour, _, provider, index)) => Ok(Placement {
-            index,
-            provider,
-            price_per_hour,
-        }),
-        None => Err(NotPlaced {
-            online: providers.len(),
-            excluded,
-        }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use kiln_protocol::{ByteSize, CpuInfo, GpuInfo, Keypair, MilliCpu, UnixMillis};
-
-    fn provider(cores: u32, mem_gib: u64, gpus: u32, cpu_price: u64, slots: u32) -> ProviderView {
-        let id = ProviderId::from_public_key(&Keypair::generate().public());
-        ProviderView {
-            id,
-            advert: CapabilityAdvert {
-                provider: id,
-                protocol_version: 1,
-                node_version: "test".into(),
-                listen_addrs: vec![],
-                cpu: CpuInfo {
-                    model: "t".into(),
-                    logical_cores: cores,
-                    matmul_mflops: 1,
-                },
-                memory: ByteSize(mem_gib << 30),
-                gpus: (0..gpus)
-                    .map(|i| GpuInfo {
-                        index: i,
-                        uuid: format!("GPU-{i}"),
-                        name: "H100".into(),
-                        memory_total: ByteSize(80 << 30),
-                        compute_capability: (9, 0),
-                        driver_version: "580".into(),
-                    })
-                    .collect(),
-                slots,
-                price_per_cpu_hour: Credits(cpu_price),
-                price_per_gpu_hour: Credits(1_000_000),
-                runtime: "runc".into(),
-                allows_network: false,
-                issued_at: UnixMillis(0),
-            },
-            running: 0,
-            used_millicpu: 0,
-            used_memory: 0,
-            used_gpus: 0,
-        }
-    }
-
-    fn spec(cpus: u32, mem_gib: u64, gpus: u32, max_price: u64) -> JobSpec {
-        let mut s = JobSpec::new(format!("sha256:{}", "0".repeat(64)), vec![]);
-        s.resources.cpus = MilliCpu(cpus * 1000);
-        s.resources.memory = ByteSize(mem_gib << 30);
-        s.resources.gpus = gpus;
-        s.resources.max_price_per_hour = Credits(max_price);
-        s
-    }
-
-    #[test]
-    fn table() {
-        // (name, fleet, job, expected: Ok(index) or Err(why-not line))
-        type Case = (
-            &'static str,
-            Vec<ProviderView>,
-            JobSpec,
-            Result<usize, &'static str>,
-        );
-        let busy = {
-            let mut p = provider(8, 32, 0, 100, 1);
-            p.running = 1;
-            p
-        };
-        let cases: Vec<Case> = vec![
-            (
-                "empty fleet",
-                vec![],
-                spec(1, 1, 0, 10_000_000),
-                Err("waiting: no provider online"),
-            ),
-            (
-                "cheapest wins",
-                vec![provider(4, 8, 0, 300, 2), provider(4, 8, 0, 100, 2)],
-                spec(1, 1, 0, 10_000_000),
-                Ok(1),
-            ),
-            (
-                "memory excludes",
-                vec![provider(4, 8, 0, 100, 2)],
-                spec(1, 16, 0, 10_000_000),
-                Err("waiting: 1 online; 1 excluded by memory"),
-            ),
-            (
-                "gpu needed",
-                vec![provider(4, 64, 0, 100, 2), provider(4, 64, 2, 100, 2)],
-                spec(1, 1, 2, 10_000_000),
-                Ok(1),
-            ),
-            (
-                "too expensive",
-                vec![provider(4, 8, 0, 5_000_000, 2)],
-                spec(1, 1, 0, 1_000_000),
-                Err("waiting: 1 online; 1 excluded by max_price_per_hour"),
-            ),
-            (
-                "slots full",
-                vec![busy.clone(), provider(4, 1, 0, 100, 2)],
-                spec(1, 2, 0, 10_000_000),
-                Err("waiting: 2 online; 1 excluded by slots; 1 excluded by memory"),
-            ),
-            (
-                "cpus",
-                vec![provider(2, 8, 0, 100, 2)],
-                spec(4, 1, 0, 100_000_000),
-                Err("waiting: 1 online; 1 excluded by cpus"),
-            ),
-        ];
-        for (name, fleet, job, want) in cases {
-            match (place(&job, &fleet), want) {
-                (Ok(p), Ok(i)) => assert_eq!(p.index, i, "{name}"),
-                (Err(np), Err(line)) => assert_eq!(np.to_string(), line, "{name}"),
-                (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn load_spreads_between_equal_providers() {
-        let mut a = provider(4, 8, 0, 100, 4);
-        let b = provider(4, 8, 0, 100, 4);
-        a.running = 1;
-        a.used_millicpu = 1000;
-        let fleet = vec![a, b];
-        assert_eq!(place(&spec(1, 1, 0, 10_000_000), &fleet).unwrap().index, 1);
-    }
-
-    #[test]
-    fn price_is_cpu_share_plus_gpus() {
-        let p = provider(4, 8, 1, 1_000_000, 2);
-        let placed = place(&spec(2, 1, 1, 10_000_000), std::slice::from_ref(&p)).unwrap();
-        assert_eq!(placed.price_per_hour, Credits(2 * 1_000_000 + 1_000_000));
     }
 }

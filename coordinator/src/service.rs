@@ -1,7 +1,6 @@
 //! The coordinator's moving parts: answering peers, placing jobs,
 //! dispatching offers, and accepting results.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use kiln_contracts::{AccountId, ContractError, Op, OpKey};
@@ -17,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::AppState;
 use crate::bank::BankError;
 use crate::db::{Change, Db, DbError, JobRecord, JobState, ResultColumns};
-use crate::sched::{self, ProviderView};
+use crate::sched::{self, Fleet, ProviderView};
 use crate::verify::{self, Expected};
 
 /// Why a submission was refused (mapped to HTTP statuses by the API).
@@ -190,7 +189,7 @@ async fn answer(state: &AppState, peer: Peer, request: NetRequest) -> NetRespons
         NetRequest::GetBlob(cid) => serve_input(state, peer, cid).await,
         NetRequest::Lost(lost) => job_lost(state, peer, &lost).await,
         NetRequest::Usage(report) => settle_usage(state, peer, &report).await,
-        NetRequest::Offer(_) | NetRequest::Cancel(_) => Ok(rejected(
+        NetRequest::Offer(_) | NetRequest::Cancel(_) | NetRequest::Challenge(_) => Ok(rejected(
             "a coordinator does not take offers or cancellations",
         )),
     };
@@ -395,6 +394,34 @@ async fn accept_result(
     Ok(NetResponse::Accepted)
 }
 
+/// Checks a provider's signed statement about a job: the signature, that the
+/// sender is the signer, and that the job is assigned to it under the offer
+/// the statement names. Returns the job and the provider, or the refusal.
+async fn assigned_job<T: kiln_protocol::SignedMessage>(
+    state: &AppState,
+    peer: ProviderId,
+    signed: &Signed<T>,
+    what: &str,
+    ids: impl Fn(&T) -> (JobId, OfferId),
+) -> Result<Result<(JobRecord, ProviderId), NetResponse>, DbError> {
+    let payload = match signed.verify(UnixMillis::now()) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(rejected(format!("{what} refused: {e}")))),
+    };
+    let (job_id, offer_id) = ids(payload);
+    let signer = ProviderId::from_public_key(&signed.signer);
+    let Some(job) = state.db.job(&job_id).await? else {
+        return Ok(Err(rejected(format!("{what} for unknown job {job_id}"))));
+    };
+    if signer != peer || job.provider != Some(signer) || job.offer_id != Some(offer_id) {
+        return Ok(Err(rejected(format!(
+            "{what} for {} refused: not from the provider holding its current offer",
+            job.id
+        ))));
+    }
+    Ok(Ok((job, signer)))
+}
+
 /// Pays one interval of a running job from its escrow. The reported wall
 /// time is trusted only up to what the coordinator itself has seen: the time
 /// since the job started running here, plus a small allowance.
@@ -403,25 +430,20 @@ async fn settle_usage(
     peer: ProviderId,
     signed: &Signed<kiln_protocol::UsageReport>,
 ) -> Result<NetResponse, DbError> {
-    let report = match signed.verify(UnixMillis::now()) {
-        Ok(r) => r,
-        Err(e) => return Ok(rejected(format!("usage report refused: {e}"))),
-    };
-    let signer = ProviderId::from_public_key(&signed.signer);
-    let Some(job) = state.db.job(&report.job_id).await? else {
-        return Ok(rejected(format!(
-            "usage report for unknown job {}",
-            report.job_id
-        )));
-    };
-    if signer != peer
-        || job.provider != Some(signer)
-        || job.offer_id != Some(report.offer_id)
-        || job.state != JobState::Running
+    let (job, signer) = match assigned_job(state, peer, signed, "usage report", |r| {
+        (r.job_id, r.offer_id)
+    })
+    .await?
     {
+        Ok(x) => x,
+        Err(refusal) => return Ok(refusal),
+    };
+    let report = &signed.payload;
+    if job.state != JobState::Running {
         return Ok(rejected(format!(
-            "usage report for job {} refused: not running on the reporting provider under that offer",
-            job.id
+            "usage report for job {} refused: it is {}, not running",
+            job.id,
+            job.state.as_str()
         )));
     }
     let seen_ms = UnixMillis::now().0.saturating_sub(job.updated_at.0) + 2_000;
@@ -484,23 +506,15 @@ async fn job_lost(
     peer: ProviderId,
     signed: &Signed<kiln_protocol::JobLost>,
 ) -> Result<NetResponse, DbError> {
-    let lost = match signed.verify(UnixMillis::now()) {
-        Ok(l) => l,
-        Err(e) => return Ok(rejected(format!("lost-job report refused: {e}"))),
+    let (job, signer) = match assigned_job(state, peer, signed, "lost-job report", |l| {
+        (l.job_id, l.offer_id)
+    })
+    .await?
+    {
+        Ok(x) => x,
+        Err(refusal) => return Ok(refusal),
     };
-    let signer = ProviderId::from_public_key(&signed.signer);
-    let Some(job) = state.db.job(&lost.job_id).await? else {
-        return Ok(rejected(format!(
-            "lost-job report for unknown job {}",
-            lost.job_id
-        )));
-    };
-    if signer != peer || job.provider != Some(signer) || job.offer_id != Some(lost.offer_id) {
-        return Ok(rejected(format!(
-            "lost-job report for {} refused: not from the provider holding its current offer",
-            job.id
-        )));
-    }
+    let lost = &signed.payload;
     let reason = format!("lost on provider {}: {}", signer.short(), lost.reason);
     requeue_or_fail(state, &job, &reason).await?;
     Ok(NetResponse::Accepted)
@@ -696,12 +710,60 @@ pub async fn recover(state: &AppState) -> Result<(), DbError> {
     Ok(())
 }
 
+/// Churn: a provider not heard from within its lease and no longer connected loses it, and its
+/// dispatched or running jobs are requeued (or failed after `max_attempts`).
+/// If it was only partitioned and later delivers a result, that result names
+/// the old offer and is refused as stale, so a job completes at most once.
+pub async fn expire_leases(state: &AppState) -> Result<(), DbError> {
+    let since = UnixMillis(
+        UnixMillis::now()
+            .0
+            .saturating_sub(state.config.provider_lease.as_millis() as u64),
+    );
+    let live: std::collections::HashSet<ProviderId> = state
+        .db
+        .providers_seen_since(since)
+        .await?
+        .into_iter()
+        .map(|p| p.advert.payload.provider)
+        .collect();
+    for job in state
+        .db
+        .jobs_in(&[JobState::Dispatched, JobState::Running], 100_000)
+        .await?
+    {
+        let Some(p) = job.provider else { continue };
+        // A job dispatched moments ago to a provider that registered moments
+        // ago is not lost; only judge jobs older than one lease.
+        let stale = UnixMillis::now().0.saturating_sub(job.updated_at.0)
+            > state.config.provider_lease.as_millis() as u64;
+        // A missed heartbeat alone is not proof of death: a provider under
+        // heavy load may heartbeat late. Only a provider that has also lost
+        // its connection to us has vanished.
+        if !live.contains(&p)
+            && stale
+            && !state.net.is_connected(p.peer_id()).await.unwrap_or(false)
+        {
+            let reason = format!(
+                "provider {} stopped answering (lease of {}s expired)",
+                p.short(),
+                state.config.provider_lease.as_secs()
+            );
+            requeue_or_fail(state, &job, &reason).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Places queued jobs whenever woken, and at least every `schedule_interval`.
 pub async fn schedule_loop(state: AppState, cancel: CancellationToken) {
     if let Err(e) = recover(&state).await {
         tracing::error!("recovering unconfirmed offers failed: {e}");
     }
     loop {
+        if let Err(e) = expire_leases(&state).await {
+            tracing::error!("expiring provider leases failed: {e}");
+        }
         if let Err(e) = schedule_once(&state).await {
             tracing::error!("scheduling round failed: {e}");
         }
@@ -714,43 +776,35 @@ pub async fn schedule_loop(state: AppState, cancel: CancellationToken) {
 }
 
 /// The fleet as the scheduler sees it: live providers and what is booked on them.
-async fn fleet(state: &AppState) -> Result<Vec<ProviderView>, DbError> {
+async fn fleet(state: &AppState) -> Result<Fleet, DbError> {
     let since = UnixMillis(
         UnixMillis::now()
             .0
             .saturating_sub(state.config.provider_lease.as_millis() as u64),
     );
     let providers = state.db.providers_seen_since(since).await?;
-    let mut views: Vec<ProviderView> = providers
-        .into_iter()
-        .map(|p| ProviderView {
-            id: p.advert.payload.provider,
-            advert: p.advert.payload,
-            running: 0,
-            used_millicpu: 0,
-            used_memory: 0,
-            used_gpus: 0,
-        })
-        .collect();
-    let index: HashMap<ProviderId, usize> =
-        views.iter().enumerate().map(|(i, v)| (v.id, i)).collect();
+    // Reputation and verified benchmark figures are not recorded yet: the
+    // defaults (500, unmeasured) apply.
+    let mut fleet = Fleet::from_views(
+        providers
+            .into_iter()
+            .map(|p| ProviderView::new(p.advert.payload)),
+    );
     for j in state
         .db
         .jobs_in(&[JobState::Dispatched, JobState::Running], 100_000)
         .await?
     {
-        if let Some(&i) = j.provider.as_ref().and_then(|p| index.get(p)) {
-            book(&mut views[i], &j.spec);
+        if let Some(p) = &j.provider {
+            book(&mut fleet, p, &j.spec);
         }
     }
-    Ok(views)
+    Ok(fleet)
 }
 
-fn book(v: &mut ProviderView, spec: &JobSpec) {
-    v.running += 1;
-    v.used_millicpu += spec.resources.cpus.0;
-    v.used_memory += spec.resources.memory.0;
-    v.used_gpus += spec.resources.gpus;
+/// Records a job already dispatched or running on `provider`.
+fn book(fleet: &mut Fleet, provider: &ProviderId, spec: &JobSpec) {
+    let _ = fleet.book(provider, spec);
 }
 
 async fn schedule_once(state: &AppState) -> Result<(), DbError> {
@@ -758,9 +812,9 @@ async fn schedule_once(state: &AppState) -> Result<(), DbError> {
     if queued.is_empty() {
         return Ok(());
     }
-    let mut views = fleet(state).await?;
+    let mut fleet = fleet(state).await?;
     for job in queued {
-        match sched::place(&job.spec, &views) {
+        match sched::place(&job.spec, &mut fleet) {
             Ok(placement) => {
                 let offer_id = OfferId::random();
                 let mut tx = state.db.begin().await?;
@@ -781,10 +835,10 @@ async fn schedule_once(state: &AppState) -> Result<(), DbError> {
                 )
                 .await?
                 {
+                    fleet.release(&placement);
                     continue;
                 }
                 tx.commit().await?;
-                book(&mut views[placement.index], &job.spec);
                 let offer = JobOffer {
                     offer_id,
                     job_id: job.id,
@@ -793,7 +847,7 @@ async fn schedule_once(state: &AppState) -> Result<(), DbError> {
                     spec: job.spec.clone(),
                     price_per_hour: placement.price_per_hour,
                 };
-                let addrs = views[placement.index].advert.listen_addrs.clone();
+                let addrs = fleet.view(placement.index).advert.listen_addrs.clone();
                 tracing::info!(job = %job.id.short(), provider = %placement.provider.short(), price = %placement.price_per_hour, "dispatching");
                 tokio::spawn(dispatch(state.clone(), offer, addrs, job.attempts + 1));
             }

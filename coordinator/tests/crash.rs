@@ -14,13 +14,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use kiln_contracts::chain::{verify_chain, LedgerEntry};
-use kiln_contracts::{compare_balances, AccountId, Credits};
+use kiln_contracts::chain::{LedgerEntry, verify_chain};
+use kiln_contracts::{AccountId, Credits, compare_balances};
 use kiln_net::{NetConfig, NetEvent};
 use kiln_protocol::{
-    ApiAuth, Blob, BuyerId, ByteSize, CapabilityAdvert, ContentId, CpuInfo, JobId, JobResult, JobSpec, JobSubmission,
-    Keypair, Manifest, MilliCpu, NetRequest, NetResponse, Outcome, ProviderId, PublicKey, ResourceUsage, ResultReceipt,
-    Seconds, Signed, UnixMillis,
+    ApiAuth, Blob, BuyerId, ByteSize, CapabilityAdvert, ContentId, CpuInfo, JobId, JobResult,
+    JobSpec, JobSubmission, Keypair, Manifest, MilliCpu, NetRequest, NetResponse, Outcome,
+    ProviderId, PublicKey, ResourceUsage, ResultReceipt, Seconds, Signed, UnixMillis,
 };
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -28,12 +28,21 @@ use tokio_util::sync::CancellationToken;
 const FAUCET: u64 = 1_000_000_000;
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 fn spawn(dir: &Path, http: u16, p2p: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kiln-coordinator"))
-        .args(["run", "--http", &format!("127.0.0.1:{http}"), "--p2p", &format!("/ip4/127.0.0.1/tcp/{p2p}")])
+        .args([
+            "run",
+            "--http",
+            &format!("127.0.0.1:{http}"),
+            "--p2p",
+            &format!("/ip4/127.0.0.1/tcp/{p2p}"),
+        ])
         .args(["--faucet", &FAUCET.to_string()])
         .arg("--state-dir")
         .arg(dir)
@@ -59,7 +68,15 @@ async fn wait_up(http: &reqwest::Client, base: &str) -> Value {
 }
 
 fn auth(key: &Keypair, method: &str, path: &str) -> String {
-    let s = Signed::sign(key, ApiAuth { method: method.into(), path: path.into() }, 60).unwrap();
+    let s = Signed::sign(
+        key,
+        ApiAuth {
+            method: method.into(),
+            path: path.into(),
+        },
+        60,
+    )
+    .unwrap();
     format!("Kiln {}", hex::encode(s.to_bytes().unwrap()))
 }
 
@@ -68,7 +85,10 @@ fn auth(key: &Keypair, method: &str, path: &str) -> String {
 async fn provider(coordinator: kiln_net::Addr, cancel: CancellationToken) {
     let key = Keypair::generate();
     let id = ProviderId::from_public_key(&key.public());
-    let (net, mut events, ev) = kiln_net::spawn(key.to_libp2p(), NetConfig::default(), cancel.clone()).await.unwrap();
+    let (net, mut events, ev) =
+        kiln_net::spawn(key.to_libp2p(), NetConfig::default(), cancel.clone())
+            .await
+            .unwrap();
     tokio::spawn(ev.run());
     let peer = kiln_net::peer_of(&coordinator).unwrap();
     let advert = CapabilityAdvert {
@@ -76,7 +96,11 @@ async fn provider(coordinator: kiln_net::Addr, cancel: CancellationToken) {
         protocol_version: kiln_protocol::PROTOCOL_VERSION,
         node_version: "crash-test".into(),
         listen_addrs: net.listen_addrs().iter().map(ToString::to_string).collect(),
-        cpu: CpuInfo { model: "test".into(), logical_cores: 8, matmul_mflops: 1 },
+        cpu: CpuInfo {
+            model: "test".into(),
+            logical_cores: 8,
+            matmul_mflops: 1,
+        },
         memory: ByteSize(16 << 30),
         gpus: vec![],
         slots: 4,
@@ -85,6 +109,10 @@ async fn provider(coordinator: kiln_net::Addr, cancel: CancellationToken) {
         runtime: "none".into(),
         allows_network: false,
         issued_at: UnixMillis::now(),
+        benchmark: None,
+        region: None,
+        disk: ByteSize(0),
+        cached: vec![],
     };
     let mut seen = HashSet::new();
     let mut pending: Vec<JobResult> = Vec::new();
@@ -137,13 +165,26 @@ fn result_for(offer: &kiln_protocol::JobOffer, key: &Keypair, id: ProviderId) ->
         stderr_cid: ContentId::of_bytes(b""),
         started_at: now,
         finished_at: now,
-        usage: ResourceUsage { wall_ms: 1_500, stdout_bytes: out.len() as u64, ..Default::default() },
+        usage: ResourceUsage {
+            wall_ms: 1_500,
+            stdout_bytes: out.len() as u64,
+            ..Default::default()
+        },
     };
     JobResult {
         job_id: offer.job_id,
         receipt: Signed::sign(key, receipt, 3600).unwrap(),
         manifest,
-        blobs: vec![Blob { cid: ContentId::of_bytes(&out), bytes: out }, Blob { cid: ContentId::of_bytes(b""), bytes: vec![] }],
+        blobs: vec![
+            Blob {
+                cid: ContentId::of_bytes(&out),
+                bytes: out,
+            },
+            Blob {
+                cid: ContentId::of_bytes(b""),
+                bytes: vec![],
+            },
+        ],
     }
 }
 
@@ -156,7 +197,9 @@ async fn sigkill_at_any_point_never_loses_or_doubles_a_payment() {
     let mut coordinator = spawn(dir.path(), http_port, p2p_port);
     let info = wait_up(&http, &base).await;
     let peer = info["peer_id"].as_str().unwrap();
-    let addr: kiln_net::Addr = format!("/ip4/127.0.0.1/tcp/{p2p_port}/p2p/{peer}").parse().unwrap();
+    let addr: kiln_net::Addr = format!("/ip4/127.0.0.1/tcp/{p2p_port}/p2p/{peer}")
+        .parse()
+        .unwrap();
     let cancel = CancellationToken::new();
     tokio::spawn(provider(addr, cancel.clone()));
 
@@ -172,7 +215,12 @@ async fn sigkill_at_any_point_never_loses_or_doubles_a_payment() {
         let signed = Signed::sign(&buyer, JobSubmission { spec, label: None }, 600).unwrap();
         // Retried until accepted: the same signed submission is the same job.
         let v: Value = loop {
-            match http.post(format!("{base}/v1/jobs")).json(&signed).send().await {
+            match http
+                .post(format!("{base}/v1/jobs"))
+                .json(&signed)
+                .send()
+                .await
+            {
                 Ok(r) if r.status().is_success() => break r.json().await.unwrap(),
                 Ok(r) => panic!("submission refused: {}", r.text().await.unwrap_or_default()),
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -197,7 +245,12 @@ async fn sigkill_at_any_point_never_loses_or_doubles_a_payment() {
         let path = format!("/v1/jobs/{id}");
         let mut last = Value::Null;
         for _ in 0..600 {
-            if let Ok(r) = http.get(format!("{base}{path}")).header("authorization", auth(&buyer, "GET", &path)).send().await {
+            if let Ok(r) = http
+                .get(format!("{base}{path}"))
+                .header("authorization", auth(&buyer, "GET", &path))
+                .send()
+                .await
+            {
                 last = r.json().await.unwrap_or(Value::Null);
                 if last["state"] == "completed" {
                     break;
@@ -206,7 +259,12 @@ async fn sigkill_at_any_point_never_loses_or_doubles_a_payment() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(last["state"], "completed", "{last:#}");
-        let completions = last["events"].as_array().unwrap().iter().filter(|e| e["state"] == "completed").count();
+        let completions = last["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["state"] == "completed")
+            .count();
         assert_eq!(completions, 1, "{last:#}");
         costs += last["cost"].as_u64().unwrap();
     }
@@ -218,7 +276,14 @@ async fn sigkill_at_any_point_never_loses_or_doubles_a_payment() {
     let mut coordinator = spawn(dir.path(), http_port, p2p_port);
     let info = wait_up(&http, &base).await;
     let key: PublicKey = info["public_key"].as_str().unwrap().parse().unwrap();
-    let page: Value = http.get(format!("{base}/v1/ledger?from=0&limit=10000")).send().await.unwrap().json().await.unwrap();
+    let page: Value = http
+        .get(format!("{base}/v1/ledger?from=0&limit=10000"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let entries: Vec<Signed<LedgerEntry>> = page["entries"]
         .as_array()
         .unwrap()
@@ -226,17 +291,37 @@ async fn sigkill_at_any_point_never_loses_or_doubles_a_payment() {
         .map(|e| Signed::from_bytes(&hex::decode(e["entry"].as_str().unwrap()).unwrap()).unwrap())
         .collect();
     let ledger = verify_chain(&entries, &key).expect("the ledger replays from genesis");
-    let stored: Value = http.get(format!("{base}/v1/ledger/balances")).send().await.unwrap().json().await.unwrap();
-    let stored: BTreeMap<AccountId, Credits> = serde_json::from_value(stored["balances"].clone()).unwrap();
+    let stored: Value = http
+        .get(format!("{base}/v1/ledger/balances"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stored: BTreeMap<AccountId, Credits> =
+        serde_json::from_value(stored["balances"].clone()).unwrap();
     compare_balances(&ledger, &stored).expect("stored balances equal the replay");
 
     // The money adds up to the work done: nothing lost, nothing doubled.
     let buyer_acct = AccountId::Buyer(BuyerId::new(buyer.public()));
     assert_eq!(ledger.balance(&buyer_acct).0, FAUCET - costs);
-    let earned: u64 = ledger.balances().iter().filter(|(a, _)| !matches!(a, AccountId::Buyer(_))).map(|(_, c)| c.0).sum();
+    let earned: u64 = ledger
+        .balances()
+        .iter()
+        .filter(|(a, _)| !matches!(a, AccountId::Buyer(_)))
+        .map(|(_, c)| c.0)
+        .sum();
     assert_eq!(earned, costs, "provider + fee = what the buyer paid");
-    assert!(ledger.escrows().values().all(|e| !e.is_open()), "every escrow is settled");
-    assert_eq!(ledger.escrows().len(), jobs.len(), "one escrow per job, none doubled");
+    assert!(
+        ledger.escrows().values().all(|e| !e.is_open()),
+        "every escrow is settled"
+    );
+    assert_eq!(
+        ledger.escrows().len(),
+        jobs.len(),
+        "one escrow per job, none doubled"
+    );
     coordinator.kill().unwrap();
     coordinator.wait().unwrap();
     cancel.cancel();

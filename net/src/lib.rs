@@ -5,8 +5,11 @@
 //!
 //! * one `#[derive(NetworkBehaviour)]` struct, [`Behaviour`]: point-to-point
 //!   request-response (`/kiln/rpc/1`) for everything addressed to one peer
-//!   (registration, offers, results, blobs), gossipsub only for capability
-//!   adverts, identify and ping for liveness;
+//!   (registration, offers, results), plain libp2p streams (`libp2p-stream`)
+//!   for bulk protocols whose bytes should not pass through the event loop
+//!   (the blob protocol `/kiln/blobs/1`, implemented in `kiln-blobs`),
+//!   gossipsub for capability adverts and blob announcements, identify and
+//!   ping for liveness;
 //! * an [`EventLoop`] task that alone owns the `Swarm`;
 //! * a cloneable [`Client`] handle that talks to the loop over a bounded
 //!   channel, and a bounded stream of [`NetEvent`]s coming out of it.
@@ -18,6 +21,7 @@
 mod codec;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -29,16 +33,23 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, noise, ping, tcp, yamux,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 pub use codec::RpcCodec;
-pub use libp2p::{Multiaddr as Addr, PeerId as Peer, identity, multiaddr};
+pub use libp2p::{Multiaddr as Addr, PeerId as Peer, Stream, StreamProtocol as Protocol};
+pub use libp2p::{identity, multiaddr};
+/// Plain libp2p streams: [`stream::Control`] opens and accepts them.
+pub use libp2p_stream as stream;
 
 /// The request-response protocol name.
 pub const RPC_PROTOCOL: &str = "/kiln/rpc/1";
 /// The gossipsub topic on which providers publish signed adverts.
 pub const ADVERT_TOPIC: &str = "kiln/adverts/1";
+/// The stream protocol of the blob data plane (served by `kiln-blobs`).
+pub const BLOB_PROTOCOL: &str = "/kiln/blobs/1";
+/// The gossipsub topic on which peers announce the blobs they hold.
+pub const BLOB_TOPIC: &str = "kiln/blobs/have/1";
 
 /// Errors the network layer reports to its callers.
 #[derive(Debug, thiserror::Error)]
@@ -67,12 +78,18 @@ pub enum NetError {
     Stopped,
     #[error("setting up libp2p failed: {0}")]
     Setup(String),
+    #[error("peer {peer} does not speak {protocol}; it may run an older Kiln")]
+    Unsupported { peer: PeerId, protocol: String },
+    #[error("protocol {protocol} already has a server in this process")]
+    AlreadyServing { protocol: String },
 }
 
 /// Everything the node and coordinator use, in one behaviour.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     rpc: request_response::Behaviour<RpcCodec>,
+    /// Plain streams for bulk transfer (blobs, benchmarks).
+    stream: libp2p_stream::Behaviour,
     gossip: gossipsub::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -136,6 +153,9 @@ enum Command {
     Publish {
         data: Vec<u8>,
     },
+    PublishBlobs {
+        data: Vec<u8>,
+    },
     IsConnected {
         peer: PeerId,
         done: oneshot::Sender<bool>,
@@ -143,11 +163,22 @@ enum Command {
 }
 
 /// A cheap, cloneable handle to the network task.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Client {
     tx: mpsc::Sender<Command>,
     local_peer_id: PeerId,
     listen_addrs: Vec<Multiaddr>,
+    streams: libp2p_stream::Control,
+    blob_announcements: broadcast::Sender<(PeerId, Arc<[u8]>)>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("local_peer_id", &self.local_peer_id)
+            .field("listen_addrs", &self.listen_addrs)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -209,6 +240,82 @@ impl Client {
     pub async fn is_connected(&self, peer: PeerId) -> Result<bool, NetError> {
         self.call(|done| Command::IsConnected { peer, done }).await
     }
+
+    /// The handle for plain libp2p streams (open with
+    /// [`stream::Control::open_stream`], serve with [`stream::Control::accept`]).
+    pub fn stream_control(&self) -> libp2p_stream::Control {
+        self.streams.clone()
+    }
+
+    /// Opens a new stream to `peer` speaking `protocol`, dialing `addrs`
+    /// first if no connection is open (each must end in `/p2p/<peer>`).
+    pub async fn open_stream(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        protocol: &'static str,
+    ) -> Result<Stream, NetError> {
+        if !addrs.is_empty() && !self.is_connected(peer).await? {
+            let mut last = None;
+            for addr in addrs {
+                match self.dial(addr).await {
+                    Ok(_) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            if let Some(e) = last {
+                return Err(e);
+            }
+        }
+        let protocol = StreamProtocol::new(protocol);
+        self.streams
+            .clone()
+            .open_stream(peer, protocol.clone())
+            .await
+            .map_err(|e| match e {
+                libp2p_stream::OpenStreamError::UnsupportedProtocol(p) => NetError::Unsupported {
+                    peer,
+                    protocol: p.to_string(),
+                },
+                other => NetError::Unreachable {
+                    peer,
+                    reason: other.to_string(),
+                },
+            })
+    }
+
+    /// Takes the incoming streams of `protocol`; only one server per
+    /// protocol and process.
+    pub fn accept_streams(
+        &self,
+        protocol: &'static str,
+    ) -> Result<libp2p_stream::IncomingStreams, NetError> {
+        self.streams
+            .clone()
+            .accept(StreamProtocol::new(protocol))
+            .map_err(|_| NetError::AlreadyServing {
+                protocol: protocol.to_string(),
+            })
+    }
+
+    /// Gossips an announcement of held blobs on [`BLOB_TOPIC`] (best effort;
+    /// the bytes are `kiln-blobs`'s business).
+    pub async fn publish_blob_announcement(&self, data: Vec<u8>) -> Result<(), NetError> {
+        self.tx
+            .send(Command::PublishBlobs { data })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// Blob announcements gossiped by other peers: (publisher, bytes). The
+    /// publisher is the gossip message's signed source, not the relaying peer.
+    /// A receiver that lags loses the oldest announcements.
+    pub fn blob_announcements(&self) -> broadcast::Receiver<(PeerId, Arc<[u8]>)> {
+        self.blob_announcements.subscribe()
+    }
 }
 
 /// Splits `/…/p2p/<peer>` into the peer id and the address.
@@ -229,6 +336,8 @@ pub struct EventLoop {
     pending_dials: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId, NetError>>>>,
     replies: FuturesUnordered<BoxFuture<'static, (ResponseChannel<NetResponse>, NetResponse)>>,
     advert_topic: gossipsub::IdentTopic,
+    blob_topic: gossipsub::IdentTopic,
+    blob_announcements: broadcast::Sender<(PeerId, Arc<[u8]>)>,
     request_timeout: Duration,
     cancel: CancellationToken,
 }
@@ -268,6 +377,7 @@ pub async fn spawn(
                     [(StreamProtocol::new(RPC_PROTOCOL), ProtocolSupport::Full)],
                     request_response::Config::default().with_request_timeout(timeout),
                 ),
+                stream: libp2p_stream::Behaviour::new(),
                 gossip,
                 identify: identify::Behaviour::new(identify::Config::new(
                     "/kiln/1".into(),
@@ -288,6 +398,14 @@ pub async fn spawn(
         .gossip
         .subscribe(&advert_topic)
         .map_err(|e| NetError::Setup(e.to_string()))?;
+    let blob_topic = gossipsub::IdentTopic::new(BLOB_TOPIC);
+    swarm
+        .behaviour_mut()
+        .gossip
+        .subscribe(&blob_topic)
+        .map_err(|e| NetError::Setup(e.to_string()))?;
+    let streams = swarm.behaviour().stream.new_control();
+    let (blob_announcements, _) = broadcast::channel(256);
 
     for addr in &config.listen {
         swarm
@@ -330,6 +448,8 @@ pub async fn spawn(
         tx,
         local_peer_id,
         listen_addrs,
+        streams,
+        blob_announcements: blob_announcements.clone(),
     };
     let ev = EventLoop {
         swarm,
@@ -339,6 +459,8 @@ pub async fn spawn(
         pending_dials: HashMap::new(),
         replies: FuturesUnordered::new(),
         advert_topic,
+        blob_topic,
+        blob_announcements,
         request_timeout: timeout,
         cancel,
     };
@@ -411,6 +533,12 @@ impl EventLoop {
                     tracing::debug!("advert not gossiped: {e}");
                 }
             }
+            Command::PublishBlobs { data } => {
+                let topic = self.blob_topic.clone();
+                if let Err(e) = self.swarm.behaviour_mut().gossip.publish(topic, data) {
+                    tracing::debug!("blob announcement not gossiped: {e}");
+                }
+            }
             Command::IsConnected { peer, done } => {
                 let _ = done.send(self.swarm.is_connected(&peer));
             }
@@ -420,6 +548,20 @@ impl EventLoop {
     async fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
             SwarmEvent::Behaviour(BehaviourEvent::Rpc(ev)) => self.on_rpc(ev).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message {
+                propagation_source,
+                message,
+                ..
+            })) if message.topic == self.blob_topic.hash() => {
+                // Strict validation: `source` is the signed publisher.
+                if let Some(source) = message.source {
+                    let _ = self
+                        .blob_announcements
+                        .send((source, Arc::from(message.data)));
+                } else {
+                    tracing::debug!(peer = %propagation_source, "ignoring unsigned blob announcement");
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message {
                 propagation_source,
                 message,

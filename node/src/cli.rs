@@ -1,11 +1,17 @@
-//! Command-line arguments of `kiln-node run`, turned into a [`NodeConfig`].
+//! Command-line arguments of `kiln-node run` (turned into a [`NodeConfig`]),
+//! `kiln-node benchmark` and `kiln-node doctor`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use kiln_protocol::Credits;
+use kiln_protocol::{Credits, Nonce};
 
 use crate::NodeConfig;
+use crate::bench::{self, BenchOptions, EngineChoice};
+use crate::doctor::DoctorOptions;
+use crate::idle::{IdlePolicy, OwnerPolicy};
 use crate::runner::Policy;
+use crate::{gpu, hw};
 
 fn parse_size(s: &str) -> Result<u64, String> {
     kiln_protocol::units::parse_byte_size(s)
@@ -58,6 +64,19 @@ pub struct RunArgs {
     /// Log bytes kept per stream per job, e.g. 4MiB.
     #[arg(long, value_parser = parse_size, default_value = "4MiB")]
     pub log_cap: u64,
+    /// Take offers only after the GPUs have been free of their owner's work
+    /// (non-Kiln processes, utilization) for this many seconds (0: as soon as
+    /// they are free; a CPU-only machine always is).
+    #[arg(long, default_value_t = 0)]
+    pub idle_for: u64,
+    /// When the owner starts using a GPU: let running jobs finish, or stop
+    /// them at once (the coordinator requeues them as `preempted_by_owner`).
+    #[arg(long, value_enum, default_value_t = OwnerPolicy::Finish)]
+    pub owner_policy: OwnerPolicy,
+    /// Also take no offers while an interactive user is active (a terminal
+    /// login with input within --idle-for, or the last minute).
+    #[arg(long)]
+    pub require_no_user: bool,
 }
 
 impl RunArgs {
@@ -76,6 +95,142 @@ impl RunArgs {
         };
         c.limits.max_output_bytes = self.max_output;
         c.limits.log_cap_bytes = self.log_cap;
+        c.idle = IdlePolicy {
+            idle_for: Duration::from_secs(self.idle_for),
+            require_no_user: self.require_no_user,
+            on_owner_return: self.owner_policy,
+            ..IdlePolicy::default()
+        };
         c
     }
+}
+
+fn parse_nonce(s: &str) -> Result<Nonce, String> {
+    s.parse::<Nonce>().map_err(|e| e.to_string())
+}
+
+/// Measure this machine's CPU and GPUs (the figures a provider advertises).
+///
+/// CPU: FP64 matmul and memory copy bandwidth. Each GPU: BF16, FP16 and FP32
+/// matmul throughput (cuBLAS, or Kiln's driver-only kernel), device copy and
+/// pinned host<->device bandwidth. Inputs are random, seeded by a nonce;
+/// every matmul result carries a checksum and sampled values anyone can
+/// verify. Exit code: 0, or 1 when GPUs exist but none could be measured.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Print the full report as JSON on stdout (logs go to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// GPU matrix size (n x n x n matmuls).
+    #[arg(long, default_value_t = bench::DEFAULT_GPU_N)]
+    pub size: u32,
+    /// CPU matrix size.
+    #[arg(long, default_value_t = bench::DEFAULT_CPU_N)]
+    pub cpu_size: u32,
+    /// GPU matmul engine: cuBLAS if present (auto), cuBLAS only, or Kiln's
+    /// driver-only PTX kernel (FP32).
+    #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
+    pub engine: EngineChoice,
+    /// Input seed, 32 hex digits (random if unset).
+    #[arg(long, value_parser = parse_nonce)]
+    pub nonce: Option<Nonce>,
+    /// Bytes per copy in the GPU bandwidth tests, in MiB.
+    #[arg(long, default_value_t = bench::DEFAULT_COPY_BYTES >> 20)]
+    pub copy_mib: u64,
+    /// Sampled output elements per matmul proof.
+    #[arg(long, default_value_t = bench::DEFAULT_SAMPLES)]
+    pub samples: u32,
+    /// Skip the GPU benchmarks.
+    #[arg(long)]
+    pub no_gpu: bool,
+    /// Where the result is cached (benchmark.json) for `kiln-node run`.
+    #[arg(long, env = "KILN_NODE_STATE", default_value_os_t = default_state_dir())]
+    pub state_dir: PathBuf,
+}
+
+/// Runs `kiln-node benchmark`; returns the process exit code (0, or 1 when
+/// GPUs exist but none could be measured).
+pub fn benchmark(args: BenchArgs) -> i32 {
+    let discovery = gpu::discover();
+    let cpu_model = hw::cpu_model();
+    let nonce = args.nonce.unwrap_or_else(Nonce::random);
+    let mut opts = BenchOptions::full(nonce, !args.no_gpu);
+    opts.cpu.matmul_n = args
+        .cpu_size
+        .clamp(16, kiln_protocol::bench::MAX_CPU_MATMUL_N);
+    opts.cpu.samples = args.samples;
+    if let Some(g) = opts.gpu.as_mut() {
+        g.matmul_n = args.size.clamp(16, kiln_protocol::bench::MAX_GPU_MATMUL_N);
+        g.engine = args.engine;
+        g.copy_bytes = args.copy_mib.max(1) << 20;
+        g.samples = args.samples;
+    }
+    let out = bench::run(&opts, &discovery, &cpu_model);
+    if let Err(e) = bench::save_cache(&args.state_dir, &out.hardware, &out.report) {
+        tracing::warn!(
+            "could not cache the benchmark in {}: {e}",
+            args.state_dir.display()
+        );
+    }
+    if args.json {
+        match serde_json::to_string_pretty(&out) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("cannot encode the report: {e}");
+                return 1;
+            }
+        }
+    } else {
+        print!("{}", bench::render(&out));
+    }
+    let gpus_failed = !args.no_gpu && !discovery.gpus.is_empty() && out.report.gpus.is_empty();
+    i32::from(gpus_failed)
+}
+
+/// Check that this machine is ready to be a provider.
+///
+/// Exit code: 0 every check passed (or was skipped), 1 at least one check
+/// failed, 2 no failure but at least one warning (e.g. no NVIDIA driver:
+/// CPU-only). Every warning and failure names its fix.
+#[derive(clap::Args, Debug)]
+pub struct DoctorArgs {
+    /// Print the checks as JSON on stdout: {"checks": [{"name", "status":
+    /// "ok"|"warn"|"fail"|"skip", "detail", "fix"}], "exit_code"}.
+    #[arg(long)]
+    pub json: bool,
+    /// The coordinator's multiaddr (…/p2p/<peer id>), to check it is reachable.
+    #[arg(long, env = "KILN_COORDINATOR_ADDR")]
+    pub coordinator: Option<kiln_net::Addr>,
+    /// The coordinator's HTTP URL, to measure clock skew from its Date header.
+    #[arg(long, env = "KILN_COORDINATOR")]
+    pub coordinator_http: Option<String>,
+    /// The address `kiln-node run --listen` will use, to check the port is free.
+    #[arg(long)]
+    pub listen: Option<kiln_net::Addr>,
+    /// The node's state directory (identity key, job files, benchmark cache).
+    #[arg(long, env = "KILN_NODE_STATE", default_value_os_t = default_state_dir())]
+    pub state_dir: PathBuf,
+}
+
+/// Runs `kiln-node doctor`; returns the exit code (0 ok, 1 fail, 2 warnings).
+pub async fn doctor(args: DoctorArgs) -> i32 {
+    let report = crate::doctor::run(&DoctorOptions {
+        state_dir: args.state_dir,
+        coordinator: args.coordinator,
+        coordinator_http: args.coordinator_http,
+        listen: args.listen,
+    })
+    .await;
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("cannot encode the report: {e}");
+                return 1;
+            }
+        }
+    } else {
+        print!("{}", crate::doctor::render(&report));
+    }
+    report.exit_code
 }

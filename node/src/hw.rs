@@ -67,7 +67,7 @@ pub fn assignable_gpus<'a>(
         .collect()
 }
 
-fn cpu_model() -> String {
+pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -15,11 +15,19 @@
 //!    runs the container under the sandbox in [`runner`], and sends back a
 //!    signed [`ResultReceipt`] together with the output and log bytes it names.
 //!
-//! Module map: [`hw`] (what the machine has), [`runner`] (one job in one
-//! container), this file (the service that ties them to the network).
+//! Module map: [`hw`] (what the machine has), [`gpu`] (everything NVML
+//! says), [`bench`] (benchmarks and their proofs, cached), [`doctor`]
+//! (readiness checks), [`idle`] (owner idle policy), [`runner`] (one job in
+//! one container), this file (the service that ties them to the network).
 
+pub mod bench;
+mod challenge;
 pub mod cli;
+pub mod doctor;
+pub mod gpu;
 pub mod hw;
+pub mod idle;
+mod owner;
 pub mod runner;
 
 use std::collections::{HashMap, HashSet};
@@ -57,6 +65,11 @@ pub struct NodeConfig {
     pub policy: Policy,
     /// How often a running job's usage is reported for settlement.
     pub usage_interval: Duration,
+    /// When the owner's use of the GPUs keeps offers away.
+    pub idle: idle::IdlePolicy,
+    /// Benchmark at start-up (or use the cached benchmark) and put the
+    /// report in the advert.
+    pub startup_benchmark: bool,
 }
 
 impl NodeConfig {
@@ -74,6 +87,8 @@ impl NodeConfig {
             limits: Limits::default(),
             policy: Policy::default(),
             usage_interval: Duration::from_secs(60),
+            idle: idle::IdlePolicy::default(),
+            startup_benchmark: true,
         }
     }
 }
@@ -135,6 +150,15 @@ struct Jobs {
     lost: Vec<Orphan>,
     /// Set by [`Node::drain`]: take no offers, report running jobs lost.
     draining: bool,
+    /// Jobs holding GPUs (preempted when the owner returns, per policy).
+    gpu_jobs: HashSet<JobId>,
+    /// Jobs stopped because the owner came back: reported lost as
+    /// `preempted_by_owner`.
+    preempted: HashSet<JobId>,
+    /// Why the owner sampler keeps offers away (`None`: take them).
+    owner_busy: Option<String>,
+    /// A benchmark challenge runs: take no offers meanwhile.
+    benchmarking: bool,
 }
 
 /// Starts a node; it runs until `cancel` fires.
@@ -173,6 +197,12 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         tracing::info!("{why}");
         Vec::new()
     });
+    let benchmark = config.startup_benchmark.then(|| {
+        let dir = config.state_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            bench::startup_report(&dir, &gpu::discover(), &hw::cpu_model())
+        })
+    });
     let cpu = tokio::task::spawn_blocking(|| hw::cpu_info(Duration::from_millis(100)))
         .await
         .unwrap_or_else(|_| hw::cpu_info(Duration::ZERO));
@@ -207,6 +237,14 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
             .unwrap_or_else(|| "runc".into()),
         allows_network: config.policy.allow_network,
         issued_at: UnixMillis::now(),
+        // Not configured yet: no region, no disk offered, nothing cached.
+        region: None,
+        disk: kiln_protocol::ByteSize(0),
+        cached: Vec::new(),
+        benchmark: match benchmark {
+            Some(task) => task.await.ok(),
+            None => None,
+        },
     };
     let state = Arc::new(State {
         key,
@@ -227,6 +265,9 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
 
     let mut tasks = vec![tokio::spawn(event_loop.run())];
     tasks.push(tokio::spawn(heartbeat(state.clone(), cancel.clone())));
+    if owner::needed(&state) {
+        tasks.push(tokio::spawn(owner::sampler(state.clone(), cancel.clone())));
+    }
     let s = state.clone();
     let c = cancel.clone();
     tasks.push(tokio::spawn(async move {
@@ -241,6 +282,14 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
                 reply,
             } = ev
             {
+                if let NetRequest::Challenge(ch) = request {
+                    // Takes seconds: answered from its own task.
+                    let s = s.clone();
+                    tokio::spawn(async move {
+                        let _ = reply.send(challenge::handle(s, peer, ch).await);
+                    });
+                    continue;
+                }
                 let response = handle_request(&s, peer, request);
                 let _ = reply.send(response);
             }
@@ -259,8 +308,13 @@ impl State {
     fn signed_advert(&self) -> Option<Signed<CapabilityAdvert>> {
         let mut advert = self.advert_base.clone();
         advert.issued_at = UnixMillis::now();
-        if self.jobs.lock().map(|j| j.draining).unwrap_or(true) {
-            advert.slots = 0; // shutting down: take no new work
+        if self
+            .jobs
+            .lock()
+            .map(|j| j.draining || j.owner_busy.is_some())
+            .unwrap_or(true)
+        {
+            advert.slots = 0; // shutting down, or the owner is busy: take no new work
         }
         let ttl = (self.config.heartbeat.as_secs() * 3).max(15);
         Signed::sign(&self.key, advert, ttl).ok()
@@ -368,6 +422,8 @@ fn handle_request(state: &Arc<State>, peer: Peer, request: NetRequest) -> NetRes
         | NetRequest::Usage(_) => reject(format!(
             "peer {peer} sent a request only a coordinator accepts"
         )),
+        // Answered from its own task by the request loop in `start`.
+        NetRequest::Challenge(_) => reject("internal error: challenge not dispatched".into()),
     }
 }
 
@@ -447,6 +503,15 @@ fn handle_offer(state: &Arc<State>, peer: Peer, signed: Signed<JobOffer>) -> Net
                 offer.offer_id.short()
             ));
         }
+        if let Some(why) = &jobs.owner_busy {
+            return reject(format!("offer {} rejected: {why}", offer.offer_id.short()));
+        }
+        if jobs.benchmarking {
+            return reject(format!(
+                "offer {} rejected: a benchmark challenge is running",
+                offer.offer_id.short()
+            ));
+        }
         recheck_dirty_gpus(&state.gpus, &mut jobs.dirty_gpus);
         let free = hw::assignable_gpus(&state.gpus, &jobs.busy_gpus, &jobs.dirty_gpus);
         let want = offer.spec.resources.gpus as usize;
@@ -468,6 +533,9 @@ fn handle_offer(state: &Arc<State>, peer: Peer, signed: Signed<JobOffer>) -> Net
         jobs.accepted.insert(offer.offer_id, offer.job_id);
         jobs.running
             .insert(offer.job_id, (offer.offer_id, CancellationToken::new()));
+        if want > 0 {
+            jobs.gpu_jobs.insert(offer.job_id);
+        }
         picked
     };
     tracing::info!(job = %offer.job_id.short(), offer = %offer.offer_id.short(), "accepted offer");
@@ -492,6 +560,8 @@ fn handle_offer(state: &Arc<State>, peer: Peer, signed: Signed<JobOffer>) -> Net
         }
         if let Ok(mut jobs) = s.jobs.lock() {
             jobs.running.remove(&job);
+            jobs.gpu_jobs.remove(&job);
+            jobs.preempted.remove(&job);
             for i in gpu_indices {
                 jobs.busy_gpus.remove(&i);
             }
@@ -636,6 +706,30 @@ async fn run_job(state: &State, offer: JobOffer, gpu_uuids: &[String]) {
         }
     };
     tracing::info!(job = %job.short(), outcome = ?report.outcome, exit = ?report.exit_code, wall_ms = report.wall_ms, "job finished");
+    if state
+        .jobs
+        .lock()
+        .map(|j| j.preempted.contains(&job))
+        .unwrap_or(false)
+    {
+        // Stopped because the provider's owner came back (preempt policy):
+        // the coordinator requeues it.
+        if let Ok(mut j) = state.jobs.lock() {
+            j.lost.push(Orphan {
+                job,
+                offer: offer.offer_id,
+            });
+        }
+        report_lost_with(
+            state,
+            &format!(
+                "{}: the provider's owner started using the GPU",
+                idle::PREEMPTED_BY_OWNER
+            ),
+        )
+        .await;
+        return;
+    }
     if state.jobs.lock().map(|j| j.draining).unwrap_or(false) {
         // Stopped because this provider is shutting down, not because the
         // buyer cancelled: the coordinator should run it elsewhere.

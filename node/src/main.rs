@@ -18,16 +18,38 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     Run(kiln_node::cli::RunArgs),
+    Benchmark(kiln_node::cli::BenchArgs),
+    /// Check that this machine is ready to be a provider. Exit code: 0 all
+    /// checks ok, 1 any check failed, 2 warnings only.
+    Doctor(kiln_node::cli::DoctorArgs),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    let Cmd::Run(args) = Cli::parse().cmd;
+    let filter =
+        || tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let args = match Cli::parse().cmd {
+        Cmd::Run(args) => args,
+        Cmd::Benchmark(args) => {
+            // stdout carries the report; logs go to stderr.
+            tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_writer(std::io::stderr)
+                .init();
+            let code = tokio::task::spawn_blocking(move || kiln_node::cli::benchmark(args))
+                .await
+                .context("the benchmark thread")?;
+            std::process::exit(code);
+        }
+        Cmd::Doctor(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_writer(std::io::stderr)
+                .init();
+            std::process::exit(kiln_node::cli::doctor(args).await);
+        }
+    };
+    tracing_subscriber::fmt().with_env_filter(filter()).init();
     let cancel = CancellationToken::new();
     let node = kiln_node::start(args.into_config(), cancel.clone())
         .await

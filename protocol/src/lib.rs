@@ -14,6 +14,7 @@
 //! [`spec`] (what a buyer asks for), [`messages`] (what flows between parties),
 //! [`content`] (how bytes are named).
 
+pub mod bench;
 pub mod content;
 pub mod encoding;
 pub mod ids;
@@ -23,6 +24,10 @@ pub mod signed;
 pub mod spec;
 pub mod units;
 
+pub use bench::{
+    BENCHMARK_VERSION, BenchmarkReport, Challenge, ChallengeId, ChallengeResponse, ChallengeSizes,
+    CpuBench, Digest32, GemmEngine, GpuBench, MatmulProof, Precision, Sample,
+};
 pub use content::{ContentId, Manifest, ManifestEntry, ManifestError};
 pub use ids::{BuyerId, IdParseError, JobId, Nonce, OfferId, ProviderId};
 pub use keys::{Keypair, PublicKey};

@@ -13,6 +13,8 @@
 //! | [`CancelJob`] | coordinator | request-response |
 //! | [`JobLost`] | provider | request-response |
 //! | [`UsageReport`] | provider | request-response |
+//! | [`crate::bench::Challenge`] | coordinator | request-response |
+//! | [`crate::bench::ChallengeResponse`] | provider | request-response (the reply) |
 //!
 //! The libp2p request-response payloads are [`NetRequest`]/[`NetResponse`].
 
@@ -66,6 +68,21 @@ pub struct CapabilityAdvert {
     /// Whether the provider lets jobs ask for `network = "full"`.
     pub allows_network: bool,
     pub issued_at: UnixMillis,
+    /// Measured figures with their proofs (see [`crate::bench`]); `None`
+    /// from a provider that has not benchmarked itself.
+    pub benchmark: Option<crate::bench::BenchmarkReport>,
+    /// Where the provider is, e.g. `eu-west-1` (hierarchical at `-`: a job
+    /// asking for `eu` matches it). `None`: matches no region requirement.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Disk the provider lends to jobs, in total (0 = none stated: jobs that
+    /// ask for disk are not placed here).
+    #[serde(default)]
+    pub disk: ByteSize,
+    /// Content ids the provider already holds (inputs it need not fetch);
+    /// the scheduler prefers providers holding a job's inputs.
+    #[serde(default)]
+    pub cached: Vec<ContentId>,
 }
 
 impl SignedMessage for CapabilityAdvert {
@@ -268,14 +285,21 @@ pub enum NetRequest {
     Lost(Signed<JobLost>),
     /// Provider → coordinator: usage so far of a running job (interval settlement).
     Usage(Signed<UsageReport>),
+    /// Coordinator → provider: benchmark yourself now on these inputs; the
+    /// answer is a [`NetResponse::ChallengeResponse`].
+    Challenge(Signed<crate::bench::Challenge>),
 }
 
 /// Responses over `/kiln/rpc/1`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum NetResponse {
     Accepted,
-    Rejected { reason: String },
+    Rejected {
+        reason: String,
+    },
     Blob(Option<Blob>),
+    /// The provider's answer to a [`NetRequest::Challenge`].
+    ChallengeResponse(Signed<crate::bench::ChallengeResponse>),
 }
 
 /// Serde of `Vec<u8>` as one byte string in binary encodings (bincode encodes

@@ -18,13 +18,31 @@
 //! cpus = 1.5
 //! memory = "512MiB"
 //! timeout = "10m"
-//! max_price_per_hour = 2000000    # micro-credits
+//! max_price_per_hour = 2000000    # micro-credits, per node
+//! ```
+//!
+//! Placement requirements live in the same table; every one is optional:
+//!
+//! ```toml
+//! [resources]
+//! gpus = 2                         # on one node
+//! min_vram = "80GiB"               # per GPU
+//! gpu_models = ["H100", "A100 80GB"]  # any of these (whole words, case-insensitive)
+//! min_compute_capability = "9.0"   # or 9.0
+//! min_tflops = 400                 # per GPU, benchmarked; 0 = any
+//! disk = "200GiB"                  # per node
+//! region = "eu"                    # matches eu, eu-west, eu-west-1 …
+//! min_reputation = 600             # 0..=1000
+//! priority = 10                    # higher is placed first (-1000..=1000)
+//! deadline = "2h"                  # longest wait in the queue, then the job fails
+//! gang = 4                         # nodes, all-or-nothing; each gets these resources
 //! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 use crate::content::ContentId;
 use crate::units::{ByteSize, Credits, MilliCpu, Seconds};
@@ -84,19 +102,51 @@ pub enum NetworkMode {
     Full,
 }
 
-/// Resources the job needs, and the most the buyer will pay.
+/// Resources the job needs, where it may run, and the most the buyer will pay.
+///
+/// Everything is per node: a gang job (`gang > 1`) gets these resources on
+/// each of `gang` distinct nodes, and `max_price_per_hour` bounds each node's
+/// price (escrow locks `max_price_per_hour × gang × timeout`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Resources {
     pub cpus: MilliCpu,
     pub memory: ByteSize,
+    /// GPUs, all on one node.
     pub gpus: u32,
     /// Wall-clock limit; the container is killed when it is reached.
     pub timeout: Seconds,
     /// Maximum process count inside the container.
     pub pids: u32,
-    /// Most the buyer pays per hour of this job, in micro-credits.
+    /// Most the buyer pays per hour of this job on one node, in micro-credits.
     pub max_price_per_hour: Credits,
+    /// Disk the job needs on the node (0 = none asked for).
+    pub disk: ByteSize,
+    /// Least memory of each assigned GPU (0 = any).
+    pub min_vram: ByteSize,
+    /// GPU models the job accepts (empty = any). A model matches a GPU when
+    /// its words (split on spaces, `_` and `-`) appear consecutively, ignoring
+    /// case, among the words of the driver's GPU name: `"H100"` and
+    /// `"h100_80gb"` match "NVIDIA H100 80GB HBM3", `"RTX_4090"` matches
+    /// "NVIDIA GeForce RTX 4090", but `"A10"` does not match "NVIDIA A100".
+    pub gpu_models: Vec<String>,
+    /// Least CUDA compute capability of each assigned GPU (`"9.0"`).
+    pub min_compute_capability: Option<ComputeCapability>,
+    /// Least benchmarked dense throughput per GPU, in TFLOP/s (0 = any; a
+    /// provider without a benchmark does not satisfy a non-zero figure).
+    pub min_tflops: u32,
+    /// Region the node must be in: equal to the provider's region or a
+    /// prefix of it at a `-` boundary (`"eu"` matches `"eu-west-1"`), ignoring case.
+    pub region: Option<String>,
+    /// Least provider reputation, 0..=1000 (0 = any).
+    pub min_reputation: u32,
+    /// Queue priority: higher is placed first; equal priorities go in
+    /// submission order.
+    pub priority: i32,
+    /// Longest time the job may wait in the queue before it fails (none = forever).
+    pub deadline: Option<Seconds>,
+    /// Number of nodes, placed all-or-nothing (1 = an ordinary job).
+    pub gang: u32,
 }
 
 impl Default for Resources {
@@ -108,7 +158,107 @@ impl Default for Resources {
             timeout: Seconds(600),
             pids: 256,
             max_price_per_hour: Credits(1_000_000),
+            disk: ByteSize(0),
+            min_vram: ByteSize(0),
+            gpu_models: Vec::new(),
+            min_compute_capability: None,
+            min_tflops: 0,
+            region: None,
+            min_reputation: 0,
+            priority: 0,
+            deadline: None,
+            gang: 1,
         }
+    }
+}
+
+/// A CUDA compute capability, `major.minor` (`"9.0"` for Hopper, `"8.6"`
+/// for GA10x). Ordered by major, then minor. People write it as a string
+/// (`"8.6"`) or a number (`8.6`, `9`); the canonical binary form is the pair.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ComputeCapability {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl ComputeCapability {
+    pub const fn new(major: u32, minor: u32) -> Self {
+        Self { major, minor }
+    }
+}
+
+impl From<(u32, u32)> for ComputeCapability {
+    fn from((major, minor): (u32, u32)) -> Self {
+        Self { major, minor }
+    }
+}
+
+impl fmt::Display for ComputeCapability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+impl FromStr for ComputeCapability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a compute capability; write e.g. \"8.6\" or \"9.0\"");
+        let (major, minor) = s.trim().split_once('.').unwrap_or((s.trim(), "0"));
+        let num = |p: &str| {
+            (!p.is_empty() && p.len() <= 4 && p.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| p.parse::<u32>().ok())
+                .flatten()
+        };
+        Ok(Self {
+            major: num(major).ok_or_else(bad)?,
+            minor: num(minor).ok_or_else(bad)?,
+        })
+    }
+}
+
+impl Serialize for ComputeCapability {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            (self.major, self.minor).serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ComputeCapability {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if !d.is_human_readable() {
+            return <(u32, u32)>::deserialize(d).map(Self::from);
+        }
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = ComputeCapability;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a compute capability such as \"8.6\" or 9.0")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                u32::try_from(v)
+                    .map(|major| ComputeCapability::new(major, 0))
+                    .map_err(|_| E::custom(format!("{v} is not a compute capability")))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} must not be negative")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                // `8.6` prints as "8.6"; the shortest round-trip form is what the person wrote.
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(E::custom(format!("{v} is not a compute capability")));
+                }
+                format!("{v}").parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -317,19 +467,109 @@ impl JobSpec {
         if r.pids < 8 || r.pids > 65_536 {
             return Err(err("resources.pids", "must be between 8 and 65536"));
         }
-        self.max_cost()
-            .ok_or_else(|| err("resources.max_price_per_hour", "price × timeout overflows"))?;
+        check_requirements(r)?;
+        self.max_cost().ok_or_else(|| {
+            err(
+                "resources.max_price_per_hour",
+                "price × gang × timeout overflows",
+            )
+        })?;
         Ok(())
     }
 
-    /// The most this job can cost: price per hour × timeout, rounded up to
-    /// the micro-credit. This is what escrow locks at submission.
+    /// The most this job can cost: price per hour × nodes (`gang`) ×
+    /// timeout, rounded up to the micro-credit. This is what escrow locks at
+    /// submission.
     pub fn max_cost(&self) -> Option<Credits> {
+        let per_hour = self
+            .resources
+            .max_price_per_hour
+            .0
+            .checked_mul(u64::from(self.resources.gang.max(1)))?;
         cost_for(
-            self.resources.max_price_per_hour,
+            Credits(per_hour),
             self.resources.timeout.0.checked_mul(1000)?,
         )
     }
+}
+
+pub const MAX_GANG: u32 = 64;
+pub const MAX_REPUTATION: u32 = 1000;
+pub const MAX_PRIORITY: i32 = 1000;
+pub const MAX_DEADLINE_SECS: u64 = 30 * 24 * 3600;
+
+/// Checks the placement requirements of [`Resources`].
+fn check_requirements(r: &Resources) -> Result<(), SpecError> {
+    let per_gpu = |field: &str, set: bool| {
+        if set && r.gpus == 0 {
+            Err(err(
+                format!("resources.{field}"),
+                "applies to each GPU: set resources.gpus to 1 or more",
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    per_gpu("min_vram", r.min_vram.0 > 0)?;
+    per_gpu("gpu_models", !r.gpu_models.is_empty())?;
+    per_gpu("min_compute_capability", r.min_compute_capability.is_some())?;
+    per_gpu("min_tflops", r.min_tflops > 0)?;
+    if r.gpu_models.len() > 32 {
+        return Err(err("resources.gpu_models", "more than 32 models"));
+    }
+    for (i, m) in r.gpu_models.iter().enumerate() {
+        let words = m.split([' ', '_', '-']).filter(|w| !w.is_empty()).count();
+        if words == 0 || m.len() > 64 || m.chars().any(char::is_control) {
+            return Err(err(
+                format!("resources.gpu_models[{i}]"),
+                format!(
+                    "`{m}` must be a GPU model such as \"H100\" or \"RTX 4090\" (1 to 64 characters)"
+                ),
+            ));
+        }
+    }
+    if let Some(region) = &r.region {
+        let ok = !region.is_empty()
+            && region.len() <= 64
+            && region
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !ok {
+            return Err(err(
+                "resources.region",
+                format!(
+                    "`{region}` must be 1 to 64 letters, digits, `-`, `_` or `.` (e.g. \"eu-west\")"
+                ),
+            ));
+        }
+    }
+    if r.min_reputation > MAX_REPUTATION {
+        return Err(err(
+            "resources.min_reputation",
+            format!("must be at most {MAX_REPUTATION}"),
+        ));
+    }
+    if r.priority.unsigned_abs() > MAX_PRIORITY.unsigned_abs() {
+        return Err(err(
+            "resources.priority",
+            format!("must be between -{MAX_PRIORITY} and {MAX_PRIORITY}"),
+        ));
+    }
+    if let Some(d) = r.deadline
+        && (d.0 == 0 || d.0 > MAX_DEADLINE_SECS)
+    {
+        return Err(err(
+            "resources.deadline",
+            "must be between 1s and 30d when given; omit it to wait as long as it takes",
+        ));
+    }
+    if r.gang == 0 || r.gang > MAX_GANG {
+        return Err(err(
+            "resources.gang",
+            format!("must be between 1 and {MAX_GANG} nodes"),
+        ));
+    }
+    Ok(())
 }
 
 /// Cost of `millis` of wall time at `price_per_hour`, rounded up.
@@ -429,6 +669,82 @@ mod tests {
                 "between",
             ),
             ("resources.pids", |s| s.resources.pids = 1, "between"),
+            (
+                "resources.min_vram",
+                |s| s.resources.min_vram = ByteSize(80 << 30),
+                "resources.gpus to 1 or more",
+            ),
+            (
+                "resources.gpu_models",
+                |s| s.resources.gpu_models = vec!["H100".into()],
+                "each GPU",
+            ),
+            (
+                "resources.min_compute_capability",
+                |s| s.resources.min_compute_capability = Some(ComputeCapability::new(9, 0)),
+                "each GPU",
+            ),
+            (
+                "resources.min_tflops",
+                |s| s.resources.min_tflops = 100,
+                "each GPU",
+            ),
+            (
+                "resources.gpu_models[1]",
+                |s| {
+                    s.resources.gpus = 1;
+                    s.resources.gpu_models = vec!["H100".into(), " _-".into()];
+                },
+                "GPU model",
+            ),
+            (
+                "resources.region",
+                |s| s.resources.region = Some("eu west".into()),
+                "letters, digits",
+            ),
+            (
+                "resources.region",
+                |s| s.resources.region = Some(String::new()),
+                "1 to 64",
+            ),
+            (
+                "resources.min_reputation",
+                |s| s.resources.min_reputation = 1001,
+                "at most 1000",
+            ),
+            (
+                "resources.priority",
+                |s| s.resources.priority = -1001,
+                "between -1000 and 1000",
+            ),
+            (
+                "resources.deadline",
+                |s| s.resources.deadline = Some(Seconds(0)),
+                "between 1s and 30d",
+            ),
+            (
+                "resources.deadline",
+                |s| s.resources.deadline = Some(Seconds(MAX_DEADLINE_SECS + 1)),
+                "between 1s and 30d",
+            ),
+            (
+                "resources.gang",
+                |s| s.resources.gang = 0,
+                "between 1 and 64",
+            ),
+            (
+                "resources.gang",
+                |s| s.resources.gang = 65,
+                "between 1 and 64",
+            ),
+            (
+                "resources.max_price_per_hour",
+                |s| {
+                    s.resources.gang = 64;
+                    s.resources.max_price_per_hour = Credits(u64::MAX / 32);
+                },
+                "overflows",
+            ),
         ];
         for (field, mutate, reason) in table {
             let mut s = JobSpec::new(IMG, vec![]);
@@ -437,6 +753,101 @@ mod tests {
             assert_eq!(&e.field, field, "{e}");
             assert!(e.reason.contains(reason), "{field}: {e}");
         }
+    }
+
+    #[test]
+    fn requirements_parse_from_toml_with_defaults() {
+        let s: JobSpec = toml::from_str(&format!(
+            r#"image = "{IMG}"
+[resources]
+gpus = 2
+min_vram = "80GiB"
+gpu_models = ["H100", "A100 80GB"]
+min_compute_capability = "9.0"
+min_tflops = 400
+disk = "200GiB"
+region = "eu"
+min_reputation = 600
+priority = 10
+deadline = "2h"
+gang = 4
+max_price_per_hour = 5000000
+"#
+        ))
+        .unwrap();
+        s.validate().unwrap();
+        let r = &s.resources;
+        assert_eq!(r.min_vram, ByteSize(80 << 30));
+        assert_eq!(r.gpu_models, ["H100", "A100 80GB"]);
+        assert_eq!(r.min_compute_capability, Some(ComputeCapability::new(9, 0)));
+        assert_eq!(
+            (r.min_tflops, r.disk, r.region.as_deref()),
+            (400, ByteSize(200 << 30), Some("eu"))
+        );
+        assert_eq!(
+            (r.min_reputation, r.priority, r.deadline, r.gang),
+            (600, 10, Some(Seconds(7200)), 4)
+        );
+        // Escrow covers every node of the gang.
+        assert_eq!(
+            s.max_cost(),
+            Some(Credits((5_000_000 * 4 * 600u64).div_ceil(3600)))
+        );
+
+        // Absent requirements take their defaults.
+        let d: JobSpec =
+            toml::from_str(&format!("image = \"{IMG}\"\n[resources]\ncpus = 1\n")).unwrap();
+        let def = Resources::default();
+        assert_eq!(d.resources, def);
+        assert_eq!((def.gang, def.min_reputation, def.priority), (1, 0, 0));
+        assert!(def.gpu_models.is_empty() && def.region.is_none() && def.deadline.is_none());
+    }
+
+    #[test]
+    fn requirements_round_trip_in_every_encoding() {
+        let mut s = JobSpec::new(IMG, vec!["x".into()]);
+        s.resources.gpus = 1;
+        s.resources.min_compute_capability = Some(ComputeCapability::new(8, 6));
+        s.resources.gpu_models = vec!["RTX_4090".into()];
+        s.resources.region = Some("us-east".into());
+        s.resources.deadline = Some(Seconds(60));
+        s.resources.priority = -3;
+        s.resources.gang = 2;
+        let bin: JobSpec = crate::encoding::decode(&crate::encoding::encode(&s).unwrap()).unwrap();
+        assert_eq!(bin, s);
+        let js = serde_json::to_string(&s).unwrap();
+        assert!(js.contains(r#""min_compute_capability":"8.6""#), "{js}");
+        assert_eq!(serde_json::from_str::<JobSpec>(&js).unwrap(), s);
+        let t: JobSpec = toml::from_str(&toml::to_string(&s).unwrap()).unwrap();
+        assert_eq!(t, s);
+    }
+
+    #[test]
+    fn compute_capability_forms() {
+        #[derive(Deserialize)]
+        struct W {
+            c: ComputeCapability,
+        }
+        let cc = |src: &str| {
+            toml::from_str::<W>(src)
+                .map(|w| w.c)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(cc("c = \"8.6\""), Ok(ComputeCapability::new(8, 6)));
+        assert_eq!(cc("c = 8.6"), Ok(ComputeCapability::new(8, 6)));
+        assert_eq!(cc("c = 9"), Ok(ComputeCapability::new(9, 0)));
+        assert_eq!(cc("c = \"12.0\""), Ok(ComputeCapability::new(12, 0)));
+        assert!(
+            cc("c = \"nine\"")
+                .unwrap_err()
+                .contains("not a compute capability")
+        );
+        assert!(cc("c = -1").unwrap_err().contains("negative"));
+        assert!(ComputeCapability::new(8, 9) < ComputeCapability::new(9, 0));
+        assert!(ComputeCapability::new(9, 0) < ComputeCapability::new(10, 0));
+        assert_eq!(ComputeCapability::new(9, 0).to_string(), "9.0");
+        assert!("9.".parse::<ComputeCapability>().is_err());
+        assert!("9.0.1".parse::<ComputeCapability>().is_err());
     }
 
     #[test]

@@ -205,3 +205,46 @@ async fn a_draining_provider_hands_its_running_job_back() {
     );
     dn.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_that_vanishes_mid_job_loses_it_to_another() {
+    let dn = devnet(2).await.unwrap();
+    let client = buyer(&dn);
+    let v = client
+        .submit(dn.workload_spec(&["sleep", "3"]), None)
+        .await
+        .unwrap();
+    let id = kiln_cli::job_id_of(&v).unwrap();
+    let mut first = String::new();
+    for _ in 0..100 {
+        let j = client.job(&id).await.unwrap();
+        if j["state"] == "running" {
+            first = j["provider"].as_str().unwrap().to_string();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!first.is_empty(), "the job started");
+    // The provider vanishes: its network and heartbeats stop; its container is orphaned.
+    let i = dn
+        .nodes
+        .iter()
+        .position(|n| n.provider.to_string() == first)
+        .unwrap();
+    dn.node_cancels[i].cancel();
+    let done = kiln_cli::wait_for(&client, &id, Duration::from_secs(90), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_ne!(
+        done["provider"].as_str().unwrap(),
+        first,
+        "completed elsewhere"
+    );
+    assert_eq!(done["attempts"], 2);
+    let events = done["events"].to_string();
+    assert!(events.contains("stopped answering (lease of"), "{done:#}");
+    // Clean up the vanished node's orphan as its restart would.
+    dn.nodes[i].runner.reap_orphans().await.unwrap();
+    dn.shutdown().await;
+}

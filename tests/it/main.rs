@@ -2,6 +2,7 @@
 //! libp2p on loopback, SQLite, HTTP). See `kiln_tests` for the harness.
 
 mod api;
+mod audit;
 mod e2e;
 mod ledger;
 mod sandbox;

@@ -159,6 +159,10 @@ impl RogueProvider {
             runtime: "none".into(),
             allows_network: false,
             issued_at: UnixMillis::now(),
+            benchmark: None,
+            region: None,
+            disk: ByteSize(0),
+            cached: vec![],
         };
         Ok(Signed::sign(&self.key, a, 3600)?)
     }
