@@ -495,7 +495,7 @@ async fn fetch_unit(
                 0,
             );
         }
-        let res = wire::decode_into(&partial, &ranges, stream.reader()).await;
+        let res = wire::decode_into(&partial, &ranges, stream.stream_buf()).await;
         let wire_bytes = stream.bytes_read() - before;
         match res {
             Ok(stats) => {

@@ -22,6 +22,7 @@
 
 pub mod announce;
 pub mod bench;
+pub mod codec;
 pub mod fetch;
 pub mod http;
 pub mod store;

@@ -503,7 +503,7 @@ impl Store {
                 pinned: st.pins.contains_key(cid),
             })
             .collect();
-        v.sort_by(|a, b| a.cid.cmp(&b.cid));
+        v.sort_by_key(|b| b.cid);
         v
     }
 
@@ -927,11 +927,11 @@ impl Store {
                 self.state().partials.remove(&cid);
                 let _ = fs::remove_file(&data_path);
                 let _ = fs::remove_file(&ob_path);
-                return Err(StoreError::SizeConflict {
+                Err(StoreError::SizeConflict {
                     cid,
                     existing: s,
                     size,
-                });
+                })
             }
             Some(_) => {
                 let open = |p: &Path| {
@@ -1108,6 +1108,11 @@ impl Blob {
     /// The outboard, for bao encoding.
     pub fn outboard(&self) -> &PostOrderOutboard<File> {
         &self.outboard
+    }
+
+    /// The open data file and outboard.
+    pub fn into_parts(self) -> (File, PostOrderOutboard<File>) {
+        (self.data, self.outboard)
     }
 
     /// Reads `len` bytes at `offset` (clipped to the blob).
@@ -1472,7 +1477,8 @@ mod tests {
             let ranges = crate::group_ranges(0, 32 * 1024, size);
             let mut enc = Vec::new();
             bao_tree::io::sync::encode_ranges_validated(&data[..], &ob, &ranges, &mut enc).unwrap();
-            crate::wire::decode_into(&p, &ranges, &mut bytes::Bytes::from(enc))
+            let mut sb = crate::wire::StreamBuf::new(futures::io::Cursor::new(enc));
+            crate::wire::decode_into(&p, &ranges, &mut sb)
                 .await
                 .unwrap();
             assert_eq!(p.verified_bytes(), 32 * 1024);

@@ -26,21 +26,18 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bao_tree::io::BaoContentItem;
-use bao_tree::io::fsm::{ResponseDecoder, ResponseDecoderNext};
-use bao_tree::{ChunkNum, ChunkRanges};
-use bytes::{Bytes, BytesMut};
+use bao_tree::{BaoTree, ChunkNum, ChunkRanges};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
-use iroh_io::AsyncStreamReader;
 use kiln_net::{Addr as Multiaddr, Client, NetError, Peer as PeerId, Stream};
 use kiln_protocol::{ContentId, encoding};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::codec::{self, DecodeFail, Decoder, EncodeFail, Encoder, Verified};
+use crate::root_of;
 use crate::store::{Partial, Store};
-use crate::{BLOCK_SIZE, root_of};
 
 /// The protocol name.
 pub const PROTOCOL: &str = kiln_net::BLOB_PROTOCOL;
@@ -161,6 +158,22 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
 
 /// How long a served stream may sit idle between requests.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bytes handed to the stream per write.
+const PIECE: usize = 256 * 1024;
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Re-check stored groups against the outboard while serving them (a
+    /// blob rotted on disk is then caught and removed instead of sent).
+    pub validate: bool,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self { validate: true }
+    }
+}
 
 /// Serves `/kiln/blobs/1` from `store` until `cancel` fires. Only one server
 /// per process and client (the stream protocol has one acceptor).
@@ -168,6 +181,16 @@ pub async fn serve(
     store: Store,
     client: Client,
     cancel: CancellationToken,
+) -> Result<(), NetError> {
+    serve_with(store, client, cancel, ServeConfig::default()).await
+}
+
+/// [`serve`] with settings.
+pub async fn serve_with(
+    store: Store,
+    client: Client,
+    cancel: CancellationToken,
+    config: ServeConfig,
 ) -> Result<(), NetError> {
     let mut incoming = client.accept_streams(PROTOCOL)?;
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_SERVES));
@@ -179,11 +202,12 @@ pub async fn serve(
             next = incoming.next() => {
                 let Some((peer, stream)) = next else { break };
                 let (store, slots, cancel) = (store.clone(), slots.clone(), cancel.clone());
+                let config = config.clone();
                 tokio::spawn(async move {
                     let Ok(_permit) = slots.acquire_owned().await else { return };
                     tokio::select! {
                         () = cancel.cancelled() => {}
-                        r = serve_stream(&store, peer, stream) => if let Err(e) = r {
+                        r = serve_stream(&store, peer, stream, &config) => if let Err(e) = r {
                             tracing::debug!(%peer, "blob stream ended: {e}");
                         }
                     }
@@ -196,7 +220,13 @@ pub async fn serve(
 
 /// Answers requests on one stream, one after the other, until the requester
 /// closes it (or is idle for [`IDLE_TIMEOUT`]).
-pub async fn serve_stream(store: &Store, peer: PeerId, mut stream: Stream) -> io::Result<()> {
+pub async fn serve_stream(
+    store: &Store,
+    peer: PeerId,
+    mut stream: Stream,
+    config: &ServeConfig,
+) -> io::Result<()> {
+    let mut spare = Vec::new();
     loop {
         let mut len = [0u8; 4];
         match tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut len)).await {
@@ -216,7 +246,7 @@ pub async fn serve_stream(store: &Store, peer: PeerId, mut stream: Stream) -> io
         stream.read_exact(&mut buf).await?;
         let request: Request = encoding::decode(&buf)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        serve_request(store, peer, &mut stream, request).await?;
+        serve_request(store, peer, &mut stream, request, config, &mut spare).await?;
         stream.flush().await?;
     }
     stream.close().await
@@ -227,8 +257,10 @@ async fn serve_request(
     peer: PeerId,
     stream: &mut Stream,
     request: Request,
+    config: &ServeConfig,
+    spare: &mut Vec<u8>,
 ) -> io::Result<()> {
-    match request {
+    let (cid, ranges) = match request {
         Request::Has { cids } => {
             let response = if cids.len() > MAX_HAS {
                 Response::Error {
@@ -239,115 +271,80 @@ async fn serve_request(
                     sizes: cids.iter().map(|c| store.size(c)).collect(),
                 }
             };
-            write_frame(stream, &response).await
+            return write_frame(stream, &response).await;
         }
-        Request::Get { cid, ranges } => {
-            let Some(ranges) = ranges_from_wire(&ranges) else {
-                return write_frame(
-                    stream,
-                    &Response::Error {
-                        reason: "ranges must be strictly increasing chunk boundaries".into(),
-                    },
-                )
-                .await;
-            };
-            let blob = match store.open(&cid) {
-                Ok(Some(b)) => b,
-                Ok(None) => return write_frame(stream, &Response::NotFound).await,
-                Err(e) => {
-                    tracing::warn!(%cid, "cannot open blob to serve: {e}");
-                    return write_frame(
-                        stream,
-                        &Response::Error {
-                            reason: "the blob could not be read".into(),
-                        },
-                    )
-                    .await;
-                }
-            };
-            write_frame(stream, &Response::Found { size: blob.size() }).await?;
-            let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
-            let encoder = tokio::task::spawn_blocking(move || {
-                let mut w = ChannelWriter::new(tx);
-                let res = if std::env::var_os("KILN_BLOBS_NO_VALIDATE").is_some() {
-                    bao_tree::io::sync::encode_ranges(blob.data(), blob.outboard(), &ranges, &mut w)
-                } else {
-                    blob.encode_ranges(&ranges, &mut w)
-                };
-                let res = res.and_then(|()| w.finish().map_err(Into::into));
-                (blob.cid(), res)
-            });
-            let mut sent = Ok(());
-            while let Some(chunk) = rx.recv().await {
-                if let Err(e) = stream.write_all(&chunk).await {
-                    sent = Err(e);
-                    break;
-                }
-            }
-            drop(rx);
-            match encoder.await {
-                Ok((_, Ok(()))) => sent,
-                Ok((cid, Err(bao_tree::io::EncodeError::Io(e)))) if sent.is_err() => {
-                    tracing::debug!(%peer, %cid, "requester went away: {e}");
-                    sent
-                }
-                Ok((cid, Err(e))) => {
-                    // Our own copy failed its check: never send more of it.
-                    // The stream is dropped (reset) mid-response.
-                    tracing::error!(%cid, "serving stopped, stored blob failed verification: {e}");
-                    let store = store.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let _ = store.verify(&cid);
-                    });
-                    Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
-                }
-                Err(e) => Err(io::Error::other(e.to_string())),
-            }
+        Request::Get { cid, ranges } => (cid, ranges),
+    };
+    let Some(ranges) = ranges_from_wire(&ranges) else {
+        let reason = "ranges must be strictly increasing chunk boundaries".into();
+        return write_frame(stream, &Response::Error { reason }).await;
+    };
+    let blob = match store.open(&cid) {
+        Ok(Some(b)) => b,
+        Ok(None) => return write_frame(stream, &Response::NotFound).await,
+        Err(e) => {
+            tracing::warn!(%cid, "cannot open blob to serve: {e}");
+            let reason = "the blob could not be read".into();
+            return write_frame(stream, &Response::Error { reason }).await;
         }
+    };
+    write_frame(stream, &Response::Found { size: blob.size() }).await?;
+    let corrupt = |what: String| {
+        // Our own copy failed its check: never send more of it (the stream
+        // is dropped mid-response) and take the blob out of the store.
+        tracing::error!(%cid, "stopped serving: the stored blob failed verification at {what}");
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = store.verify(&cid);
+        });
+        io::Error::new(io::ErrorKind::InvalidData, what)
+    };
+    if !Encoder::aligned(blob.tree(), &ranges) {
+        // Ranges inside a group (the size probe): bao-tree's encoder, which
+        // recomputes the inner hashes; such responses are tiny.
+        let encoded = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            blob.encode_ranges(&ranges, &mut out).map(|()| out)
+        })
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?;
+        let encoded = encoded.map_err(|e| corrupt(e.to_string()))?;
+        return stream.write_all(&encoded).await;
     }
-}
-
-/// A blocking writer that hands 256 KiB pieces to an async task.
-struct ChannelWriter {
-    tx: mpsc::Sender<Vec<u8>>,
-    buf: Vec<u8>,
-}
-
-const PIECE: usize = 256 * 1024;
-
-impl ChannelWriter {
-    fn new(tx: mpsc::Sender<Vec<u8>>) -> Self {
-        Self {
-            tx,
-            buf: Vec::with_capacity(PIECE),
+    // Aligned ranges: fill one buffer on a blocking thread (file reads and
+    // hashing) while the previous one is written to the stream.
+    let (data, outboard) = blob.into_parts();
+    let encoder = Encoder::new(data, outboard, &ranges, config.validate);
+    let fill = |mut enc: Encoder, mut buf: Vec<u8>| {
+        tokio::task::spawn_blocking(move || {
+            buf.resize(PIECE, 0);
+            let mut pos = 0;
+            let r = enc.fill(&mut buf, &mut pos);
+            (enc, buf, pos, r)
+        })
+    };
+    let mut job = fill(encoder, std::mem::take(spare));
+    loop {
+        let (enc, buf, pos, r) = (&mut job)
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let done = match r {
+            Ok(done) => done,
+            Err(EncodeFail::Corrupt(what)) => return Err(corrupt(what)),
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        };
+        if !done {
+            job = fill(enc, std::mem::take(spare));
         }
-    }
-
-    fn send(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
+        let sent = stream.write_all(&buf[..pos]).await;
+        *spare = buf;
+        if let Err(e) = sent {
+            tracing::debug!(%peer, %cid, "requester went away: {e}");
+            return Err(e);
+        }
+        if done {
             return Ok(());
         }
-        let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(PIECE));
-        self.tx
-            .blocking_send(piece)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the stream closed"))
-    }
-
-    fn finish(mut self) -> io::Result<()> {
-        self.send()
-    }
-}
-
-impl io::Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= PIECE {
-            self.send()?;
-        }
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
@@ -370,12 +367,87 @@ impl From<PeerId> for PeerAddr {
     }
 }
 
+/// A buffered reader that counts what it reads and lets a decoder work on
+/// the buffered bytes in place.
+pub struct StreamBuf<S> {
+    inner: S,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Bytes read from `inner` so far.
+    pub read: u64,
+    eof: bool,
+}
+
+const BUF_BYTES: usize = 256 * 1024;
+
+impl<S: AsyncRead + Unpin> StreamBuf<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            buf: vec![0u8; BUF_BYTES],
+            start: 0,
+            end: 0,
+            read: 0,
+            eof: false,
+        }
+    }
+
+    /// The buffered, unconsumed bytes.
+    pub fn available(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads more (at least one byte unless the stream ended, then `false`).
+    pub async fn fill_more(&mut self) -> io::Result<bool> {
+        if self.eof {
+            return Ok(false);
+        }
+        if self.end == self.buf.len() {
+            // Move the unconsumed tail (less than one item) to the front.
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let n = self.inner.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        self.read += n as u64;
+        if n == 0 {
+            self.eof = true;
+        }
+        Ok(n > 0)
+    }
+
+    /// Reads exactly `n` bytes (n ≤ the buffer size).
+    async fn take(&mut self, n: usize) -> io::Result<Vec<u8>> {
+        while self.available().len() < n {
+            if !self.fill_more().await? {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        let out = self.available()[..n].to_vec();
+        self.consume(n);
+        Ok(out)
+    }
+
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
 /// A requester's open stream to one peer, reusable for any number of
-/// requests in turn (a response is self-delimiting: its header, then exactly
-/// the bao encoding of the requested ranges).
+/// requests in turn.
 pub struct BlobStream {
     peer: PeerId,
-    reader: CountingReader<Stream>,
+    buf: StreamBuf<Stream>,
 }
 
 impl std::fmt::Debug for BlobStream {
@@ -392,7 +464,7 @@ impl BlobStream {
             .await?;
         Ok(Self {
             peer: to.peer,
-            reader: CountingReader::new(stream),
+            buf: StreamBuf::new(stream),
         })
     }
 
@@ -402,12 +474,12 @@ impl BlobStream {
 
     /// Bytes read from the stream so far.
     pub fn bytes_read(&self) -> u64 {
-        self.reader.read
+        self.buf.read
     }
 
     /// Whether the stream sits between responses (safe to reuse).
     pub fn is_idle(&self) -> bool {
-        self.reader.buf.is_empty() && !self.reader.eof
+        self.buf.available().is_empty() && !self.buf.eof
     }
 
     fn io(&self, source: io::Error) -> WireError {
@@ -418,26 +490,22 @@ impl BlobStream {
     }
 
     async fn send(&mut self, request: &Request) -> Result<Response, WireError> {
-        let stream = &mut self.reader.inner;
+        let stream = self.buf.get_mut();
         let res = async {
             write_frame(stream, request).await?;
             stream.flush().await
         }
         .await;
         res.map_err(|e| self.io(e))?;
-        let len = self.reader.read::<4>().await.map_err(|e| self.io(e))?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_RESPONSE_BYTES {
+        let len = self.buf.take(4).await.map_err(|e| self.io(e))?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len > MAX_RESPONSE_BYTES.min(BUF_BYTES) {
             return Err(WireError::Protocol {
                 peer: self.peer,
                 what: format!("response header of {len} bytes"),
             });
         }
-        let bytes = self
-            .reader
-            .read_bytes_exact(len)
-            .await
-            .map_err(|e| self.io(e))?;
+        let bytes = self.buf.take(len).await.map_err(|e| self.io(e))?;
         encoding::decode(&bytes).map_err(|e| WireError::Protocol {
             peer: self.peer,
             what: e.to_string(),
@@ -461,8 +529,8 @@ impl BlobStream {
     }
 
     /// Sends a `Get` and reads the header: the claimed size. The bao
-    /// encoding follows on [`Self::reader`]; read all of it (e.g. with
-    /// [`decode_into`]) before the next request.
+    /// encoding follows; read all of it (with [`decode_into`] or
+    /// [`Self::decode`]) before the next request.
     pub async fn get(&mut self, cid: ContentId, ranges: &ChunkRanges) -> Result<u64, WireError> {
         let request = Request::Get {
             cid,
@@ -485,15 +553,79 @@ impl BlobStream {
         }
     }
 
-    /// The response body reader (an [`AsyncStreamReader`]).
-    pub fn reader(&mut self) -> &mut CountingReader<Stream> {
-        &mut self.reader
+    /// Verifies the response body of a `Get` of `ranges` against `root` for
+    /// a blob of `size` bytes, handing each verified item to `sink`.
+    pub async fn decode<E>(
+        &mut self,
+        root: blake3::Hash,
+        size: u64,
+        ranges: &ChunkRanges,
+        sink: impl FnMut(Verified<'_>) -> Result<(), E>,
+    ) -> Result<(), DecodeError<E>> {
+        decode_stream(&mut self.buf, root, crate::tree(size), ranges, sink).await
+    }
+
+    /// The buffered stream (for custom decoding).
+    pub fn stream_buf(&mut self) -> &mut StreamBuf<Stream> {
+        &mut self.buf
     }
 
     /// Closes the stream cleanly.
     pub async fn close(mut self) {
-        let _ = self.reader.inner.close().await;
+        let _ = self.buf.get_mut().close().await;
     }
+}
+
+/// Why decoding a response stopped.
+#[derive(Debug)]
+pub enum DecodeError<E> {
+    /// The sender's bytes failed verification.
+    Corrupt(String),
+    /// The stream broke or ended early.
+    Transport(io::Error),
+    /// The sink failed.
+    Sink(E),
+}
+
+/// Decodes one response body from `sb`, verifying as bytes arrive.
+pub async fn decode_stream<S: AsyncRead + Unpin, E>(
+    sb: &mut StreamBuf<S>,
+    root: blake3::Hash,
+    tree: BaoTree,
+    ranges: &ChunkRanges,
+    mut sink: impl FnMut(Verified<'_>) -> Result<(), E>,
+) -> Result<(), DecodeError<E>> {
+    let ranges = codec::truncated(ranges, tree.size());
+    let mut dec = Decoder::new(root, tree, &ranges);
+    while !dec.is_done() {
+        if sb.available().len() < dec.need() {
+            match sb.fill_more().await {
+                Ok(true) => continue,
+                Ok(false) => {
+                    return Err(DecodeError::Transport(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the stream ended inside the response",
+                    )));
+                }
+                Err(e) => return Err(DecodeError::Transport(e)),
+            }
+        }
+        match dec.feed(sb.available(), &mut sink) {
+            Err(e) => return Err(DecodeError::Sink(e)),
+            Ok(Err(DecodeFail::Leaf(offset))) => {
+                return Err(DecodeError::Corrupt(format!(
+                    "the 16 KiB group at byte {offset} does not match the hash"
+                )));
+            }
+            Ok(Err(DecodeFail::Parent(chunks))) => {
+                return Err(DecodeError::Corrupt(format!(
+                    "the proof node over chunks {chunks:?} does not match the hash"
+                )));
+            }
+            Ok(Ok(n)) => sb.consume(n),
+        }
+    }
+    Ok(())
 }
 
 /// Asks `to` which of `cids` it holds; sizes are the peer's claims.
@@ -509,9 +641,8 @@ pub async fn has(
 }
 
 /// One whole response on a fresh stream, unverified: the claimed size and
-/// the bao-encoded bytes (at most `max` of them). Decode with
-/// [`decode_into`] or `bao_tree::io::sync::decode_ranges` against the CID's
-/// root.
+/// the bao-encoded bytes (at most `max` of them). Decode with bao-tree
+/// (`bao_tree::io::sync::decode_ranges`) against the CID's root.
 pub async fn fetch_range(
     client: &Client,
     to: &PeerAddr,
@@ -521,19 +652,20 @@ pub async fn fetch_range(
 ) -> Result<(u64, Vec<u8>), WireError> {
     let mut s = BlobStream::open(client, to).await?;
     let size = s.get(cid, ranges).await?;
-    s.reader.inner.close().await.map_err(|e| s.io(e))?;
+    s.buf.get_mut().close().await.map_err(|e| s.io(e))?;
     let mut out = Vec::new();
     loop {
-        let piece = s.reader.read_bytes(READ_PIECE).await.map_err(|e| s.io(e))?;
-        if piece.is_empty() {
-            break;
-        }
-        out.extend_from_slice(&piece);
+        out.extend_from_slice(s.buf.available());
+        let n = s.buf.available().len();
+        s.buf.consume(n);
         if out.len() > max {
             return Err(WireError::Protocol {
                 peer: to.peer,
                 what: format!("response longer than {max} bytes"),
             });
+        }
+        if !s.buf.fill_more().await.map_err(|e| s.io(e))? {
+            break;
         }
     }
     Ok((size, out))
@@ -547,28 +679,20 @@ pub async fn probe_size(stream: &mut BlobStream, cid: ContentId) -> Result<u64, 
         .get(cid, &last_chunk())
         .await
         .map_err(ProbeError::Wire)?;
-    let tree = crate::tree(size);
     let peer = stream.peer;
-    let mut decoder = ResponseDecoder::new(root_of(&cid), last_chunk(), tree, stream.reader());
-    loop {
-        match decoder.next().await {
-            ResponseDecoderNext::More((next, item)) => {
-                decoder = next;
-                if let Err(e) = item {
-                    return Err(match classify(e) {
-                        Failure::Bad(what) => ProbeError::Bad(format!(
-                            "size claim of {size} bytes does not verify: {what}"
-                        )),
-                        Failure::Transport(source) => {
-                            ProbeError::Wire(WireError::Io { peer, source })
-                        }
-                    });
-                }
-            }
-            ResponseDecoderNext::Done(_) => break,
+    match stream
+        .decode(root_of(&cid), size, &last_chunk(), |_| Ok::<(), ()>(()))
+        .await
+    {
+        Ok(()) => Ok(size),
+        Err(DecodeError::Corrupt(what)) => Err(ProbeError::Bad(format!(
+            "size claim of {size} bytes does not verify: {what}"
+        ))),
+        Err(DecodeError::Transport(source)) => {
+            Err(ProbeError::Wire(WireError::Io { peer, source }))
         }
+        Err(DecodeError::Sink(())) => Ok(size),
     }
-    Ok(size)
 }
 
 /// Why a size probe failed.
@@ -578,36 +702,6 @@ pub enum ProbeError {
     Wire(WireError),
     #[error("{0}")]
     Bad(String),
-}
-
-enum Failure {
-    /// The peer sent bytes that do not verify.
-    Bad(String),
-    /// The stream broke or ended early.
-    Transport(io::Error),
-}
-
-fn classify(e: bao_tree::io::DecodeError) -> Failure {
-    use bao_tree::io::DecodeError as D;
-    match e {
-        D::LeafHashMismatch(c) => Failure::Bad(format!(
-            "16 KiB group at byte {} does not match the hash",
-            c.to_bytes()
-        )),
-        D::ParentHashMismatch(n) => Failure::Bad(format!(
-            "proof node for chunks {:?} does not match the hash",
-            n.chunk_range()
-        )),
-        D::LeafNotFound(c) => Failure::Transport(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("stream ended before the group at byte {}", c.to_bytes()),
-        )),
-        D::ParentNotFound(_) => Failure::Transport(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "stream ended inside the proof",
-        )),
-        D::Io(e) => Failure::Transport(e),
-    }
 }
 
 /// What [`decode_into`] achieved.
@@ -647,116 +741,36 @@ impl DecodeFailure {
     }
 }
 
-/// Reads the bao encoding of `ranges` from `reader`, verifying each parent
-/// pair and each 16 KiB group against the partial blob's root as it
-/// arrives, and writes only what verified. Stops at the first failure,
-/// keeping everything verified before it.
-pub async fn decode_into<R: AsyncStreamReader>(
+/// Reads the bao encoding of `ranges` from `sb`, verifying each parent pair
+/// and each 16 KiB group against the partial blob's root as it arrives, and
+/// writes only what verified. Stops at the first failure, keeping
+/// everything verified before it.
+pub async fn decode_into<S: AsyncRead + Unpin>(
     partial: &Partial,
     ranges: &ChunkRanges,
-    reader: R,
+    sb: &mut StreamBuf<S>,
 ) -> Result<DecodeStats, DecodeFailure> {
     let mut stats = DecodeStats::default();
-    let mut decoder = ResponseDecoder::new(
+    let res = decode_stream(
+        sb,
         root_of(&partial.cid()),
-        ranges.clone(),
         partial.tree(),
-        reader,
-    );
-    debug_assert_eq!(partial.tree().block_size(), BLOCK_SIZE);
-    loop {
-        match decoder.next().await {
-            ResponseDecoderNext::More((next, item)) => {
-                decoder = next;
-                match item {
-                    Ok(BaoContentItem::Parent(p)) => partial
-                        .save_verified_parent(p.node, &p.pair)
-                        .map_err(|source| DecodeFailure::Local { source, stats })?,
-                    Ok(BaoContentItem::Leaf(leaf)) => {
-                        partial
-                            .write_verified_leaf(leaf.offset, &leaf.data)
-                            .map_err(|source| DecodeFailure::Local { source, stats })?;
-                        stats.data_bytes += leaf.data.len() as u64;
-                    }
-                    Err(e) => {
-                        return Err(match classify(e) {
-                            Failure::Bad(what) => DecodeFailure::Corrupt { what, stats },
-                            Failure::Transport(source) => {
-                                DecodeFailure::Transport { source, stats }
-                            }
-                        });
-                    }
-                }
+        ranges,
+        |item| match item {
+            Verified::Parent(node, pair) => partial.save_verified_parent(node, &pair),
+            Verified::Leaf(offset, data) => {
+                partial.write_verified_leaf(offset, data)?;
+                stats.data_bytes += data.len() as u64;
+                Ok(())
             }
-            ResponseDecoderNext::Done(_) => return Ok(stats),
-        }
-    }
-}
-
-/// An [`AsyncStreamReader`] over a libp2p stream (or any `AsyncRead`) that
-/// counts the bytes it reads.
-pub struct CountingReader<S> {
-    inner: S,
-    buf: BytesMut,
-    /// Bytes read from `inner` so far.
-    pub read: u64,
-    eof: bool,
-}
-
-const READ_PIECE: usize = 128 * 1024;
-
-impl<S: AsyncRead + Unpin> CountingReader<S> {
-    pub fn new(inner: S) -> Self {
-        Self {
-            inner,
-            buf: BytesMut::with_capacity(READ_PIECE),
-            read: 0,
-            eof: false,
-        }
-    }
-
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-
-    /// Reads until `want` bytes are buffered or the stream ends.
-    async fn fill(&mut self, want: usize) -> io::Result<()> {
-        while self.buf.len() < want && !self.eof {
-            let old = self.buf.len();
-            let grow = READ_PIECE.max(want - old);
-            self.buf.resize(old + grow, 0);
-            let n = match self.inner.read(&mut self.buf[old..]).await {
-                Ok(n) => n,
-                Err(e) => {
-                    self.buf.truncate(old);
-                    return Err(e);
-                }
-            };
-            self.buf.truncate(old + n);
-            self.read += n as u64;
-            if n == 0 {
-                self.eof = true;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncStreamReader for CountingReader<S> {
-    async fn read_bytes(&mut self, len: usize) -> io::Result<Bytes> {
-        self.fill(len).await?;
-        let n = len.min(self.buf.len());
-        Ok(self.buf.split_to(n).freeze())
-    }
-
-    async fn read<const L: usize>(&mut self) -> io::Result<[u8; L]> {
-        self.fill(L).await?;
-        if self.buf.len() < L {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        let mut out = [0u8; L];
-        out.copy_from_slice(&self.buf.split_to(L));
-        Ok(out)
+        },
+    )
+    .await;
+    match res {
+        Ok(()) => Ok(stats),
+        Err(DecodeError::Corrupt(what)) => Err(DecodeFailure::Corrupt { what, stats }),
+        Err(DecodeError::Transport(source)) => Err(DecodeFailure::Transport { source, stats }),
+        Err(DecodeError::Sink(source)) => Err(DecodeFailure::Local { source, stats }),
     }
 }
 
@@ -779,6 +793,9 @@ mod tests {
 
     #[tokio::test]
     async fn last_chunk_proof_binds_the_size() {
+        use crate::BLOCK_SIZE;
+        use bao_tree::io::fsm::{ResponseDecoder, ResponseDecoderNext};
+        use bytes::Bytes;
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let ob = PostOrderMemOutboard::create(&data, BLOCK_SIZE);
         let mut enc = Vec::new();

@@ -2,6 +2,8 @@
 //! parallel multi-source fetch, a corrupting peer, resume after a dropped
 //! transfer and a restart, a peer killed half-way, HTTP sources.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -460,8 +462,8 @@ async fn http_source_is_verified_and_a_mismatch_names_both_cids() {
     assert_eq!(r.size, good.len() as u64);
     assert_eq!(fetched_bytes(&mine, &cid), good);
 
-    let served = data(1 * MIB, 8);
-    let wanted = ContentId::of_bytes(&data(1 * MIB, 9));
+    let served = data(MIB, 8);
+    let wanted = ContentId::of_bytes(&data(MIB, 9));
     let url = http_server(served.clone()).await;
     let e = kiln_blobs::http::fetch_url(&mine, &url, wanted)
         .await

@@ -154,6 +154,27 @@ impl Client {
         self.get_json("/v1/providers").await
     }
 
+    /// Providers matching a search query, e.g. `gpu_name=H100 num_gpus>=2`.
+    pub async fn offers(
+        &self,
+        query: &str,
+        sort: &str,
+        limit: usize,
+    ) -> Result<Value, ClientError> {
+        let mut url = reqwest::Url::parse(&format!("{}/v1/offers", self.base))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        url.query_pairs_mut()
+            .append_pair("q", query)
+            .append_pair("sort", sort)
+            .append_pair("limit", &limit.to_string());
+        let req = self.http.get(url);
+        self.send(req)
+            .await?
+            .json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
     /// One page of the public ledger.
     pub async fn ledger_page(&self, from: u64, limit: u32) -> Result<Value, ClientError> {
         self.get_json(&format!("/v1/ledger?from={from}&limit={limit}"))

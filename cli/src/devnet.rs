@@ -27,6 +27,10 @@ pub struct DevnetOptions {
     pub limits: kiln_node::runner::Limits,
     /// How often providers report usage for interval settlement.
     pub usage_interval: Duration,
+    /// Minimum stake bond for a provider to be offered work.
+    pub min_stake: Credits,
+    /// Stake each provider bonds at start-up (from the faucet).
+    pub provider_stake: Option<Credits>,
 }
 
 impl Default for DevnetOptions {
@@ -39,6 +43,8 @@ impl Default for DevnetOptions {
             slots: 2,
             limits: kiln_node::runner::Limits::default(),
             usage_interval: Duration::from_secs(5),
+            min_stake: Credits(0),
+            provider_stake: None,
         }
     }
 }
@@ -75,6 +81,7 @@ impl Devnet {
         let mut cc = CoordinatorConfig::new(state_dir.join("coordinator"));
         cc.http_listen = std::net::SocketAddr::from(([127, 0, 0, 1], opts.http_port));
         cc.faucet = Some(Credits(1_000_000_000));
+        cc.min_stake = opts.min_stake;
         cc.provider_lease = opts.heartbeat * 5;
         cc.schedule_interval = Duration::from_millis(250);
         let coordinator = kiln_coordinator::start(cc, cancel.clone()).await?;
@@ -90,6 +97,7 @@ impl Devnet {
             nc.heartbeat = opts.heartbeat;
             nc.slots = opts.slots;
             nc.usage_interval = opts.usage_interval;
+            nc.stake = opts.provider_stake;
             nc.limits = opts.limits.clone();
             let token = cancel.child_token();
             nodes.push(kiln_node::start(nc, token.clone()).await?);

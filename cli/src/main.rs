@@ -45,6 +45,9 @@ enum Cmd {
     /// Balances and statements.
     #[command(subcommand)]
     Account(AccountCmd),
+    /// Search the marketplace's providers.
+    #[command(subcommand)]
+    Offers(OffersCmd),
     /// Audit the coordinator's settlement ledger.
     #[command(subcommand)]
     Ledger(LedgerCmd),
@@ -105,6 +108,20 @@ enum AccountCmd {
 }
 
 #[derive(Subcommand)]
+enum OffersCmd {
+    /// e.g. `kiln offers search 'gpu_name=H100 num_gpus>=2 vram>=80GiB price<=2.5'`
+    Search {
+        #[arg(default_value = "")]
+        query: String,
+        /// price | tflops_per_price | reputation
+        #[arg(long, default_value = "price")]
+        sort: String,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
 enum LedgerCmd {
     /// Replay the whole chain from genesis: signatures, links, effects, balances.
     Verify {
@@ -116,6 +133,17 @@ enum LedgerCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Placement decisions per second of the scheduler on a simulated fleet.
+    Scheduler {
+        #[arg(long, default_value_t = 10_000)]
+        providers: usize,
+        #[arg(long, default_value_t = 100_000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
     /// Submit-to-completed on devnet vs plain `docker run --rm`.
     Devnet {
         #[arg(long, default_value_t = 20)]
@@ -321,6 +349,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !ok {
                 anyhow::bail!("the demo job did not complete with a verified receipt");
             }
+        }
+        Cmd::Offers(OffersCmd::Search { query, sort, limit }) => {
+            print(json, &client.offers(&query, &sort, limit).await?, |v| {
+                v["offers"]
+                    .as_array()
+                    .map(|rows| {
+                        rows.iter()
+                            .map(|r| r.to_string())
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                    .unwrap_or_default()
+            })
+        }
+        Cmd::Bench(BenchCmd::Scheduler {
+            providers,
+            jobs,
+            seed,
+            out,
+        }) => {
+            let r = tokio::task::spawn_blocking(move || {
+                kiln_coordinator::bench::bench_scheduler(providers, jobs, seed)
+            })
+            .await?;
+            let v = serde_json::to_value(&r)?;
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(
+                out.join("scheduler.json"),
+                serde_json::to_string_pretty(&v)?,
+            )?;
+            print(json, &v, |v| {
+                format!(
+                    "{} providers, {} jobs: {:.0} placement decisions/s ({} placed), peak RSS {} MiB (report in {})",
+                    v["providers"],
+                    v["jobs"],
+                    v["decisions_per_sec"].as_f64().unwrap_or(0.0),
+                    v["placed"],
+                    v["peak_rss_bytes"].as_u64().unwrap_or(0) >> 20,
+                    out.display()
+                )
+            });
         }
         Cmd::Bench(BenchCmd::Devnet { jobs, out }) => {
             let r = kiln_cli::bench::devnet(jobs, &out).await?;

@@ -13,6 +13,7 @@
 //! | `GET /v1/account` | buyer | balance |
 //! | `GET /v1/providers` | none | live providers, with reputation |
 //! | `GET /v1/providers/{id}/audits` | none | capability-challenge history |
+//! | `GET /v1/offers?q=…&sort=price&limit=N` | none | search providers (`gpu_name=H100 num_gpus>=2 price<=2.5`) |
 //! | `GET /v1/info` | none | coordinator identity, public key and addresses |
 //! | `GET /v1/ledger?from=N&limit=M` | none | signed hash-chained ledger entries (canonical bytes, hex) |
 //! | `GET /v1/ledger/balances` | none | the stored balances the chain must reproduce |
@@ -166,6 +167,7 @@ pub fn create_app(state: AppState) -> Router {
         .route("/v1/account", get(account))
         .route("/v1/providers", get(providers))
         .route("/v1/providers/{id}/audits", get(provider_audits))
+        .route("/v1/offers", get(offers))
         .route("/v1/info", get(info))
         .route("/v1/ledger", get(ledger_entries))
         .route("/v1/ledger/balances", get(ledger_balances))
@@ -487,6 +489,36 @@ async fn statement(
     let balance = state.bank.snapshot().await.balance(&account);
     Ok(Json(
         json!({ "account": account.to_string(), "balance": balance, "entries": lines }),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct OfferQuery {
+    #[serde(default)]
+    q: String,
+    sort: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn offers(
+    State(state): State<AppState>,
+    axum::extract::Query(oq): axum::extract::Query<OfferQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let bad = |field: &str, e: crate::sched::QueryError| ApiError::BadRequest {
+        field: Some(field.into()),
+        reason: e.to_string(),
+    };
+    let query: crate::sched::Query = oq.q.parse().map_err(|e| bad("q", e))?;
+    let sort: crate::sched::SortBy = oq
+        .sort
+        .as_deref()
+        .unwrap_or("price")
+        .parse()
+        .map_err(|e| bad("sort", e))?;
+    let fleet = crate::service::fleet(&state).await?;
+    let rows = crate::sched::search(&fleet, &query, sort, oq.limit.unwrap_or(50).min(1000));
+    Ok(Json(
+        json!({ "query": oq.q, "sort": sort.to_string(), "offers": rows }),
     ))
 }
 

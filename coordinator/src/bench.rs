@@ -48,7 +48,7 @@ pub struct BenchReport {
     pub p50_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
-    /// Candidate lists built (distinct job shapes seen).
+    /// Candidate lists (price classes and shapes) built: cache misses.
     pub shapes_built: u64,
     /// Seconds spent generating the fleet and the jobs (not measured).
     pub setup_seconds: f64,
@@ -79,7 +79,7 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "  latency p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; {} job shapes",
+            "  latency p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; {} candidate lists built",
             self.p50_us, self.p99_us, self.max_us, self.shapes_built
         )?;
         let mib = |b: u64| b as f64 / f64::from(1 << 20);

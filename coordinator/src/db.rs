@@ -446,25 +446,33 @@ impl Db {
         Ok(n > 0)
     }
 
-    /// Providers seen since `since`.
+    /// Providers seen since `since`. A row that no longer decodes (written by
+    /// an older protocol version) is skipped with a warning, not fatal: the
+    /// provider's next heartbeat rewrites it.
     pub async fn providers_seen_since(
         &self,
         since: UnixMillis,
     ) -> Result<Vec<ProviderRecord>, DbError> {
-        let rows =
-            sqlx::query("SELECT advert, last_seen FROM providers WHERE last_seen >= ? ORDER BY id")
-                .bind(i(since.0))
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|r| {
-                let b: Vec<u8> = r.try_get("advert")?;
-                Ok(ProviderRecord {
-                    advert: Signed::from_bytes(&b).map_err(|e| corrupt("providers", e))?,
+        let rows = sqlx::query(
+            "SELECT id, advert, last_seen FROM providers WHERE last_seen >= ? ORDER BY id",
+        )
+        .bind(i(since.0))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let b: Vec<u8> = r.try_get("advert")?;
+            match Signed::from_bytes(&b) {
+                Ok(advert) => out.push(ProviderRecord {
+                    advert,
                     last_seen: UnixMillis(u(r.try_get("last_seen")?)),
-                })
-            })
-            .collect()
+                }),
+                Err(e) => {
+                    tracing::warn!(provider = %r.try_get::<String, _>("id")?, "skipping an unreadable provider advert: {e}")
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub async fn record_blob(tx: &mut Tx<'_>, cid: &ContentId, size: u64) -> Result<(), DbError> {

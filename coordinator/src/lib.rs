@@ -26,6 +26,7 @@ pub mod challenge;
 pub mod db;
 pub mod sched;
 pub mod service;
+pub mod stake;
 pub mod verify;
 
 use std::net::SocketAddr;
@@ -62,6 +63,8 @@ pub struct CoordinatorConfig {
     pub max_attempts: u32,
     /// Capability challenges (random-time benchmark audits).
     pub audit: audit::AuditConfig,
+    /// Providers need at least this stake bond to be offered work.
+    pub min_stake: Credits,
 }
 
 impl CoordinatorConfig {
@@ -79,6 +82,7 @@ impl CoordinatorConfig {
             offer_ttl: Duration::from_secs(30),
             max_attempts: 5,
             audit: audit::AuditConfig::default(),
+            min_stake: Credits(0),
         }
     }
 }

@@ -189,6 +189,7 @@ async fn answer(state: &AppState, peer: Peer, request: NetRequest) -> NetRespons
         NetRequest::GetBlob(cid) => serve_input(state, peer, cid).await,
         NetRequest::Lost(lost) => job_lost(state, peer, &lost).await,
         NetRequest::Usage(report) => settle_usage(state, peer, &report).await,
+        NetRequest::Stake(req) => crate::stake::set_stake(state, peer, &req).await,
         NetRequest::Offer(_) | NetRequest::Cancel(_) | NetRequest::Challenge(_) => Ok(rejected(
             "a coordinator does not take offers or cancellations",
         )),
@@ -226,6 +227,20 @@ async fn register(
         .iter()
         .any(|p| p.advert.payload.provider == peer);
     state.db.upsert_provider(advert).await?;
+    if let (false, Some(grant)) = (known, state.config.faucet) {
+        // Test networks: a new provider starts funded once, so it can stake.
+        let mut tx = state.db.begin().await?;
+        let mut pending = state.bank.begin().await;
+        let op = Op::Deposit {
+            key: OpKey::new(format!("faucet:{}", AccountId::Provider(peer))),
+            account: AccountId::Provider(peer),
+            amount: grant,
+        };
+        if pending.apply(&mut tx, op).await.is_ok() {
+            tx.commit().await?;
+            pending.commit();
+        }
+    }
     if !known {
         tracing::info!(provider = %peer, cpus = a.cpu.logical_cores, gpus = a.gpus.len(), "provider registered");
     }
@@ -776,20 +791,27 @@ pub async fn schedule_loop(state: AppState, cancel: CancellationToken) {
 }
 
 /// The fleet as the scheduler sees it: live providers and what is booked on them.
-async fn fleet(state: &AppState) -> Result<Fleet, DbError> {
+pub async fn fleet(state: &AppState) -> Result<Fleet, DbError> {
     let since = UnixMillis(
         UnixMillis::now()
             .0
             .saturating_sub(state.config.provider_lease.as_millis() as u64),
     );
     let providers = state.db.providers_seen_since(since).await?;
-    // Reputation and verified benchmark figures are not recorded yet: the
-    // defaults (500, unmeasured) apply.
-    let mut fleet = Fleet::from_views(
-        providers
-            .into_iter()
-            .map(|p| ProviderView::new(p.advert.payload)),
-    );
+    let ledger = state.bank.snapshot().await;
+    // Reputation from the audit record; no verified TFLOP/s figure yet (a
+    // job asking for `min_tflops` waits).
+    let mut views = Vec::with_capacity(providers.len());
+    for p in providers {
+        // Eligibility: a provider must hold the minimum stake bond.
+        if ledger.bond(&p.advert.payload.provider) < state.config.min_stake {
+            continue;
+        }
+        let mut v = ProviderView::new(p.advert.payload);
+        v.reputation = crate::audit::reputation(state, &v.id).await?;
+        views.push(v);
+    }
+    let mut fleet = Fleet::from_views(views);
     for j in state
         .db
         .jobs_in(&[JobState::Dispatched, JobState::Running], 100_000)

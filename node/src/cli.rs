@@ -61,6 +61,9 @@ pub struct RunArgs {
     /// Size of each job's output area, e.g. 1GiB.
     #[arg(long, value_parser = parse_size, default_value = "64MiB")]
     pub max_output: u64,
+    /// Stake bond to hold with the coordinator, in micro-credits.
+    #[arg(long)]
+    pub stake: Option<u64>,
     /// Log bytes kept per stream per job, e.g. 4MiB.
     #[arg(long, value_parser = parse_size, default_value = "4MiB")]
     pub log_cap: u64,
@@ -95,6 +98,7 @@ impl RunArgs {
         };
         c.limits.max_output_bytes = self.max_output;
         c.limits.log_cap_bytes = self.log_cap;
+        c.stake = self.stake.map(Credits);
         c.idle = IdlePolicy {
             idle_for: Duration::from_secs(self.idle_for),
             require_no_user: self.require_no_user,

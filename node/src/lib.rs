@@ -65,6 +65,8 @@ pub struct NodeConfig {
     pub policy: Policy,
     /// How often a running job's usage is reported for settlement.
     pub usage_interval: Duration,
+    /// Stake bond to hold with the coordinator (from earnings or a faucet).
+    pub stake: Option<Credits>,
     /// When the owner's use of the GPUs keeps offers away.
     pub idle: idle::IdlePolicy,
     /// Benchmark at start-up (or use the cached benchmark) and put the
@@ -87,6 +89,7 @@ impl NodeConfig {
             limits: Limits::default(),
             policy: Policy::default(),
             usage_interval: Duration::from_secs(60),
+            stake: None,
             idle: idle::IdlePolicy::default(),
             startup_benchmark: true,
         }
@@ -337,6 +340,9 @@ async fn heartbeat(state: Arc<State>, cancel: CancellationToken) {
                     if !registered {
                         tracing::info!(coordinator = %state.coordinator, "registered with the coordinator");
                     }
+                    if !registered {
+                        set_stake(&state).await;
+                    }
                     registered = true;
                     report_lost(&state).await;
                 }
@@ -354,6 +360,30 @@ async fn heartbeat(state: Arc<State>, cancel: CancellationToken) {
             () = cancel.cancelled() => break,
             () = tokio::time::sleep(state.config.heartbeat) => {}
         }
+    }
+}
+
+/// Asks the coordinator to hold the configured stake bond.
+async fn set_stake(state: &State) {
+    let Some(target) = state.config.stake else {
+        return;
+    };
+    let req = kiln_protocol::SetStake {
+        provider: state.provider,
+        target,
+    };
+    let Ok(signed) = Signed::sign(&state.key, req, 300) else {
+        return;
+    };
+    let addrs = vec![state.coordinator_addr.clone()];
+    match state
+        .client
+        .request(state.coordinator, addrs, NetRequest::Stake(signed))
+        .await
+    {
+        Ok(NetResponse::Accepted) => tracing::info!(%target, "stake bond set"),
+        Ok(NetResponse::Rejected { reason }) => tracing::warn!("stake not set: {reason}"),
+        Ok(_) | Err(_) => tracing::warn!("stake not set: the coordinator did not answer"),
     }
 }
 
@@ -419,7 +449,8 @@ fn handle_request(state: &Arc<State>, peer: Peer, request: NetRequest) -> NetRes
         NetRequest::Register(_)
         | NetRequest::Result(_)
         | NetRequest::Lost(_)
-        | NetRequest::Usage(_) => reject(format!(
+        | NetRequest::Usage(_)
+        | NetRequest::Stake(_) => reject(format!(
             "peer {peer} sent a request only a coordinator accepts"
         )),
         // Answered from its own task by the request loop in `start`.

@@ -37,4 +37,4 @@ pub use spec::{ImageRef, JobSpec, NetworkMode, Resources, SpecError};
 pub use units::{ByteSize, Credits, MilliCpu, Seconds, UnixMillis};
 
 /// Version of the wire protocol; bumped on any incompatible change to a message.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;

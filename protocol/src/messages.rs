@@ -193,6 +193,19 @@ impl SignedMessage for UsageReport {
     const DOMAIN: &'static str = "kiln/usage-report/v1";
 }
 
+/// A provider asks to hold `target` in its stake bond (staking from or
+/// unstaking to its balance). Target-based, so a retried or replayed request
+/// changes nothing once the bond is there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetStake {
+    pub provider: ProviderId,
+    pub target: Credits,
+}
+
+impl SignedMessage for SetStake {
+    const DOMAIN: &'static str = "kiln/set-stake/v1";
+}
+
 /// How a job ended on the provider.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -288,6 +301,8 @@ pub enum NetRequest {
     /// Coordinator → provider: benchmark yourself now on these inputs; the
     /// answer is a [`NetResponse::ChallengeResponse`].
     Challenge(Signed<crate::bench::Challenge>),
+    /// Provider → coordinator: set the stake bond.
+    Stake(Signed<SetStake>),
 }
 
 /// Responses over `/kiln/rpc/1`.

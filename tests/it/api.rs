@@ -149,3 +149,76 @@ async fn submission_is_idempotent_and_jobs_are_owner_only() {
     assert_eq!(r.status(), 401);
     dn.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offers_can_be_searched_and_bad_queries_name_the_term() {
+    let dn = devnet(2).await.unwrap();
+    let client = buyer(&dn);
+    let all = client
+        .offers("cpus>=1 num_gpus=0", "price", 10)
+        .await
+        .unwrap();
+    assert_eq!(all["offers"].as_array().unwrap().len(), 2, "{all:#}");
+    let none = client.offers("num_gpus>=1", "price", 10).await.unwrap();
+    assert_eq!(
+        none["offers"].as_array().unwrap().len(),
+        0,
+        "CPU-only devnet: {none:#}"
+    );
+    match client.offers("vram>=80XB", "price", 10).await {
+        Err(kiln_cli::ClientError::Api {
+            status,
+            field,
+            message,
+        }) => {
+            assert_eq!(status, 400);
+            assert_eq!(field.as_deref(), Some("q"));
+            assert!(message.contains("vram>=80XB"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    dn.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_providers_holding_the_minimum_stake_get_work() {
+    use kiln_cli::devnet::DevnetOptions;
+    use kiln_protocol::Credits;
+    // Providers bond 5 credits from the devnet faucet; the coordinator asks for 5.
+    let dn = kiln_tests::devnet_with(DevnetOptions {
+        providers: 1,
+        min_stake: Credits(5_000_000),
+        provider_stake: Some(Credits(5_000_000)),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = buyer(&dn);
+    let done = kiln_tests::run_job(&client, dn.workload_spec(&["echo", "staked"]))
+        .await
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let provider = format!("provider:{}", done["provider"].as_str().unwrap());
+    let st = client.statement(&provider).await.unwrap();
+    assert!(st["entries"].to_string().contains("\"stake\""), "{st:#}");
+    dn.shutdown().await;
+
+    // Without a bond, nobody is offered the job: it waits.
+    let dn = kiln_tests::devnet_with(DevnetOptions {
+        providers: 1,
+        min_stake: Credits(5_000_000),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = buyer(&dn);
+    let v = client
+        .submit(dn.workload_spec(&["echo", "x"]), None)
+        .await
+        .unwrap();
+    let id = kiln_cli::job_id_of(&v).unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let j = client.job(&id).await.unwrap();
+    assert_eq!(j["state"], "queued", "{j:#}");
+    dn.shutdown().await;
+}

@@ -1,5 +1,6 @@
-//! The fleet: providers, what is reserved on each, and the per-shape
-//! candidate cache that makes a decision cheap.
+//! The fleet: providers, what is reserved on each, and the candidate lists
+//! (price classes and shapes, see the parent module) that make a decision
+//! cheap.
 
 use std::collections::HashMap;
 
@@ -18,7 +19,7 @@ pub const MAX_GPUS_PER_NODE: usize = 64;
 
 /// Shape-cache size (candidate entries over all shapes, 40 bytes each)
 /// beyond which the shapes are dropped and rebuilt as needed.
-const SHAPE_BUDGET: usize = 1 << 20;
+const SHAPE_BUDGET: usize = 1 << 18;
 /// Price classes kept (each up to one entry per provider) before they are
 /// dropped and rebuilt as needed.
 const CLASS_BUDGET: usize = 64;

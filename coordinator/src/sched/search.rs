@@ -144,7 +144,7 @@ fn parse_cpus(s: &str) -> Result<u64, String> {
     let v: f64 = s
         .parse()
         .map_err(|_| format!("`{s}` is not a number of CPUs"))?;
-    if !(v.is_finite() && v >= 0.0 && v <= 1e6) {
+    if !(v.is_finite() && (0.0..=1e6).contains(&v)) {
         return Err(format!("`{s}` is not a number of CPUs"));
     }
     Ok((v * 1000.0).round() as u64)
