@@ -29,6 +29,8 @@ use crate::{BLOCK_SIZE, wire};
 
 /// The raw baseline's stream protocol.
 pub const RAW_PROTOCOL: &str = "/kiln/bench/raw/1";
+/// The file-to-file baseline's stream protocol.
+pub const RAW_FILE_PROTOCOL: &str = "/kiln/bench/rawfile/1";
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -48,6 +50,11 @@ pub struct Report {
     pub outboard_mib_s: f64,
     pub raw_stream_mib_s: f64,
     pub raw_4_streams_mib_s: f64,
+    /// One raw stream whose sender reads the blob's file and whose receiver
+    /// writes a file (the disk I/O a fetch also does, no verification).
+    pub raw_file_to_file_mib_s: f64,
+    /// fetch_1_peer / raw_file_to_file.
+    pub fetch_1_ratio_vs_file_to_file: f64,
     /// Providers re-verify each group they serve (the default).
     pub fetch_1_peer_mib_s: f64,
     /// fetch_1_peer / raw_stream, best against best (goal ≥ 0.9).
@@ -132,6 +139,8 @@ fn best(v: &[f64]) -> f64 {
 pub async fn run_with(size: u64, out_dir: &Path, opts: &Options) -> Result<Report, BenchError> {
     let runs = opts.runs.max(1);
     std::fs::create_dir_all(out_dir).map_err(err)?;
+    // nginx wants absolute paths.
+    let out_dir = &std::fs::canonicalize(out_dir).map_err(err)?;
     let work = out_dir.join("work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(err)?;
@@ -207,6 +216,11 @@ pub async fn run_with(size: u64, out_dir: &Path, opts: &Options) -> Result<Repor
         data.clone(),
         cancel.clone(),
     ));
+    tokio::spawn(raw_file_serve(
+        providers[0].clone(),
+        stores[0].path(&cid).ok_or_else(|| err("blob missing"))?,
+        cancel.clone(),
+    ));
     // The same blob from a provider that does not re-verify what it serves.
     let trusting = spawn_peer(&cancel).await?;
     tokio::spawn(wire::serve_with(
@@ -234,6 +248,7 @@ pub async fn run_with(size: u64, out_dir: &Path, opts: &Options) -> Result<Repor
 
     // (b) One peer: raw stream(s) and Kiln, interleaved.
     let (mut raw1, mut raw4, mut kiln1) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rawf = Vec::new();
     let (mut trust1, mut ratios, mut trust_ratios) = (Vec::new(), Vec::new(), Vec::new());
     let mut overhead = 0.0;
     for _ in 0..runs {
@@ -246,6 +261,9 @@ pub async fn run_with(size: u64, out_dir: &Path, opts: &Options) -> Result<Repor
                 "raw, 1 stream"
             );
             raw4.push(raw_fetch(&me, providers[0].local_peer_id(), 4, size).await?);
+            let dest = work.join("raw-received");
+            rawf.push(raw_file_fetch(&me, providers[0].local_peer_id(), size, &dest).await?);
+            let _ = std::fs::remove_file(&dest);
         }
         let t = Instant::now();
         let cpu = cpu_secs();
@@ -290,6 +308,8 @@ pub async fn run_with(size: u64, out_dir: &Path, opts: &Options) -> Result<Repor
     r.fetch_1_peer_mib_s = best(&kiln1);
     r.fetch_1_ratio = r.fetch_1_peer_mib_s / r.raw_stream_mib_s;
     r.fetch_1_ratio_vs_4_streams = r.fetch_1_peer_mib_s / r.raw_4_streams_mib_s;
+    r.raw_file_to_file_mib_s = best(&rawf);
+    r.fetch_1_ratio_vs_file_to_file = r.fetch_1_peer_mib_s / r.raw_file_to_file_mib_s;
     r.fetch_1_ratio_median = median(&mut ratios);
     r.fetch_1_peer_trusting_mib_s = best(&trust1);
     r.fetch_1_trusting_ratio = r.fetch_1_peer_trusting_mib_s / r.raw_stream_mib_s;
@@ -464,6 +484,88 @@ async fn raw_serve(client: Client, data: Arc<Vec<u8>>, cancel: CancellationToken
             let _ = s.close().await;
         });
     }
+}
+
+/// The file baseline: the same plain stream, the bytes read from the blob's
+/// file as they are sent.
+async fn raw_file_serve(client: Client, path: PathBuf, cancel: CancellationToken) {
+    let Ok(mut incoming) = client.accept_streams(RAW_FILE_PROTOCOL) else {
+        return;
+    };
+    loop {
+        let (_, mut s) = tokio::select! {
+            () = cancel.cancelled() => return,
+            Some(x) = incoming.next() => x,
+        };
+        let path = path.clone();
+        tokio::spawn(async move {
+            let mut req = [0u8; 1];
+            if s.read_exact(&mut req).await.is_err() {
+                return;
+            }
+            let Ok(f) = std::fs::File::open(&path) else {
+                return;
+            };
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = 0u64;
+            loop {
+                let n = match std::os::unix::fs::FileExt::read_at(&f, &mut buf, at) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if s.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+                at += n as u64;
+            }
+            let _ = s.close().await;
+        });
+    }
+}
+
+/// Receives the file baseline into `dest`; MiB/s.
+async fn raw_file_fetch(
+    me: &Client,
+    peer: PeerId,
+    size: u64,
+    dest: &Path,
+) -> Result<f64, BenchError> {
+    let t = Instant::now();
+    let mut attempt = 0;
+    let got = loop {
+        attempt += 1;
+        let res = async {
+            let mut s = me
+                .open_stream(peer, Vec::new(), RAW_FILE_PROTOCOL)
+                .await
+                .map_err(|e| (0, err(e)))?;
+            s.write_all(&[1]).await.map_err(|e| (0, err(e)))?;
+            s.flush().await.map_err(|e| (0, err(e)))?;
+            let f = std::fs::File::create(dest).map_err(|e| (0, err(e)))?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut got = 0u64;
+            loop {
+                let k = s.read(&mut buf).await.map_err(|e| (got, err(e)))?;
+                if k == 0 {
+                    break;
+                }
+                std::os::unix::fs::FileExt::write_all_at(&f, &buf[..k], got)
+                    .map_err(|e| (got, err(e)))?;
+                got += k as u64;
+            }
+            Ok::<u64, (u64, Error)>(got)
+        }
+        .await;
+        match res {
+            Ok(got) => break got,
+            Err((0, _)) if attempt < 5 => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err((_, e)) => return Err(e),
+        }
+    };
+    if got != size {
+        return Err(err(format!("file stream delivered {got} of {size} bytes")));
+    }
+    Ok(mib_s(size, t.elapsed()))
 }
 
 /// CPU seconds used by this process so far (Linux; 0 elsewhere).
@@ -660,7 +762,8 @@ pub fn markdown(r: &Report) -> String {
          | outboard creation (import) | {:.0} | | |\n\
          | raw libp2p stream, 1 stream | {:.0} | | |\n\
          | raw libp2p streams, 4 in parallel | {:.0} | | |\n\
-         | Kiln fetch, 1 peer (provider re-verifies, default) | {:.0} | {:.2} vs 1 stream (median {:.2}), {:.2} vs 4 | ≥ 0.9 |\n\
+         | raw libp2p stream, file → file (no verification) | {:.0} | | |\n\
+         | Kiln fetch, 1 peer (provider re-verifies, default) | {:.0} | {:.2} vs 1 stream (median {:.2}), {:.2} vs 4, {:.2} vs file → file | ≥ 0.9 |\n\
          | Kiln fetch, 1 peer (provider trusts its store) | {:.0} | {:.2} vs 1 stream (median {:.2}) | ≥ 0.9 |\n\
          | Kiln fetch, 3 peers | {:.0} | {:.2} vs 1 stream | |\n\
          | curl from nginx (loopback) | {} | | |\n\
@@ -677,10 +780,12 @@ pub fn markdown(r: &Report) -> String {
         r.outboard_mib_s,
         r.raw_stream_mib_s,
         r.raw_4_streams_mib_s,
+        r.raw_file_to_file_mib_s,
         r.fetch_1_peer_mib_s,
         r.fetch_1_ratio,
         r.fetch_1_ratio_median,
         r.fetch_1_ratio_vs_4_streams,
+        r.fetch_1_ratio_vs_file_to_file,
         r.fetch_1_peer_trusting_mib_s,
         r.fetch_1_trusting_ratio,
         r.fetch_1_trusting_ratio_median,

@@ -122,11 +122,16 @@ fn describe(errors: &[(PeerId, String)]) -> String {
     if errors.is_empty() {
         return "no source answered".into();
     }
-    errors
+    let mut s = errors
         .iter()
+        .take(6)
         .map(|(p, e)| format!("{p}: {e}"))
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    if errors.len() > 6 {
+        s.push_str(&format!("; and {} more", errors.len() - 6));
+    }
+    s
 }
 
 struct PeerState {

@@ -31,8 +31,18 @@ pub enum HttpError {
         expected: ContentId,
         actual: ContentId,
     },
+    #[error("{url} is larger than the {limit}-byte limit for this input")]
+    TooLarge { url: String, limit: u64 },
     #[error("{url}: {source}")]
     Store { url: String, source: StoreError },
+}
+
+/// Limits of [`fetch_url_with`].
+#[derive(Clone, Debug, Default)]
+pub struct HttpOptions {
+    /// Refuse bodies larger than this (checked against Content-Length
+    /// first, then while streaming).
+    pub max_bytes: Option<u64>,
 }
 
 /// What [`fetch_url`] did.
@@ -50,6 +60,16 @@ pub async fn fetch_url(
     store: &Store,
     url: &str,
     expected: ContentId,
+) -> Result<HttpReport, HttpError> {
+    fetch_url_with(store, url, expected, &HttpOptions::default()).await
+}
+
+/// [`fetch_url`] with limits.
+pub async fn fetch_url_with(
+    store: &Store,
+    url: &str,
+    expected: ContentId,
+    opts: &HttpOptions,
 ) -> Result<HttpReport, HttpError> {
     let started = Instant::now();
     if let Some(size) = store.size(&expected) {
@@ -72,6 +92,14 @@ pub async fn fetch_url(
         });
     }
     let length = response.content_length();
+    let limit = opts.max_bytes.unwrap_or(u64::MAX);
+    let too_large = || HttpError::TooLarge {
+        url: url.to_string(),
+        limit,
+    };
+    if length.is_some_and(|l| l > limit) {
+        return Err(too_large());
+    }
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(16);
     let store2 = store.clone();
     let import = tokio::task::spawn_blocking(move || {
@@ -79,6 +107,7 @@ pub async fn fetch_url(
             rx,
             current: Bytes::new(),
             total: 0,
+            limit,
         };
         let res = store2.import_reader(&mut reader, length, Some(expected));
         (res, reader.total)
@@ -106,6 +135,7 @@ pub async fn fetch_url(
             bytes_transferred: total,
             elapsed: started.elapsed(),
         }),
+        Err(_) if total > limit => Err(too_large()),
         Err(StoreError::Mismatch { expected, actual }) => Err(HttpError::Mismatch {
             url: url.to_string(),
             expected,
@@ -123,6 +153,7 @@ struct ChannelReader {
     rx: mpsc::Receiver<io::Result<Bytes>>,
     current: Bytes,
     total: u64,
+    limit: u64,
 }
 
 impl Read for ChannelReader {
@@ -131,6 +162,12 @@ impl Read for ChannelReader {
             match self.rx.blocking_recv() {
                 Some(Ok(b)) => {
                     self.total += b.len() as u64;
+                    if self.total > self.limit {
+                        return Err(io::Error::new(
+                            io::ErrorKind::FileTooLarge,
+                            "the body exceeds the size limit",
+                        ));
+                    }
                     self.current = b;
                 }
                 Some(Err(e)) => return Err(e),

@@ -478,4 +478,21 @@ async fn http_source_is_verified_and_a_mismatch_names_both_cids() {
     assert!(!mine.has(&ContentId::of_bytes(&served)));
     assert_eq!(std::fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
     assert_eq!(mine.list().len(), 1);
+
+    // A size limit is enforced before anything is written.
+    let e = kiln_blobs::http::fetch_url_with(
+        &mine,
+        &url,
+        ContentId::of_bytes(&served),
+        &kiln_blobs::http::HttpOptions {
+            max_bytes: Some(1000),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, kiln_blobs::http::HttpError::TooLarge { .. }),
+        "{e}"
+    );
+    assert_eq!(mine.list().len(), 1);
 }

@@ -1,6 +1,8 @@
 //! Kiln's integration tests: one binary, real components (Docker engine,
 //! libp2p on loopback, SQLite, HTTP). See `kiln_tests` for the harness.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
 mod api;
 mod audit;
 mod e2e;
