@@ -338,7 +338,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let ok = demo["state"] == "completed" && demo["receipt_verified"] == true;
             if !exit_after_demo {
                 eprintln!(
-                    "devnet is up with {providers} providers. In another terminal:\nexport KILN_COORDINATOR={}",
+                    "devnet is up with {providers} providers; the demo workload image is {}.\nIn another terminal:\nexport KILN_COORDINATOR={}",
+                    dn.image_id,
                     dn.url()
                 );
                 tokio::signal::ctrl_c()
