@@ -58,6 +58,13 @@ pub async fn submit(
         .verify(UnixMillis::now())
         .map_err(|e| SubmitError::Signature(e.to_string()))?;
     sub.spec.validate()?;
+    if sub.spec.resources.gang > 1 {
+        return Err(SubmitError::Spec(kiln_protocol::SpecError {
+            field: "resources.gang".into(),
+            reason: "multi-node gang jobs are not dispatched by this coordinator yet; use gang = 1"
+                .into(),
+        }));
+    }
     let owner = BuyerId::new(signed.signer);
     let id = JobId::derive(&owner, &signed.nonce);
     if let Some(existing) = state.db.job(&id).await? {
@@ -830,14 +837,32 @@ fn book(fleet: &mut Fleet, provider: &ProviderId, spec: &JobSpec) {
 }
 
 async fn schedule_once(state: &AppState) -> Result<(), DbError> {
-    let queued = state.db.jobs_in(&[JobState::Queued], 500).await?;
+    let mut queued = state.db.jobs_in(&[JobState::Queued], 500).await?;
     if queued.is_empty() {
         return Ok(());
     }
+    // Priority, then submission order; every job is tried, so a small job is
+    // never blocked behind a large one that does not fit (see sched::queue
+    // for the anti-starvation hold that keeps the large one from waiting forever).
+    sched::order(&mut queued);
     let mut fleet = fleet(state).await?;
-    for job in queued {
-        match sched::place(&job.spec, &mut fleet) {
-            Ok(placement) => {
+    let decisions = sched::run_round(
+        &queued,
+        &mut fleet,
+        UnixMillis::now(),
+        &sched::RoundPolicy::default(),
+    );
+    for (job, decision) in queued.iter().zip(decisions) {
+        match decision {
+            sched::Decision::Placed(placements) => {
+                let [placement] = placements.as_slice() else {
+                    // Gangs are refused at submission until their dispatch protocol exists.
+                    for p in &placements {
+                        fleet.release(p);
+                    }
+                    continue;
+                };
+                let placement = placement.clone();
                 let offer_id = OfferId::random();
                 let mut tx = state.db.begin().await?;
                 let change = Change {
@@ -873,10 +898,41 @@ async fn schedule_once(state: &AppState) -> Result<(), DbError> {
                 tracing::info!(job = %job.id.short(), provider = %placement.provider.short(), price = %placement.price_per_hour, "dispatching");
                 tokio::spawn(dispatch(state.clone(), offer, addrs, job.attempts + 1));
             }
-            Err(why) => {
+            sched::Decision::Waiting(why) => {
                 let line = why.to_string();
                 if job.reason.as_deref() != Some(line.as_str()) {
                     state.db.set_reason(&job.id, &line).await?;
+                }
+            }
+            sched::Decision::Expired => {
+                let reason = format!(
+                    "not placed before its queue deadline of {}; last: {}",
+                    job.spec
+                        .resources
+                        .deadline
+                        .map(|d| d.to_string())
+                        .unwrap_or_default(),
+                    job.reason.as_deref().unwrap_or("no provider fitted")
+                );
+                let mut tx = state.db.begin().await?;
+                let mut pending = state.bank.begin().await;
+                let change = Change {
+                    reason: Some(&reason),
+                    ..Default::default()
+                };
+                if Db::transition(
+                    &mut tx,
+                    &job.id,
+                    &[JobState::Queued],
+                    JobState::Failed,
+                    change,
+                )
+                .await?
+                {
+                    refund(&mut pending, &mut tx, &job.id).await;
+                    tx.commit().await?;
+                    pending.commit();
+                    tracing::info!(job = %job.id.short(), "{reason}");
                 }
             }
         }

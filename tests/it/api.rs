@@ -222,3 +222,40 @@ async fn only_providers_holding_the_minimum_stake_get_work() {
     assert_eq!(j["state"], "queued", "{j:#}");
     dn.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_past_its_queue_deadline_fails_and_is_refunded() {
+    let dn = devnet(0).await.unwrap();
+    let client = buyer(&dn);
+    let mut spec = dn.workload_spec(&["echo"]);
+    spec.resources.deadline = Some(kiln_protocol::Seconds(1));
+    let v = client.submit(spec, None).await.unwrap();
+    let id = kiln_cli::job_id_of(&v).unwrap();
+    let done = kiln_cli::wait_for(&client, &id, std::time::Duration::from_secs(30), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(done["state"], "failed", "{done:#}");
+    let reason = done["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("queue deadline") && reason.contains("no provider online"),
+        "{reason}"
+    );
+    let acct = client.account().await.unwrap();
+    assert_eq!(
+        (acct["balance"].as_u64(), acct["escrowed"].as_u64()),
+        (Some(1_000_000_000), Some(0)),
+        "refunded: {acct:#}"
+    );
+
+    // Multi-node gangs are refused up front rather than left waiting.
+    let mut gang = dn.workload_spec(&["echo"]);
+    gang.resources.gang = 2;
+    match client.submit(gang, None).await {
+        Err(kiln_cli::ClientError::Api { status, field, .. }) => {
+            assert_eq!(status, 400);
+            assert_eq!(field.as_deref(), Some("spec.resources.gang"));
+        }
+        other => panic!("{other:?}"),
+    }
+    dn.shutdown().await;
+}
