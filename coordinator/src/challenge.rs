@@ -507,7 +507,7 @@ mod tests {
         let ch = new_challenge(
             ProviderId::from_public_key(&provider.public()),
             Nonce::from_bytes([7; 16]),
-            ChallengeId([1; 16]),
+            ChallengeId::from_bytes([1; 16]),
             UnixMillis(1_000_000),
             60_000,
             SIZES,
@@ -807,7 +807,7 @@ mod tests {
         assert!(matches!(late, Err(ChallengeError::Late { .. })));
         // Another challenge's answer.
         let mut wrong = respond(&w, honest()).payload;
-        wrong.challenge_id = ChallengeId([2; 16]);
+        wrong.challenge_id = ChallengeId::from_bytes([2; 16]);
         let wrong =
             Signed::sign_with(&w.provider, wrong, Nonce::random(), UnixMillis(u64::MAX)).unwrap();
         assert!(matches!(

@@ -75,70 +75,18 @@ pub const MAX_FULL_CPU_RECOMPUTE_N: u32 = 512;
 /// Most sampled output elements per proof.
 pub const MAX_SAMPLES: u32 = 64;
 
-macro_rules! hex_bytes {
-    ($name:ident, $len:expr, $kind:expr) => {
-        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-        pub struct $name(pub [u8; $len]);
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&hex::encode(self.0))
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({})", stringify!($name), hex::encode(&self.0[..4]))
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = IdParseError;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                let mut out = [0u8; $len];
-                hex::decode_to_slice(s, &mut out).map_err(|e| {
-                    IdParseError::new($kind, s, format!("expected {} hex digits ({e})", $len * 2))
-                })?;
-                Ok(Self(out))
-            }
-        }
-
-        impl Serialize for $name {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                if s.is_human_readable() {
-                    s.collect_str(self)
-                } else {
-                    self.0.serialize(s)
-                }
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                if d.is_human_readable() {
-                    let s = String::deserialize(d)?;
-                    s.parse().map_err(serde::de::Error::custom)
-                } else {
-                    Ok(Self(<[u8; $len]>::deserialize(d)?))
-                }
-            }
-        }
-    };
-}
-
-hex_bytes!(Digest32, 32, "digest");
-hex_bytes!(ChallengeId, 16, "challenge id");
+crate::ids::hex_id!(
+    #[derive(Default)]
+    Digest32,
+    32,
+    "digest"
+);
+crate::ids::hex_id!(ChallengeId, 16, "challenge id");
 
 impl Digest32 {
     /// BLAKE3 of `bytes`.
     pub fn of_bytes(bytes: &[u8]) -> Self {
         Self(*blake3::hash(bytes).as_bytes())
-    }
-}
-
-impl ChallengeId {
-    pub fn random() -> Self {
-        Self(crate::ids::random_bytes::<16>())
     }
 }
 

@@ -46,10 +46,11 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     buf
 }
 
-/// Serde helpers shared by fixed-size byte ids: hex strings for humans (JSON,
-/// TOML), raw bytes for the canonical encoding.
+/// Fixed-size byte ids and digests: hex strings for humans (JSON, TOML),
+/// raw bytes for the canonical encoding. Extra derives may be given first.
 macro_rules! hex_id {
-    ($name:ident, $len:expr, $kind:expr) => {
+    ($(#[$meta:meta])* $name:ident, $len:expr, $kind:expr) => {
+        $(#[$meta])*
         #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub struct $name([u8; $len]);
 
@@ -57,7 +58,7 @@ macro_rules! hex_id {
             pub const LEN: usize = $len;
             /// A fresh random id.
             pub fn random() -> Self {
-                Self(random_bytes::<$len>())
+                Self($crate::ids::random_bytes::<$len>())
             }
             pub const fn from_bytes(bytes: [u8; $len]) -> Self {
                 Self(bytes)
@@ -116,6 +117,8 @@ macro_rules! hex_id {
         }
     };
 }
+
+pub(crate) use hex_id;
 
 hex_id!(JobId, 16, "job id");
 hex_id!(OfferId, 16, "offer id");
