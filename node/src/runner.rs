@@ -681,22 +681,39 @@ impl Runner {
                 )),
             ),
         };
-        if let Ok(info) = self
-            .docker
-            .inspect_container(name, None::<InspectContainerOptions>)
-            .await
-            && let Some(state) = info.state
-        {
-            if state.oom_killed == Some(true) {
-                outcome = Outcome::Failed;
-                error = Some(format!(
-                    "killed: out of memory (limit {})",
-                    spec.resources.memory
-                ));
+        // A SIGKILL we did not send (exit 137) is almost always the memory
+        // limit, but Docker records `OOMKilled` from an event that can land
+        // after the exit is reported: look again briefly before concluding.
+        let sigkilled = exit_code == Some(137) && matches!(outcome, Outcome::Failed);
+        let mut oom = false;
+        for attempt in 0..if sigkilled { 10 } else { 1 } {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            let Ok(info) = self
+                .docker
+                .inspect_container(name, None::<InspectContainerOptions>)
+                .await
+            else {
+                break;
+            };
+            let Some(state) = info.state else { break };
             if exit_code.is_none() && matches!(outcome, Outcome::Failed) {
                 exit_code = state.exit_code;
             }
+            if state.oom_killed == Some(true) {
+                oom = true;
+                break;
+            }
+        }
+        let limit = spec.resources.memory;
+        if oom {
+            outcome = Outcome::Failed;
+            error = Some(format!("killed: out of memory (limit {limit})"));
+        } else if sigkilled && error.is_none() {
+            error = Some(format!(
+                "killed by SIGKILL (exit 137) with no OOM record from Docker; most likely out of memory (limit {limit})"
+            ));
         }
         let (stdout, stderr, stdout_total, stderr_total) =
             tokio::time::timeout(Duration::from_secs(10), logs)
