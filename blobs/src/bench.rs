@@ -227,7 +227,10 @@ pub async fn run_with(size: u64, out_dir: &Path, opts: &Options) -> Result<Repor
         stores[0].clone(),
         trusting.clone(),
         cancel.clone(),
-        wire::ServeConfig { validate: false },
+        wire::ServeConfig {
+            validate: false,
+            authorize: None,
+        },
     ));
     let me = spawn_peer(&cancel).await?;
     let recv = Store::open_dir(

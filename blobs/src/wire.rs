@@ -161,17 +161,46 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bytes handed to the stream per write.
 const PIECE: usize = 256 * 1024;
 
+/// Decides whether `peer` may fetch `cid` (and learn that it is held).
+/// Asked once per request, before the store is looked at.
+pub type Authorize =
+    Arc<dyn Fn(PeerId, ContentId) -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
+
 /// Server settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServeConfig {
     /// Re-check stored groups against the outboard while serving them (a
     /// blob rotted on disk is then caught and removed instead of sent).
     pub validate: bool,
+    /// Who may fetch what; `None` serves every blob to every peer (CIDs as
+    /// capabilities, as in IPFS).
+    pub authorize: Option<Authorize>,
+}
+
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("validate", &self.validate)
+            .field("authorize", &self.authorize.is_some())
+            .finish()
+    }
 }
 
 impl Default for ServeConfig {
     fn default() -> Self {
-        Self { validate: true }
+        Self {
+            validate: true,
+            authorize: None,
+        }
+    }
+}
+
+impl ServeConfig {
+    async fn allows(&self, peer: PeerId, cid: ContentId) -> bool {
+        match &self.authorize {
+            None => true,
+            Some(f) => f(peer, cid).await,
+        }
     }
 }
 
@@ -267,14 +296,24 @@ async fn serve_request(
                     reason: format!("at most {MAX_HAS} CIDs per request"),
                 }
             } else {
-                Response::Has {
-                    sizes: cids.iter().map(|c| store.size(c)).collect(),
+                let mut sizes = Vec::with_capacity(cids.len());
+                for c in &cids {
+                    sizes.push(if config.allows(peer, *c).await {
+                        store.size(c)
+                    } else {
+                        None
+                    });
                 }
+                Response::Has { sizes }
             };
             return write_frame(stream, &response).await;
         }
         Request::Get { cid, ranges } => (cid, ranges),
     };
+    if !config.allows(peer, cid).await {
+        let reason = format!("{peer} may not fetch {cid} from this peer");
+        return write_frame(stream, &Response::Error { reason }).await;
+    }
     let Some(ranges) = ranges_from_wire(&ranges) else {
         let reason = "ranges must be strictly increasing chunk boundaries".into();
         return write_frame(stream, &Response::Error { reason }).await;

@@ -496,3 +496,49 @@ async fn http_source_is_verified_and_a_mismatch_names_both_cids() {
     );
     assert_eq!(mine.list().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_serves_only_what_its_policy_allows() {
+    let d = tempfile::tempdir().unwrap();
+    let s = store(&d.path().join("srv"));
+    let open = s.import_bytes(&data(100_000, 1)).unwrap();
+    let secret = s.import_bytes(&data(100_000, 2)).unwrap();
+    let key = kiln_protocol::Keypair::generate().to_libp2p();
+    let cancel = CancellationToken::new();
+    let (client, mut events, ev) = kiln_net::spawn(key, NetConfig::default(), cancel.clone())
+        .await
+        .unwrap();
+    tokio::spawn(ev.run());
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    let allowed = open;
+    let authorize: wire::Authorize =
+        Arc::new(move |_peer, cid| Box::pin(std::future::ready(cid == allowed)));
+    let config = wire::ServeConfig {
+        validate: true,
+        authorize: Some(authorize),
+    };
+    tokio::spawn(wire::serve_with(s, client.clone(), cancel.clone(), config));
+    let server = Source {
+        peer: client.local_peer_id(),
+        addrs: client.listen_addrs().to_vec(),
+    };
+
+    let me = peer(None).await;
+    // `Has` does not even reveal that the secret blob is held.
+    let sizes = wire::has(&me.client, &server, vec![open, secret])
+        .await
+        .unwrap();
+    assert_eq!(sizes, vec![Some(100_000), None]);
+    let mine = store(&d.path().join("me"));
+    let opts = FetchOptions::default();
+    fetch(&mine, &me.client, open, None, vec![server.clone()], &opts)
+        .await
+        .unwrap();
+    assert!(mine.has(&open));
+    let e = fetch(&mine, &me.client, secret, None, vec![server], &opts)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("may not fetch"), "{e}");
+    assert!(!mine.has(&secret));
+    cancel.cancel();
+}

@@ -194,28 +194,6 @@ impl Client {
         self.get_json("/v1/info").await
     }
 
-    /// Downloads one blob of a job and checks it against its CID.
-    pub async fn blob(&self, id: &JobId, cid: &ContentId) -> Result<Vec<u8>, ClientError> {
-        let path = format!("/v1/jobs/{id}/blobs/{cid}");
-        let req = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .header("authorization", self.auth("GET", &path)?);
-        let bytes = self
-            .send(req)
-            .await?
-            .bytes()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let got = ContentId::of_bytes(&bytes);
-        if got != *cid {
-            return Err(ClientError::Protocol(format!(
-                "blob {cid} arrived as bytes hashing to {got}; refusing it"
-            )));
-        }
-        Ok(bytes.to_vec())
-    }
-
     /// Uploads an input; returns its CID (computed locally and checked against the answer).
     pub async fn upload(&self, bytes: Vec<u8>) -> Result<ContentId, ClientError> {
         let cid = ContentId::of_bytes(&bytes);
@@ -237,5 +215,86 @@ impl Client {
             )));
         }
         Ok(cid)
+    }
+
+    /// Which of `cids` this buyer still has to upload.
+    pub async fn missing(&self, cids: &[ContentId]) -> Result<Vec<ContentId>, ClientError> {
+        let path = "/v1/blobs/missing";
+        let mut out = Vec::new();
+        for batch in cids.chunks(5000) {
+            let req = self
+                .http
+                .post(format!("{}{path}", self.base))
+                .header("authorization", self.auth("POST", path)?)
+                .json(&serde_json::json!({ "cids": batch }));
+            let v: Value = self
+                .send(req)
+                .await?
+                .json()
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let got: Vec<ContentId> = serde_json::from_value(v["missing"].clone())
+                .map_err(|e| ClientError::Protocol(format!("malformed `missing` answer: {e}")))?;
+            out.extend(got);
+        }
+        Ok(out)
+    }
+
+    /// Streams one blob up under its CID; the coordinator refuses bytes that
+    /// hash to anything else.
+    pub async fn put_blob(
+        &self,
+        cid: &ContentId,
+        size: u64,
+        name: &str,
+        body: reqwest::Body,
+    ) -> Result<Value, ClientError> {
+        let path = format!("/v1/blobs/{cid}");
+        let req = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .header("authorization", self.auth("PUT", &path)?)
+            .header("content-length", size)
+            .header(
+                "x-kiln-name",
+                name.replace(|c: char| !c.is_ascii() || c.is_ascii_control(), "_"),
+            )
+            .body(body);
+        self.send(req)
+            .await?
+            .json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// The blobs this buyer may read.
+    pub async fn blobs(&self) -> Result<Value, ClientError> {
+        self.get_json("/v1/blobs").await
+    }
+
+    /// The bao encoding of `ranges` of a blob (`None`: all of it), and the
+    /// blob's size as the coordinator claims it (proven by the decode).
+    pub async fn bao(
+        &self,
+        cid: &ContentId,
+        ranges: Option<&[u64]>,
+    ) -> Result<(u64, reqwest::Response), ClientError> {
+        let mut path = format!("/v1/blobs/{cid}/bao");
+        if let Some(r) = ranges {
+            let list: Vec<String> = r.iter().map(u64::to_string).collect();
+            path.push_str(&format!("?ranges={}", list.join(",")));
+        }
+        let req = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("authorization", self.auth("GET", &path)?);
+        let resp = self.send(req).await?;
+        let size = resp
+            .headers()
+            .get("x-kiln-size")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| ClientError::Protocol("the answer lacks x-kiln-size".into()))?;
+        Ok((size, resp))
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod data;
 pub mod devnet;
 pub mod ledger;
 
@@ -14,11 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use kiln_protocol::content::check_relative_path;
 use kiln_protocol::keys::keyfile;
 use kiln_protocol::{
-    ContentId, JobId, JobSpec, Keypair, Manifest, ManifestEntry, ProviderId, ResultReceipt, Signed,
-    UnixMillis,
+    ContentId, JobId, JobSpec, Keypair, Manifest, ProviderId, ResultReceipt, Signed, UnixMillis,
 };
 use serde_json::Value;
 
@@ -93,35 +92,52 @@ pub async fn wait_for(
     }
 }
 
-/// Verifies a job's receipt on the client side: signature, expiry at
-/// signing, that it names this job and the assigned provider, and that its
-/// output CID matches the manifest the coordinator serves.
-pub fn verify_receipt(
-    job: &Value,
-    manifest: Option<&Manifest>,
+/// Checks a result receipt on the client side: its signature (as of when it
+/// was made: it may be past its delivery expiry by now), that `provider`
+/// signed it and is the one it names, that it is for job `id`, and, when
+/// given, for `offer`.
+pub fn check_receipt(
+    receipt: &Value,
+    id: &JobId,
+    provider: &ProviderId,
+    offer: Option<&str>,
 ) -> anyhow::Result<Signed<ResultReceipt>> {
     let receipt: Signed<ResultReceipt> =
-        serde_json::from_value(job["receipt"].clone()).context("the job has no receipt")?;
-    // The receipt may be past its delivery expiry by now; check it as of when it was made.
+        serde_json::from_value(receipt.clone()).context("the job has no receipt")?;
     receipt
         .verify(UnixMillis(
             receipt.payload.finished_at.0.min(receipt.expires_at.0),
         ))
         .context("receipt signature")?;
     let signer = ProviderId::from_public_key(&receipt.signer);
+    if signer != *provider || receipt.payload.provider != *provider {
+        bail!("receipt signed by {signer}, but the job ran on {provider}");
+    }
+    if receipt.payload.job_id != *id {
+        bail!("receipt is for job {}, not {id}", receipt.payload.job_id);
+    }
+    if let Some(offer) = offer
+        && receipt.payload.offer_id.to_string() != offer
+    {
+        bail!(
+            "receipt is for offer {}, not {offer}",
+            receipt.payload.offer_id
+        );
+    }
+    Ok(receipt)
+}
+
+/// Verifies a job's receipt on the client side: [`check_receipt`] against
+/// the job's provider, and that its output CID matches `manifest` when given.
+pub fn verify_receipt(
+    job: &Value,
+    manifest: Option<&Manifest>,
+) -> anyhow::Result<Signed<ResultReceipt>> {
     let provider: ProviderId = job["provider"]
         .as_str()
         .context("job has no provider")?
         .parse()?;
-    if signer != provider || receipt.payload.provider != provider {
-        bail!("receipt signed by {signer}, but the job ran on {provider}");
-    }
-    if receipt.payload.job_id != job_id_of(job)? {
-        bail!(
-            "receipt is for job {}, not this one",
-            receipt.payload.job_id
-        );
-    }
+    let receipt = check_receipt(&job["receipt"], &job_id_of(job)?, &provider, None)?;
     if let Some(m) = manifest
         && m.cid() != receipt.payload.output_cid
     {
@@ -134,25 +150,100 @@ pub fn verify_receipt(
     Ok(receipt)
 }
 
-/// Fetches a job's outputs into `dir`, verifying every file and the manifest.
-pub async fn fetch_outputs(client: &Client, id: &JobId, dir: &Path) -> anyhow::Result<Manifest> {
+/// One node's outputs as [`fetch_outputs_verified`] wrote them.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NodeOutputs {
+    /// The gang rank; `None` for a single-node job.
+    pub rank: Option<u32>,
+    pub provider: ProviderId,
+    /// The manifest CID its signed receipt names.
+    pub output_cid: ContentId,
+    pub dir: PathBuf,
+    #[serde(flatten)]
+    pub report: data::GetReport,
+}
+
+/// Fetches a job's outputs into `dir` by CID, trusting only signed
+/// receipts: each receipt is checked ([`check_receipt`]), then the manifest
+/// it names and every file in it are verified group by group as they
+/// arrive (resumable through `cache`). A gang job's members each get
+/// `dir/rank-<r>`; members of its last attempt without a receipt (stopped
+/// before finishing) are skipped, and a job with no receipt at all is an error.
+pub async fn fetch_outputs_verified(
+    client: &Client,
+    cache: &kiln_blobs::Store,
+    id: &JobId,
+    dir: &Path,
+    show_progress: bool,
+) -> anyhow::Result<Vec<NodeOutputs>> {
     let job = client.job(id).await?;
-    let outs = client.outputs(id).await?;
-    let entries: Vec<ManifestEntry> =
-        serde_json::from_value(outs["entries"].clone()).context("malformed manifest")?;
-    let manifest = Manifest::new(entries).context("the output manifest is unsafe")?;
-    verify_receipt(&job, Some(&manifest))?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    for e in &manifest.entries {
-        check_relative_path(&e.path)?;
-        let bytes = client.blob(id, &e.cid).await?;
-        let dest = dir.join(&e.path);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)?;
+    let members = gang_members(&job);
+    let wanted: Vec<(Option<u32>, ProviderId, Signed<ResultReceipt>, PathBuf)> = if members
+        .is_empty()
+    {
+        let receipt = verify_receipt(&job, None)?;
+        vec![(None, receipt.payload.provider, receipt, dir.to_path_buf())]
+    } else {
+        let mut wanted = Vec::new();
+        for m in members.iter().filter(|m| !m["receipt"].is_null()) {
+            let rank = m["rank"].as_u64().context("gang member without a rank")? as u32;
+            let provider: ProviderId = m["provider"]
+                .as_str()
+                .context("gang member without a provider")?
+                .parse()?;
+            let receipt = check_receipt(&m["receipt"], id, &provider, m["offer_id"].as_str())
+                .with_context(|| format!("gang member rank {rank}"))?;
+            wanted.push((
+                Some(rank),
+                provider,
+                receipt,
+                dir.join(format!("rank-{rank}")),
+            ));
         }
-        std::fs::write(&dest, &bytes).with_context(|| format!("writing {}", dest.display()))?;
+        if wanted.is_empty() {
+            bail!(
+                "job {id} is {} and no gang member has delivered a receipt yet; nothing to fetch",
+                job["state"].as_str().unwrap_or("?")
+            );
+        }
+        wanted
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut fetched = Vec::with_capacity(wanted.len());
+    for (rank, provider, receipt, dir) in wanted {
+        let output_cid = receipt.payload.output_cid;
+        let report = data::get(client, cache, output_cid, &dir, show_progress, &cancel)
+            .await
+            .with_context(|| match rank {
+                Some(r) => format!("fetching the outputs of gang rank {r}"),
+                None => format!("fetching the outputs of job {id}"),
+            })?;
+        fetched.push(NodeOutputs {
+            rank,
+            provider,
+            output_cid,
+            dir,
+            report,
+        });
     }
-    Ok(manifest)
+    Ok(fetched)
+}
+
+/// The members of a gang job's last attempt, by rank (empty for a
+/// single-node job).
+pub fn gang_members(job: &Value) -> Vec<Value> {
+    let attempts = job["attempts"].as_u64();
+    let mut ms: Vec<Value> = job["gang"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .filter(|m| m["attempt"].as_u64() == attempts)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    ms.sort_by_key(|m| m["rank"].as_u64());
+    ms
 }
 
 /// The content id of stdout/stderr bytes, for display.

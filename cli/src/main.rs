@@ -51,6 +51,9 @@ enum Cmd {
     /// Audit the coordinator's settlement ledger.
     #[command(subcommand)]
     Ledger(LedgerCmd),
+    /// Datasets by content id: add, get, list.
+    #[command(subcommand)]
+    Data(DataCmd),
     /// Run a coordinator and N providers on loopback, and a demo job.
     Devnet {
         #[arg(long, default_value_t = 2)]
@@ -87,12 +90,36 @@ enum JobCmd {
     Logs {
         id: JobId,
     },
-    /// Download a job's outputs, verifying each file and the receipt.
+    /// Download a job's outputs by CID, verifying the receipt, the manifest
+    /// and every 16 KiB of every file as it arrives (resumable).
     Get {
         id: JobId,
         #[arg(short, long)]
         output: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Hash a file or directory locally and upload what the coordinator
+    /// lacks; prints the CID to use as a job input.
+    Add {
+        path: PathBuf,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Download a blob or directory by CID, verified as it arrives;
+    /// an interrupted download resumes where it stopped.
+    Get {
+        cid: kiln_protocol::ContentId,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// The blobs you may read: your uploads and your jobs' outputs.
+    Ls,
 }
 
 #[derive(Subcommand)]
@@ -144,6 +171,17 @@ enum BenchCmd {
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
+    /// The data plane: verification vs raw blake3, one-peer fetch vs a raw
+    /// libp2p stream and vs curl from nginx, three-peer fetch.
+    Data {
+        /// Blob size, e.g. 1GiB.
+        #[arg(long, default_value = "1GiB")]
+        size: kiln_protocol::ByteSize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
     /// Submit-to-completed on devnet vs plain `docker run --rm`.
     Devnet {
         #[arg(long, default_value_t = 20)]
@@ -189,7 +227,8 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let key = buyer_key(&cli.key.clone().unwrap_or_else(default_key_path))?;
+    let key_path = cli.key.clone().unwrap_or_else(default_key_path);
+    let key = buyer_key(&key_path)?;
     let client = Client::new(&cli.coordinator, key.clone());
     let json = cli.json;
     match cli.cmd {
@@ -236,15 +275,123 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
         }),
         Cmd::Job(JobCmd::Get { id, output }) => {
-            let m = kiln_cli::fetch_outputs(&client, &id, &output).await?;
-            let v = serde_json::json!({ "job_id": id, "output_cid": m.cid(), "files": m.entries.len(), "bytes": m.total_size(), "dir": output });
-            print(json, &v, |v| {
+            let cache = kiln_cli::data::open_cache(&key_path)?;
+            let nodes =
+                kiln_cli::fetch_outputs_verified(&client, &cache, &id, &output, !json).await?;
+            let v = serde_json::json!({ "job_id": id, "dir": output, "nodes": nodes });
+            print(json, &v, |_| {
+                nodes
+                    .iter()
+                    .map(|n| {
+                        format!(
+                            "{}{} files ({}) from {} verified into {}",
+                            n.rank.map(|r| format!("rank {r}: ")).unwrap_or_default(),
+                            n.report.files,
+                            kiln_cli::data::human(n.report.size),
+                            n.provider.short(),
+                            n.dir.display()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Cmd::Data(DataCmd::Add { path, quiet }) => {
+            let r = kiln_cli::data::add(&client, &path, !quiet && !json).await?;
+            print(json, &serde_json::to_value(&r)?, |v| {
                 format!(
-                    "{} files ({} bytes) verified into {}",
+                    "{}\n{} {}: {} file(s), {}; uploaded {}, already there {} ({} ms)",
+                    v["cid"].as_str().unwrap_or("?"),
+                    v["kind"].as_str().unwrap_or("?"),
+                    path.display(),
                     v["files"],
-                    v["bytes"],
-                    output.display()
+                    kiln_cli::data::human(r.size),
+                    kiln_cli::data::human(r.uploaded_bytes),
+                    kiln_cli::data::human(r.skipped_bytes),
+                    v["elapsed_ms"]
                 )
+            });
+        }
+        Cmd::Data(DataCmd::Get { cid, output, quiet }) => {
+            let cache = kiln_cli::data::open_cache(&key_path)?;
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let c = cancel.clone();
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    c.cancel();
+                }
+            });
+            let r = kiln_cli::data::get(&client, &cache, cid, &output, !quiet && !json, &cancel)
+                .await?;
+            print(json, &serde_json::to_value(&r)?, |_| {
+                format!(
+                    "{cid}: {} file(s), {} verified into {} ({} resumed from the cache, {} transferred, {} ms)",
+                    r.files,
+                    kiln_cli::data::human(r.size),
+                    output.display(),
+                    kiln_cli::data::human(r.resumed_bytes),
+                    kiln_cli::data::human(r.bytes_transferred),
+                    r.elapsed_ms
+                )
+            });
+        }
+        Cmd::Data(DataCmd::Ls) => print(json, &client.blobs().await?, |v| {
+            v["blobs"]
+                .as_array()
+                .map(|bs| {
+                    bs.iter()
+                        .map(|b| {
+                            format!(
+                                "{}  {:>10}  {:<9}  {}",
+                                b["cid"].as_str().unwrap_or("?"),
+                                kiln_cli::data::human(b["size"].as_u64().unwrap_or(0)),
+                                b["kind"].as_str().unwrap_or("?"),
+                                b["name"].as_str().unwrap_or("")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .unwrap_or_default()
+        }),
+        Cmd::Bench(BenchCmd::Data { size, runs, out }) => {
+            std::fs::create_dir_all(&out)?;
+            let opts = kiln_blobs::bench::Options {
+                runs,
+                ..Default::default()
+            };
+            let r = kiln_blobs::bench::run_with(size.0, &out, &opts).await?;
+            let v = serde_json::to_value(&r)?;
+            print(json, &v, |v| {
+                let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+                let mut s = format!(
+                    "{} MiB blob, {} CPUs (report in {}):\n\
+                     (a) verify {:.0} MiB/s vs blake3 {:.0} MiB/s: {:.2}x (goal >= 0.8)\n\
+                     (b) 1-peer fetch {:.0} MiB/s vs raw libp2p stream {:.0} MiB/s: {:.2}x (goal >= 0.9); vs raw file-to-file stream {:.0} MiB/s: {:.2}x",
+                    size.0 >> 20,
+                    v["cpus"],
+                    out.display(),
+                    f("bao_verify_mib_s"),
+                    f("blake3_mib_s"),
+                    f("verify_ratio"),
+                    f("fetch_1_peer_mib_s"),
+                    f("raw_stream_mib_s"),
+                    f("fetch_1_ratio"),
+                    f("raw_file_to_file_mib_s"),
+                    f("fetch_1_ratio_vs_file_to_file"),
+                );
+                if let Some(c) = v["curl_nginx_mib_s"].as_f64() {
+                    s.push_str(&format!(
+                        "\n    curl from nginx {c:.0} MiB/s: Kiln 1-peer fetch is {:.2}x of it",
+                        f("fetch_1_peer_mib_s") / c.max(1e-9)
+                    ));
+                }
+                s.push_str(&format!(
+                    "\n(c) 3-peer fetch {:.0} MiB/s: {:.2}x of the raw stream",
+                    f("fetch_3_peers_mib_s"),
+                    f("fetch_3_ratio")
+                ));
+                s
             });
         }
         Cmd::Providers => print(json, &client.providers().await?, |v| {

@@ -9,7 +9,7 @@
 //! | `GET /v1/jobs/{id}/logs` | owner | stdout/stderr |
 //! | `GET /v1/jobs/{id}/outputs` | owner | output manifest |
 //! | `GET /v1/jobs/{id}/blobs/{cid}` | owner | bytes of one output or log |
-//! | `POST /v1/blobs` | buyer | upload an input, returns its CID |
+//! | `/v1/blobs…` | buyer | data: upload, list, download (see [`crate::blob_api`]) |
 //! | `GET /v1/account` | buyer | balance |
 //! | `GET /v1/providers` | none | live providers, with reputation |
 //! | `GET /v1/providers/{id}/audits` | none | capability-challenge history |
@@ -67,6 +67,10 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    InsufficientStorage(String),
+    #[error("{reason} (the blob has {size} bytes)")]
+    RangeNotSatisfiable { size: u64, reason: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -80,6 +84,10 @@ impl IntoResponse for ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, None),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, None),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, None),
+            Self::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, None),
+            Self::RangeNotSatisfiable { .. } => {
+                (StatusCode::RANGE_NOT_SATISFIABLE, Some("range".into()))
+            }
             Self::Internal(e) => {
                 tracing::error!("internal error serving a request: {e}");
                 (StatusCode::INTERNAL_SERVER_ERROR, None)
@@ -163,7 +171,6 @@ pub fn create_app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/logs", get(job_logs))
         .route("/v1/jobs/{id}/outputs", get(job_outputs))
         .route("/v1/jobs/{id}/blobs/{cid}", get(job_blob))
-        .route("/v1/blobs", post(upload_blob))
         .route("/v1/account", get(account))
         .route("/v1/providers", get(providers))
         .route("/v1/providers/{id}/audits", get(provider_audits))
@@ -172,6 +179,7 @@ pub fn create_app(state: AppState) -> Router {
         .route("/v1/ledger", get(ledger_entries))
         .route("/v1/ledger/balances", get(ledger_balances))
         .route("/v1/accounts/{account}/statement", get(statement))
+        .merge(crate::blob_api::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -259,6 +267,9 @@ async fn get_job(
     let job = owned_job(&state, &buyer, &id).await?;
     let mut v = job_json(&job);
     v["events"] = json!(state.db.events(&job.id).await?);
+    if job.spec.resources.gang > 1 {
+        v["gang"] = crate::gang::members_json(&state, &job.id).await?;
+    }
     Ok(Json(v))
 }
 
@@ -362,22 +373,6 @@ async fn job_blob(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
-async fn upload_blob(
-    State(state): State<AppState>,
-    Buyer(_buyer): Buyer,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let cid = ContentId::of_bytes(&body);
-    state
-        .blobs
-        .put(&cid, &body)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let mut tx = state.db.begin().await?;
-    crate::db::Db::record_blob(&mut tx, &cid, body.len() as u64).await?;
-    tx.commit().await.map_err(DbError::from)?;
-    Ok(Json(json!({ "cid": cid, "size": body.len() })))
-}
-
 async fn account(
     State(state): State<AppState>,
     Buyer(buyer): Buyer,
@@ -420,6 +415,7 @@ async fn providers(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
             "reputation": crate::audit::reputation(&state, &a.provider).await?,
             "earned": ledger.balance(&AccountId::Provider(a.provider)),
             "addrs": a.listen_addrs,
+            "cached": a.cached,
         }));
     }
     Ok(Json(json!({ "providers": list })))

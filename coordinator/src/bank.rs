@@ -109,6 +109,11 @@ impl Bank {
     pub async fn snapshot(&self) -> Ledger {
         self.state.lock().await.ledger.clone()
     }
+
+    /// A provider's stake bond now (without copying the ledger).
+    pub async fn bond(&self, provider: &kiln_protocol::ProviderId) -> kiln_protocol::Credits {
+        self.state.lock().await.ledger.bond(provider)
+    }
 }
 
 impl Pending<'_> {

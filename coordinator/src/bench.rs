@@ -369,10 +369,7 @@ fn job(rng: &mut Rng, image: &str) -> JobSpec {
         s.network = NetworkMode::Full;
     }
     s.inputs = (0..rng.below(4))
-        .map(|i| InputSpec {
-            cid: dataset(rng.below(DATASETS)),
-            path: format!("/in/{i}"),
-        })
+        .map(|i| InputSpec::new(dataset(rng.below(DATASETS)), format!("/in/{i}")))
         .collect();
     s
 }

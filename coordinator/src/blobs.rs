@@ -1,124 +1,259 @@
-//! The coordinator's blob store: files named by CID under one directory.
+//! The coordinator's side of the data plane.
 //!
-//! Writes are atomic: bytes are verified against their CID, written to a
-//! temporary file, synced, then renamed into place, so a partial or wrong
-//! blob is never visible under a CID.
+//! Bytes live in a [`kiln_blobs::Store`] under `<state_dir>/blobs` (atomic,
+//! verified on import, bao outboards beside each blob). This module decides
+//! who may read them and where inputs can be fetched from:
+//!
+//! * over `/kiln/blobs/1`, a **provider** may fetch the inputs of a job
+//!   assigned to it (and the files of an input directory manifest); a
+//!   **buyer** peer may fetch what the REST API would let it read. Nobody
+//!   else gets anything, not even whether a CID is held.
+//! * over REST, a buyer reads a blob only if `blob_owners` says so: it
+//!   uploaded it, or it is an output, log or manifest of one of its jobs.
+//! * [`offer_sources`] tells a provider which peers announced (or advertise
+//!   as cached) a job's inputs, so it fetches from several at once.
+//! * [`fetch_from_provider`] pulls a result's outputs from the provider that
+//!   ran the job, verified group by group, before the result is accepted.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use kiln_protocol::ContentId;
+use kiln_blobs::announce::Providers;
+use kiln_blobs::wire::{Authorize, ServeConfig};
+use kiln_net::Peer;
+use kiln_protocol::{
+    BuyerId, ContentId, InputSources, JobOffer, PeerSource, ProviderId, PublicKey, UnixMillis,
+};
+use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, thiserror::Error)]
-pub enum BlobError {
-    #[error("bytes hash to {got}, not {want}")]
-    Mismatch { want: ContentId, got: ContentId },
-    #[error("blob store I/O error at {path}: {source}; check free disk space and permissions")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+use crate::AppState;
+use crate::db::JobState;
+
+/// How long a positive access decision is remembered (a 1 GiB input is a
+/// thousand 1 MiB requests; the database is asked once).
+const GRANT_TTL: Duration = Duration::from_secs(30);
+/// Peers besides the coordinator named per input in an offer.
+const MAX_SOURCES_PER_INPUT: usize = 4;
+
+/// What the data plane keeps in memory.
+pub struct DataPlane {
+    /// Who announced which blobs (gossip on `kiln/blobs/have/1`).
+    pub holders: Arc<Mutex<Providers>>,
+    grants: Mutex<HashMap<(Peer, ContentId), Instant>>,
 }
 
-#[derive(Clone, Debug)]
-pub struct BlobStore {
-    dir: PathBuf,
-}
-
-impl BlobStore {
-    pub fn open(dir: &Path) -> Result<Self, BlobError> {
-        for d in [dir.to_path_buf(), dir.join("tmp")] {
-            std::fs::create_dir_all(&d).map_err(|source| BlobError::Io {
-                path: d.display().to_string(),
-                source,
-            })?;
+impl DataPlane {
+    pub fn new() -> Self {
+        Self {
+            holders: Arc::new(Mutex::new(Providers::new(Duration::from_secs(600)))),
+            grants: Mutex::new(HashMap::new()),
         }
-        // Leftover temporaries from a crash are never valid blobs.
-        if let Ok(entries) = std::fs::read_dir(dir.join("tmp")) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
+    }
+}
+
+impl Default for DataPlane {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves the store over `/kiln/blobs/1` and tracks announcements until
+/// `cancel` fires.
+pub async fn serve(state: AppState, cancel: CancellationToken) {
+    let s = state.clone();
+    let authorize: Authorize = Arc::new(move |peer, cid| {
+        let s = s.clone();
+        Box::pin(async move { may_fetch(&s, peer, cid).await })
+    });
+    let track = tokio::spawn(kiln_blobs::announce::track(
+        state.net.clone(),
+        state.data.holders.clone(),
+        cancel.clone(),
+    ));
+    let config = ServeConfig {
+        validate: true,
+        authorize: Some(authorize),
+    };
+    if let Err(e) =
+        kiln_blobs::wire::serve_with(state.blobs.clone(), state.net.clone(), cancel, config).await
+    {
+        tracing::error!("cannot serve blobs: {e}");
+    }
+    let _ = track.await;
+}
+
+/// Whether `peer` may fetch `cid` over the blob protocol.
+async fn may_fetch(state: &AppState, peer: Peer, cid: ContentId) -> bool {
+    let key = (peer, cid);
+    if let Ok(g) = state.data.grants.lock()
+        && g.get(&key).is_some_and(|at| at.elapsed() < GRANT_TTL)
+    {
+        return true;
+    }
+    let ok = match decide(state, peer, cid).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            tracing::warn!(%peer, %cid, "blob access check failed: {e}");
+            false
+        }
+    };
+    if ok && let Ok(mut g) = state.data.grants.lock() {
+        if g.len() > 100_000 {
+            g.retain(|_, at| at.elapsed() < GRANT_TTL);
+        }
+        g.insert(key, Instant::now());
+    }
+    ok
+}
+
+async fn decide(state: &AppState, peer: Peer, cid: ContentId) -> Result<bool, crate::db::DbError> {
+    // A buyer peer (its libp2p key is its buyer key): what the API allows.
+    if let Some(key) = PublicKey::from_peer_id(&peer) {
+        let buyer = BuyerId::new(key);
+        if state.db.blob_readable(&buyer, &cid).await? {
+            return Ok(true);
+        }
+    }
+    // A provider: inputs of the jobs assigned to it, and the files of
+    // input directories.
+    let provider = ProviderId::from_peer_id(peer);
+    let mut jobs: Vec<_> = state
+        .db
+        .jobs_in(&[JobState::Dispatched, JobState::Running], 100_000)
+        .await?
+        .into_iter()
+        .filter(|j| j.provider == Some(provider))
+        .collect();
+    // Members of multi-node gangs fetch their job's inputs too.
+    jobs.extend(crate::gang::member_jobs(state, provider).await?);
+    for j in &jobs {
+        for input in &j.spec.inputs {
+            if input.cid == cid {
+                return Ok(true);
+            }
+            if input.cid.codec() == kiln_protocol::content::DAG_CBOR_CODEC
+                && let Ok(Some(bytes)) = state.blobs.get(&input.cid)
+                && let Ok(m) = kiln_protocol::Manifest::from_dag_cbor(&bytes)
+                && m.entries.iter().any(|e| e.cid == cid)
+            {
+                return Ok(true);
             }
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
+    }
+    Ok(false)
+}
+
+/// Peers that hold the offer's inputs (announced, or cached per their
+/// advert), with their addresses, excluding the provider itself.
+pub async fn offer_sources(state: &AppState, offer: &JobOffer) -> Vec<InputSources> {
+    if offer.spec.inputs.is_empty() {
+        return Vec::new();
+    }
+    let since = UnixMillis(
+        UnixMillis::now()
+            .0
+            .saturating_sub(state.config.provider_lease.as_millis() as u64),
+    );
+    let live = match state.db.providers_seen_since(since).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("cannot list providers for input sources: {e}");
+            return Vec::new();
+        }
+    };
+    let announced: HashMap<ContentId, HashSet<Peer>> = state
+        .data
+        .holders
+        .lock()
+        .map(|h| {
+            offer
+                .spec
+                .inputs
+                .iter()
+                .map(|i| {
+                    (
+                        i.cid,
+                        h.providers(&i.cid).into_iter().map(|(p, _)| p).collect(),
+                    )
+                })
+                .collect()
         })
-    }
-
-    fn path(&self, cid: &ContentId) -> PathBuf {
-        self.dir.join(cid.to_string())
-    }
-
-    pub fn contains(&self, cid: &ContentId) -> bool {
-        self.path(cid).is_file()
-    }
-
-    /// Stores `bytes` under `cid` after checking that they hash to it.
-    pub fn put(&self, cid: &ContentId, bytes: &[u8]) -> Result<(), BlobError> {
-        let got = ContentId::of_bytes(bytes);
-        if got != *cid {
-            return Err(BlobError::Mismatch { want: *cid, got });
-        }
-        let dest = self.path(cid);
-        if dest.is_file() {
-            return Ok(());
-        }
-        let tmp = self
-            .dir
-            .join("tmp")
-            .join(format!("{cid}.{}", kiln_protocol::Nonce::random()));
-        let io = |source| BlobError::Io {
-            path: tmp.display().to_string(),
-            source,
-        };
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &dest).map_err(|source| {
-            let _ = std::fs::remove_file(&tmp);
-            BlobError::Io {
-                path: dest.display().to_string(),
-                source,
-            }
-        })
-    }
-
-    /// Reads a blob and re-verifies it (disk corruption is caught, not served).
-    pub fn get(&self, cid: &ContentId) -> Result<Option<Vec<u8>>, BlobError> {
-        let path = self.path(cid);
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let got = ContentId::of_bytes(&bytes);
-                if got != *cid {
-                    return Err(BlobError::Mismatch { want: *cid, got });
-                }
-                Ok(Some(bytes))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(BlobError::Io {
-                path: path.display().to_string(),
-                source,
-            }),
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for input in &offer.spec.inputs {
+        let peers: Vec<PeerSource> = live
+            .iter()
+            .map(|p| &p.advert.payload)
+            .filter(|a| a.provider != offer.provider)
+            .filter(|a| {
+                a.cached.contains(&input.cid)
+                    || announced
+                        .get(&input.cid)
+                        .is_some_and(|s| s.contains(&a.provider.peer_id()))
+            })
+            .take(MAX_SOURCES_PER_INPUT)
+            .map(|a| PeerSource {
+                peer: a.provider,
+                addrs: a.listen_addrs.clone(),
+            })
+            .collect();
+        if !peers.is_empty() {
+            out.push(InputSources {
+                cid: input.cid,
+                peers,
+            });
         }
     }
+    out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Where to reach `provider` (its advertised addresses), for fetching a
+/// result's blobs from it.
+pub async fn provider_source(
+    state: &AppState,
+    provider: &ProviderId,
+) -> Result<kiln_blobs::Source, String> {
+    let addrs = state
+        .db
+        .providers_seen_since(UnixMillis(0))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|p| p.advert.payload.provider == *provider)
+        .map(|p| {
+            p.advert
+                .payload
+                .listen_addrs
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(kiln_blobs::Source {
+        peer: provider.peer_id(),
+        addrs,
+    })
+}
 
-    #[test]
-    fn put_verifies_and_get_round_trips() {
-        let d = tempfile::tempdir().unwrap();
-        let s = BlobStore::open(d.path()).unwrap();
-        let cid = ContentId::of_bytes(b"abc");
-        assert!(matches!(
-            s.put(&cid, b"abd"),
-            Err(BlobError::Mismatch { .. })
-        ));
-        assert!(!s.contains(&cid));
-        s.put(&cid, b"abc").unwrap();
-        assert_eq!(s.get(&cid).unwrap().unwrap(), b"abc");
-        std::fs::write(d.path().join(cid.to_string()), b"xyz").unwrap();
-        assert!(s.get(&cid).is_err(), "a corrupted blob on disk is refused");
+/// Fetches `cid` from `source` (the provider that produced it), verified
+/// as it arrives, unless the store already has it.
+pub async fn fetch_from_provider(
+    state: &AppState,
+    source: &kiln_blobs::Source,
+    cid: ContentId,
+    size: Option<u64>,
+) -> Result<(), String> {
+    if state.blobs.has(&cid) {
+        return Ok(());
     }
+    let opts = kiln_blobs::FetchOptions::default();
+    kiln_blobs::fetch(&state.blobs, &state.net, cid, size, vec![source.clone()], &opts)
+        .await
+        .map(|r| {
+            if r.data_bytes > 0 {
+                tracing::info!(%cid, bytes = r.data_bytes, ms = r.elapsed.as_millis() as u64, provider = %source.peer, "output fetched and verified");
+            }
+        })
+        .map_err(|e| e.to_string())
 }

@@ -123,6 +123,15 @@ pub struct JobEvent {
     pub detail: Option<String>,
 }
 
+/// A blob a buyer may read.
+#[derive(Clone, Debug, Serialize)]
+pub struct BlobRecord {
+    pub cid: ContentId,
+    pub size: u64,
+    pub name: String,
+    pub created_at: UnixMillis,
+}
+
 #[derive(Clone, Debug)]
 pub struct Db {
     pub pool: SqlitePool,
@@ -485,6 +494,62 @@ impl Db {
         .execute(&mut **tx)
         .await?;
         Ok(())
+    }
+
+    /// Lets `buyer` read `cid` through the API (idempotent; the first name stays).
+    pub async fn grant_blob(
+        tx: &mut Tx<'_>,
+        buyer: &BuyerId,
+        cid: &ContentId,
+        size: u64,
+        name: &str,
+    ) -> Result<(), DbError> {
+        Self::record_blob(tx, cid, size).await?;
+        sqlx::query(
+            "INSERT INTO blob_owners (buyer, cid, size, name, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(buyer.to_string())
+        .bind(cid.to_string())
+        .bind(i(size))
+        .bind(name)
+        .bind(i(UnixMillis::now().0))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Whether `buyer` may read `cid`.
+    pub async fn blob_readable(&self, buyer: &BuyerId, cid: &ContentId) -> Result<bool, DbError> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM blob_owners WHERE buyer = ? AND cid = ?")
+                .bind(buyer.to_string())
+                .bind(cid.to_string())
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n > 0)
+    }
+
+    /// The blobs `buyer` may read, newest first.
+    pub async fn blobs_of(&self, buyer: &BuyerId, limit: u32) -> Result<Vec<BlobRecord>, DbError> {
+        let rows = sqlx::query(
+            "SELECT cid, size, name, created_at FROM blob_owners WHERE buyer = ? ORDER BY created_at DESC, cid LIMIT ?",
+        )
+        .bind(buyer.to_string())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let cid: String = r.try_get("cid")?;
+            let Ok(cid) = cid.parse() else { continue };
+            out.push(BlobRecord {
+                cid,
+                size: u(r.try_get("size")?),
+                name: r.try_get("name")?,
+                created_at: UnixMillis(u(r.try_get("created_at")?)),
+            });
+        }
+        Ok(out)
     }
 
     pub async fn append_ledger_entry(

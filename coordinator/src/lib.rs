@@ -10,9 +10,14 @@
 //! * places queued jobs with the pure matcher ([`sched`]) and dispatches
 //!   signed offers over libp2p request-response; a job that fits nowhere
 //!   waits, and its status says why;
+//! * holds inputs, outputs and logs by CID in a verified blob store and
+//!   serves them over `/kiln/blobs/1` to the providers and buyers entitled
+//!   to them ([`blobs`]);
 //! * accepts a result only after [`verify`] has checked the receipt's
-//!   signature, signer, job and offer binding, manifest and every blob; then
-//!   records it and settles payment in one transaction.
+//!   signature, signer, job and offer binding and manifest, and every blob
+//!   it names has been received and verified (small ones inline, the rest
+//!   fetched from the provider); then records it and settles payment in one
+//!   transaction.
 //!
 //! `create_app` builds the HTTP router; [`start`] wires everything together
 //! and returns a handle; `main.rs` is a thin shell around it.
@@ -21,9 +26,12 @@ pub mod api;
 pub mod audit;
 pub mod bank;
 pub mod bench;
+pub mod blob_api;
 pub mod blobs;
 pub mod challenge;
 pub mod db;
+pub mod gang;
+pub mod live;
 pub mod sched;
 pub mod service;
 pub mod stake;
@@ -65,6 +73,9 @@ pub struct CoordinatorConfig {
     pub audit: audit::AuditConfig,
     /// Providers need at least this stake bond to be offered work.
     pub min_stake: Credits,
+    /// Most bytes the blob store may hold (`None`: no limit). Blobs still
+    /// needed by a job in flight are never evicted.
+    pub blob_quota: Option<u64>,
 }
 
 impl CoordinatorConfig {
@@ -83,6 +94,7 @@ impl CoordinatorConfig {
             max_attempts: 5,
             audit: audit::AuditConfig::default(),
             min_stake: Credits(0),
+            blob_quota: None,
         }
     }
 }
@@ -96,7 +108,7 @@ pub enum StartError {
     #[error(transparent)]
     Bank(#[from] bank::BankError),
     #[error(transparent)]
-    Blobs(#[from] blobs::BlobError),
+    Blobs(#[from] kiln_blobs::StoreError),
     #[error(transparent)]
     Net(#[from] kiln_net::NetError),
     #[error(
@@ -120,10 +132,15 @@ pub struct Inner {
     pub peer: ProviderId,
     pub db: db::Db,
     pub bank: bank::Bank,
-    pub blobs: blobs::BlobStore,
+    /// Inputs, outputs and logs, by CID.
+    pub blobs: kiln_blobs::Store,
+    /// Who holds what, and recent access decisions.
+    pub data: blobs::DataPlane,
     pub net: kiln_net::Client,
     /// Wakes the scheduler (new job, new provider, finished job).
     pub wake: tokio::sync::Notify,
+    /// The scheduler's fleet, kept between rounds (see [`live`]).
+    pub live: std::sync::Mutex<live::LiveFleet>,
 }
 
 pub type AppState = Arc<Inner>;
@@ -155,7 +172,13 @@ pub async fn start(
     let key = keyfile::load_or_create(&config.state_dir.join("coordinator.key"))?;
     let db = db::Db::open_sqlite(&config.state_dir.join("kiln.db")).await?;
     let bank = bank::Bank::load(&db, &key, config.fee_bps).await?;
-    let blobs = blobs::BlobStore::open(&config.state_dir.join("blobs"))?;
+    let blobs = kiln_blobs::Store::open_dir(
+        &config.state_dir.join("blobs"),
+        kiln_blobs::StoreConfig {
+            quota: config.blob_quota,
+            no_sync: false,
+        },
+    )?;
     let (net, events, event_loop) = kiln_net::spawn(
         key.to_libp2p(),
         NetConfig {
@@ -183,8 +206,10 @@ pub async fn start(
         db,
         bank,
         blobs,
+        data: blobs::DataPlane::new(),
         net,
         wake: tokio::sync::Notify::new(),
+        live: std::sync::Mutex::new(live::LiveFleet::new()),
     });
     tracing::info!(http = %http_addr, p2p = ?p2p_addrs, "coordinator up");
 
@@ -194,6 +219,7 @@ pub async fn start(
         events,
         cancel.clone(),
     )));
+    tasks.push(tokio::spawn(blobs::serve(state.clone(), cancel.clone())));
     tasks.push(tokio::spawn(service::schedule_loop(
         state.clone(),
         cancel.clone(),

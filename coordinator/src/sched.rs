@@ -253,10 +253,23 @@ pub struct NotPlaced {
     pub holding: u32,
     /// `place` was asked to put a gang job on a single node.
     pub gang_unsupported: bool,
+    /// Providers online but not in the fleet because their stake bond is
+    /// below the marketplace's `min_stake` (the caller knows them, the
+    /// fleet does not: see [`NotPlaced::with_unbonded`]).
+    pub unbonded: usize,
+    pub min_stake: Credits,
     pub(crate) wanted: Wanted,
 }
 
 impl NotPlaced {
+    /// Counts `n` online providers that were left out of the fleet for
+    /// holding less than `min_stake` (checked before any job constraint).
+    pub fn with_unbonded(mut self, n: usize, min_stake: Credits) -> Self {
+        self.unbonded = n;
+        self.min_stake = min_stake;
+        self
+    }
+
     /// How many providers `c` excluded.
     pub fn count(&self, c: Constraint) -> usize {
         self.counts[c as usize] as usize
@@ -276,14 +289,14 @@ impl fmt::Display for NotPlaced {
         if self.gang_unsupported {
             return write!(
                 f,
-                "waiting: gang={} jobs (all-or-nothing on several nodes) are not dispatched by this coordinator yet",
+                "waiting: a gang={} job needs several nodes, all or none; it is placed with place_gang, not place",
                 self.gang
             );
         }
-        if self.online == 0 {
+        if self.online + self.unbonded == 0 {
             return f.write_str("waiting: no provider online");
         }
-        write!(f, "waiting: {} online", self.online)?;
+        write!(f, "waiting: {} online", self.online + self.unbonded)?;
         if self.gang > 1 {
             write!(
                 f,
@@ -292,6 +305,14 @@ impl fmt::Display for NotPlaced {
             )?;
         }
         let mut first = true;
+        if self.unbonded > 0 {
+            write!(
+                f,
+                "; {} excluded by min_stake={}",
+                self.unbonded, self.min_stake
+            )?;
+            first = false;
+        }
         for (c, n) in self.excluded() {
             write!(f, "; {n} {}", if first { "excluded by " } else { "by " })?;
             self.wanted.write_label(c, f)?;

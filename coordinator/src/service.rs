@@ -7,8 +7,8 @@ use kiln_contracts::{AccountId, ContractError, Op, OpKey};
 use kiln_net::{NetEvent, Peer};
 use kiln_protocol::spec::cost_for;
 use kiln_protocol::{
-    BuyerId, Credits, JobId, JobOffer, JobResult, JobSpec, JobSubmission, NetRequest, NetResponse,
-    OfferId, Outcome, ProviderId, Signed, UnixMillis,
+    BuyerId, ContentId, Credits, JobId, JobOffer, JobResult, JobSubmission, NetRequest,
+    NetResponse, OfferId, Outcome, ProviderId, Signed, UnixMillis,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::AppState;
 use crate::bank::BankError;
 use crate::db::{Change, Db, DbError, JobRecord, JobState, ResultColumns};
-use crate::sched::{self, Fleet, ProviderView};
+use crate::sched::{self, Fleet};
 use crate::verify::{self, Expected};
 
 /// Why a submission was refused (mapped to HTTP statuses by the API).
@@ -58,13 +58,6 @@ pub async fn submit(
         .verify(UnixMillis::now())
         .map_err(|e| SubmitError::Signature(e.to_string()))?;
     sub.spec.validate()?;
-    if sub.spec.resources.gang > 1 {
-        return Err(SubmitError::Spec(kiln_protocol::SpecError {
-            field: "resources.gang".into(),
-            reason: "multi-node gang jobs are not dispatched by this coordinator yet; use gang = 1"
-                .into(),
-        }));
-    }
     let owner = BuyerId::new(signed.signer);
     let id = JobId::derive(&owner, &signed.nonce);
     if let Some(existing) = state.db.job(&id).await? {
@@ -193,11 +186,15 @@ async fn answer(state: &AppState, peer: Peer, request: NetRequest) -> NetRespons
     let result = match request {
         NetRequest::Register(advert) => register(state, peer, &advert).await,
         NetRequest::Result(result) => accept_result(state, peer, *result).await,
-        NetRequest::GetBlob(cid) => serve_input(state, peer, cid).await,
         NetRequest::Lost(lost) => job_lost(state, peer, &lost).await,
         NetRequest::Usage(report) => settle_usage(state, peer, &report).await,
         NetRequest::Stake(req) => crate::stake::set_stake(state, peer, &req).await,
-        NetRequest::Offer(_) | NetRequest::Cancel(_) | NetRequest::Challenge(_) => Ok(rejected(
+        NetRequest::Offer(_)
+        | NetRequest::Cancel(_)
+        | NetRequest::Challenge(_)
+        | NetRequest::GangOffer(_)
+        | NetRequest::GangStart(_)
+        | NetRequest::GangRelease(_) => Ok(rejected(
             "a coordinator does not take offers or cancellations",
         )),
     };
@@ -234,6 +231,7 @@ async fn register(
         .iter()
         .any(|p| p.advert.payload.provider == peer);
     state.db.upsert_provider(advert).await?;
+    crate::live::observe(state, a).await?;
     if let (false, Some(grant)) = (known, state.config.faucet) {
         // Test networks: a new provider starts funded once, so it can stake.
         let mut tx = state.db.begin().await?;
@@ -255,31 +253,6 @@ async fn register(
     Ok(NetResponse::Accepted)
 }
 
-/// Serves a job input to the provider that runs the job, and to no one else.
-async fn serve_input(
-    state: &AppState,
-    peer: ProviderId,
-    cid: kiln_protocol::ContentId,
-) -> Result<NetResponse, DbError> {
-    let active = state
-        .db
-        .jobs_in(&[JobState::Dispatched, JobState::Running], 10_000)
-        .await?;
-    let allowed = active
-        .iter()
-        .any(|j| j.provider == Some(peer) && j.spec.inputs.iter().any(|i| i.cid == cid));
-    if !allowed {
-        return Ok(rejected(format!(
-            "blob {cid} is not an input of any job assigned to {peer}"
-        )));
-    }
-    match state.blobs.get(&cid) {
-        Ok(Some(bytes)) => Ok(NetResponse::Blob(Some(kiln_protocol::Blob { cid, bytes }))),
-        Ok(None) => Ok(NetResponse::Blob(None)),
-        Err(e) => Ok(rejected(e.to_string())),
-    }
-}
-
 /// Verifies, stores and settles a finished job.
 async fn accept_result(
     state: &AppState,
@@ -290,6 +263,9 @@ async fn accept_result(
     let Some(job) = state.db.job(&claimed).await? else {
         return Ok(rejected(format!("result for unknown job {claimed}")));
     };
+    if job.spec.resources.gang > 1 {
+        return crate::gang::accept_result(state, peer, job, result).await;
+    }
     if job.state.is_terminal() {
         if job.receipt.as_ref() == Some(&result.receipt) && result.receipt.payload.job_id == job.id
         {
@@ -317,13 +293,19 @@ async fn accept_result(
         offer,
         provider,
     };
-    if let Err(e) = verify::check_result(&result, &expected, peer, UnixMillis::now()) {
-        return Ok(rejected(format!("result for job {} refused: {e}", job.id)));
-    }
-    for b in &result.blobs {
-        if let Err(e) = state.blobs.put(&b.cid, &b.bytes) {
-            return Ok(rejected(format!("cannot store blob {}: {e}", b.cid)));
-        }
+    let needed = match verify::check_result(&result, &expected, peer, UnixMillis::now()) {
+        Ok(n) => n,
+        Err(e) => return Ok(rejected(format!("result for job {} refused: {e}", job.id))),
+    };
+    // Every blob the result names must be here, verified, before anything
+    // is recorded or paid: inline ones are imported (already checked against
+    // their CIDs), the rest fetched from the provider group by group.
+    if let Err(e) = store_result_blobs(state, &provider, &result, &needed).await {
+        // Sound so far, but the bytes did not all arrive: the provider
+        // keeps its outputs pinned and sends the result again.
+        return Ok(NetResponse::Retry {
+            reason: format!("result for job {} not accepted yet: {e}", job.id),
+        });
     }
     let receipt = &result.receipt.payload;
     let price = job.price_per_hour.unwrap_or_default();
@@ -379,14 +361,14 @@ async fn accept_result(
     )
     .await?
     {
-        return Ok(rejected(format!(
-            "job {} changed state while its result was checked; resend",
-            job.id
-        )));
+        return Ok(NetResponse::Retry {
+            reason: format!(
+                "job {} changed state while its result was checked; resend",
+                job.id
+            ),
+        });
     }
-    for b in &result.blobs {
-        Db::record_blob(&mut tx, &b.cid, b.bytes.len() as u64).await?;
-    }
+    grant_result_blobs(state, &mut tx, &job.owner, &job.id, &result).await?;
     if job.max_cost.0 > 0 {
         let op = if cost.0 > 0 {
             Op::Release {
@@ -411,9 +393,112 @@ async fn accept_result(
     }
     tx.commit().await?;
     pending.commit();
+    release_booking(state, &job.id);
     tracing::info!(job = %job.id.short(), state = to.as_str(), provider = %provider.short(), cost = %cost, "result accepted");
     state.wake.notify_one();
     Ok(NetResponse::Accepted)
+}
+
+/// Lets the job's owner read its outputs, logs and manifest (in the
+/// transaction that records the result).
+pub(crate) async fn grant_result_blobs(
+    state: &AppState,
+    tx: &mut crate::db::Tx<'_>,
+    owner: &BuyerId,
+    job: &JobId,
+    result: &JobResult,
+) -> Result<(), DbError> {
+    let receipt = &result.receipt.payload;
+    let manifest_len = result.manifest.to_dag_cbor().len() as u64;
+    let size = |c: &ContentId| state.blobs.size(c).unwrap_or(0);
+    let mut grants = vec![
+        (receipt.output_cid, manifest_len, "manifest".to_string()),
+        (
+            receipt.stdout_cid,
+            size(&receipt.stdout_cid),
+            "stdout".into(),
+        ),
+        (
+            receipt.stderr_cid,
+            size(&receipt.stderr_cid),
+            "stderr".into(),
+        ),
+    ];
+    grants.extend(
+        result
+            .manifest
+            .entries
+            .iter()
+            .map(|e| (e.cid, e.size, e.path.clone())),
+    );
+    for (cid, size, what) in grants {
+        let name = format!("job {}: {what}", job.short());
+        Db::grant_blob(tx, owner, &cid, size, &name).await?;
+    }
+    Ok(())
+}
+
+/// Makes sure the store holds every blob a result names and the manifest.
+pub(crate) async fn store_result_blobs(
+    state: &AppState,
+    provider: &ProviderId,
+    result: &JobResult,
+    needed: &[verify::Needed],
+) -> Result<(), verify::ReceiptError> {
+    let import = |cid: ContentId, bytes: Vec<u8>, what: String| {
+        let store = state.blobs.clone();
+        async move {
+            let len = bytes.len() as u64;
+            tokio::task::spawn_blocking(move || {
+                store.import_reader(&bytes[..], Some(len), Some(cid))
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+            .map_err(|reason| verify::ReceiptError::MissingBlob { what, cid, reason })
+        }
+    };
+    for b in &result.blobs {
+        if !state.blobs.has(&b.cid) {
+            import(b.cid, b.bytes.clone(), "inline blob".into()).await?;
+        }
+    }
+    let manifest_cid = result.receipt.payload.output_cid;
+    if !state.blobs.has(&manifest_cid) {
+        import(
+            manifest_cid,
+            result.manifest.to_dag_cbor(),
+            "output manifest".into(),
+        )
+        .await?;
+    }
+    let mut source = None;
+    for n in needed {
+        if state.blobs.has(&n.cid) {
+            continue;
+        }
+        if source.is_none() {
+            // Looked up once per result, and only when something is missing.
+            source = Some(
+                crate::blobs::provider_source(state, provider)
+                    .await
+                    .map_err(|reason| verify::ReceiptError::MissingBlob {
+                        what: n.what.clone(),
+                        cid: n.cid,
+                        reason,
+                    })?,
+            );
+        }
+        let Some(source) = &source else { continue };
+        crate::blobs::fetch_from_provider(state, source, n.cid, n.size)
+            .await
+            .map_err(|reason| verify::ReceiptError::MissingBlob {
+                what: n.what.clone(),
+                cid: n.cid,
+                reason,
+            })?;
+    }
+    Ok(())
 }
 
 /// Checks a provider's signed statement about a job: the signature, that the
@@ -452,6 +537,9 @@ async fn settle_usage(
     peer: ProviderId,
     signed: &Signed<kiln_protocol::UsageReport>,
 ) -> Result<NetResponse, DbError> {
+    if is_gang(state, &signed.payload.job_id).await? {
+        return crate::gang::settle_usage(state, peer, signed).await;
+    }
     let (job, signer) = match assigned_job(state, peer, signed, "usage report", |r| {
         (r.job_id, r.offer_id)
     })
@@ -528,6 +616,9 @@ async fn job_lost(
     peer: ProviderId,
     signed: &Signed<kiln_protocol::JobLost>,
 ) -> Result<NetResponse, DbError> {
+    if is_gang(state, &signed.payload.job_id).await? {
+        return crate::gang::job_lost(state, peer, signed).await;
+    }
     let (job, signer) = match assigned_job(state, peer, signed, "lost-job report", |l| {
         (l.job_id, l.offer_id)
     })
@@ -585,9 +676,25 @@ pub async fn requeue_or_fail(
         .await?;
         tx.commit().await?;
     }
+    release_booking(state, &job.id);
     tracing::warn!(job = %job.id.short(), "{reason}");
     state.wake.notify_one();
     Ok(())
+}
+
+/// Whether `job` is a multi-node gang job (its members are in `gang_members`).
+async fn is_gang(state: &AppState, job: &JobId) -> Result<bool, DbError> {
+    Ok(state
+        .db
+        .job(job)
+        .await?
+        .is_some_and(|j| j.spec.resources.gang > 1))
+}
+
+/// Gives back the scheduler's reservations for a job that stopped running
+/// (or will not run).
+pub fn release_booking(state: &AppState, job: &JobId) {
+    crate::live::lock(state).release_job(job);
 }
 
 /// Refunds a job's escrow in full, if it has one.
@@ -648,6 +755,13 @@ pub async fn cancel(state: &AppState, job: &JobRecord) -> Result<CancelOutcome, 
                 .ok_or_else(|| SubmitError::Bank("job vanished".into()))?;
             Box::pin(cancel(state, &fresh)).await
         }
+        JobState::Dispatched | JobState::Running if job.spec.resources.gang > 1 => {
+            if crate::gang::cancel(state, job).await? {
+                Ok(CancelOutcome::Cancelled)
+            } else {
+                Ok(CancelOutcome::Requested)
+            }
+        }
         JobState::Dispatched | JobState::Running => {
             let (Some(provider), Some(offer_id)) = (job.provider, job.offer_id) else {
                 return Err(SubmitError::Bank(format!(
@@ -705,6 +819,7 @@ pub async fn cancel(state: &AppState, job: &JobRecord) -> Result<CancelOutcome, 
 /// offer again (providers accept an offer id once, so this never runs a job
 /// twice); their providers answer, or the usual retry/requeue path applies.
 pub async fn recover(state: &AppState) -> Result<(), DbError> {
+    crate::gang::recover(state).await?;
     let dispatched = state.db.jobs_in(&[JobState::Dispatched], 100_000).await?;
     let providers = state.db.providers_seen_since(UnixMillis(0)).await?;
     for job in dispatched {
@@ -725,6 +840,7 @@ pub async fn recover(state: &AppState) -> Result<(), DbError> {
             owner: job.owner,
             spec: job.spec.clone(),
             price_per_hour: price,
+            sources: Vec::new(),
         };
         tracing::info!(job = %job.id.short(), "re-sending an unconfirmed offer after restart");
         tokio::spawn(dispatch(state.clone(), offer, addrs, job.attempts));
@@ -749,6 +865,7 @@ pub async fn expire_leases(state: &AppState) -> Result<(), DbError> {
         .into_iter()
         .map(|p| p.advert.payload.provider)
         .collect();
+    crate::gang::expire_leases(state, &live).await?;
     for job in state
         .db
         .jobs_in(&[JobState::Dispatched, JobState::Running], 100_000)
@@ -797,43 +914,11 @@ pub async fn schedule_loop(state: AppState, cancel: CancellationToken) {
     }
 }
 
-/// The fleet as the scheduler sees it: live providers and what is booked on them.
+/// The fleet as the scheduler sees it, rebuilt from the database: live
+/// providers and what is booked on them (the offers search uses it; the
+/// scheduler keeps its own copy in memory, see [`crate::live`]).
 pub async fn fleet(state: &AppState) -> Result<Fleet, DbError> {
-    let since = UnixMillis(
-        UnixMillis::now()
-            .0
-            .saturating_sub(state.config.provider_lease.as_millis() as u64),
-    );
-    let providers = state.db.providers_seen_since(since).await?;
-    let ledger = state.bank.snapshot().await;
-    // Reputation from the audit record; no verified TFLOP/s figure yet (a
-    // job asking for `min_tflops` waits).
-    let mut views = Vec::with_capacity(providers.len());
-    for p in providers {
-        // Eligibility: a provider must hold the minimum stake bond.
-        if ledger.bond(&p.advert.payload.provider) < state.config.min_stake {
-            continue;
-        }
-        let mut v = ProviderView::new(p.advert.payload);
-        v.reputation = crate::audit::reputation(state, &v.id).await?;
-        views.push(v);
-    }
-    let mut fleet = Fleet::from_views(views);
-    for j in state
-        .db
-        .jobs_in(&[JobState::Dispatched, JobState::Running], 100_000)
-        .await?
-    {
-        if let Some(p) = &j.provider {
-            book(&mut fleet, p, &j.spec);
-        }
-    }
-    Ok(fleet)
-}
-
-/// Records a job already dispatched or running on `provider`.
-fn book(fleet: &mut Fleet, provider: &ProviderId, spec: &JobSpec) {
-    let _ = fleet.book(provider, spec);
+    Ok(crate::live::rebuild(state).await?.fleet)
 }
 
 async fn schedule_once(state: &AppState) -> Result<(), DbError> {
@@ -845,24 +930,53 @@ async fn schedule_once(state: &AppState) -> Result<(), DbError> {
     // never blocked behind a large one that does not fit (see sched::queue
     // for the anti-starvation hold that keeps the large one from waiting forever).
     sched::order(&mut queued);
-    let mut fleet = fleet(state).await?;
-    let decisions = sched::run_round(
-        &queued,
-        &mut fleet,
-        UnixMillis::now(),
-        &sched::RoundPolicy::default(),
-    );
-    for (job, decision) in queued.iter().zip(decisions) {
-        match decision {
-            sched::Decision::Placed(placements) => {
-                let [placement] = placements.as_slice() else {
-                    // Gangs are refused at submission until their dispatch protocol exists.
-                    for p in &placements {
-                        fleet.release(p);
+    if crate::live::lock(state).needs_resync() {
+        let rebuilt = crate::live::rebuild(state).await?;
+        *crate::live::lock(state) = rebuilt;
+    }
+    let lease_start = crate::live::lease_start(state);
+    // Placements are booked under the job as they are made, so a booking
+    // is given back whatever happens to the job afterwards.
+    // Each decision with the listen addresses of the providers it placed on.
+    type Routed = Vec<(sched::Decision, Vec<Vec<String>>)>;
+    let (decisions, unbonded): (Routed, usize) = {
+        let mut live = crate::live::lock(state);
+        live.expire(lease_start);
+        let decisions = sched::run_round(
+            &queued,
+            &mut live.fleet,
+            UnixMillis::now(),
+            &sched::RoundPolicy::default(),
+        );
+        let decisions = queued
+            .iter()
+            .zip(decisions)
+            .map(|(job, d)| {
+                let addrs = match &d {
+                    sched::Decision::Placed(ps) => {
+                        live.book(job.id, ps);
+                        ps.iter()
+                            .map(|p| live.fleet.view(p.index).advert.listen_addrs.clone())
+                            .collect()
                     }
+                    _ => Vec::new(),
+                };
+                (d, addrs)
+            })
+            .collect();
+        (decisions, live.unbonded())
+    };
+    for (job, (decision, addrs)) in queued.iter().zip(decisions) {
+        match decision {
+            sched::Decision::Placed(placements) if placements.len() > 1 => {
+                if !crate::gang::place(state, job, &placements, addrs).await? {
+                    release_booking(state, &job.id);
+                }
+            }
+            sched::Decision::Placed(placements) => {
+                let Some(placement) = placements.into_iter().next() else {
                     continue;
                 };
-                let placement = placement.clone();
                 let offer_id = OfferId::random();
                 let mut tx = state.db.begin().await?;
                 let change = Change {
@@ -882,7 +996,7 @@ async fn schedule_once(state: &AppState) -> Result<(), DbError> {
                 )
                 .await?
                 {
-                    fleet.release(&placement);
+                    release_booking(state, &job.id);
                     continue;
                 }
                 tx.commit().await?;
@@ -893,13 +1007,16 @@ async fn schedule_once(state: &AppState) -> Result<(), DbError> {
                     owner: job.owner,
                     spec: job.spec.clone(),
                     price_per_hour: placement.price_per_hour,
+                    sources: Vec::new(),
                 };
-                let addrs = fleet.view(placement.index).advert.listen_addrs.clone();
+                let addrs = addrs.into_iter().next().unwrap_or_default();
                 tracing::info!(job = %job.id.short(), provider = %placement.provider.short(), price = %placement.price_per_hour, "dispatching");
                 tokio::spawn(dispatch(state.clone(), offer, addrs, job.attempts + 1));
             }
             sched::Decision::Waiting(why) => {
-                let line = why.to_string();
+                let line = why
+                    .with_unbonded(unbonded, state.config.min_stake)
+                    .to_string();
                 if job.reason.as_deref() != Some(line.as_str()) {
                     state.db.set_reason(&job.id, &line).await?;
                 }
@@ -942,8 +1059,9 @@ async fn schedule_once(state: &AppState) -> Result<(), DbError> {
 
 /// Sends one offer. The same signed offer id is retried on a transport error
 /// (the provider dedups by offer id, so a retry never runs a job twice).
-async fn dispatch(state: AppState, offer: JobOffer, addrs: Vec<String>, attempt: u32) {
+async fn dispatch(state: AppState, mut offer: JobOffer, addrs: Vec<String>, attempt: u32) {
     let job = offer.job_id;
+    offer.sources = crate::blobs::offer_sources(&state, &offer).await;
     let peer = offer.provider.peer_id();
     let addrs = addrs
         .iter()
@@ -1038,6 +1156,10 @@ async fn dispatch(state: AppState, offer: JobOffer, addrs: Vec<String>, attempt:
     .await;
     if let Err(e) = res {
         tracing::error!(job = %job.short(), "recording the dispatch outcome failed: {e}");
+    }
+    if !matches!(state.db.job(&job).await, Ok(Some(j)) if matches!(j.state, JobState::Dispatched | JobState::Running))
+    {
+        release_booking(&state, &job);
     }
     state.wake.notify_one();
 }

@@ -3,8 +3,6 @@
 //! Pure: the caller supplies what it expects (the job, the offer, the
 //! assigned provider) and the clock; this says yes, or exactly why not.
 
-use std::collections::HashMap;
-
 use kiln_protocol::{ContentId, JobId, JobResult, OfferId, ProviderId, UnixMillis};
 
 /// What the coordinator expects a result to be about.
@@ -50,20 +48,26 @@ pub enum ReceiptError {
     Manifest(String),
     #[error("output manifest hashes to {got}, but the receipt names {want}")]
     ManifestCid { got: ContentId, want: ContentId },
-    #[error("{what} {cid} is missing from the result")]
-    MissingBlob { what: String, cid: ContentId },
+    #[error("{what} {cid} could not be received from the provider: {reason}")]
+    MissingBlob {
+        what: String,
+        cid: ContentId,
+        reason: String,
+    },
     #[error("blob sent as {cid} hashes to {got}")]
     BlobMismatch { cid: ContentId, got: ContentId },
 }
 
 /// Checks signature, expiry, signer, sender, job/offer binding, manifest and
-/// every blob. `peer` is the transport-authenticated sender.
+/// the inline blobs; returns every blob the result names (the caller makes
+/// sure it holds each before accepting). `peer` is the transport-authenticated
+/// sender.
 pub fn check_result(
     result: &JobResult,
     expected: &Expected,
     peer: ProviderId,
     now: UnixMillis,
-) -> Result<(), ReceiptError> {
+) -> Result<Vec<Needed>, ReceiptError> {
     let receipt = result
         .receipt
         .verify(now)
@@ -109,30 +113,43 @@ pub fn check_result(
             want: receipt.output_cid,
         });
     }
-    let blobs: HashMap<ContentId, &[u8]> = result
-        .blobs
-        .iter()
-        .map(|b| (b.cid, b.bytes.as_slice()))
-        .collect();
-    let mut needed: Vec<(String, ContentId)> = vec![
-        ("stdout".into(), receipt.stdout_cid),
-        ("stderr".into(), receipt.stderr_cid),
-    ];
-    needed.extend(
-        result
-            .manifest
-            .entries
-            .iter()
-            .map(|e| (format!("output `{}`", e.path), e.cid)),
-    );
-    for (what, cid) in needed {
-        let bytes = blobs
-            .get(&cid)
-            .ok_or(ReceiptError::MissingBlob { what, cid })?;
-        let actual = ContentId::of_bytes(bytes);
-        if actual != cid {
-            return Err(ReceiptError::BlobMismatch { cid, got: actual });
+    // Inline blobs must be what they claim; the rest are fetched by CID
+    // and verified as they arrive.
+    for b in &result.blobs {
+        let actual = ContentId::of_bytes(&b.bytes);
+        if actual != b.cid {
+            return Err(ReceiptError::BlobMismatch {
+                cid: b.cid,
+                got: actual,
+            });
         }
     }
-    Ok(())
+    let mut needed = vec![
+        Needed {
+            what: "stdout".into(),
+            cid: receipt.stdout_cid,
+            size: None,
+        },
+        Needed {
+            what: "stderr".into(),
+            cid: receipt.stderr_cid,
+            size: None,
+        },
+    ];
+    needed.extend(result.manifest.entries.iter().map(|e| Needed {
+        what: format!("output `{}`", e.path),
+        cid: e.cid,
+        size: Some(e.size),
+    }));
+    Ok(needed)
+}
+
+/// A blob a result names, which the coordinator must hold before the result
+/// is accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Needed {
+    pub what: String,
+    pub cid: ContentId,
+    /// Declared size (outputs), a hint only: sizes are proven on fetch.
+    pub size: Option<u64>,
 }

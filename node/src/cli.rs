@@ -67,6 +67,10 @@ pub struct RunArgs {
     /// Log bytes kept per stream per job, e.g. 4MiB.
     #[arg(long, value_parser = parse_size, default_value = "4MiB")]
     pub log_cap: u64,
+    /// Disk for the blob cache (inputs and outputs, verified, LRU-evicted;
+    /// never a blob a running job uses), e.g. 200GiB.
+    #[arg(long, value_parser = parse_size, default_value = "50GiB")]
+    pub cache_size: u64,
     /// Take offers only after the GPUs have been free of their owner's work
     /// (non-Kiln processes, utilization) for this many seconds (0: as soon as
     /// they are free; a CPU-only machine always is).
@@ -80,6 +84,33 @@ pub struct RunArgs {
     /// login with input within --idle-for, or the last minute).
     #[arg(long)]
     pub require_no_user: bool,
+    /// Where this machine is, e.g. `eu-west-1`: a job asking for region `eu`
+    /// or `eu-west` may run here. Unset: jobs that ask for a region are not
+    /// placed here.
+    #[arg(long, value_parser = parse_region)]
+    pub region: Option<String>,
+    /// Disk lent to jobs in all, e.g. 100GiB (0: jobs asking for disk are
+    /// not placed here).
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    pub disk: u64,
+}
+
+/// A region name: lower-case ASCII letters, digits and `-`, not starting or
+/// ending with `-`, at most 64 characters (`eu-west-1`).
+pub fn parse_region(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "`{s}` is not a region name: use lower-case letters, digits and `-`, like `eu-west-1`"
+        ))
+    }
 }
 
 impl RunArgs {
@@ -98,7 +129,10 @@ impl RunArgs {
         };
         c.limits.max_output_bytes = self.max_output;
         c.limits.log_cap_bytes = self.log_cap;
+        c.cache_quota = Some(self.cache_size);
         c.stake = self.stake.map(Credits);
+        c.region = self.region;
+        c.disk = kiln_protocol::ByteSize(self.disk);
         c.idle = IdlePolicy {
             idle_for: Duration::from_secs(self.idle_for),
             require_no_user: self.require_no_user,
@@ -237,4 +271,42 @@ pub async fn doctor(args: DoctorArgs) -> i32 {
         print!("{}", crate::doctor::render(&report));
     }
     report.exit_code
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<NodeConfig, clap::Error> {
+        let peer = kiln_protocol::ProviderId::from_public_key(
+            &kiln_protocol::Keypair::generate().public(),
+        );
+        let addr = format!("/ip4/127.0.0.1/tcp/4730/p2p/{peer}");
+        let mut args = vec!["kiln-node", "--coordinator", addr.as_str()];
+        args.extend_from_slice(extra);
+        Cmd::try_parse_from(args).map(|c| c.run.into_config())
+    }
+
+    #[test]
+    fn region_and_disk_flags_reach_the_config() {
+        let c = parse(&["--region", "eu-west-1", "--disk", "100GiB"]).unwrap();
+        assert_eq!(c.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(c.disk, kiln_protocol::ByteSize(100 << 30));
+        let c = parse(&[]).unwrap();
+        assert_eq!((c.region, c.disk), (None, kiln_protocol::ByteSize(0)));
+        for bad in ["EU", "eu west", "-eu", "eu-", ""] {
+            let arg = format!("--region={bad}");
+            let e = parse(&[&arg]).unwrap_err().to_string();
+            assert!(e.contains("not a region name"), "{bad}: {e}");
+        }
+        assert!(parse(&["--disk", "lots"]).is_err());
+    }
 }

@@ -597,13 +597,28 @@ async fn check_coordinator(addr: Option<&kiln_net::Addr>) -> Check {
                 .map_err(|e| e.to_string())?;
         let task = tokio::spawn(event_loop.run());
         let started = std::time::Instant::now();
-        let probe = kiln_protocol::ContentId::of_bytes(b"kiln-node doctor reachability probe");
+        // Any answer proves reachability; a coordinator refuses a
+        // cancellation (only it sends those), changing nothing.
+        let probe = kiln_protocol::Signed::sign(
+            &key,
+            kiln_protocol::CancelJob {
+                job_id: kiln_protocol::JobId::derive(
+                    &kiln_protocol::BuyerId::new(key.public()),
+                    &kiln_protocol::Nonce::random(),
+                ),
+                offer_id: kiln_protocol::OfferId::random(),
+                provider: kiln_protocol::ProviderId::from_public_key(&key.public()),
+                reason: "kiln-node doctor reachability probe".into(),
+            },
+            60,
+        )
+        .map_err(|e| e.to_string())?;
         let answer = tokio::time::timeout(
             Duration::from_secs(15),
             client.request(
                 peer,
                 vec![addr.clone()],
-                kiln_protocol::NetRequest::GetBlob(probe),
+                kiln_protocol::NetRequest::Cancel(probe),
             ),
         )
         .await;

@@ -11,9 +11,18 @@
 //! 2. answers [`JobOffer`]s: an offer must be signed by *its* coordinator,
 //!    addressed to *this* node, unexpired, and fit a free slot; accepting the
 //!    same offer id twice is idempotent;
-//! 3. for each accepted job, fetches inputs by CID (verifying the bytes),
-//!    runs the container under the sandbox in [`runner`], and sends back a
-//!    signed [`ResultReceipt`] together with the output and log bytes it names.
+//! 3. for each accepted job, fetches inputs by CID into its blob cache
+//!    ([`kiln_blobs::Store`]: from the coordinator and from peers holding
+//!    them at once, or from a URL; every 16 KiB group verified as it
+//!    arrives), mounts them read-only, runs the container under the sandbox
+//!    in [`runner`], imports the outputs into the cache, and sends back a
+//!    signed [`ResultReceipt`] with the output manifest. Small blobs ride
+//!    inline; the coordinator fetches the rest from this node over
+//!    `/kiln/blobs/1`.
+//!
+//! The cache serves `/kiln/blobs/1`: the coordinator may fetch anything
+//! (outputs, logs); other peers only blobs this node fetched as job inputs
+//! (which it announces, so later jobs can fetch from several providers).
 //!
 //! Module map: [`hw`] (what the machine has), [`gpu`] (everything NVML
 //! says), [`bench`] (benchmarks and their proofs, cached), [`doctor`]
@@ -24,6 +33,7 @@ pub mod bench;
 mod challenge;
 pub mod cli;
 pub mod doctor;
+mod gang;
 pub mod gpu;
 pub mod hw;
 pub mod idle;
@@ -32,10 +42,11 @@ pub mod runner;
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kiln_blobs::{PinGuard, Store, StoreConfig};
 use kiln_net::{Addr, NetConfig, NetEvent, Peer};
 use kiln_protocol::keys::keyfile;
 use kiln_protocol::{
@@ -72,6 +83,14 @@ pub struct NodeConfig {
     /// Benchmark at start-up (or use the cached benchmark) and put the
     /// report in the advert.
     pub startup_benchmark: bool,
+    /// Most bytes the blob cache (inputs and outputs, `<state_dir>/blobs`)
+    /// may use; least recently used blobs not in use by a job are evicted.
+    pub cache_quota: Option<u64>,
+    /// Where this machine is (`eu-west-1`), advertised for jobs that ask for
+    /// a region; `None`: it matches no region requirement.
+    pub region: Option<String>,
+    /// Disk lent to jobs in all (0: jobs asking for disk are not placed here).
+    pub disk: kiln_protocol::ByteSize,
 }
 
 impl NodeConfig {
@@ -92,6 +111,9 @@ impl NodeConfig {
             stake: None,
             idle: idle::IdlePolicy::default(),
             startup_benchmark: true,
+            cache_quota: Some(50 << 30),
+            region: None,
+            disk: kiln_protocol::ByteSize(0),
         }
     }
 }
@@ -109,6 +131,8 @@ pub enum NodeError {
         "the coordinator address `{0}` must end in /p2p/<peer id> (the coordinator prints its full address at start-up)"
     )]
     CoordinatorAddress(String),
+    #[error("cannot open the blob cache: {0}")]
+    Cache(#[from] kiln_blobs::StoreError),
     #[error("cannot create the state directory {path}: {source}")]
     StateDir {
         path: String,
@@ -138,6 +162,11 @@ struct State {
     gpus: Vec<kiln_protocol::GpuInfo>,
     advert_base: CapabilityAdvert,
     jobs: Mutex<Jobs>,
+    /// Inputs and outputs, by CID.
+    store: Store,
+    /// Blobs fetched as job inputs: the only ones served to peers other
+    /// than the coordinator, and the ones advertised as cached.
+    shared: Mutex<HashSet<ContentId>>,
 }
 
 #[derive(Default)]
@@ -162,6 +191,8 @@ struct Jobs {
     owner_busy: Option<String>,
     /// A benchmark challenge runs: take no offers meanwhile.
     benchmarking: bool,
+    /// Gang members reserved and waiting for their start, and what happened to each.
+    gang: gang::Table,
 }
 
 /// Starts a node; it runs until `cancel` fires.
@@ -181,12 +212,20 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         .ok_or_else(|| NodeError::CoordinatorAddress(config.coordinator.to_string()))?;
 
     let docker = kiln_docker::connect().await?;
+    let store = Store::open_dir(
+        &config.state_dir.join("blobs"),
+        StoreConfig {
+            quota: config.cache_quota,
+            no_sync: false,
+        },
+    )?;
     let runner = Runner::new(
         docker,
         config.state_dir.join("jobs"),
         provider.to_string(),
         config.limits.clone(),
         config.policy.clone(),
+        store.clone(),
     );
     let lost = match runner.reap_orphans().await {
         Ok(reaped) => reaped,
@@ -240,9 +279,8 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
             .unwrap_or_else(|| "runc".into()),
         allows_network: config.policy.allow_network,
         issued_at: UnixMillis::now(),
-        // Not configured yet: no region, no disk offered, nothing cached.
-        region: None,
-        disk: kiln_protocol::ByteSize(0),
+        region: config.region.clone(),
+        disk: config.disk,
         cached: Vec::new(),
         benchmark: match benchmark {
             Some(task) => task.await.ok(),
@@ -264,9 +302,26 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
             lost,
             ..Jobs::default()
         }),
+        store: store.clone(),
+        shared: Mutex::new(HashSet::new()),
     });
 
     let mut tasks = vec![tokio::spawn(event_loop.run())];
+    let s = state.clone();
+    let authorize: kiln_blobs::wire::Authorize = Arc::new(move |peer, cid| {
+        let ok = peer == s.coordinator || s.shared.lock().is_ok_and(|sh| sh.contains(&cid));
+        Box::pin(std::future::ready(ok))
+    });
+    let (client, c) = (state.client.clone(), cancel.clone());
+    tasks.push(tokio::spawn(async move {
+        let config = kiln_blobs::wire::ServeConfig {
+            validate: true,
+            authorize: Some(authorize),
+        };
+        if let Err(e) = kiln_blobs::wire::serve_with(store, client, c, config).await {
+            tracing::error!("cannot serve blobs: {e}");
+        }
+    }));
     tasks.push(tokio::spawn(heartbeat(state.clone(), cancel.clone())));
     if owner::needed(&state) {
         tasks.push(tokio::spawn(owner::sampler(state.clone(), cancel.clone())));
@@ -319,10 +374,23 @@ impl State {
         {
             advert.slots = 0; // shutting down, or the owner is busy: take no new work
         }
+        if let Ok(shared) = self.shared.lock() {
+            let mut cached: Vec<ContentId> = shared
+                .iter()
+                .filter(|c| self.store.has(c))
+                .copied()
+                .collect();
+            cached.sort();
+            cached.truncate(MAX_ADVERTISED_CACHE);
+            advert.cached = cached;
+        }
         let ttl = (self.config.heartbeat.as_secs() * 3).max(15);
         Signed::sign(&self.key, advert, ttl).ok()
     }
 }
+
+/// Most cached CIDs named in one advert.
+const MAX_ADVERTISED_CACHE: usize = 1024;
 
 /// Registers with the coordinator now and every heartbeat interval.
 async fn heartbeat(state: Arc<State>, cancel: CancellationToken) {
@@ -443,9 +511,6 @@ fn handle_request(state: &Arc<State>, peer: Peer, request: NetRequest) -> NetRes
     match request {
         NetRequest::Offer(offer) => handle_offer(state, peer, offer),
         NetRequest::Cancel(cancel) => handle_cancel(state, peer, &cancel),
-        NetRequest::GetBlob(cid) => reject(format!(
-            "blob {cid} requested by {peer}: providers do not serve blobs in this protocol version"
-        )),
         NetRequest::Register(_)
         | NetRequest::Result(_)
         | NetRequest::Lost(_)
@@ -455,6 +520,9 @@ fn handle_request(state: &Arc<State>, peer: Peer, request: NetRequest) -> NetRes
         )),
         // Answered from its own task by the request loop in `start`.
         NetRequest::Challenge(_) => reject("internal error: challenge not dispatched".into()),
+        NetRequest::GangOffer(o) => gang::handle_offer(state, peer, &o),
+        NetRequest::GangStart(g) => gang::handle_start(state, peer, &g),
+        NetRequest::GangRelease(g) => gang::handle_release(state, peer, &g),
     }
 }
 
@@ -514,6 +582,14 @@ fn handle_offer(state: &Arc<State>, peer: Peer, signed: Signed<JobOffer>) -> Net
             offer.offer_id.short()
         ));
     }
+    if offer.spec.resources.gang > 1 {
+        return reject(format!(
+            "offer {} rejected: job {} is a gang of {} nodes and must come as a gang offer (reserve, then start)",
+            offer.offer_id.short(),
+            offer.job_id.short(),
+            offer.spec.resources.gang
+        ));
+    }
     let gpu_uuids = {
         let Ok(mut jobs) = state.jobs.lock() else {
             return reject("internal error: job table poisoned".into());
@@ -521,55 +597,79 @@ fn handle_offer(state: &Arc<State>, peer: Peer, signed: Signed<JobOffer>) -> Net
         if jobs.accepted.contains_key(&offer.offer_id) {
             return NetResponse::Accepted; // a retried dispatch of an offer we already run
         }
-        if jobs.running.len() >= state.config.slots as usize {
-            return reject(format!(
-                "offer {} rejected: all {} slots busy",
-                offer.offer_id.short(),
-                state.config.slots
-            ));
+        match admit(state, &mut jobs, &offer) {
+            Ok(picked) => picked,
+            Err(why) => return reject(why),
         }
-        if jobs.draining {
-            return reject(format!(
-                "offer {} rejected: this provider is shutting down",
-                offer.offer_id.short()
-            ));
-        }
-        if let Some(why) = &jobs.owner_busy {
-            return reject(format!("offer {} rejected: {why}", offer.offer_id.short()));
-        }
-        if jobs.benchmarking {
-            return reject(format!(
-                "offer {} rejected: a benchmark challenge is running",
-                offer.offer_id.short()
-            ));
-        }
-        recheck_dirty_gpus(&state.gpus, &mut jobs.dirty_gpus);
-        let free = hw::assignable_gpus(&state.gpus, &jobs.busy_gpus, &jobs.dirty_gpus);
-        let want = offer.spec.resources.gpus as usize;
-        if free.len() < want {
-            return reject(format!(
-                "offer {} rejected: needs {want} GPUs, {} free",
-                offer.offer_id.short(),
-                free.len()
-            ));
-        }
-        let picked: Vec<(u32, String)> = free
-            .iter()
-            .take(want)
-            .map(|g| (g.index, g.uuid.clone()))
-            .collect();
-        for (i, _) in &picked {
-            jobs.busy_gpus.insert(*i);
-        }
-        jobs.accepted.insert(offer.offer_id, offer.job_id);
-        jobs.running
-            .insert(offer.job_id, (offer.offer_id, CancellationToken::new()));
-        if want > 0 {
-            jobs.gpu_jobs.insert(offer.job_id);
-        }
-        picked
     };
     tracing::info!(job = %offer.job_id.short(), offer = %offer.offer_id.short(), "accepted offer");
+    launch(state, offer, gpu_uuids);
+    NetResponse::Accepted
+}
+
+/// Checks that `offer` fits now (a slot, not draining, the owner away, no
+/// benchmark, enough clean GPUs) and books it: a slot, its GPUs, and its
+/// offer id. Returns the GPUs picked (index, uuid), or why it does not fit.
+fn admit(state: &State, jobs: &mut Jobs, offer: &JobOffer) -> Result<Vec<(u32, String)>, String> {
+    let short = offer.offer_id.short();
+    if jobs.running.len() >= state.config.slots as usize {
+        return Err(format!(
+            "offer {short} rejected: all {} slots busy",
+            state.config.slots
+        ));
+    }
+    if jobs.draining {
+        return Err(format!(
+            "offer {short} rejected: this provider is shutting down"
+        ));
+    }
+    if let Some(why) = &jobs.owner_busy {
+        return Err(format!("offer {short} rejected: {why}"));
+    }
+    if jobs.benchmarking {
+        return Err(format!(
+            "offer {short} rejected: a benchmark challenge is running"
+        ));
+    }
+    recheck_dirty_gpus(&state.gpus, &mut jobs.dirty_gpus);
+    let free = hw::assignable_gpus(&state.gpus, &jobs.busy_gpus, &jobs.dirty_gpus);
+    let want = offer.spec.resources.gpus as usize;
+    if free.len() < want {
+        return Err(format!(
+            "offer {short} rejected: needs {want} GPUs, {} free",
+            free.len()
+        ));
+    }
+    let picked: Vec<(u32, String)> = free
+        .iter()
+        .take(want)
+        .map(|g| (g.index, g.uuid.clone()))
+        .collect();
+    for (i, _) in &picked {
+        jobs.busy_gpus.insert(*i);
+    }
+    jobs.accepted.insert(offer.offer_id, offer.job_id);
+    jobs.running
+        .insert(offer.job_id, (offer.offer_id, CancellationToken::new()));
+    if want > 0 {
+        jobs.gpu_jobs.insert(offer.job_id);
+    }
+    Ok(picked)
+}
+
+/// Gives back what [`admit`] booked for a job that will not run (a gang
+/// member's reservation released). The offer id stays known, so the same
+/// offer is not taken again.
+fn unadmit(jobs: &mut Jobs, job: &JobId, gpus: &[(u32, String)]) {
+    jobs.running.remove(job);
+    jobs.gpu_jobs.remove(job);
+    for (i, _) in gpus {
+        jobs.busy_gpus.remove(i);
+    }
+}
+
+/// Runs an admitted job in the background; frees its slot and GPUs when it ends.
+fn launch(state: &Arc<State>, offer: JobOffer, gpu_uuids: Vec<(u32, String)>) {
     let s = state.clone();
     tokio::spawn(async move {
         let gpu_indices: Vec<u32> = gpu_uuids.iter().map(|(i, _)| *i).collect();
@@ -599,7 +699,6 @@ fn handle_offer(state: &Arc<State>, peer: Peer, signed: Signed<JobOffer>) -> Net
             jobs.dirty_gpus.extend(leftover);
         }
     });
-    NetResponse::Accepted
 }
 
 /// Returns dirty GPUs to service once NVML shows no process on them.
@@ -664,50 +763,160 @@ impl Node {
     }
 }
 
-/// Fetches each input from the coordinator by CID, verifying the bytes.
+/// Inputs ready to mount, and the pins that keep them in the cache while
+/// the job runs.
+struct FetchedInputs {
+    local: Vec<LocalInput>,
+    _pins: Vec<PinGuard>,
+}
+
+/// Fetches every input into the blob cache (a cache hit costs nothing),
+/// verifying each 16 KiB group as it arrives, and lays them out under the
+/// job directory for read-only mounts: a file as a hard link to the cached
+/// blob, a directory manifest as a tree of hard links.
 async fn fetch_inputs(
     state: &State,
     job: &JobId,
     offer: &JobOffer,
-) -> Result<Vec<LocalInput>, String> {
+) -> Result<FetchedInputs, String> {
     let dir = state.runner.job_dir(job).join("in");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create the input directory: {e}"))?;
-    let mut out = Vec::new();
+    let mut local = Vec::new();
+    let mut pins = Vec::new();
+    let mut announce = Vec::new();
     for (i, input) in offer.spec.inputs.iter().enumerate() {
-        let addrs = vec![state.coordinator_addr.clone()];
-        let blob = match state
-            .client
-            .request(state.coordinator, addrs, NetRequest::GetBlob(input.cid))
-            .await
-        {
-            Ok(NetResponse::Blob(Some(b))) => b,
-            Ok(NetResponse::Blob(None)) => {
-                return Err(format!(
-                    "input {} is not held by the coordinator; upload it first",
-                    input.cid
-                ));
+        let sources = sources_for(state, offer, &input.cid);
+        pins.push(state.store.pin(&input.cid));
+        if let Some(url) = &input.url {
+            let r = kiln_blobs::http::fetch_url(&state.store, url, input.cid)
+                .await
+                .map_err(|e| format!("input {i} ({}): {e}", input.path))?;
+            if r.bytes_transferred > 0 {
+                tracing::info!(job = %job.short(), cid = %input.cid.short(), bytes = r.bytes_transferred, ms = r.elapsed.as_millis() as u64, "input downloaded from its URL");
             }
-            Ok(other) => return Err(format!("fetching input {} failed: {other:?}", input.cid)),
-            Err(e) => return Err(format!("fetching input {} failed: {e}", input.cid)),
-        };
-        let got = ContentId::of_bytes(&blob.bytes);
-        if got != input.cid {
-            return Err(format!(
-                "input content mismatch: expected {}, received bytes hashing to {got}",
-                input.cid
-            ));
+        } else {
+            fetch_one(
+                state,
+                job,
+                input.cid,
+                input.size.map(|s| s.0),
+                sources.clone(),
+            )
+            .await?;
         }
-        let path = dir.join(i.to_string());
-        std::fs::write(&path, &blob.bytes)
-            .map_err(|e| format!("cannot store input {}: {e}", input.cid))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))
-            .map_err(|e| format!("cannot protect input {}: {e}", input.cid))?;
-        out.push(LocalInput {
-            host_path: path,
+        announce.push(input.cid);
+        let target = dir.join(i.to_string());
+        if input.cid.codec() == kiln_protocol::content::DAG_CBOR_CODEC {
+            let bytes = state
+                .store
+                .get(&input.cid)
+                .map_err(|e| format!("cannot read input manifest {}: {e}", input.cid))?
+                .ok_or_else(|| format!("input manifest {} vanished from the cache", input.cid))?;
+            let manifest = kiln_protocol::Manifest::from_dag_cbor(&bytes)
+                .map_err(|e| format!("input {} ({}): {e}", input.cid, input.path))?;
+            std::fs::create_dir_all(&target)
+                .map_err(|e| format!("cannot create the input directory: {e}"))?;
+            for e in &manifest.entries {
+                pins.push(state.store.pin(&e.cid));
+                fetch_one(state, job, e.cid, Some(e.size), sources.clone()).await?;
+                announce.push(e.cid);
+                let dest = target.join(&e.path);
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|err| format!("cannot lay out input {}: {err}", e.path))?;
+                }
+                link_blob(state, &e.cid, &dest, e.executable)?;
+            }
+        } else {
+            link_blob(state, &input.cid, &target, false)?;
+        }
+        local.push(LocalInput {
+            host_path: target,
             container_path: input.path.clone(),
         });
     }
-    Ok(out)
+    // Peers may now fetch these from here; tell them.
+    let have: Vec<(ContentId, u64)> = announce
+        .iter()
+        .filter_map(|c| state.store.size(c).map(|s| (*c, s)))
+        .collect();
+    if let Ok(mut shared) = state.shared.lock() {
+        shared.extend(have.iter().map(|(c, _)| *c));
+    }
+    let a = kiln_blobs::announce::Announcement {
+        have,
+        dropped: Vec::new(),
+    };
+    if let Err(e) = kiln_blobs::announce::announce(&state.client, &a).await {
+        tracing::debug!("could not announce cached inputs: {e}");
+    }
+    Ok(FetchedInputs { local, _pins: pins })
+}
+
+/// Where an input can come from: the coordinator, plus the peers the offer
+/// names for it (never this node itself).
+fn sources_for(state: &State, offer: &JobOffer, cid: &ContentId) -> Vec<kiln_blobs::Source> {
+    let mut v = vec![kiln_blobs::Source {
+        peer: state.coordinator,
+        addrs: vec![state.coordinator_addr.clone()],
+    }];
+    for s in offer.sources.iter().filter(|s| s.cid == *cid) {
+        for p in s.peers.iter().filter(|p| p.peer != state.provider) {
+            v.push(kiln_blobs::Source {
+                peer: p.peer.peer_id(),
+                addrs: p.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
+            });
+        }
+    }
+    v
+}
+
+async fn fetch_one(
+    state: &State,
+    job: &JobId,
+    cid: ContentId,
+    size: Option<u64>,
+    sources: Vec<kiln_blobs::Source>,
+) -> Result<(), String> {
+    let opts = kiln_blobs::FetchOptions::default();
+    match kiln_blobs::fetch(&state.store, &state.client, cid, size, sources, &opts).await {
+        Ok(r) => {
+            if r.data_bytes > 0 {
+                tracing::info!(
+                    job = %job.short(), cid = %cid.short(), bytes = r.data_bytes,
+                    resumed_from = r.already_had, peers = r.per_peer.len(),
+                    bad_peers = r.bad_peers.len(), ms = r.elapsed.as_millis() as u64,
+                    "input fetched and verified"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "input {cid} could not be fetched: {e}; upload it with `kiln data add` or give it a url"
+        )),
+    }
+}
+
+/// Makes `dest` name the cached blob `cid` (a hard link: no copy; the cache
+/// and the job directories share a filesystem under the state directory).
+fn link_blob(state: &State, cid: &ContentId, dest: &Path, executable: bool) -> Result<(), String> {
+    let src = state
+        .store
+        .path(cid)
+        .ok_or_else(|| format!("input {cid} vanished from the cache"))?;
+    if std::fs::hard_link(&src, dest).is_err() {
+        std::fs::copy(&src, dest).map_err(|e| format!("cannot lay out input {cid}: {e}"))?;
+    }
+    // Readable by the job's unprivileged user; the mount is read-only. The
+    // link shares its inode with the cache (and with other jobs using the
+    // same bytes), so bits are only ever added: one job's executable file
+    // never loses its exec bit because another job mounts it as data.
+    let current = std::fs::metadata(dest)
+        .map(|m| m.permissions().mode())
+        .unwrap_or(0);
+    let mode = 0o444 | (current & 0o111) | if executable { 0o111 } else { 0 };
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("cannot protect input {cid}: {e}"))
 }
 
 async fn run_job(state: &State, offer: JobOffer, gpu_uuids: &[String]) {
@@ -718,12 +927,20 @@ async fn run_job(state: &State, offer: JobOffer, gpu_uuids: &[String]) {
         .ok()
         .and_then(|j| j.running.get(&job).map(|(_, t)| t.clone()))
         .unwrap_or_default();
-    let report = match fetch_inputs(state, &job, &offer).await {
+    let fetched = tokio::select! {
+        f = fetch_inputs(state, &job, &offer) => f,
+        () = cancel.cancelled() => Err("cancelled while its inputs were being fetched".into()),
+    };
+    let report = match fetched {
         Ok(inputs) => {
-            let run =
-                state
-                    .runner
-                    .run(job, offer.offer_id, &offer.spec, &inputs, gpu_uuids, cancel);
+            let run = state.runner.run(
+                job,
+                offer.offer_id,
+                &offer.spec,
+                &inputs.local,
+                gpu_uuids,
+                cancel,
+            );
             // Usage is reported for settlement while the job runs.
             tokio::select! {
                 report = run => report,
@@ -803,25 +1020,22 @@ async fn run_job(state: &State, offer: JobOffer, gpu_uuids: &[String]) {
         tracing::error!(job = %job.short(), "could not sign the receipt");
         return;
     };
-    let mut blobs = vec![
-        Blob {
-            cid: stdout_cid,
-            bytes: report.stdout,
-        },
-        Blob {
-            cid: stderr_cid,
-            bytes: report.stderr,
-        },
-    ];
-    let mut seen: HashSet<ContentId> = blobs.iter().map(|b| b.cid).collect();
-    for f in report.outputs {
-        if seen.insert(f.entry.cid) {
-            blobs.push(Blob {
-                cid: f.entry.cid,
-                bytes: f.bytes,
-            });
+    // Logs go into the cache too, so the coordinator can fetch them when
+    // they are too large to send inline.
+    let mut pins = report.pins;
+    for bytes in [&report.stdout, &report.stderr] {
+        if bytes.len() as u64 > kiln_protocol::MAX_INLINE_BLOB {
+            match state.store.import_bytes(bytes) {
+                Ok(cid) => pins.push(state.store.pin(&cid)),
+                Err(e) => tracing::warn!(job = %job.short(), "cannot cache logs: {e}"),
+            }
         }
     }
+    let blobs = inline_blobs(
+        &state.store,
+        [(stdout_cid, report.stdout), (stderr_cid, report.stderr)],
+        &report.manifest,
+    );
     let result = JobResult {
         job_id: job,
         receipt,
@@ -829,6 +1043,38 @@ async fn run_job(state: &State, offer: JobOffer, gpu_uuids: &[String]) {
         blobs,
     };
     deliver(state, job, result).await;
+    drop(pins); // delivered (or given up): the cache may evict them now
+}
+
+/// The blobs small enough to send inline with a result: logs first, then
+/// output files, up to [`kiln_protocol::MAX_INLINE_TOTAL`] bytes.
+fn inline_blobs(
+    store: &Store,
+    logs: [(ContentId, Vec<u8>); 2],
+    manifest: &kiln_protocol::Manifest,
+) -> Vec<Blob> {
+    let mut budget = kiln_protocol::MAX_INLINE_TOTAL;
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let mut take = |cid: ContentId, bytes: Vec<u8>, budget: &mut u64, out: &mut Vec<Blob>| {
+        let n = bytes.len() as u64;
+        if n <= kiln_protocol::MAX_INLINE_BLOB && n <= *budget && seen.insert(cid) {
+            *budget -= n;
+            out.push(Blob { cid, bytes });
+        }
+    };
+    for (cid, bytes) in logs {
+        take(cid, bytes, &mut budget, &mut out);
+    }
+    for e in &manifest.entries {
+        if e.size <= kiln_protocol::MAX_INLINE_BLOB
+            && e.size <= budget
+            && let Ok(Some(bytes)) = store.get(&e.cid)
+        {
+            take(e.cid, bytes, &mut budget, &mut out);
+        }
+    }
+    out
 }
 
 /// Reports usage every `usage_interval` for as long as it is polled (the
@@ -888,6 +1134,9 @@ async fn deliver(state: &State, job: JobId, result: JobResult) {
                 tracing::error!(job = %job.short(), "the coordinator refused our result: {reason}");
                 return;
             }
+            Ok(NetResponse::Retry { reason }) => {
+                tracing::warn!(job = %job.short(), attempt, "the coordinator asks for the result again: {reason}")
+            }
             Ok(other) => {
                 tracing::warn!(job = %job.short(), "unexpected answer to a result: {other:?}")
             }
@@ -898,5 +1147,18 @@ async fn deliver(state: &State, job: JobId, result: JobResult) {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(10));
     }
-    tracing::error!(job = %job.short(), "gave up delivering the result after 10 attempts");
+    // Never leave the job hanging on the coordinator: hand it back so it
+    // is requeued (or failed after its attempts run out).
+    tracing::error!(job = %job.short(), "gave up delivering the result after 10 attempts; reporting the job lost");
+    if let Ok(mut j) = state.jobs.lock() {
+        j.lost.push(Orphan {
+            job,
+            offer: result.receipt.payload.offer_id,
+        });
+    }
+    report_lost_with(
+        state,
+        "the result could not be delivered to the coordinator",
+    )
+    .await;
 }

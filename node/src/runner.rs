@@ -20,7 +20,7 @@
 //! found and reaped at start-up ([`Runner::reap_orphans`]).
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -34,8 +34,9 @@ use bollard::query_parameters::{
     RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
 use futures::{Stream, StreamExt};
+use kiln_blobs::{PinGuard, Store};
 use kiln_protocol::{
-    ContentId, JobId, JobSpec, Manifest, ManifestEntry, NetworkMode, OfferId, Outcome, UnixMillis,
+    JobId, JobSpec, Manifest, ManifestEntry, NetworkMode, OfferId, Outcome, UnixMillis,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -136,13 +137,6 @@ pub fn check_image_policy(policy: &Policy, facts: &ImageFacts) -> Result<(), Str
     Ok(())
 }
 
-/// A file of the job's output, read back from the output area.
-#[derive(Debug)]
-pub struct OutputFile {
-    pub entry: ManifestEntry,
-    pub bytes: Vec<u8>,
-}
-
 /// Everything the provider learned from running a job.
 #[derive(Debug)]
 pub struct RunReport {
@@ -159,7 +153,9 @@ pub struct RunReport {
     pub stdout_total: u64,
     pub stderr_total: u64,
     pub manifest: Manifest,
-    pub outputs: Vec<OutputFile>,
+    /// The output files (and the manifest itself) in the node's blob store,
+    /// pinned until the result has been delivered.
+    pub pins: Vec<PinGuard>,
 }
 
 impl RunReport {
@@ -179,7 +175,7 @@ impl RunReport {
             stdout_total: 0,
             stderr_total: 0,
             manifest: Manifest::default(),
-            outputs: Vec::new(),
+            pins: Vec::new(),
         }
     }
 
@@ -210,6 +206,8 @@ pub struct Runner {
     node_label: String,
     limits: Limits,
     policy: Policy,
+    /// Outputs are imported here (hashed once, verified, served by CID).
+    store: Store,
 }
 
 /// The job's output directory on the host. Mounted as a size-limited tmpfs
@@ -331,6 +329,7 @@ impl Runner {
         node_label: String,
         limits: Limits,
         policy: Policy,
+        store: Store,
     ) -> Self {
         Self {
             docker,
@@ -338,6 +337,7 @@ impl Runner {
             node_label,
             limits,
             policy,
+            store,
         }
     }
 
@@ -491,7 +491,9 @@ impl Runner {
                 );
             }
         };
-        let name = format!("kiln-{job}");
+        // Named by job and offer: the members of a gang job share its id,
+        // and may share one Docker engine.
+        let name = format!("kiln-{job}-{offer}");
         let report = match self
             .run_container(
                 &name, job, offer, spec, &image_id, &area, inputs, gpu_uuids, cancel,
@@ -721,7 +723,15 @@ impl Runner {
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or_default();
-        let (manifest, outputs) = match collect_outputs(&area.path, self.limits.max_output_bytes) {
+        let (out_dir, max, store) = (
+            area.path.clone(),
+            self.limits.max_output_bytes,
+            self.store.clone(),
+        );
+        let collected = tokio::task::spawn_blocking(move || collect_outputs(&out_dir, max, &store))
+            .await
+            .unwrap_or_else(|e| Err(format!("collecting outputs failed: {e}")));
+        let (manifest, pins) = match collected {
             Ok(x) => x,
             Err(e) => {
                 outcome = Outcome::Failed;
@@ -742,7 +752,7 @@ impl Runner {
             stdout_total,
             stderr_total,
             manifest,
-            outputs,
+            pins,
         })
     }
 
@@ -798,19 +808,23 @@ impl Runner {
     }
 }
 
-/// Walks the output directory (never following symlinks), hashing each
-/// regular file into a manifest entry.
+/// Walks the output directory (never following symlinks), importing each
+/// regular file into `store` (hashed once while copied, with its bao
+/// outboard) and the resulting manifest too. Returns the manifest and pins
+/// on everything it names.
 pub fn collect_outputs(
     out_dir: &Path,
     max_bytes: u64,
-) -> Result<(Manifest, Vec<OutputFile>), String> {
-    let mut files = Vec::new();
+    store: &Store,
+) -> Result<(Manifest, Vec<PinGuard>), String> {
+    let mut entries = Vec::new();
+    let mut pins = Vec::new();
     let mut total = 0u64;
     let mut stack = vec![out_dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir)
+        let list = std::fs::read_dir(&dir)
             .map_err(|e| format!("cannot read outputs in {}: {e}", dir.display()))?;
-        for e in entries.flatten() {
+        for e in list.flatten() {
             let path = e.path();
             let Ok(meta) = std::fs::symlink_metadata(&path) else {
                 continue;
@@ -833,23 +847,44 @@ pub fn collect_outputs(
                 .map_err(|_| "output path escaped the output directory".to_string())?
                 .to_string_lossy()
                 .into_owned();
-            let bytes =
-                std::fs::read(&path).map_err(|e| format!("cannot read output {rel}: {e}"))?;
-            files.push(OutputFile {
-                entry: ManifestEntry {
-                    path: rel,
-                    cid: ContentId::of_bytes(&bytes),
-                    size: bytes.len() as u64,
-                    // Only the executable bit survives; setuid/setgid never do.
-                    executable: meta.permissions().mode() & 0o111 != 0,
-                },
-                bytes,
+            // Opened without following links: the job cannot swap the file
+            // for a symlink between the check above and this read.
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc_o_nofollow())
+                .open(&path)
+                .map_err(|e| format!("cannot read output {rel}: {e}"))?;
+            let size = meta.len();
+            let cid = store
+                .import_reader(
+                    std::io::BufReader::with_capacity(1 << 20, f),
+                    Some(size),
+                    None,
+                )
+                .map_err(|e| format!("cannot store output {rel}: {e}"))?;
+            pins.push(store.pin(&cid));
+            entries.push(ManifestEntry {
+                path: rel,
+                cid,
+                size,
+                // Only the executable bit survives; setuid/setgid never do.
+                executable: meta.permissions().mode() & 0o111 != 0,
             });
         }
     }
-    let manifest = Manifest::new(files.iter().map(|f| f.entry.clone()).collect())
-        .map_err(|e| e.to_string())?;
-    Ok((manifest, files))
+    let manifest = Manifest::new(entries).map_err(|e| e.to_string())?;
+    let bytes = manifest.to_dag_cbor();
+    let cid = manifest.cid();
+    store
+        .import_reader(&bytes[..], Some(bytes.len() as u64), Some(cid))
+        .map_err(|e| format!("cannot store the output manifest: {e}"))?;
+    pins.push(store.pin(&cid));
+    Ok((manifest, pins))
+}
+
+/// `O_NOFOLLOW` (Linux value).
+const fn libc_o_nofollow() -> i32 {
+    0o400000
 }
 
 #[cfg(test)]
@@ -863,12 +898,21 @@ mod tests {
         std::fs::write(d.path().join("b.txt"), b"bee").unwrap();
         std::fs::write(d.path().join("sub/a.txt"), b"a").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", d.path().join("link")).unwrap();
-        let (m, files) = collect_outputs(d.path(), 1000).unwrap();
+        let sd = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(sd.path(), Default::default()).unwrap();
+        let (m, pins) = collect_outputs(d.path(), 1000, &store).unwrap();
         let paths: Vec<_> = m.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["b.txt", "sub/a.txt"]);
-        assert_eq!(files.len(), 2);
-        assert_eq!(m.entries[0].cid, ContentId::of_bytes(b"bee"));
-        assert!(collect_outputs(d.path(), 3).is_err());
+        assert_eq!(pins.len(), 3, "two files and the manifest");
+        assert_eq!(m.entries[0].cid, kiln_protocol::ContentId::of_bytes(b"bee"));
+        assert_eq!(store.get(&m.entries[0].cid).unwrap().unwrap(), b"bee");
+        assert_eq!(
+            store.get(&m.cid()).unwrap().unwrap(),
+            m.to_dag_cbor(),
+            "the manifest is fetchable by its CID"
+        );
+        assert!(store.is_pinned(&m.cid()));
+        assert!(collect_outputs(d.path(), 3, &store).is_err());
         assert_eq!(dir_size(d.path()), 4);
     }
 

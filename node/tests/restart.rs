@@ -97,6 +97,7 @@ async fn a_killed_daemon_reaps_its_orphan_and_reports_the_job_lost() {
         owner: BuyerId::new(Keypair::generate().public()),
         spec,
         price_per_hour: Credits(1),
+        sources: Vec::new(),
     };
     let addrs = advert
         .listen_addrs

@@ -29,6 +29,25 @@ impl ContentId {
         Self::from_blake3(RAW_CODEC, blake3::hash(bytes))
     }
 
+    /// The id (with `codec`) and length of everything `reader` yields,
+    /// hashed as it streams (as `b3sum` would), in 1 MiB reads.
+    pub fn of_reader(codec: u64, mut reader: impl std::io::Read) -> std::io::Result<(Self, u64)> {
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => return Ok((Self::from_blake3(codec, h.finalize()), n)),
+                Ok(k) => {
+                    h.update(&buf[..k]);
+                    n += k as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// The id of bytes whose BLAKE3 hash is already known (streamed hashing).
     pub fn from_blake3(codec: u64, hash: blake3::Hash) -> Self {
         #[allow(clippy::expect_used)]
@@ -166,6 +185,8 @@ pub enum ManifestError {
     BadPath(String),
     #[error("manifest lists `{0}` twice")]
     Duplicate(String),
+    #[error("not a Kiln directory manifest: {0}")]
+    Encoding(String),
 }
 
 /// Checks one relative path for the manifest rules.
@@ -235,6 +256,65 @@ impl Manifest {
         out
     }
 
+    /// Decodes the canonical DAG-CBOR form written by [`Self::to_dag_cbor`]
+    /// (and nothing else: any other encoding of the same data is refused, so
+    /// one directory has exactly one CID). Paths are checked as in [`Self::new`].
+    pub fn from_dag_cbor(bytes: &[u8]) -> Result<Self, ManifestError> {
+        let mut r = cbor::Reader { b: bytes, at: 0 };
+        let bad = |what: &str| ManifestError::Encoding(what.to_string());
+        r.expect_head(cbor::MAP, 2)
+            .ok_or_else(|| bad("expected a map of 2"))?;
+        r.expect_text("entries")
+            .ok_or_else(|| bad("expected `entries`"))?;
+        let n = r
+            .head(cbor::ARRAY)
+            .ok_or_else(|| bad("expected an entries array"))?;
+        // Each entry takes at least 30 bytes: a cheap bound before allocating.
+        if n > (bytes.len() as u64) / 30 + 1 {
+            return Err(bad("entry count larger than the bytes allow"));
+        }
+        let mut entries = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let e = (|| {
+                r.expect_head(cbor::MAP, 4)?;
+                r.expect_text("cid")?;
+                let cid = r.cid()?;
+                r.expect_text("path")?;
+                let path = r.text()?;
+                r.expect_text("size")?;
+                let size = r.head(cbor::UINT)?;
+                r.expect_text("executable")?;
+                let executable = match r.byte()? {
+                    0xf5 => true,
+                    0xf4 => false,
+                    _ => return None,
+                };
+                Some(ManifestEntry {
+                    path,
+                    cid,
+                    size,
+                    executable,
+                })
+            })()
+            .ok_or_else(|| ManifestError::Encoding(format!("entry {i} is malformed")))?;
+            entries.push(e);
+        }
+        r.expect_text("version")
+            .ok_or_else(|| bad("expected `version`"))?;
+        if r.head(cbor::UINT) != Some(1) {
+            return Err(bad("unsupported manifest version"));
+        }
+        if r.at != bytes.len() {
+            return Err(bad("trailing bytes"));
+        }
+        let m = Self { entries };
+        m.validate()?;
+        if m.to_dag_cbor() != bytes {
+            return Err(bad("not in canonical form"));
+        }
+        Ok(m)
+    }
+
     /// The directory's id: BLAKE3 of the DAG-CBOR bytes, codec 0x71.
     pub fn cid(&self) -> ContentId {
         ContentId::from_blake3(DAG_CBOR_CODEC, blake3::hash(&self.to_dag_cbor()))
@@ -273,6 +353,70 @@ mod cbor {
     pub fn text(out: &mut Vec<u8>, s: &str) {
         head(out, TEXT, s.len() as u64);
         out.extend_from_slice(s.as_bytes());
+    }
+
+    /// A strict reader of the primitives above (shortest-form heads only).
+    pub struct Reader<'a> {
+        pub b: &'a [u8],
+        pub at: usize,
+    }
+
+    impl Reader<'_> {
+        pub fn byte(&mut self) -> Option<u8> {
+            let v = *self.b.get(self.at)?;
+            self.at += 1;
+            Some(v)
+        }
+
+        fn take(&mut self, n: usize) -> Option<&[u8]> {
+            let end = self.at.checked_add(n)?;
+            let s = self.b.get(self.at..end)?;
+            self.at = end;
+            Some(s)
+        }
+
+        /// The argument of a head of major type `major`.
+        pub fn head(&mut self, major: u8) -> Option<u64> {
+            let h = self.byte()?;
+            if h >> 5 != major {
+                return None;
+            }
+            let n = match h & 0x1f {
+                n @ 0..=23 => u64::from(n),
+                24 => u64::from(self.byte()?),
+                25 => u64::from(u16::from_be_bytes(self.take(2)?.try_into().ok()?)),
+                26 => u64::from(u32::from_be_bytes(self.take(4)?.try_into().ok()?)),
+                27 => u64::from_be_bytes(self.take(8)?.try_into().ok()?),
+                _ => return None,
+            };
+            Some(n)
+        }
+
+        pub fn expect_head(&mut self, major: u8, n: u64) -> Option<()> {
+            (self.head(major)? == n).then_some(())
+        }
+
+        pub fn text(&mut self) -> Option<String> {
+            let n = usize::try_from(self.head(TEXT)?).ok()?;
+            String::from_utf8(self.take(n)?.to_vec()).ok()
+        }
+
+        pub fn expect_text(&mut self, want: &str) -> Option<()> {
+            (self.text()? == want).then_some(())
+        }
+
+        pub fn cid(&mut self) -> Option<super::ContentId> {
+            if self.take(2)? != [0xd8, 42] {
+                return None;
+            }
+            let n = usize::try_from(self.head(BYTES)?).ok()?;
+            let b = self.take(n)?;
+            let (&prefix, cid) = b.split_first()?;
+            if prefix != 0 {
+                return None;
+            }
+            super::ContentId::from_cid_bytes(cid).ok()
+        }
     }
 
     /// Tag 42 around a byte string of the multibase-identity prefix and the CID.
@@ -321,6 +465,56 @@ mod tests {
             .parse::<ContentId>()
             .unwrap_err();
         assert!(e.to_string().contains("blake3"), "{e}");
+    }
+
+    #[test]
+    fn a_streamed_id_equals_the_id_of_the_bytes() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let (cid, n) = ContentId::of_reader(RAW_CODEC, &data[..]).unwrap();
+        assert_eq!((cid, n), (ContentId::of_bytes(&data), data.len() as u64));
+        let (cid, _) = ContentId::of_reader(DAG_CBOR_CODEC, &data[..]).unwrap();
+        assert_eq!(cid.codec(), DAG_CBOR_CODEC);
+        assert_eq!(cid.digest(), *blake3::hash(&data).as_bytes());
+    }
+
+    #[test]
+    fn manifest_decodes_only_its_canonical_safe_form() {
+        let f = |p: &str, exe| ManifestEntry {
+            path: p.into(),
+            cid: ContentId::of_bytes(p.as_bytes()),
+            size: 70_000 * p.len() as u64,
+            executable: exe,
+        };
+        let m = Manifest::new(vec![f("b.txt", true), f("a/x.bin", false)]).unwrap();
+        let bytes = m.to_dag_cbor();
+        assert_eq!(Manifest::from_dag_cbor(&bytes).unwrap(), m);
+        assert_eq!(
+            Manifest::from_dag_cbor(&Manifest::default().to_dag_cbor()).unwrap(),
+            Manifest::default()
+        );
+        // Unsafe paths and duplicates are refused even when well encoded.
+        for (entries, want) in [
+            (vec![f("../x", false)], "BadPath"),
+            (vec![f("/etc/passwd", false)], "BadPath"),
+            (vec![f("a", false), f("a", false)], "Duplicate"),
+            (vec![f("b", false), f("a", false)], "BadPath"),
+        ] {
+            let raw = Manifest { entries }.to_dag_cbor();
+            let e = Manifest::from_dag_cbor(&raw).unwrap_err();
+            assert!(format!("{e:?}").starts_with(want), "{e:?}");
+        }
+        // Truncated, trailing and non-shortest encodings are refused.
+        for cut in [1, 10, bytes.len() / 2, bytes.len() - 1] {
+            assert!(Manifest::from_dag_cbor(&bytes[..cut]).is_err(), "cut {cut}");
+        }
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(Manifest::from_dag_cbor(&trailing).is_err());
+        let mut long = bytes.clone();
+        let at = long.len() - 1; // `version: 1` as a one-byte argument
+        long.splice(at.., [0x18, 0x01]);
+        assert!(Manifest::from_dag_cbor(&long).is_err());
+        assert!(Manifest::from_dag_cbor(b"hello").is_err());
     }
 
     #[test]

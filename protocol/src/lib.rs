@@ -17,6 +17,7 @@
 pub mod bench;
 pub mod content;
 pub mod encoding;
+pub mod gang;
 pub mod ids;
 pub mod keys;
 pub mod messages;
@@ -29,6 +30,7 @@ pub use bench::{
     CpuBench, Digest32, GemmEngine, GpuBench, MatmulProof, Precision, Sample,
 };
 pub use content::{ContentId, Manifest, ManifestEntry, ManifestError};
+pub use gang::{GangMember, GangOffer, GangRelease, GangStart};
 pub use ids::{BuyerId, IdParseError, JobId, Nonce, OfferId, ProviderId};
 pub use keys::{Keypair, PublicKey};
 pub use messages::*;
@@ -37,4 +39,4 @@ pub use spec::{ImageRef, JobSpec, NetworkMode, Resources, SpecError};
 pub use units::{ByteSize, Credits, MilliCpu, Seconds, UnixMillis};
 
 /// Version of the wire protocol; bumped on any incompatible change to a message.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;

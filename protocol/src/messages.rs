@@ -15,6 +15,7 @@
 //! | [`UsageReport`] | provider | request-response |
 //! | [`crate::bench::Challenge`] | coordinator | request-response |
 //! | [`crate::bench::ChallengeResponse`] | provider | request-response (the reply) |
+//! | [`crate::gang::GangOffer`], [`crate::gang::GangStart`], [`crate::gang::GangRelease`] | coordinator | request-response |
 //!
 //! The libp2p request-response payloads are [`NetRequest`]/[`NetResponse`].
 
@@ -140,6 +141,24 @@ pub struct JobOffer {
     pub spec: JobSpec,
     /// Agreed price for this job per hour of wall time.
     pub price_per_hour: Credits,
+    /// Peers besides the coordinator known to hold the job's inputs: the
+    /// provider fetches from all of them at once and verifies every byte.
+    #[serde(default)]
+    pub sources: Vec<InputSources>,
+}
+
+/// Where one input can be fetched from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputSources {
+    pub cid: ContentId,
+    pub peers: Vec<PeerSource>,
+}
+
+/// A peer and the multiaddrs it listens on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerSource {
+    pub peer: ProviderId,
+    pub addrs: Vec<String>,
 }
 
 impl SignedMessage for JobOffer {
@@ -268,8 +287,16 @@ pub struct Blob {
     pub bytes: Vec<u8>,
 }
 
-/// A finished job: the receipt plus the bytes it names (the output manifest's
-/// files and the logs), checked against their CIDs by the receiver.
+/// Blobs up to this size ride inline in a [`JobResult`] (logs of a short
+/// job, a small output), saving a round trip; larger ones stay on the
+/// provider and the coordinator fetches them over `/kiln/blobs/1`.
+pub const MAX_INLINE_BLOB: u64 = 64 * 1024;
+/// At most this many inline bytes in all per result.
+pub const MAX_INLINE_TOTAL: u64 = 1024 * 1024;
+
+/// A finished job: the receipt, the output manifest, and the small blobs it
+/// names inline. Every blob the receipt names (outputs and logs) is checked
+/// against its CID by the receiver, inline or fetched.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobResult {
     /// The job this result claims to settle. Not trusted: the coordinator
@@ -278,6 +305,8 @@ pub struct JobResult {
     pub job_id: JobId,
     pub receipt: Signed<ResultReceipt>,
     pub manifest: Manifest,
+    /// Blobs of at most [`MAX_INLINE_BLOB`] bytes ([`MAX_INLINE_TOTAL`] in
+    /// all); the rest are fetched from the sender by CID.
     pub blobs: Vec<Blob>,
 }
 
@@ -290,8 +319,6 @@ pub enum NetRequest {
     Offer(Signed<JobOffer>),
     /// Provider → coordinator: a finished job.
     Result(Box<JobResult>),
-    /// Either way: fetch a blob by id.
-    GetBlob(ContentId),
     /// Coordinator → provider: stop this job.
     Cancel(Signed<CancelJob>),
     /// Provider → coordinator: this job was lost and will produce no result.
@@ -303,6 +330,13 @@ pub enum NetRequest {
     Challenge(Signed<crate::bench::Challenge>),
     /// Provider → coordinator: set the stake bond.
     Stake(Signed<SetStake>),
+    /// Coordinator → provider: reserve (do not start) one member of a gang
+    /// job (see [`crate::gang`]).
+    GangOffer(Signed<crate::gang::GangOffer>),
+    /// Coordinator → provider: every member reserved; start this one.
+    GangStart(Signed<crate::gang::GangStart>),
+    /// Coordinator → provider: give this member's reservation back.
+    GangRelease(Signed<crate::gang::GangRelease>),
 }
 
 /// Responses over `/kiln/rpc/1`.
@@ -312,9 +346,13 @@ pub enum NetResponse {
     Rejected {
         reason: String,
     },
-    Blob(Option<Blob>),
     /// The provider's answer to a [`NetRequest::Challenge`].
     ChallengeResponse(Signed<crate::bench::ChallengeResponse>),
+    /// Not now, but the request was sound: send it again later (e.g. the
+    /// coordinator could not yet fetch a result's outputs).
+    Retry {
+        reason: String,
+    },
 }
 
 /// Serde of `Vec<u8>` as one byte string in binary encodings (bincode encodes
@@ -352,9 +390,13 @@ mod tests {
             cid: ContentId::of_bytes(b"x"),
             bytes: b"x".to_vec(),
         };
-        let r = NetResponse::Blob(Some(blob.clone()));
+        let r = NetResponse::Rejected {
+            reason: "no".into(),
+        };
         let back: NetResponse = encoding::decode(&encoding::encode(&r).unwrap()).unwrap();
-        assert!(matches!(back, NetResponse::Blob(Some(b)) if b == blob));
+        assert!(matches!(back, NetResponse::Rejected { reason } if reason == "no"));
+        let back: Blob = encoding::decode(&encoding::encode(&blob).unwrap()).unwrap();
+        assert_eq!(back, blob);
         let auth = Signed::sign(
             &k,
             ApiAuth {

@@ -11,8 +11,13 @@
 //! env = { RUST_LOG = "info" }
 //!
 //! [[inputs]]
-//! cid = "bafkr4i…"
+//! cid = "bafkr4i…"                # a file (`kiln data add` prints it)
 //! path = "/in/data.bin"
+//!
+//! [[inputs]]                      # or downloaded from a URL, verified against the CID
+//! cid = "bafkr4i…"
+//! url = "https://example.com/weights.bin"
+//! path = "/in/weights.bin"
 //!
 //! [resources]
 //! cpus = 1.5
@@ -82,11 +87,36 @@ impl fmt::Display for ImageRef {
 }
 
 /// A content-addressed input, mounted read-only at `path` inside the job.
+///
+/// A raw CID (`bafkr…`) is one file; a manifest CID (`bafyr…`, DAG-CBOR) is a
+/// directory, mounted as a tree. The provider fetches it from the
+/// coordinator and from peers that hold it, or, with `url`, downloads it
+/// from there; either way every byte is verified against `cid` before the
+/// container starts, and a mismatch fails the job naming both CIDs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputSpec {
     pub cid: ContentId,
     pub path: String,
+    /// The size in bytes, if known (lets a provider reserve cache space and
+    /// refuse early; a wrong size fails verification like wrong bytes).
+    #[serde(default)]
+    pub size: Option<ByteSize>,
+    /// An `http://` or `https://` URL the bytes can be downloaded from.
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+impl InputSpec {
+    /// An input held by the coordinator or by peers.
+    pub fn new(cid: ContentId, path: impl Into<String>) -> Self {
+        Self {
+            cid,
+            path: path.into(),
+            size: None,
+            url: None,
+        }
+    }
 }
 
 /// Whether a job may use the network. Off unless the buyer asks for it *and*
@@ -421,6 +451,26 @@ impl JobSpec {
             return Err(err("inputs", "more than 1024 inputs"));
         }
         for (i, input) in self.inputs.iter().enumerate() {
+            if let Some(url) = &input.url {
+                let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                    && url.len() <= 4096
+                    && url.len() > "https://".len()
+                    && !url.chars().any(|c| c.is_whitespace() || c.is_control());
+                if !ok {
+                    return Err(err(
+                        format!("inputs[{i}].url"),
+                        format!(
+                            "`{url}` is not an http:// or https:// URL (at most 4096 characters, no spaces)"
+                        ),
+                    ));
+                }
+                if input.cid.codec() != crate::content::RAW_CODEC {
+                    return Err(err(
+                        format!("inputs[{i}].url"),
+                        "a URL source must name a raw file CID (bafkr…), not a directory manifest",
+                    ));
+                }
+            }
             let field = format!("inputs[{i}].path");
             check_abs_path(&field, &input.path)?;
             if overlaps(&input.path, &self.output_path) {
@@ -636,22 +686,36 @@ mod tests {
             (
                 "inputs[0].path",
                 |s| {
-                    s.inputs.push(InputSpec {
-                        cid: ContentId::of_bytes(b""),
-                        path: "/in/../etc".into(),
-                    })
+                    s.inputs
+                        .push(InputSpec::new(ContentId::of_bytes(b""), "/in/../etc"))
                 },
                 "clean",
             ),
             (
                 "inputs[0].path",
                 |s| {
-                    s.inputs.push(InputSpec {
-                        cid: ContentId::of_bytes(b""),
-                        path: "/out/x".into(),
-                    })
+                    s.inputs
+                        .push(InputSpec::new(ContentId::of_bytes(b""), "/out/x"))
                 },
                 "overlaps",
+            ),
+            (
+                "inputs[0].url",
+                |s| {
+                    let mut i = InputSpec::new(ContentId::of_bytes(b""), "/in/x");
+                    i.url = Some("ftp://example.com/x".into());
+                    s.inputs.push(i)
+                },
+                "http:// or https://",
+            ),
+            (
+                "inputs[0].url",
+                |s| {
+                    let mut i = InputSpec::new(ContentId::of_bytes(b""), "/in/x");
+                    i.url = Some("https://example.com/a b".into());
+                    s.inputs.push(i)
+                },
+                "no spaces",
             ),
             (
                 "resources.cpus",

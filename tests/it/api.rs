@@ -111,18 +111,14 @@ async fn submission_is_idempotent_and_jobs_are_owner_only() {
     // With no provider online the job waits and says why.
     assert_eq!(first["state"], "queued");
     let id = kiln_cli::job_id_of(&first).unwrap();
-    let mut why = String::new();
-    for _ in 0..50 {
-        why = alice.job(&id).await.unwrap()["reason"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        if why.contains("no provider online") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(why.contains("no provider online"), "{why}");
+    let j = kiln_tests::job_until(&alice, &id, |j| {
+        kiln_tests::reason(j).contains("no provider online")
+    })
+    .await;
+    assert!(
+        kiln_tests::reason(&j).contains("no provider online"),
+        "{j:#}"
+    );
 
     // Someone else cannot see it, its logs or its outputs: 404, as if it did not exist.
     for r in [
@@ -217,9 +213,15 @@ async fn only_providers_holding_the_minimum_stake_get_work() {
         .await
         .unwrap();
     let id = kiln_cli::job_id_of(&v).unwrap();
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let j = client.job(&id).await.unwrap();
+    let j = kiln_tests::job_until(&client, &id, |j| {
+        kiln_tests::reason(j).contains("excluded by min_stake")
+    })
+    .await;
     assert_eq!(j["state"], "queued", "{j:#}");
+    assert!(
+        kiln_tests::reason(&j).contains("1 online; 1 excluded by min_stake=5.000000 cr"),
+        "{j:#}"
+    );
     dn.shutdown().await;
 }
 
@@ -247,15 +249,31 @@ async fn a_job_past_its_queue_deadline_fails_and_is_refunded() {
         "refunded: {acct:#}"
     );
 
-    // Multi-node gangs are refused up front rather than left waiting.
+    // A multi-node gang waits like any job, and says why: with no provider
+    // online it is not placed, and nothing is reserved anywhere.
     let mut gang = dn.workload_spec(&["echo"]);
     gang.resources.gang = 2;
-    match client.submit(gang, None).await {
-        Err(kiln_cli::ClientError::Api { status, field, .. }) => {
-            assert_eq!(status, 400);
-            assert_eq!(field.as_deref(), Some("spec.resources.gang"));
-        }
-        other => panic!("{other:?}"),
-    }
+    gang.resources.deadline = Some(kiln_protocol::Seconds(1));
+    let v = client.submit(gang, None).await.unwrap();
+    let gang_id = kiln_cli::job_id_of(&v).unwrap();
+    let done = kiln_cli::wait_for(
+        &client,
+        &gang_id,
+        std::time::Duration::from_secs(30),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(done["state"], "failed", "{done:#}");
+    assert!(
+        done["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no provider online"),
+        "{done:#}"
+    );
+    assert_eq!(done["gang"].as_array().map(Vec::len), Some(0), "{done:#}");
+    let acct = client.account().await.unwrap();
+    assert_eq!(acct["escrowed"].as_u64(), Some(0), "refunded: {acct:#}");
     dn.shutdown().await;
 }

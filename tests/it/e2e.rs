@@ -4,7 +4,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use kiln_protocol::Seconds;
-use kiln_tests::{buyer, devnet, run_job};
+use kiln_tests::{buyer, devnet, job_until, reason, run_job};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_completes_with_verified_outputs_and_is_paid_for() {
@@ -19,14 +19,17 @@ async fn a_job_completes_with_verified_outputs_and_is_paid_for() {
 
     // Outputs come back verified (each file against its CID, the manifest against the receipt).
     let dir = tempfile::tempdir().unwrap();
-    let manifest = kiln_cli::fetch_outputs(&client, &id, dir.path())
+    let cache = kiln_blobs::Store::open_dir(&dir.path().join("cache"), Default::default()).unwrap();
+    let out = dir.path().join("out");
+    let nodes = kiln_cli::fetch_outputs_verified(&client, &cache, &id, &out, false)
         .await
         .unwrap();
+    assert_eq!(nodes.len(), 1);
     assert_eq!(
-        manifest.cid().to_string(),
+        nodes[0].output_cid.to_string(),
         done["output_cid"].as_str().unwrap()
     );
-    let result = std::fs::read_to_string(dir.path().join("result.txt")).unwrap();
+    let result = std::fs::read_to_string(out.join("result.txt")).unwrap();
     assert!(result.contains("seed=7"), "{result}");
     // Deterministic workload: the same seed gives the same matmul checksum on any provider.
     let again = run_job(&client, dn.workload_spec(&["demo", "7"]))
@@ -138,10 +141,8 @@ async fn inputs_are_fetched_by_cid_and_mounted_read_only() {
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let cid = client.upload(data.clone()).await.unwrap();
     let mut spec = dn.workload_spec(&["hash", "/in/data.bin"]);
-    spec.inputs.push(kiln_protocol::spec::InputSpec {
-        cid,
-        path: "/in/data.bin".into(),
-    });
+    spec.inputs
+        .push(kiln_protocol::spec::InputSpec::new(cid, "/in/data.bin"));
     let done = run_job(&client, spec).await.unwrap();
     assert_eq!(done["state"], "completed", "{done:#}");
     let logs = client
@@ -166,12 +167,8 @@ async fn a_draining_provider_hands_its_running_job_back() {
         .await
         .unwrap();
     let id = kiln_cli::job_id_of(&v).unwrap();
-    for _ in 0..100 {
-        if client.job(&id).await.unwrap()["state"] == "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let j = job_until(&client, &id, |j| j["state"] == "running").await;
+    assert_eq!(j["state"], "running", "{j:#}");
     dn.nodes[0].drain(Duration::from_secs(20)).await;
     let j = client.job(&id).await.unwrap();
     assert_eq!(j["state"], "queued", "{j:#}");
@@ -181,17 +178,7 @@ async fn a_draining_provider_hands_its_running_job_back() {
         "{j:#}"
     );
     // The draining provider advertises no slots, so the job waits rather than bouncing back.
-    for _ in 0..50 {
-        if client.job(&id).await.unwrap()["reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("excluded by slots")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let j = client.job(&id).await.unwrap();
+    let j = job_until(&client, &id, |j| reason(j).contains("excluded by slots")).await;
     assert_eq!(j["state"], "queued", "{j:#}");
     assert!(
         j["reason"]
@@ -216,16 +203,9 @@ async fn a_provider_that_vanishes_mid_job_loses_it_to_another() {
         .await
         .unwrap();
     let id = kiln_cli::job_id_of(&v).unwrap();
-    let mut first = String::new();
-    for _ in 0..100 {
-        let j = client.job(&id).await.unwrap();
-        if j["state"] == "running" {
-            first = j["provider"].as_str().unwrap().to_string();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(!first.is_empty(), "the job started");
+    let j = job_until(&client, &id, |j| j["state"] == "running").await;
+    assert_eq!(j["state"], "running", "the job started: {j:#}");
+    let first = j["provider"].as_str().unwrap().to_string();
     // The provider vanishes: its network and heartbeats stop; its container is orphaned.
     let i = dn
         .nodes
@@ -247,5 +227,31 @@ async fn a_provider_that_vanishes_mid_job_loses_it_to_another() {
     assert!(events.contains("stopped answering (lease of"), "{done:#}");
     // Clean up the vanished node's orphan as its restart would.
     dn.nodes[i].runner.reap_orphans().await.unwrap();
+    dn.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_with_no_fitting_provider_waits_with_a_reason_and_runs_when_one_joins() {
+    let mut dn = devnet(0).await.unwrap();
+    let client = buyer(&dn);
+    let v = client
+        .submit(dn.workload_spec(&["echo", "late"]), None)
+        .await
+        .unwrap();
+    let id = kiln_cli::job_id_of(&v).unwrap();
+    // Queued, not failed, and once the scheduler has looked at it, it says why.
+    let j = job_until(&client, &id, |j| reason(j).contains("no provider online")).await;
+    assert_eq!(j["state"], "queued", "{j:#}");
+    assert!(
+        reason(&j).contains("no provider online"),
+        "why-not-placed says why: {j:#}"
+    );
+
+    let provider = kiln_tests::add_node(&mut dn).await.unwrap();
+    let done = kiln_cli::wait_for(&client, &id, Duration::from_secs(120), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done["provider"], provider.to_string());
     dn.shutdown().await;
 }

@@ -5,7 +5,9 @@
 
 mod api;
 mod audit;
+mod data;
 mod e2e;
+mod gang;
 mod ledger;
 mod sandbox;
 mod tamper;

@@ -31,21 +31,15 @@ async fn hostile_jobs_are_contained_and_the_provider_keeps_serving() {
 
     // A long-running job with an input, whose host-side path another job will try to read.
     let mut victim = dn.workload_spec(&["sleep", "30"]);
-    victim.inputs.push(kiln_protocol::spec::InputSpec {
-        cid: secret,
-        path: "/in/secret".into(),
-    });
+    victim
+        .inputs
+        .push(kiln_protocol::spec::InputSpec::new(secret, "/in/secret"));
     let v = client.submit(victim, None).await.unwrap();
     let victim_id = kiln_cli::job_id_of(&v).unwrap();
     let victim_input = dn.state_dir.join(format!("node0/jobs/{victim_id}/in/0"));
-    for _ in 0..100 {
-        if victim_input.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let there = kiln_tests::eventually(|| async { victim_input.exists() }, |e| *e).await;
     assert!(
-        victim_input.exists(),
+        there,
         "the victim's input is on the host at {}",
         victim_input.display()
     );
@@ -198,10 +192,8 @@ async fn hostile_jobs_are_contained_and_the_provider_keeps_serving() {
         spec.resources.timeout = Seconds(*timeout);
         spec.resources.pids = 64;
         if *name == "symlink-input" {
-            spec.inputs.push(kiln_protocol::spec::InputSpec {
-                cid: secret,
-                path: "/in/secret".into(),
-            });
+            spec.inputs
+                .push(kiln_protocol::spec::InputSpec::new(secret, "/in/secret"));
         }
         let v = client
             .submit(spec, Some(format!("hostile {name}")))

@@ -23,6 +23,12 @@ async fn state_of(client: &Client, id: &JobId) -> serde_json::Value {
     client.job(id).await.expect("job status")
 }
 
+/// Waits until the job is in `want`: the coordinator records an offer's
+/// acceptance just after the provider has answered it.
+async fn wait_state(client: &Client, id: &JobId, want: &str) -> serde_json::Value {
+    kiln_tests::job_until(client, id, |j| j["state"] == want).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tampered_foreign_and_replayed_receipts_are_refused() {
     let dn = devnet(0).await.unwrap();
@@ -161,6 +167,7 @@ async fn a_node_refuses_expired_misaddressed_and_foreign_offers() {
         owner: kiln_protocol::BuyerId::new(Keypair::generate().public()),
         spec: kiln_protocol::JobSpec::new(image.clone(), vec!["echo".into()]),
         price_per_hour: kiln_protocol::Credits(1),
+        sources: Vec::new(),
     };
 
     // Expired: signed by the right coordinator, addressed right, but past its expiry.
@@ -225,6 +232,10 @@ async fn a_lost_job_is_requeued_and_completes_not_dropped() {
         kiln_protocol::NetRequest::Lost(Signed::sign(&by.key, l, 60).unwrap())
     };
     // Only the provider holding the job can declare it lost.
+    assert_eq!(
+        wait_state(&client, &id, "running").await["state"],
+        "running"
+    );
     let reason = rejected(&bystander.send(lost(&bystander)).await.unwrap());
     assert!(reason.contains("not from the provider holding"), "{reason}");
     assert_eq!(state_of(&client, &id).await["state"], "running");

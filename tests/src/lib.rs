@@ -51,6 +51,56 @@ pub async fn devnet_with(opts: DevnetOptions) -> anyhow::Result<Devnet> {
     .await
 }
 
+/// Starts one more provider node and joins it to the devnet's coordinator
+/// (1 s heartbeats); it is drained and stopped with the devnet.
+pub async fn add_node(dn: &mut Devnet) -> anyhow::Result<ProviderId> {
+    add_node_with(dn, |_| {}).await
+}
+
+/// [`add_node`] with its configuration adjusted by `adjust`.
+pub async fn add_node_with(
+    dn: &mut Devnet,
+    adjust: impl FnOnce(&mut kiln_node::NodeConfig),
+) -> anyhow::Result<ProviderId> {
+    let addr = dn
+        .coordinator
+        .p2p_addrs
+        .first()
+        .cloned()
+        .context("the coordinator has no p2p address")?;
+    let i = dn.nodes.len();
+    let mut nc = kiln_node::NodeConfig::new(addr, dn.state_dir.join(format!("node{i}")));
+    nc.heartbeat = Duration::from_secs(1);
+    nc.usage_interval = Duration::from_secs(5);
+    adjust(&mut nc);
+    let token = dn.cancel.child_token();
+    let node = kiln_node::start(nc, token.clone()).await?;
+    let id = node.provider;
+    dn.nodes.push(node);
+    dn.node_cancels.push(token);
+    Ok(id)
+}
+
+/// Containers (running or not) that Docker holds for `job`, on any node.
+pub async fn job_containers(job: &kiln_protocol::JobId) -> anyhow::Result<Vec<String>> {
+    let docker = kiln_docker::connect().await?;
+    let filters = std::collections::HashMap::from([(
+        "label".to_string(),
+        vec![format!("{}={job}", kiln_node::runner::LABEL_JOB)],
+    )]);
+    let list = docker
+        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await?;
+    Ok(list
+        .into_iter()
+        .map(|c| format!("{:?} {:?}", c.names, c.labels))
+        .collect())
+}
+
 /// Mount points below `dir` (a job's output area must never outlive it).
 pub fn mounts_below(dir: &std::path::Path) -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -84,6 +134,53 @@ pub async fn leftovers(dn: &Devnet) -> anyhow::Result<Vec<String>> {
         );
     }
     Ok(left)
+}
+
+/// How long [`eventually`] and [`job_until`] wait. Generous because CI
+/// machines are shared: a slow poll costs seconds, a flaky test costs a run.
+pub const PATIENCE: Duration = Duration::from_secs(90);
+
+/// Calls `probe` every 100 ms until `done` holds for what it returned, or
+/// [`PATIENCE`] passes. Returns the last observation either way, so the
+/// caller asserts on it and a failure prints what was actually seen.
+pub async fn eventually<T, Fut>(
+    mut probe: impl FnMut() -> Fut,
+    mut done: impl FnMut(&T) -> bool,
+) -> T
+where
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let seen = probe().await;
+        if done(&seen) || tokio::time::Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A job's status once `done` holds for it (or the last one seen).
+pub async fn job_until(
+    client: &Client,
+    id: &kiln_protocol::JobId,
+    done: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    eventually(
+        || async {
+            client
+                .job(id)
+                .await
+                .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+        },
+        done,
+    )
+    .await
+}
+
+/// The scheduler's explanation of a queued job, once it has given one.
+pub fn reason(job: &serde_json::Value) -> &str {
+    job["reason"].as_str().unwrap_or("")
 }
 
 /// A fresh buyer (new key) talking to the devnet.
@@ -201,6 +298,40 @@ impl RogueProvider {
         }
     }
 
+    /// Waits for the next gang offer and refuses it with `reason` (as a
+    /// node whose owner came back would); returns it. Other requests are
+    /// refused too.
+    pub async fn refuse_gang_offer(
+        &mut self,
+        reason: &str,
+    ) -> anyhow::Result<Signed<kiln_protocol::GangOffer>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ev = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .context("no gang offer within 30s")?;
+            match ev {
+                Some(NetEvent::Request {
+                    request: NetRequest::GangOffer(o),
+                    reply,
+                    ..
+                }) => {
+                    let _ = reply.send(NetResponse::Rejected {
+                        reason: reason.into(),
+                    });
+                    return Ok(o);
+                }
+                Some(NetEvent::Request { reply, .. }) => {
+                    let _ = reply.send(NetResponse::Rejected {
+                        reason: "rogue".into(),
+                    });
+                }
+                Some(_) => {}
+                None => bail!("network stopped"),
+            }
+        }
+    }
+
     /// An honest, well-formed result for `offer`, signed by `signer`.
     pub fn result_for(offer: &JobOffer, signer: &Keypair) -> anyhow::Result<JobResult> {
         let stdout = b"rogue ran it\n".to_vec();
@@ -283,12 +414,48 @@ impl TestCoordinatorPeer {
         }
     }
 
+    /// Waits for the node to deliver a result, accepts it and returns it
+    /// (answering heartbeats and usage reports meanwhile).
+    pub async fn next_result(&mut self) -> anyhow::Result<JobResult> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let ev = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .context("no result within 120s")?;
+            match ev {
+                Some(NetEvent::Request {
+                    request: NetRequest::Result(r),
+                    reply,
+                    ..
+                }) => {
+                    let _ = reply.send(NetResponse::Accepted);
+                    return Ok(*r);
+                }
+                Some(NetEvent::Request { reply, .. }) => {
+                    let _ = reply.send(NetResponse::Accepted);
+                }
+                Some(_) => {}
+                None => bail!("network stopped"),
+            }
+        }
+    }
+
     /// Sends an offer to the node and returns its answer, answering any
     /// heartbeats that arrive meanwhile.
     pub async fn offer(
         &mut self,
         to: &CapabilityAdvert,
         offer: Signed<JobOffer>,
+    ) -> anyhow::Result<NetResponse> {
+        self.request(to, NetRequest::Offer(offer)).await
+    }
+
+    /// Sends any request to the node and returns its answer, answering any
+    /// heartbeats that arrive meanwhile.
+    pub async fn request(
+        &mut self,
+        to: &CapabilityAdvert,
+        req: NetRequest,
     ) -> anyhow::Result<NetResponse> {
         let addrs: Vec<Addr> = to
             .listen_addrs
@@ -299,7 +466,7 @@ impl TestCoordinatorPeer {
         let net = self.net.clone();
         let peer = to.provider.peer_id();
         tokio::spawn(async move {
-            let _ = tx.send(net.request(peer, addrs, NetRequest::Offer(offer)).await);
+            let _ = tx.send(net.request(peer, addrs, req).await);
         });
         let mut rx = rx;
         loop {

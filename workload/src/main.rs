@@ -63,6 +63,9 @@ commands:
                                   checksum written to <outdir>/matmul.txt
   connect <host:port> [timeout_ms]
                                   TCP connect; exit 0 if it works, 42 if not
+  gang [fail_rank]                a gang member: rank, size and peers from
+                                  KILN_GANG_* into <outdir>/rank.txt; exits 3
+                                  if its rank is fail_rank
   demo [seed]                     the devnet demo: hash <indir>, matmul 64 <seed>,
                                   summary in <outdir>/result.txt
   hostile <case> [args...]        sandbox probe: attempt something hostile for real;
@@ -133,6 +136,7 @@ fn run(args: &[String]) -> CmdResult {
         "matmul" => cmd_matmul(rest),
         "connect" => cmd_connect(rest),
         "demo" => cmd_demo(rest),
+        "gang" => cmd_gang(rest),
         "hostile" => hostile::run(rest),
         "help" | "--help" | "-h" => {
             say(USAGE);
@@ -212,6 +216,34 @@ fn write_text(path: &Path, text: &str) -> io::Result<()> {
 
 fn cmd_echo(args: &[String]) -> CmdResult {
     say(&args.join(" "));
+    Ok(())
+}
+
+/// One member of a gang job: reports the rank, size and peers Kiln set,
+/// writes them to `<outdir>/rank.txt`, and exits with `fail_rank`'s code 3
+/// when this member has that rank (to test a failing member).
+fn cmd_gang(args: &[String]) -> CmdResult {
+    arity("gang", args, 0, 1)?;
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
+    let (rank, size, peers) = (
+        var("KILN_GANG_RANK"),
+        var("KILN_GANG_SIZE"),
+        var("KILN_GANG_PEERS"),
+    );
+    if rank.is_empty() || size.is_empty() {
+        return Err(Failure::Runtime(
+            "KILN_GANG_RANK/KILN_GANG_SIZE are not set: not started as a gang member".into(),
+        ));
+    }
+    let line = format!("rank={rank} size={size} peers={peers}");
+    say(&format!("gang: {line}"));
+    let dir = output_dir();
+    ensure_dir(&dir)?;
+    fs::write(dir.join("rank.txt"), format!("{line}\n"))?;
+    if args.first().is_some_and(|f| *f == rank) {
+        eprintln!("gang: rank {rank} fails on purpose");
+        return Err(Failure::Exit(3));
+    }
     Ok(())
 }
 

@@ -70,6 +70,8 @@ fn not_placed(online: usize, spec: &JobSpec) -> NotPlaced {
         gang: spec.resources.gang.max(1),
         holding: 0,
         gang_unsupported: false,
+        unbonded: 0,
+        min_stake: Credits(0),
         wanted: Wanted::of(spec),
     }
 }

@@ -422,6 +422,32 @@ fn why_not_line_from_the_issue() {
 }
 
 #[test]
+fn unbonded_providers_are_counted_first() {
+    let min_stake = Credits(5_000_000);
+    // None online and none unbonded: the plain line.
+    let np = place(&job(), &mut Fleet::from_views(vec![])).unwrap_err();
+    assert_eq!(
+        np.clone().with_unbonded(0, min_stake).to_string(),
+        "waiting: no provider online"
+    );
+    // Only unbonded providers: they are online, and excluded by the stake.
+    assert_eq!(
+        np.with_unbonded(2, min_stake).to_string(),
+        "waiting: 2 online; 2 excluded by min_stake=5.000000 cr"
+    );
+    // Mixed with a job constraint: stake first, then the constraints in order.
+    let np = place(
+        &job_with(|s| s.network = NetworkMode::Full),
+        &mut Fleet::from_views(vec![prov(1)]),
+    )
+    .unwrap_err();
+    assert_eq!(
+        np.with_unbonded(1, min_stake).to_string(),
+        "waiting: 2 online; 1 excluded by min_stake=5.000000 cr; 1 by network=full"
+    );
+}
+
+#[test]
 fn scoring_order() {
     let h100 = |n, tflops, rep| {
         with(prov(n), |p| {
@@ -435,10 +461,7 @@ fn scoring_order() {
     let smaller_id_index = usize::from(b < a);
     let inputs = |s: &mut JobSpec| {
         s.inputs = (0..3)
-            .map(|i| InputSpec {
-                cid: cid(i),
-                path: format!("/in/{i}"),
-            })
+            .map(|i| InputSpec::new(cid(i), format!("/in/{i}")))
             .collect()
     };
     let cases: Vec<Case> = vec![
@@ -1021,10 +1044,7 @@ mod props {
                 if network {
                     s.network = NetworkMode::Full;
                 }
-                s.inputs = inputs.into_iter().enumerate().map(|(i, c)| InputSpec {
-                    cid: cid(c),
-                    path: format!("/in/{i}"),
-                }).collect();
+                s.inputs = inputs.into_iter().enumerate().map(|(i, c)| InputSpec::new(cid(c), format!("/in/{i}"))).collect();
             })
         }
     }

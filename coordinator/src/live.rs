@@ -1,0 +1,293 @@
+//! The scheduler's [`Fleet`], kept in memory across rounds.
+//!
+//! A round no longer reads every provider, reputation and active job from the
+//! database: registrations (heartbeats) upsert their provider, a provider
+//! not heard from within its lease is taken out at the start of a round,
+//! each dispatch keeps the reservations the round made (by job), and a job
+//! leaving `dispatched`/`running` (result, requeue, failure) gives them back.
+//! As a safety net against any drift the fleet is rebuilt from the database
+//! at start-up and every [`RESYNC`].
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use kiln_protocol::{CapabilityAdvert, JobId, ProviderId, UnixMillis};
+
+use crate::AppState;
+use crate::db::{DbError, JobState};
+use crate::sched::{Fleet, Placement, ProviderView, ReservationId};
+
+/// How often the in-memory fleet is rebuilt from the database anyway.
+pub const RESYNC: Duration = Duration::from_secs(60);
+
+/// The fleet and what the coordinator knows about it between rounds.
+#[derive(Debug, Default)]
+pub struct LiveFleet {
+    pub fleet: Fleet,
+    /// When each provider last registered (the lease clock).
+    last_seen: HashMap<ProviderId, UnixMillis>,
+    /// Providers online but not offered work (stake bond below the
+    /// minimum), with when they last registered: why-not lines count them.
+    unbonded: HashMap<ProviderId, UnixMillis>,
+    /// Reservations held by each dispatched or running job.
+    booked: HashMap<JobId, Vec<ReservationId>>,
+    synced: Option<Instant>,
+}
+
+impl LiveFleet {
+    pub fn new() -> Self {
+        Self {
+            fleet: Fleet::new(),
+            ..Self::default()
+        }
+    }
+
+    /// Whether a rebuild from the database is due.
+    pub fn needs_resync(&self) -> bool {
+        self.synced.is_none_or(|t| t.elapsed() >= RESYNC)
+    }
+
+    /// Replaces everything with a fleet rebuilt from the database.
+    pub fn replace(
+        &mut self,
+        fleet: Fleet,
+        last_seen: HashMap<ProviderId, UnixMillis>,
+        unbonded: HashMap<ProviderId, UnixMillis>,
+        booked: HashMap<JobId, Vec<ReservationId>>,
+    ) {
+        self.fleet = fleet;
+        self.last_seen = last_seen;
+        self.unbonded = unbonded;
+        self.booked = booked;
+        self.synced = Some(Instant::now());
+    }
+
+    /// A provider registered at `now`: `Some(view)` if it may be offered
+    /// work (eligible), `None` if not (e.g. its stake bond is too small).
+    pub fn observe(&mut self, id: ProviderId, view: Option<ProviderView>, now: UnixMillis) {
+        match view {
+            Some(v) => {
+                self.fleet.upsert(v);
+                self.last_seen.insert(id, now);
+                self.unbonded.remove(&id);
+            }
+            None => {
+                self.fleet.remove(&id);
+                self.last_seen.remove(&id);
+                self.unbonded.insert(id, now);
+            }
+        }
+    }
+
+    /// Takes a provider out until it registers again (it did not answer an
+    /// offer: offering it more work before it heartbeats would only fail).
+    pub fn suspend(&mut self, id: &ProviderId) {
+        self.last_seen.remove(id);
+        self.fleet.remove(id);
+    }
+
+    /// Takes out providers not heard from since `since`. Returns how many.
+    pub fn expire(&mut self, since: UnixMillis) -> usize {
+        self.unbonded.retain(|_, t| t.0 >= since.0);
+        let gone: Vec<ProviderId> = self
+            .last_seen
+            .iter()
+            .filter(|(_, t)| t.0 < since.0)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &gone {
+            self.last_seen.remove(p);
+            self.fleet.remove(p);
+        }
+        gone.len()
+    }
+
+    /// Keeps `placements` reserved for `job` until [`Self::release_job`].
+    pub fn book(&mut self, job: JobId, placements: &[Placement]) {
+        self.booked
+            .entry(job)
+            .or_default()
+            .extend(placements.iter().map(|p| p.reservation));
+    }
+
+    /// Gives back everything `job` holds (idempotent).
+    pub fn release_job(&mut self, job: &JobId) {
+        if let Some(ids) = self.booked.remove(job) {
+            for id in ids {
+                self.fleet.release_id(id);
+            }
+        }
+    }
+
+    /// Providers online but below the minimum stake.
+    pub fn unbonded(&self) -> usize {
+        self.unbonded.len()
+    }
+
+    /// Jobs holding reservations.
+    pub fn booked_jobs(&self) -> usize {
+        self.booked.len()
+    }
+}
+
+/// The coordinator's live fleet, locked (a poisoned lock is taken over:
+/// every update leaves the fleet consistent).
+pub fn lock(state: &AppState) -> std::sync::MutexGuard<'_, LiveFleet> {
+    state
+        .live
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Start of the current lease window.
+pub(crate) fn lease_start(state: &AppState) -> UnixMillis {
+    UnixMillis(
+        UnixMillis::now()
+            .0
+            .saturating_sub(state.config.provider_lease.as_millis() as u64),
+    )
+}
+
+/// What the scheduler sees of a provider: its advert, its reputation, and
+/// whether it may be offered work at all (it holds the minimum stake bond).
+async fn view_of(
+    state: &AppState,
+    advert: CapabilityAdvert,
+) -> Result<Option<ProviderView>, DbError> {
+    if state.bank.bond(&advert.provider).await < state.config.min_stake {
+        return Ok(None);
+    }
+    let mut v = ProviderView::new(advert);
+    // No verified TFLOP/s figure yet (a job asking for `min_tflops` waits).
+    v.reputation = crate::audit::reputation(state, &v.id).await?;
+    Ok(Some(v))
+}
+
+/// A provider (re-)registered: update the live fleet.
+pub async fn observe(state: &AppState, advert: &CapabilityAdvert) -> Result<(), DbError> {
+    let id = advert.provider;
+    let view = view_of(state, advert.clone()).await?;
+    lock(state).observe(id, view, UnixMillis::now());
+    Ok(())
+}
+
+/// Builds the fleet from the database: providers within their lease, and
+/// reservations for every dispatched or running job (gang members included).
+pub async fn rebuild(state: &AppState) -> Result<LiveFleet, DbError> {
+    let mut views = Vec::new();
+    let (mut last_seen, mut unbonded) = (HashMap::new(), HashMap::new());
+    for p in state.db.providers_seen_since(lease_start(state)).await? {
+        let id = p.advert.payload.provider;
+        if let Some(v) = view_of(state, p.advert.payload).await? {
+            views.push(v);
+            last_seen.insert(id, p.last_seen);
+        } else {
+            unbonded.insert(id, p.last_seen);
+        }
+    }
+    let mut fleet = Fleet::from_views(views);
+    let mut booked: HashMap<JobId, Vec<ReservationId>> = HashMap::new();
+    let active = state
+        .db
+        .jobs_in(&[JobState::Dispatched, JobState::Running], 100_000)
+        .await?;
+    let mut gangs = HashMap::new();
+    for j in &active {
+        if j.spec.resources.gang > 1 {
+            gangs.insert(j.id, j);
+        } else if let Some(p) = &j.provider
+            && let Some(pl) = fleet.book(p, &j.spec)
+        {
+            booked.entry(j.id).or_default().push(pl.reservation);
+        }
+    }
+    for m in crate::gang::active_members(state).await? {
+        if let Some(j) = gangs.get(&m.job_id)
+            && j.attempts == m.attempt
+            && let Some(pl) = fleet.book(&m.provider, &j.spec)
+        {
+            booked.entry(j.id).or_default().push(pl.reservation);
+        }
+    }
+    let mut live = LiveFleet::new();
+    live.replace(fleet, last_seen, unbonded, booked);
+    Ok(live)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use kiln_protocol::{ByteSize, CapabilityAdvert, CpuInfo, Credits, JobSpec, Keypair};
+
+    fn view(slots: u32) -> ProviderView {
+        let id = ProviderId::from_public_key(&Keypair::generate().public());
+        ProviderView::new(CapabilityAdvert {
+            provider: id,
+            protocol_version: kiln_protocol::PROTOCOL_VERSION,
+            node_version: "t".into(),
+            listen_addrs: vec![],
+            cpu: CpuInfo {
+                model: "t".into(),
+                logical_cores: 4,
+                matmul_mflops: 1,
+            },
+            memory: ByteSize(8 << 30),
+            gpus: vec![],
+            slots,
+            price_per_cpu_hour: Credits(1),
+            price_per_gpu_hour: Credits(1),
+            runtime: "runc".into(),
+            allows_network: false,
+            issued_at: UnixMillis(0),
+            benchmark: None,
+            region: None,
+            disk: ByteSize(0),
+            cached: vec![],
+        })
+    }
+
+    fn spec() -> JobSpec {
+        let mut s = JobSpec::new(format!("sha256:{}", "a".repeat(64)), vec!["x".into()]);
+        s.resources.max_price_per_hour = Credits(1_000_000);
+        s
+    }
+
+    #[test]
+    fn bookings_survive_rounds_until_released_and_expiry_takes_providers_out() {
+        let mut live = LiveFleet::new();
+        let v = view(1);
+        let id = v.id;
+        live.observe(id, Some(v.clone()), UnixMillis(1_000));
+        assert_eq!(live.fleet.online(), 1);
+        let job = JobId::random();
+        let p = crate::sched::place(&spec(), &mut live.fleet).unwrap();
+        live.book(job, &[p]);
+        // A heartbeat keeps the booking; the one slot stays taken.
+        live.observe(id, Some(v.clone()), UnixMillis(2_000));
+        assert!(crate::sched::place(&spec(), &mut live.fleet).is_err());
+        live.release_job(&job);
+        live.release_job(&job);
+        assert_eq!(live.booked_jobs(), 0);
+        let p = crate::sched::place(&spec(), &mut live.fleet).unwrap();
+        live.fleet.release(&p);
+        // Not heard from since 2 000: out at 2 001.
+        assert_eq!(live.expire(UnixMillis(2_000)), 0);
+        assert_eq!(live.expire(UnixMillis(2_001)), 1);
+        assert_eq!(live.fleet.online(), 0);
+        // An ineligible registration takes it out too.
+        live.observe(id, Some(v.clone()), UnixMillis(3_000));
+        live.observe(id, None, UnixMillis(3_001));
+        assert_eq!(live.fleet.online(), 0);
+        // … but it is still counted, as unbonded, until its lease runs out.
+        assert_eq!(live.unbonded(), 1);
+        live.expire(UnixMillis(3_001));
+        assert_eq!(live.unbonded(), 1);
+        live.expire(UnixMillis(3_002));
+        assert_eq!(live.unbonded(), 0);
+        // Bonding brings it back as eligible, no longer unbonded.
+        live.observe(id, None, UnixMillis(4_000));
+        live.observe(id, Some(v), UnixMillis(4_001));
+        assert_eq!((live.unbonded(), live.fleet.online()), (0, 1));
+    }
+}

@@ -1,0 +1,382 @@
+//! The data plane end to end: datasets added by CID, mounted into real
+//! containers, URL sources verified before anything starts, outputs fetched
+//! by CID with verification, resumable downloads, owner-only access.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use kiln_protocol::spec::InputSpec;
+use kiln_protocol::{ContentId, Manifest, ManifestEntry};
+use kiln_tests::{buyer, devnet, run_job};
+use tokio_util::sync::CancellationToken;
+
+/// Writes `size` pseudo-random bytes (seeded) to `path`.
+fn write_random(path: &Path, size: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut data = vec![0u8; size];
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&data).unwrap();
+    data
+}
+
+/// The output manifest the workload's `hash` mode produces for `listing`.
+fn hash_output_cid(listing: &str) -> ContentId {
+    Manifest::new(vec![ManifestEntry {
+        path: "hashes.txt".into(),
+        cid: ContentId::of_bytes(listing.as_bytes()),
+        size: listing.len() as u64,
+        executable: false,
+    }])
+    .unwrap()
+    .cid()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_100_mib_dataset_by_cid_produces_the_expected_output_cid() {
+    let dn = devnet(1).await.unwrap();
+    let client = buyer(&dn);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.bin");
+    let data = write_random(&path, 100 << 20, 3);
+
+    let added = kiln_cli::data::add(&client, &path, false).await.unwrap();
+    // The CID is CIDv1 raw + blake3, its digest exactly `b3sum` of the file.
+    assert_eq!(added.cid.digest(), *blake3::hash(&data).as_bytes());
+    assert_eq!(added.cid, ContentId::of_bytes(&data));
+    assert_eq!(added.uploaded_bytes, 100 << 20);
+    // Adding it again uploads nothing.
+    let again = kiln_cli::data::add(&client, &path, false).await.unwrap();
+    assert_eq!((again.cid, again.uploaded_bytes), (added.cid, 0));
+
+    let mut spec = dn.workload_spec(&["hash", "/in/data.bin"]);
+    spec.inputs.push(InputSpec::new(added.cid, "/in/data.bin"));
+    spec.resources.timeout = kiln_protocol::Seconds(300);
+    let done = run_job(&client, spec).await.unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let listing = format!("{}  /in/data.bin\n", blake3::hash(&data).to_hex());
+    assert_eq!(
+        done["output_cid"].as_str().unwrap(),
+        hash_output_cid(&listing).to_string(),
+        "the output CID is the manifest of the expected listing"
+    );
+
+    // The provider now holds the dataset and says so in its advert.
+    let provider = dn.nodes[0].provider.to_string();
+    assert!(
+        advertises_cached(&client, &provider, &added.cid).await,
+        "the provider advertises the dataset as cached"
+    );
+    dn.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_directory_dataset_is_mounted_as_a_tree_and_outputs_come_back_by_cid() {
+    let dn = devnet(1).await.unwrap();
+    let client = buyer(&dn);
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    std::fs::create_dir_all(ds.join("sub")).unwrap();
+    let a = write_random(&ds.join("a.bin"), 200_000, 1);
+    let b = write_random(&ds.join("sub/b.bin"), 70_000, 2);
+    std::fs::write(ds.join("sub/empty"), b"").unwrap();
+    let added = kiln_cli::data::add(&client, &ds, false).await.unwrap();
+    assert_eq!(added.kind, "directory");
+    assert_eq!(added.files, 3);
+    assert_eq!(
+        added.cid.codec(),
+        kiln_protocol::content::DAG_CBOR_CODEC,
+        "a directory is a DAG-CBOR manifest"
+    );
+
+    // The job hashes the mounted tree and writes a large output (fetched
+    // from the provider by CID, not inline).
+    let mut spec = dn.workload_spec(&["hash", "/in/ds"]);
+    spec.inputs.push(InputSpec::new(added.cid, "/in/ds"));
+    let done = run_job(&client, spec).await.unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let listing = format!(
+        "{}  /in/ds/a.bin\n{}  /in/ds/sub/b.bin\n{}  /in/ds/sub/empty\n",
+        blake3::hash(&a).to_hex(),
+        blake3::hash(&b).to_hex(),
+        blake3::hash(b"").to_hex()
+    );
+    assert_eq!(
+        done["output_cid"].as_str().unwrap(),
+        hash_output_cid(&listing).to_string()
+    );
+
+    let spec = dn.workload_spec(&["write", "big.bin", "3000000", "9"]);
+    let done = run_job(&client, spec).await.unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let id = kiln_cli::job_id_of(&done).unwrap();
+    let cache = kiln_blobs::Store::open_dir(&dir.path().join("cache"), Default::default()).unwrap();
+    let out = dir.path().join("out");
+    let nodes = kiln_cli::fetch_outputs_verified(&client, &cache, &id, &out, false)
+        .await
+        .unwrap();
+    let r = &nodes[0].report;
+    let bytes = std::fs::read(out.join("big.bin")).unwrap();
+    assert_eq!(bytes.len(), 3_000_000);
+    assert_eq!(r.files, 1);
+    let big = ContentId::of_bytes(&bytes);
+    assert!(r.bytes_transferred >= 3_000_000, "{r:?}");
+    let logs = client.logs(&id).await.unwrap();
+    assert!(
+        logs["stdout"]
+            .as_str()
+            .unwrap()
+            .contains(&blake3::hash(&bytes).to_hex().to_string()),
+        "the job's own hash of what it wrote matches what arrived"
+    );
+    // The owner lists it; another buyer cannot read it, even by CID.
+    let listed = client.blobs().await.unwrap();
+    assert!(
+        listed["blobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["cid"] == big.to_string())
+    );
+    let stranger = buyer(&dn);
+    let e = kiln_cli::data::fetch_blob(
+        &stranger,
+        &cache,
+        ContentId::of_bytes(b"not here"),
+        None,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("not one of your uploads"), "{e:#}");
+    let cache2 =
+        kiln_blobs::Store::open_dir(&dir.path().join("cache2"), Default::default()).unwrap();
+    let e = kiln_cli::data::fetch_blob(&stranger, &cache2, big, None, &CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not one of your uploads"), "{e:#}");
+    assert_eq!(
+        stranger.missing(&[added.cid]).await.unwrap(),
+        vec![added.cid],
+        "holding it for someone else does not make it yours"
+    );
+    dn.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_interrupted_download_resumes_with_only_the_remainder() {
+    let dn = devnet(1).await.unwrap();
+    let client = buyer(&dn);
+    let dir = tempfile::tempdir().unwrap();
+    let size = 48 << 20;
+    let data = write_random(&dir.path().join("d.bin"), size, 5);
+    let added = kiln_cli::data::add(&client, &dir.path().join("d.bin"), false)
+        .await
+        .unwrap();
+    let cache = kiln_blobs::Store::open_dir(&dir.path().join("cache"), Default::default()).unwrap();
+
+    // Stop the first download once a third has arrived.
+    let progress = kiln_cli::data::Progress::new("t", size as u64, false);
+    let cancel = CancellationToken::new();
+    let (p, c) = (progress.clone(), cancel.clone());
+    tokio::spawn(async move {
+        while p.done() < (size as u64) / 3 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        c.cancel();
+    });
+    let e = kiln_cli::data::fetch_blob(&client, &cache, added.cid, Some(&progress), &cancel)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("resume"), "{e:#}");
+    assert!(!cache.has(&added.cid), "a partial blob is never visible");
+
+    let out = dir.path().join("got.bin");
+    let r = kiln_cli::data::get(
+        &client,
+        &cache,
+        added.cid,
+        &out,
+        false,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        r.resumed_bytes >= (size as u64) / 4,
+        "resumed from what was verified: {r:?}"
+    );
+    assert!(
+        r.bytes_transferred < size as u64 - r.resumed_bytes + (size as u64) / 50,
+        "only the remainder (plus proofs) was transferred: {r:?}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    dn.shutdown().await;
+}
+
+/// Serves fixed bytes over plain HTTP/1.1 on loopback (any path).
+async fn serve_bytes(body: Vec<u8>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let body = body.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&body).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}/weights.bin")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_url_input_is_verified_and_a_mismatch_fails_before_the_container_starts() {
+    let dn = devnet(1).await.unwrap();
+    let client = buyer(&dn);
+    let good: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
+    let url = serve_bytes(good.clone()).await;
+    let cid = ContentId::of_bytes(&good);
+
+    let mut spec = dn.workload_spec(&["hash", "/in/w.bin"]);
+    let mut input = InputSpec::new(cid, "/in/w.bin");
+    input.url = Some(url.clone());
+    spec.inputs.push(input);
+    let done = run_job(&client, spec).await.unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let listing = format!("{}  /in/w.bin\n", blake3::hash(&good).to_hex());
+    assert_eq!(
+        done["output_cid"].as_str().unwrap(),
+        hash_output_cid(&listing).to_string()
+    );
+
+    // The same URL claimed to hold other bytes: refused before any container.
+    let claimed = ContentId::of_bytes(b"something else entirely");
+    let mut spec = dn.workload_spec(&["echo", "must not run"]);
+    let mut input = InputSpec::new(claimed, "/in/w.bin");
+    input.url = Some(url);
+    spec.inputs.push(input);
+    let done = run_job(&client, spec).await.unwrap();
+    assert_eq!(done["state"], "failed", "{done:#}");
+    let reason = done["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&claimed.to_string()) && reason.contains(&cid.to_string()),
+        "both CIDs are named: {reason}"
+    );
+    assert_eq!(done["usage"]["wall_ms"], 0, "no container ran: {done:#}");
+    assert_eq!(done["receipt"]["payload"]["image_digest"], "", "{done:#}");
+    let id = kiln_cli::job_id_of(&done).unwrap();
+    let logs = client.logs(&id).await.unwrap();
+    assert!(!logs["stdout"].as_str().unwrap().contains("must not run"));
+    dn.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn uploads_are_checked_against_their_cid() {
+    let dn = devnet(1).await.unwrap();
+    let client = buyer(&dn);
+    let claimed = ContentId::of_bytes(b"the real bytes");
+    let e = client
+        .put_blob(&claimed, 9, "x", reqwest::Body::from(b"fake data".to_vec()))
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&claimed.to_string())
+            && msg.contains(&ContentId::of_bytes(b"fake data").to_string()),
+        "{msg}"
+    );
+    assert_eq!(client.missing(&[claimed]).await.unwrap(), vec![claimed]);
+    client
+        .put_blob(
+            &claimed,
+            14,
+            "x",
+            reqwest::Body::from(b"the real bytes".to_vec()),
+        )
+        .await
+        .unwrap();
+    assert!(client.missing(&[claimed]).await.unwrap().is_empty());
+    dn.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_fetches_an_input_from_the_peer_that_cached_it() {
+    let mut dn = devnet(0).await.unwrap();
+    let a = kiln_tests::add_node_with(&mut dn, |c| c.region = Some("zone-a".into()))
+        .await
+        .unwrap();
+    let b = kiln_tests::add_node_with(&mut dn, |c| c.region = Some("zone-b".into()))
+        .await
+        .unwrap();
+    let client = buyer(&dn);
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_random(&dir.path().join("x.bin"), 6 << 20, 11);
+    let cid = kiln_cli::data::add(&client, &dir.path().join("x.bin"), false)
+        .await
+        .unwrap()
+        .cid;
+    let job = |region: &str| {
+        let mut spec = dn.workload_spec(&["hash", "/in/x.bin"]);
+        spec.inputs.push(InputSpec::new(cid, "/in/x.bin"));
+        spec.resources.region = Some(region.into());
+        spec
+    };
+    let done = run_job(&client, job("zone-a")).await.unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done["provider"], a.to_string());
+    // Wait until node A advertises the input as cached.
+    assert!(
+        advertises_cached(&client, &a.to_string(), &cid).await,
+        "node A advertises the input"
+    );
+    // The coordinator forgets it: node B can only get it from node A.
+    assert!(dn.coordinator.state.blobs.remove(&cid).unwrap());
+    let done = run_job(&client, job("zone-b")).await.unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done["provider"], b.to_string());
+    let listing = format!("{}  /in/x.bin\n", blake3::hash(&data).to_hex());
+    assert_eq!(
+        done["output_cid"].as_str().unwrap(),
+        hash_output_cid(&listing).to_string()
+    );
+    dn.shutdown().await;
+}
+
+/// Whether `provider`'s advert lists `cid` as cached, once it has had
+/// time to re-advertise.
+async fn advertises_cached(client: &kiln_cli::Client, provider: &str, cid: &ContentId) -> bool {
+    kiln_tests::eventually(
+        || async {
+            let ps = client.providers().await.unwrap_or_default();
+            ps["providers"].as_array().is_some_and(|ps| {
+                ps.iter().any(|p| {
+                    p["provider"] == provider
+                        && p["cached"]
+                            .as_array()
+                            .is_some_and(|c| c.iter().any(|c| c == &cid.to_string()))
+                })
+            })
+        },
+        |c| *c,
+    )
+    .await
+}
