@@ -65,6 +65,11 @@ impl Drop for Peer {
 
 /// A kiln-net peer with its own key; serves `store` if given.
 async fn peer(serve: Option<Store>) -> Peer {
+    peer_with(serve, wire::ServeConfig::default()).await
+}
+
+/// [`peer`], serving with `config`.
+async fn peer_with(serve: Option<Store>, config: wire::ServeConfig) -> Peer {
     let key = kiln_protocol::Keypair::generate().to_libp2p();
     let cancel = CancellationToken::new();
     let (client, mut events, ev) = kiln_net::spawn(key, NetConfig::default(), cancel.clone())
@@ -73,7 +78,12 @@ async fn peer(serve: Option<Store>) -> Peer {
     tokio::spawn(ev.run());
     tokio::spawn(async move { while events.recv().await.is_some() {} });
     if let Some(store) = serve {
-        tokio::spawn(wire::serve(store, client.clone(), cancel.clone()));
+        tokio::spawn(wire::serve_with(
+            store,
+            client.clone(),
+            cancel.clone(),
+            config,
+        ));
     }
     Peer { client, cancel }
 }
@@ -503,13 +513,6 @@ async fn a_server_serves_only_what_its_policy_allows() {
     let s = store(&d.path().join("srv"));
     let open = s.import_bytes(&data(100_000, 1)).unwrap();
     let secret = s.import_bytes(&data(100_000, 2)).unwrap();
-    let key = kiln_protocol::Keypair::generate().to_libp2p();
-    let cancel = CancellationToken::new();
-    let (client, mut events, ev) = kiln_net::spawn(key, NetConfig::default(), cancel.clone())
-        .await
-        .unwrap();
-    tokio::spawn(ev.run());
-    tokio::spawn(async move { while events.recv().await.is_some() {} });
     let allowed = open;
     let authorize: wire::Authorize =
         Arc::new(move |_peer, cid| Box::pin(std::future::ready(cid == allowed)));
@@ -517,11 +520,8 @@ async fn a_server_serves_only_what_its_policy_allows() {
         validate: true,
         authorize: Some(authorize),
     };
-    tokio::spawn(wire::serve_with(s, client.clone(), cancel.clone(), config));
-    let server = Source {
-        peer: client.local_peer_id(),
-        addrs: client.listen_addrs().to_vec(),
-    };
+    let srv = peer_with(Some(s), config).await;
+    let server = srv.source();
 
     let me = peer(None).await;
     // `Has` does not even reveal that the secret blob is held.
@@ -540,5 +540,5 @@ async fn a_server_serves_only_what_its_policy_allows() {
         .unwrap_err();
     assert!(e.to_string().contains("may not fetch"), "{e}");
     assert!(!mine.has(&secret));
-    cancel.cancel();
+    drop(srv);
 }

@@ -82,16 +82,21 @@ impl Client {
         })
     }
 
-    async fn get_json(&self, path: &str) -> Result<Value, ClientError> {
-        let req = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .header("authorization", self.auth("GET", path)?);
+    /// [`Self::send`], then the JSON body.
+    async fn send_json(&self, req: reqwest::RequestBuilder) -> Result<Value, ClientError> {
         self.send(req)
             .await?
             .json()
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Value, ClientError> {
+        let req = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("authorization", self.auth("GET", path)?);
+        self.send_json(req).await
     }
 
     /// Submits a job signed by this buyer; returns the job as the coordinator sees it.
@@ -109,11 +114,7 @@ impl Client {
             .http
             .post(format!("{}/v1/jobs", self.base))
             .json(signed);
-        self.send(req)
-            .await?
-            .json()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))
+        self.send_json(req).await
     }
 
     pub async fn job(&self, id: &JobId) -> Result<Value, ClientError> {
@@ -131,11 +132,7 @@ impl Client {
             .http
             .post(format!("{}{path}", self.base))
             .header("authorization", self.auth("POST", &path)?);
-        self.send(req)
-            .await?
-            .json()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))
+        self.send_json(req).await
     }
 
     pub async fn logs(&self, id: &JobId) -> Result<Value, ClientError> {
@@ -168,11 +165,7 @@ impl Client {
             .append_pair("sort", sort)
             .append_pair("limit", &limit.to_string());
         let req = self.http.get(url);
-        self.send(req)
-            .await?
-            .json()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))
+        self.send_json(req).await
     }
 
     /// One page of the public ledger.
@@ -202,12 +195,7 @@ impl Client {
             .post(format!("{}/v1/blobs", self.base))
             .header("authorization", self.auth("POST", "/v1/blobs")?)
             .body(bytes);
-        let v: Value = self
-            .send(req)
-            .await?
-            .json()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let v: Value = self.send_json(req).await?;
         if v["cid"].as_str() != Some(cid.to_string().as_str()) {
             return Err(ClientError::Protocol(format!(
                 "coordinator stored the upload as {}, expected {cid}",
@@ -227,12 +215,7 @@ impl Client {
                 .post(format!("{}{path}", self.base))
                 .header("authorization", self.auth("POST", path)?)
                 .json(&serde_json::json!({ "cids": batch }));
-            let v: Value = self
-                .send(req)
-                .await?
-                .json()
-                .await
-                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let v: Value = self.send_json(req).await?;
             let got: Vec<ContentId> = serde_json::from_value(v["missing"].clone())
                 .map_err(|e| ClientError::Protocol(format!("malformed `missing` answer: {e}")))?;
             out.extend(got);
@@ -260,11 +243,7 @@ impl Client {
                 name.replace(|c: char| !c.is_ascii() || c.is_ascii_control(), "_"),
             )
             .body(body);
-        self.send(req)
-            .await?
-            .json()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))
+        self.send_json(req).await
     }
 
     /// The blobs this buyer may read.

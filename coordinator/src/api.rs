@@ -392,11 +392,7 @@ async fn account(
 }
 
 async fn providers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let since = UnixMillis(
-        UnixMillis::now()
-            .0
-            .saturating_sub(state.config.provider_lease.as_millis() as u64),
-    );
+    let since = crate::live::lease_start(&state);
     let live = state.db.providers_seen_since(since).await?;
     let ledger = state.bank.snapshot().await;
     let mut list = Vec::new();

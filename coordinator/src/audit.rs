@@ -316,11 +316,7 @@ pub async fn audit_loop(state: AppState, cancel: CancellationToken) {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(Duration::from_millis((mean_ms / 20).clamp(50, 60_000))) => {}
         }
-        let since = UnixMillis(
-            UnixMillis::now()
-                .0
-                .saturating_sub(state.config.provider_lease.as_millis() as u64),
-        );
+        let since = crate::live::lease_start(&state);
         let Ok(live) = state.db.providers_seen_since(since).await else {
             continue;
         };

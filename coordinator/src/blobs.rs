@@ -23,7 +23,7 @@ use kiln_blobs::announce::Providers;
 use kiln_blobs::wire::{Authorize, ServeConfig};
 use kiln_net::Peer;
 use kiln_protocol::{
-    BuyerId, ContentId, InputSources, JobOffer, PeerSource, ProviderId, PublicKey, UnixMillis,
+    BuyerId, ContentId, InputSources, JobOffer, PeerSource, ProviderId, PublicKey,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -150,11 +150,7 @@ pub async fn offer_sources(state: &AppState, offer: &JobOffer) -> Vec<InputSourc
     if offer.spec.inputs.is_empty() {
         return Vec::new();
     }
-    let since = UnixMillis(
-        UnixMillis::now()
-            .0
-            .saturating_sub(state.config.provider_lease.as_millis() as u64),
-    );
+    let since = crate::live::lease_start(state);
     let live = match state.db.providers_seen_since(since).await {
         Ok(p) => p,
         Err(e) => {
@@ -214,22 +210,9 @@ pub async fn provider_source(
     state: &AppState,
     provider: &ProviderId,
 ) -> Result<kiln_blobs::Source, String> {
-    let addrs = state
-        .db
-        .providers_seen_since(UnixMillis(0))
+    let addrs = crate::service::provider_addrs(state, provider)
         .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .find(|p| p.advert.payload.provider == *provider)
-        .map(|p| {
-            p.advert
-                .payload
-                .listen_addrs
-                .iter()
-                .filter_map(|a| a.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
+        .map_err(|e| e.to_string())?;
     Ok(kiln_blobs::Source {
         peer: provider.peer_id(),
         addrs,

@@ -470,18 +470,22 @@ impl Db {
         .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
-            let b: Vec<u8> = r.try_get("advert")?;
-            match Signed::from_bytes(&b) {
-                Ok(advert) => out.push(ProviderRecord {
-                    advert,
-                    last_seen: UnixMillis(u(r.try_get("last_seen")?)),
-                }),
-                Err(e) => {
-                    tracing::warn!(provider = %r.try_get::<String, _>("id")?, "skipping an unreadable provider advert: {e}")
-                }
-            }
+            out.extend(provider_row(r)?);
         }
         Ok(out)
+    }
+
+    /// One provider's last advert (skipped like [`Self::providers_seen_since`]
+    /// when unreadable).
+    pub async fn provider(&self, id: &ProviderId) -> Result<Option<ProviderRecord>, DbError> {
+        let row = sqlx::query("SELECT id, advert, last_seen FROM providers WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => provider_row(&r)?,
+            None => None,
+        })
     }
 
     pub async fn record_blob(tx: &mut Tx<'_>, cid: &ContentId, size: u64) -> Result<(), DbError> {
@@ -614,5 +618,21 @@ impl Db {
         Ok(sqlx::query_scalar("SELECT op FROM ledger_ops ORDER BY seq")
             .fetch_all(&self.pool)
             .await?)
+    }
+}
+
+/// A `providers` row, or `None` (with a warning) if its advert no longer
+/// decodes.
+fn provider_row(r: &sqlx::sqlite::SqliteRow) -> Result<Option<ProviderRecord>, DbError> {
+    let b: Vec<u8> = r.try_get("advert")?;
+    match Signed::from_bytes(&b) {
+        Ok(advert) => Ok(Some(ProviderRecord {
+            advert,
+            last_seen: UnixMillis(u(r.try_get("last_seen")?)),
+        })),
+        Err(e) => {
+            tracing::warn!(provider = %r.try_get::<String, _>("id")?, "skipping an unreadable provider advert: {e}");
+            Ok(None)
+        }
     }
 }

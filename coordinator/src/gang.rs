@@ -1365,21 +1365,12 @@ pub async fn accept_result(
             )
             .await?;
             if ended
-                && pending
-                    .ledger()
-                    .escrow(&job.id)
-                    .is_some_and(|e| e.is_open())
+                && let Err(e) = crate::service::try_refund(&mut pending, &mut tx, &job.id).await
             {
-                let op = Op::Refund {
-                    key: OpKey::new(format!("settle:{}", job.id)),
-                    job: job.id,
-                };
-                if let Err(e) = pending.apply(&mut tx, op).await {
-                    return Ok(rejected(format!(
-                        "closing the escrow of job {} failed: {e}",
-                        job.id
-                    )));
-                }
+                return Ok(rejected(format!(
+                    "closing the escrow of job {} failed: {e}",
+                    job.id
+                )));
             }
         }
     }
@@ -1429,19 +1420,7 @@ pub async fn cancel(state: &AppState, job: &JobRecord) -> Result<bool, DbError> 
         )
         .await?
         {
-            if pending
-                .ledger()
-                .escrow(&job.id)
-                .is_some_and(|e| e.is_open())
-            {
-                let op = Op::Refund {
-                    key: OpKey::new(format!("settle:{}", job.id)),
-                    job: job.id,
-                };
-                if let Err(e) = pending.apply(&mut tx, op).await {
-                    tracing::error!(job = %job.id.short(), "refund failed: {e}");
-                }
-            }
+            crate::service::refund(&mut pending, &mut tx, &job.id).await;
             tx.commit().await?;
             pending.commit();
             ended = true;

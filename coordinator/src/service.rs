@@ -224,12 +224,7 @@ async fn register(
             kiln_protocol::PROTOCOL_VERSION
         )));
     }
-    let known = state
-        .db
-        .providers_seen_since(UnixMillis(0))
-        .await?
-        .iter()
-        .any(|p| p.advert.payload.provider == peer);
+    let known = state.db.provider_known(&peer).await?;
     state.db.upsert_provider(advert).await?;
     crate::live::observe(state, a).await?;
     if let (false, Some(grant)) = (known, state.config.faucet) {
@@ -372,7 +367,7 @@ async fn accept_result(
     if job.max_cost.0 > 0 {
         let op = if cost.0 > 0 {
             Op::Release {
-                key: OpKey::new(format!("settle:{}", job.id)),
+                key: settle_key(&job.id),
                 job: job.id,
                 provider,
                 cost,
@@ -380,7 +375,7 @@ async fn accept_result(
             }
         } else {
             Op::Refund {
-                key: OpKey::new(format!("settle:{}", job.id)),
+                key: settle_key(&job.id),
                 job: job.id,
             }
         };
@@ -697,16 +692,58 @@ pub fn release_booking(state: &AppState, job: &JobId) {
     crate::live::lock(state).release_job(job);
 }
 
-/// Refunds a job's escrow in full, if it has one.
-async fn refund(pending: &mut crate::bank::Pending<'_>, tx: &mut crate::db::Tx<'_>, job: &JobId) {
-    if pending.ledger().escrow(job).is_some() {
+/// Where to dial a provider: the listen addresses of its last advert (none
+/// if it never registered; the swarm may still know a route).
+pub(crate) async fn provider_addrs(
+    state: &AppState,
+    provider: &ProviderId,
+) -> Result<Vec<kiln_net::Addr>, DbError> {
+    Ok(state
+        .db
+        .provider(provider)
+        .await?
+        .map(|p| {
+            p.advert
+                .payload
+                .listen_addrs
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The idempotency key of a job's final settlement: one per job, so a
+/// settlement retried or raced by a cancellation applies once.
+pub(crate) fn settle_key(job: &JobId) -> OpKey {
+    OpKey::new(format!("settle:{job}"))
+}
+
+/// Refunds what is left of a job's escrow, if it is still open.
+pub(crate) async fn try_refund(
+    pending: &mut crate::bank::Pending<'_>,
+    tx: &mut crate::db::Tx<'_>,
+    job: &JobId,
+) -> Result<(), crate::bank::BankError> {
+    if pending.ledger().escrow(job).is_some_and(|e| e.is_open()) {
         let op = Op::Refund {
-            key: OpKey::new(format!("settle:{job}")),
+            key: settle_key(job),
             job: *job,
         };
-        if let Err(e) = pending.apply(tx, op).await {
-            tracing::error!(job = %job.short(), "refund failed: {e}");
-        }
+        pending.apply(tx, op).await?;
+    }
+    Ok(())
+}
+
+/// [`try_refund`], logging a failure (the job's state change goes ahead;
+/// the ledger's audit shows the escrow still open).
+pub(crate) async fn refund(
+    pending: &mut crate::bank::Pending<'_>,
+    tx: &mut crate::db::Tx<'_>,
+    job: &JobId,
+) {
+    if let Err(e) = try_refund(pending, tx, job).await {
+        tracing::error!(job = %job.short(), "refund failed: {e}");
     }
 }
 
@@ -777,21 +814,7 @@ pub async fn cancel(state: &AppState, job: &JobRecord) -> Result<CancelOutcome, 
             };
             let signed = Signed::sign(&state.key, msg, state.config.offer_ttl.as_secs())
                 .map_err(|e| SubmitError::Bank(e.to_string()))?;
-            let addrs = state
-                .db
-                .providers_seen_since(UnixMillis(0))
-                .await?
-                .into_iter()
-                .find(|p| p.advert.payload.provider == provider)
-                .map(|p| {
-                    p.advert
-                        .payload
-                        .listen_addrs
-                        .iter()
-                        .filter_map(|a| a.parse().ok())
-                        .collect()
-                })
-                .unwrap_or_default();
+            let addrs = provider_addrs(state, &provider).await?;
             match state
                 .net
                 .request(provider.peer_id(), addrs, NetRequest::Cancel(signed))
@@ -853,11 +876,7 @@ pub async fn recover(state: &AppState) -> Result<(), DbError> {
 /// If it was only partitioned and later delivers a result, that result names
 /// the old offer and is refused as stale, so a job completes at most once.
 pub async fn expire_leases(state: &AppState) -> Result<(), DbError> {
-    let since = UnixMillis(
-        UnixMillis::now()
-            .0
-            .saturating_sub(state.config.provider_lease.as_millis() as u64),
-    );
+    let since = crate::live::lease_start(state);
     let live: std::collections::HashSet<ProviderId> = state
         .db
         .providers_seen_since(since)

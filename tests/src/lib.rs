@@ -273,29 +273,11 @@ impl RogueProvider {
 
     /// Waits for the next offer, accepts it, and returns it.
     pub async fn next_offer(&mut self) -> anyhow::Result<Signed<JobOffer>> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let ev = tokio::time::timeout_at(deadline, self.events.recv())
-                .await
-                .context("no offer within 30s")?;
-            match ev {
-                Some(NetEvent::Request {
-                    request: NetRequest::Offer(o),
-                    reply,
-                    ..
-                }) => {
-                    let _ = reply.send(NetResponse::Accepted);
-                    return Ok(o);
-                }
-                Some(NetEvent::Request { reply, .. }) => {
-                    let _ = reply.send(NetResponse::Rejected {
-                        reason: "rogue".into(),
-                    });
-                }
-                Some(_) => {}
-                None => bail!("network stopped"),
-            }
-        }
+        self.next_request("offer", |req| match req {
+            NetRequest::Offer(o) => Ok((o, NetResponse::Accepted)),
+            other => Err(other),
+        })
+        .await
     }
 
     /// Waits for the next gang offer and refuses it with `reason` (as a
@@ -305,27 +287,41 @@ impl RogueProvider {
         &mut self,
         reason: &str,
     ) -> anyhow::Result<Signed<kiln_protocol::GangOffer>> {
+        let refusal = NetResponse::Rejected {
+            reason: reason.into(),
+        };
+        self.next_request("gang offer", |req| match req {
+            NetRequest::GangOffer(o) => Ok((o, refusal.clone())),
+            other => Err(other),
+        })
+        .await
+    }
+
+    /// Waits (up to 30 s) for the first request `pick` takes, answers it
+    /// with the response `pick` gives and returns what `pick` kept; every
+    /// other request is refused.
+    async fn next_request<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(NetRequest) -> Result<(T, NetResponse), NetRequest>,
+    ) -> anyhow::Result<T> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let ev = tokio::time::timeout_at(deadline, self.events.recv())
                 .await
-                .context("no gang offer within 30s")?;
+                .with_context(|| format!("no {what} within 30s"))?;
             match ev {
-                Some(NetEvent::Request {
-                    request: NetRequest::GangOffer(o),
-                    reply,
-                    ..
-                }) => {
-                    let _ = reply.send(NetResponse::Rejected {
-                        reason: reason.into(),
-                    });
-                    return Ok(o);
-                }
-                Some(NetEvent::Request { reply, .. }) => {
-                    let _ = reply.send(NetResponse::Rejected {
-                        reason: "rogue".into(),
-                    });
-                }
+                Some(NetEvent::Request { request, reply, .. }) => match pick(request) {
+                    Ok((kept, answer)) => {
+                        let _ = reply.send(answer);
+                        return Ok(kept);
+                    }
+                    Err(_) => {
+                        let _ = reply.send(NetResponse::Rejected {
+                            reason: "rogue".into(),
+                        });
+                    }
+                },
                 Some(_) => {}
                 None => bail!("network stopped"),
             }
