@@ -42,6 +42,7 @@ use sqlx::Row;
 use crate::AppState;
 use crate::db::{Change, Db, DbError, JobRecord, JobState, ResultColumns, Tx};
 use crate::sched::Placement;
+use crate::service::rejected;
 use crate::verify::{self, Expected};
 
 /// Where one member of a gang is in the protocol.
@@ -997,12 +998,6 @@ pub async fn expire_leases(state: &AppState, live: &HashSet<ProviderId>) -> Resu
         }
     }
     Ok(())
-}
-
-fn rejected(reason: impl Into<String>) -> NetResponse {
-    NetResponse::Rejected {
-        reason: reason.into(),
-    }
 }
 
 /// Checks a member's signed statement: signature, sender = signer = the

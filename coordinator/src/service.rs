@@ -175,7 +175,7 @@ pub async fn handle_network(
     }
 }
 
-fn rejected(reason: impl Into<String>) -> NetResponse {
+pub(crate) fn rejected(reason: impl Into<String>) -> NetResponse {
     NetResponse::Rejected {
         reason: reason.into(),
     }

@@ -39,6 +39,7 @@ pub mod hw;
 pub mod idle;
 mod owner;
 pub mod runner;
+mod shared;
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
@@ -166,7 +167,7 @@ struct State {
     store: Store,
     /// Blobs fetched as job inputs: the only ones served to peers other
     /// than the coordinator, and the ones advertised as cached.
-    shared: Mutex<HashSet<ContentId>>,
+    shared: shared::SharedSet,
 }
 
 #[derive(Default)]
@@ -287,6 +288,7 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
             None => None,
         },
     };
+    let config_state_dir = config.state_dir.clone();
     let state = Arc::new(State {
         key,
         provider,
@@ -303,13 +305,13 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
             ..Jobs::default()
         }),
         store: store.clone(),
-        shared: Mutex::new(HashSet::new()),
+        shared: shared::SharedSet::open(&config_state_dir.join("shared-cids")),
     });
 
     let mut tasks = vec![tokio::spawn(event_loop.run())];
     let s = state.clone();
     let authorize: kiln_blobs::wire::Authorize = Arc::new(move |peer, cid| {
-        let ok = peer == s.coordinator || s.shared.lock().is_ok_and(|sh| sh.contains(&cid));
+        let ok = peer == s.coordinator || s.shared.contains(&cid);
         Box::pin(std::future::ready(ok))
     });
     let (client, c) = (state.client.clone(), cancel.clone());
@@ -374,16 +376,7 @@ impl State {
         {
             advert.slots = 0; // shutting down, or the owner is busy: take no new work
         }
-        if let Ok(shared) = self.shared.lock() {
-            let mut cached: Vec<ContentId> = shared
-                .iter()
-                .filter(|c| self.store.has(c))
-                .copied()
-                .collect();
-            cached.sort();
-            cached.truncate(MAX_ADVERTISED_CACHE);
-            advert.cached = cached;
-        }
+        advert.cached = self.shared.held(&self.store, MAX_ADVERTISED_CACHE);
         let ttl = (self.config.heartbeat.as_secs() * 3).max(15);
         Signed::sign(&self.key, advert, ttl).ok()
     }
@@ -840,9 +833,9 @@ async fn fetch_inputs(
         .iter()
         .filter_map(|c| state.store.size(c).map(|s| (*c, s)))
         .collect();
-    if let Ok(mut shared) = state.shared.lock() {
-        shared.extend(have.iter().map(|(c, _)| *c));
-    }
+    state
+        .shared
+        .extend(have.iter().map(|(c, _)| *c), &state.store);
     let a = kiln_blobs::announce::Announcement {
         have,
         dropped: Vec::new(),

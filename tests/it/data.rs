@@ -334,8 +334,9 @@ async fn a_provider_fetches_an_input_from_the_peer_that_cached_it() {
         .await
         .unwrap()
         .cid;
+    let base = dn.workload_spec(&["hash", "/in/x.bin"]);
     let job = |region: &str| {
-        let mut spec = dn.workload_spec(&["hash", "/in/x.bin"]);
+        let mut spec = base.clone();
         spec.inputs.push(InputSpec::new(cid, "/in/x.bin"));
         spec.resources.region = Some(region.into());
         spec
@@ -347,6 +348,28 @@ async fn a_provider_fetches_an_input_from_the_peer_that_cached_it() {
     assert!(
         advertises_cached(&client, &a.to_string(), &cid).await,
         "node A advertises the input"
+    );
+    // Node A restarts (new listen port): it still knows the input is
+    // shareable, and says so in the advert that carries its new address.
+    let restarted = kiln_tests::restart_node(&mut dn, 0, |c| c.region = Some("zone-a".into()))
+        .await
+        .unwrap();
+    assert_eq!(restarted, a, "same state dir, same identity");
+    let new_addrs: Vec<String> = dn.nodes[0]
+        .listen_addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let fresh = advert_until(&client, &a.to_string(), |p| {
+        p["addrs"] == serde_json::json!(new_addrs)
+            && p["cached"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c == &cid.to_string()))
+    })
+    .await;
+    assert!(
+        fresh,
+        "the restarted node A advertises the input from its new address"
     );
     // The coordinator forgets it: node B can only get it from node A.
     assert!(dn.coordinator.state.blobs.remove(&cid).unwrap());
@@ -364,17 +387,26 @@ async fn a_provider_fetches_an_input_from_the_peer_that_cached_it() {
 /// Whether `provider`'s advert lists `cid` as cached, once it has had
 /// time to re-advertise.
 async fn advertises_cached(client: &kiln_cli::Client, provider: &str, cid: &ContentId) -> bool {
+    advert_until(client, provider, |p| {
+        p["cached"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c == &cid.to_string()))
+    })
+    .await
+}
+
+/// Whether `provider`'s listing (`GET /v1/providers`) comes to satisfy `ok`.
+async fn advert_until(
+    client: &kiln_cli::Client,
+    provider: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> bool {
     kiln_tests::eventually(
         || async {
             let ps = client.providers().await.unwrap_or_default();
-            ps["providers"].as_array().is_some_and(|ps| {
-                ps.iter().any(|p| {
-                    p["provider"] == provider
-                        && p["cached"]
-                            .as_array()
-                            .is_some_and(|c| c.iter().any(|c| c == &cid.to_string()))
-                })
-            })
+            ps["providers"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["provider"] == provider && ok(p)))
         },
         |c| *c,
     )

@@ -47,6 +47,22 @@ async fn eventually(what: &str, mut ok: impl FnMut() -> bool) {
     assert!(held, "never: {what}");
 }
 
+/// `node` reserved a rank of gang `id`, then released it (the release
+/// reaches it after the coordinator moved on) and never started it.
+async fn reserved_then_released_without_starting(node: &kiln_node::Node, id: &JobId) {
+    eventually("the node released its reservation", || {
+        node.gang_reservations() == 0
+            && node
+                .gang_events(id)
+                .iter()
+                .any(|e| e.contains("released: "))
+    })
+    .await;
+    let ev = node.gang_events(id);
+    assert!(ev.iter().any(|e| e.contains("reserved rank")), "{ev:?}");
+    assert!(!ev.iter().any(|e| e.ends_with(": started")), "{ev:?}");
+}
+
 async fn earned(client: &Client, p: &ProviderId) -> u64 {
     let v = client.providers().await.unwrap();
     v["providers"]
@@ -221,24 +237,13 @@ async fn a_gang_whose_member_vanishes_before_the_start_runs_nowhere_and_later_on
     );
     // Node a reserved and released; neither node started anything.
     // The release reaches node a (the coordinator does not wait for it).
-    eventually("node a released its reservation", || {
-        dn.nodes[0].gang_reservations() == 0
-            && dn.nodes[0]
-                .gang_events(&id)
-                .iter()
-                .any(|e| e.contains("released: "))
-    })
-    .await;
-    let ev_a = dn.nodes[0].gang_events(&id);
-    assert!(ev_a.iter().any(|e| e.contains("reserved rank")), "{ev_a:?}");
-    assert!(!ev_a.iter().any(|e| e.ends_with(": started")), "{ev_a:?}");
+    reserved_then_released_without_starting(&dn.nodes[0], &id).await;
     assert!(
         !dn.nodes[1]
             .gang_events(&id)
             .iter()
             .any(|e| e.ends_with(": started"))
     );
-    assert_eq!(dn.nodes[0].gang_reservations(), 0);
     let first = &job["gang"].as_array().unwrap()[..2];
     assert!(first.iter().all(|m| m["state"] == "released"), "{first:#?}");
     // Node a's slot is free again: an ordinary job runs there now.
@@ -550,18 +555,7 @@ async fn a_gang_member_that_refuses_leaves_the_other_released_and_the_job_queued
         "{events}"
     );
     // The release reaches node a (the coordinator does not wait for it).
-    eventually("node a released its reservation", || {
-        dn.nodes[0].gang_reservations() == 0
-            && dn.nodes[0]
-                .gang_events(&id)
-                .iter()
-                .any(|e| e.contains("released: "))
-    })
-    .await;
-    let ev_a = dn.nodes[0].gang_events(&id);
-    assert!(ev_a.iter().any(|e| e.contains("reserved rank")), "{ev_a:?}");
-    assert!(!ev_a.iter().any(|e| e.ends_with(": started")), "{ev_a:?}");
-    assert_eq!(dn.nodes[0].gang_reservations(), 0);
+    reserved_then_released_without_starting(&dn.nodes[0], &id).await;
     assert!(job_containers(&id).await.unwrap().is_empty());
     cancel.cancel();
 

@@ -62,16 +62,7 @@ pub async fn add_node_with(
     dn: &mut Devnet,
     adjust: impl FnOnce(&mut kiln_node::NodeConfig),
 ) -> anyhow::Result<ProviderId> {
-    let addr = dn
-        .coordinator
-        .p2p_addrs
-        .first()
-        .cloned()
-        .context("the coordinator has no p2p address")?;
-    let i = dn.nodes.len();
-    let mut nc = kiln_node::NodeConfig::new(addr, dn.state_dir.join(format!("node{i}")));
-    nc.heartbeat = Duration::from_secs(1);
-    nc.usage_interval = Duration::from_secs(5);
+    let mut nc = node_config(dn, dn.nodes.len())?;
     adjust(&mut nc);
     let token = dn.cancel.child_token();
     let node = kiln_node::start(nc, token.clone()).await?;
@@ -79,6 +70,42 @@ pub async fn add_node_with(
     dn.nodes.push(node);
     dn.node_cancels.push(token);
     Ok(id)
+}
+
+/// Stops node `i` and starts it again on the same state directory (so the
+/// same identity, blob cache and records), as a restarted daemon would
+/// come back; its configuration is adjusted by `adjust` again.
+pub async fn restart_node(
+    dn: &mut Devnet,
+    i: usize,
+    adjust: impl FnOnce(&mut kiln_node::NodeConfig),
+) -> anyhow::Result<ProviderId> {
+    dn.node_cancels[i].cancel();
+    for t in std::mem::take(&mut dn.nodes[i].tasks) {
+        let _ = t.await;
+    }
+    let mut nc = node_config(dn, i)?;
+    adjust(&mut nc);
+    let token = dn.cancel.child_token();
+    let node = kiln_node::start(nc, token.clone()).await?;
+    let id = node.provider;
+    dn.nodes[i] = node;
+    dn.node_cancels[i] = token;
+    Ok(id)
+}
+
+/// The configuration of the devnet's node `i` (state in `node<i>`).
+fn node_config(dn: &Devnet, i: usize) -> anyhow::Result<kiln_node::NodeConfig> {
+    let addr = dn
+        .coordinator
+        .p2p_addrs
+        .first()
+        .cloned()
+        .context("the coordinator has no p2p address")?;
+    let mut nc = kiln_node::NodeConfig::new(addr, dn.state_dir.join(format!("node{i}")));
+    nc.heartbeat = Duration::from_secs(1);
+    nc.usage_interval = Duration::from_secs(5);
+    Ok(nc)
 }
 
 /// Containers (running or not) that Docker holds for `job`, on any node.
