@@ -28,7 +28,6 @@ use kiln_protocol::{
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::db::JobState;
 
 /// How long a positive access decision is remembered (a 1 GiB input is a
 /// thousand 1 MiB requests; the database is asked once).
@@ -118,13 +117,7 @@ async fn decide(state: &AppState, peer: Peer, cid: ContentId) -> Result<bool, cr
     // A provider: inputs of the jobs assigned to it, and the files of
     // input directories.
     let provider = ProviderId::from_peer_id(peer);
-    let mut jobs: Vec<_> = state
-        .db
-        .jobs_in(&[JobState::Dispatched, JobState::Running], 100_000)
-        .await?
-        .into_iter()
-        .filter(|j| j.provider == Some(provider))
-        .collect();
+    let mut jobs = state.db.active_jobs_of(&provider).await?;
     // Members of multi-node gangs fetch their job's inputs too.
     jobs.extend(crate::gang::member_jobs(state, provider).await?);
     for j in &jobs {

@@ -387,6 +387,20 @@ impl Db {
         rows.iter().map(job_from_row).collect()
     }
 
+    /// The single-node jobs dispatched to or running on `provider` (gang
+    /// members are in `gang_members`: see `gang::member_jobs`).
+    pub async fn active_jobs_of(&self, provider: &ProviderId) -> Result<Vec<JobRecord>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, owner, spec_json, label, state, reason, provider, offer_id, attempts, price_per_hour, \
+             max_cost, cost, exit_code, receipt, manifest_json, created_at, updated_at FROM jobs \
+             WHERE provider = ? AND state IN ('dispatched', 'running') ORDER BY created_at",
+        )
+        .bind(provider.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
     /// Jobs in any of `states`, oldest first.
     pub async fn jobs_in(
         &self,

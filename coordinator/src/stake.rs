@@ -8,7 +8,7 @@ use kiln_contracts::{Op, OpKey};
 use kiln_protocol::{Credits, NetResponse, ProviderId, SetStake, Signed, UnixMillis};
 
 use crate::AppState;
-use crate::db::{DbError, JobState};
+use crate::db::DbError;
 
 /// What to do to move a bond from `bond` to `target`: a pure decision.
 pub fn stake_op(provider: ProviderId, bond: Credits, target: Credits, key: &str) -> Option<Op> {
@@ -56,16 +56,12 @@ pub async fn set_stake(
         return Ok(NetResponse::Accepted);
     };
     if matches!(op, Op::Unstake { .. }) {
-        let holding = state
-            .db
-            .jobs_in(&[JobState::Dispatched, JobState::Running], 100_000)
-            .await?
-            .iter()
-            .filter(|j| j.provider == Some(peer))
-            .count();
+        let holding = state.db.active_jobs_of(&peer).await?.len()
+            + crate::gang::member_jobs(state, peer).await?.len();
         if holding > 0 {
             return Ok(rejected(format!(
-                "unstake refused: {holding} jobs are assigned to this provider; drain it first"
+                "unstake refused: {holding} {} assigned to this provider; drain it first",
+                if holding == 1 { "job is" } else { "jobs are" }
             )));
         }
     }

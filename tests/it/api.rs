@@ -277,3 +277,56 @@ async fn a_job_past_its_queue_deadline_fails_and_is_refunded() {
     assert_eq!(acct["escrowed"].as_u64(), Some(0), "refunded: {acct:#}");
     dn.shutdown().await;
 }
+
+/// A provider's bond backs the jobs it holds: it cannot unstake while one
+/// is assigned to it, and can once the job has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_cannot_unstake_while_it_holds_a_job() {
+    use kiln_protocol::{Credits, NetRequest, NetResponse, SetStake};
+    let dn = devnet(0).await.unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let addr = dn.coordinator.p2p_addrs[0].clone();
+    let mut rogue = kiln_tests::RogueProvider::join(&addr, &cancel)
+        .await
+        .unwrap();
+    let stake = |rogue: &kiln_tests::RogueProvider, target: u64| {
+        let req = SetStake {
+            provider: rogue.id,
+            target: Credits(target),
+        };
+        NetRequest::Stake(Signed::sign(&rogue.key, req, 300).unwrap())
+    };
+    // Bond 5 credits from the devnet faucet's grant.
+    let r = rogue.send(stake(&rogue, 5_000_000)).await.unwrap();
+    assert!(matches!(r, NetResponse::Accepted), "{r:?}");
+
+    let client = buyer(&dn);
+    let v = client
+        .submit(dn.workload_spec(&["echo", "held"]), None)
+        .await
+        .unwrap();
+    let id = kiln_cli::job_id_of(&v).unwrap();
+    let offer = rogue.next_offer().await.unwrap().payload;
+    assert_eq!(offer.job_id, id);
+
+    let r = rogue.send(stake(&rogue, 0)).await.unwrap();
+    match &r {
+        NetResponse::Rejected { reason } => assert!(
+            reason.contains("1 job is assigned to this provider; drain it first"),
+            "{reason}"
+        ),
+        other => panic!("unstaking with a job held was not refused: {other:?}"),
+    }
+
+    // The job ends (a signed result): now the bond can come back.
+    let result = kiln_tests::RogueProvider::result_for(&offer, &rogue.key).unwrap();
+    let r = rogue
+        .send(NetRequest::Result(Box::new(result)))
+        .await
+        .unwrap();
+    assert!(matches!(r, NetResponse::Accepted), "{r:?}");
+    let r = rogue.send(stake(&rogue, 0)).await.unwrap();
+    assert!(matches!(r, NetResponse::Accepted), "{r:?}");
+    cancel.cancel();
+    dn.shutdown().await;
+}
