@@ -56,6 +56,11 @@ pub struct Devnet {
     /// One token per node (children of `cancel`): cancelling one stops that
     /// node's network and heartbeats at once, as if its machine vanished.
     pub node_cancels: Vec<CancellationToken>,
+    /// The coordinator's own token (a child of `cancel`) and configuration,
+    /// so it can be stopped and started again on the same state and ports
+    /// ([`Devnet::restart_coordinator`]).
+    coordinator_cancel: CancellationToken,
+    coordinator_config: CoordinatorConfig,
     pub image_id: String,
     pub cancel: CancellationToken,
     pub state_dir: PathBuf,
@@ -84,7 +89,8 @@ impl Devnet {
         cc.min_stake = opts.min_stake;
         cc.provider_lease = opts.heartbeat * 5;
         cc.schedule_interval = Duration::from_millis(250);
-        let coordinator = kiln_coordinator::start(cc, cancel.clone()).await?;
+        let coordinator_cancel = cancel.child_token();
+        let coordinator = kiln_coordinator::start(cc.clone(), coordinator_cancel.clone()).await?;
         let coord_addr = coordinator
             .p2p_addrs
             .first()
@@ -107,6 +113,8 @@ impl Devnet {
             coordinator,
             nodes,
             node_cancels,
+            coordinator_cancel,
+            coordinator_config: cc,
             image_id: image.id,
             cancel,
             state_dir,
@@ -119,6 +127,34 @@ impl Devnet {
 
     pub fn url(&self) -> String {
         self.coordinator.url()
+    }
+
+    /// Stops the coordinator (its tasks end and release the database and
+    /// ports) and starts it again on the same state directory, HTTP port and
+    /// p2p address, as an operator restarting a crashed coordinator would.
+    /// Nodes are untouched: they reconnect on their next heartbeat.
+    pub async fn restart_coordinator(&mut self) -> anyhow::Result<()> {
+        self.coordinator_cancel.cancel();
+        for t in std::mem::take(&mut self.coordinator.tasks) {
+            let _ = t.await;
+        }
+        // Requests still in flight (dispatches, gang reservations) were
+        // spawned apart from those tasks; with the pool closed they can no
+        // longer write, as if the process had died with them.
+        self.coordinator.state.db.pool.close().await;
+        let mut cc = self.coordinator_config.clone();
+        cc.http_listen = self.coordinator.http_addr;
+        cc.p2p_listen = self
+            .coordinator
+            .p2p_addrs
+            .first()
+            .context("the coordinator had no p2p address")?
+            .iter()
+            .filter(|p| !matches!(p, kiln_net::multiaddr::Protocol::P2p(_)))
+            .collect();
+        self.coordinator_cancel = self.cancel.child_token();
+        self.coordinator = kiln_coordinator::start(cc, self.coordinator_cancel.clone()).await?;
+        Ok(())
     }
 
     /// Waits until `n` providers are registered.

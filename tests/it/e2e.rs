@@ -255,3 +255,53 @@ async fn a_job_with_no_fitting_provider_waits_with_a_reason_and_runs_when_one_jo
     assert_eq!(done["provider"], provider.to_string());
     dn.shutdown().await;
 }
+
+/// The coordinator dies between sending an offer and hearing the answer:
+/// on restart it re-sends the *same* offer (same offer id, so a provider
+/// that already has it would not run it twice), the job runs once and is
+/// settled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unconfirmed_offer_is_resent_unchanged_after_a_coordinator_restart() {
+    use kiln_protocol::{NetRequest, NetResponse};
+    let mut dn = devnet(0).await.unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let addr = dn.coordinator.p2p_addrs[0].clone();
+    let mut rogue = kiln_tests::RogueProvider::join(&addr, &cancel)
+        .await
+        .unwrap();
+    let client = buyer(&dn);
+    let v = client
+        .submit(dn.workload_spec(&["echo", "once"]), None)
+        .await
+        .unwrap();
+    let id = kiln_cli::job_id_of(&v).unwrap();
+    let (first, held) = rogue.hold_offer().await.unwrap();
+    assert_eq!(first.payload.job_id, id);
+
+    dn.restart_coordinator().await.unwrap();
+    drop(held);
+    let again = rogue.next_offer().await.unwrap();
+    assert_eq!(again.payload.offer_id, first.payload.offer_id);
+    assert_eq!(again.payload.job_id, id);
+
+    let result = kiln_tests::RogueProvider::result_for(&again.payload, &rogue.key).unwrap();
+    let r = rogue
+        .send(NetRequest::Result(Box::new(result)))
+        .await
+        .unwrap();
+    assert!(matches!(r, NetResponse::Accepted), "{r:?}");
+    let done = kiln_cli::wait_for(&client, &id, Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done["attempts"], 1, "dispatched once: {done:#}");
+    let acct = client.account().await.unwrap();
+    assert_eq!(acct["escrowed"], 0, "{acct:#}");
+    assert_eq!(
+        acct["balance"].as_u64().unwrap() + done["cost"].as_u64().unwrap(),
+        1_000_000_000,
+        "paid once: {acct:#}"
+    );
+    cancel.cancel();
+    dn.shutdown().await;
+}

@@ -569,6 +569,57 @@ async fn a_gang_member_that_refuses_leaves_the_other_released_and_the_job_queued
     dn.shutdown().await;
 }
 
+/// The coordinator dies while a gang is reserving (one member has reserved,
+/// the other has not answered): on restart it releases the member that
+/// reserved, requeues the job saying why, and the gang later runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_restart_while_a_gang_reserves_releases_it_and_requeues() {
+    let mut dn = devnet(1).await.unwrap();
+    let client = buyer(&dn);
+    let a = dn.nodes[0].provider;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let addr = dn.coordinator.p2p_addrs[0].clone();
+    let mut rogue = kiln_tests::RogueProvider::join(&addr, &cancel)
+        .await
+        .unwrap();
+    let mut spec = dn.workload_spec(&["gang"]);
+    spec.resources.gang = 2;
+    let v = client.submit(spec, None).await.unwrap();
+    let id = kiln_cli::job_id_of(&v).unwrap();
+    // The rogue holds its gang offer unanswered, so the gang stays reserving.
+    let (offer, held) = rogue.hold_gang_offer().await.unwrap();
+    assert_eq!(offer.payload.offer.job_id, id);
+    eventually("node a reserved its rank", || {
+        dn.nodes[0].gang_reservations() == 1
+    })
+    .await;
+
+    dn.restart_coordinator().await.unwrap();
+    // The rogue's machine is gone too; only node a remains.
+    drop(held);
+    cancel.cancel();
+
+    let restarted = "the coordinator restarted while the gang reserved";
+    let job = job_until(&client, &id, |j| {
+        j["events"].to_string().contains(restarted)
+    })
+    .await;
+    assert!(job["events"].to_string().contains(restarted), "{job:#}");
+    assert_ne!(job["state"], "running", "{job:#}");
+    reserved_then_released_without_starting(&dn.nodes[0], &id).await;
+    assert!(job_containers(&id).await.unwrap().is_empty());
+
+    // A second node joins the restarted coordinator: the gang runs on a and it.
+    let c = add_node(&mut dn).await.unwrap();
+    let done = kiln_cli::wait_for(&client, &id, Duration::from_secs(120), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let providers = check_completed_gang(&dn, &client, &id).await;
+    assert_eq!(providers, BTreeSet::from([a, c]));
+    dn.shutdown().await;
+}
+
 /// The buyer cancels a running gang: every member is stopped, each is paid
 /// for the time it ran, and the rest of the escrow comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

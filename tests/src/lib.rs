@@ -300,8 +300,18 @@ impl RogueProvider {
 
     /// Waits for the next offer, accepts it, and returns it.
     pub async fn next_offer(&mut self) -> anyhow::Result<Signed<JobOffer>> {
+        let (offer, reply) = self.hold_offer().await?;
+        let _ = reply.send(NetResponse::Accepted);
+        Ok(offer)
+    }
+
+    /// Waits for the next offer and returns it unanswered, with the means
+    /// to answer.
+    pub async fn hold_offer(
+        &mut self,
+    ) -> anyhow::Result<(Signed<JobOffer>, oneshot::Sender<NetResponse>)> {
         self.next_request("offer", |req| match req {
-            NetRequest::Offer(o) => Ok((o, NetResponse::Accepted)),
+            NetRequest::Offer(o) => Ok(o),
             other => Err(other),
         })
         .await
@@ -314,24 +324,35 @@ impl RogueProvider {
         &mut self,
         reason: &str,
     ) -> anyhow::Result<Signed<kiln_protocol::GangOffer>> {
-        let refusal = NetResponse::Rejected {
+        let (offer, reply) = self.hold_gang_offer().await?;
+        let _ = reply.send(NetResponse::Rejected {
             reason: reason.into(),
-        };
+        });
+        Ok(offer)
+    }
+
+    /// Waits for the next gang offer and returns it unanswered, with the
+    /// means to answer: the coordinator waits as long as it is held.
+    pub async fn hold_gang_offer(
+        &mut self,
+    ) -> anyhow::Result<(
+        Signed<kiln_protocol::GangOffer>,
+        oneshot::Sender<NetResponse>,
+    )> {
         self.next_request("gang offer", |req| match req {
-            NetRequest::GangOffer(o) => Ok((o, refusal.clone())),
+            NetRequest::GangOffer(o) => Ok(o),
             other => Err(other),
         })
         .await
     }
 
-    /// Waits (up to 30 s) for the first request `pick` takes, answers it
-    /// with the response `pick` gives and returns what `pick` kept; every
-    /// other request is refused.
+    /// Waits (up to 30 s) for the first request `pick` takes and returns
+    /// what it kept with the reply channel; every other request is refused.
     async fn next_request<T>(
         &mut self,
         what: &str,
-        mut pick: impl FnMut(NetRequest) -> Result<(T, NetResponse), NetRequest>,
-    ) -> anyhow::Result<T> {
+        mut pick: impl FnMut(NetRequest) -> Result<T, NetRequest>,
+    ) -> anyhow::Result<(T, oneshot::Sender<NetResponse>)> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let ev = tokio::time::timeout_at(deadline, self.events.recv())
@@ -339,10 +360,7 @@ impl RogueProvider {
                 .with_context(|| format!("no {what} within 30s"))?;
             match ev {
                 Some(NetEvent::Request { request, reply, .. }) => match pick(request) {
-                    Ok((kept, answer)) => {
-                        let _ = reply.send(answer);
-                        return Ok(kept);
-                    }
+                    Ok(kept) => return Ok((kept, reply)),
                     Err(_) => {
                         let _ = reply.send(NetResponse::Rejected {
                             reason: "rogue".into(),
