@@ -135,8 +135,15 @@ impl Client {
         self.send_json(req).await
     }
 
+    /// A job's stdout and stderr (a gang's rank 0).
     pub async fn logs(&self, id: &JobId) -> Result<Value, ClientError> {
         self.get_json(&format!("/v1/jobs/{id}/logs")).await
+    }
+
+    /// The stdout and stderr of gang member `rank` (its last attempt).
+    pub async fn rank_logs(&self, id: &JobId, rank: u32) -> Result<Value, ClientError> {
+        self.get_json(&format!("/v1/jobs/{id}/logs?rank={rank}"))
+            .await
     }
 
     pub async fn outputs(&self, id: &JobId) -> Result<Value, ClientError> {

@@ -89,6 +89,9 @@ enum JobCmd {
     },
     Logs {
         id: JobId,
+        /// A gang member's logs (0-based rank; default: rank 0).
+        #[arg(long)]
+        rank: Option<u32>,
     },
     /// Download a job's outputs by CID, verifying the receipt, the manifest
     /// and every 16 KiB of every file as it arrives (resumable).
@@ -267,13 +270,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 v["outcome"].as_str().unwrap_or("?")
             )
         }),
-        Cmd::Job(JobCmd::Logs { id }) => print(json, &client.logs(&id).await?, |v| {
-            format!(
-                "{}{}",
-                v["stdout"].as_str().unwrap_or(""),
-                v["stderr"].as_str().unwrap_or("")
-            )
-        }),
+        Cmd::Job(JobCmd::Logs { id, rank }) => {
+            let logs = match rank {
+                Some(r) => client.rank_logs(&id, r).await?,
+                None => client.logs(&id).await?,
+            };
+            print(json, &logs, |v| {
+                format!(
+                    "{}{}",
+                    v["stdout"].as_str().unwrap_or(""),
+                    v["stderr"].as_str().unwrap_or("")
+                )
+            });
+        }
         Cmd::Job(JobCmd::Get { id, output }) => {
             let cache = kiln_cli::data::open_cache(&key_path)?;
             let nodes =

@@ -6,7 +6,7 @@
 //! | `GET /v1/jobs` | buyer | the caller's jobs |
 //! | `GET /v1/jobs/{id}` | owner | status, reason, receipt, history |
 //! | `POST /v1/jobs/{id}/cancel` | owner | cancel (refund if not started; else stop and pay for time used) |
-//! | `GET /v1/jobs/{id}/logs` | owner | stdout/stderr |
+//! | `GET /v1/jobs/{id}/logs[?rank=r]` | owner | stdout/stderr (of gang rank `r`) |
 //! | `GET /v1/jobs/{id}/outputs` | owner | output manifest |
 //! | `GET /v1/jobs/{id}/blobs/{cid}` | owner | bytes of one output or log |
 //! | `/v1/blobs…` | buyer | data: upload, list, download (see [`crate::blob_api`]) |
@@ -290,16 +290,51 @@ async fn cancel_job(
     Ok(Json(json!({ "job_id": job.id, "outcome": outcome })))
 }
 
+#[derive(serde::Deserialize)]
+struct LogsQuery {
+    /// A gang member's rank (its last attempt); default: the job's own
+    /// receipt (rank 0 of a gang).
+    rank: Option<u32>,
+}
+
 async fn job_logs(
     State(state): State<AppState>,
     Buyer(buyer): Buyer,
     Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<LogsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let job = owned_job(&state, &buyer, &id).await?;
-    let Some(r) = job.receipt.as_ref().map(|r| &r.payload) else {
+    let receipt = match q.rank {
+        None => job.receipt.clone(),
+        Some(rank) => {
+            let gang = job.spec.resources.gang;
+            if rank >= gang {
+                return Err(ApiError::BadRequest {
+                    field: Some("rank".into()),
+                    reason: format!(
+                        "job {} runs on {gang} node(s): ranks are 0..{}",
+                        job.id,
+                        gang.saturating_sub(1)
+                    ),
+                });
+            }
+            if gang <= 1 {
+                job.receipt.clone()
+            } else {
+                crate::gang::members(&state, &job.id)
+                    .await?
+                    .into_iter()
+                    .rev()
+                    .find(|m| m.rank == rank && m.receipt.is_some())
+                    .and_then(|m| m.receipt)
+            }
+        }
+    };
+    let Some(r) = receipt.as_ref().map(|r| &r.payload) else {
         return Err(ApiError::NotFound(format!(
-            "job {} has no logs yet (state {})",
+            "job {}{} has no logs yet (state {})",
             job.id,
+            q.rank.map(|r| format!(" rank {r}")).unwrap_or_default(),
             job.state.as_str()
         )));
     };
@@ -313,6 +348,8 @@ async fn job_logs(
     };
     Ok(Json(json!({
         "job_id": job.id,
+        "rank": q.rank,
+        "provider": r.provider,
         "stdout": read(&r.stdout_cid)?,
         "stderr": read(&r.stderr_cid)?,
         "stdout_cid": r.stdout_cid,

@@ -141,6 +141,24 @@ async fn a_gang_of_two_starts_on_both_nodes_and_each_node_is_paid_for_its_own_ti
         assert!(txt.starts_with(&format!("rank={rank} size=2 ")), "{txt}");
     }
     assert_ne!(got[0].provider, got[1].provider);
+    // Each rank's logs, by rank; a rank the gang does not have is refused.
+    for (rank, node) in got.iter().enumerate() {
+        let logs = client.rank_logs(&id, rank as u32).await.unwrap();
+        assert!(
+            logs["stdout"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("gang: rank={rank} size=2")),
+            "{logs:#}"
+        );
+        assert_eq!(logs["provider"], node.provider.to_string());
+    }
+    match client.rank_logs(&id, 2).await {
+        Err(kiln_cli::ClientError::Api { status, field, .. }) => {
+            assert_eq!((status, field.as_deref()), (400, Some("rank")));
+        }
+        other => panic!("rank 2 of a 2-gang: {other:?}"),
+    }
     for n in &dn.nodes {
         let ev = n.gang_events(&id);
         assert!(ev.iter().any(|e| e.contains("reserved rank")), "{ev:?}");
