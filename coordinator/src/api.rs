@@ -312,7 +312,7 @@ async fn job_logs(
                 return Err(ApiError::BadRequest {
                     field: Some("rank".into()),
                     reason: format!(
-                        "job {} runs on {gang} node(s): ranks are 0..{}",
+                        "job {} runs on {gang} node(s): its ranks are 0 to {}",
                         job.id,
                         gang.saturating_sub(1)
                     ),
