@@ -2,8 +2,11 @@
 //!
 //! The body is streamed into the store's `tmp/`, hashed (with its outboard)
 //! as it arrives; bytes that do not hash to the expected CID are refused with
-//! both CIDs in the error and nothing becomes visible. (Plain `http://` only
-//! for now: the workspace builds reqwest without a TLS backend.)
+//! both CIDs in the error and nothing becomes visible.
+//!
+//! A blob already in the store is not trusted on the URL's word: the URL
+//! must prove it serves those bytes ([`prove_url`]), or a job naming someone
+//! else's CID with any URL would be handed a cached copy.
 
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
@@ -35,6 +38,16 @@ pub enum HttpError {
     TooLarge { url: String, limit: u64 },
     #[error("{url}: {source}")]
     Store { url: String, source: StoreError },
+    #[error(
+        "{url} does not serve the content of {expected} (bytes {offset}..{end} differ); \
+         the input was rejected"
+    )]
+    Unproven {
+        url: String,
+        expected: ContentId,
+        offset: u64,
+        end: u64,
+    },
 }
 
 /// Limits of [`fetch_url_with`].
@@ -73,10 +86,11 @@ pub async fn fetch_url_with(
 ) -> Result<HttpReport, HttpError> {
     let started = Instant::now();
     if let Some(size) = store.size(&expected) {
+        let proof = prove_url(store, url, expected, size).await?;
         return Ok(HttpReport {
             cid: expected,
             size,
-            bytes_transferred: 0,
+            bytes_transferred: proof,
             elapsed: started.elapsed(),
         });
     }
@@ -145,6 +159,101 @@ pub async fn fetch_url_with(
             url: url.to_string(),
             source,
         }),
+    }
+}
+
+/// `expected` (of `size` bytes) is already stored: checks that `url` serves
+/// it by asking for one random 16 KiB group (`Range`) and comparing it with
+/// the stored bytes; a server that ignores ranges has its whole body hashed.
+/// Returns the bytes received. One random group is a proof of possession,
+/// not of every byte: the job still reads the stored, verified copy.
+pub async fn prove_url(
+    store: &Store,
+    url: &str,
+    expected: ContentId,
+    size: u64,
+) -> Result<u64, HttpError> {
+    let request_err = |source| HttpError::Request {
+        url: url.to_string(),
+        source,
+    };
+    let group = crate::GROUP_BYTES;
+    let groups = size.div_ceil(group).max(1);
+    let offset = getrandom::u64().map_or(0, |r| r % groups) * group;
+    let end = (offset + group).min(size);
+    let unproven = || HttpError::Unproven {
+        url: url.to_string(),
+        expected,
+        offset,
+        end,
+    };
+    let response = reqwest::Client::new()
+        .get(url)
+        .header("range", format!("bytes={offset}-{}", end.saturating_sub(1)))
+        .send()
+        .await
+        .map_err(request_err)?;
+    let status = response.status().as_u16();
+    if status == 206 {
+        let body = response.bytes().await.map_err(request_err)?;
+        let blob = store.open(&expected).ok().flatten().ok_or_else(unproven)?;
+        let ours = blob
+            .read_range(offset, end - offset)
+            .map_err(|e| HttpError::Store {
+                url: url.to_string(),
+                source: StoreError::Io {
+                    path: blob.path().to_path_buf(),
+                    source: e,
+                },
+            })?;
+        return if body[..] == ours[..] {
+            Ok(body.len() as u64)
+        } else {
+            Err(unproven())
+        };
+    }
+    if !response.status().is_success() {
+        return Err(HttpError::Status {
+            url: url.to_string(),
+            status,
+        });
+    }
+    // No range support: hash the whole body (nothing is stored).
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(16);
+    let hasher = tokio::task::spawn_blocking(move || {
+        let mut reader = ChannelReader {
+            rx,
+            current: Bytes::new(),
+            total: 0,
+            limit: size,
+        };
+        let cid = ContentId::of_reader(expected.codec(), &mut reader).map(|(cid, _)| cid);
+        (cid, reader.total)
+    });
+    let mut body = response.bytes_stream();
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| io::Error::other(e.to_string()));
+        let stop = piece.is_err();
+        if tx.send(piece).await.is_err() || stop {
+            break;
+        }
+    }
+    drop(tx);
+    let (cid, total) = hasher.await.map_err(|e| HttpError::Store {
+        url: url.to_string(),
+        source: StoreError::Io {
+            path: "<http proof>".into(),
+            source: io::Error::other(e.to_string()),
+        },
+    })?;
+    match cid {
+        Ok(actual) if actual == expected => Ok(total),
+        Ok(actual) => Err(HttpError::Mismatch {
+            url: url.to_string(),
+            expected,
+            actual,
+        }),
+        Err(_) => Err(unproven()),
     }
 }
 

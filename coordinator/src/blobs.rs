@@ -121,7 +121,9 @@ async fn decide(state: &AppState, peer: Peer, cid: ContentId) -> Result<bool, cr
     // Members of multi-node gangs fetch their job's inputs too.
     jobs.extend(crate::gang::member_jobs(state, provider).await?);
     for j in &jobs {
-        for input in &j.spec.inputs {
+        // URL inputs come from their URL only: naming a CID with a URL
+        // proves nothing about being allowed to read the stored copy.
+        for input in j.spec.inputs.iter().filter(|i| i.url.is_none()) {
             if input.cid == cid {
                 return Ok(true);
             }
@@ -170,7 +172,7 @@ pub async fn offer_sources(state: &AppState, offer: &JobOffer) -> Vec<InputSourc
         })
         .unwrap_or_default();
     let mut out = Vec::new();
-    for input in &offer.spec.inputs {
+    for input in offer.spec.inputs.iter().filter(|i| i.url.is_none()) {
         let peers: Vec<PeerSource> = live
             .iter()
             .map(|p| &p.advert.payload)

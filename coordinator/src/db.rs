@@ -547,6 +547,33 @@ impl Db {
         Ok(n > 0)
     }
 
+    /// Which of `cids` `buyer` may read.
+    pub async fn readable_of(
+        &self,
+        buyer: &BuyerId,
+        cids: &[ContentId],
+    ) -> Result<std::collections::HashSet<ContentId>, DbError> {
+        let mut out = std::collections::HashSet::new();
+        // SQLite binds at most 32k parameters; stay well below.
+        for batch in cids.chunks(500) {
+            let marks = vec!["?"; batch.len()].join(", ");
+            let sql = format!(
+                "SELECT DISTINCT cid FROM blob_owners WHERE buyer = ? AND cid IN ({marks})"
+            );
+            let mut q =
+                sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).bind(buyer.to_string());
+            for c in batch {
+                q = q.bind(c.to_string());
+            }
+            for c in q.fetch_all(&self.pool).await? {
+                if let Ok(c) = c.parse() {
+                    out.insert(c);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The blobs `buyer` may read, newest first.
     pub async fn blobs_of(&self, buyer: &BuyerId, limit: u32) -> Result<Vec<BlobRecord>, DbError> {
         let rows = sqlx::query(

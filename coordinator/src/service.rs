@@ -63,6 +63,7 @@ pub async fn submit(
     if let Some(existing) = state.db.job(&id).await? {
         return Ok((existing, false));
     }
+    inputs_readable(state, &owner, &sub.spec).await?;
     let max_cost = sub
         .spec
         .max_cost()
@@ -690,6 +691,71 @@ async fn is_gang(state: &AppState, job: &JobId) -> Result<bool, DbError> {
 /// (or will not run).
 pub fn release_booking(state: &AppState, job: &JobId) {
     crate::live::lock(state).release_job(job);
+}
+
+/// Blobs are not capabilities: a job may name an input by CID only if its
+/// owner may read it (uploaded it, or it is an output of one of its jobs),
+/// and for a directory, every file in it; otherwise knowing a CID would be
+/// enough to have a provider fetch someone else's data and copy it out.
+/// URL inputs are exempt: they are fetched from their URL and verified,
+/// never served from the coordinator's or other providers' stores.
+async fn inputs_readable(
+    state: &AppState,
+    owner: &BuyerId,
+    spec: &kiln_protocol::JobSpec,
+) -> Result<(), SubmitError> {
+    let named: Vec<(usize, ContentId)> = spec
+        .inputs
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.url.is_none())
+        .map(|(n, i)| (n, i.cid))
+        .collect();
+    let cids: Vec<ContentId> = named.iter().map(|(_, c)| *c).collect();
+    let readable = state.db.readable_of(owner, &cids).await?;
+    let refuse = |n: usize, reason: String| {
+        SubmitError::Spec(kiln_protocol::SpecError {
+            field: format!("inputs[{n}].cid"),
+            reason,
+        })
+    };
+    for (n, cid) in named {
+        if !readable.contains(&cid) {
+            return Err(refuse(
+                n,
+                format!(
+                    "{cid} is not among your data: upload it first with `kiln data add`, or give a url"
+                ),
+            ));
+        }
+        if cid.codec() != kiln_protocol::content::DAG_CBOR_CODEC {
+            continue;
+        }
+        let manifest = state
+            .blobs
+            .get(&cid)
+            .ok()
+            .flatten()
+            .and_then(|b| kiln_protocol::Manifest::from_dag_cbor(&b).ok())
+            .ok_or_else(|| {
+                refuse(
+                    n,
+                    format!("directory {cid} is not held here as a valid manifest: add it again with `kiln data add`"),
+                )
+            })?;
+        let files: Vec<ContentId> = manifest.entries.iter().map(|e| e.cid).collect();
+        let ok = state.db.readable_of(owner, &files).await?;
+        if let Some(e) = manifest.entries.iter().find(|e| !ok.contains(&e.cid)) {
+            return Err(refuse(
+                n,
+                format!(
+                    "directory {cid} lists {} ({}), which is not among your data: add the directory with `kiln data add`",
+                    e.path, e.cid
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Where to dial a provider: the listen addresses of its last advert (none

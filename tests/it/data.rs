@@ -318,6 +318,78 @@ async fn uploads_are_checked_against_their_cid() {
     dn.shutdown().await;
 }
 
+/// Knowing a CID is not permission to use it: a job may name only data its
+/// owner may read, directly or as a file of a directory manifest, and a
+/// URL does not unlock someone else's cached copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_cannot_name_another_buyers_data() {
+    let dn = devnet(1).await.unwrap();
+    let (alice, bob) = (buyer(&dn), buyer(&dn));
+    let secret = b"alice's private weights".to_vec();
+    let cid = alice.upload(secret.clone()).await.unwrap();
+
+    let field_of = |e: kiln_cli::ClientError| match e {
+        kiln_cli::ClientError::Api {
+            status,
+            field,
+            message,
+        } => (status, field.unwrap_or_default(), message),
+        other => panic!("expected a 400, got {other:?}"),
+    };
+    // 1. Bob names Alice's CID directly.
+    let mut spec = dn.workload_spec(&["hash", "/in/w"]);
+    spec.inputs.push(InputSpec::new(cid, "/in/w"));
+    let (status, field, msg) = field_of(bob.submit(spec.clone(), None).await.unwrap_err());
+    assert_eq!((status, field.as_str()), (400, "spec.inputs[0].cid"), "{msg}");
+    assert!(
+        msg.contains(&cid.to_string()) && msg.contains("kiln data add"),
+        "{msg}"
+    );
+
+    // 2. Bob uploads a directory manifest (his own upload) listing her file.
+    let m = Manifest::new(vec![ManifestEntry {
+        path: "w".into(),
+        cid,
+        size: secret.len() as u64,
+        executable: false,
+    }])
+    .unwrap();
+    let bytes = m.to_dag_cbor();
+    let dir_cid = m.cid();
+    bob.put_blob(
+        &dir_cid,
+        bytes.len() as u64,
+        "dir",
+        reqwest::Body::from(bytes),
+    )
+    .await
+    .unwrap();
+    let mut spec = dn.workload_spec(&["hash", "/in/d/w"]);
+    spec.inputs.push(InputSpec::new(dir_cid, "/in/d"));
+    let (status, field, msg) = field_of(bob.submit(spec, None).await.unwrap_err());
+    assert_eq!((status, field.as_str()), (400, "spec.inputs[0].cid"), "{msg}");
+    assert!(msg.contains("lists w"), "{msg}");
+
+    // 3. Alice's job caches her file on the provider; Bob then names it
+    //    with a URL that serves other bytes: the job fails before any
+    //    container starts, and nothing of hers reaches his outputs.
+    let mut spec = dn.workload_spec(&["hash", "/in/w"]);
+    spec.inputs.push(InputSpec::new(cid, "/in/w"));
+    let done = run_job(&alice, spec).await.unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let url = serve_bytes(vec![b'x'; secret.len()]).await;
+    let mut spec = dn.workload_spec(&["hash", "/in/w"]);
+    let mut input = InputSpec::new(cid, "/in/w");
+    input.url = Some(url);
+    spec.inputs.push(input);
+    let done = run_job(&bob, spec).await.unwrap();
+    assert_eq!(done["state"], "failed", "{done:#}");
+    let reason = done["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(&cid.to_string()), "{reason}");
+    assert_eq!(done["exit_code"], serde_json::Value::Null, "{done:#}");
+    dn.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_provider_fetches_an_input_from_the_peer_that_cached_it() {
     let mut dn = devnet(0).await.unwrap();
