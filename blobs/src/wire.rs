@@ -734,6 +734,55 @@ pub async fn probe_size(stream: &mut BlobStream, cid: ContentId) -> Result<u64, 
     }
 }
 
+/// Checks that `to` holds the blob `cid` of `size` bytes: asks for one
+/// random 16 KiB group and verifies its proof against the root. A peer that
+/// merely knows the CID cannot answer. Proof of possession of one group,
+/// chosen after the claim was made, not of every byte.
+pub async fn prove_possession(
+    client: &Client,
+    to: &PeerAddr,
+    cid: ContentId,
+    size: u64,
+) -> Result<(), ProbeError> {
+    let group_chunks = crate::GROUP_BYTES / 1024;
+    let groups = size.div_ceil(crate::GROUP_BYTES).max(1);
+    let g = getrandom::u64().map_or(0, |r| r % groups);
+    let ranges = ChunkRanges::from(ChunkNum(g * group_chunks)..ChunkNum((g + 1) * group_chunks));
+    let mut stream = BlobStream::open(client, to)
+        .await
+        .map_err(ProbeError::Wire)?;
+    let claimed = stream.get(cid, &ranges).await.map_err(ProbeError::Wire)?;
+    if claimed != size {
+        return Err(ProbeError::Bad(format!(
+            "{} claims {cid} has {claimed} bytes, not {size}",
+            to.peer
+        )));
+    }
+    let peer = stream.peer;
+    let mut leaf = 0u64;
+    let r = stream
+        .decode(root_of(&cid), size, &ranges, |item| {
+            if let Verified::Leaf(_, data) = item {
+                leaf += data.len() as u64;
+            }
+            Ok::<(), ()>(())
+        })
+        .await;
+    stream.close().await;
+    match r {
+        Ok(()) if leaf > 0 || size == 0 => Ok(()),
+        Ok(()) | Err(DecodeError::Sink(())) => {
+            Err(ProbeError::Bad(format!("{peer} sent no data for {cid}")))
+        }
+        Err(DecodeError::Corrupt(what)) => Err(ProbeError::Bad(format!(
+            "{peer} does not hold {cid}: {what}"
+        ))),
+        Err(DecodeError::Transport(source)) => {
+            Err(ProbeError::Wire(WireError::Io { peer, source }))
+        }
+    }
+}
+
 /// Why a size probe failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {

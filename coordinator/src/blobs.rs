@@ -83,7 +83,7 @@ pub async fn serve(state: AppState, cancel: CancellationToken) {
 }
 
 /// Whether `peer` may fetch `cid` over the blob protocol.
-async fn may_fetch(state: &AppState, peer: Peer, cid: ContentId) -> bool {
+pub(crate) async fn may_fetch(state: &AppState, peer: Peer, cid: ContentId) -> bool {
     let key = (peer, cid);
     if let Ok(g) = state.data.grants.lock()
         && g.get(&key).is_some_and(|at| at.elapsed() < GRANT_TTL)

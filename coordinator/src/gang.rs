@@ -1211,7 +1211,15 @@ pub async fn accept_result(
         }
     };
     // As for any job: every blob it names is here and verified first.
-    if let Err(e) = crate::service::store_result_blobs(state, &m.provider, &result, &needed).await {
+    if let Err(e) =
+        crate::service::store_result_blobs(state, &job.owner, &m.provider, &result, &needed).await
+    {
+        if matches!(e, verify::ReceiptError::NotHeld { .. }) {
+            return Ok(rejected(format!(
+                "result of gang member {} of job {} refused: {e}",
+                m.rank, job.id
+            )));
+        }
         return Ok(NetResponse::Retry {
             reason: format!(
                 "result of gang member {} of job {} not accepted yet: {e}",

@@ -182,6 +182,27 @@ pub(crate) fn rejected(reason: impl Into<String>) -> NetResponse {
     }
 }
 
+/// A provider asks whether `asker` may have `cid` from its cache. Answered
+/// only to registered providers (what a provider may fetch is nobody
+/// else's business).
+async fn may_fetch_answer(
+    state: &AppState,
+    from: ProviderId,
+    asker: ProviderId,
+    cid: ContentId,
+) -> Result<NetResponse, DbError> {
+    if !state.db.provider_known(&from).await? {
+        return Ok(rejected("only registered providers may ask who may fetch"));
+    }
+    Ok(
+        if crate::blobs::may_fetch(state, asker.peer_id(), cid).await {
+            NetResponse::Accepted
+        } else {
+            rejected(format!("{} may not fetch {cid}", asker.short()))
+        },
+    )
+}
+
 async fn answer(state: &AppState, peer: Peer, request: NetRequest) -> NetResponse {
     let peer = ProviderId::from_peer_id(peer);
     let result = match request {
@@ -190,6 +211,9 @@ async fn answer(state: &AppState, peer: Peer, request: NetRequest) -> NetRespons
         NetRequest::Lost(lost) => job_lost(state, peer, &lost).await,
         NetRequest::Usage(report) => settle_usage(state, peer, &report).await,
         NetRequest::Stake(req) => crate::stake::set_stake(state, peer, &req).await,
+        NetRequest::MayFetch { peer: asker, cid } => {
+            may_fetch_answer(state, peer, asker, cid).await
+        }
         NetRequest::Offer(_)
         | NetRequest::Cancel(_)
         | NetRequest::Challenge(_)
@@ -296,7 +320,10 @@ async fn accept_result(
     // Every blob the result names must be here, verified, before anything
     // is recorded or paid: inline ones are imported (already checked against
     // their CIDs), the rest fetched from the provider group by group.
-    if let Err(e) = store_result_blobs(state, &provider, &result, &needed).await {
+    if let Err(e) = store_result_blobs(state, &job.owner, &provider, &result, &needed).await {
+        if matches!(e, verify::ReceiptError::NotHeld { .. }) {
+            return Ok(rejected(format!("result for job {} refused: {e}", job.id)));
+        }
         // Sound so far, but the bytes did not all arrive: the provider
         // keeps its outputs pinned and sends the result again.
         return Ok(NetResponse::Retry {
@@ -437,6 +464,7 @@ pub(crate) async fn grant_result_blobs(
 /// Makes sure the store holds every blob a result names and the manifest.
 pub(crate) async fn store_result_blobs(
     state: &AppState,
+    owner: &BuyerId,
     provider: &ProviderId,
     result: &JobResult,
     needed: &[verify::Needed],
@@ -468,9 +496,37 @@ pub(crate) async fn store_result_blobs(
         )
         .await?;
     }
+    // A named blob already stored here is granted to the owner only if its
+    // bytes came with the result (inline), it is the owner's already, or
+    // the provider proves it holds them: otherwise naming a CID in a
+    // result would be a way to read it.
+    let sent: std::collections::HashSet<ContentId> = result
+        .blobs
+        .iter()
+        .map(|b| b.cid)
+        .chain([manifest_cid])
+        .collect();
+    let held: Vec<ContentId> = needed
+        .iter()
+        .map(|n| n.cid)
+        .filter(|c| !sent.contains(c) && state.blobs.has(c))
+        .collect();
+    let owned =
+        if held.is_empty() {
+            std::collections::HashSet::new()
+        } else {
+            state.db.readable_of(owner, &held).await.map_err(|e| {
+                verify::ReceiptError::MissingBlob {
+                    what: "output".into(),
+                    cid: held[0],
+                    reason: e.to_string(),
+                }
+            })?
+        };
     let mut source = None;
     for n in needed {
-        if state.blobs.has(&n.cid) {
+        let held_size = state.blobs.size(&n.cid);
+        if held_size.is_some() && (sent.contains(&n.cid) || owned.contains(&n.cid)) {
             continue;
         }
         if source.is_none() {
@@ -486,6 +542,23 @@ pub(crate) async fn store_result_blobs(
             );
         }
         let Some(source) = &source else { continue };
+        if let Some(size) = held_size {
+            kiln_blobs::wire::prove_possession(&state.net, source, n.cid, size)
+                .await
+                .map_err(|e| match e {
+                    kiln_blobs::wire::ProbeError::Bad(reason) => verify::ReceiptError::NotHeld {
+                        what: n.what.clone(),
+                        cid: n.cid,
+                        reason,
+                    },
+                    kiln_blobs::wire::ProbeError::Wire(e) => verify::ReceiptError::MissingBlob {
+                        what: n.what.clone(),
+                        cid: n.cid,
+                        reason: e.to_string(),
+                    },
+                })?;
+            continue;
+        }
         crate::blobs::fetch_from_provider(state, source, n.cid, n.size)
             .await
             .map_err(|reason| verify::ReceiptError::MissingBlob {

@@ -54,6 +54,16 @@ pub enum ReceiptError {
         cid: ContentId,
         reason: String,
     },
+    /// The result names a blob stored here for someone else and the
+    /// provider could not prove it holds the bytes: it knows only the CID.
+    #[error(
+        "{what} {cid} is not held by the provider ({reason}); a result may not claim data it does not have"
+    )]
+    NotHeld {
+        what: String,
+        cid: ContentId,
+        reason: String,
+    },
     #[error("blob sent as {cid} hashes to {got}")]
     BlobMismatch { cid: ContentId, got: ContentId },
 }

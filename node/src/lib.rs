@@ -166,8 +166,11 @@ struct State {
     /// Inputs and outputs, by CID.
     store: Store,
     /// Blobs fetched as job inputs: the only ones served to peers other
-    /// than the coordinator, and the ones advertised as cached.
+    /// than the coordinator (when it allows, see [`may_serve`]), and the
+    /// ones advertised as cached.
     shared: shared::SharedSet,
+    /// Fetches of cached inputs the coordinator allowed, by (peer, CID), and when.
+    fetch_grants: Mutex<HashMap<(Peer, ContentId), std::time::Instant>>,
 }
 
 #[derive(Default)]
@@ -306,13 +309,14 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         }),
         store: store.clone(),
         shared: shared::SharedSet::open(&config_state_dir.join("shared-cids")),
+        fetch_grants: Mutex::new(HashMap::new()),
     });
 
     let mut tasks = vec![tokio::spawn(event_loop.run())];
     let s = state.clone();
     let authorize: kiln_blobs::wire::Authorize = Arc::new(move |peer, cid| {
-        let ok = peer == s.coordinator || s.shared.contains(&cid);
-        Box::pin(std::future::ready(ok))
+        let s = s.clone();
+        Box::pin(async move { may_serve(&s, peer, cid).await })
     });
     let (client, c) = (state.client.clone(), cancel.clone());
     tasks.push(tokio::spawn(async move {
@@ -381,6 +385,59 @@ impl State {
         Signed::sign(&self.key, advert, ttl).ok()
     }
 }
+
+/// Whether `peer` may fetch `cid` from this node: the coordinator may have
+/// anything (it collects outputs); another peer only a cached job input, and
+/// only if the coordinator says a job entitles it (blobs are not
+/// capabilities, and only the coordinator knows who runs what). Positive
+/// answers are remembered for [`FETCH_GRANT_TTL`].
+async fn may_serve(state: &State, peer: Peer, cid: ContentId) -> bool {
+    if peer == state.coordinator {
+        return true;
+    }
+    if !state.shared.contains(&cid) {
+        return false;
+    }
+    let key = (peer, cid);
+    if state
+        .fetch_grants
+        .lock()
+        .is_ok_and(|g| g.get(&key).is_some_and(|at| at.elapsed() < FETCH_GRANT_TTL))
+    {
+        return true;
+    }
+    let ask = NetRequest::MayFetch {
+        peer: ProviderId::from_peer_id(peer),
+        cid,
+    };
+    let addrs = vec![state.coordinator_addr.clone()];
+    let ok = match state.client.request(state.coordinator, addrs, ask).await {
+        Ok(NetResponse::Accepted) => true,
+        Ok(NetResponse::Rejected { reason }) => {
+            tracing::debug!(%peer, %cid, "not serving a cached input: {reason}");
+            false
+        }
+        Ok(other) => {
+            tracing::warn!("unexpected answer to a fetch check: {other:?}");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(%peer, %cid, "cannot ask the coordinator whether to serve a cached input: {e}");
+            false
+        }
+    };
+    if ok && let Ok(mut g) = state.fetch_grants.lock() {
+        if g.len() > 10_000 {
+            g.retain(|_, at| at.elapsed() < FETCH_GRANT_TTL);
+        }
+        g.insert(key, std::time::Instant::now());
+    }
+    ok
+}
+
+/// How long the coordinator's permission for a peer to fetch a cached input
+/// is remembered.
+const FETCH_GRANT_TTL: Duration = Duration::from_secs(60);
 
 /// Most cached CIDs named in one advert.
 const MAX_ADVERTISED_CACHE: usize = 1024;
@@ -508,7 +565,8 @@ fn handle_request(state: &Arc<State>, peer: Peer, request: NetRequest) -> NetRes
         | NetRequest::Result(_)
         | NetRequest::Lost(_)
         | NetRequest::Usage(_)
-        | NetRequest::Stake(_) => reject(format!(
+        | NetRequest::Stake(_)
+        | NetRequest::MayFetch { .. } => reject(format!(
             "peer {peer} sent a request only a coordinator accepts"
         )),
         // Answered from its own task by the request loop in `start`.

@@ -1,9 +1,10 @@
 //! Which cached blobs this node serves to peers other than the coordinator.
 //!
 //! The coordinator may fetch anything from a node (outputs, logs); other
-//! providers only the blobs this node fetched as job *inputs*, so a buyer's
-//! outputs never leak to a stranger who learns their CID. Those inputs are
-//! also what the node advertises as `cached` for data-locality scoring.
+//! providers only the blobs this node fetched as job *inputs*, and only when
+//! the coordinator says a job entitles them (`may_serve` in the crate root).
+//! Those inputs are also what the node advertises as `cached` for
+//! data-locality scoring.
 //!
 //! The set lives in `<state>/shared-cids`, one CID per line, rewritten
 //! atomically (temp file, rename) whenever it grows, so a restarted node

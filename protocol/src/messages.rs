@@ -337,6 +337,10 @@ pub enum NetRequest {
     GangStart(Signed<crate::gang::GangStart>),
     /// Coordinator → provider: give this member's reservation back.
     GangRelease(Signed<crate::gang::GangRelease>),
+    /// Provider → coordinator: may `peer`, which asks this provider for a
+    /// cached blob, have `cid`? (`Accepted` or `Rejected`.) Blobs are not
+    /// capabilities: only the coordinator knows which jobs entitle whom.
+    MayFetch { peer: ProviderId, cid: ContentId },
 }
 
 /// Responses over `/kiln/rpc/1`.

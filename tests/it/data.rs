@@ -340,7 +340,11 @@ async fn a_job_cannot_name_another_buyers_data() {
     let mut spec = dn.workload_spec(&["hash", "/in/w"]);
     spec.inputs.push(InputSpec::new(cid, "/in/w"));
     let (status, field, msg) = field_of(bob.submit(spec.clone(), None).await.unwrap_err());
-    assert_eq!((status, field.as_str()), (400, "spec.inputs[0].cid"), "{msg}");
+    assert_eq!(
+        (status, field.as_str()),
+        (400, "spec.inputs[0].cid"),
+        "{msg}"
+    );
     assert!(
         msg.contains(&cid.to_string()) && msg.contains("kiln data add"),
         "{msg}"
@@ -367,7 +371,11 @@ async fn a_job_cannot_name_another_buyers_data() {
     let mut spec = dn.workload_spec(&["hash", "/in/d/w"]);
     spec.inputs.push(InputSpec::new(dir_cid, "/in/d"));
     let (status, field, msg) = field_of(bob.submit(spec, None).await.unwrap_err());
-    assert_eq!((status, field.as_str()), (400, "spec.inputs[0].cid"), "{msg}");
+    assert_eq!(
+        (status, field.as_str()),
+        (400, "spec.inputs[0].cid"),
+        "{msg}"
+    );
     assert!(msg.contains("lists w"), "{msg}");
 
     // 3. Alice's job caches her file on the provider; Bob then names it
@@ -453,6 +461,38 @@ async fn a_provider_fetches_an_input_from_the_peer_that_cached_it() {
         done["output_cid"].as_str().unwrap(),
         hash_output_cid(&listing).to_string()
     );
+
+    // A stranger that knows the CID and node A's address gets nothing: no
+    // job entitles it, so the coordinator tells A not to serve it.
+    let cancel = CancellationToken::new();
+    let (stranger, mut events, ev) = kiln_net::spawn(
+        kiln_protocol::Keypair::generate().to_libp2p(),
+        kiln_net::NetConfig::default(),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(ev.run());
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    let scratch = tempfile::tempdir().unwrap();
+    let mine = kiln_blobs::Store::open_dir(scratch.path(), Default::default()).unwrap();
+    let node_a = kiln_blobs::Source {
+        peer: a.peer_id(),
+        addrs: dn.nodes[0].listen_addrs.clone(),
+    };
+    let e = kiln_blobs::fetch(
+        &mine,
+        &stranger,
+        cid,
+        None,
+        vec![node_a],
+        &kiln_blobs::FetchOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("may not fetch"), "{e}");
+    assert!(!mine.has(&cid));
+    cancel.cancel();
     dn.shutdown().await;
 }
 

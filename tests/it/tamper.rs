@@ -292,3 +292,47 @@ async fn a_lost_job_is_requeued_and_completes_not_dropped() {
     cancel.cancel();
     dn.shutdown().await;
 }
+
+/// A provider cannot launder someone else's data through a result: naming a
+/// CID the coordinator holds for another buyer as an output grants nothing
+/// unless the provider proves it has the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_result_cannot_claim_another_buyers_blob() {
+    let dn = devnet(0).await.unwrap();
+    let cancel = CancellationToken::new();
+    let addr = dn.coordinator.p2p_addrs[0].clone();
+    let mut rogue = RogueProvider::join(&addr, &cancel).await.unwrap();
+    let alice = kiln_tests::buyer(&dn);
+    let secret = b"alice's private dataset".to_vec();
+    let cid = alice.upload(secret.clone()).await.unwrap();
+
+    let bob = kiln_tests::buyer(&dn);
+    let v = bob
+        .submit(dn.workload_spec(&["echo", "b"]), None)
+        .await
+        .unwrap();
+    let id = kiln_cli::job_id_of(&v).unwrap();
+    let offer = rogue.next_offer().await.unwrap().payload;
+    assert_eq!(offer.job_id, id);
+    let loot = kiln_protocol::Manifest::new(vec![kiln_protocol::ManifestEntry {
+        path: "loot".into(),
+        cid,
+        size: secret.len() as u64,
+        executable: false,
+    }])
+    .unwrap();
+    let claim = RogueProvider::result_with(&offer, &rogue.key, loot).unwrap();
+    let r = rogue
+        .send(kiln_protocol::NetRequest::Result(Box::new(claim)))
+        .await
+        .unwrap();
+    assert!(
+        !matches!(r, kiln_protocol::NetResponse::Accepted),
+        "a result claiming a blob it cannot serve was accepted: {r:?}"
+    );
+    let mine = bob.blobs().await.unwrap().to_string();
+    assert!(!mine.contains(&cid.to_string()), "{mine}");
+    assert_ne!(state_of(&bob, &id).await["state"], "completed");
+    cancel.cancel();
+    dn.shutdown().await;
+}

@@ -375,9 +375,18 @@ impl RogueProvider {
 
     /// An honest, well-formed result for `offer`, signed by `signer`.
     pub fn result_for(offer: &JobOffer, signer: &Keypair) -> anyhow::Result<JobResult> {
+        Self::result_with(offer, signer, Manifest::default())
+    }
+
+    /// [`Self::result_for`], claiming `manifest` as the outputs (whose
+    /// files this peer does not serve).
+    pub fn result_with(
+        offer: &JobOffer,
+        signer: &Keypair,
+        manifest: Manifest,
+    ) -> anyhow::Result<JobResult> {
         let stdout = b"rogue ran it\n".to_vec();
         let stderr = Vec::new();
-        let manifest = Manifest::default();
         let now = UnixMillis::now();
         let receipt = ResultReceipt {
             job_id: offer.job_id,
