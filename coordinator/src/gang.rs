@@ -967,8 +967,114 @@ async fn member_lost(
     crate::service::requeue_or_fail(state, job, &format!("{reason}; stopped the others")).await
 }
 
+/// Decides a gang job from its attempt's members (inside `tx`) and, if the
+/// verdict is `Done`, ends it: the job row takes the lead member's receipt
+/// and the members' total cost, and what is left of the escrow is refunded.
+/// Returns the verdict and whether this call ended the job; `Err` when the
+/// refund failed (nothing should be committed then).
+async fn conclude(
+    tx: &mut Tx<'_>,
+    pending: &mut crate::bank::Pending<'_>,
+    job: &JobId,
+    attempt: u32,
+) -> Result<Result<(JobVerdict, bool), crate::bank::BankError>, DbError> {
+    let ms = members_in_tx(tx, job, attempt).await?;
+    let seen: Vec<Seen> = ms
+        .iter()
+        .map(|m| Seen {
+            state: m.state,
+            outcome: m.outcome,
+            reason: m.reason.clone(),
+        })
+        .collect();
+    let verdict = after_results(&seen);
+    let JobVerdict::Done { outcome, reason } = &verdict else {
+        return Ok(Ok((verdict, false)));
+    };
+    let total = ms
+        .iter()
+        .fold(0u64, |a, m| a.saturating_add(m.cost.unwrap_or_default().0));
+    // The job row shows rank 0's receipt and outputs; every member's
+    // receipt is in `gang_members` (GET /v1/jobs/{id} lists them).
+    let lead = ms
+        .iter()
+        .find(|m| m.receipt.is_some() && m.manifest.is_some());
+    let cols = lead.and_then(|l| match (&l.receipt, &l.manifest) {
+        (Some(r), Some(mf)) => Some(ResultColumns {
+            receipt: r,
+            manifest: mf,
+            cost: Credits(total),
+        }),
+        _ => None,
+    });
+    let ended = Db::transition(
+        tx,
+        job,
+        &[JobState::Dispatched, JobState::Running],
+        job_state(*outcome),
+        Change {
+            reason: reason.as_deref(),
+            // The lead member's provider and offer, whose receipt the job
+            // row carries (so `kiln job get` verifies it).
+            provider: lead.map(|l| l.provider),
+            offer_id: lead.map(|l| l.offer_id),
+            result: cols,
+            ..Default::default()
+        },
+    )
+    .await?;
+    if ended && let Err(e) = crate::service::try_refund(pending, tx, job).await {
+        return Ok(Err(e));
+    }
+    Ok(Ok((verdict, ended)))
+}
+
+/// A member told to stop (cancelled, or another member failed) whose
+/// provider then vanished will never deliver: it is released unpaid and
+/// the job is decided without it, so the job ends and the rest of its
+/// escrow comes back instead of staying `running` forever.
+async fn stopping_member_lost(
+    state: &AppState,
+    job: &JobRecord,
+    m: &Member,
+    why: &str,
+) -> Result<(), DbError> {
+    let reason = format!(
+        "gang member rank {} (provider {}) lost while stopping: {why}",
+        m.rank,
+        m.provider.short()
+    );
+    let mut tx = state.db.begin().await?;
+    let mut pending = state.bank.begin().await;
+    set_state(
+        &mut tx,
+        &m.offer_id,
+        &[MemberState::Stopping],
+        MemberState::Released,
+        Some(&reason),
+    )
+    .await?;
+    let (verdict, ended) = match conclude(&mut tx, &mut pending, &job.id, job.attempts).await? {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(job = %job.id.short(), "closing the escrow failed: {e}");
+            return Ok(());
+        }
+    };
+    tx.commit().await?;
+    pending.commit();
+    tracing::warn!(job = %job.id.short(), "{reason}");
+    if ended {
+        crate::service::release_booking(state, &job.id);
+        tracing::info!(job = %job.id.short(), "gang job ended: {verdict:?}");
+        state.wake.notify_one();
+    }
+    Ok(())
+}
+
 /// Lease expiry for running gangs: a member whose provider is not live and
-/// not connected is lost.
+/// not connected is lost (see [`member_lost`], or [`stopping_member_lost`]
+/// for one already told to stop).
 pub async fn expire_leases(state: &AppState, live: &HashSet<ProviderId>) -> Result<(), DbError> {
     let lease = state.config.provider_lease.as_millis() as u64;
     for job in state.db.jobs_in(&[JobState::Running], 100_000).await? {
@@ -979,22 +1085,27 @@ pub async fn expire_leases(state: &AppState, live: &HashSet<ProviderId>) -> Resu
         if !stale {
             continue;
         }
+        let why = format!(
+            "provider stopped answering (lease of {}s expired)",
+            state.config.provider_lease.as_secs()
+        );
         for m in current(state, &job).await? {
-            if m.state == MemberState::Started
-                && !live.contains(&m.provider)
-                && !state
+            if !matches!(m.state, MemberState::Started | MemberState::Stopping)
+                || live.contains(&m.provider)
+                || state
                     .net
                     .is_connected(m.provider.peer_id())
                     .await
                     .unwrap_or(false)
             {
-                let why = format!(
-                    "provider stopped answering (lease of {}s expired)",
-                    state.config.provider_lease.as_secs()
-                );
-                member_lost(state, &job, &m, &why).await?;
-                break;
+                continue;
             }
+            if m.state == MemberState::Stopping {
+                stopping_member_lost(state, &job, &m, &why).await?;
+                continue;
+            }
+            member_lost(state, &job, &m, &why).await?;
+            break;
         }
     }
     Ok(())
@@ -1324,52 +1435,9 @@ pub async fn accept_result(
     if m.attempt == job_attempts
         && matches!(job_state_now, JobState::Dispatched | JobState::Running)
     {
-        let ms = members_in_tx(&mut tx, &job.id, job_attempts).await?;
-        let seen: Vec<Seen> = ms
-            .iter()
-            .map(|m| Seen {
-                state: m.state,
-                outcome: m.outcome,
-                reason: m.reason.clone(),
-            })
-            .collect();
-        verdict = after_results(&seen);
-        if let JobVerdict::Done { outcome, reason } = &verdict {
-            let total = ms
-                .iter()
-                .fold(0u64, |a, m| a.saturating_add(m.cost.unwrap_or_default().0));
-            // The job row shows rank 0's receipt and outputs; every member's
-            // receipt is in `gang_members` (GET /v1/jobs/{id} lists them).
-            let lead = ms
-                .iter()
-                .find(|m| m.receipt.is_some() && m.manifest.is_some());
-            let cols = lead.and_then(|l| match (&l.receipt, &l.manifest) {
-                (Some(r), Some(mf)) => Some(ResultColumns {
-                    receipt: r,
-                    manifest: mf,
-                    cost: Credits(total),
-                }),
-                _ => None,
-            });
-            ended = Db::transition(
-                &mut tx,
-                &job.id,
-                &[JobState::Dispatched, JobState::Running],
-                job_state(*outcome),
-                Change {
-                    reason: reason.as_deref(),
-                    // The lead member's provider and offer, whose receipt
-                    // the job row carries (so `kiln job get` verifies it).
-                    provider: lead.map(|l| l.provider),
-                    offer_id: lead.map(|l| l.offer_id),
-                    result: cols,
-                    ..Default::default()
-                },
-            )
-            .await?;
-            if ended
-                && let Err(e) = crate::service::try_refund(&mut pending, &mut tx, &job.id).await
-            {
+        match conclude(&mut tx, &mut pending, &job.id, job_attempts).await? {
+            Ok((v, e)) => (verdict, ended) = (v, e),
+            Err(e) => {
                 return Ok(rejected(format!(
                     "closing the escrow of job {} failed: {e}",
                     job.id

@@ -638,6 +638,69 @@ async fn a_coordinator_restart_while_a_gang_reserves_releases_it_and_requeues() 
     dn.shutdown().await;
 }
 
+/// A member told to stop (the buyer cancelled) vanishes without delivering:
+/// once its lease is over it is released unpaid and the job ends cancelled,
+/// with the other member paid and the rest of the escrow refunded, instead
+/// of staying `running` forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_vanishes_while_stopping_does_not_hold_the_job_open() {
+    use kiln_protocol::{NetRequest, NetResponse};
+    let dn = devnet(1).await.unwrap();
+    let client = buyer(&dn);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let addr = dn.coordinator.p2p_addrs[0].clone();
+    let mut rogue = kiln_tests::RogueProvider::join(&addr, &cancel)
+        .await
+        .unwrap();
+    let mut spec = dn.workload_spec(&["sleep", "60"]);
+    spec.resources.gang = 2;
+    let v = client.submit(spec, None).await.unwrap();
+    let id = kiln_cli::job_id_of(&v).unwrap();
+    // The rogue reserves and starts like a node would, then goes silent.
+    let (_, reply) = rogue.hold_gang_offer().await.unwrap();
+    let _ = reply.send(NetResponse::Accepted);
+    let (_, reply) = rogue
+        .next_request("gang start", |r| match r {
+            NetRequest::GangStart(s) => Ok(s),
+            other => Err(other),
+        })
+        .await
+        .unwrap();
+    let _ = reply.send(NetResponse::Accepted);
+    let j = job_until(&client, &id, |j| j["state"] == "running").await;
+    assert_eq!(j["state"], "running", "{j:#}");
+
+    client.cancel(&id).await.unwrap();
+    cancel.cancel();
+    drop(rogue);
+    let done = kiln_cli::wait_for(&client, &id, Duration::from_secs(120), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(done["state"], "cancelled", "{done:#}");
+    let members = kiln_cli::gang_members(&done);
+    let a = dn.nodes[0].provider.to_string();
+    for m in &members {
+        if m["provider"] == a {
+            assert_eq!(m["state"], "delivered", "{m:#}");
+            assert_eq!(m["paid"], m["cost"], "{m:#}");
+        } else {
+            assert_eq!(m["state"], "released", "{m:#}");
+            assert!(
+                m["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("lost while stopping")),
+                "{m:#}"
+            );
+        }
+    }
+    let acct = client.account().await.unwrap();
+    assert_eq!(acct["escrowed"], 0, "{acct:#}");
+    let paid: u64 = members.iter().filter_map(|m| m["paid"].as_u64()).sum();
+    assert_eq!(acct["balance"].as_u64(), Some(GRANT - paid), "{acct:#}");
+    assert!(job_containers(&id).await.unwrap().is_empty());
+    dn.shutdown().await;
+}
+
 /// The buyer cancels a running gang: every member is stopped, each is paid
 /// for the time it ran, and the rest of the escrow comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -348,7 +348,7 @@ impl RogueProvider {
 
     /// Waits (up to 30 s) for the first request `pick` takes and returns
     /// what it kept with the reply channel; every other request is refused.
-    async fn next_request<T>(
+    pub async fn next_request<T>(
         &mut self,
         what: &str,
         mut pick: impl FnMut(NetRequest) -> Result<T, NetRequest>,
