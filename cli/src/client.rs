@@ -253,6 +253,29 @@ impl Client {
         self.send_json(req).await
     }
 
+    /// Bytes `start..` of one output or log of a job (`GET
+    /// /v1/jobs/{id}/blobs/{cid}`, unverified: `kiln job get` verifies).
+    pub async fn job_blob(
+        &self,
+        id: &JobId,
+        cid: &ContentId,
+        start: u64,
+    ) -> Result<Vec<u8>, ClientError> {
+        let path = format!("/v1/jobs/{id}/blobs/{cid}");
+        let req = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("authorization", self.auth("GET", &path)?)
+            .header("range", format!("bytes={start}-"));
+        let bytes = self
+            .send(req)
+            .await?
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(bytes.to_vec())
+    }
+
     /// The blobs this buyer may read.
     pub async fn blobs(&self) -> Result<Value, ClientError> {
         self.get_json("/v1/blobs").await

@@ -338,25 +338,43 @@ async fn job_logs(
             job.state.as_str()
         )));
     };
-    let read = |cid: &ContentId| -> Result<String, ApiError> {
-        let bytes = state
+    // At most the last MAX_LOG_JSON bytes of each stream go into the JSON;
+    // the whole log is a blob the owner can fetch by its CID.
+    let read = |cid: &ContentId| -> Result<(String, bool), ApiError> {
+        let Some(blob) = state
             .blobs
-            .get(cid)
+            .open(cid)
             .map_err(|e| ApiError::Internal(e.to_string()))?
-            .unwrap_or_default();
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        else {
+            return Ok((String::new(), false));
+        };
+        let len = blob.size().min(MAX_LOG_JSON);
+        let bytes = blob
+            .read_range(blob.size() - len, len)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok((
+            String::from_utf8_lossy(&bytes).into_owned(),
+            len < blob.size(),
+        ))
     };
+    let (stdout, stdout_clipped) = read(&r.stdout_cid)?;
+    let (stderr, stderr_clipped) = read(&r.stderr_cid)?;
     Ok(Json(json!({
         "job_id": job.id,
         "rank": q.rank,
         "provider": r.provider,
-        "stdout": read(&r.stdout_cid)?,
-        "stderr": read(&r.stderr_cid)?,
+        "stdout": stdout,
+        "stderr": stderr,
         "stdout_cid": r.stdout_cid,
         "stderr_cid": r.stderr_cid,
         "truncated": r.usage.logs_truncated,
+        "clipped": stdout_clipped || stderr_clipped,
     })))
 }
+
+/// Most bytes of each log stream returned inline by the logs route (the
+/// tail); the rest is fetched by CID (`kiln data get <stdout_cid>`).
+const MAX_LOG_JSON: u64 = 1 << 20;
 
 async fn job_outputs(
     State(state): State<AppState>,
@@ -380,6 +398,7 @@ async fn job_blob(
     State(state): State<AppState>,
     Buyer(buyer): Buyer,
     Path((id, cid)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let job = owned_job(&state, &buyer, &id).await?;
     let cid: ContentId =
@@ -402,12 +421,7 @@ async fn job_blob(
             job.id
         )));
     }
-    let bytes = state
-        .blobs
-        .get(&cid)
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .ok_or_else(|| ApiError::NotFound(format!("blob {cid} is missing from the store")))?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+    crate::blob_api::stream_blob(&state, &cid, &headers).await
 }
 
 async fn account(

@@ -279,13 +279,23 @@ async fn download(
 ) -> Result<Response, ApiError> {
     let cid = parse_cid(&cid)?;
     readable(&state, &buyer, &cid).await?;
-    let blob = state
-        .blobs
-        .open(&cid)
-        .map_err(store_error)?
-        .ok_or_else(|| ApiError::NotFound(format!("blob {cid} was just evicted; try again")))?;
+    stream_blob(&state, &cid, &headers).await
+}
+
+/// The bytes of a stored blob (honouring one `Range`), streamed from disk:
+/// never read whole into memory, whatever its size. The caller has checked
+/// that the asker may read it.
+pub(crate) async fn stream_blob(
+    state: &AppState,
+    cid: &ContentId,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let blob =
+        state.blobs.open(cid).map_err(store_error)?.ok_or_else(|| {
+            ApiError::NotFound(format!("blob {cid} is not stored here (evicted?)"))
+        })?;
     let size = blob.size();
-    let range = parse_range(&headers, size)?;
+    let range = parse_range(headers, size)?;
     let (start, end) = range.unwrap_or((0, size));
     let (file, _) = blob.into_parts();
     let mut file = tokio::fs::File::from_std(file);

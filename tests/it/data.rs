@@ -127,6 +127,9 @@ async fn a_directory_dataset_is_mounted_as_a_tree_and_outputs_come_back_by_cid()
     assert_eq!(bytes.len(), 3_000_000);
     assert_eq!(r.files, 1);
     let big = ContentId::of_bytes(&bytes);
+    // The job-scoped route streams the same bytes, honouring a range.
+    let tail = client.job_blob(&id, &big, 2_999_000).await.unwrap();
+    assert_eq!(tail, bytes[2_999_000..]);
     assert!(r.bytes_transferred >= 3_000_000, "{r:?}");
     let logs = client.logs(&id).await.unwrap();
     assert!(
