@@ -241,7 +241,7 @@ pub(crate) fn handle_offer(
             Some(Go::Release) | None => {
                 tracing::info!(job = %job.short(), offer = %offer_id.short(), "gang reservation released");
                 if let Ok(mut j) = s.jobs.lock() {
-                    unadmit(&mut j, &job, &gpus);
+                    unadmit(&mut j, &job, &offer_id, &gpus);
                 }
             }
         }

@@ -663,6 +663,18 @@ fn handle_offer(state: &Arc<State>, peer: Peer, signed: Signed<JobOffer>) -> Net
 /// offer id. Returns the GPUs picked (index, uuid), or why it does not fit.
 fn admit(state: &State, jobs: &mut Jobs, offer: &JobOffer) -> Result<Vec<(u32, String)>, String> {
     let short = offer.offer_id.short();
+    // One attempt of a job at a time here: an earlier attempt (a released
+    // gang reservation, a stopped run) may still be winding down, and its
+    // bookkeeping is keyed by job.
+    if let Some((other, _)) = jobs.running.get(&offer.job_id)
+        && *other != offer.offer_id
+    {
+        return Err(format!(
+            "offer {short} rejected: job {} is still winding down here under offer {}; offer it again shortly",
+            offer.job_id.short(),
+            other.short()
+        ));
+    }
     if jobs.running.len() >= state.config.slots as usize {
         return Err(format!(
             "offer {short} rejected: all {} slots busy",
@@ -711,11 +723,20 @@ fn admit(state: &State, jobs: &mut Jobs, offer: &JobOffer) -> Result<Vec<(u32, S
 /// Gives back what [`admit`] booked for a job that will not run (a gang
 /// member's reservation released). The offer id stays known, so the same
 /// offer is not taken again.
-fn unadmit(jobs: &mut Jobs, job: &JobId, gpus: &[(u32, String)]) {
-    jobs.running.remove(job);
-    jobs.gpu_jobs.remove(job);
+fn unadmit(jobs: &mut Jobs, job: &JobId, offer: &OfferId, gpus: &[(u32, String)]) {
+    forget_run(jobs, job, offer);
     for (i, _) in gpus {
         jobs.busy_gpus.remove(i);
+    }
+}
+
+/// Drops the slot bookkeeping of `job`, if it is still held by `offer`
+/// (never another attempt's).
+fn forget_run(jobs: &mut Jobs, job: &JobId, offer: &OfferId) {
+    if jobs.running.get(job).is_some_and(|(o, _)| o == offer) {
+        jobs.running.remove(job);
+        jobs.gpu_jobs.remove(job);
+        jobs.preempted.remove(job);
     }
 }
 
@@ -725,7 +746,7 @@ fn launch(state: &Arc<State>, offer: JobOffer, gpu_uuids: Vec<(u32, String)>) {
     tokio::spawn(async move {
         let gpu_indices: Vec<u32> = gpu_uuids.iter().map(|(i, _)| *i).collect();
         let uuids: Vec<String> = gpu_uuids.into_iter().map(|(_, u)| u).collect();
-        let job = offer.job_id;
+        let (job, offer_id) = (offer.job_id, offer.offer_id);
         run_job(&s, offer, &uuids).await;
         // GPU hygiene: a GPU the job used must be free of processes before
         // it is given to anyone else.
@@ -741,9 +762,7 @@ fn launch(state: &Arc<State>, offer: JobOffer, gpu_uuids: Vec<(u32, String)>) {
             tracing::warn!(job = %job.short(), gpus = ?leftover, "processes left on GPUs after the job; quarantined until clean");
         }
         if let Ok(mut jobs) = s.jobs.lock() {
-            jobs.running.remove(&job);
-            jobs.gpu_jobs.remove(&job);
-            jobs.preempted.remove(&job);
+            forget_run(&mut jobs, &job, &offer_id);
             for i in gpu_indices {
                 jobs.busy_gpus.remove(&i);
             }

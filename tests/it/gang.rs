@@ -427,28 +427,59 @@ async fn a_node_reserves_gang_members_and_releases_them_by_itself_without_a_star
             .unwrap(),
     );
     assert!(why.contains("slots busy"), "{why}");
-    let release = GangRelease {
-        job_id: job2,
-        offer_id: offer2,
-        provider: node.provider,
-        reason: "rank 0 refused".into(),
-    };
-    assert!(matches!(
+    // The next attempt of the same job (a new offer id) waits until this
+    // one is gone: the node keeps one attempt of a job at a time.
+    let mut next_attempt = gang_offer(60_000);
+    next_attempt.offer.job_id = job2;
+    let offer3 = next_attempt.offer.offer_id;
+    let why = refused(
         coord
             .request(
                 &advert,
-                NetRequest::GangRelease(Signed::sign(&coord.key, release, 60).unwrap()),
+                NetRequest::GangOffer(sign(&coord.key, next_attempt.clone())),
             )
             .await
             .unwrap(),
-        NetResponse::Accepted
-    ));
+    );
+    assert!(why.contains("still winding down"), "{why}");
+    let release = |offer_id| GangRelease {
+        job_id: job2,
+        offer_id,
+        provider: node.provider,
+        reason: "rank 0 refused".into(),
+    };
+    let released = coord
+        .request(
+            &advert,
+            NetRequest::GangRelease(Signed::sign(&coord.key, release(offer2), 60).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(released, NetResponse::Accepted), "{released:?}");
     assert_eq!(node.gang_reservations(), 0);
     let ev = node.gang_events(&job2);
     assert!(
         ev.iter().any(|e| e.contains("released: rank 0 refused")),
         "{ev:?}"
     );
+    // Now the next attempt is taken; released too, the slot is free again.
+    let r = coord
+        .request(
+            &advert,
+            NetRequest::GangOffer(sign(&coord.key, next_attempt)),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r, NetResponse::Accepted), "{r:?}");
+    let released = coord
+        .request(
+            &advert,
+            NetRequest::GangRelease(Signed::sign(&coord.key, release(offer3), 60).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(released, NetResponse::Accepted), "{released:?}");
+    assert_eq!(node.gang_reservations(), 0);
 
     // 3. Signed by someone else, or addressed elsewhere: refused.
     let why = refused(
