@@ -90,28 +90,41 @@ pub(crate) async fn may_fetch(state: &AppState, peer: Peer, cid: ContentId) -> b
     {
         return true;
     }
-    let ok = match decide(state, peer, cid).await {
-        Ok(ok) => ok,
+    let granted = match decide(state, peer, cid).await {
+        Ok(g) => g,
         Err(e) => {
             tracing::warn!(%peer, %cid, "blob access check failed: {e}");
-            false
+            Vec::new()
         }
     };
+    let ok = !granted.is_empty();
     if ok && let Ok(mut g) = state.data.grants.lock() {
         if g.len() > 100_000 {
             g.retain(|_, at| at.elapsed() < GRANT_TTL);
         }
-        g.insert(key, Instant::now());
+        let now = Instant::now();
+        for c in granted {
+            g.insert((peer, c), now);
+        }
     }
     ok
 }
 
-async fn decide(state: &AppState, peer: Peer, cid: ContentId) -> Result<bool, crate::db::DbError> {
+/// What `peer` may fetch, if it may fetch `cid`: `cid` itself, and for a
+/// provider everything the job that entitles it may read (its inputs and
+/// every file of its input directories), so that fetching a directory of N
+/// files decides once, not N times (each of which would read and decode the
+/// manifest). Empty: not allowed.
+async fn decide(
+    state: &AppState,
+    peer: Peer,
+    cid: ContentId,
+) -> Result<Vec<ContentId>, crate::db::DbError> {
     // A buyer peer (its libp2p key is its buyer key): what the API allows.
     if let Some(key) = PublicKey::from_peer_id(&peer) {
         let buyer = BuyerId::new(key);
         if state.db.blob_readable(&buyer, &cid).await? {
-            return Ok(true);
+            return Ok(vec![cid]);
         }
     }
     // A provider: inputs of the jobs assigned to it, and the files of
@@ -123,20 +136,39 @@ async fn decide(state: &AppState, peer: Peer, cid: ContentId) -> Result<bool, cr
     for j in &jobs {
         // URL inputs come from their URL only: naming a CID with a URL
         // proves nothing about being allowed to read the stored copy.
-        for input in j.spec.inputs.iter().filter(|i| i.url.is_none()) {
-            if input.cid == cid {
-                return Ok(true);
-            }
-            if input.cid.codec() == kiln_protocol::content::DAG_CBOR_CODEC
-                && let Ok(Some(bytes)) = state.blobs.get(&input.cid)
-                && let Ok(m) = kiln_protocol::Manifest::from_dag_cbor(&bytes)
-                && m.entries.iter().any(|e| e.cid == cid)
-            {
-                return Ok(true);
-            }
+        let inputs: Vec<ContentId> = j
+            .spec
+            .inputs
+            .iter()
+            .filter(|i| i.url.is_none())
+            .map(|i| i.cid)
+            .collect();
+        let mut readable = inputs.clone();
+        for dir in inputs
+            .iter()
+            .filter(|c| c.codec() == kiln_protocol::content::DAG_CBOR_CODEC)
+        {
+            let store = state.blobs.clone();
+            let dir = *dir;
+            // Disk read and decode off the async threads.
+            let entries = tokio::task::spawn_blocking(move || {
+                store
+                    .get(&dir)
+                    .ok()
+                    .flatten()
+                    .and_then(|b| kiln_protocol::Manifest::from_dag_cbor(&b).ok())
+                    .map(|m| m.entries.into_iter().map(|e| e.cid).collect::<Vec<_>>())
+                    .unwrap_or_default()
+            })
+            .await
+            .unwrap_or_default();
+            readable.extend(entries);
+        }
+        if readable.contains(&cid) {
+            return Ok(readable);
         }
     }
-    Ok(false)
+    Ok(Vec::new())
 }
 
 /// Peers that hold the offer's inputs (announced, or cached per their

@@ -860,17 +860,35 @@ async fn run_inner(state: &AppState, job: &JobRecord, members: &[Member]) -> Res
             });
             let replies = join_all(starts).await;
             let mut tx = state.db.begin().await?;
+            // A member that started but is no longer `reserved` here was
+            // released meanwhile (the buyer cancelled during the start):
+            // it must be stopped, not left running unaccounted.
+            let mut orphaned: Vec<&Member> = Vec::new();
             for (m, r) in members.iter().zip(&replies) {
-                if *r == Reply::Accepted {
-                    set_state(
+                if *r == Reply::Accepted
+                    && !set_state(
                         &mut tx,
                         &m.offer_id,
                         &[MemberState::Reserved],
                         MemberState::Started,
                         None,
                     )
-                    .await?;
+                    .await?
+                {
+                    orphaned.push(m);
                 }
+            }
+            if !orphaned.is_empty() {
+                tx.commit().await?;
+                let reason = "the job was cancelled while its gang started";
+                tracing::warn!(job = %job.id.short(), "{reason}; stopping {} member(s)", orphaned.len());
+                let rest: Vec<&Member> = all
+                    .iter()
+                    .copied()
+                    .filter(|m| !orphaned.iter().any(|o| o.offer_id == m.offer_id))
+                    .collect();
+                wind_down(state, &rest, &orphaned, reason).await?;
+                return Ok(());
             }
             match after_start(&replies, &providers) {
                 StartVerdict::Running => {
