@@ -29,8 +29,9 @@ pub struct LiveFleet {
     /// Providers online but not offered work (stake bond below the
     /// minimum), with when they last registered: why-not lines count them.
     unbonded: HashMap<ProviderId, UnixMillis>,
-    /// Reservations held by each dispatched or running job.
-    booked: HashMap<JobId, Vec<ReservationId>>,
+    /// Reservations held by each dispatched or running job, with the
+    /// attempt they were made for.
+    booked: HashMap<JobId, (u32, Vec<ReservationId>)>,
     synced: Option<Instant>,
 }
 
@@ -53,7 +54,7 @@ impl LiveFleet {
         fleet: Fleet,
         last_seen: HashMap<ProviderId, UnixMillis>,
         unbonded: HashMap<ProviderId, UnixMillis>,
-        booked: HashMap<JobId, Vec<ReservationId>>,
+        booked: HashMap<JobId, (u32, Vec<ReservationId>)>,
     ) {
         self.fleet = fleet;
         self.last_seen = last_seen;
@@ -102,20 +103,34 @@ impl LiveFleet {
         gone.len()
     }
 
-    /// Keeps `placements` reserved for `job` until [`Self::release_job`].
-    pub fn book(&mut self, job: JobId, placements: &[Placement]) {
+    /// Keeps `placements` reserved for attempt `attempt` of `job` until
+    /// [`Self::release_job`] (a booking of an older attempt is given back).
+    pub fn book(&mut self, job: JobId, attempt: u32, placements: &[Placement]) {
+        if self.booked.get(&job).is_some_and(|(a, _)| *a != attempt) {
+            self.release_job(&job);
+        }
         self.booked
             .entry(job)
-            .or_default()
+            .or_insert_with(|| (attempt, Vec::new()))
+            .1
             .extend(placements.iter().map(|p| p.reservation));
     }
 
     /// Gives back everything `job` holds (idempotent).
     pub fn release_job(&mut self, job: &JobId) {
-        if let Some(ids) = self.booked.remove(job) {
+        if let Some((_, ids)) = self.booked.remove(job) {
             for id in ids {
                 self.fleet.release_id(id);
             }
+        }
+    }
+
+    /// [`Self::release_job`], but only if the booking is for `attempt`: an
+    /// attempt that ended must not free the next attempt's placement, which
+    /// a round may have booked before the end was noticed.
+    pub fn release_attempt(&mut self, job: &JobId, attempt: u32) {
+        if self.booked.get(job).is_some_and(|(a, _)| *a == attempt) {
+            self.release_job(job);
         }
     }
 
@@ -186,7 +201,7 @@ pub async fn rebuild(state: &AppState) -> Result<LiveFleet, DbError> {
         }
     }
     let mut fleet = Fleet::from_views(views);
-    let mut booked: HashMap<JobId, Vec<ReservationId>> = HashMap::new();
+    let mut booked: HashMap<JobId, (u32, Vec<ReservationId>)> = HashMap::new();
     let active = state
         .db
         .jobs_in(&[JobState::Dispatched, JobState::Running], 100_000)
@@ -198,7 +213,11 @@ pub async fn rebuild(state: &AppState) -> Result<LiveFleet, DbError> {
         } else if let Some(p) = &j.provider
             && let Some(pl) = fleet.book(p, &j.spec)
         {
-            booked.entry(j.id).or_default().push(pl.reservation);
+            booked
+                .entry(j.id)
+                .or_insert_with(|| (j.attempts, Vec::new()))
+                .1
+                .push(pl.reservation);
         }
     }
     for m in crate::gang::active_members(state).await? {
@@ -206,7 +225,11 @@ pub async fn rebuild(state: &AppState) -> Result<LiveFleet, DbError> {
             && j.attempts == m.attempt
             && let Some(pl) = fleet.book(&m.provider, &j.spec)
         {
-            booked.entry(j.id).or_default().push(pl.reservation);
+            booked
+                .entry(j.id)
+                .or_insert_with(|| (j.attempts, Vec::new()))
+                .1
+                .push(pl.reservation);
         }
     }
     let mut live = LiveFleet::new();
@@ -262,7 +285,7 @@ mod tests {
         assert_eq!(live.fleet.online(), 1);
         let job = JobId::random();
         let p = crate::sched::place(&spec(), &mut live.fleet).unwrap();
-        live.book(job, &[p]);
+        live.book(job, 1, &[p]);
         // A heartbeat keeps the booking; the one slot stays taken.
         live.observe(id, Some(v.clone()), UnixMillis(2_000));
         assert!(crate::sched::place(&spec(), &mut live.fleet).is_err());
@@ -285,6 +308,19 @@ mod tests {
         assert_eq!(live.unbonded(), 1);
         live.expire(UnixMillis(3_002));
         assert_eq!(live.unbonded(), 0);
+        // An ended attempt frees only its own booking, not the next one's.
+        live.observe(id, Some(v.clone()), UnixMillis(3_500));
+        let job = JobId::random();
+        let p = crate::sched::place(&spec(), &mut live.fleet).unwrap();
+        live.book(job, 1, &[p]);
+        live.release_job(&job);
+        let p = crate::sched::place(&spec(), &mut live.fleet).unwrap();
+        live.book(job, 2, &[p]);
+        live.release_attempt(&job, 1);
+        assert_eq!(live.booked_jobs(), 1, "attempt 2 keeps its booking");
+        assert!(crate::sched::place(&spec(), &mut live.fleet).is_err());
+        live.release_attempt(&job, 2);
+        assert_eq!(live.booked_jobs(), 0);
         // Bonding brings it back as eligible, no longer unbonded.
         live.observe(id, None, UnixMillis(4_000));
         live.observe(id, Some(v), UnixMillis(4_001));

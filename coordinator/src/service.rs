@@ -1112,7 +1112,7 @@ async fn schedule_once(state: &AppState) -> Result<(), DbError> {
             .map(|(job, d)| {
                 let addrs = match &d {
                     sched::Decision::Placed(ps) => {
-                        live.book(job.id, ps);
+                        live.book(job.id, job.attempts + 1, ps);
                         ps.iter()
                             .map(|p| live.fleet.view(p.index).advert.listen_addrs.clone())
                             .collect()
@@ -1317,7 +1317,9 @@ async fn dispatch(state: AppState, mut offer: JobOffer, addrs: Vec<String>, atte
     }
     if !matches!(state.db.job(&job).await, Ok(Some(j)) if matches!(j.state, JobState::Dispatched | JobState::Running))
     {
-        release_booking(&state, &job);
+        // Only this attempt's booking: once requeued, a round may already
+        // have booked the next attempt.
+        crate::live::lock(&state).release_attempt(&job, attempt);
     }
     state.wake.notify_one();
 }
