@@ -1183,9 +1183,26 @@ async fn report_usage(state: &State, offer: &JobOffer) -> std::convert::Infallib
 }
 
 /// Sends a result until the coordinator answers; a refusal is final.
+/// How long to keep offering a result: the coordinator fetches and
+/// verifies every output before it accepts (answering `Retry` meanwhile,
+/// and keeping what it verified), so large outputs get time in proportion,
+/// at a pessimistic 8 MiB/s, and never less than ten minutes.
+fn delivery_budget(result: &JobResult) -> Duration {
+    let bytes = result
+        .manifest
+        .total_size()
+        .saturating_add(result.receipt.payload.usage.stdout_bytes)
+        .saturating_add(result.receipt.payload.usage.stderr_bytes);
+    Duration::from_secs(600).max(Duration::from_secs(bytes / (8 << 20)))
+}
+
 async fn deliver(state: &State, job: JobId, result: JobResult) {
     let mut delay = Duration::from_millis(500);
-    for attempt in 1..=10 {
+    let budget = delivery_budget(&result);
+    let started = std::time::Instant::now();
+    let mut attempt = 0u32;
+    while attempt < 10 || started.elapsed() < budget {
+        attempt += 1;
         let addrs = vec![state.coordinator_addr.clone()];
         match state
             .client
@@ -1219,7 +1236,7 @@ async fn deliver(state: &State, job: JobId, result: JobResult) {
     }
     // Never leave the job hanging on the coordinator: hand it back so it
     // is requeued (or failed after its attempts run out).
-    tracing::error!(job = %job.short(), "gave up delivering the result after 10 attempts; reporting the job lost");
+    tracing::error!(job = %job.short(), attempt, secs = started.elapsed().as_secs(), "gave up delivering the result; reporting the job lost");
     if let Ok(mut j) = state.jobs.lock() {
         j.lost.push(Orphan {
             job,
