@@ -114,34 +114,11 @@ pub async fn fetch_url_with(
     if length.is_some_and(|l| l > limit) {
         return Err(too_large());
     }
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(16);
     let store2 = store.clone();
-    let import = tokio::task::spawn_blocking(move || {
-        let mut reader = ChannelReader {
-            rx,
-            current: Bytes::new(),
-            total: 0,
-            limit,
-        };
-        let res = store2.import_reader(&mut reader, length, Some(expected));
-        (res, reader.total)
-    });
-    let mut body = response.bytes_stream();
-    while let Some(piece) = body.next().await {
-        let piece = piece.map_err(|e| io::Error::other(e.to_string()));
-        let stop = piece.is_err();
-        if tx.send(piece).await.is_err() || stop {
-            break; // the importer stopped (error) or the body failed
-        }
-    }
-    drop(tx);
-    let (res, total) = import.await.map_err(|e| HttpError::Store {
-        url: url.to_string(),
-        source: StoreError::Io {
-            path: "<http import>".into(),
-            source: io::Error::other(e.to_string()),
-        },
-    })?;
+    let (res, total) = consume_body(url, response, limit, move |reader| {
+        store2.import_reader(reader, length, Some(expected))
+    })
+    .await?;
     match res {
         Ok(cid) => Ok(HttpReport {
             cid,
@@ -219,33 +196,10 @@ pub async fn prove_url(
         });
     }
     // No range support: hash the whole body (nothing is stored).
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(16);
-    let hasher = tokio::task::spawn_blocking(move || {
-        let mut reader = ChannelReader {
-            rx,
-            current: Bytes::new(),
-            total: 0,
-            limit: size,
-        };
-        let cid = ContentId::of_reader(expected.codec(), &mut reader).map(|(cid, _)| cid);
-        (cid, reader.total)
-    });
-    let mut body = response.bytes_stream();
-    while let Some(piece) = body.next().await {
-        let piece = piece.map_err(|e| io::Error::other(e.to_string()));
-        let stop = piece.is_err();
-        if tx.send(piece).await.is_err() || stop {
-            break;
-        }
-    }
-    drop(tx);
-    let (cid, total) = hasher.await.map_err(|e| HttpError::Store {
-        url: url.to_string(),
-        source: StoreError::Io {
-            path: "<http proof>".into(),
-            source: io::Error::other(e.to_string()),
-        },
-    })?;
+    let (cid, total) = consume_body(url, response, size, move |reader| {
+        ContentId::of_reader(expected.codec(), reader).map(|(cid, _)| cid)
+    })
+    .await?;
     match cid {
         Ok(actual) if actual == expected => Ok(total),
         Ok(actual) => Err(HttpError::Mismatch {
@@ -255,6 +209,45 @@ pub async fn prove_url(
         }),
         Err(_) => Err(unproven()),
     }
+}
+
+/// Feeds `response`'s body (at most `limit` bytes) to `consume`, which
+/// reads it on a blocking thread; returns what `consume` returned and the
+/// body bytes it was given. The body stops flowing as soon as `consume`
+/// stops reading.
+async fn consume_body<T: Send + 'static>(
+    url: &str,
+    response: reqwest::Response,
+    limit: u64,
+    consume: impl FnOnce(&mut ChannelReader) -> T + Send + 'static,
+) -> Result<(T, u64), HttpError> {
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(16);
+    let worker = tokio::task::spawn_blocking(move || {
+        let mut reader = ChannelReader {
+            rx,
+            current: Bytes::new(),
+            total: 0,
+            limit,
+        };
+        let out = consume(&mut reader);
+        (out, reader.total)
+    });
+    let mut body = response.bytes_stream();
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| io::Error::other(e.to_string()));
+        let stop = piece.is_err();
+        if tx.send(piece).await.is_err() || stop {
+            break; // the consumer stopped (error) or the body failed
+        }
+    }
+    drop(tx);
+    worker.await.map_err(|e| HttpError::Store {
+        url: url.to_string(),
+        source: StoreError::Io {
+            path: "<http body>".into(),
+            source: io::Error::other(e.to_string()),
+        },
+    })
 }
 
 /// A blocking reader over pieces sent by an async task.

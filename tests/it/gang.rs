@@ -63,6 +63,24 @@ async fn reserved_then_released_without_starting(node: &kiln_node::Node, id: &Jo
     assert!(!ev.iter().any(|e| e.ends_with(": started")), "{ev:?}");
 }
 
+/// A node joins: the queued gang `id` runs on node `a` and the newcomer,
+/// and completes; then the devnet is shut down.
+async fn completes_on_a_and_a_newcomer(
+    mut dn: kiln_cli::devnet::Devnet,
+    client: &Client,
+    id: &JobId,
+    a: ProviderId,
+) {
+    let c = add_node(&mut dn).await.unwrap();
+    let done = kiln_cli::wait_for(client, id, Duration::from_secs(120), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let providers = check_completed_gang(&dn, client, id).await;
+    assert_eq!(providers, BTreeSet::from([a, c]));
+    dn.shutdown().await;
+}
+
 async fn earned(client: &Client, p: &ProviderId) -> u64 {
     let v = client.providers().await.unwrap();
     v["providers"]
@@ -567,7 +585,7 @@ async fn a_node_reserves_gang_members_and_releases_them_by_itself_without_a_star
 /// waits in the queue saying why; a fitting pair later runs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_gang_member_that_refuses_leaves_the_other_released_and_the_job_queued() {
-    let mut dn = devnet(1).await.unwrap();
+    let dn = devnet(1).await.unwrap();
     let client = buyer(&dn);
     let a = dn.nodes[0].provider;
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -608,14 +626,7 @@ async fn a_gang_member_that_refuses_leaves_the_other_released_and_the_job_queued
     assert!(job_containers(&id).await.unwrap().is_empty());
     cancel.cancel();
 
-    let c = add_node(&mut dn).await.unwrap();
-    let done = kiln_cli::wait_for(&client, &id, Duration::from_secs(120), |_| {})
-        .await
-        .unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
-    let providers = check_completed_gang(&dn, &client, &id).await;
-    assert_eq!(providers, BTreeSet::from([a, c]));
-    dn.shutdown().await;
+    completes_on_a_and_a_newcomer(dn, &client, &id, a).await;
 }
 
 /// The coordinator dies while a gang is reserving (one member has reserved,
@@ -659,14 +670,7 @@ async fn a_coordinator_restart_while_a_gang_reserves_releases_it_and_requeues() 
     assert!(job_containers(&id).await.unwrap().is_empty());
 
     // A second node joins the restarted coordinator: the gang runs on a and it.
-    let c = add_node(&mut dn).await.unwrap();
-    let done = kiln_cli::wait_for(&client, &id, Duration::from_secs(120), |_| {})
-        .await
-        .unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
-    let providers = check_completed_gang(&dn, &client, &id).await;
-    assert_eq!(providers, BTreeSet::from([a, c]));
-    dn.shutdown().await;
+    completes_on_a_and_a_newcomer(dn, &client, &id, a).await;
 }
 
 /// A member told to stop (the buyer cancelled) vanishes without delivering:
