@@ -296,13 +296,24 @@ async fn serve_request(
                     reason: format!("at most {MAX_HAS} CIDs per request"),
                 }
             } else {
+                // One access check per distinct CID, however often it is listed.
+                let mut decided: std::collections::HashMap<ContentId, Option<u64>> =
+                    std::collections::HashMap::new();
                 let mut sizes = Vec::with_capacity(cids.len());
                 for c in &cids {
-                    sizes.push(if config.allows(peer, *c).await {
-                        store.size(c)
-                    } else {
-                        None
-                    });
+                    let size = match decided.get(c) {
+                        Some(s) => *s,
+                        None => {
+                            let s = if config.allows(peer, *c).await {
+                                store.size(c)
+                            } else {
+                                None
+                            };
+                            decided.insert(*c, s);
+                            s
+                        }
+                    };
+                    sizes.push(size);
                 }
                 Response::Has { sizes }
             };

@@ -860,9 +860,14 @@ async fn run_inner(state: &AppState, job: &JobRecord, members: &[Member]) -> Res
             });
             let replies = join_all(starts).await;
             let mut tx = state.db.begin().await?;
-            // A member that started but is no longer `reserved` here was
-            // released meanwhile (the buyer cancelled during the start):
-            // it must be stopped, not left running unaccounted.
+            // If the job left this attempt while the starts were in flight
+            // (the buyer cancelled, or it was requeued), members that
+            // accepted the start were released meanwhile and must be
+            // stopped, not left running unaccounted. (A member that is
+            // merely fast may already have delivered: not an orphan.)
+            let attempt_live = job_in_tx(&mut tx, &job.id)
+                .await?
+                .is_some_and(|(s, a)| s == JobState::Dispatched && a == job.attempts);
             let mut orphaned: Vec<&Member> = Vec::new();
             for (m, r) in members.iter().zip(&replies) {
                 if *r == Reply::Accepted
@@ -874,13 +879,14 @@ async fn run_inner(state: &AppState, job: &JobRecord, members: &[Member]) -> Res
                         None,
                     )
                     .await?
+                    && !attempt_live
                 {
                     orphaned.push(m);
                 }
             }
             if !orphaned.is_empty() {
                 tx.commit().await?;
-                let reason = "the job was cancelled while its gang started";
+                let reason = "the job was cancelled or requeued while its gang started";
                 tracing::warn!(job = %job.id.short(), "{reason}; stopping {} member(s)", orphaned.len());
                 let rest: Vec<&Member> = all
                     .iter()

@@ -169,8 +169,9 @@ struct State {
     /// than the coordinator (when it allows, see [`may_serve`]), and the
     /// ones advertised as cached.
     shared: shared::SharedSet,
-    /// Fetches of cached inputs the coordinator allowed, by (peer, CID), and when.
-    fetch_grants: Mutex<HashMap<(Peer, ContentId), std::time::Instant>>,
+    /// The coordinator's answers about fetches of cached inputs, by (peer,
+    /// CID): when, and whether allowed.
+    fetch_grants: Mutex<HashMap<(Peer, ContentId), (std::time::Instant, bool)>>,
 }
 
 #[derive(Default)]
@@ -389,8 +390,8 @@ impl State {
 /// Whether `peer` may fetch `cid` from this node: the coordinator may have
 /// anything (it collects outputs); another peer only a cached job input, and
 /// only if the coordinator says a job entitles it (blobs are not
-/// capabilities, and only the coordinator knows who runs what). Positive
-/// answers are remembered for [`FETCH_GRANT_TTL`].
+/// capabilities, and only the coordinator knows who runs what). Answers
+/// are remembered: yes for [`FETCH_GRANT_TTL`], no for [`FETCH_REFUSAL_TTL`].
 async fn may_serve(state: &State, peer: Peer, cid: ContentId) -> bool {
     if peer == state.coordinator {
         return true;
@@ -399,12 +400,18 @@ async fn may_serve(state: &State, peer: Peer, cid: ContentId) -> bool {
         return false;
     }
     let key = (peer, cid);
-    if state
-        .fetch_grants
-        .lock()
-        .is_ok_and(|g| g.get(&key).is_some_and(|at| at.elapsed() < FETCH_GRANT_TTL))
-    {
-        return true;
+    let remembered = state.fetch_grants.lock().ok().and_then(|g| {
+        g.get(&key).and_then(|(at, ok)| {
+            let ttl = if *ok {
+                FETCH_GRANT_TTL
+            } else {
+                FETCH_REFUSAL_TTL
+            };
+            (at.elapsed() < ttl).then_some(*ok)
+        })
+    });
+    if let Some(ok) = remembered {
+        return ok;
     }
     let ask = NetRequest::MayFetch {
         peer: ProviderId::from_peer_id(peer),
@@ -426,18 +433,23 @@ async fn may_serve(state: &State, peer: Peer, cid: ContentId) -> bool {
             false
         }
     };
-    if ok && let Ok(mut g) = state.fetch_grants.lock() {
+    // Refusals are remembered too (briefly), so a peer repeating a request
+    // cannot turn one node into a stream of questions to the coordinator.
+    if let Ok(mut g) = state.fetch_grants.lock() {
         if g.len() > 10_000 {
-            g.retain(|_, at| at.elapsed() < FETCH_GRANT_TTL);
+            g.retain(|_, (at, _)| at.elapsed() < FETCH_GRANT_TTL);
         }
-        g.insert(key, std::time::Instant::now());
+        g.insert(key, (std::time::Instant::now(), ok));
     }
     ok
 }
 
 /// How long the coordinator's permission for a peer to fetch a cached input
 /// is remembered.
-const FETCH_GRANT_TTL: Duration = Duration::from_secs(60);
+/// (No longer than the coordinator's own grant cache.)
+const FETCH_GRANT_TTL: Duration = Duration::from_secs(30);
+/// How long a refusal is remembered.
+const FETCH_REFUSAL_TTL: Duration = Duration::from_secs(5);
 
 /// Most cached CIDs named in one advert.
 const MAX_ADVERTISED_CACHE: usize = 1024;
@@ -1187,13 +1199,24 @@ async fn report_usage(state: &State, offer: &JobOffer) -> std::convert::Infallib
 /// verifies every output before it accepts (answering `Retry` meanwhile,
 /// and keeping what it verified), so large outputs get time in proportion,
 /// at a pessimistic 8 MiB/s, and never less than ten minutes.
+/// Bounded by the signed receipt's own lifetime: past it the coordinator
+/// would refuse the result anyway.
 fn delivery_budget(result: &JobResult) -> Duration {
+    let usage = &result.receipt.payload.usage;
+    let logs = usage.stdout_bytes.saturating_add(usage.stderr_bytes);
     let bytes = result
         .manifest
         .total_size()
-        .saturating_add(result.receipt.payload.usage.stdout_bytes)
-        .saturating_add(result.receipt.payload.usage.stderr_bytes);
-    Duration::from_secs(600).max(Duration::from_secs(bytes / (8 << 20)))
+        .saturating_add(logs.min(usage.log_cap_bytes.saturating_mul(2)));
+    let wanted = Duration::from_secs(600).max(Duration::from_secs(bytes / (8 << 20)));
+    let left = Duration::from_millis(
+        result
+            .receipt
+            .expires_at
+            .0
+            .saturating_sub(UnixMillis::now().0),
+    );
+    wanted.min(left.saturating_sub(Duration::from_secs(30)))
 }
 
 async fn deliver(state: &State, job: JobId, result: JobResult) {
