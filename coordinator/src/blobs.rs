@@ -82,15 +82,29 @@ pub async fn serve(state: AppState, cancel: CancellationToken) {
     let _ = track.await;
 }
 
+/// Whether provider `peer` may fetch `cid` because a job it runs uses it:
+/// the answer to a node's `MayFetch`. Never about buyers, so a provider
+/// cannot use it to learn what a buyer owns; not cached here (the asking
+/// node caches it).
+pub(crate) async fn provider_may_fetch(state: &AppState, peer: Peer, cid: ContentId) -> bool {
+    match decide(state, peer, cid, true).await {
+        Ok(g) => !g.is_empty(),
+        Err(e) => {
+            tracing::warn!(%peer, %cid, "blob access check failed: {e}");
+            false
+        }
+    }
+}
+
 /// Whether `peer` may fetch `cid` over the blob protocol.
-pub(crate) async fn may_fetch(state: &AppState, peer: Peer, cid: ContentId) -> bool {
+async fn may_fetch(state: &AppState, peer: Peer, cid: ContentId) -> bool {
     let key = (peer, cid);
     if let Ok(g) = state.data.grants.lock()
         && g.get(&key).is_some_and(|at| at.elapsed() < GRANT_TTL)
     {
         return true;
     }
-    let granted = match decide(state, peer, cid).await {
+    let granted = match decide(state, peer, cid, false).await {
         Ok(g) => g,
         Err(e) => {
             tracing::warn!(%peer, %cid, "blob access check failed: {e}");
@@ -119,9 +133,10 @@ async fn decide(
     state: &AppState,
     peer: Peer,
     cid: ContentId,
+    providers_only: bool,
 ) -> Result<Vec<ContentId>, crate::db::DbError> {
     // A buyer peer (its libp2p key is its buyer key): what the API allows.
-    if let Some(key) = PublicKey::from_peer_id(&peer) {
+    if !providers_only && let Some(key) = PublicKey::from_peer_id(&peer) {
         let buyer = BuyerId::new(key);
         if state.db.blob_readable(&buyer, &cid).await? {
             return Ok(vec![cid]);

@@ -195,7 +195,7 @@ async fn may_fetch_answer(
         return Ok(rejected("only registered providers may ask who may fetch"));
     }
     Ok(
-        if crate::blobs::may_fetch(state, asker.peer_id(), cid).await {
+        if crate::blobs::provider_may_fetch(state, asker.peer_id(), cid).await {
             NetResponse::Accepted
         } else {
             rejected(format!("{} may not fetch {cid}", asker.short()))
