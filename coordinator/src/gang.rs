@@ -1144,12 +1144,10 @@ async fn member_statement<M: kiln_protocol::SignedMessage>(
     what: &str,
     ids: impl Fn(&M) -> (JobId, OfferId),
 ) -> Result<Result<(JobRecord, Member), NetResponse>, DbError> {
-    let payload = match signed.verify(UnixMillis::now()) {
-        Ok(p) => p,
-        Err(e) => return Ok(Err(rejected(format!("{what} refused: {e}")))),
+    let (job_id, offer_id, signer) = match crate::service::statement_ids(signed, what, ids) {
+        Ok(x) => x,
+        Err(r) => return Ok(Err(r)),
     };
-    let (job_id, offer_id) = ids(payload);
-    let signer = ProviderId::from_public_key(&signed.signer);
     let (Some(job), Some(m)) = (
         state.db.job(&job_id).await?,
         member(state, &offer_id).await?,

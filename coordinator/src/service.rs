@@ -570,6 +570,21 @@ pub(crate) async fn store_result_blobs(
     Ok(())
 }
 
+/// A provider's signed statement about a job, checked for its signature and
+/// expiry: the job and offer it names, and its signer. The refusal names
+/// `what` otherwise.
+pub(crate) fn statement_ids<T: kiln_protocol::SignedMessage>(
+    signed: &Signed<T>,
+    what: &str,
+    ids: impl Fn(&T) -> (JobId, OfferId),
+) -> Result<(JobId, OfferId, ProviderId), NetResponse> {
+    let payload = signed
+        .verify(UnixMillis::now())
+        .map_err(|e| rejected(format!("{what} refused: {e}")))?;
+    let (job, offer) = ids(payload);
+    Ok((job, offer, ProviderId::from_public_key(&signed.signer)))
+}
+
 /// Checks a provider's signed statement about a job: the signature, that the
 /// sender is the signer, and that the job is assigned to it under the offer
 /// the statement names. Returns the job and the provider, or the refusal.
@@ -580,12 +595,10 @@ async fn assigned_job<T: kiln_protocol::SignedMessage>(
     what: &str,
     ids: impl Fn(&T) -> (JobId, OfferId),
 ) -> Result<Result<(JobRecord, ProviderId), NetResponse>, DbError> {
-    let payload = match signed.verify(UnixMillis::now()) {
-        Ok(p) => p,
-        Err(e) => return Ok(Err(rejected(format!("{what} refused: {e}")))),
+    let (job_id, offer_id, signer) = match statement_ids(signed, what, ids) {
+        Ok(x) => x,
+        Err(r) => return Ok(Err(r)),
     };
-    let (job_id, offer_id) = ids(payload);
-    let signer = ProviderId::from_public_key(&signed.signer);
     let Some(job) = state.db.job(&job_id).await? else {
         return Ok(Err(rejected(format!("{what} for unknown job {job_id}"))));
     };

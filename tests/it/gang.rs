@@ -81,6 +81,13 @@ async fn completes_on_a_and_a_newcomer(
     dn.shutdown().await;
 }
 
+/// Submits `spec` as a gang of two nodes; returns its id.
+async fn submit_gang(client: &Client, mut spec: kiln_protocol::JobSpec) -> JobId {
+    spec.resources.gang = 2;
+    let v = client.submit(spec, None).await.unwrap();
+    kiln_cli::job_id_of(&v).unwrap()
+}
+
 async fn earned(client: &Client, p: &ProviderId) -> u64 {
     let v = client.providers().await.unwrap();
     v["providers"]
@@ -217,10 +224,7 @@ async fn a_gang_whose_member_vanishes_before_the_start_runs_nowhere_and_later_on
     // Node b's machine vanishes: its network stops at once, but its lease
     // has not run out, so the scheduler still picks it for the gang.
     dn.node_cancels[1].cancel();
-    let mut spec = dn.workload_spec(&["gang"]);
-    spec.resources.gang = 2;
-    let v = client.submit(spec, None).await.unwrap();
-    let id = kiln_cli::job_id_of(&v).unwrap();
+    let id = submit_gang(&client, dn.workload_spec(&["gang"])).await;
 
     // Watch Docker for any container of this job while it is dispatched.
     let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -593,10 +597,7 @@ async fn a_gang_member_that_refuses_leaves_the_other_released_and_the_job_queued
     let mut rogue = kiln_tests::RogueProvider::join(&addr, &cancel)
         .await
         .unwrap();
-    let mut spec = dn.workload_spec(&["gang"]);
-    spec.resources.gang = 2;
-    let v = client.submit(spec, None).await.unwrap();
-    let id = kiln_cli::job_id_of(&v).unwrap();
+    let id = submit_gang(&client, dn.workload_spec(&["gang"])).await;
     let offer = rogue
         .refuse_gang_offer("the owner is using this machine")
         .await
@@ -642,10 +643,7 @@ async fn a_coordinator_restart_while_a_gang_reserves_releases_it_and_requeues() 
     let mut rogue = kiln_tests::RogueProvider::join(&addr, &cancel)
         .await
         .unwrap();
-    let mut spec = dn.workload_spec(&["gang"]);
-    spec.resources.gang = 2;
-    let v = client.submit(spec, None).await.unwrap();
-    let id = kiln_cli::job_id_of(&v).unwrap();
+    let id = submit_gang(&client, dn.workload_spec(&["gang"])).await;
     // The rogue holds its gang offer unanswered, so the gang stays reserving.
     let (offer, held) = rogue.hold_gang_offer().await.unwrap();
     assert_eq!(offer.payload.offer.job_id, id);
@@ -687,10 +685,7 @@ async fn a_member_that_vanishes_while_stopping_does_not_hold_the_job_open() {
     let mut rogue = kiln_tests::RogueProvider::join(&addr, &cancel)
         .await
         .unwrap();
-    let mut spec = dn.workload_spec(&["sleep", "60"]);
-    spec.resources.gang = 2;
-    let v = client.submit(spec, None).await.unwrap();
-    let id = kiln_cli::job_id_of(&v).unwrap();
+    let id = submit_gang(&client, dn.workload_spec(&["sleep", "60"])).await;
     // The rogue reserves and starts like a node would, then goes silent.
     let (_, reply) = rogue.hold_gang_offer().await.unwrap();
     let _ = reply.send(NetResponse::Accepted);
@@ -742,10 +737,7 @@ async fn a_member_that_vanishes_while_stopping_does_not_hold_the_job_open() {
 async fn a_cancelled_gang_stops_every_member_and_pays_each_for_its_time() {
     let dn = devnet(2).await.unwrap();
     let client = buyer(&dn);
-    let mut spec = dn.workload_spec(&["sleep", "60"]);
-    spec.resources.gang = 2;
-    let v = client.submit(spec, None).await.unwrap();
-    let id = kiln_cli::job_id_of(&v).unwrap();
+    let id = submit_gang(&client, dn.workload_spec(&["sleep", "60"])).await;
     let j = job_until(&client, &id, |j| j["state"] == "running").await;
     assert_eq!(j["state"], "running", "never ran: {j:#}");
     client.cancel(&id).await.unwrap();
@@ -778,10 +770,8 @@ async fn a_gang_that_loses_a_member_mid_run_stops_the_other_and_is_requeued() {
     let dn = devnet(2).await.unwrap();
     let client = buyer(&dn);
     let mut spec = dn.workload_spec(&["sleep", "120"]);
-    spec.resources.gang = 2;
     spec.resources.timeout = kiln_protocol::Seconds(300);
-    let v = client.submit(spec, None).await.unwrap();
-    let id = kiln_cli::job_id_of(&v).unwrap();
+    let id = submit_gang(&client, spec).await;
     let j = job_until(&client, &id, |j| j["state"] == "running").await;
     assert_eq!(j["state"], "running", "never ran: {j:#}");
     dn.node_cancels[1].cancel();
