@@ -1124,6 +1124,8 @@ pub async fn expire_leases(state: &AppState, live: &HashSet<ProviderId>) -> Resu
             {
                 continue;
             }
+            // Out of the fleet now (see `service::expire_leases`).
+            crate::live::lock(state).suspend(&m.provider);
             if m.state == MemberState::Stopping {
                 stopping_member_lost(state, &job, &m, &why).await?;
                 continue;

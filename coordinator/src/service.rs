@@ -1059,6 +1059,10 @@ pub async fn expire_leases(state: &AppState) -> Result<(), DbError> {
                 p.short(),
                 state.config.provider_lease.as_secs()
             );
+            // Out of the scheduler's fleet now, not at the next round's
+            // expiry (whose clock may still count its last heartbeat as
+            // recent): the requeued job must not go straight back to it.
+            crate::live::lock(state).suspend(&p);
             requeue_or_fail(state, &job, &reason).await?;
         }
     }
