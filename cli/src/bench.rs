@@ -8,12 +8,24 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde_json::{Value, json};
+use kiln_protocol::views::JobState;
+use serde::Serialize;
 
 use crate::Client;
 use crate::devnet::{Devnet, DevnetOptions};
 
-fn stats(mut xs: Vec<f64>) -> Value {
+/// Timings of one path, in milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Stats {
+    pub n: usize,
+    pub median_ms: f64,
+    pub p90_ms: f64,
+    pub min_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    pub mean_ms: f64,
+}
+
+fn stats(mut xs: Vec<f64>) -> Stats {
     xs.sort_by(f64::total_cmp);
     let n = xs.len().max(1);
     let pct = |p: f64| {
@@ -21,11 +33,35 @@ fn stats(mut xs: Vec<f64>) -> Value {
             .copied()
             .unwrap_or(0.0)
     };
-    json!({ "n": xs.len(), "median_ms": pct(0.5), "p90_ms": pct(0.9), "min_ms": xs.first(), "max_ms": xs.last(),
-            "mean_ms": xs.iter().sum::<f64>() / n as f64 })
+    Stats {
+        n: xs.len(),
+        median_ms: pct(0.5),
+        p90_ms: pct(0.9),
+        min_ms: xs.first().copied(),
+        max_ms: xs.last().copied(),
+        mean_ms: xs.iter().sum::<f64>() / n as f64,
+    }
 }
 
-pub async fn devnet(jobs: usize, out_dir: &Path) -> anyhow::Result<Value> {
+/// The machine a benchmark ran on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+}
+
+/// `kiln bench devnet`'s report (also written to `devnet.json`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DevnetReport {
+    pub benchmark: &'static str,
+    pub command: String,
+    pub job: Vec<String>,
+    pub kiln_devnet: Stats,
+    pub docker_run_rm: Stats,
+    pub ratio_median: f64,
+    pub machine: Machine,
+}
+
+pub async fn devnet(jobs: usize, out_dir: &Path) -> anyhow::Result<DevnetReport> {
     let dn = Devnet::start(DevnetOptions {
         providers: 1,
         heartbeat: Duration::from_secs(1),
@@ -40,16 +76,15 @@ pub async fn devnet(jobs: usize, out_dir: &Path) -> anyhow::Result<Value> {
         let v = client
             .submit(dn.workload_spec(&args), Some(format!("bench {i}")))
             .await?;
-        let id = crate::job_id_of(&v)?;
+        let id = v.job_id;
         let state = loop {
-            let v = client.job(&id).await?;
-            let s = v["state"].as_str().unwrap_or("").to_string();
-            if crate::is_terminal(&s) {
+            let s = client.job(&id).await?.state;
+            if s.is_terminal() {
                 break s;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        if state != "completed" {
+        if state != JobState::Completed {
             bail!("benchmark job {id} ended {state}");
         }
         if i > 0 {
@@ -79,31 +114,29 @@ pub async fn devnet(jobs: usize, out_dir: &Path) -> anyhow::Result<Value> {
     }
     let k = stats(kiln_ms);
     let d = stats(docker_ms);
-    let ratio =
-        k["median_ms"].as_f64().unwrap_or(0.0) / d["median_ms"].as_f64().unwrap_or(1.0).max(1e-9);
-    let report = json!({
-        "benchmark": "devnet submit-to-completed vs docker run --rm",
-        "command": format!("kiln bench devnet --jobs {jobs}"),
-        "job": args,
-        "kiln_devnet": k,
-        "docker_run_rm": d,
-        "ratio_median": ratio,
-        "machine": { "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) },
-    });
+    let ratio = k.median_ms / d.median_ms.max(1e-9);
+    let md = format!(
+        "# kiln bench devnet\n\n| path | n | median ms | p90 ms |\n|---|---|---|---|\n| kiln devnet (submit→completed) | {} | {:.1} | {:.1} |\n| docker run --rm | {} | {:.1} | {:.1} |\n\nratio (median): **{ratio:.2}×**\n",
+        k.n, k.median_ms, k.p90_ms, d.n, d.median_ms, d.p90_ms,
+    );
+    let report = DevnetReport {
+        benchmark: "devnet submit-to-completed vs docker run --rm",
+        command: format!("kiln bench devnet --jobs {jobs}"),
+        job: args.iter().map(|a| a.to_string()).collect(),
+        kiln_devnet: k,
+        docker_run_rm: d,
+        ratio_median: ratio,
+        machine: Machine {
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        },
+    };
     std::fs::create_dir_all(out_dir)?;
     std::fs::write(
         out_dir.join("devnet.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
-    let md = format!(
-        "# kiln bench devnet\n\n| path | n | median ms | p90 ms |\n|---|---|---|---|\n| kiln devnet (submit→completed) | {} | {:.1} | {:.1} |\n| docker run --rm | {} | {:.1} | {:.1} |\n\nratio (median): **{ratio:.2}×**\n",
-        k["n"],
-        k["median_ms"].as_f64().unwrap_or(0.0),
-        k["p90_ms"].as_f64().unwrap_or(0.0),
-        d["n"],
-        d["median_ms"].as_f64().unwrap_or(0.0),
-        d["p90_ms"].as_f64().unwrap_or(0.0),
-    );
     std::fs::write(out_dir.join("devnet.md"), md)?;
     Ok(report)
 }

@@ -2,8 +2,26 @@
 //! identity carries `Authorization: Kiln <signed ApiAuth>` made with the
 //! buyer's key, scoped to that method and path and valid for one minute.
 
-use kiln_protocol::{ApiAuth, ContentId, JobId, JobSpec, JobSubmission, Keypair, Signed};
-use serde_json::Value;
+use kiln_contracts::Applied;
+use kiln_protocol::views::{
+    AccountView, BalancesView, BlobListView, CancelView, ErrorView, InfoView, JobListView, JobView,
+    LedgerPageView, LogsView, MissingRequest, MissingView, OffersView, OutputsView,
+    ProviderAuditsView, ProvidersView, StatementView, UploadView,
+};
+use kiln_protocol::{
+    ApiAuth, ContentId, JobId, JobSpec, JobSubmission, Keypair, ProviderId, Signed,
+};
+use serde::de::DeserializeOwned;
+
+// Account ids stay strings here (`buyer:kb…`, `provider:12D3…`, `fee`), as
+// the routes take them; `kiln_contracts::AccountId` parses them.
+
+/// `GET /v1/account`.
+pub type Account = AccountView;
+/// `GET /v1/ledger/balances`.
+pub type Balances = BalancesView;
+/// `GET /v1/accounts/{account}/statement`, with the contracts crate's effects.
+pub type Statement = StatementView<String, Applied>;
 
 /// An error from the coordinator or from reaching it.
 #[derive(Debug, thiserror::Error)]
@@ -71,19 +89,22 @@ impl Client {
             return Ok(resp);
         }
         let status = resp.status().as_u16();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let body: Option<ErrorView> = resp.json().await.ok();
         Err(ClientError::Api {
             status,
-            message: body["error"]
-                .as_str()
-                .unwrap_or("request failed")
+            message: body
+                .as_ref()
+                .map_or("request failed", |b| b.error.as_str())
                 .to_string(),
-            field: body["field"].as_str().map(str::to_string),
+            field: body.and_then(|b| b.field),
         })
     }
 
-    /// [`Self::send`], then the JSON body.
-    async fn send_json(&self, req: reqwest::RequestBuilder) -> Result<Value, ClientError> {
+    /// [`Self::send`], then the JSON body as `T`.
+    async fn send_json<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
         self.send(req)
             .await?
             .json()
@@ -91,7 +112,7 @@ impl Client {
             .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
-    async fn get_json(&self, path: &str) -> Result<Value, ClientError> {
+    async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let req = self
             .http
             .get(format!("{}{path}", self.base))
@@ -100,7 +121,11 @@ impl Client {
     }
 
     /// Submits a job signed by this buyer; returns the job as the coordinator sees it.
-    pub async fn submit(&self, spec: JobSpec, label: Option<String>) -> Result<Value, ClientError> {
+    pub async fn submit(
+        &self,
+        spec: JobSpec,
+        label: Option<String>,
+    ) -> Result<JobView, ClientError> {
         let signed = Signed::sign(&self.key, JobSubmission { spec, label }, 300)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.submit_signed(&signed).await
@@ -109,7 +134,7 @@ impl Client {
     pub async fn submit_signed(
         &self,
         signed: &Signed<JobSubmission>,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<JobView, ClientError> {
         let req = self
             .http
             .post(format!("{}/v1/jobs", self.base))
@@ -117,16 +142,16 @@ impl Client {
         self.send_json(req).await
     }
 
-    pub async fn job(&self, id: &JobId) -> Result<Value, ClientError> {
+    pub async fn job(&self, id: &JobId) -> Result<JobView, ClientError> {
         self.get_json(&format!("/v1/jobs/{id}")).await
     }
 
-    pub async fn jobs(&self) -> Result<Value, ClientError> {
+    pub async fn jobs(&self) -> Result<JobListView, ClientError> {
         self.get_json("/v1/jobs").await
     }
 
     /// Cancels a job: refunded if it had not started, otherwise stopped and paid for the time used.
-    pub async fn cancel(&self, id: &JobId) -> Result<Value, ClientError> {
+    pub async fn cancel(&self, id: &JobId) -> Result<CancelView, ClientError> {
         let path = format!("/v1/jobs/{id}/cancel");
         let req = self
             .http
@@ -136,26 +161,35 @@ impl Client {
     }
 
     /// A job's stdout and stderr (a gang's rank 0).
-    pub async fn logs(&self, id: &JobId) -> Result<Value, ClientError> {
+    pub async fn logs(&self, id: &JobId) -> Result<LogsView, ClientError> {
         self.get_json(&format!("/v1/jobs/{id}/logs")).await
     }
 
     /// The stdout and stderr of gang member `rank` (its last attempt).
-    pub async fn rank_logs(&self, id: &JobId, rank: u32) -> Result<Value, ClientError> {
+    pub async fn rank_logs(&self, id: &JobId, rank: u32) -> Result<LogsView, ClientError> {
         self.get_json(&format!("/v1/jobs/{id}/logs?rank={rank}"))
             .await
     }
 
-    pub async fn outputs(&self, id: &JobId) -> Result<Value, ClientError> {
+    pub async fn outputs(&self, id: &JobId) -> Result<OutputsView, ClientError> {
         self.get_json(&format!("/v1/jobs/{id}/outputs")).await
     }
 
-    pub async fn account(&self) -> Result<Value, ClientError> {
+    pub async fn account(&self) -> Result<Account, ClientError> {
         self.get_json("/v1/account").await
     }
 
-    pub async fn providers(&self) -> Result<Value, ClientError> {
+    pub async fn providers(&self) -> Result<ProvidersView, ClientError> {
         self.get_json("/v1/providers").await
+    }
+
+    /// A provider's capability-challenge history, newest first.
+    pub async fn provider_audits(
+        &self,
+        provider: &ProviderId,
+    ) -> Result<ProviderAuditsView, ClientError> {
+        self.get_json(&format!("/v1/providers/{provider}/audits"))
+            .await
     }
 
     /// Providers matching a search query, e.g. `gpu_name=H100 num_gpus>=2`.
@@ -164,7 +198,7 @@ impl Client {
         query: &str,
         sort: &str,
         limit: usize,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<OffersView, ClientError> {
         let mut url = reqwest::Url::parse(&format!("{}/v1/offers", self.base))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         url.query_pairs_mut()
@@ -176,21 +210,21 @@ impl Client {
     }
 
     /// One page of the public ledger.
-    pub async fn ledger_page(&self, from: u64, limit: u32) -> Result<Value, ClientError> {
+    pub async fn ledger_page(&self, from: u64, limit: u32) -> Result<LedgerPageView, ClientError> {
         self.get_json(&format!("/v1/ledger?from={from}&limit={limit}"))
             .await
     }
 
-    pub async fn ledger_balances(&self) -> Result<Value, ClientError> {
+    pub async fn ledger_balances(&self) -> Result<Balances, ClientError> {
         self.get_json("/v1/ledger/balances").await
     }
 
-    pub async fn statement(&self, account: &str) -> Result<Value, ClientError> {
+    pub async fn statement(&self, account: &str) -> Result<Statement, ClientError> {
         self.get_json(&format!("/v1/accounts/{account}/statement"))
             .await
     }
 
-    pub async fn info(&self) -> Result<Value, ClientError> {
+    pub async fn info(&self) -> Result<InfoView, ClientError> {
         self.get_json("/v1/info").await
     }
 
@@ -202,11 +236,11 @@ impl Client {
             .post(format!("{}/v1/blobs", self.base))
             .header("authorization", self.auth("POST", "/v1/blobs")?)
             .body(bytes);
-        let v: Value = self.send_json(req).await?;
-        if v["cid"].as_str() != Some(cid.to_string().as_str()) {
+        let v: UploadView = self.send_json(req).await?;
+        if v.cid != cid {
             return Err(ClientError::Protocol(format!(
                 "coordinator stored the upload as {}, expected {cid}",
-                v["cid"]
+                v.cid
             )));
         }
         Ok(cid)
@@ -221,11 +255,11 @@ impl Client {
                 .http
                 .post(format!("{}{path}", self.base))
                 .header("authorization", self.auth("POST", path)?)
-                .json(&serde_json::json!({ "cids": batch }));
-            let v: Value = self.send_json(req).await?;
-            let got: Vec<ContentId> = serde_json::from_value(v["missing"].clone())
-                .map_err(|e| ClientError::Protocol(format!("malformed `missing` answer: {e}")))?;
-            out.extend(got);
+                .json(&MissingRequest {
+                    cids: batch.to_vec(),
+                });
+            let v: MissingView = self.send_json(req).await?;
+            out.extend(v.missing);
         }
         Ok(out)
     }
@@ -238,7 +272,7 @@ impl Client {
         size: u64,
         name: &str,
         body: reqwest::Body,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<UploadView, ClientError> {
         let path = format!("/v1/blobs/{cid}");
         let req = self
             .http
@@ -277,7 +311,7 @@ impl Client {
     }
 
     /// The blobs this buyer may read.
-    pub async fn blobs(&self) -> Result<Value, ClientError> {
+    pub async fn blobs(&self) -> Result<BlobListView, ClientError> {
         self.get_json("/v1/blobs").await
     }
 

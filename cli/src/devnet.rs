@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use kiln_coordinator::CoordinatorConfig;
 use kiln_node::NodeConfig;
-use kiln_protocol::{ByteSize, Credits, JobSpec, MilliCpu, Seconds};
-use serde_json::{Value, json};
+use kiln_protocol::views::JobState;
+use kiln_protocol::{
+    ByteSize, ContentId, Credits, JobId, JobSpec, ManifestEntry, MilliCpu, ProviderId, Seconds,
+};
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::Client;
@@ -31,6 +34,18 @@ pub struct DevnetOptions {
     pub min_stake: Credits,
     /// Stake each provider bonds at start-up (from the faucet).
     pub provider_stake: Option<Credits>,
+    /// How long after its timeout a started job may take to deliver before
+    /// the coordinator gives up on it (the coordinator's default: 2 min).
+    pub result_grace: Duration,
+    /// The coordinator refuses usage reports closer together than this. A
+    /// devnet's nodes may report much faster than the coordinator's default
+    /// (5 s) allows, so it is short here.
+    pub min_usage_interval: Duration,
+    /// Mean time between two capability challenges of one provider
+    /// (`None`: no audits). `kiln devnet` turns them on every few minutes;
+    /// tests leave them off unless they test audits, so a random benchmark
+    /// never competes with what a test measures.
+    pub audit_interval: Option<Duration>,
 }
 
 impl Default for DevnetOptions {
@@ -45,6 +60,9 @@ impl Default for DevnetOptions {
             usage_interval: Duration::from_secs(5),
             min_stake: Credits(0),
             provider_stake: None,
+            result_grace: Duration::from_secs(120),
+            min_usage_interval: Duration::from_millis(500),
+            audit_interval: None,
         }
     }
 }
@@ -89,6 +107,9 @@ impl Devnet {
         cc.min_stake = opts.min_stake;
         cc.provider_lease = opts.heartbeat * 5;
         cc.schedule_interval = Duration::from_millis(250);
+        cc.result_grace = opts.result_grace;
+        cc.min_usage_interval = opts.min_usage_interval;
+        cc.audit.mean_interval = opts.audit_interval;
         let coordinator_cancel = cancel.child_token();
         let coordinator = kiln_coordinator::start(cc.clone(), coordinator_cancel.clone()).await?;
         let coord_addr = coordinator
@@ -162,14 +183,13 @@ impl Devnet {
         let client = Client::new(&self.url(), kiln_protocol::Keypair::generate());
         let start = Instant::now();
         loop {
-            let v = client.providers().await?;
-            if v["providers"].as_array().map_or(0, Vec::len) >= n {
+            let registered = client.providers().await?.providers.len();
+            if registered >= n {
                 return Ok(());
             }
             if start.elapsed() > timeout {
                 anyhow::bail!(
-                    "only {} of {n} providers registered after {}s",
-                    v["providers"].as_array().map_or(0, Vec::len),
+                    "only {registered} of {n} providers registered after {}s",
                     timeout.as_secs()
                 );
             }
@@ -207,31 +227,46 @@ impl Devnet {
     }
 }
 
+/// What `kiln devnet` prints about its demo job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DemoSummary {
+    pub job_id: JobId,
+    pub state: JobState,
+    pub provider: Option<ProviderId>,
+    pub output_cid: Option<ContentId>,
+    /// Whether the receipt (and the output manifest) verified on this side.
+    pub receipt_verified: bool,
+    pub exit_code: Option<i64>,
+    pub cost: Option<Credits>,
+    pub stdout: Option<String>,
+    pub outputs: Option<Vec<ManifestEntry>>,
+    pub image: String,
+    pub coordinator: String,
+    pub providers: Vec<ProviderId>,
+}
+
 /// Runs the demo job on a devnet and returns the summary printed by `kiln devnet`.
-pub async fn run_demo(dn: &Devnet, client: &Client) -> anyhow::Result<Value> {
+pub async fn run_demo(dn: &Devnet, client: &Client) -> anyhow::Result<DemoSummary> {
     let spec = dn.workload_spec(&["demo", "7"]);
     let job = client.submit(spec, Some("devnet demo".into())).await?;
-    let id = crate::job_id_of(&job)?;
+    let id = job.job_id;
     let done = crate::wait_for(client, &id, Duration::from_secs(120), |_| {}).await?;
     let outputs = client.outputs(&id).await.ok();
-    let manifest = outputs
-        .as_ref()
-        .and_then(|o| serde_json::from_value(o["entries"].clone()).ok())
-        .and_then(|e| kiln_protocol::Manifest::new(e).ok());
+    let manifest = outputs.as_ref().and_then(|o| o.manifest().ok());
     let verified = crate::verify_receipt(&done, manifest.as_ref()).is_ok();
     let logs = client.logs(&id).await.ok();
-    Ok(json!({
-        "job_id": id,
-        "state": done["state"],
-        "provider": done["provider"],
-        "output_cid": done["output_cid"],
-        "receipt_verified": verified,
-        "exit_code": done["exit_code"],
-        "cost": done["cost"],
-        "stdout": logs.as_ref().map(|l| l["stdout"].clone()),
-        "outputs": outputs.map(|o| o["entries"].clone()),
-        "image": dn.image_id,
-        "coordinator": dn.url(),
-        "providers": dn.nodes.iter().map(|n| n.provider.to_string()).collect::<Vec<_>>(),
-    }))
+    Ok(DemoSummary {
+        job_id: id,
+        state: done.state,
+        provider: done.provider,
+        output_cid: done.output_cid,
+        receipt_verified: verified,
+        exit_code: done.exit_code,
+        cost: done.cost,
+        stdout: logs.map(|l| l.stdout),
+        outputs: outputs.map(|o| o.entries),
+        image: dn.image_id.clone(),
+        coordinator: dn.url(),
+        providers: dn.nodes.iter().map(|n| n.provider).collect(),
+    })
 }

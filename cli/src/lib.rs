@@ -16,12 +16,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use kiln_protocol::keys::keyfile;
+use kiln_protocol::views::{JobState, JobView, MemberView};
 use kiln_protocol::{
-    ContentId, JobId, JobSpec, Keypair, Manifest, ProviderId, ResultReceipt, Signed, UnixMillis,
+    ContentId, JobId, JobSpec, Keypair, Manifest, OfferId, ProviderId, ResultReceipt, Signed,
+    UnixMillis,
 };
-use serde_json::Value;
 
-pub use client::{Client, ClientError};
+pub use client::{Account, Balances, Client, ClientError, Statement};
 
 /// Default buyer key location: `$KILN_HOME/buyer.key`, else the user's config dir.
 pub fn default_key_path() -> PathBuf {
@@ -51,42 +52,27 @@ pub fn read_spec(path: &Path) -> anyhow::Result<JobSpec> {
     Ok(spec)
 }
 
-pub fn job_id_of(v: &Value) -> anyhow::Result<JobId> {
-    v["job_id"]
-        .as_str()
-        .context("response has no job_id")?
-        .parse()
-        .context("response has a malformed job_id")
-}
-
-pub fn is_terminal(state: &str) -> bool {
-    matches!(state, "completed" | "failed" | "timed_out" | "cancelled")
-}
-
 /// Polls a job until it ends or `timeout` passes; calls `on_change` on each new state or reason.
 pub async fn wait_for(
     client: &Client,
     id: &JobId,
     timeout: Duration,
-    mut on_change: impl FnMut(&Value),
-) -> anyhow::Result<Value> {
+    mut on_change: impl FnMut(&JobView),
+) -> anyhow::Result<JobView> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = (String::new(), String::new());
+    let mut last: Option<(JobState, Option<String>)> = None;
     loop {
         let v = client.job(id).await?;
-        let now = (
-            v["state"].as_str().unwrap_or("").to_string(),
-            v["reason"].as_str().unwrap_or("").to_string(),
-        );
-        if now != last {
+        let now = (v.state, v.reason.clone());
+        if last.as_ref() != Some(&now) {
             on_change(&v);
-            last = now;
+            last = Some(now);
         }
-        if is_terminal(&last.0) {
+        if v.state.is_terminal() {
             return Ok(v);
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("job {id} still {} after {}s", last.0, timeout.as_secs());
+            bail!("job {id} still {} after {}s", v.state, timeout.as_secs());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -97,13 +83,12 @@ pub async fn wait_for(
 /// signed it and is the one it names, that it is for job `id`, and, when
 /// given, for `offer`.
 pub fn check_receipt(
-    receipt: &Value,
+    receipt: Option<&Signed<ResultReceipt>>,
     id: &JobId,
     provider: &ProviderId,
-    offer: Option<&str>,
+    offer: Option<&OfferId>,
 ) -> anyhow::Result<Signed<ResultReceipt>> {
-    let receipt: Signed<ResultReceipt> =
-        serde_json::from_value(receipt.clone()).context("the job has no receipt")?;
+    let receipt = receipt.cloned().context("the job has no receipt")?;
     receipt
         .verify(UnixMillis(
             receipt.payload.finished_at.0.min(receipt.expires_at.0),
@@ -117,7 +102,7 @@ pub fn check_receipt(
         bail!("receipt is for job {}, not {id}", receipt.payload.job_id);
     }
     if let Some(offer) = offer
-        && receipt.payload.offer_id.to_string() != offer
+        && receipt.payload.offer_id != *offer
     {
         bail!(
             "receipt is for offer {}, not {offer}",
@@ -130,14 +115,11 @@ pub fn check_receipt(
 /// Verifies a job's receipt on the client side: [`check_receipt`] against
 /// the job's provider, and that its output CID matches `manifest` when given.
 pub fn verify_receipt(
-    job: &Value,
+    job: &JobView,
     manifest: Option<&Manifest>,
 ) -> anyhow::Result<Signed<ResultReceipt>> {
-    let provider: ProviderId = job["provider"]
-        .as_str()
-        .context("job has no provider")?
-        .parse()?;
-    let receipt = check_receipt(&job["receipt"], &job_id_of(job)?, &provider, None)?;
+    let provider = job.provider.context("job has no provider")?;
+    let receipt = check_receipt(job.receipt.as_ref(), &job.job_id, &provider, None)?;
     if let Some(m) = manifest
         && m.cid() != receipt.payload.output_cid
     {
@@ -177,7 +159,7 @@ pub async fn fetch_outputs_verified(
     show_progress: bool,
 ) -> anyhow::Result<Vec<NodeOutputs>> {
     let job = client.job(id).await?;
-    let members = gang_members(&job);
+    let members = job.gang_members();
     let wanted: Vec<(Option<u32>, ProviderId, Signed<ResultReceipt>, PathBuf)> = if members
         .is_empty()
     {
@@ -185,13 +167,9 @@ pub async fn fetch_outputs_verified(
         vec![(None, receipt.payload.provider, receipt, dir.to_path_buf())]
     } else {
         let mut wanted = Vec::new();
-        for m in members.iter().filter(|m| !m["receipt"].is_null()) {
-            let rank = m["rank"].as_u64().context("gang member without a rank")? as u32;
-            let provider: ProviderId = m["provider"]
-                .as_str()
-                .context("gang member without a provider")?
-                .parse()?;
-            let receipt = check_receipt(&m["receipt"], id, &provider, m["offer_id"].as_str())
+        for m in members.iter().filter(|m| m.receipt.is_some()) {
+            let (rank, provider) = (m.rank, m.provider);
+            let receipt = check_receipt(m.receipt.as_ref(), id, &provider, Some(&m.offer_id))
                 .with_context(|| format!("gang member rank {rank}"))?;
             wanted.push((
                 Some(rank),
@@ -203,7 +181,7 @@ pub async fn fetch_outputs_verified(
         if wanted.is_empty() {
             bail!(
                 "job {id} is {} and no gang member has delivered a receipt yet; nothing to fetch",
-                job["state"].as_str().unwrap_or("?")
+                job.state
             );
         }
         wanted
@@ -231,19 +209,8 @@ pub async fn fetch_outputs_verified(
 
 /// The members of a gang job's last attempt, by rank (empty for a
 /// single-node job).
-pub fn gang_members(job: &Value) -> Vec<Value> {
-    let attempts = job["attempts"].as_u64();
-    let mut ms: Vec<Value> = job["gang"]
-        .as_array()
-        .map(|ms| {
-            ms.iter()
-                .filter(|m| m["attempt"].as_u64() == attempts)
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default();
-    ms.sort_by_key(|m| m["rank"].as_u64());
-    ms
+pub fn gang_members(job: &JobView) -> Vec<MemberView> {
+    job.gang_members().into_iter().cloned().collect()
 }
 
 /// The content id of stdout/stderr bytes, for display.

@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 use kiln_cli::devnet::{Devnet, DevnetOptions, run_demo};
 use kiln_cli::{Client, buyer_key, default_key_path};
 use kiln_protocol::JobId;
-use serde_json::Value;
+use kiln_protocol::views::{JobState, JobView};
+use serde::Serialize;
 
 #[derive(Parser)]
 #[command(
@@ -194,7 +195,7 @@ enum BenchCmd {
     },
 }
 
-fn print(json: bool, v: &Value, text: impl FnOnce(&Value) -> String) {
+fn print<T: Serialize + ?Sized>(json: bool, v: &T, text: impl FnOnce(&T) -> String) {
     if json {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     } else {
@@ -202,17 +203,21 @@ fn print(json: bool, v: &Value, text: impl FnOnce(&Value) -> String) {
     }
 }
 
-fn job_line(v: &Value) -> String {
-    let reason = v["reason"]
-        .as_str()
+fn job_line(v: &JobView) -> String {
+    let reason = v
+        .reason
+        .as_deref()
         .map(|r| format!(" ({r})"))
         .unwrap_or_default();
-    format!(
-        "{}  {}{}",
-        v["job_id"].as_str().unwrap_or("?"),
-        v["state"].as_str().unwrap_or("?"),
-        reason
-    )
+    format!("{}  {}{}", v.job_id, v.state, reason)
+}
+
+/// `kiln job get --json`.
+#[derive(Serialize)]
+struct JobGetReport<'a> {
+    job_id: JobId,
+    dir: &'a std::path::Path,
+    nodes: &'a [kiln_cli::NodeOutputs],
 }
 
 #[tokio::main]
@@ -242,7 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print(json, &v, job_line);
                 return Ok(());
             }
-            let id = kiln_cli::job_id_of(&v)?;
+            let id = v.job_id;
             let done = kiln_cli::wait_for(&client, &id, Duration::from_secs(7 * 24 * 3600), |v| {
                 if !json {
                     println!("{}", job_line(v));
@@ -252,42 +257,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 print(true, &done, job_line);
             }
-            if done["state"] != "completed" {
-                anyhow::bail!("job {id} ended {}", done["state"]);
+            if done.state != JobState::Completed {
+                anyhow::bail!("job {id} ended {}", done.state);
             }
         }
         Cmd::Job(JobCmd::List) => print(json, &client.jobs().await?, |v| {
-            v["jobs"]
-                .as_array()
-                .map(|js| js.iter().map(job_line).collect::<Vec<_>>().join("\n"))
-                .unwrap_or_default()
+            v.jobs.iter().map(job_line).collect::<Vec<_>>().join("\n")
         }),
         Cmd::Job(JobCmd::Status { id }) => print(json, &client.job(&id).await?, job_line),
         Cmd::Job(JobCmd::Cancel { id }) => print(json, &client.cancel(&id).await?, |v| {
-            format!(
-                "{}  {}",
-                v["job_id"].as_str().unwrap_or("?"),
-                v["outcome"].as_str().unwrap_or("?")
-            )
+            format!("{}  {}", v.job_id, v.outcome)
         }),
         Cmd::Job(JobCmd::Logs { id, rank }) => {
             let logs = match rank {
                 Some(r) => client.rank_logs(&id, r).await?,
                 None => client.logs(&id).await?,
             };
-            print(json, &logs, |v| {
-                format!(
-                    "{}{}",
-                    v["stdout"].as_str().unwrap_or(""),
-                    v["stderr"].as_str().unwrap_or("")
-                )
-            });
+            print(json, &logs, |v| format!("{}{}", v.stdout, v.stderr));
         }
         Cmd::Job(JobCmd::Get { id, output }) => {
             let cache = kiln_cli::data::open_cache(&key_path)?;
             let nodes =
                 kiln_cli::fetch_outputs_verified(&client, &cache, &id, &output, !json).await?;
-            let v = serde_json::json!({ "job_id": id, "dir": output, "nodes": nodes });
+            let v = JobGetReport {
+                job_id: id,
+                dir: &output,
+                nodes: &nodes,
+            };
             print(json, &v, |_| {
                 nodes
                     .iter()
@@ -307,17 +303,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Data(DataCmd::Add { path, quiet }) => {
             let r = kiln_cli::data::add(&client, &path, !quiet && !json).await?;
-            print(json, &serde_json::to_value(&r)?, |v| {
+            print(json, &r, |r| {
                 format!(
                     "{}\n{} {}: {} file(s), {}; uploaded {}, already there {} ({} ms)",
-                    v["cid"].as_str().unwrap_or("?"),
-                    v["kind"].as_str().unwrap_or("?"),
+                    r.cid,
+                    r.kind,
                     path.display(),
-                    v["files"],
+                    r.files,
                     kiln_cli::data::human(r.size),
                     kiln_cli::data::human(r.uploaded_bytes),
                     kiln_cli::data::human(r.skipped_bytes),
-                    v["elapsed_ms"]
+                    r.elapsed_ms
                 )
             });
         }
@@ -332,7 +328,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             let r = kiln_cli::data::get(&client, &cache, cid, &output, !quiet && !json, &cancel)
                 .await?;
-            print(json, &serde_json::to_value(&r)?, |_| {
+            print(json, &r, |r| {
                 format!(
                     "{cid}: {} file(s), {} verified into {} ({} resumed from the cache, {} transferred, {} ms)",
                     r.files,
@@ -345,23 +341,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Cmd::Data(DataCmd::Ls) => print(json, &client.blobs().await?, |v| {
-            v["blobs"]
-                .as_array()
-                .map(|bs| {
-                    bs.iter()
-                        .map(|b| {
-                            format!(
-                                "{}  {:>10}  {:<9}  {}",
-                                b["cid"].as_str().unwrap_or("?"),
-                                kiln_cli::data::human(b["size"].as_u64().unwrap_or(0)),
-                                b["kind"].as_str().unwrap_or("?"),
-                                b["name"].as_str().unwrap_or("")
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join("\n")
+            v.blobs
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{}  {:>10}  {:<9}  {}",
+                        b.cid,
+                        kiln_cli::data::human(b.size),
+                        b.kind.as_str(),
+                        b.name
+                    )
                 })
-                .unwrap_or_default()
+                .collect::<Vec<_>>()
+                .join("\n")
         }),
         Cmd::Bench(BenchCmd::Data { size, runs, out }) => {
             std::fs::create_dir_all(&out)?;
@@ -370,80 +362,63 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let r = kiln_blobs::bench::run_with(size.0, &out, &opts).await?;
-            let v = serde_json::to_value(&r)?;
-            print(json, &v, |v| {
-                let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+            print(json, &r, |v| {
                 let mut s = format!(
                     "{} MiB blob, {} CPUs (report in {}):\n\
                      (a) verify {:.0} MiB/s vs blake3 {:.0} MiB/s: {:.2}x (goal >= 0.8)\n\
                      (b) 1-peer fetch {:.0} MiB/s vs raw libp2p stream {:.0} MiB/s: {:.2}x (goal >= 0.9); vs raw file-to-file stream {:.0} MiB/s: {:.2}x",
                     size.0 >> 20,
-                    v["cpus"],
+                    v.cpus,
                     out.display(),
-                    f("bao_verify_mib_s"),
-                    f("blake3_mib_s"),
-                    f("verify_ratio"),
-                    f("fetch_1_peer_mib_s"),
-                    f("raw_stream_mib_s"),
-                    f("fetch_1_ratio"),
-                    f("raw_file_to_file_mib_s"),
-                    f("fetch_1_ratio_vs_file_to_file"),
+                    v.bao_verify_mib_s,
+                    v.blake3_mib_s,
+                    v.verify_ratio,
+                    v.fetch_1_peer_mib_s,
+                    v.raw_stream_mib_s,
+                    v.fetch_1_ratio,
+                    v.raw_file_to_file_mib_s,
+                    v.fetch_1_ratio_vs_file_to_file,
                 );
-                if let Some(c) = v["curl_nginx_mib_s"].as_f64() {
+                if let Some(c) = v.curl_nginx_mib_s {
                     s.push_str(&format!(
                         "\n    curl from nginx {c:.0} MiB/s: Kiln 1-peer fetch is {:.2}x of it",
-                        f("fetch_1_peer_mib_s") / c.max(1e-9)
+                        v.fetch_1_peer_mib_s / c.max(1e-9)
                     ));
                 }
                 s.push_str(&format!(
                     "\n(c) 3-peer fetch {:.0} MiB/s: {:.2}x of the raw stream",
-                    f("fetch_3_peers_mib_s"),
-                    f("fetch_3_ratio")
+                    v.fetch_3_peers_mib_s, v.fetch_3_ratio
                 ));
                 s
             });
         }
         Cmd::Providers => print(json, &client.providers().await?, |v| {
-            v["providers"]
-                .as_array()
-                .map(|ps| {
-                    ps.iter()
-                        .map(|p| {
-                            format!(
-                                "{}  cpus={} gpus={} slots={}",
-                                p["provider"].as_str().unwrap_or("?"),
-                                p["cpu"]["logical_cores"],
-                                p["gpus"].as_array().map_or(0, Vec::len),
-                                p["slots"]
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join("\n")
+            v.providers
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}  cpus={} gpus={} slots={}",
+                        p.provider,
+                        p.cpu.logical_cores,
+                        p.gpus.len(),
+                        p.slots
+                    )
                 })
-                .unwrap_or_default()
+                .collect::<Vec<_>>()
+                .join("\n")
         }),
         Cmd::Account(AccountCmd::Balance) => print(json, &client.account().await?, |v| {
-            format!(
-                "balance {} µcr, escrowed {} µcr",
-                v["balance"], v["escrowed"]
-            )
+            format!("balance {} µcr, escrowed {} µcr", v.balance.0, v.escrowed.0)
         }),
         Cmd::Account(AccountCmd::Statement { account }) => {
             let account = account
                 .unwrap_or_else(|| format!("buyer:{}", kiln_protocol::BuyerId::new(key.public())));
             print(json, &client.statement(&account).await?, |v| {
-                let mut out = format!(
-                    "{}  balance {} µcr\n",
-                    v["account"].as_str().unwrap_or("?"),
-                    v["balance"]
-                );
-                for e in v["entries"].as_array().into_iter().flatten() {
+                let mut out = format!("{}  balance {} µcr\n", v.account, v.balance.0);
+                for e in &v.entries {
                     out.push_str(&format!(
                         "#{:<6} {:<16} {:>14} µcr  {}\n",
-                        e["seq"],
-                        e["op"].as_str().unwrap_or(""),
-                        e["delta"].as_str().unwrap_or(""),
-                        e["key"].as_str().unwrap_or("")
+                        e.seq, e.op, e.delta, e.key
                     ));
                 }
                 out
@@ -454,9 +429,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(v) => print(json, &v, |v| {
                     format!(
                         "ledger verified: {} entries, head {}, {} accounts match",
-                        v["entries"],
-                        v["head"].as_str().unwrap_or("-"),
-                        v["accounts"]
+                        v.entries,
+                        v.head.as_deref().unwrap_or("-"),
+                        v.accounts
                     )
                 }),
                 Err(e) => anyhow::bail!("ledger verification failed: {e}"),
@@ -470,6 +445,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let dn = Devnet::start(DevnetOptions {
                 providers,
                 http_port: port,
+                // A live marketplace audits its providers: every 5 minutes
+                // on average here (6 hours by default in production).
+                audit_interval: Some(std::time::Duration::from_secs(300)),
                 ..Default::default()
             })
             .await?;
@@ -484,14 +462,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print(json, &demo, |d| {
                 format!(
                     "demo job {} {} on {}; output {}; receipt verified: {}",
-                    d["job_id"].as_str().unwrap_or("?"),
-                    d["state"].as_str().unwrap_or("?"),
-                    d["provider"].as_str().unwrap_or("?"),
-                    d["output_cid"].as_str().unwrap_or("-"),
-                    d["receipt_verified"]
+                    d.job_id,
+                    d.state,
+                    d.provider
+                        .map_or_else(|| "?".to_string(), |p| p.to_string()),
+                    d.output_cid
+                        .map_or_else(|| "-".to_string(), |c| c.to_string()),
+                    d.receipt_verified
                 )
             });
-            let ok = demo["state"] == "completed" && demo["receipt_verified"] == true;
+            let ok = demo.state == JobState::Completed && demo.receipt_verified;
             if !exit_after_demo {
                 eprintln!(
                     "devnet is up with {providers} providers; the demo workload image is {}.\nIn another terminal:\nexport KILN_COORDINATOR={}",
@@ -509,15 +489,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Offers(OffersCmd::Search { query, sort, limit }) => {
             print(json, &client.offers(&query, &sort, limit).await?, |v| {
-                v["offers"]
-                    .as_array()
-                    .map(|rows| {
-                        rows.iter()
-                            .map(|r| r.to_string())
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    })
-                    .unwrap_or_default()
+                v.offers
+                    .iter()
+                    .map(|r| serde_json::to_string(r).unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("\n")
             })
         }
         Cmd::Bench(BenchCmd::Scheduler {
@@ -530,20 +506,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 kiln_coordinator::bench::bench_scheduler(providers, jobs, seed)
             })
             .await?;
-            let v = serde_json::to_value(&r)?;
             std::fs::create_dir_all(&out)?;
             std::fs::write(
                 out.join("scheduler.json"),
-                serde_json::to_string_pretty(&v)?,
+                serde_json::to_string_pretty(&r)?,
             )?;
-            print(json, &v, |v| {
+            print(json, &r, |v| {
                 format!(
                     "{} providers, {} jobs: {:.0} placement decisions/s ({} placed), peak RSS {} MiB (report in {})",
-                    v["providers"],
-                    v["jobs"],
-                    v["decisions_per_sec"].as_f64().unwrap_or(0.0),
-                    v["placed"],
-                    v["peak_rss_bytes"].as_u64().unwrap_or(0) >> 20,
+                    v.providers,
+                    v.jobs,
+                    v.decisions_per_sec,
+                    v.placed,
+                    v.peak_rss_bytes >> 20,
                     out.display()
                 )
             });
@@ -553,9 +528,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print(json, &r, |r| {
                 format!(
                     "kiln devnet median {:.1} ms, docker run --rm median {:.1} ms, ratio {:.2}× (report in {})",
-                    r["kiln_devnet"]["median_ms"].as_f64().unwrap_or(0.0),
-                    r["docker_run_rm"]["median_ms"].as_f64().unwrap_or(0.0),
-                    r["ratio_median"].as_f64().unwrap_or(0.0),
+                    r.kiln_devnet.median_ms,
+                    r.docker_run_rm.median_ms,
+                    r.ratio_median,
                     out.display()
                 )
             });

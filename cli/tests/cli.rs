@@ -121,11 +121,11 @@ async fn ledger_commands_show_interval_payouts_and_catch_tampering() {
         .submit(dn.workload_spec(&["sleep", "3"]), None)
         .await
         .unwrap();
-    let id = kiln_cli::job_id_of(&job).unwrap();
+    let id = job.job_id;
     let done = kiln_cli::wait_for(&client, &id, std::time::Duration::from_secs(60), |_| {})
         .await
         .unwrap();
-    assert_eq!(done["state"], "completed");
+    assert_eq!(done.state, kiln_protocol::JobState::Completed);
     let url = dn.url();
     let run = |args: &[&str]| {
         let out = kiln(home.path())
@@ -139,14 +139,16 @@ async fn ledger_commands_show_interval_payouts_and_catch_tampering() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    let provider = format!("provider:{}", done["provider"].as_str().unwrap());
+    let provider = format!("provider:{}", done.provider.unwrap());
     let (code, stdout, _) = run(&["account", "statement", "--account", &provider]);
     assert_eq!(code, Some(0));
+    // Usage intervals, then the final payment for the receipt: every
+    // payment is a cumulative settlement keyed by the provider's offer.
     assert!(
-        stdout.matches("interval settlement").count() >= 2,
+        stdout.matches("interval settlement").count() >= 3,
         "{stdout}"
     );
-    assert!(stdout.contains("release"), "{stdout}");
+    assert!(stdout.contains(":result"), "{stdout}");
 
     let (code, stdout, stderr) = run(&["ledger", "verify"]);
     assert_eq!(code, Some(0), "{stdout}{stderr}");

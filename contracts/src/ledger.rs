@@ -1,4 +1,36 @@
 //! The ledger state machine: state, operations, effects, errors, invariants.
+//!
+//! ## Fees are cumulative per escrow
+//!
+//! The marketplace fee is not rounded per payment. Each escrow records what
+//! it has paid out to providers, gross ([`Escrow::gross_paid`]: provider pay
+//! plus fee, intervals and final release together) and the fee taken so far
+//! ([`Escrow::fee_taken`]). A payment of `cost` out of an escrow that had
+//! paid `g` gross takes the fee `fee_for(g + cost) − fee_for(g)`
+//! ([`fee_on_payment`]), so with one `fee_bps` (it is constant per
+//! coordinator) the fee an escrow has taken after *any* split into
+//! `SettleInterval`s and a `Release` is exactly `fee_for(gross_paid)`:
+//! 1000 intervals of 1 µcr at 100 bps take 10 µcr, as one payment of 1000
+//! does. Before, each payment's fee was rounded down on its own, and a
+//! provider reporting tiny intervals paid no fee at all. The rule is per
+//! escrow, not per provider: the members of a gang job share their job's
+//! escrow, so one member's payment may carry a micro-credit of rounding that
+//! another member's payment left over. Should `fee_bps` change while an
+//! escrow is open, each payment is charged at the rate it carries, on the
+//! increment (never retroactively, never more than its cost).
+//!
+//! **Compatibility.** This rule replaced per-payment rounding (issue 11,
+//! item 6). The encodings of [`Op`], [`Applied`] and signed entries are
+//! unchanged (`Escrow::fee_taken` is a new field, `#[serde(default)]`), but
+//! replaying a ledger written under the old rule can compute different
+//! fees, hence different balances: an escrow that made more than one
+//! payment (several intervals, or intervals and a release) may now take a
+//! few micro-credits more fee, and [`crate::verify_chain`] reports the
+//! first such entry as an effect mismatch (a coordinator then refuses to
+//! start on that database). Ledgers whose escrows each made at most one
+//! payment (a `Release` alone, or a single interval) replay identically.
+//! There is no compatibility mode: an old chain with multi-payment escrows
+//! is to be closed and archived, not replayed by this version.
 
 use std::collections::BTreeMap;
 
@@ -12,13 +44,31 @@ pub const MAX_FEE_BPS: u16 = 10_000;
 /// Longest accepted [`OpKey`], in bytes.
 pub const MAX_KEY_LEN: usize = 256;
 
-/// The marketplace fee on `cost`: `cost * fee_bps / 10_000`, rounded down.
-/// `fee_bps` above [`MAX_FEE_BPS`] counts as 100%, so the fee never exceeds
-/// the cost (`apply` refuses such a rate outright). Slash shares use the same
-/// rule.
+/// `fee_bps` of `cost`: `cost * fee_bps / 10_000`, rounded down. The
+/// marketplace fee an escrow takes in all is this of its cumulative gross
+/// payments ([`Escrow::gross_paid`]); a single payment's share of it is
+/// [`fee_on_payment`]. `fee_bps` above [`MAX_FEE_BPS`] counts as 100%, so
+/// the fee never exceeds the cost (`apply` refuses such a rate outright).
+/// Slash shares use the same rule.
 pub fn fee_for(cost: Credits, fee_bps: u16) -> Credits {
     let fee = u128::from(cost.0) * u128::from(fee_bps.min(MAX_FEE_BPS)) / u128::from(MAX_FEE_BPS);
     // fee <= cost, so it always fits back into a u64.
+    Credits(u64::try_from(fee).unwrap_or(cost.0))
+}
+
+/// The fee on a payment of `cost` out of an escrow that has already paid
+/// `gross_before` gross: `fee_for(gross_before + cost) − fee_for(gross_before)`
+/// (computed without overflow). Summed over an escrow's payments at one rate
+/// this is `fee_for` of their total, whatever their sizes: the fee is
+/// rounded down once, on the cumulative amount, not once per payment. It is
+/// never more than `cost` (nor than `cost`'s fee rounded up).
+pub fn fee_on_payment(gross_before: Credits, cost: Credits, fee_bps: u16) -> Credits {
+    let bps = u128::from(fee_bps.min(MAX_FEE_BPS));
+    let cumulative = |gross: u128| gross * bps / u128::from(MAX_FEE_BPS);
+    let before = u128::from(gross_before.0);
+    let fee = cumulative(before + u128::from(cost.0)) - cumulative(before);
+    // floor(x + y) - floor(x) <= ceil(y) and ceil(cost * bps / 10_000) <= cost:
+    // it always fits back into a u64.
     Credits(u64::try_from(fee).unwrap_or(cost.0))
 }
 
@@ -57,6 +107,11 @@ pub struct Escrow {
     /// How many intervals were settled.
     #[serde(default)]
     pub intervals: u64,
+    /// The marketplace fee taken out of this escrow so far, by intervals
+    /// and the final release together. With one fee rate it is always
+    /// `fee_for(self.gross_paid(), fee_bps)` (see [`fee_on_payment`]).
+    #[serde(default)]
+    pub fee_taken: Credits,
 }
 
 impl Escrow {
@@ -71,6 +126,27 @@ impl Escrow {
     /// Whether the escrow can still pay out (it is neither released nor refunded).
     pub fn is_open(&self) -> bool {
         self.state == EscrowState::Locked
+    }
+    /// Gross credits (provider pay plus fee) this escrow has paid out to
+    /// providers: what intervals paid, plus the final release's part once
+    /// released. Refunds are not included.
+    pub fn gross_paid(&self) -> Credits {
+        let released = match self.state {
+            EscrowState::Released { paid, fee, .. } => paid.0.saturating_add(fee.0),
+            _ => 0,
+        };
+        Credits(self.interval_paid.0.saturating_add(released))
+    }
+    /// What providers received from this escrow, fee deducted:
+    /// `gross_paid() − fee_taken`.
+    pub fn net_paid(&self) -> Credits {
+        Credits(self.gross_paid().0.saturating_sub(self.fee_taken.0))
+    }
+    /// The fee the next payment of `cost` out of this escrow would take
+    /// (an interval, or a release's unpaid part): [`fee_on_payment`] after
+    /// what it has paid so far. The provider would get `cost` less this.
+    pub fn next_fee(&self, cost: Credits, fee_bps: u16) -> Credits {
+        fee_on_payment(self.gross_paid(), cost, fee_bps)
     }
 }
 
@@ -118,7 +194,9 @@ pub enum Op {
     /// Closes the escrow. `cost` is the job's *total* cost; it is capped at
     /// what was locked and raised to what intervals already paid. The part
     /// intervals have not paid goes to `provider` less the fee, the fee to
-    /// [`AccountId::Fee`], and the rest of the escrow back to the buyer.
+    /// [`AccountId::Fee`], and the rest of the escrow back to the buyer. The
+    /// fee is cumulative ([`fee_on_payment`] after what intervals paid), so
+    /// the escrow's fees total `fee_for(cost)`.
     Release {
         key: OpKey,
         job: JobId,
@@ -157,7 +235,9 @@ pub enum Op {
         verifier_share_bps: u16,
     },
     /// Pays one interval of a running job from its escrow, leaving it open:
-    /// `cost` less the fee to `provider`, the fee to [`AccountId::Fee`].
+    /// `cost` less the fee to `provider`, the fee to [`AccountId::Fee`]. The
+    /// fee is cumulative per escrow ([`fee_on_payment`] after what the
+    /// escrow already paid), not rounded per interval.
     /// Fails with [`ContractError::EscrowExhausted`] when the escrow holds
     /// less than `cost`: the job must stop.
     SettleInterval {
@@ -471,6 +551,16 @@ pub enum InvariantViolation {
         history: u128,
     },
     #[error(
+        "the escrow of job {job} records {recorded} fee taken but the op history shows \
+         {history} (of {gross} paid gross); audit the op history"
+    )]
+    FeeMismatch {
+        job: JobId,
+        recorded: Credits,
+        history: u128,
+        gross: Credits,
+    },
+    #[error(
         "the bond of {provider} holds {held} but staked {staked} - unstaked {unstaked} - \
          slashed {slashed} says otherwise; audit the op history"
     )]
@@ -543,12 +633,14 @@ fn wide(c: Credits) -> u128 {
     u128::from(c.0)
 }
 
-/// An open escrow's buyer, lock and what intervals already paid.
+/// An open escrow's buyer, lock, what intervals already paid (gross) and
+/// the fee they took.
 struct Open {
     buyer: BuyerId,
     locked: Credits,
     already: Credits,
     intervals: u64,
+    fee_taken: Credits,
 }
 
 impl Ledger {
@@ -677,6 +769,7 @@ impl Ledger {
                         state: EscrowState::Locked,
                         interval_paid: Credits(0),
                         intervals: 0,
+                        fee_taken: Credits(0),
                     },
                 );
                 Applied::Locked {
@@ -698,20 +791,26 @@ impl Ledger {
                     buyer,
                     locked,
                     already,
+                    fee_taken,
                     ..
                 } = self.open_escrow(job)?;
                 // Never more than was locked, never less than intervals paid.
                 let cost = cost.min(locked).max(already);
                 let due = sub(cost, already, "the final payment")?;
-                let fee = fee_for(due, fee_bps);
+                // An open escrow's gross paid is what its intervals paid.
+                let fee = fee_on_payment(already, due, fee_bps);
                 let paid = sub(due, fee, "the provider's pay")?;
                 let refunded = sub(locked, cost, "the refund")?;
+                let fee_taken = add(fee_taken, fee, "the escrow's fees")?;
                 let new = self.credited(&[
                     (AccountId::Provider(provider), paid),
                     (AccountId::Fee, fee),
                     (AccountId::Buyer(buyer), refunded),
                 ])?;
                 self.balances.extend(new);
+                if let Some(escrow) = self.escrows.get_mut(&job) {
+                    escrow.fee_taken = fee_taken;
+                }
                 self.close(
                     job,
                     EscrowState::Released {
@@ -879,6 +978,7 @@ impl Ledger {
                     locked,
                     already,
                     intervals,
+                    fee_taken,
                 } = self.open_escrow(job)?;
                 let remaining = sub(locked, already, "the escrow")?;
                 let remaining = remaining.0.checked_sub(cost.0).map(Credits).ok_or(
@@ -888,9 +988,11 @@ impl Ledger {
                         remaining,
                     },
                 )?;
-                let fee = fee_for(cost, fee_bps);
+                // An open escrow's gross paid is what its intervals paid.
+                let fee = fee_on_payment(already, cost, fee_bps);
                 let paid = sub(cost, fee, "the provider's pay")?;
                 let interval_paid = add(already, cost, "interval payments")?;
+                let fee_taken = add(fee_taken, fee, "the escrow's fees")?;
                 let interval = intervals.checked_add(1).ok_or(ContractError::Overflow {
                     what: "the interval count",
                 })?;
@@ -900,6 +1002,7 @@ impl Ledger {
                 if let Some(escrow) = self.escrows.get_mut(&job) {
                     escrow.interval_paid = interval_paid;
                     escrow.intervals = interval;
+                    escrow.fee_taken = fee_taken;
                 }
                 Applied::IntervalSettled {
                     job,
@@ -964,6 +1067,7 @@ impl Ledger {
                 locked: escrow.locked,
                 already: escrow.interval_paid,
                 intervals: escrow.intervals,
+                fee_taken: escrow.fee_taken,
             }),
             ref state => Err(ContractError::AlreadySettled {
                 job,
@@ -984,7 +1088,8 @@ impl Ledger {
     ///   deposits − withdrawals − burned;
     /// * every escrow paid out no more than it locked, and a closed one
     ///   exactly what it locked (intervals + final release/refund);
-    /// * what each escrow records as paid by intervals matches the history;
+    /// * what each escrow records as paid by intervals, and as fee taken,
+    ///   matches the history, and its fee is no more than it paid gross;
     /// * no escrow was closed twice in the history;
     /// * every bond holds exactly staked − unstaked − slashed (so slashed
     ///   stake was never unstaked), and its slashed total matches the history;
@@ -1048,19 +1153,24 @@ impl Ledger {
         }
         let mut closes: BTreeMap<JobId, usize> = BTreeMap::new();
         let mut intervals: BTreeMap<JobId, u128> = BTreeMap::new();
+        let mut fees: BTreeMap<JobId, u128> = BTreeMap::new();
         let mut slashed: BTreeMap<ProviderId, u128> = BTreeMap::new();
         let mut burned: u128 = 0;
         for done in self.applied.values() {
             match done.effect {
                 Applied::Released { job, .. } | Applied::Refunded { job, .. } => {
+                    if let Applied::Released { fee, .. } = done.effect {
+                        *fees.entry(job).or_default() += wide(fee);
+                    }
                     let times = closes.entry(job).or_default();
                     *times += 1;
                     if *times > 1 {
                         return Err(InvariantViolation::SettledTwice { job, times: *times });
                     }
                 }
-                Applied::IntervalSettled { job, cost, .. } => {
+                Applied::IntervalSettled { job, cost, fee, .. } => {
                     *intervals.entry(job).or_default() += wide(cost);
+                    *fees.entry(job).or_default() += wide(fee);
                 }
                 Applied::Slashed {
                     provider,
@@ -1089,6 +1199,25 @@ impl Ledger {
                 job,
                 recorded: Credits(0),
                 history,
+            });
+        }
+        for (&job, e) in &self.escrows {
+            let history = fees.remove(&job).unwrap_or(0);
+            if history != wide(e.fee_taken) || e.fee_taken > e.gross_paid() {
+                return Err(InvariantViolation::FeeMismatch {
+                    job,
+                    recorded: e.fee_taken,
+                    history,
+                    gross: e.gross_paid(),
+                });
+            }
+        }
+        if let Some((job, history)) = fees.pop_first() {
+            return Err(InvariantViolation::FeeMismatch {
+                job,
+                recorded: Credits(0),
+                history,
+                gross: Credits(0),
             });
         }
         for (provider, b) in &self.bonds {
@@ -1209,6 +1338,266 @@ mod tests {
                 Credits(fee),
                 "cost {cost} bps {bps}"
             );
+        }
+    }
+
+    #[test]
+    fn a_payment_takes_the_increment_of_the_cumulative_fee() {
+        let max = u64::MAX;
+        // (gross paid before, cost, bps, fee of this payment)
+        for (before, cost, bps, fee) in [
+            (0, 1, 100, 0),
+            (98, 1, 100, 0),
+            (99, 1, 100, 1),
+            (100, 1, 100, 0),
+            (0, 1000, 100, 10),
+            (999, 1, 100, 1),
+            (50, 100, 100, 1),
+            (0, 300, 250, 7),
+            (300, 300, 250, 8),
+            (600, 300, 250, 7),
+            (900, 100, 250, 3),
+            (0, 0, 250, 0),
+            (7, 0, 250, 0),
+            (5, 7, 0, 0),
+            (5, 7, 10_000, 7),
+            (5, 7, 60_000, 7),
+            (max, max, 10_000, max),
+            (max, max, 1, 1_844_674_407_370_955),
+            (max, 1, 10_000, 1),
+        ] {
+            assert_eq!(
+                fee_on_payment(Credits(before), Credits(cost), bps),
+                Credits(fee),
+                "before {before} cost {cost} bps {bps}"
+            );
+        }
+    }
+
+    /// One step of a fee table case, all on job 1 (b1 locked 1_000_000).
+    #[derive(Clone, Copy, Debug)]
+    enum Step {
+        /// `n` intervals of `cost` each, paid to provider `p`.
+        Intervals {
+            n: u32,
+            cost: u64,
+            p: u8,
+        },
+        /// Release with this total cost, to p2.
+        Release(u64),
+        Refund,
+    }
+
+    #[test]
+    fn fees_are_cumulative_per_escrow_whatever_the_split() {
+        use Step::*;
+        let iv = |n, cost| Intervals { n, cost, p: 2 };
+        // (name, bps, steps, fee account after, what each provider got)
+        type Case = (&'static str, u16, Vec<Step>, u64, Vec<(u8, u64)>);
+        let cases: Vec<Case> = vec![
+            (
+                "1000 intervals of 1 at 1%",
+                100,
+                vec![iv(1000, 1)],
+                10,
+                vec![(2, 990)],
+            ),
+            (
+                "one interval of 1000",
+                100,
+                vec![iv(1, 1000)],
+                10,
+                vec![(2, 990)],
+            ),
+            (
+                "one release of 1000",
+                100,
+                vec![Release(1000)],
+                10,
+                vec![(2, 990)],
+            ),
+            (
+                "999 intervals of 1, release of 1000 in all",
+                100,
+                vec![iv(999, 1), Release(1000)],
+                10,
+                vec![(2, 990)],
+            ),
+            (
+                "99 intervals of 1 pay no fee yet, the 100th pays 1",
+                100,
+                vec![iv(99, 1), Refund],
+                0,
+                vec![(2, 99)],
+            ),
+            (
+                "100 intervals of 1",
+                100,
+                vec![iv(100, 1), Refund],
+                1,
+                vec![(2, 99)],
+            ),
+            (
+                "intervals of 300 at 2.5%, release of 1000",
+                250,
+                vec![iv(3, 300), Release(1000)],
+                25,
+                vec![(2, 975)],
+            ),
+            (
+                "intervals then a release below what they paid",
+                250,
+                vec![iv(3, 300), Release(10)],
+                22,
+                vec![(2, 878)],
+            ),
+            (
+                "uneven intervals, release pays the rest",
+                333,
+                vec![iv(7, 13), iv(3, 1), iv(1, 4_000), Release(9_999)],
+                332,
+                vec![(2, 9_667)],
+            ),
+            (
+                "5000 intervals of 1 µcr at 0.2%",
+                20,
+                vec![iv(5_000, 1)],
+                10,
+                vec![(2, 4_990)],
+            ),
+            (
+                "no fee",
+                0,
+                vec![iv(500, 3), Release(2_000)],
+                0,
+                vec![(2, 2_000)],
+            ),
+            (
+                "100% fee",
+                10_000,
+                vec![iv(10, 7), Release(100)],
+                100,
+                vec![],
+            ),
+            (
+                // A gang: two members share the escrow, so the fee's rounding
+                // falls on whichever payment crosses the next whole fee.
+                "two members alternating 1 µcr intervals",
+                100,
+                (0..1000)
+                    .map(|i| Intervals {
+                        n: 1,
+                        cost: 1,
+                        p: if i % 2 == 0 { 2 } else { 3 },
+                    })
+                    .collect(),
+                10,
+                vec![(2, 500), (3, 490)],
+            ),
+            (
+                "two members, then the lead's release",
+                100,
+                vec![
+                    Intervals {
+                        n: 150,
+                        cost: 1,
+                        p: 3,
+                    },
+                    Intervals {
+                        n: 1,
+                        cost: 149,
+                        p: 2,
+                    },
+                    Release(1_000),
+                ],
+                10,
+                // p3: 150 - 1; p2: 149 - 1, then 701 - 8.
+                vec![(2, 148 + 693), (3, 149)],
+            ),
+        ];
+        for (name, bps, steps, fee_total, paid) in cases {
+            let mut l = Ledger::new();
+            l.apply(dep("d", Buyer(b(1)), 1_000_000)).unwrap();
+            l.apply(lock("l", 1, 1_000_000)).unwrap();
+            let mut n = 0u32;
+            let mut op_fees = 0u64;
+            for step in steps {
+                let mut ops = Vec::new();
+                match step {
+                    Intervals {
+                        n: times,
+                        cost,
+                        p: provider,
+                    } => {
+                        for _ in 0..times {
+                            n += 1;
+                            ops.push(Op::SettleInterval {
+                                key: k(&format!("i{n}")),
+                                job: j(1),
+                                provider: p(provider),
+                                cost: Credits(cost),
+                                fee_bps: bps,
+                            });
+                        }
+                    }
+                    Release(cost) => ops.push(rel("r", 1, cost, bps)),
+                    Refund => ops.push(refund("f", 1)),
+                }
+                for op in ops {
+                    let before = l.escrow(&j(1)).unwrap().clone();
+                    let effect = l.apply(op).unwrap_or_else(|e| panic!("{name}: {e}"));
+                    let e = l.escrow(&j(1)).unwrap();
+                    let (cost, fee) = match effect {
+                        Applied::IntervalSettled {
+                            cost, paid, fee, ..
+                        } => {
+                            assert_eq!(cost.0, paid.0 + fee.0, "{name}");
+                            (cost, fee)
+                        }
+                        Applied::Released {
+                            cost,
+                            paid,
+                            fee,
+                            already_paid,
+                            ..
+                        } => {
+                            assert_eq!(cost.0, already_paid.0 + paid.0 + fee.0, "{name}");
+                            (Credits(cost.0 - already_paid.0), fee)
+                        }
+                        Applied::Refunded { .. } => (Credits(0), Credits(0)),
+                        other => panic!("{name}: {other:?}"),
+                    };
+                    // The op's fee is the step of the cumulative fee.
+                    assert_eq!(
+                        fee,
+                        fee_on_payment(before.gross_paid(), cost, bps),
+                        "{name}"
+                    );
+                    assert_eq!(fee, before.next_fee(cost, bps), "{name}");
+                    assert_eq!(e.gross_paid().0, before.gross_paid().0 + cost.0, "{name}");
+                    assert_eq!(e.fee_taken, fee_for(e.gross_paid(), bps), "{name}");
+                    assert_eq!(e.net_paid().0, e.gross_paid().0 - e.fee_taken.0, "{name}");
+                    op_fees += fee.0;
+                }
+            }
+            let e = l.escrow(&j(1)).unwrap();
+            assert_eq!(l.balance(&Fee), Credits(fee_total), "{name}: fee account");
+            assert_eq!(op_fees, fee_total, "{name}: sum of the ops' fees");
+            assert_eq!(e.fee_taken, Credits(fee_total), "{name}: fee taken");
+            assert_eq!(e.fee_taken, fee_for(e.gross_paid(), bps), "{name}");
+            let mut providers = 0;
+            for &(provider, n) in &paid {
+                assert_eq!(
+                    l.balance(&Provider(p(provider))),
+                    Credits(n),
+                    "{name}: p{provider}"
+                );
+                providers += n;
+            }
+            assert_eq!(providers, e.net_paid().0, "{name}: provider pay");
+            assert!(!e.is_open() || e.held().0 + e.gross_paid().0 == e.locked.0);
+            l.check_invariants()
+                .unwrap_or_else(|err| panic!("{name}: {err}"));
         }
     }
 
@@ -2132,6 +2521,14 @@ mod tests {
                 |e| matches!(e, InvariantViolation::IntervalsMismatch { .. }),
             ),
             (
+                "fee taken changed",
+                {
+                    let j1 = j(1).to_string();
+                    Box::new(move |v| bump(&mut v["escrows"][&j1]["fee_taken"], 1))
+                },
+                |e| matches!(e, InvariantViolation::FeeMismatch { .. }),
+            ),
+            (
                 "escrow overpaid",
                 {
                     let j1 = j(1).to_string();
@@ -2164,6 +2561,7 @@ mod tests {
             let e = e.as_object_mut().unwrap();
             e.remove("interval_paid");
             e.remove("intervals");
+            e.remove("fee_taken");
         }
         for done in obj["applied"].as_object_mut().unwrap().values_mut() {
             if let Some(effect) = done["effect"].as_object_mut()

@@ -26,8 +26,11 @@
 //! 4. `Release` closes the escrow: the job's total `cost =
 //!    kiln_protocol::spec::cost_for(price, metered_millis)` (capped at what
 //!    was locked, and at least what intervals paid) — its part not yet paid by
-//!    intervals goes to the provider less the marketplace fee ([`fee_for`]),
-//!    the fee to [`AccountId::Fee`], the rest back to the buyer. Or `Refund`
+//!    intervals goes to the provider less the marketplace fee, the fee to
+//!    [`AccountId::Fee`], the rest back to the buyer. The fee is cumulative
+//!    per escrow ([`fee_on_payment`]): an escrow's fees always total
+//!    [`fee_for`] of what it paid out gross ([`Escrow::gross_paid`]),
+//!    however that was split into intervals. Or `Refund`
 //!    returns everything the escrow still holds (the job failed or was
 //!    cancelled). Either happens at most once.
 //! 5. `Withdraw` pays a balance out.
@@ -66,8 +69,10 @@
 //! machines and lose micro-credits silently; two parties checking a settlement
 //! must agree exactly. Every sum is checked: overflow is an error, never a
 //! wrap. Rounding is stated, not accidental: cost rounds up (`cost_for`), the
-//! fee rounds down (in the provider's favour), slash shares round down (the
-//! remainder is burned), and a buyer never pays more than it locked.
+//! fee rounds down once per escrow, on its cumulative gross (in the
+//! provider's favour, but splitting cannot shave it), slash shares round
+//! down (the remainder is burned), and a buyer never pays more than it
+//! locked.
 //! [`Ledger::check_invariants`] proves conservation: balances plus what open
 //! escrows hold plus bonds always equal deposits minus withdrawals minus
 //! burns.
@@ -99,8 +104,13 @@
 //! what the escrow still holds (otherwise
 //! [`EscrowExhausted`](ContractError::EscrowExhausted): stop the job), and
 //! the final `Release` pays `cost_total − already_paid` and refunds the rest.
-//! Fees are taken per payment, each rounded down, so the sum of interval fees
-//! can be a few micro-credits below the fee on the total.
+//! Fees are rounded down once, on the escrow's cumulative gross, not per
+//! payment: each payment takes `fee_for(gross after) − fee_for(gross before)`
+//! ([`fee_on_payment`]), so splitting a job into ever smaller intervals
+//! cannot shave the fee (a thousand 1 µcr intervals at 1% take 10 µcr, as a
+//! single 1000 µcr payment does). See the `ledger` module for the rule and
+//! its compatibility note: ledgers written under the earlier per-payment
+//! rounding may replay with different fees.
 //!
 //! ## How the coordinator uses it
 //!
@@ -135,6 +145,6 @@ pub use chain::{
 pub use kiln_protocol::{BuyerId, Credits, JobId, ProviderId};
 pub use ledger::{
     Applied, AppliedOp, Bond, ContractError, Escrow, EscrowState, InvariantViolation, Ledger,
-    MAX_FEE_BPS, MAX_KEY_LEN, Op, fee_for,
+    MAX_FEE_BPS, MAX_KEY_LEN, Op, fee_for, fee_on_payment,
 };
 pub use settlement::{Settlement, SlashSplit};

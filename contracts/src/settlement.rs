@@ -6,7 +6,11 @@
 //!
 //! * **Same arithmetic.** Amounts are integer micro-units (`u64`; a token with
 //!   6 decimals), fees and shares are basis points rounded down
-//!   ([`fee_for`](crate::fee_for)), every sum is checked. An implementation
+//!   ([`fee_for`](crate::fee_for)), every sum is checked. The marketplace
+//!   fee is cumulative per escrow: a contract stores each escrow's gross
+//!   paid and charges each payment
+//!   [`fee_on_payment`](crate::fee_on_payment), the difference of the
+//!   rounded-down fee on the gross after and before it. An implementation
 //!   must return the same [`Applied`] as [`Ledger`] for the same history, so
 //!   an auditor can replay chain events through [`Ledger`] and compare.
 //! * **Who submits what.** Deposits and withdrawals are the token's own

@@ -1,13 +1,15 @@
 //! Property tests: random operation sequences (with colliding keys, unknown
 //! jobs, huge amounts, bad fee rates and slash splits) never break the
-//! settlement rules, and the signed chain of what applied replays to the
-//! same ledger.
+//! settlement rules, the marketplace fee is cumulative per escrow (with one
+//! fee rate the fee account holds exactly the sum over escrows of
+//! `fee_for(gross paid)`, however payments were split), and the signed chain
+//! of what applied replays to the same ledger.
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use kiln_contracts::{
-    AccountId, Applied, ChainBuilder, ContractError, Ledger, Op, OpKey, compare_balances,
+    AccountId, Applied, ChainBuilder, ContractError, Ledger, Op, OpKey, compare_balances, fee_for,
     verify_chain,
 };
 use kiln_protocol::{BuyerId, Credits, JobId, Keypair, ProviderId, UnixMillis};
@@ -110,6 +112,8 @@ struct Model {
     bonds: BTreeMap<ProviderId, i128>,
     /// Per job: locked, paid out so far (any way), closed.
     escrows: BTreeMap<JobId, (i128, i128, bool)>,
+    /// Per job: paid to providers gross, and the fees of those payments.
+    gross: BTreeMap<JobId, (i128, i128)>,
 }
 
 impl Model {
@@ -137,6 +141,9 @@ impl Model {
                 e.1 += wide(cost);
                 prop_assert!(e.1 <= e.0, "escrow {} paid {} of {}", job, e.1, e.0);
                 prop_assert_eq!(e.0 - e.1, wide(remaining));
+                let g = self.gross.entry(job).or_default();
+                g.0 += wide(cost);
+                g.1 += wide(fee);
             }
             Applied::Released {
                 job,
@@ -157,6 +164,9 @@ impl Model {
                 e.1 += wide(paid) + wide(fee) + wide(refunded);
                 prop_assert_eq!(e.1, e.0, "released escrow {} does not add up", job);
                 e.2 = true;
+                let g = self.gross.entry(job).or_default();
+                g.0 += wide(paid) + wide(fee);
+                g.1 += wide(fee);
             }
             Applied::Refunded {
                 job,
@@ -239,9 +249,46 @@ impl Model {
             if !closed {
                 prop_assert_eq!(wide(e.held()), locked - paid);
             }
+            // What the escrow records as paid and as fee is what its effects say.
+            let (gross, fees) = self.gross.get(job).copied().unwrap_or_default();
+            prop_assert_eq!(wide(e.gross_paid()), gross);
+            prop_assert_eq!(wide(e.fee_taken), fees);
+            prop_assert!(fees <= gross);
+            prop_assert_eq!(wide(e.net_paid()), gross - fees);
         }
         Ok(())
     }
+}
+
+/// The fee a successful fresh interval or release took, checked against
+/// the cumulative rule: the step of `fee_for` over the escrow's gross.
+fn check_op_fee(op: &Op, effect: &Applied, before: &Ledger) -> Result<(), TestCaseError> {
+    let (job, fee_bps, due, fee) = match (op, effect) {
+        (Op::SettleInterval { job, fee_bps, .. }, Applied::IntervalSettled { cost, fee, .. }) => {
+            (job, *fee_bps, *cost, *fee)
+        }
+        (
+            Op::Release { job, fee_bps, .. },
+            Applied::Released {
+                cost,
+                already_paid,
+                fee,
+                ..
+            },
+        ) => (job, *fee_bps, Credits(cost.0 - already_paid.0), *fee),
+        _ => return Ok(()),
+    };
+    let e = before
+        .escrow(job)
+        .ok_or_else(|| TestCaseError::fail("no escrow"))?;
+    let gross = e.gross_paid();
+    prop_assert_eq!(e.next_fee(due, fee_bps), fee);
+    prop_assert_eq!(
+        wide(fee),
+        wide(fee_for(Credits(gross.0 + due.0), fee_bps)) - wide(fee_for(gross, fee_bps))
+    );
+    prop_assert!(fee <= due);
+    Ok(())
 }
 
 proptest! {
@@ -280,6 +327,7 @@ proptest! {
                     if !fresh {
                         prop_assert_eq!(&l, &before, "replaying {:?} changed the ledger", op);
                     } else {
+                        check_op_fee(&op, &effect, &before)?;
                         model.record(&effect)?;
                         // Statement lines add up: each delta is exactly the balance change.
                         let mut touched: BTreeMap<AccountId, i128> = BTreeMap::new();
@@ -327,6 +375,136 @@ proptest! {
             prop_assert_eq!(l.apply(op), Ok(effect));
         }
         prop_assert_eq!(l, end);
+    }
+}
+
+/// A job's life with one fee rate: locks, many (often tiny) intervals paid
+/// to several providers, releases and refunds, over a few jobs at once.
+fn escrow_op(fee_bps: u16) -> impl Strategy<Value = Op> {
+    let key = (0u16..400).prop_map(|i| OpKey::new(format!("e{i}")));
+    let job = (0u8..4).prop_map(|i| JobId::from_bytes([i; 16]));
+    let prov = (0u8..3).prop_map(provider);
+    // Mostly tiny intervals, where per-interval rounding would lose the fee.
+    let interval = prop_oneof![6 => 0u64..5, 3 => 0u64..300, 1 => 0u64..5_000].prop_map(Credits);
+    prop_oneof![
+        1 => (key.clone(), 0u8..2, 1u64..5_000).prop_map(|(key, b, n)| Op::Deposit { key, account: AccountId::Buyer(buyer(b)), amount: Credits(n) }),
+        2 => (key.clone(), job.clone(), 0u8..2, 1u64..5_000).prop_map(|(key, job, b, n)| Op::Lock { key, job, buyer: buyer(b), amount: Credits(n) }),
+        12 => (key.clone(), job.clone(), prov.clone(), interval).prop_map(move |(key, job, provider, cost)| Op::SettleInterval { key, job, provider, cost, fee_bps }),
+        1 => (key.clone(), job.clone(), prov, 0u64..6_000).prop_map(move |(key, job, provider, cost)| Op::Release { key, job, provider, cost: Credits(cost), fee_bps }),
+        1 => (key, job).prop_map(|(key, job)| Op::Refund { key, job }),
+    ]
+}
+
+fn escrow_history() -> impl Strategy<Value = (u16, Vec<Op>)> {
+    prop_oneof![4 => 1u16..=1_000, 1 => Just(0u16), 1 => 1_000u16..=10_000]
+        .prop_flat_map(|fee_bps| {
+            let funding = (0u8..2).prop_map(|b| Op::Deposit {
+                key: OpKey::new(format!("fund{b}")),
+                account: AccountId::Buyer(buyer(b)),
+                amount: Credits(20_000),
+            });
+            (
+                Just(fee_bps),
+                proptest::collection::vec(funding, 1..3),
+                proptest::collection::vec(escrow_op(fee_bps), 1..300),
+            )
+        })
+        .prop_map(|(fee_bps, mut ops, more)| {
+            ops.extend(more);
+            (fee_bps, ops)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// With one fee rate, after every op the fee account holds exactly
+    /// `sum over escrows of fee_for(gross paid out of it)`, each escrow's
+    /// `fee_taken` is `fee_for` of its gross, and money is conserved.
+    #[test]
+    fn fees_are_the_cumulative_fee_of_each_escrow((fee_bps, ops) in escrow_history()) {
+        let mut l = Ledger::new();
+        let mut deposited: u128 = 0;
+        // Per job: gross paid to providers, from the effects alone.
+        let mut gross: BTreeMap<JobId, u128> = BTreeMap::new();
+        for op in ops {
+            let before = l.clone();
+            let fresh = l.applied(op.key()).is_none();
+            match l.apply(op.clone()) {
+                Err(_) => prop_assert_eq!(&l, &before),
+                Ok(_) if !fresh => prop_assert_eq!(&l, &before),
+                Ok(effect) => {
+                    check_op_fee(&op, &effect, &before)?;
+                    match effect {
+                        Applied::Deposited { amount, .. } => deposited += u128::from(amount.0),
+                        Applied::IntervalSettled { job, cost, .. } => {
+                            *gross.entry(job).or_default() += u128::from(cost.0);
+                        }
+                        Applied::Released { job, paid, fee, .. } => {
+                            *gross.entry(job).or_default() += u128::from(paid.0 + fee.0);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            let fee_of = |g: u128| g * u128::from(fee_bps) / 10_000;
+            let expected: u128 = gross.values().map(|g| fee_of(*g)).sum();
+            prop_assert_eq!(u128::from(l.balance(&AccountId::Fee).0), expected, "fee account at {} bps", fee_bps);
+            for (job, g) in &gross {
+                let e = l.escrow(job).ok_or_else(|| TestCaseError::fail("escrow vanished"))?;
+                prop_assert_eq!(u128::from(e.gross_paid().0), *g);
+                prop_assert_eq!(u128::from(e.fee_taken.0), fee_of(*g));
+                prop_assert_eq!(e.fee_taken, fee_for(e.gross_paid(), fee_bps));
+            }
+            // Conservation: nothing was withdrawn or burned here.
+            let held: u128 = l.balances().values().map(|c| u128::from(c.0)).sum::<u128>()
+                + l.escrows().values().map(|e| u128::from(e.held().0)).sum::<u128>();
+            prop_assert_eq!(held, deposited, "credits not conserved");
+            // Providers got exactly the gross less the fee.
+            let providers: u128 = l
+                .balances()
+                .iter()
+                .filter(|(a, _)| matches!(a, AccountId::Provider(_)))
+                .map(|(_, c)| u128::from(c.0))
+                .sum();
+            prop_assert_eq!(providers, gross.values().sum::<u128>() - expected);
+            if let Err(e) = l.check_invariants() {
+                prop_assert!(false, "{}", e);
+            }
+        }
+    }
+
+    /// However a total is split into intervals (and an optional final
+    /// release), the escrow's fee is the fee on the total.
+    #[test]
+    fn splitting_a_payment_never_changes_its_fee(
+        parts in proptest::collection::vec(1u64..50, 1..200),
+        release_extra in proptest::option::of(0u64..500),
+        fee_bps in 0u16..=10_000,
+    ) {
+        let job = JobId::from_bytes([9; 16]);
+        let mut l = Ledger::new();
+        l.apply(Op::Deposit { key: OpKey::new("d"), account: AccountId::Buyer(buyer(0)), amount: Credits(1_000_000) }).unwrap();
+        l.apply(Op::Lock { key: OpKey::new("l"), job, buyer: buyer(0), amount: Credits(1_000_000) }).unwrap();
+        for (i, cost) in parts.iter().enumerate() {
+            l.apply(Op::SettleInterval { key: OpKey::new(format!("i{i}")), job, provider: provider(i as u8 % 3), cost: Credits(*cost), fee_bps }).unwrap();
+        }
+        let mut total: u64 = parts.iter().sum();
+        if let Some(extra) = release_extra {
+            total += extra;
+            l.apply(Op::Release { key: OpKey::new("r"), job, provider: provider(0), cost: Credits(total), fee_bps }).unwrap();
+        }
+        let fee = fee_for(Credits(total), fee_bps);
+        prop_assert_eq!(l.balance(&AccountId::Fee), fee);
+        let e = l.escrow(&job).unwrap();
+        prop_assert_eq!((e.gross_paid(), e.fee_taken), (Credits(total), fee));
+        // The same total in one payment takes the same fee.
+        let mut one = Ledger::new();
+        one.apply(Op::Deposit { key: OpKey::new("d"), account: AccountId::Buyer(buyer(0)), amount: Credits(1_000_000) }).unwrap();
+        one.apply(Op::Lock { key: OpKey::new("l"), job, buyer: buyer(0), amount: Credits(1_000_000) }).unwrap();
+        one.apply(Op::Release { key: OpKey::new("r"), job, provider: provider(0), cost: Credits(total), fee_bps }).unwrap();
+        prop_assert_eq!(one.balance(&AccountId::Fee), fee);
+        l.check_invariants().map_err(|e| TestCaseError::fail(e.to_string()))?;
     }
 }
 

@@ -99,17 +99,34 @@ fn the_reference_implementation_settles_a_long_job() {
             }
         )
     ));
+    // The fee is cumulative over the escrow: intervals took 7 + 8 + 7 =
+    // fee_for(900) = 22, the release takes fee_for(1000) - 22 = 3 (not
+    // fee_for(100) = 2), so the job's fees total fee_for(1000) = 25.
     assert!(matches!(
         results[6],
         Ok(Applied::Released {
             cost: Credits(1_000),
             already_paid: Credits(900),
-            paid: Credits(98),
-            fee: Credits(2),
+            paid: Credits(97),
+            fee: Credits(3),
             refunded: Credits(0),
             ..
         })
     ));
+    let interval_fees: Vec<u64> = results[2..5]
+        .iter()
+        .map(|r| match r {
+            Ok(Applied::IntervalSettled { fee, .. }) => fee.0,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(interval_fees, [7, 8, 7]);
+    assert_eq!(l.balance(&AccountId::Fee), Credits(25));
+    let e = l.escrow(&job(1)).unwrap();
+    assert_eq!(
+        (e.gross_paid(), e.fee_taken, e.net_paid()),
+        (Credits(1_000), Credits(25), Credits(975))
+    );
     assert_eq!(l.bonded(&provider(0)), Credits(0));
     assert_eq!(l.escrow_remaining(&job(1)), Credits(0));
     assert_eq!(l.balance(&AccountId::Verifier(provider(1))), Credits(100));

@@ -26,143 +26,34 @@
 //! for this exact method and path. A job is visible only to its owner: to
 //! anyone else it does not exist (404), so ids leak nothing.
 //!
-//! Every error is JSON `{"error": "...", "field": "..."}` with one status
-//! mapping, in [`ApiError`].
+//! Every body is a typed view from [`kiln_protocol::views`], the same types
+//! the `kiln` client reads (built from the coordinator's records by
+//! [`crate::views`]). Every error is JSON `{"error": "...", "field": "..."}`
+//! ([`kiln_protocol::views::ErrorView`]) with one status mapping, in
+//! [`ApiError`].
 
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Path, State};
-use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kiln_contracts::AccountId;
-use kiln_protocol::{ApiAuth, BuyerId, ContentId, JobId, JobSubmission, Signed, UnixMillis};
-use serde_json::{Value, json};
+use kiln_contracts::{AccountId, Applied};
+use kiln_protocol::views::{
+    AccountView, BalancesView, CancelView, InfoView, JobListView, LedgerPageView, LedgerRowView,
+    LogsView, OffersView, OutputsView, ProviderAuditsView, ProvidersView, StatementLineView,
+    StatementView,
+};
+use kiln_protocol::{BuyerId, ContentId, Credits, JobId, JobSubmission, Signed, UnixMillis};
 
 use crate::AppState;
-use crate::db::{DbError, JobRecord};
-use crate::service::{self, SubmitError};
+pub use crate::auth::{ApiError, Buyer};
+use crate::jobs::JobRecord;
+use crate::lifecycle::{cancel, submit};
+use crate::views::{self, JobDetail};
 
 /// Largest request body (an uploaded input).
 pub const MAX_BODY: usize = 64 << 20;
-/// Longest validity accepted for a request signature.
-const MAX_AUTH_TTL_MS: u64 = 5 * 60 * 1000;
-
-/// Every API error, and its status.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("{reason}")]
-    BadRequest {
-        field: Option<String>,
-        reason: String,
-    },
-    #[error("{0}")]
-    Unauthorized(String),
-    #[error("{0}")]
-    PaymentRequired(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    PayloadTooLarge(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    InsufficientStorage(String),
-    #[error("{reason} (the blob has {size} bytes)")]
-    RangeNotSatisfiable { size: u64, reason: String },
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, field) = match &self {
-            Self::BadRequest { field, .. } => (StatusCode::BAD_REQUEST, field.clone()),
-            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, None),
-            Self::PaymentRequired(_) => (StatusCode::PAYMENT_REQUIRED, None),
-            Self::NotFound(_) => (StatusCode::NOT_FOUND, None),
-            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, None),
-            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, None),
-            Self::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, None),
-            Self::RangeNotSatisfiable { .. } => {
-                (StatusCode::RANGE_NOT_SATISFIABLE, Some("range".into()))
-            }
-            Self::Internal(e) => {
-                tracing::error!("internal error serving a request: {e}");
-                (StatusCode::INTERNAL_SERVER_ERROR, None)
-            }
-        };
-        let mut body = json!({ "error": self.to_string() });
-        if let Some(f) = field {
-            body["field"] = json!(f);
-        }
-        (status, Json(body)).into_response()
-    }
-}
-
-impl From<DbError> for ApiError {
-    fn from(e: DbError) -> Self {
-        Self::Internal(e.to_string())
-    }
-}
-
-impl From<SubmitError> for ApiError {
-    fn from(e: SubmitError) -> Self {
-        match e {
-            SubmitError::Signature(s) => {
-                Self::Unauthorized(format!("submission signature refused: {s}"))
-            }
-            SubmitError::Spec(s) => Self::BadRequest {
-                field: Some(format!("spec.{}", s.field)),
-                reason: format!("invalid job spec: {s}"),
-            },
-            e @ SubmitError::Funds { .. } => Self::PaymentRequired(e.to_string()),
-            SubmitError::Db(e) => e.into(),
-            SubmitError::Bank(e) => Self::Internal(e),
-        }
-    }
-}
-
-/// The authenticated buyer making the request.
-pub struct Buyer(pub BuyerId);
-
-impl FromRequestParts<AppState> for Buyer {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| ApiError::Unauthorized("missing `Authorization: Kiln <signed request>` header; use the kiln CLI, which signs requests with your buyer key".into()))?;
-        let hex_part = header.strip_prefix("Kiln ").ok_or_else(|| {
-            ApiError::Unauthorized("the Authorization scheme must be `Kiln`".into())
-        })?;
-        let bytes = hex::decode(hex_part.trim())
-            .map_err(|_| ApiError::Unauthorized("the Authorization value is not hex".into()))?;
-        let signed: Signed<ApiAuth> = Signed::from_bytes(&bytes)
-            .map_err(|e| ApiError::Unauthorized(format!("unreadable request signature: {e}")))?;
-        let now = UnixMillis::now();
-        let auth = signed
-            .verify(now)
-            .map_err(|e| ApiError::Unauthorized(format!("request signature refused: {e}")))?;
-        if signed.expires_at.0 > now.0 + MAX_AUTH_TTL_MS {
-            return Err(ApiError::Unauthorized(
-                "request signature is valid for too long (at most 5 minutes)".into(),
-            ));
-        }
-        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
-        if auth.method != parts.method.as_str() || auth.path != path {
-            return Err(ApiError::Unauthorized(format!(
-                "request signature is for {} {}, not {} {path}",
-                auth.method, auth.path, parts.method
-            )));
-        }
-        Ok(Buyer(BuyerId::new(signed.signer)))
-    }
-}
-
 pub fn create_app(state: AppState) -> Router {
     Router::new()
         .route("/v1/jobs", post(submit_job).get(list_jobs))
@@ -182,33 +73,6 @@ pub fn create_app(state: AppState) -> Router {
         .merge(crate::blob_api::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
-}
-
-fn job_json(j: &JobRecord) -> Value {
-    let r = j.receipt.as_ref().map(|r| &r.payload);
-    json!({
-        "job_id": j.id,
-        "owner": j.owner,
-        "label": j.label,
-        "state": j.state,
-        "reason": j.reason,
-        "provider": j.provider,
-        "attempts": j.attempts,
-        "price_per_hour": j.price_per_hour,
-        "max_cost": j.max_cost,
-        "cost": j.cost,
-        "exit_code": j.exit_code,
-        "output_cid": r.map(|r| r.output_cid),
-        "stdout_cid": r.map(|r| r.stdout_cid),
-        "stderr_cid": r.map(|r| r.stderr_cid),
-        "receipt_verified": j.receipt.is_some(),
-        "logs_truncated": r.map(|r| r.usage.logs_truncated),
-        "usage": r.map(|r| &r.usage),
-        "receipt": j.receipt,
-        "spec": j.spec,
-        "created_at": j.created_at,
-        "updated_at": j.updated_at,
-    })
 }
 
 fn parse_id(id: &str) -> Result<JobId, ApiError> {
@@ -240,54 +104,60 @@ async fn submit_job(State(state): State<AppState>, body: Bytes) -> Result<Respon
             reason: format!("malformed submission at `{path}`: {}", e.inner()),
         }
     })?;
-    let (job, created) = service::submit(&state, signed).await?;
+    let (job, created) = submit::submit(&state, signed).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(job_json(&job))).into_response())
+    Ok((status, Json(views::job(&job))).into_response())
 }
 
 async fn list_jobs(
     State(state): State<AppState>,
     Buyer(buyer): Buyer,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<JobListView>, ApiError> {
     let jobs = state.db.jobs_of(&buyer, 500).await?;
-    Ok(Json(
-        json!({ "jobs": jobs.iter().map(job_json).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(JobListView {
+        jobs: jobs.iter().map(views::job).collect(),
+    }))
 }
 
 async fn get_job(
     State(state): State<AppState>,
     Buyer(buyer): Buyer,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<JobDetail>, ApiError> {
     let job = owned_job(&state, &buyer, &id).await?;
-    let mut v = job_json(&job);
-    v["events"] = json!(state.db.events(&job.id).await?);
-    if job.spec.resources.gang > 1 {
-        v["gang"] = crate::gang::members_json(&state, &job.id).await?;
-    }
-    Ok(Json(v))
+    let events = state
+        .db
+        .events(&job.id)
+        .await?
+        .iter()
+        .map(views::event)
+        .collect::<Result<_, _>>()?;
+    let now = UnixMillis::now();
+    let members = state
+        .db
+        .members(&job.id)
+        .await?
+        .iter()
+        .map(|m| views::member(m, now))
+        .collect();
+    Ok(Json(JobDetail::new(&job, events, members)))
 }
 
 async fn cancel_job(
     State(state): State<AppState>,
     Buyer(buyer): Buyer,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CancelView>, ApiError> {
     let job = owned_job(&state, &buyer, &id).await?;
-    let outcome = match service::cancel(&state, &job).await.map_err(|e| match e {
-        SubmitError::Bank(msg) => ApiError::Unavailable(msg),
-        other => other.into(),
-    })? {
-        service::CancelOutcome::Cancelled => "cancelled".to_string(),
-        service::CancelOutcome::Requested => "cancel_requested".to_string(),
-        service::CancelOutcome::AlreadyEnded(s) => format!("already_{}", s.as_str()),
-    };
-    Ok(Json(json!({ "job_id": job.id, "outcome": outcome })))
+    let outcome = cancel::cancel(&state, &job).await?.into();
+    Ok(Json(CancelView {
+        job_id: job.id,
+        outcome,
+    }))
 }
 
 #[derive(serde::Deserialize)]
@@ -302,7 +172,7 @@ async fn job_logs(
     Buyer(buyer): Buyer,
     Path(id): Path<String>,
     axum::extract::Query(q): axum::extract::Query<LogsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<LogsView>, ApiError> {
     let job = owned_job(&state, &buyer, &id).await?;
     let receipt = match q.rank {
         None => job.receipt.clone(),
@@ -318,16 +188,17 @@ async fn job_logs(
                     ),
                 });
             }
-            if gang <= 1 {
-                job.receipt.clone()
-            } else {
-                crate::gang::members(&state, &job.id)
-                    .await?
-                    .into_iter()
-                    .rev()
-                    .find(|m| m.rank == rank && m.receipt.is_some())
-                    .and_then(|m| m.receipt)
-            }
+            // The rank's latest delivered receipt (a job of one falls back
+            // to the job's own).
+            state
+                .db
+                .members(&job.id)
+                .await?
+                .into_iter()
+                .rev()
+                .find(|m| m.rank == rank && m.receipt.is_some())
+                .and_then(|m| m.receipt)
+                .or_else(|| job.receipt.clone().filter(|_| gang <= 1))
         }
     };
     let Some(r) = receipt.as_ref().map(|r| &r.payload) else {
@@ -359,17 +230,17 @@ async fn job_logs(
     };
     let (stdout, stdout_clipped) = read(&r.stdout_cid)?;
     let (stderr, stderr_clipped) = read(&r.stderr_cid)?;
-    Ok(Json(json!({
-        "job_id": job.id,
-        "rank": q.rank,
-        "provider": r.provider,
-        "stdout": stdout,
-        "stderr": stderr,
-        "stdout_cid": r.stdout_cid,
-        "stderr_cid": r.stderr_cid,
-        "truncated": r.usage.logs_truncated,
-        "clipped": stdout_clipped || stderr_clipped,
-    })))
+    Ok(Json(LogsView {
+        job_id: job.id,
+        rank: q.rank,
+        provider: r.provider,
+        stdout,
+        stderr,
+        stdout_cid: r.stdout_cid,
+        stderr_cid: r.stderr_cid,
+        truncated: r.usage.logs_truncated,
+        clipped: stdout_clipped || stderr_clipped,
+    }))
 }
 
 /// Most bytes of each log stream returned inline by the logs route (the
@@ -380,7 +251,7 @@ async fn job_outputs(
     State(state): State<AppState>,
     Buyer(buyer): Buyer,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<OutputsView>, ApiError> {
     let job = owned_job(&state, &buyer, &id).await?;
     let (Some(r), Some(m)) = (job.receipt.as_ref(), job.manifest.as_ref()) else {
         return Err(ApiError::NotFound(format!(
@@ -389,9 +260,11 @@ async fn job_outputs(
             job.state.as_str()
         )));
     };
-    Ok(Json(
-        json!({ "job_id": job.id, "output_cid": r.payload.output_cid, "entries": m.entries }),
-    ))
+    Ok(Json(OutputsView {
+        job_id: job.id,
+        output_cid: r.payload.output_cid,
+        entries: m.entries.clone(),
+    }))
 }
 
 async fn job_blob(
@@ -427,7 +300,7 @@ async fn job_blob(
 async fn account(
     State(state): State<AppState>,
     Buyer(buyer): Buyer,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AccountView<AccountId>>, ApiError> {
     let ledger = state.bank.snapshot().await;
     let escrowed: u64 = ledger
         .escrows()
@@ -435,37 +308,28 @@ async fn account(
         .filter(|e| e.buyer == buyer)
         .map(|e| e.held().0)
         .sum();
-    Ok(Json(json!({
-        "account": AccountId::Buyer(buyer).to_string(),
-        "balance": ledger.balance(&AccountId::Buyer(buyer)),
-        "escrowed": escrowed,
-    })))
+    let account = AccountId::Buyer(buyer);
+    Ok(Json(AccountView {
+        balance: ledger.balance(&account),
+        account,
+        escrowed: Credits(escrowed),
+    }))
 }
 
-async fn providers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+async fn providers(State(state): State<AppState>) -> Result<Json<ProvidersView>, ApiError> {
     let since = crate::live::lease_start(&state);
     let live = state.db.providers_seen_since(since).await?;
     let ledger = state.bank.snapshot().await;
-    let mut list = Vec::new();
+    let mut providers = Vec::with_capacity(live.len());
     for p in &live {
-        let a = &p.advert.payload;
-        list.push(json!({
-            "provider": a.provider,
-            "last_seen": p.last_seen,
-            "cpu": a.cpu,
-            "memory": a.memory,
-            "gpus": a.gpus,
-            "slots": a.slots,
-            "price_per_cpu_hour": a.price_per_cpu_hour,
-            "price_per_gpu_hour": a.price_per_gpu_hour,
-            "benchmark": a.benchmark,
-            "reputation": crate::audit::reputation(&state, &a.provider).await?,
-            "earned": ledger.balance(&AccountId::Provider(a.provider)),
-            "addrs": a.listen_addrs,
-            "cached": a.cached,
-        }));
+        let id = p.advert.payload.provider;
+        providers.push(views::provider(
+            p,
+            crate::audit::reputation(&state, &id).await?,
+            ledger.balance(&AccountId::Provider(id)),
+        ));
     }
-    Ok(Json(json!({ "providers": list })))
+    Ok(Json(ProvidersView { providers }))
 }
 
 #[derive(serde::Deserialize)]
@@ -478,26 +342,32 @@ struct Page {
 async fn ledger_entries(
     State(state): State<AppState>,
     axum::extract::Query(page): axum::extract::Query<Page>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<LedgerPageView>, ApiError> {
     let limit = page.limit.unwrap_or(1000).min(10_000);
     let rows = state.db.ledger_entries(page.from, limit).await?;
     let next = rows.last().map(|(seq, _)| seq + 1);
-    let entries: Vec<Value> = rows
+    let entries = rows
         .iter()
-        .map(|(seq, bytes)| json!({ "seq": seq, "entry": hex::encode(bytes) }))
+        .map(|(seq, bytes)| LedgerRowView {
+            seq: *seq,
+            entry: hex::encode(bytes),
+        })
         .collect();
-    Ok(Json(json!({ "entries": entries, "next": next })))
+    Ok(Json(LedgerPageView { entries, next }))
 }
 
-async fn ledger_balances(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let balances = state.db.balances().await?;
-    Ok(Json(json!({ "balances": balances })))
+async fn ledger_balances(
+    State(state): State<AppState>,
+) -> Result<Json<BalancesView<AccountId>>, ApiError> {
+    Ok(Json(BalancesView {
+        balances: state.db.balances().await?,
+    }))
 }
 
 async fn statement(
     State(state): State<AppState>,
     Path(account): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<StatementView<AccountId, Applied>>, ApiError> {
     let account: AccountId =
         account
             .parse()
@@ -518,21 +388,24 @@ async fn statement(
                         ApiError::Internal(format!("ledger entry {seq} is unreadable: {e}"))
                     })?;
             if let Some(delta) = crate::bank::touches(&entry.payload.effect, &account) {
-                lines.push(json!({
-                    "seq": seq,
-                    "at": entry.payload.at,
-                    "op": entry.payload.op.name(),
-                    "key": entry.payload.op.key().as_str(),
-                    "delta": delta.to_string(),
-                    "effect": entry.payload.effect,
-                }));
+                let e = entry.payload;
+                lines.push(StatementLineView {
+                    seq: *seq,
+                    at: e.at,
+                    op: e.op.name().to_string(),
+                    key: e.op.key().as_str().to_string(),
+                    delta,
+                    effect: e.effect,
+                });
             }
         }
     }
     let balance = state.bank.snapshot().await.balance(&account);
-    Ok(Json(
-        json!({ "account": account.to_string(), "balance": balance, "entries": lines }),
-    ))
+    Ok(Json(StatementView {
+        account,
+        balance,
+        entries: lines,
+    }))
 }
 
 #[derive(serde::Deserialize)]
@@ -546,7 +419,7 @@ struct OfferQuery {
 async fn offers(
     State(state): State<AppState>,
     axum::extract::Query(oq): axum::extract::Query<OfferQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<OffersView>, ApiError> {
     let bad = |field: &str, e: crate::sched::QueryError| ApiError::BadRequest {
         field: Some(field.into()),
         reason: e.to_string(),
@@ -558,36 +431,43 @@ async fn offers(
         .unwrap_or("price")
         .parse()
         .map_err(|e| bad("sort", e))?;
-    let fleet = crate::service::fleet(&state).await?;
+    let fleet = crate::schedule::fleet(&state).await?;
     let rows = crate::sched::search(&fleet, &query, sort, oq.limit.unwrap_or(50).min(1000));
-    Ok(Json(
-        json!({ "query": oq.q, "sort": sort.to_string(), "offers": rows }),
-    ))
+    Ok(Json(OffersView {
+        query: oq.q,
+        sort: views::offer_sort(sort),
+        offers: rows.into_iter().map(views::offer).collect(),
+    }))
 }
 
 async fn provider_audits(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ProviderAuditsView>, ApiError> {
     let id: kiln_protocol::ProviderId =
         id.parse()
             .map_err(|e: kiln_protocol::IdParseError| ApiError::BadRequest {
                 field: Some("id".into()),
                 reason: e.to_string(),
             })?;
-    Ok(Json(json!({
-        "provider": id,
-        "reputation": crate::audit::reputation(&state, &id).await?,
-        "audits": crate::audit::history(&state, &id, 100).await?,
-    })))
+    Ok(Json(ProviderAuditsView {
+        provider: id,
+        reputation: crate::audit::reputation(&state, &id).await?,
+        audits: crate::audit::history(&state, &id, 100).await?,
+    }))
 }
 
-async fn info(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({
-        "peer_id": state.peer,
-        "public_key": state.key.public(),
-        "p2p_addrs": state.net.listen_addrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "version": env!("CARGO_PKG_VERSION"),
-        "faucet": state.config.faucet,
-    }))
+async fn info(State(state): State<AppState>) -> Json<InfoView> {
+    Json(InfoView {
+        peer_id: state.peer,
+        public_key: state.key.public(),
+        p2p_addrs: state
+            .net
+            .listen_addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        faucet: state.config.faucet,
+    })
 }

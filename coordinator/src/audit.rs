@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use kiln_protocol::bench::{ChallengeId, ChallengeSizes};
+use kiln_protocol::views::AuditView;
 use kiln_protocol::{
     CapabilityAdvert, NetRequest, NetResponse, Nonce, ProviderId, Signed, UnixMillis,
 };
@@ -22,30 +23,15 @@ use crate::challenge::{self, Figures};
 use crate::db::DbError;
 
 /// Starting reputation of a provider, and the bounds.
-pub const REPUTATION_START: u32 = 500;
+pub use crate::challenge::REPUTATION_START;
 pub const REPUTATION_MAX: u32 = 1000;
 
-/// How an audit ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AuditOutcome {
-    /// Answered in time, proofs correct, figures as advertised.
-    Passed,
-    /// Answered correctly, but figures fell more than 15% short of the advert
-    /// or of the fleet median for the same GPU model.
-    Flagged,
-    /// No valid answer: timeout, bad signature, wrong checksum or sample.
-    Failed,
-}
-
-impl AuditOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Passed => "passed",
-            Self::Flagged => "flagged",
-            Self::Failed => "failed",
-        }
-    }
-}
+/// How an audit ended: `Passed` (answered in time, proofs correct,
+/// figures as advertised), `Flagged` (answered correctly, but figures fell
+/// more than 15% short of the advert or of the fleet median for the same
+/// GPU model) or `Failed` (no valid answer: timeout, bad signature, wrong
+/// checksum or sample). Stored, and served, as its string.
+pub use kiln_protocol::views::AuditOutcome;
 
 /// Reputation after one audit: slow to earn, quick to lose.
 pub fn reputation_after(score: u32, outcome: AuditOutcome) -> u32 {
@@ -250,12 +236,7 @@ async fn record(
 
 /// A provider's reputation (REPUTATION_START if never audited).
 pub async fn reputation(state: &AppState, provider: &ProviderId) -> Result<u32, DbError> {
-    let s: Option<i64> = sqlx::query_scalar("SELECT score FROM reputation WHERE provider = ?")
-        .bind(provider.to_string())
-        .fetch_optional(&state.db.pool)
-        .await?;
-    Ok(s.and_then(|s| u32::try_from(s).ok())
-        .unwrap_or(REPUTATION_START))
+    state.db.reputation(provider).await
 }
 
 /// A provider's audit history, newest first.
@@ -263,20 +244,33 @@ pub async fn history(
     state: &AppState,
     provider: &ProviderId,
     limit: u32,
-) -> Result<Vec<serde_json::Value>, DbError> {
+) -> Result<Vec<AuditView>, DbError> {
     let rows = sqlx::query("SELECT at, challenge_id, outcome, detail FROM provider_audits WHERE provider = ? ORDER BY seq DESC LIMIT ?")
         .bind(provider.to_string())
         .bind(i64::from(limit))
         .fetch_all(&state.db.pool)
         .await?;
+    let corrupt = |reason: String| DbError::Corrupt {
+        table: "provider_audits",
+        reason,
+    };
     rows.iter()
         .map(|r| {
-            Ok(serde_json::json!({
-                "at": r.try_get::<i64, _>("at")?,
-                "challenge_id": r.try_get::<String, _>("challenge_id")?,
-                "outcome": r.try_get::<String, _>("outcome")?,
-                "detail": r.try_get::<String, _>("detail")?,
-            }))
+            let at = r.try_get::<i64, _>("at")?;
+            Ok(AuditView {
+                at: UnixMillis(
+                    u64::try_from(at).map_err(|_| corrupt(format!("negative time {at}")))?,
+                ),
+                challenge_id: r
+                    .try_get::<String, _>("challenge_id")?
+                    .parse()
+                    .map_err(|e: kiln_protocol::IdParseError| corrupt(e.to_string()))?,
+                outcome: r
+                    .try_get::<String, _>("outcome")?
+                    .parse()
+                    .map_err(|e: kiln_protocol::views::UnknownVariant| corrupt(e.to_string()))?,
+                detail: r.try_get("detail")?,
+            })
         })
         .collect()
 }
@@ -334,7 +328,7 @@ pub async fn audit_loop(state: AppState, cancel: CancellationToken) {
                 );
                 let s = state.clone();
                 let f = fleet.clone();
-                tokio::spawn(async move {
+                state.tasks.spawn(async move {
                     if let Err(e) = challenge_provider(&s, &s.config.audit, &a, &f).await {
                         tracing::error!(provider = %a.provider.short(), "recording an audit failed: {e}");
                     }

@@ -26,13 +26,13 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures::TryStreamExt;
 use kiln_blobs::StoreError;
+use kiln_protocol::views::{BlobListView, MissingRequest, MissingView, UploadView};
 use kiln_protocol::{BuyerId, ContentId};
 use serde::Deserialize;
-use serde_json::{Value, json};
 use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
 
 use crate::AppState;
-use crate::api::{ApiError, Buyer};
+use crate::auth::{ApiError, Buyer};
 use crate::db::{Db, DbError};
 
 /// Header carrying a blob's size on `/bao` responses.
@@ -118,16 +118,11 @@ fn name_of(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| "upload".into())
 }
 
-#[derive(Deserialize)]
-struct MissingQuery {
-    cids: Vec<ContentId>,
-}
-
 async fn missing(
     State(state): State<AppState>,
     Buyer(buyer): Buyer,
-    Json(q): Json<MissingQuery>,
-) -> Result<Json<Value>, ApiError> {
+    Json(q): Json<MissingRequest>,
+) -> Result<Json<MissingView>, ApiError> {
     if q.cids.len() > MAX_QUERY {
         return Err(ApiError::BadRequest {
             field: Some("cids".into()),
@@ -140,7 +135,7 @@ async fn missing(
             missing.push(cid);
         }
     }
-    Ok(Json(json!({ "missing": missing })))
+    Ok(Json(MissingView { missing }))
 }
 
 async fn upload_small(
@@ -148,7 +143,7 @@ async fn upload_small(
     Buyer(buyer): Buyer,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UploadView>, ApiError> {
     let store = state.blobs.clone();
     let len = body.len() as u64;
     let cid = tokio::task::spawn_blocking(move || store.import_reader(&body[..], Some(len), None))
@@ -156,7 +151,11 @@ async fn upload_small(
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(store_error)?;
     grant(&state, &buyer, &cid, len, &name_of(&headers)).await?;
-    Ok(Json(json!({ "cid": cid, "size": len })))
+    Ok(Json(UploadView {
+        cid,
+        size: len,
+        stored: None,
+    }))
 }
 
 /// Streams the body into the store (or, when the store already holds the
@@ -167,7 +166,7 @@ async fn upload(
     Path(cid): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<UploadView>), ApiError> {
     let cid = parse_cid(&cid)?;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -207,7 +206,11 @@ async fn upload(
     };
     Ok((
         status,
-        Json(json!({ "cid": cid, "size": size, "stored": !held })),
+        Json(UploadView {
+            cid,
+            size,
+            stored: Some(!held),
+        }),
     ))
 }
 
@@ -220,25 +223,19 @@ async fn list(
     State(state): State<AppState>,
     Buyer(buyer): Buyer,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BlobListView>, ApiError> {
     let rows = state
         .db
         .blobs_of(&buyer, q.limit.unwrap_or(1000).min(10_000))
         .await?;
-    let blobs: Vec<Value> = rows
+    let blobs = rows
         .into_iter()
         .map(|b| {
-            json!({
-                "cid": b.cid,
-                "size": b.size,
-                "name": b.name,
-                "kind": if b.cid.codec() == kiln_protocol::content::DAG_CBOR_CODEC { "directory" } else { "file" },
-                "created_at": b.created_at,
-                "held": state.blobs.has(&b.cid),
-            })
+            let held = state.blobs.has(&b.cid);
+            crate::views::blob(b, held)
         })
         .collect();
-    Ok(Json(json!({ "blobs": blobs })))
+    Ok(Json(BlobListView { blobs }))
 }
 
 /// Parses `Range: bytes=a-b` / `bytes=a-` (one range).

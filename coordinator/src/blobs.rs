@@ -145,9 +145,7 @@ async fn decide(
     // A provider: inputs of the jobs assigned to it, and the files of
     // input directories.
     let provider = ProviderId::from_peer_id(peer);
-    let mut jobs = state.db.active_jobs_of(&provider).await?;
-    // Members of multi-node gangs fetch their job's inputs too.
-    jobs.extend(crate::gang::member_jobs(state, provider).await?);
+    let jobs = state.db.jobs_held_by(&provider).await?;
     for j in &jobs {
         // URL inputs come from their URL only: naming a CID with a URL
         // proves nothing about being allowed to read the stored copy.
@@ -252,7 +250,9 @@ pub async fn provider_source(
     state: &AppState,
     provider: &ProviderId,
 ) -> Result<kiln_blobs::Source, String> {
-    let addrs = crate::service::provider_addrs(state, provider)
+    let addrs = state
+        .db
+        .provider_addrs(provider)
         .await
         .map_err(|e| e.to_string())?;
     Ok(kiln_blobs::Source {

@@ -29,6 +29,9 @@ use serde::{Deserialize, Serialize};
 
 /// A measured metric more than this many percent below its baseline is a
 /// shortfall.
+/// Reputation of a provider never audited (0..=1000).
+pub const REPUTATION_START: u32 = 500;
+
 pub const FLAG_BELOW_PERCENT: u64 = 15;
 
 /// One benchmark figure.

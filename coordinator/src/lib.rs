@@ -19,23 +19,39 @@
 //!   fetched from the provider); then records it and settles payment in one
 //!   transaction.
 //!
+//! * challenges providers' advertised performance at random times
+//!   ([`audit`]) and keeps their reputation.
+//!
+//! Every job, whatever its size, follows one model ([`jobs`]: a job has
+//! member executions; states, transitions, billing and storage in one
+//! place), driven by [`lifecycle`] and the per-message [`handlers`].
+//!
 //! `create_app` builds the HTTP router; [`start`] wires everything together
-//! and returns a handle; `main.rs` is a thin shell around it.
+//! and returns a handle whose [`Coordinator::shutdown`] stops it in order;
+//! `main.rs` is a thin shell around it.
+//!
+//! Layers, each using only those below it (no module imports one that
+//! imports it back): `db`, `verify`, `challenge`, `sched` (pure) → `bank`,
+//! `jobs` → `live` → `blobs` → `lifecycle` → `handlers`, `schedule`,
+//! `audit`, `views` → `auth` → `blob_api` → `api`.
 
 pub mod api;
 pub mod audit;
+pub mod auth;
 pub mod bank;
 pub mod bench;
 pub mod blob_api;
 pub mod blobs;
 pub mod challenge;
 pub mod db;
-pub mod gang;
+pub mod handlers;
+pub mod jobs;
+pub mod lifecycle;
 pub mod live;
 pub mod sched;
-pub mod service;
-pub mod stake;
+pub mod schedule;
 pub mod verify;
+pub mod views;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +63,7 @@ use kiln_protocol::keys::keyfile;
 use kiln_protocol::{Credits, Keypair, ProviderId};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use api::create_app;
 
@@ -76,6 +93,13 @@ pub struct CoordinatorConfig {
     /// Most bytes the blob store may hold (`None`: no limit). Blobs still
     /// needed by a job in flight are never evicted.
     pub blob_quota: Option<u64>,
+    /// How long after its timeout a started member may take to stop,
+    /// collect its outputs and deliver its receipt before the coordinator
+    /// gives up on it (it is then paid only what its usage reports earned).
+    pub result_grace: Duration,
+    /// Usage reports closer together than this are refused (payments are
+    /// cumulative, so the next report catches up).
+    pub min_usage_interval: Duration,
 }
 
 impl CoordinatorConfig {
@@ -95,6 +119,8 @@ impl CoordinatorConfig {
             audit: audit::AuditConfig::default(),
             min_stake: Credits(0),
             blob_quota: None,
+            result_grace: Duration::from_secs(120),
+            min_usage_interval: Duration::from_secs(5),
         }
     }
 }
@@ -141,6 +167,14 @@ pub struct Inner {
     pub wake: tokio::sync::Notify,
     /// The scheduler's fleet, kept between rounds (see [`live`]).
     pub live: std::sync::Mutex<live::LiveFleet>,
+    /// Every task spawned on behalf of a request or a job (answers to
+    /// providers, dispatches, notices to nodes, audits): shutdown waits
+    /// for them before it stops the network and closes the database.
+    pub tasks: TaskTracker,
+    /// Fires when shutdown begins: tasks that talk to nodes stop waiting
+    /// for them (what they leave undone is resumed from the database at
+    /// the next start, see [`lifecycle::recover`]).
+    pub stopping: CancellationToken,
 }
 
 pub type AppState = Arc<Inner>;
@@ -150,12 +184,30 @@ pub struct Coordinator {
     pub http_addr: SocketAddr,
     pub p2p_addrs: Vec<Addr>,
     pub state: AppState,
+    /// One task that runs the coordinator until its token is cancelled,
+    /// then shuts it down in order (see [`Coordinator::shutdown`]).
     pub tasks: Vec<JoinHandle<()>>,
+    cancel: CancellationToken,
 }
+
+/// How long shutdown waits for in-flight requests and dispatches.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 impl Coordinator {
     pub fn url(&self) -> String {
         format!("http://{}", self.http_addr)
+    }
+
+    /// Stops the coordinator in order: no new HTTP requests, scheduling
+    /// rounds or audits; then in-flight work (answers to providers,
+    /// dispatches, notices) finishes, up to [`SHUTDOWN_GRACE`]; then the
+    /// network stops and the database closes. Returns when all is done.
+    /// Cancelling the token given to [`start`] does the same.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = t.await;
+        }
     }
 }
 
@@ -179,13 +231,15 @@ pub async fn start(
             no_sync: false,
         },
     )?;
+    // The network outlives the services above it: it is stopped last.
+    let net_cancel = CancellationToken::new();
     let (net, events, event_loop) = kiln_net::spawn(
         key.to_libp2p(),
         NetConfig {
             listen: vec![config.p2p_listen.clone()],
             ..NetConfig::default()
         },
-        cancel.clone(),
+        net_cancel.clone(),
     )
     .await?;
     let p2p_addrs = net.listen_addrs().to_vec();
@@ -210,33 +264,71 @@ pub async fn start(
         net,
         wake: tokio::sync::Notify::new(),
         live: std::sync::Mutex::new(live::LiveFleet::new()),
+        tasks: TaskTracker::new(),
+        stopping: cancel.clone(),
     });
     tracing::info!(http = %http_addr, p2p = ?p2p_addrs, "coordinator up");
 
-    let mut tasks = vec![tokio::spawn(event_loop.run())];
-    tasks.push(tokio::spawn(service::handle_network(
-        state.clone(),
-        events,
-        cancel.clone(),
-    )));
-    tasks.push(tokio::spawn(blobs::serve(state.clone(), cancel.clone())));
-    tasks.push(tokio::spawn(service::schedule_loop(
-        state.clone(),
-        cancel.clone(),
-    )));
-    let app = create_app(state.clone());
+    let event_loop = tokio::spawn(event_loop.run());
+    // Services: each stops taking new work when `cancel` fires.
+    let services = vec![
+        tokio::spawn(handlers::handle_network(
+            state.clone(),
+            events,
+            cancel.clone(),
+        )),
+        tokio::spawn(blobs::serve(state.clone(), cancel.clone())),
+        tokio::spawn(schedule::schedule_loop(state.clone(), cancel.clone())),
+        tokio::spawn(audit::audit_loop(state.clone(), cancel.clone())),
+        tokio::spawn({
+            let app = create_app(state.clone());
+            let c = cancel.clone();
+            async move {
+                let serve = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { c.cancelled().await });
+                if let Err(e) = serve.await {
+                    tracing::error!("HTTP server stopped: {e}");
+                }
+            }
+        }),
+    ];
+    let s = state.clone();
     let c = cancel.clone();
-    tasks.push(tokio::spawn(async move {
-        let serve =
-            axum::serve(listener, app).with_graceful_shutdown(async move { c.cancelled().await });
-        if let Err(e) = serve.await {
-            tracing::error!("HTTP server stopped: {e}");
-        }
-    }));
+    let tasks = vec![tokio::spawn(async move {
+        c.cancelled().await;
+        shut_down(s, services, net_cancel, event_loop).await;
+    })];
     Ok(Coordinator {
         http_addr,
         p2p_addrs,
         state,
         tasks,
+        cancel,
     })
+}
+
+/// The ordered shutdown (see [`Coordinator::shutdown`]).
+async fn shut_down(
+    state: AppState,
+    services: Vec<JoinHandle<()>>,
+    net_cancel: CancellationToken,
+    event_loop: JoinHandle<()>,
+) {
+    for t in services {
+        let _ = t.await;
+    }
+    state.tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, state.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = state.tasks.len(),
+            "shutting down with work still in flight; it resumes from the database at the next start"
+        );
+    }
+    net_cancel.cancel();
+    let _ = event_loop.await;
+    state.db.pool.close().await;
+    tracing::info!("coordinator stopped");
 }

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use kiln_protocol::{CapabilityAdvert, JobId, ProviderId, UnixMillis};
 
 use crate::AppState;
-use crate::db::{DbError, JobState};
+use crate::db::DbError;
+
 use crate::sched::{Fleet, Placement, ProviderView, ReservationId};
 
 /// How often the in-memory fleet is rebuilt from the database anyway.
@@ -174,7 +175,7 @@ async fn view_of(
     }
     let mut v = ProviderView::new(advert);
     // No verified TFLOP/s figure yet (a job asking for `min_tflops` waits).
-    v.reputation = crate::audit::reputation(state, &v.id).await?;
+    v.reputation = state.db.reputation(&v.id).await?;
     Ok(Some(v))
 }
 
@@ -202,26 +203,17 @@ pub async fn rebuild(state: &AppState) -> Result<LiveFleet, DbError> {
     }
     let mut fleet = Fleet::from_views(views);
     let mut booked: HashMap<JobId, (u32, Vec<ReservationId>)> = HashMap::new();
-    let active = state
-        .db
-        .jobs_in(&[JobState::Dispatched, JobState::Running], 100_000)
-        .await?;
-    let mut gangs = HashMap::new();
-    for j in &active {
-        if j.spec.resources.gang > 1 {
-            gangs.insert(j.id, j);
-        } else if let Some(p) = &j.provider
-            && let Some(pl) = fleet.book(p, &j.spec)
-        {
-            booked
-                .entry(j.id)
-                .or_insert_with(|| (j.attempts, Vec::new()))
-                .1
-                .push(pl.reservation);
+    // Every member that may still be executing holds capacity, booked
+    // under its job with the attempt it belongs to.
+    let mut jobs = HashMap::new();
+    for m in state.db.pending_members().await? {
+        if let std::collections::hash_map::Entry::Vacant(e) = jobs.entry(m.job_id) {
+            e.insert(state.db.job(&m.job_id).await?);
         }
-    }
-    for m in crate::gang::active_members(state).await? {
-        if let Some(j) = gangs.get(&m.job_id)
+        let Some(Some(j)) = jobs.get(&m.job_id) else {
+            continue;
+        };
+        if j.state.is_active()
             && j.attempts == m.attempt
             && let Some(pl) = fleet.book(&m.provider, &j.spec)
         {

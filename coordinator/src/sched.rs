@@ -47,6 +47,7 @@
 
 mod fleet;
 mod matching;
+mod names;
 pub mod queue;
 pub mod search;
 
@@ -60,7 +61,9 @@ use kiln_protocol::spec::ComputeCapability;
 use kiln_protocol::{ByteSize, Credits, JobSpec, MilliCpu};
 
 pub use fleet::{DEFAULT_REPUTATION, Fleet, Free, MAX_GPUS_PER_NODE, ProviderView, ReservationId};
-pub use matching::{Placement, gpu_model_matches, place, place_gang, region_matches};
+pub use fleet::Placement;
+pub use matching::{place, place_gang};
+pub use names::{gpu_model_matches, region_matches};
 pub use queue::{Decision, QueueItem, RoundPolicy, order, run_round};
 pub use search::{OfferRow, Query, QueryError, SortBy, search};
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use kiln_protocol::{Credits, Nonce};
 
-use crate::NodeConfig;
 use crate::bench::{self, BenchOptions, EngineChoice};
+use crate::config::NodeConfig;
 use crate::doctor::DoctorOptions;
 use crate::idle::{IdlePolicy, OwnerPolicy};
 use crate::runner::Policy;

@@ -61,13 +61,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl-C")?;
-    // Ordered shutdown: stop running jobs and report them lost while the
-    // network is still up; then the token stops the network loop, heartbeats
-    // and the request handler, and we wait for each task to finish.
-    node.drain(std::time::Duration::from_secs(30)).await;
+    // Ordered, bounded shutdown: running jobs are stopped and reported lost
+    // while the network is still up, then the network and the rest stop.
+    node.shutdown().await;
     cancel.cancel();
-    for t in node.tasks {
-        let _ = t.await;
-    }
     Ok(())
 }

@@ -1,9 +1,9 @@
 //! The owner sampler: every few seconds, looks at the GPUs (NVML processes
 //! and utilization) and, if the policy asks, at interactive users; applies
 //! [`idle::decide`] and records the decision in the job table, where
-//! `handle_offer` and the advert read it. Under the preempt policy it stops
-//! running GPU jobs, which `run_job` then reports lost with a reason starting
-//! with [`idle::PREEMPTED_BY_OWNER`].
+//! admission and the advert read it. Under the preempt policy it stops
+//! running GPU jobs, which the execution task then reports lost with a
+//! reason starting with [`idle::PREEMPTED_BY_OWNER`].
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,8 +11,9 @@ use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::gpu;
 use crate::idle::{self, Observation};
-use crate::{State, gpu};
+use crate::state::State;
 
 /// Pids of Kiln's own processes among `candidates`: this daemon and every
 /// process inside one of this node's job containers.
@@ -78,13 +79,15 @@ pub(crate) async fn sampler(state: Arc<State>, cancel: CancellationToken) {
             .lock()
             .map(|j| {
                 // A challenge benchmark uses every GPU: that load is Kiln's.
+                let busy = j.busy_gpus();
                 let held: HashSet<String> = state
                     .gpus
                     .iter()
-                    .filter(|g| j.benchmarking || j.busy_gpus.contains(&g.index))
+                    .filter(|g| j.benchmarking || busy.contains(&g.index))
                     .map(|g| g.uuid.clone())
                     .collect();
-                (held, j.gpu_jobs.len())
+                let gpu_jobs = j.attempts.values().filter(|a| !a.gpus.is_empty()).count();
+                (held, gpu_jobs)
             })
             .unwrap_or_default();
         let owner_now = idle::owner_activity(&samples, &kiln, &held, policy.utilization_threshold);
@@ -117,13 +120,10 @@ pub(crate) async fn sampler(state: Arc<State>, cancel: CancellationToken) {
         if let Ok(mut j) = state.jobs.lock() {
             j.owner_busy = decision.reason.clone();
             if decision.preempt_running {
-                let victims: Vec<_> = j.gpu_jobs.iter().copied().collect();
-                for job in victims {
-                    if let Some((_, token)) = j.running.get(&job) {
-                        tracing::warn!(job = %job.short(), "the owner is using the GPU: preempting the job");
-                        token.cancel();
-                        j.preempted.insert(job);
-                    }
+                for a in j.attempts.values_mut().filter(|a| !a.gpus.is_empty()) {
+                    tracing::warn!(job = %a.job.short(), "the owner is using the GPU: preempting the job");
+                    a.cancel.cancel();
+                    a.preempted = true;
                 }
             }
         }

@@ -16,8 +16,10 @@
 //! costs nothing and the receipt says how much was cut.
 //!
 //! Containers carry the labels `kiln.job`, `kiln.offer` and `kiln.node`, and
-//! job directories are named by job id, so whatever a crash leaves behind is
-//! found and reaped at start-up ([`Runner::reap_orphans`]).
+//! both containers and job directories are named by job *and offer* id (one
+//! per attempt: two attempts of a job never share either), so whatever a
+//! crash leaves behind is found and reaped at start-up
+//! ([`Runner::reap_orphans`]).
 
 use std::collections::HashMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -345,8 +347,10 @@ impl Runner {
         &self.policy
     }
 
-    pub fn job_dir(&self, job: &JobId) -> PathBuf {
-        self.work_dir.join(job.to_string())
+    /// The directory of one attempt of a job (`<job>-<offer>`, like its
+    /// container's name): inputs under `in/`, outputs under `out/`.
+    pub fn attempt_dir(&self, job: &JobId, offer: &OfferId) -> PathBuf {
+        self.work_dir.join(format!("{job}-{offer}"))
     }
 
     /// Containers of this node still present (running or not).
@@ -394,7 +398,8 @@ impl Runner {
         Ok(orphans)
     }
 
-    /// Whether anything of `job` is left on this machine (container, mount, directory).
+    /// Whether anything of `job` (any attempt) is left on this machine
+    /// (container, mount, directory).
     pub async fn leftovers(&self, job: &JobId) -> Result<Vec<String>, bollard::errors::Error> {
         let mut left = Vec::new();
         for c in self.containers().await? {
@@ -402,13 +407,18 @@ impl Runner {
                 left.push(format!("container {}", c.id.unwrap_or_default()));
             }
         }
-        let dir = self.job_dir(job);
-        left.extend(
-            mounts_under(&dir)
-                .into_iter()
-                .map(|m| format!("mount {}", m.display())),
-        );
-        if dir.exists() {
+        let prefix = format!("{job}-");
+        let dirs = std::fs::read_dir(&self.work_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix));
+        for dir in dirs.map(|e| e.path()) {
+            left.extend(
+                mounts_under(&dir)
+                    .into_iter()
+                    .map(|m| format!("mount {}", m.display())),
+            );
             left.push(format!("directory {}", dir.display()));
         }
         Ok(left)
@@ -477,7 +487,7 @@ impl Runner {
             Ok(id) => id,
             Err(e) => return RunReport::failed_before_start(e, String::new()),
         };
-        let dir = self.job_dir(&job);
+        let dir = self.attempt_dir(&job, &offer);
         let area = match std::fs::create_dir_all(&dir)
             .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)))
             .and_then(|()| OutputArea::create(&dir.join("out"), self.limits.max_output_bytes))

@@ -2,7 +2,7 @@
 //!
 //! The coordinator may fetch anything from a node (outputs, logs); other
 //! providers only the blobs this node fetched as job *inputs*, and only when
-//! the coordinator says a job entitles them (`may_serve` in the crate root).
+//! the coordinator says a job entitles them (`handlers/may_fetch.rs`).
 //! Those inputs are also what the node advertises as `cached` for
 //! data-locality scoring.
 //!

@@ -12,7 +12,7 @@
 //! Reading order: [`ids`] (what things are called), [`keys`] (who signs),
 //! [`signed`] (how signatures are scoped so they cannot be replayed elsewhere),
 //! [`spec`] (what a buyer asks for), [`messages`] (what flows between parties),
-//! [`content`] (how bytes are named).
+//! [`content`] (how bytes are named), [`views`] (the REST API's JSON bodies).
 
 pub mod bench;
 pub mod content;
@@ -24,6 +24,7 @@ pub mod messages;
 pub mod signed;
 pub mod spec;
 pub mod units;
+pub mod views;
 
 pub use bench::{
     BENCHMARK_VERSION, BenchmarkReport, Challenge, ChallengeId, ChallengeResponse, ChallengeSizes,
@@ -37,6 +38,13 @@ pub use messages::*;
 pub use signed::{Signed, SignedMessage, VerifyError};
 pub use spec::{ImageRef, JobSpec, NetworkMode, Resources, SpecError};
 pub use units::{ByteSize, Credits, MilliCpu, Seconds, UnixMillis};
+pub use views::{
+    AccountView, AuditView, BalancesView, BlobKind, BlobListView, BlobView, CancelOutcome,
+    CancelView, ErrorView, EventView, InfoView, JobListView, JobState, JobView, LedgerPageView,
+    LedgerRowView, LogsView, MemberState, MemberView, MissingRequest, MissingView, OfferSort,
+    OfferView, OffersView, OutputsView, ProviderAuditsView, ProviderView, ProvidersView,
+    StatementLineView, StatementView, UploadView,
+};
 
 /// Version of the wire protocol; bumped on any incompatible change to a message.
 pub const PROTOCOL_VERSION: u32 = 3;

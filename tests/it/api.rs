@@ -1,6 +1,7 @@
 //! The REST API's contract: bad input gets a 400 naming the field, retries
 //! are idempotent, and jobs are visible to their owner only.
 
+use kiln_protocol::views::JobState;
 use kiln_protocol::{ImageRef, JobSubmission, Signed};
 use kiln_tests::{buyer, devnet};
 use serde_json::json;
@@ -32,9 +33,9 @@ async fn malformed_specs_get_400_with_the_field() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["field"], "spec.resources.memory", "{v:#}");
-    assert!(v["error"].as_str().unwrap().contains("not a size"), "{v:#}");
+    let v: kiln_protocol::ErrorView = r.json().await.unwrap();
+    assert_eq!(v.field.as_deref(), Some("spec.resources.memory"), "{v:#?}");
+    assert!(v.error.contains("not a size"), "{v:#?}");
 
     // Well-formed and correctly signed, but semantically invalid: an unpinned image.
     let mut spec = dn.workload_spec(&["echo"]);
@@ -74,13 +75,7 @@ async fn malformed_specs_get_400_with_the_field() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(
-        client.jobs().await.unwrap()["jobs"]
-            .as_array()
-            .unwrap()
-            .len(),
-        0
-    );
+    assert_eq!(client.jobs().await.unwrap().jobs.len(), 0);
     dn.shutdown().await;
 }
 
@@ -100,44 +95,32 @@ async fn submission_is_idempotent_and_jobs_are_owner_only() {
     .unwrap();
     let first = alice.submit_signed(&signed).await.unwrap();
     let second = alice.submit_signed(&signed).await.unwrap();
-    assert_eq!(first["job_id"], second["job_id"]);
-    assert_eq!(
-        alice.jobs().await.unwrap()["jobs"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(first.job_id, second.job_id);
+    assert_eq!(alice.jobs().await.unwrap().jobs.len(), 1);
     // With no provider online the job waits and says why.
-    assert_eq!(first["state"], "queued");
-    let id = kiln_cli::job_id_of(&first).unwrap();
+    assert_eq!(first.state, JobState::Queued);
+    let id = first.job_id;
     let j = kiln_tests::job_until(&alice, &id, |j| {
         kiln_tests::reason(j).contains("no provider online")
     })
     .await;
     assert!(
         kiln_tests::reason(&j).contains("no provider online"),
-        "{j:#}"
+        "{j:#?}"
     );
 
     // Someone else cannot see it, its logs or its outputs: 404, as if it did not exist.
     for r in [
-        mallory.job(&id).await,
-        mallory.logs(&id).await,
-        mallory.outputs(&id).await,
+        mallory.job(&id).await.map(|_| ()),
+        mallory.logs(&id).await.map(|_| ()),
+        mallory.outputs(&id).await.map(|_| ()),
     ] {
         match r {
             Err(kiln_cli::ClientError::Api { status, .. }) => assert_eq!(status, 404),
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(
-        mallory.jobs().await.unwrap()["jobs"]
-            .as_array()
-            .unwrap()
-            .len(),
-        0
-    );
+    assert_eq!(mallory.jobs().await.unwrap().jobs.len(), 0);
     // Unauthenticated requests are refused.
     let r = reqwest::get(format!("{}/v1/jobs/{id}", dn.url()))
         .await
@@ -154,13 +137,9 @@ async fn offers_can_be_searched_and_bad_queries_name_the_term() {
         .offers("cpus>=1 num_gpus=0", "price", 10)
         .await
         .unwrap();
-    assert_eq!(all["offers"].as_array().unwrap().len(), 2, "{all:#}");
+    assert_eq!(all.offers.len(), 2, "{all:#?}");
     let none = client.offers("num_gpus>=1", "price", 10).await.unwrap();
-    assert_eq!(
-        none["offers"].as_array().unwrap().len(),
-        0,
-        "CPU-only devnet: {none:#}"
-    );
+    assert_eq!(none.offers.len(), 0, "CPU-only devnet: {none:#?}");
     match client.offers("vram>=80XB", "price", 10).await {
         Err(kiln_cli::ClientError::Api {
             status,
@@ -193,10 +172,15 @@ async fn only_providers_holding_the_minimum_stake_get_work() {
     let done = kiln_tests::run_job(&client, dn.workload_spec(&["echo", "staked"]))
         .await
         .unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
-    let provider = format!("provider:{}", done["provider"].as_str().unwrap());
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+    let provider = format!("provider:{}", done.provider.unwrap());
     let st = client.statement(&provider).await.unwrap();
-    assert!(st["entries"].to_string().contains("\"stake\""), "{st:#}");
+    assert!(
+        serde_json::to_string(&st.entries)
+            .unwrap()
+            .contains("\"stake\""),
+        "{st:#?}"
+    );
     dn.shutdown().await;
 
     // Without a bond, nobody is offered the job: it waits.
@@ -212,15 +196,15 @@ async fn only_providers_holding_the_minimum_stake_get_work() {
         .submit(dn.workload_spec(&["echo", "x"]), None)
         .await
         .unwrap();
-    let id = kiln_cli::job_id_of(&v).unwrap();
+    let id = v.job_id;
     let j = kiln_tests::job_until(&client, &id, |j| {
         kiln_tests::reason(j).contains("excluded by min_stake")
     })
     .await;
-    assert_eq!(j["state"], "queued", "{j:#}");
+    assert_eq!(j.state, JobState::Queued, "{j:#?}");
     assert!(
         kiln_tests::reason(&j).contains("1 online; 1 excluded by min_stake=5.000000 cr"),
-        "{j:#}"
+        "{j:#?}"
     );
     dn.shutdown().await;
 }
@@ -232,21 +216,21 @@ async fn a_job_past_its_queue_deadline_fails_and_is_refunded() {
     let mut spec = dn.workload_spec(&["echo"]);
     spec.resources.deadline = Some(kiln_protocol::Seconds(1));
     let v = client.submit(spec, None).await.unwrap();
-    let id = kiln_cli::job_id_of(&v).unwrap();
+    let id = v.job_id;
     let done = kiln_cli::wait_for(&client, &id, std::time::Duration::from_secs(30), |_| {})
         .await
         .unwrap();
-    assert_eq!(done["state"], "failed", "{done:#}");
-    let reason = done["reason"].as_str().unwrap();
+    assert_eq!(done.state, JobState::Failed, "{done:#?}");
+    let reason = done.reason.as_deref().unwrap();
     assert!(
         reason.contains("queue deadline") && reason.contains("no provider online"),
         "{reason}"
     );
     let acct = client.account().await.unwrap();
     assert_eq!(
-        (acct["balance"].as_u64(), acct["escrowed"].as_u64()),
-        (Some(1_000_000_000), Some(0)),
-        "refunded: {acct:#}"
+        (acct.balance.0, acct.escrowed.0),
+        (1_000_000_000, 0),
+        "refunded: {acct:#?}"
     );
 
     // A multi-node gang waits like any job, and says why: with no provider
@@ -255,7 +239,7 @@ async fn a_job_past_its_queue_deadline_fails_and_is_refunded() {
     gang.resources.gang = 2;
     gang.resources.deadline = Some(kiln_protocol::Seconds(1));
     let v = client.submit(gang, None).await.unwrap();
-    let gang_id = kiln_cli::job_id_of(&v).unwrap();
+    let gang_id = v.job_id;
     let done = kiln_cli::wait_for(
         &client,
         &gang_id,
@@ -264,17 +248,17 @@ async fn a_job_past_its_queue_deadline_fails_and_is_refunded() {
     )
     .await
     .unwrap();
-    assert_eq!(done["state"], "failed", "{done:#}");
+    assert_eq!(done.state, JobState::Failed, "{done:#?}");
     assert!(
-        done["reason"]
-            .as_str()
+        done.reason
+            .as_deref()
             .unwrap()
             .contains("no provider online"),
-        "{done:#}"
+        "{done:#?}"
     );
-    assert_eq!(done["gang"].as_array().map(Vec::len), Some(0), "{done:#}");
+    assert_eq!(done.gang.as_ref().map(Vec::len), Some(0), "{done:#?}");
     let acct = client.account().await.unwrap();
-    assert_eq!(acct["escrowed"].as_u64(), Some(0), "refunded: {acct:#}");
+    assert_eq!(acct.escrowed.0, 0, "refunded: {acct:#?}");
     dn.shutdown().await;
 }
 
@@ -305,7 +289,7 @@ async fn a_provider_cannot_unstake_while_it_holds_a_job() {
         .submit(dn.workload_spec(&["echo", "held"]), None)
         .await
         .unwrap();
-    let id = kiln_cli::job_id_of(&v).unwrap();
+    let id = v.job_id;
     let offer = rogue.next_offer().await.unwrap().payload;
     assert_eq!(offer.job_id, id);
 

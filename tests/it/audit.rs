@@ -67,14 +67,41 @@ async fn an_honest_node_passes_a_challenge_and_a_silent_peer_fails() {
     assert_eq!(f.reputation, audit::REPUTATION_START - 250);
     let client = kiln_tests::buyer(&dn);
     let providers = client.providers().await.unwrap();
-    let rep = providers["providers"]
-        .as_array()
-        .unwrap()
+    let rep = providers
+        .providers
         .iter()
-        .find(|p| p["provider"] == rogue.id.to_string())
-        .unwrap()["reputation"]
-        .clone();
+        .find(|p| p.provider == rogue.id)
+        .unwrap()
+        .reputation;
     assert_eq!(rep, 250);
     cancel.cancel();
+    dn.shutdown().await;
+}
+
+/// Audits run in a live coordinator by themselves: a devnet with a short
+/// audit period challenges its provider without the test calling any audit
+/// code, and the outcome shows in the provider's public audit history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_devnet_audits_its_providers_at_random_times() {
+    let dn = kiln_tests::devnet_with(kiln_cli::devnet::DevnetOptions {
+        providers: 1,
+        audit_interval: Some(std::time::Duration::from_secs(2)),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = kiln_tests::buyer(&dn);
+    let provider = dn.nodes[0].provider;
+    let seen = kiln_tests::eventually(
+        || async { client.provider_audits(&provider).await.ok() },
+        |v| v.as_ref().is_some_and(|v| !v.audits.is_empty()),
+    )
+    .await
+    .expect("the audit history is served");
+    assert!(
+        !seen.audits.is_empty(),
+        "no challenge within the patience window: {seen:#?}"
+    );
+    assert_eq!(seen.provider, provider);
     dn.shutdown().await;
 }

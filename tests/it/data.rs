@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use kiln_protocol::spec::InputSpec;
+use kiln_protocol::views::{JobState, ProviderView};
 use kiln_protocol::{ContentId, Manifest, ManifestEntry};
 use kiln_tests::{buyer, devnet, run_job};
 use tokio_util::sync::CancellationToken;
@@ -60,11 +61,11 @@ async fn a_100_mib_dataset_by_cid_produces_the_expected_output_cid() {
     spec.inputs.push(InputSpec::new(added.cid, "/in/data.bin"));
     spec.resources.timeout = kiln_protocol::Seconds(300);
     let done = run_job(&client, spec).await.unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
     let listing = format!("{}  /in/data.bin\n", blake3::hash(&data).to_hex());
     assert_eq!(
-        done["output_cid"].as_str().unwrap(),
-        hash_output_cid(&listing).to_string(),
+        done.output_cid.unwrap(),
+        hash_output_cid(&listing),
         "the output CID is the manifest of the expected listing"
     );
 
@@ -101,22 +102,19 @@ async fn a_directory_dataset_is_mounted_as_a_tree_and_outputs_come_back_by_cid()
     let mut spec = dn.workload_spec(&["hash", "/in/ds"]);
     spec.inputs.push(InputSpec::new(added.cid, "/in/ds"));
     let done = run_job(&client, spec).await.unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
     let listing = format!(
         "{}  /in/ds/a.bin\n{}  /in/ds/sub/b.bin\n{}  /in/ds/sub/empty\n",
         blake3::hash(&a).to_hex(),
         blake3::hash(&b).to_hex(),
         blake3::hash(b"").to_hex()
     );
-    assert_eq!(
-        done["output_cid"].as_str().unwrap(),
-        hash_output_cid(&listing).to_string()
-    );
+    assert_eq!(done.output_cid.unwrap(), hash_output_cid(&listing));
 
     let spec = dn.workload_spec(&["write", "big.bin", "3000000", "9"]);
     let done = run_job(&client, spec).await.unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
-    let id = kiln_cli::job_id_of(&done).unwrap();
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+    let id = done.job_id;
     let cache = kiln_blobs::Store::open_dir(&dir.path().join("cache"), Default::default()).unwrap();
     let out = dir.path().join("out");
     let nodes = kiln_cli::fetch_outputs_verified(&client, &cache, &id, &out, false)
@@ -133,21 +131,13 @@ async fn a_directory_dataset_is_mounted_as_a_tree_and_outputs_come_back_by_cid()
     assert!(r.bytes_transferred >= 3_000_000, "{r:?}");
     let logs = client.logs(&id).await.unwrap();
     assert!(
-        logs["stdout"]
-            .as_str()
-            .unwrap()
+        logs.stdout
             .contains(&blake3::hash(&bytes).to_hex().to_string()),
         "the job's own hash of what it wrote matches what arrived"
     );
     // The owner lists it; another buyer cannot read it, even by CID.
     let listed = client.blobs().await.unwrap();
-    assert!(
-        listed["blobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|b| b["cid"] == big.to_string())
-    );
+    assert!(listed.blobs.iter().any(|b| b.cid == big));
     let stranger = buyer(&dn);
     let e = kiln_cli::data::fetch_blob(
         &stranger,
@@ -264,12 +254,9 @@ async fn a_url_input_is_verified_and_a_mismatch_fails_before_the_container_start
     input.url = Some(url.clone());
     spec.inputs.push(input);
     let done = run_job(&client, spec).await.unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
     let listing = format!("{}  /in/w.bin\n", blake3::hash(&good).to_hex());
-    assert_eq!(
-        done["output_cid"].as_str().unwrap(),
-        hash_output_cid(&listing).to_string()
-    );
+    assert_eq!(done.output_cid.unwrap(), hash_output_cid(&listing));
 
     // The same URL claimed to hold other bytes: refused before any container.
     let claimed = ContentId::of_bytes(b"something else entirely");
@@ -278,17 +265,27 @@ async fn a_url_input_is_verified_and_a_mismatch_fails_before_the_container_start
     input.url = Some(url);
     spec.inputs.push(input);
     let done = run_job(&client, spec).await.unwrap();
-    assert_eq!(done["state"], "failed", "{done:#}");
-    let reason = done["reason"].as_str().unwrap();
+    assert_eq!(done.state, JobState::Failed, "{done:#?}");
+    let reason = done.reason.as_deref().unwrap();
     assert!(
         reason.contains(&claimed.to_string()) && reason.contains(&cid.to_string()),
         "both CIDs are named: {reason}"
     );
-    assert_eq!(done["usage"]["wall_ms"], 0, "no container ran: {done:#}");
-    assert_eq!(done["receipt"]["payload"]["image_digest"], "", "{done:#}");
-    let id = kiln_cli::job_id_of(&done).unwrap();
+    assert_eq!(
+        done.usage.as_ref().map(|u| u.wall_ms),
+        Some(0),
+        "no container ran: {done:#?}"
+    );
+    assert_eq!(
+        done.receipt
+            .as_ref()
+            .map(|r| r.payload.image_digest.as_str()),
+        Some(""),
+        "{done:#?}"
+    );
+    let id = done.job_id;
     let logs = client.logs(&id).await.unwrap();
-    assert!(!logs["stdout"].as_str().unwrap().contains("must not run"));
+    assert!(!logs.stdout.contains("must not run"));
     dn.shutdown().await;
 }
 
@@ -387,17 +384,17 @@ async fn a_job_cannot_name_another_buyers_data() {
     let mut spec = dn.workload_spec(&["hash", "/in/w"]);
     spec.inputs.push(InputSpec::new(cid, "/in/w"));
     let done = run_job(&alice, spec).await.unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
     let url = serve_bytes(vec![b'x'; secret.len()]).await;
     let mut spec = dn.workload_spec(&["hash", "/in/w"]);
     let mut input = InputSpec::new(cid, "/in/w");
     input.url = Some(url);
     spec.inputs.push(input);
     let done = run_job(&bob, spec).await.unwrap();
-    assert_eq!(done["state"], "failed", "{done:#}");
-    let reason = done["reason"].as_str().unwrap_or_default();
+    assert_eq!(done.state, JobState::Failed, "{done:#?}");
+    let reason = done.reason.as_deref().unwrap_or_default();
     assert!(reason.contains(&cid.to_string()), "{reason}");
-    assert_eq!(done["exit_code"], serde_json::Value::Null, "{done:#}");
+    assert_eq!(done.exit_code, None, "{done:#?}");
     dn.shutdown().await;
 }
 
@@ -425,8 +422,8 @@ async fn a_provider_fetches_an_input_from_the_peer_that_cached_it() {
         spec
     };
     let done = run_job(&client, job("zone-a")).await.unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
-    assert_eq!(done["provider"], a.to_string());
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+    assert_eq!(done.provider, Some(a));
     // Wait until node A advertises the input as cached.
     assert!(
         advertises_cached(&client, &a.to_string(), &cid).await,
@@ -444,10 +441,7 @@ async fn a_provider_fetches_an_input_from_the_peer_that_cached_it() {
         .map(ToString::to_string)
         .collect();
     let fresh = advert_until(&client, &a.to_string(), |p| {
-        p["addrs"] == serde_json::json!(new_addrs)
-            && p["cached"]
-                .as_array()
-                .is_some_and(|c| c.iter().any(|c| c == &cid.to_string()))
+        p.addrs == new_addrs && p.cached.contains(&cid)
     })
     .await;
     assert!(
@@ -457,13 +451,10 @@ async fn a_provider_fetches_an_input_from_the_peer_that_cached_it() {
     // The coordinator forgets it: node B can only get it from node A.
     assert!(dn.coordinator.state.blobs.remove(&cid).unwrap());
     let done = run_job(&client, job("zone-b")).await.unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
-    assert_eq!(done["provider"], b.to_string());
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+    assert_eq!(done.provider, Some(b));
     let listing = format!("{}  /in/x.bin\n", blake3::hash(&data).to_hex());
-    assert_eq!(
-        done["output_cid"].as_str().unwrap(),
-        hash_output_cid(&listing).to_string()
-    );
+    assert_eq!(done.output_cid.unwrap(), hash_output_cid(&listing));
 
     // A stranger that knows the CID and node A's address gets nothing: no
     // job entitles it, so the coordinator tells A not to serve it.
@@ -502,26 +493,21 @@ async fn a_provider_fetches_an_input_from_the_peer_that_cached_it() {
 /// Whether `provider`'s advert lists `cid` as cached, once it has had
 /// time to re-advertise.
 async fn advertises_cached(client: &kiln_cli::Client, provider: &str, cid: &ContentId) -> bool {
-    advert_until(client, provider, |p| {
-        p["cached"]
-            .as_array()
-            .is_some_and(|c| c.iter().any(|c| c == &cid.to_string()))
-    })
-    .await
+    advert_until(client, provider, |p| p.cached.contains(cid)).await
 }
 
 /// Whether `provider`'s listing (`GET /v1/providers`) comes to satisfy `ok`.
 async fn advert_until(
     client: &kiln_cli::Client,
     provider: &str,
-    ok: impl Fn(&serde_json::Value) -> bool,
+    ok: impl Fn(&ProviderView) -> bool,
 ) -> bool {
     kiln_tests::eventually(
         || async {
             let ps = client.providers().await.unwrap_or_default();
-            ps["providers"]
-                .as_array()
-                .is_some_and(|ps| ps.iter().any(|p| p["provider"] == provider && ok(p)))
+            ps.providers
+                .iter()
+                .any(|p| p.provider.to_string() == provider && ok(p))
         },
         |c| *c,
     )

@@ -8,20 +8,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kiln_cli::Client;
+use kiln_protocol::views::{JobState, JobView, MemberState, MemberView};
 use kiln_protocol::{JobId, Manifest, Outcome, ProviderId, Signed};
 use kiln_tests::{add_node, buyer, devnet, job_containers, job_until, leftovers, reason};
-use serde_json::Value;
 
 const GRANT: u64 = 1_000_000_000;
 
 /// Checks one member's receipt and outputs on the buyer's side and returns
 /// (provider, what its rank.txt says, its cost).
-fn check_member(dn: &kiln_cli::devnet::Devnet, id: &JobId, m: &Value) -> (ProviderId, String, u64) {
-    let provider: ProviderId = m["provider"].as_str().unwrap().parse().unwrap();
+fn check_member(
+    dn: &kiln_cli::devnet::Devnet,
+    id: &JobId,
+    m: &MemberView,
+) -> (ProviderId, String, u64) {
+    let provider = m.provider;
     let receipt =
-        kiln_cli::check_receipt(&m["receipt"], id, &provider, m["offer_id"].as_str()).unwrap();
-    assert_eq!(receipt.payload.outcome, Outcome::Succeeded, "{m:#}");
-    let manifest: Manifest = serde_json::from_value(m["manifest"].clone()).unwrap();
+        kiln_cli::check_receipt(m.receipt.as_ref(), id, &provider, Some(&m.offer_id)).unwrap();
+    assert_eq!(receipt.payload.outcome, Outcome::Succeeded, "{m:#?}");
+    let manifest: Manifest = m.manifest.clone().unwrap();
     assert_eq!(manifest.cid(), receipt.payload.output_cid);
     let entry = manifest
         .entries
@@ -36,8 +40,8 @@ fn check_member(dn: &kiln_cli::devnet::Devnet, id: &JobId, m: &Value) -> (Provid
         .unwrap()
         .expect("the coordinator holds every output blob");
     assert_eq!(kiln_protocol::ContentId::of_bytes(&bytes), entry.cid);
-    let cost = m["cost"].as_u64().unwrap();
-    assert_eq!(m["paid"].as_u64(), Some(cost), "paid in full: {m:#}");
+    let cost = m.cost.unwrap().0;
+    assert_eq!(m.paid.0, cost, "paid in full: {m:#?}");
     (provider, String::from_utf8(bytes).unwrap(), cost)
 }
 
@@ -75,7 +79,7 @@ async fn completes_on_a_and_a_newcomer(
     let done = kiln_cli::wait_for(client, id, Duration::from_secs(120), |_| {})
         .await
         .unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
     let providers = check_completed_gang(&dn, client, id).await;
     assert_eq!(providers, BTreeSet::from([a, c]));
     dn.shutdown().await;
@@ -84,18 +88,15 @@ async fn completes_on_a_and_a_newcomer(
 /// Submits `spec` as a gang of two nodes; returns its id.
 async fn submit_gang(client: &Client, mut spec: kiln_protocol::JobSpec) -> JobId {
     spec.resources.gang = 2;
-    let v = client.submit(spec, None).await.unwrap();
-    kiln_cli::job_id_of(&v).unwrap()
+    client.submit(spec, None).await.unwrap().job_id
 }
 
 async fn earned(client: &Client, p: &ProviderId) -> u64 {
     let v = client.providers().await.unwrap();
-    v["providers"]
-        .as_array()
-        .unwrap()
+    v.providers
         .iter()
-        .find(|x| x["provider"].as_str() == Some(&p.to_string()))
-        .map(|x| x["earned"].as_u64().unwrap())
+        .find(|x| x.provider == *p)
+        .map(|x| x.earned.0)
         .unwrap()
 }
 
@@ -107,14 +108,14 @@ async fn check_completed_gang(
     id: &JobId,
 ) -> BTreeSet<ProviderId> {
     let job = client.job(id).await.unwrap();
-    assert_eq!(job["state"], "completed", "{job:#}");
+    assert_eq!(job.state, JobState::Completed, "{job:#?}");
     let members = kiln_cli::gang_members(&job);
-    assert_eq!(members.len(), 2, "{job:#}");
+    assert_eq!(members.len(), 2, "{job:#?}");
     let mut providers = BTreeSet::new();
     let mut total = 0;
     for (rank, m) in members.iter().enumerate() {
-        assert_eq!(m["rank"].as_u64(), Some(rank as u64));
-        assert_eq!(m["state"], "delivered");
+        assert_eq!(m.rank, rank as u32);
+        assert_eq!(m.state, MemberState::Delivered);
         let (p, rank_txt, cost) = check_member(dn, id, m);
         assert!(
             rank_txt.starts_with(&format!("rank={rank} size=2 peers=0=")),
@@ -132,7 +133,7 @@ async fn check_completed_gang(
     }
     assert_eq!(providers.len(), 2, "two distinct nodes");
     // Both ranks name the same two peers, in rank order.
-    assert_eq!(job["cost"].as_u64(), Some(total), "{job:#}");
+    assert_eq!(job.cost.map(|c| c.0), Some(total), "{job:#?}");
     // The job row carries the lead member's receipt, which the client verifies.
     kiln_cli::verify_receipt(&job, None).unwrap();
     providers
@@ -145,8 +146,8 @@ async fn a_gang_of_two_starts_on_both_nodes_and_each_node_is_paid_for_its_own_ti
     let mut spec = dn.workload_spec(&["gang"]);
     spec.resources.gang = 2;
     let done = kiln_tests::run_job(&client, spec).await.unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
-    let id = kiln_cli::job_id_of(&done).unwrap();
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+    let id = done.job_id;
     let providers = check_completed_gang(&dn, &client, &id).await;
     let nodes: BTreeSet<ProviderId> = dn.nodes.iter().map(|n| n.provider).collect();
     assert_eq!(providers, nodes);
@@ -170,13 +171,10 @@ async fn a_gang_of_two_starts_on_both_nodes_and_each_node_is_paid_for_its_own_ti
     for (rank, node) in got.iter().enumerate() {
         let logs = client.rank_logs(&id, rank as u32).await.unwrap();
         assert!(
-            logs["stdout"]
-                .as_str()
-                .unwrap()
-                .contains(&format!("gang: rank={rank} size=2")),
-            "{logs:#}"
+            logs.stdout.contains(&format!("gang: rank={rank} size=2")),
+            "{logs:#?}"
         );
-        assert_eq!(logs["provider"], node.provider.to_string());
+        assert_eq!(logs.provider, node.provider);
     }
     match client.rank_logs(&id, 2).await {
         Err(kiln_cli::ClientError::Api { status, field, .. }) => {
@@ -193,25 +191,22 @@ async fn a_gang_of_two_starts_on_both_nodes_and_each_node_is_paid_for_its_own_ti
     // The buyer paid exactly the job's cost; the rest of the escrow (locked
     // for both nodes) came back.
     let acct = client.account().await.unwrap();
-    assert_eq!(
-        acct["balance"].as_u64().unwrap(),
-        GRANT - done["cost"].as_u64().unwrap(),
-        "{acct:#}"
-    );
-    assert_eq!(acct["escrowed"], 0);
+    assert_eq!(acct.balance.0, GRANT - done.cost.unwrap().0, "{acct:#?}");
+    assert_eq!(acct.escrowed.0, 0);
 
     // One member failing fails the job (the other is stopped or finishes;
     // either way both are settled).
     let mut spec = dn.workload_spec(&["gang", "1"]);
     spec.resources.gang = 2;
     let failed = kiln_tests::run_job(&client, spec).await.unwrap();
-    assert_eq!(failed["state"], "failed", "{failed:#}");
+    assert_eq!(failed.state, JobState::Failed, "{failed:#?}");
     assert!(
-        failed["reason"]
-            .as_str()
+        failed
+            .reason
+            .as_deref()
             .unwrap()
             .contains("gang member rank 1"),
-        "{failed:#}"
+        "{failed:#?}"
     );
     dn.shutdown().await;
 }
@@ -243,21 +238,19 @@ async fn a_gang_whose_member_vanishes_before_the_start_runs_nowhere_and_later_on
 
     // The reservation on a is released and the job goes back to the queue,
     // with the reason in its events.
-    let requeued_with_reason = |j: &Value| {
-        let requeued = j["events"].as_array().is_some_and(|es| {
-            es.iter().any(|e| {
-                e["state"] == "queued"
-                    && e["detail"]
-                        .as_str()
-                        .is_some_and(|d| d.starts_with("requeued: gang member"))
-            })
+    let requeued_with_reason = |j: &JobView| {
+        let requeued = j.events.iter().any(|e| {
+            e.state == JobState::Queued
+                && e.detail
+                    .as_deref()
+                    .is_some_and(|d| d.starts_with("requeued: gang member"))
         });
-        requeued && j["state"] == "queued" && reason(j).contains("gang=2")
+        requeued && j.state == JobState::Queued && reason(j).contains("gang=2")
     };
     let job = job_until(&client, &id, requeued_with_reason).await;
     assert!(
         requeued_with_reason(&job),
-        "not requeued with a why-not line: {job:#}"
+        "not requeued with a why-not line: {job:#?}"
     );
     stop.store(true, Ordering::Relaxed);
     watcher.await.unwrap();
@@ -266,14 +259,14 @@ async fn a_gang_whose_member_vanishes_before_the_start_runs_nowhere_and_later_on
         "a container ran for a gang that never started: {:?}",
         seen.lock().unwrap()
     );
-    let events = job["events"].to_string();
+    let events = serde_json::to_string(&job.events).unwrap();
     assert!(
         events.contains(&b.short()),
         "names the vanished member: {events}"
     );
     assert!(
-        job["reason"].as_str().unwrap().contains("1 fit but gang=2"),
-        "{job:#}"
+        job.reason.as_deref().unwrap().contains("1 fit but gang=2"),
+        "{job:#?}"
     );
     // Node a reserved and released; neither node started anything.
     // The release reaches node a (the coordinator does not wait for it).
@@ -284,24 +277,27 @@ async fn a_gang_whose_member_vanishes_before_the_start_runs_nowhere_and_later_on
             .iter()
             .any(|e| e.ends_with(": started"))
     );
-    let first = &job["gang"].as_array().unwrap()[..2];
-    assert!(first.iter().all(|m| m["state"] == "released"), "{first:#?}");
+    let first = &job.gang.as_ref().unwrap()[..2];
+    assert!(
+        first.iter().all(|m| m.state == MemberState::Released),
+        "{first:#?}"
+    );
     // Node a's slot is free again: an ordinary job runs there now.
     let solo = kiln_tests::run_job(&client, dn.workload_spec(&["echo", "solo"]))
         .await
         .unwrap();
-    assert_eq!(solo["state"], "completed", "{solo:#}");
-    assert_eq!(solo["provider"].as_str(), Some(a.to_string().as_str()));
+    assert_eq!(solo.state, JobState::Completed, "{solo:#?}");
+    assert_eq!(solo.provider, Some(a));
 
     // A fitting pair appears: the gang runs on a and the newcomer.
     let c = add_node(&mut dn).await.unwrap();
     let done = kiln_cli::wait_for(&client, &id, Duration::from_secs(120), |_| {})
         .await
         .unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
     let providers = check_completed_gang(&dn, &client, &id).await;
     assert_eq!(providers, BTreeSet::from([a, c]));
-    assert!(done["attempts"].as_u64().unwrap() >= 2);
+    assert!(done.attempts >= 2);
     dn.shutdown().await;
 }
 
@@ -312,8 +308,8 @@ async fn a_gang_leaves_nothing_behind_on_its_nodes() {
     let mut spec = dn.workload_spec(&["gang"]);
     spec.resources.gang = 2;
     let done = kiln_tests::run_job(&client, spec).await.unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
-    let id = kiln_cli::job_id_of(&done).unwrap();
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+    let id = done.job_id;
     assert!(job_containers(&id).await.unwrap().is_empty());
     let left = leftovers(&dn).await.unwrap();
     assert!(left.is_empty(), "{left:#?}");
@@ -449,8 +445,8 @@ async fn a_node_reserves_gang_members_and_releases_them_by_itself_without_a_star
             .unwrap(),
     );
     assert!(why.contains("slots busy"), "{why}");
-    // The next attempt of the same job (a new offer id) waits until this
-    // one is gone: the node keeps one attempt of a job at a time.
+    // The next attempt of the same job (a new offer id) is not held back by
+    // this one (attempts are keyed by offer id); only the one slot is taken.
     let mut next_attempt = gang_offer(60_000);
     next_attempt.offer.job_id = job2;
     let offer3 = next_attempt.offer.offer_id;
@@ -463,7 +459,7 @@ async fn a_node_reserves_gang_members_and_releases_them_by_itself_without_a_star
             .await
             .unwrap(),
     );
-    assert!(why.contains("still winding down"), "{why}");
+    assert!(why.contains("slots busy"), "{why}");
     let release = |offer_id| GangRelease {
         job_id: job2,
         offer_id,
@@ -610,14 +606,14 @@ async fn a_gang_member_that_refuses_leaves_the_other_released_and_the_job_queued
     assert_eq!(g.members[g.rank as usize].provider, rogue.id);
 
     let job = job_until(&client, &id, |j| {
-        j["state"] == "queued" && reason(j).contains("1 fit but gang=2")
+        j.state == JobState::Queued && reason(j).contains("1 fit but gang=2")
     })
     .await;
     assert!(
         reason(&job).contains("1 fit but gang=2"),
-        "not requeued with a why-not line: {job:#}"
+        "not requeued with a why-not line: {job:#?}"
     );
-    let events = job["events"].to_string();
+    let events = serde_json::to_string(&job.events).unwrap();
     assert!(
         events.contains("refused: the owner is using this machine"),
         "{events}"
@@ -658,12 +654,10 @@ async fn a_coordinator_restart_while_a_gang_reserves_releases_it_and_requeues() 
     cancel.cancel();
 
     let restarted = "the coordinator restarted while the gang reserved";
-    let job = job_until(&client, &id, |j| {
-        j["events"].to_string().contains(restarted)
-    })
-    .await;
-    assert!(job["events"].to_string().contains(restarted), "{job:#}");
-    assert_ne!(job["state"], "running", "{job:#}");
+    let events_of = |j: &JobView| serde_json::to_string(&j.events).unwrap();
+    let job = job_until(&client, &id, |j| events_of(j).contains(restarted)).await;
+    assert!(events_of(&job).contains(restarted), "{job:#?}");
+    assert_ne!(job.state, JobState::Running, "{job:#?}");
     reserved_then_released_without_starting(&dn.nodes[0], &id).await;
     assert!(job_containers(&id).await.unwrap().is_empty());
 
@@ -697,8 +691,8 @@ async fn a_member_that_vanishes_while_stopping_does_not_hold_the_job_open() {
         .await
         .unwrap();
     let _ = reply.send(NetResponse::Accepted);
-    let j = job_until(&client, &id, |j| j["state"] == "running").await;
-    assert_eq!(j["state"], "running", "{j:#}");
+    let j = job_until(&client, &id, |j| j.state == JobState::Running).await;
+    assert_eq!(j.state, JobState::Running, "{j:#?}");
 
     client.cancel(&id).await.unwrap();
     cancel.cancel();
@@ -706,27 +700,27 @@ async fn a_member_that_vanishes_while_stopping_does_not_hold_the_job_open() {
     let done = kiln_cli::wait_for(&client, &id, Duration::from_secs(120), |_| {})
         .await
         .unwrap();
-    assert_eq!(done["state"], "cancelled", "{done:#}");
+    assert_eq!(done.state, JobState::Cancelled, "{done:#?}");
     let members = kiln_cli::gang_members(&done);
-    let a = dn.nodes[0].provider.to_string();
+    let a = dn.nodes[0].provider;
     for m in &members {
-        if m["provider"] == a {
-            assert_eq!(m["state"], "delivered", "{m:#}");
-            assert_eq!(m["paid"], m["cost"], "{m:#}");
+        if m.provider == a {
+            assert_eq!(m.state, MemberState::Delivered, "{m:#?}");
+            assert_eq!(Some(m.paid), m.cost, "{m:#?}");
         } else {
-            assert_eq!(m["state"], "released", "{m:#}");
+            assert_eq!(m.state, MemberState::Released, "{m:#?}");
             assert!(
-                m["reason"]
-                    .as_str()
+                m.reason
+                    .as_deref()
                     .is_some_and(|r| r.contains("lost while stopping")),
-                "{m:#}"
+                "{m:#?}"
             );
         }
     }
     let acct = client.account().await.unwrap();
-    assert_eq!(acct["escrowed"], 0, "{acct:#}");
-    let paid: u64 = members.iter().filter_map(|m| m["paid"].as_u64()).sum();
-    assert_eq!(acct["balance"].as_u64(), Some(GRANT - paid), "{acct:#}");
+    assert_eq!(acct.escrowed.0, 0, "{acct:#?}");
+    let paid: u64 = members.iter().map(|m| m.paid.0).sum();
+    assert_eq!(acct.balance.0, GRANT - paid, "{acct:#?}");
     assert!(job_containers(&id).await.unwrap().is_empty());
     dn.shutdown().await;
 }
@@ -738,26 +732,26 @@ async fn a_cancelled_gang_stops_every_member_and_pays_each_for_its_time() {
     let dn = devnet(2).await.unwrap();
     let client = buyer(&dn);
     let id = submit_gang(&client, dn.workload_spec(&["sleep", "60"])).await;
-    let j = job_until(&client, &id, |j| j["state"] == "running").await;
-    assert_eq!(j["state"], "running", "never ran: {j:#}");
+    let j = job_until(&client, &id, |j| j.state == JobState::Running).await;
+    assert_eq!(j.state, JobState::Running, "never ran: {j:#?}");
     client.cancel(&id).await.unwrap();
     let done = kiln_cli::wait_for(&client, &id, Duration::from_secs(60), |_| {})
         .await
         .unwrap();
-    assert_eq!(done["state"], "cancelled", "{done:#}");
+    assert_eq!(done.state, JobState::Cancelled, "{done:#?}");
     let members = kiln_cli::gang_members(&done);
     assert_eq!(members.len(), 2);
     let mut total = 0;
     for m in &members {
-        assert_eq!(m["state"], "delivered", "{m:#}");
-        assert_eq!(m["outcome"], "cancelled", "{m:#}");
-        assert_eq!(m["paid"], m["cost"], "{m:#}");
-        total += m["cost"].as_u64().unwrap();
+        assert_eq!(m.state, MemberState::Delivered, "{m:#?}");
+        assert_eq!(m.outcome, Some(Outcome::Cancelled), "{m:#?}");
+        assert_eq!(Some(m.paid), m.cost, "{m:#?}");
+        total += m.cost.unwrap().0;
     }
-    assert_eq!(done["cost"].as_u64(), Some(total));
+    assert_eq!(done.cost.map(|c| c.0), Some(total));
     let acct = client.account().await.unwrap();
-    assert_eq!(acct["balance"].as_u64(), Some(GRANT - total), "{acct:#}");
-    assert_eq!(acct["escrowed"], 0);
+    assert_eq!(acct.balance.0, GRANT - total, "{acct:#?}");
+    assert_eq!(acct.escrowed.0, 0);
     assert!(job_containers(&id).await.unwrap().is_empty());
     dn.shutdown().await;
 }
@@ -772,34 +766,35 @@ async fn a_gang_that_loses_a_member_mid_run_stops_the_other_and_is_requeued() {
     let mut spec = dn.workload_spec(&["sleep", "120"]);
     spec.resources.timeout = kiln_protocol::Seconds(300);
     let id = submit_gang(&client, spec).await;
-    let j = job_until(&client, &id, |j| j["state"] == "running").await;
-    assert_eq!(j["state"], "running", "never ran: {j:#}");
+    let j = job_until(&client, &id, |j| j.state == JobState::Running).await;
+    assert_eq!(j.state, JobState::Running, "never ran: {j:#?}");
     dn.node_cancels[1].cancel();
-    let a_id = dn.nodes[0].provider.to_string();
-    let requeued_with_a_stopped = |j: &Value| {
-        let a_done = j["gang"].as_array().is_some_and(|ms| {
+    let a_id = dn.nodes[0].provider;
+    let requeued_with_a_stopped = |j: &JobView| {
+        let a_done = j.gang.as_ref().is_some_and(|ms| {
             ms.iter()
                 .take(2)
-                .any(|m| m["provider"] == a_id && m["state"] == "delivered")
+                .any(|m| m.provider == a_id && m.state == MemberState::Delivered)
         });
-        j["state"] == "queued" && a_done
+        j.state == JobState::Queued && a_done
     };
     let job = job_until(&client, &id, requeued_with_a_stopped).await;
     assert!(
         requeued_with_a_stopped(&job),
-        "not requeued with the other member stopped: {job:#}"
+        "not requeued with the other member stopped: {job:#?}"
     );
-    let events = job["events"].to_string();
+    let events = serde_json::to_string(&job.events).unwrap();
     assert!(events.contains("lost"), "{events}");
-    let a = job["gang"]
-        .as_array()
+    let a = job
+        .gang
+        .as_ref()
         .unwrap()
         .iter()
-        .find(|m| m["provider"] == a_id)
+        .find(|m| m.provider == a_id)
         .unwrap()
         .clone();
-    assert_eq!(a["outcome"], "cancelled", "{a:#}");
-    assert_eq!(a["paid"], a["cost"], "{a:#}");
+    assert_eq!(a.outcome, Some(Outcome::Cancelled), "{a:#?}");
+    assert_eq!(Some(a.paid), a.cost, "{a:#?}");
     // Node a's container is gone (node b's "machine" vanished; in this
     // one-process devnet its container lives on until its own timeout).
     let job_label = id.to_string();

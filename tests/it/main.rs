@@ -5,6 +5,7 @@
 
 mod api;
 mod audit;
+mod billing;
 mod data;
 mod e2e;
 mod gang;

@@ -5,12 +5,12 @@
 use std::time::Duration;
 
 use kiln_cli::devnet::DevnetOptions;
+use kiln_protocol::views::{JobState, LogsView};
 use kiln_protocol::{ByteSize, Seconds};
 use kiln_tests::{buyer, devnet_with, leftovers, run_job};
-use serde_json::Value;
 
-fn stdout_of(logs: &Value) -> &str {
-    logs["stdout"].as_str().unwrap_or("")
+fn stdout_of(logs: &LogsView) -> &str {
+    &logs.stdout
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -35,9 +35,28 @@ async fn hostile_jobs_are_contained_and_the_provider_keeps_serving() {
         .inputs
         .push(kiln_protocol::spec::InputSpec::new(secret, "/in/secret"));
     let v = client.submit(victim, None).await.unwrap();
-    let victim_id = kiln_cli::job_id_of(&v).unwrap();
-    let victim_input = dn.state_dir.join(format!("node0/jobs/{victim_id}/in/0"));
-    let there = kiln_tests::eventually(|| async { victim_input.exists() }, |e| *e).await;
+    let victim_id = v.job_id;
+    // Job directories are per attempt: `jobs/<job id>-<offer id>`.
+    let jobs_dir = dn.state_dir.join("node0/jobs");
+    let attempt_input = || {
+        std::fs::read_dir(&jobs_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{victim_id}-"))
+            })
+            .map(|e| e.path().join("in/0"))
+    };
+    let found = kiln_tests::eventually(
+        || async { attempt_input().filter(|p| p.exists()) },
+        |p| p.is_some(),
+    )
+    .await;
+    let there = found.is_some();
+    let victim_input = found.unwrap_or_else(|| jobs_dir.join(format!("{victim_id}-?/in/0")));
     assert!(
         there,
         "the victim's input is on the host at {}",
@@ -199,22 +218,22 @@ async fn hostile_jobs_are_contained_and_the_provider_keeps_serving() {
             .submit(spec, Some(format!("hostile {name}")))
             .await
             .unwrap();
-        ids.push(kiln_cli::job_id_of(&v).unwrap());
+        ids.push(v.job_id);
     }
     // The log flood: kept at the cap, the rest counted and reported.
     let flood = client
         .submit(dn.workload_spec(&["hostile", "flood", "16"]), None)
         .await
         .unwrap();
-    let flood_id = kiln_cli::job_id_of(&flood).unwrap();
+    let flood_id = flood.job_id;
 
     for ((name, _, _, _, state, text), id) in cases.iter().zip(&ids) {
         let done = kiln_cli::wait_for(&client, id, Duration::from_secs(120), |_| {})
             .await
             .unwrap();
-        assert_eq!(done["state"], *state, "{name}: {done:#}");
+        assert_eq!(done.state.as_str(), *state, "{name}: {done:#?}");
         let logs = client.logs(id).await.unwrap();
-        let reason = done["reason"].as_str().unwrap_or("");
+        let reason = done.reason.as_deref().unwrap_or("");
         assert!(
             stdout_of(&logs).contains(text) || reason.contains(text),
             "{name}: expected `{text}`; reason `{reason}`; stdout:\n{}",
@@ -229,21 +248,18 @@ async fn hostile_jobs_are_contained_and_the_provider_keeps_serving() {
     let done = kiln_cli::wait_for(&client, &flood_id, Duration::from_secs(120), |_| {})
         .await
         .unwrap();
-    assert_eq!(done["state"], "completed", "{done:#}");
-    assert_eq!(done["logs_truncated"], true);
-    let usage = &done["usage"];
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+    assert_eq!(done.logs_truncated, Some(true));
+    let usage = done.usage.as_ref().unwrap();
     // Every byte is counted: the 16 MiB flood plus the workload's closing verdict line.
-    let emitted = usage["stdout_bytes"].as_u64().unwrap();
+    let emitted = usage.stdout_bytes;
     assert!(
         (16 << 20..(16 << 20) + 4096).contains(&emitted),
-        "{usage:#}"
+        "{usage:#?}"
     );
-    let kept = client.logs(&flood_id).await.unwrap()["stdout"]
-        .as_str()
-        .unwrap()
-        .len() as u64;
+    let kept = client.logs(&flood_id).await.unwrap().stdout.len() as u64;
     assert!(
-        kept <= usage["log_cap_bytes"].as_u64().unwrap(),
+        kept <= usage.log_cap_bytes,
         "kept {kept} bytes, over the cap"
     );
 
@@ -251,14 +267,14 @@ async fn hostile_jobs_are_contained_and_the_provider_keeps_serving() {
     let v = kiln_cli::wait_for(&client, &victim_id, Duration::from_secs(60), |_| {})
         .await
         .unwrap();
-    assert_eq!(v["state"], "cancelled", "{v:#}");
+    assert_eq!(v.state, JobState::Cancelled, "{v:#?}");
 
     // The provider is healthy, clean, and still serves ordinary work.
     assert_eq!(leftovers(&dn).await.unwrap(), Vec::<String>::new());
     let ok = run_job(&client, dn.workload_spec(&["echo", "still", "serving"]))
         .await
         .unwrap();
-    assert_eq!(ok["state"], "completed", "{ok:#}");
+    assert_eq!(ok.state, JobState::Completed, "{ok:#?}");
     dn.shutdown().await;
 }
 
@@ -286,7 +302,7 @@ async fn a_hundred_mixed_jobs_leave_nothing_behind() {
             spec.resources.timeout = Seconds(1);
         }
         let v = client.submit(spec, None).await.unwrap();
-        jobs.push((kiln_cli::job_id_of(&v).unwrap(), expect));
+        jobs.push((v.job_id, expect));
     }
     // Cancel the ones meant to be cancelled: some are still queued, some running.
     for (id, expect) in &jobs {
@@ -298,7 +314,7 @@ async fn a_hundred_mixed_jobs_leave_nothing_behind() {
         let done = kiln_cli::wait_for(&client, id, Duration::from_secs(300), |_| {})
             .await
             .unwrap();
-        assert_eq!(done["state"], *expect, "{done:#}");
+        assert_eq!(done.state.as_str(), *expect, "{done:#?}");
     }
     assert_eq!(leftovers(&dn).await.unwrap(), Vec::<String>::new());
     assert_eq!(
@@ -307,7 +323,7 @@ async fn a_hundred_mixed_jobs_leave_nothing_behind() {
         "no Docker volume is left behind"
     );
     let acct = client.account().await.unwrap();
-    assert_eq!(acct["escrowed"], 0, "every escrow was settled: {acct:#}");
+    assert_eq!(acct.escrowed.0, 0, "every escrow was settled: {acct:#?}");
     dn.shutdown().await;
 }
 

@@ -5,6 +5,7 @@
 //! real node trusts as its coordinator.
 
 use kiln_cli::Client;
+use kiln_protocol::views::{JobState, JobView};
 use kiln_protocol::{
     JobId, JobOffer, Keypair, NetResponse, Nonce, OfferId, ProviderId, ResultReceipt, Signed,
     UnixMillis, encoding,
@@ -19,14 +20,14 @@ fn rejected(r: &NetResponse) -> String {
     }
 }
 
-async fn state_of(client: &Client, id: &JobId) -> serde_json::Value {
+async fn state_of(client: &Client, id: &JobId) -> JobView {
     client.job(id).await.expect("job status")
 }
 
 /// Waits until the job is in `want`: the coordinator records an offer's
 /// acceptance just after the provider has answered it.
-async fn wait_state(client: &Client, id: &JobId, want: &str) -> serde_json::Value {
-    kiln_tests::job_until(client, id, |j| j["state"] == want).await
+async fn wait_state(client: &Client, id: &JobId, want: JobState) -> JobView {
+    kiln_tests::job_until(client, id, |j| j.state == want).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -43,7 +44,7 @@ async fn tampered_foreign_and_replayed_receipts_are_refused() {
         .submit(dn.workload_spec(&["echo", "a"]), None)
         .await
         .unwrap();
-    let a_id = kiln_cli::job_id_of(&a).unwrap();
+    let a_id = a.job_id;
     let first = tokio::select! {
         o = rogue.next_offer() => (o.unwrap().payload, true),
         o = other.next_offer() => (o.unwrap().payload, false),
@@ -80,8 +81,8 @@ async fn tampered_foreign_and_replayed_receipts_are_refused() {
     );
     assert!(reason.contains("signature"), "{reason}");
     let s = state_of(&client, &a_id).await;
-    assert_eq!(s["state"], "running", "{s:#}");
-    assert_eq!(s["receipt_verified"], false);
+    assert_eq!(s.state, JobState::Running, "{s:#?}");
+    assert!(!s.receipt_verified);
 
     // 2. A receipt signed by a provider other than the assigned one: refused.
     let foreign = RogueProvider::result_for(&offer_a, &bystander.key).unwrap();
@@ -92,7 +93,7 @@ async fn tampered_foreign_and_replayed_receipts_are_refused() {
             .unwrap(),
     );
     assert!(reason.contains("assigned to"), "{reason}");
-    assert_eq!(state_of(&client, &a_id).await["state"], "running");
+    assert_eq!(state_of(&client, &a_id).await.state, JobState::Running);
 
     // The honest receipt is accepted and the job completes.
     assert!(matches!(
@@ -103,14 +104,14 @@ async fn tampered_foreign_and_replayed_receipts_are_refused() {
         NetResponse::Accepted
     ));
     let s = state_of(&client, &a_id).await;
-    assert_eq!(s["state"], "completed", "{s:#}");
+    assert_eq!(s.state, JobState::Completed, "{s:#?}");
 
     // 3. Job B: replaying A's (valid) receipt as B's result is refused.
     let b = client
         .submit(dn.workload_spec(&["echo", "b"]), None)
         .await
         .unwrap();
-    let b_id = kiln_cli::job_id_of(&b).unwrap();
+    let b_id = b.job_id;
     let first = tokio::select! {
         o = assigned.next_offer() => (o.unwrap().payload, false),
         o = bystander.next_offer() => (o.unwrap().payload, true),
@@ -130,9 +131,9 @@ async fn tampered_foreign_and_replayed_receipts_are_refused() {
     );
     assert!(reason.contains("replayed"), "{reason}");
     let s = state_of(&client, &b_id).await;
-    assert_eq!(s["state"], "running", "{s:#}");
+    assert_eq!(s.state, JobState::Running, "{s:#?}");
     // ...and A is still completed with its original receipt.
-    assert_eq!(state_of(&client, &a_id).await["state"], "completed");
+    assert_eq!(state_of(&client, &a_id).await.state, JobState::Completed);
     assert!(matches!(
         assigned
             .send(kiln_protocol::NetRequest::Result(Box::new(
@@ -142,7 +143,7 @@ async fn tampered_foreign_and_replayed_receipts_are_refused() {
             .unwrap(),
         NetResponse::Accepted
     ));
-    assert_eq!(state_of(&client, &b_id).await["state"], "completed");
+    assert_eq!(state_of(&client, &b_id).await.state, JobState::Completed);
     cancel.cancel();
     dn.shutdown().await;
 }
@@ -212,7 +213,7 @@ async fn a_lost_job_is_requeued_and_completes_not_dropped() {
         .submit(dn.workload_spec(&["echo", "x"]), None)
         .await
         .unwrap();
-    let id = kiln_cli::job_id_of(&job).unwrap();
+    let id = job.job_id;
     let first = tokio::select! {
         o = a.next_offer() => (o.unwrap().payload, true),
         o = b.next_offer() => (o.unwrap().payload, false),
@@ -233,12 +234,12 @@ async fn a_lost_job_is_requeued_and_completes_not_dropped() {
     };
     // Only the provider holding the job can declare it lost.
     assert_eq!(
-        wait_state(&client, &id, "running").await["state"],
-        "running"
+        wait_state(&client, &id, JobState::Running).await.state,
+        JobState::Running
     );
     let reason = rejected(&bystander.send(lost(&bystander)).await.unwrap());
     assert!(reason.contains("not from the provider holding"), "{reason}");
-    assert_eq!(state_of(&client, &id).await["state"], "running");
+    assert_eq!(state_of(&client, &id).await.state, JobState::Running);
 
     assert!(matches!(
         assigned.send(lost(&assigned)).await.unwrap(),
@@ -275,13 +276,12 @@ async fn a_lost_job_is_requeued_and_completes_not_dropped() {
         NetResponse::Accepted
     ));
     let done = state_of(&client, &id).await;
-    assert_eq!(done["state"], "completed", "{done:#}");
-    assert_eq!(done["attempts"], 2);
-    let events: Vec<String> = done["events"]
-        .as_array()
-        .unwrap()
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+    assert_eq!(done.attempts, 2);
+    let events: Vec<String> = done
+        .events
         .iter()
-        .map(|e| e["detail"].as_str().unwrap_or("").to_string())
+        .map(|e| e.detail.clone().unwrap_or_default())
         .collect();
     assert!(
         events
@@ -311,7 +311,7 @@ async fn a_result_cannot_claim_another_buyers_blob() {
         .submit(dn.workload_spec(&["echo", "b"]), None)
         .await
         .unwrap();
-    let id = kiln_cli::job_id_of(&v).unwrap();
+    let id = v.job_id;
     let offer = rogue.next_offer().await.unwrap().payload;
     assert_eq!(offer.job_id, id);
     let loot = kiln_protocol::Manifest::new(vec![kiln_protocol::ManifestEntry {
@@ -330,9 +330,9 @@ async fn a_result_cannot_claim_another_buyers_blob() {
         !matches!(r, kiln_protocol::NetResponse::Accepted),
         "a result claiming a blob it cannot serve was accepted: {r:?}"
     );
-    let mine = bob.blobs().await.unwrap().to_string();
+    let mine = serde_json::to_string(&bob.blobs().await.unwrap()).unwrap();
     assert!(!mine.contains(&cid.to_string()), "{mine}");
-    assert_ne!(state_of(&bob, &id).await["state"], "completed");
+    assert_ne!(state_of(&bob, &id).await.state, JobState::Completed);
     cancel.cancel();
     dn.shutdown().await;
 }

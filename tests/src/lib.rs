@@ -8,12 +8,16 @@
 //! the mirror image: a libp2p peer a real node trusts as its coordinator, so a
 //! test can send that node expired or misaddressed offers.
 
+mod rogue;
+pub use rogue::RogueSender;
+
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use kiln_cli::Client;
 use kiln_cli::devnet::{Devnet, DevnetOptions};
 use kiln_net::{Addr, NetConfig, NetEvent, Peer};
+use kiln_protocol::views::JobView;
 use kiln_protocol::{
     Blob, ByteSize, CapabilityAdvert, ContentId, CpuInfo, Credits, JobOffer, JobResult, Keypair,
     Manifest, NetRequest, NetResponse, Outcome, ProviderId, ResourceUsage, ResultReceipt, Signed,
@@ -187,27 +191,25 @@ where
     }
 }
 
-/// A job's status once `done` holds for it (or the last one seen).
+/// A job's status once `done` holds for it (or the last one seen). A
+/// failed status request counts as "not yet"; if the last one failed, it
+/// panics with the error (there is no status to assert on).
 pub async fn job_until(
     client: &Client,
     id: &kiln_protocol::JobId,
-    done: impl FnMut(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    eventually(
-        || async {
-            client
-                .job(id)
-                .await
-                .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
-        },
-        done,
+    mut done: impl FnMut(&JobView) -> bool,
+) -> JobView {
+    let seen = eventually(
+        || async { client.job(id).await },
+        |r| r.as_ref().is_ok_and(&mut done),
     )
-    .await
+    .await;
+    seen.unwrap_or_else(|e| panic!("GET /v1/jobs/{id} failed: {e}"))
 }
 
 /// The scheduler's explanation of a queued job, once it has given one.
-pub fn reason(job: &serde_json::Value) -> &str {
-    job["reason"].as_str().unwrap_or("")
+pub fn reason(job: &JobView) -> &str {
+    job.reason.as_deref().unwrap_or("")
 }
 
 /// A fresh buyer (new key) talking to the devnet.
@@ -216,13 +218,9 @@ pub fn buyer(dn: &Devnet) -> Client {
 }
 
 /// Submits a job and waits for it to end.
-pub async fn run_job(
-    client: &Client,
-    spec: kiln_protocol::JobSpec,
-) -> anyhow::Result<serde_json::Value> {
+pub async fn run_job(client: &Client, spec: kiln_protocol::JobSpec) -> anyhow::Result<JobView> {
     let v = client.submit(spec, None).await?;
-    let id = kiln_cli::job_id_of(&v)?;
-    kiln_cli::wait_for(client, &id, Duration::from_secs(120), |_| {}).await
+    kiln_cli::wait_for(client, &v.job_id, Duration::from_secs(120), |_| {}).await
 }
 
 /// A provider peer whose answers the test scripts.

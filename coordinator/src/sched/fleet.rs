@@ -5,10 +5,10 @@
 use std::collections::HashMap;
 
 use kiln_protocol::spec::ComputeCapability;
-use kiln_protocol::{CapabilityAdvert, ContentId, JobSpec, NetworkMode, ProviderId};
+use kiln_protocol::{CapabilityAdvert, ContentId, Credits, JobSpec, NetworkMode, ProviderId};
 
 use super::Constraint;
-use super::matching::{Placement, words};
+use super::names::{region_matches_lower, words, words_match};
 
 /// Reputation of a provider nobody has judged yet (the scale is 0..=1000).
 pub const DEFAULT_REPUTATION: u32 = 500;
@@ -23,6 +23,34 @@ const SHAPE_BUDGET: usize = 1 << 18;
 /// Price classes kept (each up to one entry per provider) before they are
 /// dropped and rebuilt as needed.
 const CLASS_BUDGET: usize = 64;
+
+/// Where (one node of) a job goes, at what price, on which GPUs. The
+/// capacity is reserved in the [`Fleet`] until [`Fleet::release`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// The provider's index in the fleet.
+    pub index: usize,
+    pub provider: ProviderId,
+    /// The agreed price per hour of this node.
+    pub price_per_hour: Credits,
+    /// The GPUs reserved, as the provider's advert numbers them (`GpuInfo::index`).
+    pub gpus: Vec<u32>,
+    pub reservation: ReservationId,
+}
+
+/// A fitting candidate during a decision.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pick {
+    /// Position in the shape's candidate list (price order, then id).
+    pub(super) pos: u32,
+    pub(super) group: u32,
+    pub(super) idx: u32,
+    pub(super) qual: u64,
+    pub(super) price: u64,
+    pub(super) locality: u32,
+    pub(super) load: u64,
+}
+
 
 /// A provider as the scheduler sees it: its advert, plus what the
 /// coordinator knows about it that the provider does not claim itself.
@@ -489,7 +517,7 @@ pub struct Fleet {
     /// Current round (holds are valid within one round).
     pub(crate) round: u32,
     /// Scratch space for a decision (kept to avoid allocating per decision).
-    pub(crate) picked: Vec<super::matching::Pick>,
+    pub(crate) picked: Vec<Pick>,
 }
 
 impl Fleet {
@@ -799,7 +827,7 @@ impl Fleet {
                 .regions
                 .names
                 .iter()
-                .map(|have| super::matching::region_matches_lower(&lower, have))
+                .map(|have| region_matches_lower(&lower, have))
                 .collect();
             self.cache.region_sets.insert(want.clone(), set);
         }
@@ -912,7 +940,7 @@ impl Fleet {
             self.models
                 .words
                 .iter()
-                .map(|name| pats.iter().any(|p| super::matching::words_match(p, name)))
+                .map(|name| pats.iter().any(|p| words_match(p, name)))
                 .collect()
         });
         // Per kind: passes (models, + compute capability, + memory).

@@ -2,37 +2,10 @@
 
 use std::cmp::Reverse;
 
-use kiln_protocol::{Credits, JobSpec, ProviderId};
+use kiln_protocol::{Credits, JobSpec};
 
-use super::fleet::{Fleet, Need, ReservationId, lowest};
+use super::fleet::{Fleet, Need, Pick, Placement, lowest};
 use super::{Constraint, N_CONSTRAINTS, NotPlaced, Wanted};
-
-/// Where (one node of) a job goes, at what price, on which GPUs. The
-/// capacity is reserved in the [`Fleet`] until [`Fleet::release`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Placement {
-    /// The provider's index in the fleet.
-    pub index: usize,
-    pub provider: ProviderId,
-    /// The agreed price per hour of this node.
-    pub price_per_hour: Credits,
-    /// The GPUs reserved, as the provider's advert numbers them (`GpuInfo::index`).
-    pub gpus: Vec<u32>,
-    pub reservation: ReservationId,
-}
-
-/// A fitting candidate during a decision.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Pick {
-    /// Position in the shape's candidate list (price order, then id).
-    pos: u32,
-    group: u32,
-    idx: u32,
-    qual: u64,
-    price: u64,
-    locality: u32,
-    load: u64,
-}
 
 /// Places a single-node job (`gang == 1`) and reserves what it takes.
 ///
@@ -210,35 +183,4 @@ impl Fleet {
         }
         best.len() as u32
     }
-}
-
-/// Words of a GPU name or model pattern: lower-cased, split on spaces, `_` and `-`.
-pub(crate) fn words(s: &str) -> Vec<String> {
-    s.split([' ', '_', '-'])
-        .filter(|w| !w.is_empty())
-        .map(str::to_ascii_lowercase)
-        .collect()
-}
-
-/// Whether `pattern`'s words appear consecutively in `name`'s.
-pub(crate) fn words_match(pattern: &[String], name: &[String]) -> bool {
-    !pattern.is_empty() && name.windows(pattern.len()).any(|w| w == pattern)
-}
-
-/// Whether the requested GPU model `pattern` matches a GPU named `name`
-/// (whole words, in order, ignoring case and `_`/`-`/space differences).
-pub fn gpu_model_matches(pattern: &str, name: &str) -> bool {
-    words_match(&words(pattern), &words(name))
-}
-
-/// Whether a job asking for `wanted` may run in `region`: equal, or a
-/// prefix ending at a `-` (`eu` matches `eu-west-1`), ignoring case.
-pub fn region_matches(wanted: &str, region: &str) -> bool {
-    region_matches_lower(&wanted.to_ascii_lowercase(), &region.to_ascii_lowercase())
-}
-
-pub(crate) fn region_matches_lower(wanted: &str, region: &str) -> bool {
-    region
-        .strip_prefix(wanted)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
 }

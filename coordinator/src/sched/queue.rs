@@ -29,7 +29,7 @@ use std::time::Duration;
 use kiln_protocol::{JobSpec, UnixMillis};
 
 use super::fleet::Fleet;
-use super::matching::Placement;
+use super::fleet::Placement;
 use super::{NotPlaced, place_gang};
 
 /// A queued job as the scheduler needs it.
@@ -40,7 +40,7 @@ pub trait QueueItem {
     fn queued_at(&self) -> UnixMillis;
 }
 
-impl QueueItem for crate::db::JobRecord {
+impl QueueItem for crate::jobs::JobRecord {
     fn spec(&self) -> &JobSpec {
         &self.spec
     }

@@ -36,7 +36,7 @@ use kiln_protocol::{ByteSize, ContentId, Credits, MilliCpu, ProviderId};
 use serde::Serialize;
 
 use super::fleet::Fleet;
-use super::matching::{gpu_model_matches, region_matches};
+use super::names::{gpu_model_matches, region_matches};
 
 /// A query that could not be parsed: the term and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -1,26 +1,27 @@
-//! Provider stake bonds. A provider sets the bond it wants to hold; the
+//! `Stake`: provider stake bonds. A provider sets the bond it wants to hold; the
 //! coordinator stakes from (or unstakes to) its balance to reach it. The
 //! scheduler offers work only to providers whose bond meets `min_stake`, and
 //! the bond is what slashing takes from, so unstaking is refused while the
 //! provider holds jobs: it cannot pull its stake out from under a dispute.
 
 use kiln_contracts::{Op, OpKey};
-use kiln_protocol::{Credits, NetResponse, ProviderId, SetStake, Signed, UnixMillis};
+use kiln_protocol::{Credits, ProviderId, SetStake, Signed, UnixMillis};
 
+use super::{Handled, refuse};
 use crate::AppState;
-use crate::db::DbError;
+use crate::jobs::keys;
 
 /// What to do to move a bond from `bond` to `target`: a pure decision.
-pub fn stake_op(provider: ProviderId, bond: Credits, target: Credits, key: &str) -> Option<Op> {
+pub fn stake_op(provider: ProviderId, bond: Credits, target: Credits, key: OpKey) -> Option<Op> {
     if target > bond {
         Some(Op::Stake {
-            key: OpKey::new(key),
+            key: key.clone(),
             provider,
             amount: Credits(target.0 - bond.0),
         })
     } else if target < bond {
         Some(Op::Unstake {
-            key: OpKey::new(key),
+            key: key.clone(),
             provider,
             amount: Credits(bond.0 - target.0),
         })
@@ -29,37 +30,25 @@ pub fn stake_op(provider: ProviderId, bond: Credits, target: Credits, key: &str)
     }
 }
 
-pub async fn set_stake(
-    state: &AppState,
-    peer: ProviderId,
-    signed: &Signed<SetStake>,
-) -> Result<NetResponse, DbError> {
-    let rejected = |r: String| NetResponse::Rejected { reason: r };
-    let req = match signed.verify(UnixMillis::now()) {
-        Ok(r) => r,
-        Err(e) => return Ok(rejected(format!("stake request refused: {e}"))),
-    };
+pub async fn handle(state: &AppState, peer: ProviderId, signed: &Signed<SetStake>) -> Handled {
+    let req = signed
+        .verify(UnixMillis::now())
+        .map_err(|e| refuse(format!("stake request refused: {e}")))?;
     if ProviderId::from_public_key(&signed.signer) != peer || req.provider != peer {
-        return Ok(rejected(
-            "stake request refused: not signed and sent by the provider it names".into(),
+        return Err(refuse(
+            "stake request refused: not signed and sent by the provider it names",
         ));
     }
     let mut tx = state.db.begin().await?;
     let mut pending = state.bank.begin().await;
     let bond = pending.ledger().bond(&peer);
-    let Some(op) = stake_op(
-        peer,
-        bond,
-        req.target,
-        &format!("stake:{peer}:{}", signed.nonce),
-    ) else {
-        return Ok(NetResponse::Accepted);
+    let Some(op) = stake_op(peer, bond, req.target, keys::stake(&peer, &signed.nonce)) else {
+        return Ok(());
     };
     if matches!(op, Op::Unstake { .. }) {
-        let holding = state.db.active_jobs_of(&peer).await?.len()
-            + crate::gang::member_jobs(state, peer).await?.len();
+        let holding = state.db.jobs_held_by(&peer).await?.len();
         if holding > 0 {
-            return Ok(rejected(format!(
+            return Err(refuse(format!(
                 "unstake refused: {holding} {} assigned to this provider; drain it first",
                 if holding == 1 { "job is" } else { "jobs are" }
             )));
@@ -67,12 +56,12 @@ pub async fn set_stake(
     }
     match pending.apply(&mut tx, op).await {
         Ok(_) => {
-            tx.commit().await?;
+            tx.commit().await.map_err(crate::db::DbError::from)?;
             pending.commit();
             tracing::info!(provider = %peer.short(), target = %req.target, "stake bond set");
-            Ok(NetResponse::Accepted)
+            Ok(())
         }
-        Err(e) => Ok(rejected(format!("stake change refused: {e}"))),
+        Err(e) => Err(refuse(format!("stake change refused: {e}"))),
     }
 }
 
@@ -95,13 +84,16 @@ mod tests {
             })
         };
         assert_eq!(
-            kind(stake_op(p, Credits(0), Credits(100), "k")),
+            kind(stake_op(p, Credits(0), Credits(100), OpKey::new("k"))),
             Some(("stake", 100))
         );
         assert_eq!(
-            kind(stake_op(p, Credits(150), Credits(100), "k")),
+            kind(stake_op(p, Credits(150), Credits(100), OpKey::new("k"))),
             Some(("unstake", 50))
         );
-        assert_eq!(kind(stake_op(p, Credits(100), Credits(100), "k")), None);
+        assert_eq!(
+            kind(stake_op(p, Credits(100), Credits(100), OpKey::new("k"))),
+            None
+        );
     }
 }

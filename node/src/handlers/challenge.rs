@@ -1,67 +1,71 @@
-//! Answers a coordinator's benchmark [`Challenge`]: checks that it comes
-//! from this node's coordinator, is addressed here and is not past its
-//! deadline; runs the benchmark on the challenge's nonce and sizes (no offer
-//! is taken meanwhile); and returns the signed [`ChallengeResponse`].
-
-use std::sync::Arc;
+//! `Challenge`: a coordinator's benchmark audit. Checks that it comes from
+//! this node's coordinator, is addressed here and is not past its deadline;
+//! runs the benchmark on the challenge's nonce and sizes (no offer is taken
+//! meanwhile, and none is refused for it while GPUs are busy: the challenge
+//! is); and returns the signed [`ChallengeResponse`]. Takes seconds, so the
+//! request loop runs it on its own task.
 
 use kiln_net::Peer;
 use kiln_protocol::{Challenge, ChallengeResponse, NetResponse, Signed, UnixMillis};
 
+use super::common::{HandlerError, job_table};
 use crate::bench::{self, BenchOptions};
-use crate::{State, gpu, reject};
+use crate::gpu;
+use crate::state::State;
 
 /// How long a signed response stays valid.
 const RESPONSE_TTL_SECS: u64 = 600;
 
-/// The whole exchange; the caller sends the answer back on the request.
 pub(crate) async fn handle(
-    state: Arc<State>,
+    state: &State,
     peer: Peer,
     signed: Signed<Challenge>,
-) -> NetResponse {
-    let ch = match signed.verify(UnixMillis::now()) {
-        Ok(c) => c.clone(),
-        Err(e) => return reject(format!("challenge from {peer} rejected: {e}")),
-    };
+) -> Result<NetResponse, HandlerError> {
+    let ch = signed
+        .verify(UnixMillis::now())
+        .map_err(|e| format!("challenge from {peer} rejected: {e}"))?
+        .clone();
     if signed.signer != state.coordinator_key || peer != state.coordinator {
-        return reject(format!(
+        return Err(format!(
             "challenge {} rejected: not from this node's coordinator",
             ch.challenge_id
-        ));
+        )
+        .into());
     }
     if ch.provider != state.provider {
-        return reject(format!(
+        return Err(format!(
             "challenge {} rejected: addressed to provider {}, not this one",
             ch.challenge_id, ch.provider
-        ));
+        )
+        .into());
     }
-    if let Err(e) = ch.sizes.validate() {
-        return reject(format!("challenge {} rejected: {e}", ch.challenge_id));
-    }
+    ch.sizes
+        .validate()
+        .map_err(|e| format!("challenge {} rejected: {e}", ch.challenge_id))?;
     let now = UnixMillis::now();
     if ch.deadline <= now {
-        return reject(format!(
+        return Err(format!(
             "challenge {} rejected: its deadline {} ms has passed (now {} ms)",
             ch.challenge_id, ch.deadline.0, now.0
-        ));
+        )
+        .into());
     }
     {
-        let Ok(mut jobs) = state.jobs.lock() else {
-            return reject("internal error: job table poisoned".into());
-        };
+        let mut jobs = job_table(state)?;
         if jobs.benchmarking {
-            return reject(format!(
+            return Err(format!(
                 "challenge {} rejected: another challenge is running",
                 ch.challenge_id
-            ));
+            )
+            .into());
         }
-        if !jobs.busy_gpus.is_empty() {
-            return reject(format!(
-                "challenge {} rejected: busy: {} GPU(s) run jobs now; challenge again when idle",
+        let busy = jobs.busy_gpus().len();
+        if busy > 0 {
+            return Err(format!(
+                "challenge {} rejected: busy: {busy} GPU(s) run jobs now; challenge again when idle",
                 ch.challenge_id,
-                jobs.busy_gpus.len()
-            ));
+            )
+            .into());
         }
         jobs.benchmarking = true;
     }
@@ -82,15 +86,8 @@ pub(crate) async fn handle(
     if let Ok(mut jobs) = state.jobs.lock() {
         jobs.benchmarking = false;
     }
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => {
-            return reject(format!(
-                "challenge {}: the benchmark crashed: {e}",
-                ch.challenge_id
-            ));
-        }
-    };
+    let out =
+        out.map_err(|e| format!("challenge {}: the benchmark crashed: {e}", ch.challenge_id))?;
     for n in &out.notes {
         tracing::info!(challenge = %ch.challenge_id, "benchmark: {n}");
     }
@@ -100,11 +97,7 @@ pub(crate) async fn handle(
         report: out.report,
         finished_at: UnixMillis::now(),
     };
-    match Signed::sign(&state.key, response, RESPONSE_TTL_SECS) {
-        Ok(s) => NetResponse::ChallengeResponse(s),
-        Err(e) => reject(format!(
-            "challenge {}: cannot sign the answer: {e}",
-            ch.challenge_id
-        )),
-    }
+    Signed::sign(&state.key, response, RESPONSE_TTL_SECS)
+        .map(NetResponse::ChallengeResponse)
+        .map_err(|e| format!("challenge {}: cannot sign the answer: {e}", ch.challenge_id).into())
 }

@@ -1,0 +1,659 @@
+//! All SQL for jobs and their members, in one place.
+//!
+//! Every state change is a compare-and-set: it names the states (and, for
+//! a job, the attempt) it expects to find and changes nothing otherwise, and
+//! it is refused outright when [`super::model`]'s table does not allow it.
+//! So two paths racing over one job (a result and a cancel, a late result
+//! and a requeue) can never both apply, and a member of a superseded
+//! attempt can never move its job.
+
+use kiln_protocol::{
+    BuyerId, Credits, JobId, JobSpec, Manifest, OfferId, Outcome, ProviderId, ResultReceipt,
+    Signed, UnixMillis,
+};
+use serde::Serialize;
+use sqlx::Row;
+
+use super::model::{self, JobState, MemberState};
+use crate::db::{Db, DbError, Tx};
+
+fn corrupt(table: &'static str, reason: impl ToString) -> DbError {
+    DbError::Corrupt {
+        table,
+        reason: reason.to_string(),
+    }
+}
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A job as stored. `provider`, `offer_id`, `receipt` and `manifest` are
+/// the lead member's (rank 0 of the deciding attempt), so a client can
+/// verify the job's receipt without knowing about members.
+#[derive(Clone, Debug)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub owner: BuyerId,
+    pub spec: JobSpec,
+    pub label: Option<String>,
+    pub state: JobState,
+    pub reason: Option<String>,
+    pub provider: Option<ProviderId>,
+    pub offer_id: Option<OfferId>,
+    pub attempts: u32,
+    pub price_per_hour: Option<Credits>,
+    pub max_cost: Credits,
+    pub cost: Option<Credits>,
+    pub exit_code: Option<i64>,
+    pub receipt: Option<Signed<ResultReceipt>>,
+    pub manifest: Option<Manifest>,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+}
+
+impl JobRecord {
+    /// Members per attempt.
+    pub fn size(&self) -> u32 {
+        self.spec.resources.gang.max(1)
+    }
+    /// Most one member may earn: the escrow split evenly over the members.
+    pub fn member_cap(&self) -> Credits {
+        Credits(self.max_cost.0 / u64::from(self.size()))
+    }
+    pub fn timeout_ms(&self) -> u64 {
+        self.spec.resources.timeout.0.saturating_mul(1000)
+    }
+    /// What member `m` of this job is paid against.
+    pub fn terms(&self, m: &Member) -> super::billing::Terms {
+        super::billing::Terms {
+            price_per_hour: m.price_per_hour,
+            cap: self.member_cap(),
+            timeout_ms: self.timeout_ms(),
+        }
+    }
+}
+
+/// A recorded state change.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobEvent {
+    pub at: u64,
+    pub state: String,
+    pub detail: Option<String>,
+}
+
+/// One member execution as stored.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub offer_id: OfferId,
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub rank: u32,
+    pub provider: ProviderId,
+    pub listen_addrs: Vec<String>,
+    pub price_per_hour: Credits,
+    pub state: MemberState,
+    pub reason: Option<String>,
+    pub outcome: Option<Outcome>,
+    /// Gross credits paid to it so far (intervals and final).
+    pub paid: Credits,
+    pub cost: Option<Credits>,
+    pub receipt: Option<Signed<ResultReceipt>>,
+    pub manifest: Option<Manifest>,
+    /// When the coordinator saw it start.
+    pub started_at: Option<UnixMillis>,
+    /// When its verified receipt first arrived.
+    pub result_at: Option<UnixMillis>,
+    /// When it was last paid.
+    pub paid_at: Option<UnixMillis>,
+}
+
+/// Which job state(s) a change expects, and which attempt.
+#[derive(Clone, Copy, Debug)]
+pub struct Expect<'a> {
+    pub states: &'a [JobState],
+    /// `None`: any attempt (buyer actions on a queued job).
+    pub attempt: Option<u32>,
+}
+
+impl<'a> Expect<'a> {
+    pub fn any(states: &'a [JobState]) -> Self {
+        Self {
+            states,
+            attempt: None,
+        }
+    }
+    pub fn attempt(states: &'a [JobState], attempt: u32) -> Self {
+        Self {
+            states,
+            attempt: Some(attempt),
+        }
+    }
+}
+
+/// What a job state change carries besides the state itself.
+#[derive(Default)]
+pub struct Change<'a> {
+    pub reason: Option<&'a str>,
+    pub provider: Option<ProviderId>,
+    pub offer_id: Option<OfferId>,
+    pub price_per_hour: Option<Credits>,
+    pub bump_attempts: bool,
+    pub result: Option<ResultColumns<'a>>,
+    /// What the buyer paid in all (set when the job ends).
+    pub cost: Option<Credits>,
+}
+
+/// The lead member's verified result, copied to the job row.
+pub struct ResultColumns<'a> {
+    pub receipt: &'a Signed<ResultReceipt>,
+    pub manifest: &'a Manifest,
+}
+
+const JOB_COLUMNS: &str = "SELECT id, owner, spec_json, label, state, reason, provider, offer_id, attempts, price_per_hour, \
+     max_cost, cost, exit_code, receipt, manifest_json, created_at, updated_at FROM jobs ";
+
+fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRecord, DbError> {
+    const T: &str = "jobs";
+    let s = |c: &str| -> Result<Option<String>, DbError> { Ok(r.try_get::<Option<String>, _>(c)?) };
+    let p = |v: String| v.parse::<JobState>().map_err(|e| corrupt(T, e));
+    Ok(JobRecord {
+        id: r
+            .try_get::<String, _>("id")?
+            .parse()
+            .map_err(|e| corrupt(T, e))?,
+        owner: r
+            .try_get::<String, _>("owner")?
+            .parse()
+            .map_err(|e| corrupt(T, e))?,
+        spec: serde_json::from_str(&r.try_get::<String, _>("spec_json")?)
+            .map_err(|e| corrupt(T, e))?,
+        label: s("label")?,
+        state: p(r.try_get::<String, _>("state")?)?,
+        reason: s("reason")?,
+        provider: s("provider")?
+            .map(|v| v.parse().map_err(|e| corrupt(T, e)))
+            .transpose()?,
+        offer_id: s("offer_id")?
+            .map(|v| v.parse().map_err(|e| corrupt(T, e)))
+            .transpose()?,
+        attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(0),
+        price_per_hour: r
+            .try_get::<Option<i64>, _>("price_per_hour")?
+            .map(|v| Credits(u(v))),
+        max_cost: Credits(u(r.try_get("max_cost")?)),
+        cost: r.try_get::<Option<i64>, _>("cost")?.map(|v| Credits(u(v))),
+        exit_code: r.try_get("exit_code")?,
+        receipt: r
+            .try_get::<Option<Vec<u8>>, _>("receipt")?
+            .map(|b| Signed::from_bytes(&b).map_err(|e| corrupt(T, e)))
+            .transpose()?,
+        manifest: s("manifest_json")?
+            .map(|m| serde_json::from_str(&m).map_err(|e| corrupt(T, e)))
+            .transpose()?,
+        created_at: UnixMillis(u(r.try_get("created_at")?)),
+        updated_at: UnixMillis(u(r.try_get("updated_at")?)),
+    })
+}
+
+const MEMBER_COLUMNS: &str = "SELECT offer_id, job_id, attempt, rank, provider, listen_addrs, price_per_hour, state, reason, \
+     outcome, paid, cost, receipt, manifest_json, started_at, result_at, paid_at FROM members ";
+
+fn member_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Member, DbError> {
+    const T: &str = "members";
+    let s = |c: &str| -> Result<String, DbError> { Ok(r.try_get::<String, _>(c)?) };
+    let n = |c: &str| -> Result<u64, DbError> { Ok(u(r.try_get::<i64, _>(c)?)) };
+    let at = |c: &str| -> Result<Option<UnixMillis>, DbError> {
+        Ok(r.try_get::<Option<i64>, _>(c)?.map(|v| UnixMillis(u(v))))
+    };
+    Ok(Member {
+        offer_id: s("offer_id")?.parse().map_err(|e| corrupt(T, e))?,
+        job_id: s("job_id")?.parse().map_err(|e| corrupt(T, e))?,
+        attempt: u32::try_from(n("attempt")?).unwrap_or(0),
+        rank: u32::try_from(n("rank")?).unwrap_or(0),
+        provider: s("provider")?.parse().map_err(|e| corrupt(T, e))?,
+        listen_addrs: serde_json::from_str(&s("listen_addrs")?).map_err(|e| corrupt(T, e))?,
+        price_per_hour: Credits(n("price_per_hour")?),
+        state: s("state")?
+            .parse::<MemberState>()
+            .map_err(|e| corrupt(T, e))?,
+        reason: r.try_get("reason")?,
+        outcome: r
+            .try_get::<Option<String>, _>("outcome")?
+            .and_then(|o| model::outcome_from(&o)),
+        paid: Credits(n("paid")?),
+        cost: r.try_get::<Option<i64>, _>("cost")?.map(|c| Credits(u(c))),
+        receipt: r
+            .try_get::<Option<Vec<u8>>, _>("receipt")?
+            .map(|b| Signed::from_bytes(&b).map_err(|e| corrupt(T, e)))
+            .transpose()?,
+        manifest: r
+            .try_get::<Option<String>, _>("manifest_json")?
+            .map(|m| serde_json::from_str(&m).map_err(|e| corrupt(T, e)))
+            .transpose()?,
+        started_at: at("started_at")?,
+        result_at: at("result_at")?,
+        paid_at: at("paid_at")?,
+    })
+}
+
+/// Jobs: reads.
+impl Db {
+    pub async fn job(&self, id: &JobId) -> Result<Option<JobRecord>, DbError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{JOB_COLUMNS} WHERE id = ?")))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    pub async fn jobs_of(&self, owner: &BuyerId, limit: u32) -> Result<Vec<JobRecord>, DbError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{JOB_COLUMNS} WHERE owner = ? ORDER BY created_at DESC LIMIT ?"
+        )))
+        .bind(owner.to_string())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// Jobs in any of `states`, oldest first.
+    pub async fn jobs_in(
+        &self,
+        states: &[JobState],
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, DbError> {
+        let mut out = Vec::new();
+        for s in states {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "{JOB_COLUMNS} WHERE state = ? ORDER BY created_at LIMIT ?"
+            )))
+            .bind(s.as_str())
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+            for r in &rows {
+                out.push(job_from_row(r)?);
+            }
+        }
+        out.sort_by_key(|j| j.created_at);
+        Ok(out)
+    }
+
+    /// Jobs in which `provider` holds a member that may still execute
+    /// (its inputs may be fetched by it; it may not unstake).
+    pub async fn jobs_held_by(&self, provider: &ProviderId) -> Result<Vec<JobRecord>, DbError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{JOB_COLUMNS} WHERE state IN ('dispatched', 'running', 'cancelling') AND id IN \
+             (SELECT m.job_id FROM members m WHERE m.provider = ? \
+              AND m.state IN ('offered', 'reserved', 'started', 'stopping') \
+              AND m.attempt = jobs.attempts) ORDER BY created_at"
+        )))
+        .bind(provider.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    pub async fn events(&self, job: &JobId) -> Result<Vec<JobEvent>, DbError> {
+        let rows =
+            sqlx::query("SELECT at, state, detail FROM job_events WHERE job_id = ? ORDER BY seq")
+                .bind(job.to_string())
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(JobEvent {
+                    at: u(r.try_get("at")?),
+                    state: r.try_get("state")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Updates only the reason of a queued job (a changed "why not
+    /// placed"), without an event: the state did not change.
+    pub async fn set_reason(&self, job: &JobId, reason: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE jobs SET reason = ? WHERE id = ? AND state = 'queued'")
+            .bind(reason)
+            .bind(job.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Jobs: writes (inside the caller's transaction).
+impl Db {
+    pub async fn insert_job(
+        tx: &mut Tx<'_>,
+        job: &JobRecord,
+        submission: &[u8],
+    ) -> Result<(), DbError> {
+        let spec_json = serde_json::to_string(&job.spec).map_err(|e| corrupt("jobs", e))?;
+        sqlx::query(
+            "INSERT INTO jobs (id, owner, submission, spec_json, label, state, reason, attempts, max_cost, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+        )
+        .bind(job.id.to_string())
+        .bind(job.owner.to_string())
+        .bind(submission)
+        .bind(spec_json)
+        .bind(job.label.as_deref())
+        .bind(job.state.as_str())
+        .bind(job.reason.as_deref())
+        .bind(i(job.max_cost.0))
+        .bind(i(job.created_at.0))
+        .bind(i(job.updated_at.0))
+        .execute(&mut **tx)
+        .await?;
+        event(tx, &job.id, job.state, job.reason.as_deref()).await
+    }
+
+    /// A job's state and attempt, read inside a write transaction.
+    pub async fn job_state_in(
+        tx: &mut Tx<'_>,
+        job: &JobId,
+    ) -> Result<Option<(JobState, u32)>, DbError> {
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT state, attempts FROM jobs WHERE id = ?")
+                .bind(job.to_string())
+                .fetch_optional(&mut **tx)
+                .await?;
+        row.map(|(s, a)| {
+            Ok((
+                s.parse::<JobState>().map_err(|e| corrupt("jobs", e))?,
+                u32::try_from(a).unwrap_or(0),
+            ))
+        })
+        .transpose()
+    }
+
+    /// Moves a job to `to` if it is in one of `expect.states` (and at
+    /// `expect.attempt`) and the transition table allows it; `false`
+    /// (changing nothing) otherwise.
+    pub async fn transition(
+        tx: &mut Tx<'_>,
+        job: &JobId,
+        expect: Expect<'_>,
+        to: JobState,
+        change: Change<'_>,
+    ) -> Result<bool, DbError> {
+        let Some((current, attempt)) = Self::job_state_in(tx, job).await? else {
+            return Ok(false);
+        };
+        if !expect.states.contains(&current) || expect.attempt.is_some_and(|a| a != attempt) {
+            return Ok(false);
+        }
+        if model::step(current, to).is_none() {
+            tracing::error!(job = %job.short(), "refused a job transition the table does not allow: {current} -> {to}");
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, \
+             provider = COALESCE(?, provider), offer_id = COALESCE(?, offer_id), \
+             price_per_hour = COALESCE(?, price_per_hour), cost = COALESCE(?, cost), \
+             attempts = attempts + ? WHERE id = ?",
+        )
+        .bind(to.as_str())
+        .bind(change.reason)
+        .bind(i(UnixMillis::now().0))
+        .bind(change.provider.map(|p| p.to_string()))
+        .bind(change.offer_id.map(|o| o.to_string()))
+        .bind(change.price_per_hour.map(|c| i(c.0)))
+        .bind(change.cost.map(|c| i(c.0)))
+        .bind(i64::from(change.bump_attempts))
+        .bind(job.to_string())
+        .execute(&mut **tx)
+        .await?;
+        if let Some(res) = change.result {
+            let receipt = res.receipt.to_bytes().map_err(|e| corrupt("jobs", e))?;
+            let r = &res.receipt.payload;
+            sqlx::query(
+                "UPDATE jobs SET receipt = ?, receipt_json = ?, manifest_json = ?, output_cid = ?, stdout_cid = ?, \
+                 stderr_cid = ?, exit_code = ? WHERE id = ?",
+            )
+            .bind(receipt)
+            .bind(serde_json::to_string(r).map_err(|e| corrupt("jobs", e))?)
+            .bind(serde_json::to_string(res.manifest).map_err(|e| corrupt("jobs", e))?)
+            .bind(r.output_cid.to_string())
+            .bind(r.stdout_cid.to_string())
+            .bind(r.stderr_cid.to_string())
+            .bind(r.exit_code)
+            .bind(job.to_string())
+            .execute(&mut **tx)
+            .await?;
+        }
+        event(tx, job, to, change.reason).await?;
+        Ok(true)
+    }
+}
+
+async fn event(
+    tx: &mut Tx<'_>,
+    job: &JobId,
+    state: JobState,
+    detail: Option<&str>,
+) -> Result<(), DbError> {
+    sqlx::query("INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, ?, ?)")
+        .bind(job.to_string())
+        .bind(i(UnixMillis::now().0))
+        .bind(state.as_str())
+        .bind(detail)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// What a member state change carries.
+#[derive(Default)]
+pub struct MemberChange<'a> {
+    pub reason: Option<&'a str>,
+    /// Set when it starts: the clock its pay runs on.
+    pub started_at: Option<UnixMillis>,
+}
+
+/// A verified result recorded on its member.
+pub struct Delivery<'a> {
+    pub outcome: Outcome,
+    pub reason: Option<&'a str>,
+    pub cost: Credits,
+    pub receipt: &'a Signed<ResultReceipt>,
+    pub manifest: &'a Manifest,
+}
+
+/// Members: reads.
+impl Db {
+    pub async fn member(&self, offer: &OfferId) -> Result<Option<Member>, DbError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{MEMBER_COLUMNS} WHERE offer_id = ?"
+        )))
+        .bind(offer.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(member_from_row).transpose()
+    }
+
+    /// Every member of `job`, all attempts, by attempt then rank.
+    pub async fn members(&self, job: &JobId) -> Result<Vec<Member>, DbError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{MEMBER_COLUMNS} WHERE job_id = ? ORDER BY attempt, rank"
+        )))
+        .bind(job.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(member_from_row).collect()
+    }
+
+    /// The members of one attempt, by rank.
+    pub async fn attempt_members(&self, job: &JobId, attempt: u32) -> Result<Vec<Member>, DbError> {
+        Ok(self
+            .members(job)
+            .await?
+            .into_iter()
+            .filter(|m| m.attempt == attempt)
+            .collect())
+    }
+
+    /// Members that may still be executing, of any job (for rebuilding
+    /// the scheduler's fleet, and for deadlines and leases).
+    pub async fn pending_members(&self) -> Result<Vec<Member>, DbError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{MEMBER_COLUMNS} WHERE state IN ('offered', 'reserved', 'started', 'stopping')"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(member_from_row).collect()
+    }
+
+    /// One member, read inside a write transaction.
+    pub async fn member_in(tx: &mut Tx<'_>, offer: &OfferId) -> Result<Option<Member>, DbError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{MEMBER_COLUMNS} WHERE offer_id = ?"
+        )))
+        .bind(offer.to_string())
+        .fetch_optional(&mut **tx)
+        .await?;
+        row.as_ref().map(member_from_row).transpose()
+    }
+
+    /// One attempt's members, read inside a write transaction.
+    pub async fn attempt_members_in(
+        tx: &mut Tx<'_>,
+        job: &JobId,
+        attempt: u32,
+    ) -> Result<Vec<Member>, DbError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{MEMBER_COLUMNS} WHERE job_id = ? AND attempt = ? ORDER BY rank"
+        )))
+        .bind(job.to_string())
+        .bind(i64::from(attempt))
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.iter().map(member_from_row).collect()
+    }
+
+    /// What a job's members were paid in all attempts (what the buyer paid).
+    pub async fn paid_in(tx: &mut Tx<'_>, job: &JobId) -> Result<Credits, DbError> {
+        let n: Option<i64> = sqlx::query_scalar("SELECT SUM(paid) FROM members WHERE job_id = ?")
+            .bind(job.to_string())
+            .fetch_one(&mut **tx)
+            .await?;
+        Ok(Credits(n.map(u).unwrap_or(0)))
+    }
+}
+
+/// Members: writes.
+impl Db {
+    pub async fn insert_member(tx: &mut Tx<'_>, m: &Member) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO members (offer_id, job_id, attempt, rank, provider, listen_addrs, price_per_hour, state, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(m.offer_id.to_string())
+        .bind(m.job_id.to_string())
+        .bind(i64::from(m.attempt))
+        .bind(i64::from(m.rank))
+        .bind(m.provider.to_string())
+        .bind(serde_json::to_string(&m.listen_addrs).map_err(|e| corrupt("members", e))?)
+        .bind(i(m.price_per_hour.0))
+        .bind(m.state.as_str())
+        .bind(i(UnixMillis::now().0))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Moves a member from one of `from` to `to` (if the member table
+    /// allows it); `false` if it was elsewhere.
+    pub async fn set_member(
+        tx: &mut Tx<'_>,
+        offer: &OfferId,
+        from: &[MemberState],
+        to: MemberState,
+        change: MemberChange<'_>,
+    ) -> Result<bool, DbError> {
+        let Some(m) = Self::member_in(tx, offer).await? else {
+            return Ok(false);
+        };
+        if !from.contains(&m.state) || !model::member_step(m.state, to) {
+            return Ok(false);
+        }
+        let r = sqlx::query(
+            "UPDATE members SET state = ?, reason = COALESCE(?, reason), started_at = COALESCE(?, started_at), \
+             updated_at = ? WHERE offer_id = ? AND state = ?",
+        )
+        .bind(to.as_str())
+        .bind(change.reason)
+        .bind(change.started_at.map(|t| i(t.0)))
+        .bind(i(UnixMillis::now().0))
+        .bind(offer.to_string())
+        .bind(m.state.as_str())
+        .execute(&mut **tx)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Records a member's verified result; `false` if it is no longer
+    /// running or stopping.
+    pub async fn deliver_member(
+        tx: &mut Tx<'_>,
+        offer: &OfferId,
+        d: Delivery<'_>,
+    ) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE members SET state = 'delivered', outcome = ?, reason = COALESCE(?, reason), cost = ?, \
+             receipt = ?, manifest_json = ?, updated_at = ? WHERE offer_id = ? AND state IN ('started', 'stopping')",
+        )
+        .bind(model::outcome_str(d.outcome))
+        .bind(d.reason)
+        .bind(i(d.cost.0))
+        .bind(d.receipt.to_bytes().map_err(|e| corrupt("members", e))?)
+        .bind(serde_json::to_string(d.manifest).map_err(|e| corrupt("members", e))?)
+        .bind(i(UnixMillis::now().0))
+        .bind(offer.to_string())
+        .execute(&mut **tx)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Adds to what a member was paid.
+    pub async fn add_paid(
+        tx: &mut Tx<'_>,
+        offer: &OfferId,
+        amount: Credits,
+        at: UnixMillis,
+    ) -> Result<(), DbError> {
+        sqlx::query("UPDATE members SET paid = paid + ?, paid_at = ? WHERE offer_id = ?")
+            .bind(i(amount.0))
+            .bind(i(at.0))
+            .bind(offer.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Remembers when a member's verified receipt first arrived (the end
+    /// of the time it is paid for, however long its outputs take to move).
+    pub async fn result_arrived(
+        &self,
+        offer: &OfferId,
+        at: UnixMillis,
+    ) -> Result<UnixMillis, DbError> {
+        sqlx::query("UPDATE members SET result_at = ? WHERE offer_id = ? AND result_at IS NULL")
+            .bind(i(at.0))
+            .bind(offer.to_string())
+            .execute(&self.pool)
+            .await?;
+        let v: Option<i64> = sqlx::query_scalar("SELECT result_at FROM members WHERE offer_id = ?")
+            .bind(offer.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .flatten();
+        Ok(v.map(|v| UnixMillis(u(v))).unwrap_or(at))
+    }
+}
