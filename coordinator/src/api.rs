@@ -436,7 +436,7 @@ async fn offers(
     Ok(Json(OffersView {
         query: oq.q,
         sort: views::offer_sort(sort),
-        offers: rows.into_iter().map(views::offer).collect(),
+        offers: rows,
     }))
 }
 

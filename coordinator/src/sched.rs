@@ -60,12 +60,12 @@ use std::sync::Arc;
 use kiln_protocol::spec::ComputeCapability;
 use kiln_protocol::{ByteSize, Credits, JobSpec, MilliCpu};
 
-pub use fleet::{DEFAULT_REPUTATION, Fleet, Free, MAX_GPUS_PER_NODE, ProviderView, ReservationId};
 pub use fleet::Placement;
+pub use fleet::{DEFAULT_REPUTATION, Fleet, Free, MAX_GPUS_PER_NODE, ProviderView, ReservationId};
 pub use matching::{place, place_gang};
 pub use names::{gpu_model_matches, region_matches};
 pub use queue::{Decision, QueueItem, RoundPolicy, order, run_round};
-pub use search::{OfferRow, Query, QueryError, SortBy, search};
+pub use search::{Query, QueryError, SortBy, search};
 
 /// A hard constraint, in the order they are checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -88,6 +88,7 @@ pub async fn handle(state: &AppState, peer: ProviderId, result: JobResult) -> Ha
     // is recorded or paid.
     if let Err(e) = store_result_blobs(state, &job.owner, &m.provider, &result, &needed).await {
         if matches!(e, verify::ReceiptError::NotHeld { .. }) {
+            state.db.result_refused(&m.offer_id).await?;
             return Err(refuse(format!(
                 "result of {who} for job {} refused: {e}",
                 job.id

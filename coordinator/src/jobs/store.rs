@@ -656,4 +656,14 @@ impl Db {
             .flatten();
         Ok(v.map(|v| UnixMillis(u(v))).unwrap_or(at))
     }
+
+    /// Forgets a receipt's arrival when the result is refused for good: the
+    /// member's deadline applies again.
+    pub async fn result_refused(&self, offer: &OfferId) -> Result<(), DbError> {
+        sqlx::query("UPDATE members SET result_at = NULL WHERE offer_id = ? AND state IN ('started', 'stopping')")
+            .bind(offer.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
 }

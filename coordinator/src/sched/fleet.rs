@@ -51,7 +51,6 @@ pub(crate) struct Pick {
     pub(super) load: u64,
 }
 
-
 /// A provider as the scheduler sees it: its advert, plus what the
 /// coordinator knows about it that the provider does not claim itself.
 #[derive(Clone, Debug)]

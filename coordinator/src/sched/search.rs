@@ -26,13 +26,14 @@
 //! `tflops_per_price` (highest first), `reputation` (highest first); each
 //! then by price and provider id.
 
+use kiln_protocol::views::OfferView;
 use std::cmp::Reverse;
 use std::fmt;
 use std::str::FromStr;
 
 use kiln_protocol::spec::ComputeCapability;
 use kiln_protocol::units::parse_byte_size;
-use kiln_protocol::{ByteSize, ContentId, Credits, MilliCpu, ProviderId};
+use kiln_protocol::{ByteSize, ContentId, MilliCpu};
 use serde::Serialize;
 
 use super::fleet::Fleet;
@@ -279,40 +280,9 @@ impl fmt::Display for SortBy {
     }
 }
 
-/// One provider's offer, as listed by [`search`].
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct OfferRow {
-    pub provider: ProviderId,
-    pub region: Option<String>,
-    /// The first GPU's name (`None` for a CPU-only node).
-    pub gpu_name: Option<String>,
-    pub num_gpus: u32,
-    pub free_gpus: u32,
-    /// Memory of the smallest GPU.
-    pub vram: ByteSize,
-    /// Lowest compute capability of its GPUs.
-    pub compute_capability: Option<String>,
-    pub tflops: Option<u32>,
-    pub price_per_gpu_hour: Credits,
-    pub price_per_cpu_hour: Credits,
-    /// Verified TFLOP/s per credit per GPU-hour (0 when unmeasured).
-    pub tflops_per_price: f64,
-    pub cpus: MilliCpu,
-    pub free_cpus: MilliCpu,
-    pub memory: ByteSize,
-    pub free_memory: ByteSize,
-    pub disk: ByteSize,
-    pub free_disk: ByteSize,
-    pub slots: u32,
-    pub free_slots: u32,
-    pub reputation: u32,
-    pub allows_network: bool,
-    pub cached: usize,
-}
-
 /// Online providers matching `query`, sorted by `sort`, at most `limit`.
-pub fn search(fleet: &Fleet, query: &Query, sort: SortBy, limit: usize) -> Vec<OfferRow> {
-    let mut rows: Vec<(u64, OfferRow)> = Vec::new();
+pub fn search(fleet: &Fleet, query: &Query, sort: SortBy, limit: usize) -> Vec<OfferView> {
+    let mut rows: Vec<(u64, OfferView)> = Vec::new();
     for (i, v) in fleet.iter() {
         let node = &fleet.nodes[i];
         let a = &v.advert;
@@ -370,7 +340,7 @@ pub fn search(fleet: &Fleet, query: &Query, sort: SortBy, limit: usize) -> Vec<O
         };
         rows.push((
             price_key,
-            OfferRow {
+            OfferView {
                 provider: v.id,
                 region: a.region.clone(),
                 gpu_name: gpus.first().map(|g| g.name.clone()),
@@ -396,7 +366,7 @@ pub fn search(fleet: &Fleet, query: &Query, sort: SortBy, limit: usize) -> Vec<O
             },
         ));
     }
-    let by_price = |a: &(u64, OfferRow), b: &(u64, OfferRow)| {
+    let by_price = |a: &(u64, OfferView), b: &(u64, OfferView)| {
         (a.0, a.1.price_per_cpu_hour, a.1.provider).cmp(&(
             b.0,
             b.1.price_per_cpu_hour,

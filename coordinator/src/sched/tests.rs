@@ -884,8 +884,9 @@ fn search_filters_and_sorts() {
         prov(4),
     ];
     let fleet = Fleet::from_views(views);
-    let ids =
-        |rows: Vec<OfferRow>| -> Vec<ProviderId> { rows.into_iter().map(|r| r.provider).collect() };
+    let ids = |rows: Vec<kiln_protocol::views::OfferView>| -> Vec<ProviderId> {
+        rows.into_iter().map(|r| r.provider).collect()
+    };
     let q: Query = "gpu_name=H100 num_gpus>=2 vram>=80GiB price<=2.5 region=eu"
         .parse()
         .unwrap();
