@@ -3,7 +3,9 @@
 //! Pure: the caller supplies what it expects (the job, the offer, the
 //! assigned provider) and the clock; this says yes, or exactly why not.
 
-use kiln_protocol::{ContentId, JobId, JobResult, OfferId, ProviderId, UnixMillis};
+use kiln_protocol::{
+    ContentId, JobId, JobResult, JobSpec, OfferId, Outcome, ProviderId, UnixMillis,
+};
 
 /// What the coordinator expects a result to be about.
 #[derive(Clone, Debug)]
@@ -11,6 +13,28 @@ pub struct Expected {
     pub job: JobId,
     pub offer: OfferId,
     pub provider: ProviderId,
+    /// The image the job named, as its digest (`sha256:…`: an image id or
+    /// a repository digest).
+    pub image: String,
+    /// The job's input CIDs, in order.
+    pub inputs: Vec<ContentId>,
+}
+
+impl Expected {
+    /// What a result for member `offer` on `provider` of a job with `spec`
+    /// must be about.
+    pub fn of(job: JobId, offer: OfferId, provider: ProviderId, spec: &JobSpec) -> Self {
+        Self {
+            job,
+            offer,
+            provider,
+            image: spec
+                .image
+                .digest()
+                .map_or_else(|| spec.image.0.clone(), str::to_string),
+            inputs: spec.inputs.iter().map(|i| i.cid).collect(),
+        }
+    }
 }
 
 /// Why a result was refused.
@@ -43,6 +67,22 @@ pub enum ReceiptError {
         job: JobId,
         got: OfferId,
         want: OfferId,
+    },
+    #[error(
+        "receipt says it ran image {got}, but job {job} names {want}; a result must be of the job's own image"
+    )]
+    WrongImage {
+        job: JobId,
+        got: String,
+        want: String,
+    },
+    #[error(
+        "receipt names inputs [{got}], but job {job} has [{want}]; a result must be of the job's own inputs"
+    )]
+    WrongInputs {
+        job: JobId,
+        got: String,
+        want: String,
     },
     #[error("output manifest is invalid: {0}")]
     Manifest(String),
@@ -112,6 +152,30 @@ pub fn check_result(
             want: expected.offer,
         });
     }
+    // The receipt is a signed statement of what ran: the job's image and
+    // inputs, or it is not a result of this job. (A run that failed before
+    // its image was resolved names none.)
+    let no_image = receipt.image_digest.is_empty() && receipt.outcome != Outcome::Succeeded;
+    if !no_image && receipt.image_digest != expected.image {
+        return Err(ReceiptError::WrongImage {
+            job: expected.job,
+            got: receipt.image_digest.clone(),
+            want: expected.image.clone(),
+        });
+    }
+    if receipt.input_cids != expected.inputs {
+        let list = |c: &[ContentId]| {
+            c.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(ReceiptError::WrongInputs {
+            job: expected.job,
+            got: list(&receipt.input_cids),
+            want: list(&expected.inputs),
+        });
+    }
     result
         .manifest
         .validate()
@@ -162,4 +226,98 @@ pub struct Needed {
     pub cid: ContentId,
     /// Declared size (outputs), a hint only: sizes are proven on fetch.
     pub size: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use kiln_protocol::{BuyerId, Keypair, Manifest, Nonce, ResourceUsage, ResultReceipt, Signed};
+
+    const IMAGE: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn result(
+        key: &Keypair,
+        expected: &Expected,
+        edit: impl FnOnce(&mut ResultReceipt),
+    ) -> JobResult {
+        let manifest = Manifest::default();
+        let mut receipt = ResultReceipt {
+            job_id: expected.job,
+            offer_id: expected.offer,
+            provider: ProviderId::from_public_key(&key.public()),
+            outcome: Outcome::Succeeded,
+            exit_code: Some(0),
+            error: None,
+            image_digest: expected.image.clone(),
+            input_cids: expected.inputs.clone(),
+            output_cid: manifest.cid(),
+            stdout_cid: ContentId::of_bytes(b""),
+            stderr_cid: ContentId::of_bytes(b""),
+            started_at: UnixMillis(1),
+            finished_at: UnixMillis(2),
+            usage: ResourceUsage::default(),
+        };
+        edit(&mut receipt);
+        JobResult {
+            job_id: expected.job,
+            receipt: Signed::sign(key, receipt, 600).unwrap(),
+            manifest,
+            blobs: vec![],
+        }
+    }
+
+    #[test]
+    fn a_receipt_must_name_the_jobs_image_and_inputs() {
+        let key = Keypair::generate();
+        let provider = ProviderId::from_public_key(&key.public());
+        let buyer = BuyerId::new(Keypair::generate().public());
+        let mut spec = kiln_protocol::JobSpec::new(IMAGE.to_string(), vec!["true".to_string()]);
+        let input = ContentId::of_bytes(b"data");
+        spec.inputs
+            .push(kiln_protocol::spec::InputSpec::new(input, "/in/data"));
+        let job = JobId::derive(&buyer, &Nonce::random());
+        let expected = Expected::of(job, OfferId::random(), provider, &spec);
+        let now = UnixMillis::now();
+        let other = "sha256:".to_string() + &"ab".repeat(32);
+        // (what the receipt says, accepted?)
+        let cases: Vec<(&str, Box<dyn FnOnce(&mut ResultReceipt)>, bool)> = vec![
+            ("honest", Box::new(|_| {}), true),
+            (
+                "another image",
+                Box::new(|r| r.image_digest = other.clone()),
+                false,
+            ),
+            (
+                "no image but succeeded",
+                Box::new(|r| r.image_digest.clear()),
+                false,
+            ),
+            (
+                "no image, failed before start",
+                Box::new(|r| {
+                    r.image_digest.clear();
+                    r.outcome = Outcome::Failed;
+                }),
+                true,
+            ),
+            ("no inputs", Box::new(|r| r.input_cids.clear()), false),
+            (
+                "another input",
+                Box::new(|r| r.input_cids = vec![ContentId::of_bytes(b"other")]),
+                false,
+            ),
+        ];
+        for (name, edit, ok) in cases {
+            let got = check_result(&result(&key, &expected, edit), &expected, provider, now);
+            assert_eq!(got.is_ok(), ok, "{name}: {got:?}");
+            if let Err(e) = got {
+                let text = e.to_string();
+                assert!(
+                    text.contains("image") || text.contains("inputs"),
+                    "{name}: {text}"
+                );
+            }
+        }
+    }
 }

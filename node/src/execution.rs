@@ -131,7 +131,17 @@ fn sign_result(
         outcome: report.outcome,
         exit_code: report.exit_code,
         error: report.error.clone(),
-        image_digest: report.image_digest.clone(),
+        // What ran, as the job named it: the engine resolved the job's
+        // image id or repository digest to the image it started.
+        image_digest: if report.image_digest.is_empty() {
+            String::new()
+        } else {
+            offer
+                .spec
+                .image
+                .digest()
+                .map_or_else(|| report.image_digest.clone(), str::to_string)
+        },
         input_cids: offer.spec.inputs.iter().map(|i| i.cid).collect(),
         output_cid: report.manifest.cid(),
         stdout_cid,

@@ -95,6 +95,25 @@ async fn tampered_foreign_and_replayed_receipts_are_refused() {
     assert!(reason.contains("assigned to"), "{reason}");
     assert_eq!(state_of(&client, &a_id).await.state, JobState::Running);
 
+    // 3. The assigned provider's own receipt, lying about what it ran:
+    // another image, or other inputs. Refused, job untouched.
+    let lie = |edit: &dyn Fn(&mut ResultReceipt)| {
+        let mut r = honest.clone();
+        let mut p = r.receipt.payload.clone();
+        edit(&mut p);
+        r.receipt = Signed::sign(&assigned.key, p, 600).unwrap();
+        kiln_protocol::NetRequest::Result(Box::new(r))
+    };
+    let other_image = lie(&|p| p.image_digest = format!("sha256:{}", "ab".repeat(32)));
+    let reason = rejected(&assigned.send(other_image).await.unwrap());
+    assert!(reason.contains("image"), "{reason}");
+    let other_inputs = lie(&|p| p.input_cids = vec![kiln_protocol::ContentId::of_bytes(b"x")]);
+    let reason = rejected(&assigned.send(other_inputs).await.unwrap());
+    assert!(reason.contains("inputs"), "{reason}");
+    let s = state_of(&client, &a_id).await;
+    assert_eq!(s.state, JobState::Running, "{s:#?}");
+    assert!(!s.receipt_verified);
+
     // The honest receipt is accepted and the job completes.
     assert!(matches!(
         assigned
@@ -106,7 +125,7 @@ async fn tampered_foreign_and_replayed_receipts_are_refused() {
     let s = state_of(&client, &a_id).await;
     assert_eq!(s.state, JobState::Completed, "{s:#?}");
 
-    // 3. Job B: replaying A's (valid) receipt as B's result is refused.
+    // 4. Job B: replaying A's (valid) receipt as B's result is refused.
     let b = client
         .submit(dn.workload_spec(&["echo", "b"]), None)
         .await

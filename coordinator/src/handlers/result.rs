@@ -74,11 +74,7 @@ pub async fn handle(state: &AppState, peer: ProviderId, result: JobResult) -> Ha
             job.id
         )));
     };
-    let expected = Expected {
-        job: job.id,
-        offer: m.offer_id,
-        provider: m.provider,
-    };
+    let expected = Expected::of(job.id, m.offer_id, m.provider, &job.spec);
     let needed = verify::check_result(&result, &expected, peer, arrived)
         .map_err(|e| refuse(format!("result of {who} for job {} refused: {e}", job.id)))?;
     // Observed time ends when the verified receipt first arrived, however
