@@ -304,10 +304,7 @@ async fn a_provider_cannot_unstake_while_it_holds_a_job() {
 
     // The job ends (a signed result): now the bond can come back.
     let result = kiln_tests::RogueProvider::result_for(&offer, &rogue.key).unwrap();
-    let r = rogue
-        .send(NetRequest::Result(Box::new(result)))
-        .await
-        .unwrap();
+    let r = rogue.deliver(result).await.unwrap();
     assert!(matches!(r, NetResponse::Accepted), "{r:?}");
     let r = rogue.send(stake(&rogue, 0)).await.unwrap();
     assert!(matches!(r, NetResponse::Accepted), "{r:?}");

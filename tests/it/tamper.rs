@@ -56,6 +56,7 @@ async fn tampered_foreign_and_replayed_receipts_are_refused() {
     };
     assert_eq!(offer_a.job_id, a_id);
     assert_eq!(offer_a.provider, assigned.id);
+    wait_state(&client, &a_id, JobState::Running).await;
 
     // 1. One flipped byte in the signed receipt: refused, job untouched.
     let honest = RogueProvider::result_for(&offer_a, &assigned.key).unwrap();
@@ -116,10 +117,7 @@ async fn tampered_foreign_and_replayed_receipts_are_refused() {
 
     // The honest receipt is accepted and the job completes.
     assert!(matches!(
-        assigned
-            .send(kiln_protocol::NetRequest::Result(Box::new(honest.clone())))
-            .await
-            .unwrap(),
+        assigned.deliver(honest.clone()).await.unwrap(),
         NetResponse::Accepted
     ));
     let s = state_of(&client, &a_id).await;
@@ -140,6 +138,7 @@ async fn tampered_foreign_and_replayed_receipts_are_refused() {
         std::mem::swap(&mut assigned, &mut bystander);
     }
     assert_eq!(offer_b.job_id, b_id);
+    wait_state(&client, &b_id, JobState::Running).await;
     let mut replay = honest.clone();
     replay.job_id = b_id;
     let reason = rejected(
@@ -155,9 +154,7 @@ async fn tampered_foreign_and_replayed_receipts_are_refused() {
     assert_eq!(state_of(&client, &a_id).await.state, JobState::Completed);
     assert!(matches!(
         assigned
-            .send(kiln_protocol::NetRequest::Result(Box::new(
-                RogueProvider::result_for(&offer_b, &assigned.key).unwrap()
-            )))
+            .deliver(RogueProvider::result_for(&offer_b, &assigned.key).unwrap())
             .await
             .unwrap(),
         NetResponse::Accepted
@@ -288,10 +285,7 @@ async fn a_lost_job_is_requeued_and_completes_not_dropped() {
     assert!(reason.contains("offer"), "{reason}");
     let fresh = RogueProvider::result_for(&again.0, &assigned.key).unwrap();
     assert!(matches!(
-        assigned
-            .send(kiln_protocol::NetRequest::Result(Box::new(fresh)))
-            .await
-            .unwrap(),
+        assigned.deliver(fresh).await.unwrap(),
         NetResponse::Accepted
     ));
     let done = state_of(&client, &id).await;
@@ -333,6 +327,9 @@ async fn a_result_cannot_claim_another_buyers_blob() {
     let id = v.job_id;
     let offer = rogue.next_offer().await.unwrap().payload;
     assert_eq!(offer.job_id, id);
+    // Started as far as the coordinator knows, so the claim is judged on
+    // what it names (not sent back for being early).
+    wait_state(&bob, &id, JobState::Running).await;
     let loot = kiln_protocol::Manifest::new(vec![kiln_protocol::ManifestEntry {
         path: "loot".into(),
         cid,
@@ -345,6 +342,8 @@ async fn a_result_cannot_claim_another_buyers_blob() {
         .send(kiln_protocol::NetRequest::Result(Box::new(claim)))
         .await
         .unwrap();
+    // Refused, or sent back until it proves it holds the bytes (this peer
+    // does not even serve blobs): never accepted.
     assert!(
         !matches!(r, kiln_protocol::NetResponse::Accepted),
         "a result claiming a blob it cannot serve was accepted: {r:?}"

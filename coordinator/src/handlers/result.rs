@@ -40,6 +40,11 @@ pub async fn handle(state: &AppState, peer: ProviderId, result: JobResult) -> Ha
         )));
     }
     let who = model::who(m.rank, job.size() as usize, &m.provider);
+    // What the receipt says is checked first, whatever the member's state:
+    // a forged, foreign or lying receipt is refused outright.
+    let expected = Expected::of(job.id, m.offer_id, m.provider, &job.spec);
+    let needed = verify::check_result(&result, &expected, peer, arrived)
+        .map_err(|e| refuse(format!("result of {who} for job {} refused: {e}", job.id)))?;
     match m.state {
         MemberState::Delivered if m.receipt.as_ref() == Some(&result.receipt) => {
             return Ok(()); // a retried delivery of what we already hold
@@ -74,9 +79,6 @@ pub async fn handle(state: &AppState, peer: ProviderId, result: JobResult) -> Ha
             job.id
         )));
     };
-    let expected = Expected::of(job.id, m.offer_id, m.provider, &job.spec);
-    let needed = verify::check_result(&result, &expected, peer, arrived)
-        .map_err(|e| refuse(format!("result of {who} for job {} refused: {e}", job.id)))?;
     // Observed time ends when the verified receipt first arrived, however
     // long the outputs then take to move.
     let result_at = state.db.result_arrived(&m.offer_id, arrived).await?;
