@@ -2,11 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kiln_coordinator::CoordinatorConfig;
-use kiln_protocol::Credits;
+use kiln_protocol::{Credits, Seconds};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -38,7 +39,29 @@ enum Cmd {
         /// Marketplace fee in basis points.
         #[arg(long, default_value_t = 100)]
         fee_bps: u16,
+        /// Mean time between two capability challenges of one provider
+        /// (`90s`, `10m`, `6h`), or `off`.
+        #[arg(long, default_value = "6h", value_parser = parse_every)]
+        audit_every: Every,
+        /// How long after its timeout a started job may take to deliver its
+        /// result before the coordinator gives up on it.
+        #[arg(long, default_value = "2m")]
+        result_grace: Seconds,
     },
+}
+
+/// A mean interval, or never.
+#[derive(Clone, Copy, Debug)]
+struct Every(Option<Seconds>);
+
+fn parse_every(s: &str) -> Result<Every, String> {
+    match s {
+        "off" | "never" => Ok(Every(None)),
+        _ => match s.parse::<Seconds>()? {
+            Seconds(0) => Err("0 would challenge without pause; give a duration or `off`".into()),
+            d => Ok(Every(Some(d))),
+        },
+    }
 }
 
 fn default_state_dir() -> PathBuf {
@@ -60,12 +83,16 @@ async fn main() -> anyhow::Result<()> {
         p2p,
         faucet,
         fee_bps,
+        audit_every,
+        result_grace,
     } = Cli::parse().cmd;
     let mut config = CoordinatorConfig::new(state_dir);
     config.http_listen = http;
     config.p2p_listen = p2p;
     config.faucet = faucet.map(Credits);
     config.fee_bps = fee_bps;
+    config.audit.mean_interval = audit_every.0.map(|s| Duration::from_secs(s.0));
+    config.result_grace = Duration::from_secs(result_grace.0);
     let cancel = CancellationToken::new();
     let c = kiln_coordinator::start(config, cancel.clone())
         .await
@@ -77,9 +104,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl-C")?;
-    cancel.cancel();
-    for t in c.tasks {
-        let _ = t.await;
-    }
+    drop(cancel);
+    c.shutdown().await;
     Ok(())
 }

@@ -231,6 +231,14 @@ int_unit!(
     |v| whole(v, "a number of seconds")
 );
 
+impl std::str::FromStr for Seconds {
+    type Err = String;
+    /// `"90s"`, `"10m"`, `"2h"` or a number of seconds (for flags).
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_seconds(s).map(Self)
+    }
+}
+
 fn cpus_from_f64(v: f64) -> Result<u32, String> {
     if !(v.is_finite() && (0.0..=100_000.0).contains(&v)) {
         return Err(format!("{v} is not a valid number of CPUs"));

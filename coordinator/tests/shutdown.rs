@@ -1,0 +1,102 @@
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+//! The shipped `kiln-coordinator` binary stops in order on Ctrl-C (SIGINT):
+//! it finishes what is in flight, stops its network, closes its database and
+//! exits 0; and its audit and deadline flags refuse nonsense by name.
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[tokio::test]
+async fn ctrl_c_stops_the_coordinator_in_order_and_it_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln-coordinator"))
+        .args(["run", "--http", &format!("127.0.0.1:{http}")])
+        .args(["--p2p", "/ip4/127.0.0.1/tcp/0"])
+        .args(["--audit-every", "10m", "--result-grace", "30s"])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln-coordinator binary");
+    let base = format!("http://127.0.0.1:{http}");
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..300 {
+        if client.get(format!("{base}/v1/info")).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "the coordinator did not come up");
+    let interrupted = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    // Logs go to stdout (tracing's default writer).
+    let logs =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {logs}", out.status);
+    assert!(logs.contains("coordinator stopped"), "{logs}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?} to stop",
+        started.elapsed()
+    );
+    // The database was closed cleanly: it opens again at once.
+    let again = Command::new(env!("CARGO_BIN_EXE_kiln-coordinator"))
+        .args([
+            "run",
+            "--http",
+            "127.0.0.1:0",
+            "--p2p",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = Command::new("kill")
+        .args(["-INT", &again.id().to_string()])
+        .status();
+    let out = again.wait_with_output().unwrap();
+    assert!(out.status.success(), "restart on the same state failed");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("coordinator API at"));
+}
+
+#[test]
+fn audit_and_grace_flags_name_what_is_wrong() {
+    for (flag, value, says) in [
+        ("--audit-every", "0", "give a duration or `off`"),
+        ("--audit-every", "often", "is not a duration"),
+        ("--result-grace", "soon", "is not a duration"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln-coordinator"))
+            .args(["run", flag, value])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag) && stderr.contains(says), "{stderr}");
+    }
+}
