@@ -10,6 +10,7 @@ pub mod client;
 pub mod data;
 pub mod devnet;
 pub mod ledger;
+pub mod sim;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -68,6 +68,9 @@ enum Cmd {
     /// Benchmarks (reports, not tests).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Simulations of marketplace mechanisms (reports, not tests).
+    #[command(subcommand)]
+    Sim(kiln_cli::sim::SimCmd),
 }
 
 #[derive(Subcommand)]
@@ -522,6 +525,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     out.display()
                 )
             });
+        }
+        Cmd::Sim(cmd) => {
+            tokio::task::spawn_blocking(move || kiln_cli::sim::run(cmd, json)).await??
         }
         Cmd::Bench(BenchCmd::Devnet { jobs, out }) => {
             let r = kiln_cli::bench::devnet(jobs, &out).await?;

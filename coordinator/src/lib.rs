@@ -50,6 +50,7 @@ pub mod lifecycle;
 pub mod live;
 pub mod sched;
 pub mod schedule;
+pub mod verification;
 pub mod verify;
 pub mod views;
 

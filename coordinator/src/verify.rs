@@ -281,7 +281,8 @@ mod tests {
         let now = UnixMillis::now();
         let other = "sha256:".to_string() + &"ab".repeat(32);
         // (what the receipt says, accepted?)
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut ResultReceipt)>, bool)> = vec![
+        type Case<'a> = (&'a str, Box<dyn FnOnce(&mut ResultReceipt) + 'a>, bool);
+        let cases: Vec<Case<'_>> = vec![
             ("honest", Box::new(|_| {}), true),
             (
                 "another image",
