@@ -28,6 +28,13 @@ pub enum BankError {
     Db(#[from] DbError),
     #[error("the stored ledger does not verify: {0}; the database was altered or corrupted")]
     Tampered(String),
+    #[error(
+        "the stored ledger was written under an older fee rule (fees rounded per payment; since this \
+         version they are taken on each escrow's cumulative total, so entry {seq} replays with a \
+         different fee): it cannot be verified by this version. Keep running the version that wrote \
+         it until its jobs settle, or start this one on a fresh --state-dir"
+    )]
+    OlderFeeRule { seq: u64 },
     #[error("cannot encode a ledger entry: {0}")]
     Encode(String),
 }
@@ -85,8 +92,13 @@ impl Bank {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let ledger = verify_chain(&decoded, &key.public())
-            .map_err(|e| BankError::Tampered(e.to_string()))?;
+        let ledger = verify_chain(&decoded, &key.public()).map_err(|e| {
+            if fee_only_mismatch(&e.fault) {
+                BankError::OlderFeeRule { seq: e.seq }
+            } else {
+                BankError::Tampered(e.to_string())
+            }
+        })?;
         compare_balances(&ledger, &db.balances().await?)
             .map_err(|e| BankError::Tampered(e.to_string()))?;
         let chain = match decoded.last() {
@@ -154,6 +166,31 @@ impl Pending<'_> {
     }
 }
 
+/// Whether a replay differs from the record only in how a payment's fee
+/// was rounded: what a ledger written before fees became cumulative gives.
+fn fee_only_mismatch(fault: &kiln_contracts::chain::ChainFault) -> bool {
+    use kiln_contracts::chain::ChainFault;
+    let ChainFault::EffectMismatch {
+        recorded,
+        recomputed,
+    } = fault
+    else {
+        return false;
+    };
+    let without_fee = |a: &Applied| -> Option<Applied> {
+        let mut a = a.clone();
+        match &mut a {
+            Applied::IntervalSettled { paid, fee, .. } | Applied::Released { paid, fee, .. } => {
+                *paid = kiln_protocol::Credits(paid.0.saturating_add(fee.0));
+                *fee = kiln_protocol::Credits(0);
+            }
+            _ => return None,
+        }
+        Some(a)
+    };
+    matches!((without_fee(recorded), without_fee(recomputed)), (Some(a), Some(b)) if a == b)
+}
+
 /// An account's statement line.
 pub fn touches(applied: &Applied, account: &AccountId) -> Option<i128> {
     let d: i128 = applied
@@ -164,4 +201,50 @@ pub fn touches(applied: &Applied, account: &AccountId) -> Option<i128> {
         .sum();
     let named = applied.balance_deltas().iter().any(|(a, _)| a == account);
     named.then_some(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_contracts::chain::ChainFault;
+    use kiln_protocol::{BuyerId, Credits, JobId, Keypair, Nonce, ProviderId};
+
+    fn interval(provider: ProviderId, paid: u64, fee: u64) -> Applied {
+        let buyer = BuyerId::new(Keypair::from_secret_bytes([1; 32]).public());
+        Applied::IntervalSettled {
+            job: JobId::derive(&buyer, &Nonce::from_bytes([2; 16])),
+            provider,
+            buyer,
+            interval: 2,
+            cost: Credits(paid + fee),
+            paid: Credits(paid),
+            fee: Credits(fee),
+            remaining: Credits(1000),
+        }
+    }
+
+    #[test]
+    fn a_ledger_from_the_per_payment_fee_rule_is_told_apart_from_tampering() {
+        let p = ProviderId::from_public_key(&Keypair::from_secret_bytes([3; 32]).public());
+        let q = ProviderId::from_public_key(&Keypair::from_secret_bytes([4; 32]).public());
+        let mismatch = |recorded, recomputed| ChainFault::EffectMismatch {
+            recorded: Box::new(recorded),
+            recomputed: Box::new(recomputed),
+        };
+        // The same payment with the fee rounded the old way: an older rule.
+        assert!(fee_only_mismatch(&mismatch(
+            interval(p, 149, 1),
+            interval(p, 148, 2)
+        )));
+        // Anything else that differs is tampering.
+        assert!(!fee_only_mismatch(&mismatch(
+            interval(p, 149, 1),
+            interval(q, 148, 2)
+        )));
+        assert!(!fee_only_mismatch(&mismatch(
+            interval(p, 149, 1),
+            interval(p, 150, 2)
+        )));
+        assert!(!fee_only_mismatch(&ChainFault::Missing { found: 3 }));
+    }
 }
