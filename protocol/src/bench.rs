@@ -54,11 +54,10 @@
 //! transfer counts the bytes transferred.
 
 use std::fmt;
-use std::str::FromStr;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
-use crate::ids::{IdParseError, Nonce, ProviderId};
+use crate::ids::{Nonce, ProviderId};
 use crate::signed::SignedMessage;
 use crate::units::UnixMillis;
 
@@ -75,13 +74,13 @@ pub const MAX_FULL_CPU_RECOMPUTE_N: u32 = 512;
 /// Most sampled output elements per proof.
 pub const MAX_SAMPLES: u32 = 64;
 
-crate::ids::hex_id!(
+crate::hex_id!(
     #[derive(Default)]
     Digest32,
     32,
     "digest"
 );
-crate::ids::hex_id!(ChallengeId, 16, "challenge id");
+crate::hex_id!(ChallengeId, 16, "challenge id");
 
 impl Digest32 {
     /// BLAKE3 of `bytes`.

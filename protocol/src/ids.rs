@@ -25,7 +25,8 @@ pub struct IdParseError {
 }
 
 impl IdParseError {
-    pub(crate) fn new(kind: &'static str, input: &str, reason: impl fmt::Display) -> Self {
+    #[doc(hidden)]
+    pub fn new(kind: &'static str, input: &str, reason: impl fmt::Display) -> Self {
         let mut input = input.to_string();
         input.truncate(80);
         Self {
@@ -37,7 +38,8 @@ impl IdParseError {
 }
 
 /// Fills `buf` from the operating system's CSPRNG.
-pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+#[doc(hidden)]
+pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut buf = [0u8; N];
     // The OS RNG failing is unrecoverable for a signing system; there is no
     // safe fallback, so abort loudly.
@@ -48,6 +50,9 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
 
 /// Fixed-size byte ids and digests: hex strings for humans (JSON, TOML),
 /// raw bytes for the canonical encoding. Extra derives may be given first.
+/// Exported, so every crate's ids and hashes are newtypes of one shape:
+/// `kiln_protocol::hex_id!(ReceiptHash, 32, "receipt hash");`.
+#[macro_export]
 macro_rules! hex_id {
     ($(#[$meta:meta])* $name:ident, $len:expr, $kind:expr) => {
         $(#[$meta])*
@@ -68,57 +73,55 @@ macro_rules! hex_id {
             }
             /// First 8 hex digits, for log lines.
             pub fn short(&self) -> String {
-                hex::encode(&self.0[..4])
+                $crate::__private::hex::encode(&self.0[..4])
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&hex::encode(self.0))
+        impl ::core::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                f.write_str(&$crate::__private::hex::encode(self.0))
             }
         }
 
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::core::fmt::Debug for $name {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
                 write!(f, "{}({})", stringify!($name), self.short())
             }
         }
 
-        impl FromStr for $name {
-            type Err = IdParseError;
+        impl ::core::str::FromStr for $name {
+            type Err = $crate::IdParseError;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 let mut out = [0u8; $len];
-                hex::decode_to_slice(s, &mut out).map_err(|e| {
-                    IdParseError::new($kind, s, format!("expected {} hex digits ({e})", $len * 2))
+                $crate::__private::hex::decode_to_slice(s, &mut out).map_err(|e| {
+                    $crate::IdParseError::new($kind, s, format!("expected {} hex digits ({e})", $len * 2))
                 })?;
                 Ok(Self(out))
             }
         }
 
-        impl Serialize for $name {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        impl $crate::__private::serde::Serialize for $name {
+            fn serialize<S: $crate::__private::serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 if s.is_human_readable() {
                     s.collect_str(self)
                 } else {
-                    self.0.serialize(s)
+                    $crate::__private::serde::Serialize::serialize(&self.0, s)
                 }
             }
         }
 
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        impl<'de> $crate::__private::serde::Deserialize<'de> for $name {
+            fn deserialize<D: $crate::__private::serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 if d.is_human_readable() {
-                    let s = String::deserialize(d)?;
-                    s.parse().map_err(serde::de::Error::custom)
+                    let s = <::std::string::String as $crate::__private::serde::Deserialize>::deserialize(d)?;
+                    s.parse().map_err(<D::Error as $crate::__private::serde::de::Error>::custom)
                 } else {
-                    Ok(Self(<[u8; $len]>::deserialize(d)?))
+                    Ok(Self(<[u8; $len] as $crate::__private::serde::Deserialize>::deserialize(d)?))
                 }
             }
         }
     };
 }
-
-pub(crate) use hex_id;
 
 hex_id!(JobId, 16, "job id");
 hex_id!(OfferId, 16, "offer id");

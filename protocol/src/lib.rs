@@ -46,5 +46,12 @@ pub use views::{
     StatementLineView, StatementView, UploadView,
 };
 
+/// What [`hex_id!`] expands to needs, for crates that use it.
+#[doc(hidden)]
+pub mod __private {
+    pub use hex;
+    pub use serde;
+}
+
 /// Version of the wire protocol; bumped on any incompatible change to a message.
 pub const PROTOCOL_VERSION: u32 = 3;

@@ -4,11 +4,10 @@
 //! policy and secret always give the same [`Decision`].
 
 use std::fmt;
-use std::str::FromStr;
 
 use kiln_protocol::encoding::EncodeError;
 use kiln_protocol::{Credits, ResultReceipt, Signed};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use super::trust::TrustState;
 
@@ -96,79 +95,18 @@ impl fmt::Display for Ppm {
     }
 }
 
-/// 32-byte values: hex for humans (JSON), raw bytes for the canonical
-/// encoding.
-macro_rules! bytes32 {
-    ($(#[$meta:meta])* $name:ident) => {
-        $(#[$meta])*
-        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        pub struct $name([u8; 32]);
-
-        impl $name {
-            pub const fn from_bytes(bytes: [u8; 32]) -> Self {
-                Self(bytes)
-            }
-            pub const fn as_bytes(&self) -> &[u8; 32] {
-                &self.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&hex::encode(self.0))
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({})", stringify!($name), hex::encode(&self.0[..4]))
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = hex::FromHexError;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                let mut out = [0u8; 32];
-                hex::decode_to_slice(s, &mut out)?;
-                Ok(Self(out))
-            }
-        }
-
-        impl Serialize for $name {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                if s.is_human_readable() {
-                    s.collect_str(self)
-                } else {
-                    self.0.serialize(s)
-                }
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                if d.is_human_readable() {
-                    let s = String::deserialize(d)?;
-                    s.parse().map_err(serde::de::Error::custom)
-                } else {
-                    Ok(Self(<[u8; 32]>::deserialize(d)?))
-                }
-            }
-        }
-    };
-}
-
-bytes32!(
+kiln_protocol::hex_id!(
     /// The blake3 (derive-key mode, context `"kiln receipt hash v1"`) of a
     /// signed receipt's canonical bytes: it binds the job, the offer, the
     /// outputs, the nonce and the signature.
-    ReceiptHash
+    ReceiptHash, 32, "receipt hash"
 );
 
-bytes32!(
+kiln_protocol::hex_id!(
     /// The public commitment to an [`AuditSecret`]: publishing it before
     /// the secret is used (and the secret after its epoch) lets anyone
     /// replay every draw made with it.
-    SecretId
+    SecretId, 32, "audit secret id"
 );
 
 impl ReceiptHash {
