@@ -139,6 +139,15 @@ async fn ledger_commands_show_interval_payouts_and_catch_tampering() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
+    // `kiln job status --json` lists the job's executions: what each
+    // provider was seen running and was paid (README: "Using it").
+    let (code, stdout, _) = run(&["--json", "job", "status", &id.to_string()]);
+    assert_eq!(code, Some(0), "{stdout}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let m = &status["members"][0];
+    assert_eq!(m["state"], "delivered", "{stdout}");
+    assert!(m["observed_ms"].as_u64().unwrap() >= 3000, "{stdout}");
+    assert_eq!(m["paid"], status["cost"], "{stdout}");
     let provider = format!("provider:{}", done.provider.unwrap());
     let (code, stdout, _) = run(&["account", "statement", "--account", &provider]);
     assert_eq!(code, Some(0));
