@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::challenge::{self, Figures};
-use crate::db::DbError;
+use crate::db::{Db, DbError};
+use crate::verification::reputation::Event;
 
 /// Starting reputation of a provider, and the bounds.
 pub use crate::challenge::REPUTATION_START;
@@ -33,12 +34,12 @@ pub const REPUTATION_MAX: u32 = 1000;
 /// checksum or sample). Stored, and served, as its string.
 pub use kiln_protocol::views::AuditOutcome;
 
-/// Reputation after one audit: slow to earn, quick to lose.
-pub fn reputation_after(score: u32, outcome: AuditOutcome) -> u32 {
+/// The reputation event an audit outcome is.
+pub fn reputation_event(outcome: AuditOutcome) -> Event {
     match outcome {
-        AuditOutcome::Passed => (score + 10).min(REPUTATION_MAX),
-        AuditOutcome::Flagged => score.saturating_sub(100),
-        AuditOutcome::Failed => score.saturating_sub(250),
+        AuditOutcome::Passed => Event::ChallengePassed,
+        AuditOutcome::Flagged => Event::ChallengeFlagged,
+        AuditOutcome::Failed => Event::ChallengeFailed,
     }
 }
 
@@ -196,15 +197,6 @@ async fn record(
     detail: &str,
 ) -> Result<u32, DbError> {
     let mut tx = state.db.begin().await?;
-    let current: Option<i64> =
-        sqlx::query_scalar("SELECT score FROM reputation WHERE provider = ?")
-            .bind(provider.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-    let before = current
-        .and_then(|s| u32::try_from(s).ok())
-        .unwrap_or(REPUTATION_START);
-    let after = reputation_after(before, outcome);
     sqlx::query("INSERT INTO provider_audits (provider, at, challenge_id, outcome, detail) VALUES (?, ?, ?, ?, ?)")
         .bind(provider.to_string())
         .bind(i64::try_from(UnixMillis::now().0).unwrap_or(i64::MAX))
@@ -218,16 +210,14 @@ async fn record(
         AuditOutcome::Flagged => (0, 1, 0),
         AuditOutcome::Failed => (0, 0, 1),
     };
+    let after = Db::reputation_event(&mut tx, provider, reputation_event(outcome)).await?;
     sqlx::query(
-        "INSERT INTO reputation (provider, score, passed, flagged, failed) VALUES (?, ?, ?, ?, ?) \
-         ON CONFLICT (provider) DO UPDATE SET score = excluded.score, passed = passed + excluded.passed, \
-         flagged = flagged + excluded.flagged, failed = failed + excluded.failed",
+        "UPDATE reputation SET passed = passed + ?, flagged = flagged + ?, failed = failed + ? WHERE provider = ?",
     )
-    .bind(provider.to_string())
-    .bind(i64::from(after))
     .bind(p)
     .bind(f)
     .bind(x)
+    .bind(provider.to_string())
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -343,24 +333,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reputation_table() {
-        use AuditOutcome::*;
-        // (start, outcome, after)
-        let cases = [
-            (500, Passed, 510),
-            (995, Passed, 1000),
-            (1000, Passed, 1000),
-            (500, Flagged, 400),
-            (50, Flagged, 0),
-            (500, Failed, 250),
-            (100, Failed, 0),
-        ];
-        for (start, outcome, want) in cases {
-            assert_eq!(
-                reputation_after(start, outcome),
-                want,
-                "{start} {outcome:?}"
-            );
-        }
+    fn audits_move_reputation_from_the_start() {
+        use crate::verification::reputation::Evidence;
+        let after = |o| Evidence::default().after(reputation_event(o)).score();
+        assert!(after(AuditOutcome::Passed) > REPUTATION_START);
+        assert!(after(AuditOutcome::Flagged) < REPUTATION_START);
+        assert!(after(AuditOutcome::Failed) < after(AuditOutcome::Flagged));
     }
 }

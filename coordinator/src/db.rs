@@ -203,6 +203,39 @@ impl Db {
             .unwrap_or(crate::challenge::REPUTATION_START))
     }
 
+    /// Records a verifiable event about `provider` (in the caller's
+    /// transaction) and returns its new reputation score.
+    pub async fn reputation_event(
+        tx: &mut Tx<'_>,
+        provider: &ProviderId,
+        event: crate::verification::reputation::Event,
+    ) -> Result<u32, DbError> {
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT good, bad FROM reputation WHERE provider = ?")
+                .bind(provider.to_string())
+                .fetch_optional(&mut **tx)
+                .await?;
+        let before = row
+            .map(|(g, b)| crate::verification::reputation::Evidence {
+                good: u(g),
+                bad: u(b),
+            })
+            .unwrap_or_default();
+        let after = before.after(event);
+        let score = after.score();
+        sqlx::query(
+            "INSERT INTO reputation (provider, score, good, bad) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (provider) DO UPDATE SET score = excluded.score, good = excluded.good, bad = excluded.bad",
+        )
+        .bind(provider.to_string())
+        .bind(i64::from(score))
+        .bind(i(after.good))
+        .bind(i(after.bad))
+        .execute(&mut **tx)
+        .await?;
+        Ok(score)
+    }
+
     pub async fn record_blob(tx: &mut Tx<'_>, cid: &ContentId, size: u64) -> Result<(), DbError> {
         sqlx::query(
             "INSERT INTO blobs (cid, size, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",

@@ -4,6 +4,7 @@
 //! table-tested in `coordinator/src/challenge.rs`.)
 
 use kiln_coordinator::audit::{self, AuditOutcome};
+use kiln_coordinator::verification::reputation::{Event, Evidence};
 use kiln_tests::{RogueProvider, devnet};
 use tokio_util::sync::CancellationToken;
 
@@ -38,9 +39,12 @@ async fn an_honest_node_passes_a_challenge_and_a_silent_peer_fails() {
     // so only "not failed" is asserted here; flagging is table-tested in
     // coordinator/src/challenge.rs.
     assert_ne!(a.outcome, AuditOutcome::Failed, "{}", a.detail);
+    // Reputation is the beta score of the evidence: one challenge so far.
     assert_eq!(
         a.reputation,
-        audit::reputation_after(audit::REPUTATION_START, a.outcome)
+        Evidence::default()
+            .after(audit::reputation_event(a.outcome))
+            .score()
     );
 
     let cancel = CancellationToken::new();
@@ -64,7 +68,9 @@ async fn an_honest_node_passes_a_challenge_and_a_silent_peer_fails() {
         .await
         .unwrap();
     assert_eq!(f.outcome, AuditOutcome::Failed, "{}", f.detail);
-    assert_eq!(f.reputation, audit::REPUTATION_START - 250);
+    let failed_once = Evidence::default().after(Event::ChallengeFailed).score();
+    assert!(failed_once < audit::REPUTATION_START);
+    assert_eq!(f.reputation, failed_once);
     let client = kiln_tests::buyer(&dn);
     let providers = client.providers().await.unwrap();
     let rep = providers
@@ -73,7 +79,7 @@ async fn an_honest_node_passes_a_challenge_and_a_silent_peer_fails() {
         .find(|p| p.provider == rogue.id)
         .unwrap()
         .reputation;
-    assert_eq!(rep, 250);
+    assert_eq!(rep, failed_once);
     cancel.cancel();
     dn.shutdown().await;
 }

@@ -206,6 +206,19 @@ async fn a_provider_that_vanishes_mid_job_loses_it_to_another() {
         lost.paid.0 + second.paid.0,
         "{done:#?}"
     );
+    // Reputation comes from what was observed: the one that lost the job
+    // falls below a newcomer's 500, the one that delivered rises above it.
+    let lost_rep = client
+        .provider_audits(&lost.provider)
+        .await
+        .unwrap()
+        .reputation;
+    let kept_rep = client
+        .provider_audits(&second.provider)
+        .await
+        .unwrap()
+        .reputation;
+    assert!(lost_rep < 500 && 500 < kept_rep, "{lost_rep} {kept_rep}");
     // Clean up the vanished node's orphan as its restart would.
     dn.nodes[i].runner.reap_orphans().await.unwrap();
     dn.shutdown().await;

@@ -19,6 +19,7 @@ use crate::jobs::model::{self, JobVerdict};
 use crate::jobs::store::Delivery;
 use crate::jobs::{MemberState, billing};
 use crate::lifecycle::{settle, wind_down};
+use crate::verification::reputation::Event;
 use crate::verify::{self, Expected};
 
 pub async fn handle(state: &AppState, peer: ProviderId, result: JobResult) -> Handled {
@@ -163,6 +164,8 @@ pub async fn handle(state: &AppState, peer: ProviderId, result: JobResult) -> Ha
             job.id
         )));
     }
+    // A verified receipt delivered: good evidence for its provider.
+    Db::reputation_event(&mut tx, &m.provider, Event::Delivered).await?;
     grant_result_blobs(state, &mut tx, &job.owner, &job.id, &result).await?;
     let (verdict, ended) = settle::conclude(&mut tx, &mut pending, &job.id, m.attempt).await?;
     tx.commit().await.map_err(DbError::from)?;

@@ -18,6 +18,7 @@ use crate::AppState;
 use crate::db::{Db, DbError};
 use crate::jobs::store::MemberChange;
 use crate::jobs::{JobRecord, JobState, Member, MemberState};
+use crate::verification::reputation::Event;
 
 /// Why a member was given up on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +79,15 @@ pub async fn member_lost(
     .await?
     {
         return Ok(()); // it delivered or was released meanwhile
+    }
+    // Bad evidence for its provider: it accepted and delivered nothing.
+    let event = match loss {
+        Loss::Deadline => Event::MissedDeadline,
+        Loss::Lost if why.contains("preempted_by_owner") => Event::Preempted,
+        Loss::Lost => Event::Lost,
+    };
+    if m.state != MemberState::Offered && m.state != MemberState::Reserved {
+        Db::reputation_event(&mut tx, &m.provider, event).await?;
     }
     let Some((now, attempt)) = Db::job_state_in(&mut tx, &job.id).await? else {
         return Ok(());

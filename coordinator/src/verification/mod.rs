@@ -10,6 +10,8 @@
 //!   holder of the secret can replay.
 //! * [`trust`]: a provider's run of consecutive verified results and its
 //!   transitions (a pass adds one, a failure resets it).
+//! * [`reputation`]: a provider's beta reputation with forgetting, from
+//!   verifiable events only (delivered, lost, missed deadlines, challenges).
 //! * [`verdict`]: what the original, the verifier and (on disagreement) a
 //!   tie-breaking third execution decide, by majority ([`judge`]), and the
 //!   plurality over more executions for deterministic jobs
@@ -102,6 +104,7 @@
 //! is a float.
 
 pub mod decision;
+pub mod reputation;
 pub mod trust;
 pub mod verdict;
 
