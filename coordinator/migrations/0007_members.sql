@@ -10,6 +10,10 @@ ALTER TABLE members ADD COLUMN started_at INTEGER;
 ALTER TABLE members ADD COLUMN result_at INTEGER;
 ALTER TABLE members ADD COLUMN paid_at INTEGER;
 
+-- Gang members that started before this version: their pay clock starts
+-- at their last recorded change (the best the old rows know).
+UPDATE members SET started_at = updated_at WHERE state IN ('started', 'stopping') AND started_at IS NULL;
+
 -- Single-node jobs in flight when this version starts get their member.
 INSERT INTO members (offer_id, job_id, attempt, rank, provider, listen_addrs, price_per_hour, state, updated_at, started_at)
 SELECT offer_id, id, attempts, 0, provider, '[]', COALESCE(price_per_hour, 0),

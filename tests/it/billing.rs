@@ -291,3 +291,44 @@ async fn a_provider_that_never_delivers_and_ignores_cancel_loses_the_job_at_its_
     let _ = reporter.await;
     dn.shutdown().await;
 }
+
+/// The buyer cancels while the offer is in flight, and the provider
+/// accepts after the cancel committed: the job stays cancelled and fully
+/// refunded, the provider is told to stop, and its result earns nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_offer_accepted_after_the_buyer_cancelled_is_stopped_and_earns_nothing() {
+    let (dn, cancel, mut rogue, client) = market(devnet(0).await.unwrap()).await;
+    let account = format!(
+        "buyer:{}",
+        kiln_protocol::BuyerId::new(client.key().public())
+    );
+    let job = client.submit(spec(&dn, 600), None).await.unwrap();
+    let (offer, reply) = rogue.hold_offer().await.unwrap();
+    let answer = client.cancel(&job.job_id).await.unwrap();
+    assert_eq!(answer.outcome.as_str(), "cancelled", "{answer:?}");
+    // Now the node's acceptance arrives.
+    let _ = reply.send(NetResponse::Accepted);
+    let (stop, stop_reply) = rogue
+        .next_request("cancel", |r| match r {
+            NetRequest::Cancel(c) => Ok(c),
+            other => Err(other),
+        })
+        .await
+        .unwrap();
+    let _ = stop_reply.send(NetResponse::Accepted);
+    assert_eq!(stop.payload.offer_id, offer.payload.offer_id);
+    let j = client.job(&job.job_id).await.unwrap();
+    assert_eq!(j.state, JobState::Cancelled, "{j:#?}");
+    assert_eq!(j.members[0].state, MemberState::Released, "{j:#?}");
+    let late = RogueProvider::result_claiming(&offer.payload, &rogue.key, 1_000).unwrap();
+    let answer = rogue
+        .send(NetRequest::Result(Box::new(late)))
+        .await
+        .unwrap();
+    assert!(matches!(answer, NetResponse::Rejected { .. }), "{answer:?}");
+    let balances = client.ledger_balances().await.unwrap().balances;
+    assert_eq!(balances.get(&account).map(|c| c.0), Some(1_000_000_000));
+    assert_eq!(balance(&client, &rogue.id).await, 1_000_000_000);
+    cancel.cancel();
+    dn.shutdown().await;
+}

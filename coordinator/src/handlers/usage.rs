@@ -37,7 +37,9 @@ pub async fn handle(state: &AppState, peer: ProviderId, signed: &Signed<UsageRep
         )));
     }
     let report = &signed.payload;
-    let earned = billing::earned_by(&job.terms(&m), report.wall_ms, started, now);
+    // Observed time ends when its receipt first arrived, if it has.
+    let until = m.result_at.map_or(now, |r| r.min(now));
+    let earned = billing::earned_by(&job.terms(&m), report.wall_ms, started, until);
     let mut tx = state.db.begin().await?;
     let mut pending = state.bank.begin().await;
     // Re-read under the write lock: its result may have settled it since.

@@ -76,9 +76,10 @@ pub fn member_step(from: MemberState, to: MemberState) -> bool {
         (from, to),
         (Offered, Reserved | Started | Released)
             | (Reserved, Started | Released)
-            // A member that may have started is stopped, not released: its
-            // receipt is still expected.
-            | (Offered | Reserved | Started, Stopping)
+            // A member seen to start is stopped, not released: its receipt
+            // is still expected and paid. One never seen to start has no
+            // pay clock, so it can only be released.
+            | (Started, Stopping)
             | (Started | Stopping, Released | Delivered)
     )
 }

@@ -16,19 +16,19 @@
 //!   is given up after [`OUTPUT_PATIENCE`].
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 use kiln_protocol::{JobId, ProviderId, UnixMillis};
 
 use super::lost::{self, Loss};
+use super::settle;
 use crate::AppState;
 use crate::db::DbError;
 use crate::jobs::JobRecord;
 
-/// How long outputs may take to arrive after their receipt did.
-pub const OUTPUT_PATIENCE: Duration = Duration::from_secs(3600);
+pub use super::lost::OUTPUT_PATIENCE;
 
 pub async fn expire(state: &AppState) -> Result<(), DbError> {
+    sweep(state).await?;
     let members = state.db.pending_members().await?;
     if members.is_empty() {
         return Ok(());
@@ -57,14 +57,13 @@ pub async fn expire(state: &AppState) -> Result<(), DbError> {
             lost::member_lost(state, job, &m, &why, Loss::Deadline).await?;
             continue;
         }
-        if let Some(arrived) = m.result_at
-            && now.0.saturating_sub(arrived.0) > OUTPUT_PATIENCE.as_millis() as u64
-        {
+        if lost::outputs_overdue(&m, now) {
             let why = format!(
-                "its outputs did not arrive within {} minutes of its receipt",
+                "{}: its outputs did not arrive within {} minutes of its receipt",
+                crate::jobs::model::who(m.rank, job.size() as usize, &m.provider),
                 OUTPUT_PATIENCE.as_secs() / 60
             );
-            lost::member_lost(state, job, &m, &why, Loss::Lost).await?;
+            lost::member_lost(state, job, &m, &why, Loss::Deadline).await?;
             continue;
         }
         // A member placed moments ago on a provider that registered moments
@@ -87,6 +86,59 @@ pub async fn expire(state: &AppState) -> Result<(), DbError> {
             // expiry: the requeued job must not go straight back to it.
             crate::live::lock(state).suspend(&m.provider);
             lost::member_lost(state, job, &m, &why, Loss::Lost).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The safety net: an active job whose current attempt has no member that
+/// could still deliver (a crash between two steps, a bug) is decided now:
+/// from what its members delivered, or requeued if none did and the buyer
+/// is not cancelling. Jobs that changed within the last lease are left to
+/// the path that is changing them.
+async fn sweep(state: &AppState) -> Result<(), DbError> {
+    let lease_ms = u64::try_from(state.config.provider_lease.as_millis()).unwrap_or(u64::MAX);
+    let now = UnixMillis::now();
+    let active = [
+        crate::jobs::JobState::Dispatched,
+        crate::jobs::JobState::Running,
+        crate::jobs::JobState::Cancelling,
+    ];
+    for job in state.db.jobs_in(&active, 10_000).await? {
+        if now.0.saturating_sub(job.updated_at.0) <= lease_ms {
+            continue;
+        }
+        let members = state.db.attempt_members(&job.id, job.attempts).await?;
+        if members.iter().any(|m| m.state.pending()) {
+            continue;
+        }
+        let delivered = members
+            .iter()
+            .any(|m| m.state == crate::jobs::MemberState::Delivered);
+        let mut tx = state.db.begin().await?;
+        let mut pending = state.bank.begin().await;
+        let reason = "no execution of this attempt can deliver any more";
+        if delivered || job.state == crate::jobs::JobState::Cancelling {
+            match settle::conclude(&mut tx, &mut pending, &job.id, job.attempts).await {
+                Ok((_, true)) => {
+                    tx.commit().await?;
+                    pending.commit();
+                    settle::finished(state, &job.id);
+                    tracing::warn!(job = %job.id.short(), "{reason}; decided from its members");
+                }
+                Ok((_, false)) => {}
+                Err(e) => tracing::error!(job = %job.id.short(), "deciding the job failed: {e}"),
+            }
+            continue;
+        }
+        match settle::requeue_in(state, &mut tx, &mut pending, &job.id, job.attempts, reason).await
+        {
+            Ok(r) => {
+                tx.commit().await?;
+                pending.commit();
+                settle::after_requeue(state, &job.id, job.attempts, r, reason);
+            }
+            Err(e) => tracing::error!(job = %job.id.short(), "requeueing failed: {e}"),
         }
     }
     Ok(())

@@ -20,6 +20,18 @@ use crate::jobs::store::MemberChange;
 use crate::jobs::{JobRecord, JobState, Member, MemberState};
 use crate::verification::reputation::Event;
 
+/// How long outputs may take to arrive after their receipt did.
+pub const OUTPUT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Whether `m`'s receipt arrived more than [`OUTPUT_PATIENCE`] ago and its
+/// outputs still have not.
+pub fn outputs_overdue(m: &Member, now: UnixMillis) -> bool {
+    m.result_at.is_some_and(|arrived| {
+        now.0.saturating_sub(arrived.0)
+            > u64::try_from(OUTPUT_PATIENCE.as_millis()).unwrap_or(u64::MAX)
+    })
+}
+
 /// Why a member was given up on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Loss {
@@ -61,24 +73,33 @@ pub async fn member_lost(
     };
     let mut tx = state.db.begin().await?;
     let mut pending = state.bank.begin().await;
-    if !Db::set_member(
+    // Decide on the member as it is now, under the write lock: the caller's
+    // copy may be a round old (it may have delivered, or started stopping).
+    let Some(m) = Db::member_in(&mut tx, &m.offer_id).await? else {
+        return Ok(());
+    };
+    let grace_ms = u64::try_from(state.config.result_grace.as_millis()).unwrap_or(u64::MAX);
+    let now = UnixMillis::now();
+    if !m.state.pending()
+        || (loss == Loss::Deadline
+            && !past_deadline(job, &m, grace_ms, now)
+            && !outputs_overdue(&m, now))
+    {
+        return Ok(());
+    }
+    let released = Db::set_member(
         &mut tx,
         &m.offer_id,
-        &[
-            MemberState::Offered,
-            MemberState::Reserved,
-            MemberState::Started,
-            MemberState::Stopping,
-        ],
+        &[m.state],
         MemberState::Released,
         MemberChange {
             reason: Some(&reason),
             ..Default::default()
         },
     )
-    .await?
-    {
-        return Ok(()); // it delivered or was released meanwhile
+    .await?;
+    if !released {
+        return Ok(());
     }
     // Bad evidence for its provider: it accepted and delivered nothing.
     let event = match loss {
@@ -86,7 +107,7 @@ pub async fn member_lost(
         Loss::Lost if why.contains("preempted_by_owner") => Event::Preempted,
         Loss::Lost => Event::Lost,
     };
-    if m.state != MemberState::Offered && m.state != MemberState::Reserved {
+    if m.state.ran() {
         Db::reputation_event(&mut tx, &m.provider, event).await?;
     }
     let Some((now, attempt)) = Db::job_state_in(&mut tx, &job.id).await? else {
@@ -118,19 +139,29 @@ pub async fn member_lost(
         if loss == Loss::Deadline && !ended {
             // The others are told to stop too; each is released at its
             // own deadline if it never delivers.
-            stop_others(state, job, m, &reason).await?;
+            stop_others(state, job, &m, &reason).await?;
         }
         return Ok(());
     }
-    tx.commit().await?;
-    drop(pending);
-    stop_others(state, job, m, &reason).await?;
+    // Released and requeued (or failed) in one transaction: no moment
+    // where the job is active with nobody executing it.
     let reason = if job.size() > 1 {
         format!("{reason}; stopped the others")
     } else {
         reason
     };
-    settle::requeue_or_fail(state, &job.id, attempt, &reason).await
+    let requeued =
+        match settle::requeue_in(state, &mut tx, &mut pending, &job.id, attempt, &reason).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(job = %job.id.short(), "requeueing failed: {e}");
+                return Ok(());
+            }
+        };
+    tx.commit().await?;
+    pending.commit();
+    settle::after_requeue(state, &job.id, attempt, requeued, &reason);
+    stop_others(state, job, &m, &reason).await
 }
 
 /// Releases (not started) or stops (started) the other pending members of

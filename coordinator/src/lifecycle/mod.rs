@@ -119,7 +119,8 @@ pub(crate) fn notify(state: &AppState, release: Vec<Member>, stop: Vec<Member>, 
 }
 
 /// Marks members released (`release`: not started, or a single-node offer
-/// never confirmed) or stopping (`stop`: may have started) in one
+/// never confirmed) or stopping (`stop`: may have started; released too if
+/// the coordinator never saw it start) in one
 /// transaction, then tells their nodes (`gang`: members hold gang
 /// reservations, released with a `GangRelease`; a single-node offer is
 /// cancelled instead, a no-op on a node that never accepted it).
@@ -149,14 +150,13 @@ pub(crate) async fn wind_down(
         }
     }
     for m in stop {
-        if crate::db::Db::set_member(
+        // One seen to start is stopping (its receipt is still paid); one
+        // never seen to start is released (nothing it did is paid), but
+        // both are told to stop: a node may have started it regardless.
+        let changed = crate::db::Db::set_member(
             &mut tx,
             &m.offer_id,
-            &[
-                MemberState::Offered,
-                MemberState::Reserved,
-                MemberState::Started,
-            ],
+            &[MemberState::Started],
             MemberState::Stopping,
             crate::jobs::store::MemberChange {
                 reason: Some(reason),
@@ -164,7 +164,18 @@ pub(crate) async fn wind_down(
             },
         )
         .await?
-        {
+            || crate::db::Db::set_member(
+                &mut tx,
+                &m.offer_id,
+                &[MemberState::Offered, MemberState::Reserved],
+                MemberState::Released,
+                crate::jobs::store::MemberChange {
+                    reason: Some(reason),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        if changed {
             stopping.push(m.clone());
         }
     }

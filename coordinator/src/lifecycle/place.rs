@@ -168,9 +168,11 @@ fn suspend_failed(state: &AppState, members: &[Member], replies: &[Reply]) {
 }
 
 /// Marks members started (their pay clock starts now) and, if that makes
-/// the whole attempt started, the job running; in one transaction.
-/// Returns the members that could not be marked (the attempt moved on
-/// meanwhile: they must be stopped).
+/// the whole attempt started, the job running; in one transaction, and
+/// only while the job is still this attempt, dispatched (a cancel or a
+/// requeue that committed first wins). Returns the members that could not
+/// be marked: the attempt moved on meanwhile, and since their nodes
+/// accepted, they must be told to stop.
 async fn mark_started(
     state: &AppState,
     job: &JobRecord,
@@ -178,6 +180,10 @@ async fn mark_started(
     from: MemberState,
 ) -> Result<Vec<Member>, DbError> {
     let mut tx = state.db.begin().await?;
+    let current = Db::job_state_in(&mut tx, &job.id).await?;
+    if current != Some((JobState::Dispatched, job.attempts)) {
+        return Ok(started.iter().map(|m| (*m).clone()).collect());
+    }
     let now = UnixMillis::now();
     let mut orphaned = Vec::new();
     for m in started {
@@ -196,10 +202,12 @@ async fn mark_started(
             orphaned.push((*m).clone());
         }
     }
-    if orphaned.is_empty() {
+    let all_started = Db::attempt_members_in(&mut tx, &job.id, job.attempts)
+        .await?
+        .iter()
+        .all(|m| m.state == MemberState::Started);
+    if orphaned.is_empty() && all_started {
         let why = (job.size() > 1).then(|| format!("all {} gang members started", job.size()));
-        // False when the job already ended (a fast member delivered and
-        // its job concluded) or the buyer cancelled meanwhile.
         Db::transition(
             &mut tx,
             &job.id,
@@ -331,16 +339,14 @@ async fn run_gang(state: &AppState, job: &JobRecord, members: &[Member]) -> Resu
             let orphaned = mark_started(state, job, &accepted, MemberState::Reserved).await?;
             if !orphaned.is_empty() {
                 // The job left this attempt while the starts were in flight
-                // (cancelled, or requeued): members that started are
-                // stopped, not left running unaccounted.
+                // (cancelled, or requeued): every member that accepted its
+                // start is told to stop, whatever the database says of it
+                // now, and the others are released.
                 let reason = "the job was cancelled or requeued while its gang started";
-                tracing::warn!(job = %job.id.short(), "{reason}; stopping {} member(s)", orphaned.len());
-                let rest: Vec<Member> = members
-                    .iter()
-                    .filter(|m| !orphaned.iter().any(|o| o.offer_id == m.offer_id))
-                    .cloned()
-                    .collect();
-                wind_down(state, true, &rest, &orphaned, reason).await?;
+                tracing::warn!(job = %job.id.short(), "{reason}; stopping {} member(s)", accepted.len());
+                let started: Vec<Member> = accepted.iter().map(|m| (*m).clone()).collect();
+                wind_down(state, true, members, &started, reason).await?;
+                super::notify(state, Vec::new(), started, reason);
                 return Ok(());
             }
             match after_start(&replies, &providers) {

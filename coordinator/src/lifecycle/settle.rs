@@ -200,9 +200,10 @@ pub async fn end_job(
         return Ok(false);
     }
     if let Err(e) = close(&mut tx, &mut pending, job).await {
-        // The state change goes ahead; the ledger's audit shows the
-        // escrow still open.
-        tracing::error!(job = %job.short(), "closing the escrow failed: {e}");
+        // Nothing is committed: the job stays as it was and the next
+        // attempt to end it tries again.
+        tracing::error!(job = %job.short(), "closing the escrow failed: {e}; the job stays {}", expect.states.first().map_or("as it was", |s| s.as_str()));
+        return Ok(false);
     }
     tx.commit().await?;
     pending.commit();
@@ -218,45 +219,107 @@ pub fn finished(state: &AppState, job: &JobId) {
     state.wake.notify_one();
 }
 
-/// Puts a job whose `attempt` ended without a result back in the queue,
-/// or fails it (closing its escrow) once it has used all its attempts.
+/// What [`requeue_in`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requeued {
+    /// Back in the queue for another attempt.
+    Queued,
+    /// Out of attempts: failed, its escrow closed.
+    Failed,
+    /// The job had moved on (another path decided it first).
+    Moved,
+}
+
+/// Inside `tx`: puts a job whose `attempt` ended without a result back in
+/// the queue, or fails it (closing its escrow) once it has used all its
+/// attempts. The caller commits, then calls [`after_requeue`].
+pub async fn requeue_in(
+    state: &AppState,
+    tx: &mut Tx<'_>,
+    pending: &mut Pending<'_>,
+    job: &JobId,
+    attempt: u32,
+    reason: &str,
+) -> Result<Requeued, BankError> {
+    let active = [JobState::Dispatched, JobState::Running];
+    if attempt >= state.config.max_attempts {
+        let reason = format!("failed after {attempt} attempts; last: {reason}");
+        let cost = Db::paid_in(tx, job).await?;
+        let change = Change {
+            reason: Some(&reason),
+            cost: Some(cost),
+            ..Default::default()
+        };
+        if !Db::transition(
+            tx,
+            job,
+            Expect::attempt(&active, attempt),
+            JobState::Failed,
+            change,
+        )
+        .await?
+        {
+            return Ok(Requeued::Moved);
+        }
+        close(tx, pending, job).await?;
+        return Ok(Requeued::Failed);
+    }
+    let reason = format!("requeued: {reason}");
+    let change = Change {
+        reason: Some(&reason),
+        ..Default::default()
+    };
+    Ok(
+        if Db::transition(
+            tx,
+            job,
+            Expect::attempt(&active, attempt),
+            JobState::Queued,
+            change,
+        )
+        .await?
+        {
+            Requeued::Queued
+        } else {
+            Requeued::Moved
+        },
+    )
+}
+
+/// After [`requeue_in`] committed: give back the attempt's capacity.
+pub fn after_requeue(state: &AppState, job: &JobId, attempt: u32, r: Requeued, reason: &str) {
+    match r {
+        Requeued::Queued => {
+            crate::live::lock(state).release_attempt(job, attempt);
+            state.wake.notify_one();
+            tracing::warn!(job = %job.short(), "requeued: {reason}");
+        }
+        Requeued::Failed => {
+            finished(state, job);
+            tracing::warn!(job = %job.short(), "failed after {attempt} attempts; last: {reason}");
+        }
+        Requeued::Moved => {}
+    }
+}
+
+/// [`requeue_in`] in a transaction of its own.
 pub async fn requeue_or_fail(
     state: &AppState,
     job: &JobId,
     attempt: u32,
     reason: &str,
 ) -> Result<(), DbError> {
-    let active = [JobState::Dispatched, JobState::Running];
-    if attempt >= state.config.max_attempts {
-        let reason = format!("failed after {attempt} attempts; last: {reason}");
-        end_job(
-            state,
-            job,
-            Expect::attempt(&active, attempt),
-            JobState::Failed,
-            &reason,
-        )
-        .await?;
-        return Ok(());
-    }
-    let reason = format!("requeued: {reason}");
     let mut tx = state.db.begin().await?;
-    let moved = Db::transition(
-        &mut tx,
-        job,
-        Expect::attempt(&active, attempt),
-        JobState::Queued,
-        Change {
-            reason: Some(&reason),
-            ..Default::default()
-        },
-    )
-    .await?;
+    let mut pending = state.bank.begin().await;
+    let r = match requeue_in(state, &mut tx, &mut pending, job, attempt, reason).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(job = %job.short(), "requeueing failed: {e}");
+            return Ok(());
+        }
+    };
     tx.commit().await?;
-    if moved {
-        crate::live::lock(state).release_attempt(job, attempt);
-        state.wake.notify_one();
-        tracing::warn!(job = %job.short(), "{reason}");
-    }
+    pending.commit();
+    after_requeue(state, job, attempt, r, reason);
     Ok(())
 }
