@@ -23,9 +23,9 @@ use crate::challenge::{self, Figures};
 use crate::db::{Db, DbError};
 use crate::verification::reputation::Event;
 
-/// Starting reputation of a provider, and the bounds.
+/// Starting reputation of a provider (scores run 0..=1000; see
+/// `verification::reputation`).
 pub use crate::challenge::REPUTATION_START;
-pub const REPUTATION_MAX: u32 = 1000;
 
 /// How an audit ended: `Passed` (answered in time, proofs correct,
 /// figures as advertised), `Flagged` (answered correctly, but figures fell

@@ -7,30 +7,19 @@
 //! The node runs in-process against a libp2p peer that plays its
 //! coordinator (the node crate never depends on the coordinator crate).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use kiln_net::{Addr, NetConfig, NetEvent};
+use common::containers;
+
+use kiln_net::{Addr, NetEvent};
 use kiln_protocol::{
     BuyerId, ByteSize, CancelJob, Credits, JobId, JobOffer, JobSpec, Keypair, MilliCpu, NetRequest,
     NetResponse, OfferId, Seconds, Signed,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-/// Containers (running or not) labelled with `label=value`.
-async fn containers(docker: &bollard::Docker, label: &str, value: &str) -> usize {
-    let filters =
-        std::collections::HashMap::from([("label".to_string(), vec![format!("{label}={value}")])]);
-    docker
-        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await
-        .expect("list containers")
-        .len()
-}
 
 async fn until(what: &str, mut probe: impl AsyncFnMut() -> bool) {
     for _ in 0..300 {
@@ -45,12 +34,12 @@ async fn until(what: &str, mut probe: impl AsyncFnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn attempts_of_one_job_run_side_by_side_and_shutdown_reports_the_survivor_lost() {
     let cancel = CancellationToken::new();
-    let key = Keypair::generate();
-    let (net, mut events, ev) =
-        kiln_net::spawn(key.to_libp2p(), NetConfig::default(), cancel.clone())
-            .await
-            .unwrap();
-    tokio::spawn(ev.run());
+    let common::ScriptedCoordinator {
+        key,
+        net,
+        addr: coordinator,
+        mut events,
+    } = common::scripted_coordinator(&cancel).await;
     // The scripted coordinator accepts everything and shows the test what came.
     let (seen_tx, mut seen) = mpsc::unbounded_channel::<NetRequest>();
     tokio::spawn(async move {
@@ -63,7 +52,6 @@ async fn attempts_of_one_job_run_side_by_side_and_shutdown_reports_the_survivor_
             }
         }
     });
-    let coordinator: Addr = net.listen_addrs()[0].clone();
     let docker = kiln_docker::connect().await.unwrap();
     let image = kiln_docker::ensure_workload_image(&docker).await.unwrap();
 

@@ -4,10 +4,12 @@
 //! refuses challenges that are not its coordinator's or are past due.
 //! Its advert carries its start-up benchmark.
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use kiln_net::{NetConfig, NetEvent};
+use kiln_net::NetEvent;
 use kiln_protocol::bench::{Inputs, Precision, cpu_output_digest, sample_positions};
 use kiln_protocol::{
     CapabilityAdvert, Challenge, ChallengeId, ChallengeSizes, Keypair, NetRequest, NetResponse,
@@ -26,13 +28,13 @@ impl Drop for Killed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_answers_its_coordinators_challenge_with_a_verifiable_report() {
     let cancel = CancellationToken::new();
-    let key = Keypair::generate();
-    let (net, mut events, ev) =
-        kiln_net::spawn(key.to_libp2p(), NetConfig::default(), cancel.clone())
-            .await
-            .unwrap();
-    tokio::spawn(ev.run());
-    let coordinator = net.listen_addrs()[0].to_string();
+    let common::ScriptedCoordinator {
+        key,
+        net,
+        addr,
+        mut events,
+    } = common::scripted_coordinator(&cancel).await;
+    let coordinator = addr.to_string();
     let state = tempfile::tempdir().unwrap();
     let _node = Killed(
         Command::new(env!("CARGO_BIN_EXE_kiln-node"))

@@ -4,10 +4,13 @@
 //! This drives the real `kiln-node` binary against a libp2p peer that plays
 //! the coordinator (the node crate never depends on the coordinator crate).
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use kiln_net::{NetConfig, NetEvent};
+use common::containers;
+use kiln_net::NetEvent;
 use kiln_protocol::{
     BuyerId, ByteSize, CapabilityAdvert, Credits, JobId, JobOffer, JobSpec, Keypair, MilliCpu,
     NetRequest, NetResponse, OfferId, ProviderId, Seconds, Signed,
@@ -52,30 +55,16 @@ async fn next_request<T>(
     }
 }
 
-async fn containers_of(docker: &bollard::Docker, job: &JobId) -> usize {
-    let filters =
-        std::collections::HashMap::from([("label".to_string(), vec![format!("kiln.job={job}")])]);
-    docker
-        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await
-        .expect("list containers")
-        .len()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_daemon_reaps_its_orphan_and_reports_the_job_lost() {
     let cancel = CancellationToken::new();
-    let key = Keypair::generate();
-    let (net, mut events, ev) =
-        kiln_net::spawn(key.to_libp2p(), NetConfig::default(), cancel.clone())
-            .await
-            .unwrap();
-    tokio::spawn(ev.run());
-    let coordinator = net.listen_addrs()[0].to_string();
+    let common::ScriptedCoordinator {
+        key,
+        net,
+        addr,
+        mut events,
+    } = common::scripted_coordinator(&cancel).await;
+    let coordinator = addr.to_string();
     let docker = kiln_docker::connect().await.unwrap();
     let image = kiln_docker::ensure_workload_image(&docker).await.unwrap();
     let state = tempfile::tempdir().unwrap();
@@ -115,7 +104,7 @@ async fn a_killed_daemon_reaps_its_orphan_and_reports_the_job_lost() {
     assert!(matches!(answer, NetResponse::Accepted), "{answer:?}");
     let mut running = false;
     for _ in 0..100 {
-        if containers_of(&docker, &offer.job_id).await == 1 {
+        if containers(&docker, "kiln.job", &offer.job_id.to_string()).await == 1 {
             running = true;
             break;
         }
@@ -127,7 +116,7 @@ async fn a_killed_daemon_reaps_its_orphan_and_reports_the_job_lost() {
     node.kill().unwrap();
     node.wait().unwrap();
     assert_eq!(
-        containers_of(&docker, &offer.job_id).await,
+        containers(&docker, "kiln.job", &offer.job_id.to_string()).await,
         1,
         "the orphan outlives the daemon"
     );
@@ -155,7 +144,7 @@ async fn a_killed_daemon_reaps_its_orphan_and_reports_the_job_lost() {
         lost.payload.reason
     );
     assert_eq!(
-        containers_of(&docker, &offer.job_id).await,
+        containers(&docker, "kiln.job", &offer.job_id.to_string()).await,
         0,
         "the orphan was reaped"
     );

@@ -132,17 +132,26 @@ async fn inputs_are_fetched_by_cid_and_mounted_read_only() {
     dn.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_draining_provider_hands_its_running_job_back() {
+/// A devnet of one provider, running a buyer's `sleep 30` job.
+async fn running_sleep_job() -> (
+    kiln_cli::devnet::Devnet,
+    kiln_cli::Client,
+    kiln_protocol::JobId,
+) {
     let dn = devnet(1).await.unwrap();
     let client = buyer(&dn);
     let v = client
         .submit(dn.workload_spec(&["sleep", "30"]), None)
         .await
         .unwrap();
-    let id = v.job_id;
-    let j = job_until(&client, &id, |j| j.state == JobState::Running).await;
+    let j = job_until(&client, &v.job_id, |j| j.state == JobState::Running).await;
     assert_eq!(j.state, JobState::Running, "{j:#?}");
+    (dn, client, v.job_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_draining_provider_hands_its_running_job_back() {
+    let (dn, client, id) = running_sleep_job().await;
     dn.nodes[0].drain(Duration::from_secs(20)).await;
     let j = client.job(&id).await.unwrap();
     assert_eq!(j.state, JobState::Queued, "{j:#?}");
@@ -302,15 +311,7 @@ async fn an_unconfirmed_offer_is_resent_unchanged_after_a_coordinator_restart() 
 /// `cancelled` having paid only for the time its provider was seen running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancelled_running_job_never_shows_running_again() {
-    let dn = devnet(1).await.unwrap();
-    let client = buyer(&dn);
-    let v = client
-        .submit(dn.workload_spec(&["sleep", "30"]), None)
-        .await
-        .unwrap();
-    let id = v.job_id;
-    let j = job_until(&client, &id, |j| j.state == JobState::Running).await;
-    assert_eq!(j.state, JobState::Running, "{j:#?}");
+    let (dn, client, id) = running_sleep_job().await;
     let answer = client.cancel(&id).await.unwrap();
     assert_eq!(answer.outcome.as_str(), "cancelling", "{answer:?}");
     // Every state seen from now on is cancelling or the end.
