@@ -46,6 +46,10 @@ pub struct DevnetOptions {
     /// tests leave them off unless they test audits, so a random benchmark
     /// never competes with what a test measures.
     pub audit_interval: Option<Duration>,
+    /// Re-execute sampled results on another provider before paying for
+    /// them. `kiln devnet` turns it on; tests leave it off unless they test
+    /// verification, so a re-run never competes with what a test measures.
+    pub verification: bool,
 }
 
 impl Default for DevnetOptions {
@@ -63,6 +67,7 @@ impl Default for DevnetOptions {
             result_grace: Duration::from_secs(120),
             min_usage_interval: Duration::from_millis(500),
             audit_interval: None,
+            verification: false,
         }
     }
 }
@@ -110,6 +115,7 @@ impl Devnet {
         cc.result_grace = opts.result_grace;
         cc.min_usage_interval = opts.min_usage_interval;
         cc.audit.mean_interval = opts.audit_interval;
+        cc.verification.enabled = opts.verification;
         let coordinator_cancel = cancel.child_token();
         let coordinator = kiln_coordinator::start(cc.clone(), coordinator_cancel.clone()).await?;
         let coord_addr = coordinator

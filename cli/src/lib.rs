@@ -208,6 +208,34 @@ pub async fn fetch_outputs_verified(
     Ok(fetched)
 }
 
+/// What `kiln job status` says about a job's verification: where it
+/// stands (`not sampled`, `verified by re-execution on …`, `disputed`,
+/// `failed verification`), the audit probability, and whether the
+/// coordinator's signature over the record holds.
+pub fn verification_line(v: &kiln_protocol::VerificationView) -> String {
+    let p = f64::from(v.p_ppm) / 10_000.0;
+    let sealed = if record_signed(v) {
+        "record signed by the coordinator"
+    } else {
+        "RECORD SIGNATURE DOES NOT VERIFY"
+    };
+    format!("{} [{}; audit p = {p:.4}%; {sealed}]", v.detail, v.status)
+}
+
+/// Whether `v.signature` is the coordinator's (`v.signer`) signature over
+/// its record.
+pub fn record_signed(v: &kiln_protocol::VerificationView) -> bool {
+    let Ok(sig) = hex::decode(&v.signature) else {
+        return false;
+    };
+    let Ok(sig) = <[u8; 64]>::try_from(sig.as_slice()) else {
+        return false;
+    };
+    v.signer
+        .public_key()
+        .is_some_and(|k| k.verify_record("kiln/verification-record/v1", v.record.as_bytes(), &sig))
+}
+
 /// The members of a gang job's last attempt, by rank (empty for a
 /// single-node job).
 pub fn gang_members(job: &JobView) -> Vec<MemberView> {

@@ -212,7 +212,12 @@ fn job_line(v: &JobView) -> String {
         .as_deref()
         .map(|r| format!(" ({r})"))
         .unwrap_or_default();
-    format!("{}  {}{}", v.job_id, v.state, reason)
+    let mut line = format!("{}  {}{}", v.job_id, v.state, reason);
+    if let Some(ver) = &v.verification {
+        line.push_str("\n  verification: ");
+        line.push_str(&kiln_cli::verification_line(ver));
+    }
+    line
 }
 
 /// `kiln job get --json`.
@@ -451,6 +456,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 // A live marketplace audits its providers: every 5 minutes
                 // on average here (6 hours by default in production).
                 audit_interval: Some(std::time::Duration::from_secs(300)),
+                // ... and verifies results by re-executing a sample of them.
+                verification: true,
                 ..Default::default()
             })
             .await?;

@@ -143,8 +143,18 @@ async fn get_job(
         .await?
         .iter()
         .map(|m| views::member(m, now))
-        .collect();
-    Ok(Json(JobDetail::new(&job, events, members)))
+        .collect::<Vec<_>>();
+    let verification = state.db.audit(&job.id).await?.map(|a| {
+        let verifiers = members
+            .iter()
+            .filter(|m| m.role == kiln_protocol::views::Role::Verify && m.attempt == a.attempt)
+            .map(|m| m.provider)
+            .collect();
+        views::verification(&a, verifiers, state.peer)
+    });
+    Ok(Json(
+        JobDetail::new(&job, events, members).with_verification(verification),
+    ))
 }
 
 async fn cancel_job(

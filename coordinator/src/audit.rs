@@ -6,9 +6,16 @@
 //! GPU model (`challenge::assess`), and records the outcome against the
 //! provider's reputation. Reputation arithmetic is the pure
 //! [`reputation_after`].
+//!
+//! It also times each round trip on its own clock and keeps, per GPU, the
+//! speed that shows (`challenge::gpu_speed`: proven work ÷ round trip,
+//! never more than advertised) in `gpu_speed`, which the scheduler reads
+//! for `min_tflops` and throughput per price (`live`). A provider whose
+//! round trip is far longer than its advertised speed needs is flagged
+//! (`challenge::speed_shortfall`) and credited only what it showed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_protocol::bench::{ChallengeId, ChallengeSizes};
 use kiln_protocol::views::AuditView;
@@ -19,8 +26,8 @@ use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::challenge::{self, Figures};
-use crate::db::{Db, DbError};
+use crate::challenge::{self, ChallengeVerdict, Figures, SpeedPolicy, SpeedShortfall};
+use crate::db::{Db, DbError, GpuSpeedRecord};
 use crate::verification::reputation::Event;
 
 /// Starting reputation of a provider (scores run 0..=1000; see
@@ -50,6 +57,12 @@ pub struct AuditConfig {
     pub mean_interval: Option<Duration>,
     pub timeout: Duration,
     pub sizes: ChallengeSizes,
+    /// How long the proven products should take at the advertised speed
+    /// (`challenge::gpu_matmul_n_for`): long against a network round trip,
+    /// so that the round trip is mostly compute.
+    pub speed_target: Duration,
+    /// When a round trip fails the advertised speed.
+    pub speed: SpeedPolicy,
 }
 
 impl Default for AuditConfig {
@@ -58,6 +71,8 @@ impl Default for AuditConfig {
             mean_interval: Some(Duration::from_secs(6 * 3600)),
             timeout: Duration::from_secs(120),
             sizes: ChallengeSizes::default(),
+            speed_target: Duration::from_secs(1),
+            speed: SpeedPolicy::default(),
         }
     }
 }
@@ -69,6 +84,126 @@ pub struct Audit {
     pub outcome: AuditOutcome,
     pub detail: String,
     pub reputation: u32,
+    /// The checked answer, if there was one.
+    pub verdict: Option<ChallengeVerdict>,
+    /// The round trip was too long for the advertised speed.
+    pub speed_shortfall: Option<SpeedShortfall>,
+}
+
+/// What an audit does to a provider's verified GPU speeds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpeedUpdate {
+    /// A checked answer: these replace them (a GPU credited nothing has none).
+    Replace(Vec<GpuSpeedRecord>),
+    /// A wrong or late answer: it vouches for nothing any more.
+    Clear,
+    /// Refused or not delivered: nothing was measured (a node refuses a
+    /// challenge while its GPUs run jobs).
+    Keep,
+}
+
+/// The rows a checked answer leaves: one per advertised GPU credited a
+/// speed.
+pub fn speed_records(
+    verdict: &ChallengeVerdict,
+    advert: &CapabilityAdvert,
+    at: UnixMillis,
+) -> Vec<GpuSpeedRecord> {
+    verdict
+        .gpus
+        .iter()
+        .filter(|g| g.speed.verified_mflops > 0 && advert.gpus.iter().any(|a| a.uuid == g.uuid))
+        .map(|g| GpuSpeedRecord {
+            gpu_uuid: g.uuid.clone(),
+            gpu_name: g.name.clone(),
+            verified_mflops: g.speed.verified_mflops,
+            observed_mflops: g.speed.observed_mflops,
+            advertised_mflops: g.speed.advertised_mflops,
+            proven_flops: g.speed.proven_flops,
+            round_trip_us: verdict.round_trip_us,
+            challenge_id: verdict.challenge_id.to_string(),
+            at,
+        })
+        .collect()
+}
+
+/// An amount of work or a rate in the largest unit that keeps it at
+/// least 1 (`26.39 T`, `113.25 M`), for people.
+fn scaled(v: u64) -> String {
+    let v = v as f64;
+    let (x, unit) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
+        .into_iter()
+        .find(|(s, _)| v >= *s)
+        .map_or((v, ""), |(s, u)| (v / s, u));
+    format!("{x:.2} {unit}")
+}
+
+/// MFLOP/s for people (`350.29 TFLOP/s`, `86.55 MFLOP/s`, `none`).
+fn rate(mflops: u64) -> String {
+    if mflops == 0 {
+        return "none".into();
+    }
+    format!("{}FLOP/s", scaled(mflops.saturating_mul(1_000_000)))
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.1} ms", us as f64 / 1e3)
+}
+
+/// The audit line of a checked answer: outcome and detail.
+pub fn judge(
+    verdict: &ChallengeVerdict,
+    shortfall: Option<&SpeedShortfall>,
+) -> (AuditOutcome, String) {
+    let mut parts = vec![format!("answered in {}", ms(verdict.round_trip_us))];
+    if let Some(s) = shortfall {
+        parts.push(format!(
+            "too slow for its advert: the advertised speed needs {} for the {}FLOP proven, at most {} allowed",
+            ms(s.expected_us),
+            scaled(s.proven_flops),
+            ms(s.allowed_us)
+        ));
+    }
+    for g in &verdict.gpus {
+        let sp = &g.speed;
+        parts.push(format!(
+            "{}: at least {} observed ({}FLOP proven), {} advertised, {} verified",
+            g.uuid,
+            rate(sp.observed_mflops),
+            scaled(sp.proven_flops),
+            rate(sp.advertised_mflops),
+            rate(sp.verified_mflops),
+        ));
+    }
+    parts.extend(verdict.flags.iter().map(|f| format!("{f:?}")));
+    let outcome = if shortfall.is_some() || !verdict.flags.is_empty() {
+        AuditOutcome::Flagged
+    } else {
+        parts.push("figures as advertised".into());
+        AuditOutcome::Passed
+    };
+    (outcome, parts.join("; "))
+}
+
+/// What one challenge came to, before it is recorded.
+struct Done {
+    outcome: AuditOutcome,
+    detail: String,
+    verdict: Option<ChallengeVerdict>,
+    shortfall: Option<SpeedShortfall>,
+    speeds: SpeedUpdate,
+}
+
+impl Done {
+    fn failed(detail: String, speeds: SpeedUpdate) -> Self {
+        Self {
+            outcome: AuditOutcome::Failed,
+            detail,
+            verdict: None,
+            shortfall: None,
+            speeds,
+        }
+    }
 }
 
 fn random_u64() -> u64 {
@@ -83,8 +218,9 @@ pub async fn challenge_provider(
     fleet: &BTreeMap<String, Figures>,
 ) -> Result<Audit, DbError> {
     let id = ChallengeId::random();
-    // Re-measure at the sizes the advert was measured at: figures at other
-    // sizes are not comparable (small matrices run far below peak).
+    // Re-measure the CPU at the size the advert was measured at (figures at
+    // other sizes are not comparable); size the GPU product from the
+    // advertised speed, never below the advert's size.
     let mut sizes = cfg.sizes;
     if let Some(b) = &advert.benchmark {
         sizes.cpu_matmul_n = b.cpu.matmul_n;
@@ -92,19 +228,25 @@ pub async fn challenge_provider(
             sizes.gpu_matmul_n = g.matmul_n;
         }
     }
+    sizes.gpu_matmul_n = challenge::gpu_matmul_n_for(advert, sizes.gpu_matmul_n, cfg.speed_target);
+    // An answer the speed check would pass is never late.
+    let timeout = cfg.timeout.max(challenge::allowed_round_trip(
+        advert,
+        sizes.gpu_matmul_n,
+        &cfg.speed,
+    ));
     let c = challenge::new_challenge(
         advert.provider,
         Nonce::random(),
         id,
         UnixMillis::now(),
-        cfg.timeout.as_millis() as u64,
+        u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
         sizes,
     );
-    let (outcome, detail, verdict) = match Signed::sign(&state.key, c, cfg.timeout.as_secs() + 60) {
-        Err(e) => (
-            AuditOutcome::Failed,
+    let done = match Signed::sign(&state.key, c, timeout.as_secs().saturating_add(60)) {
+        Err(e) => Done::failed(
             format!("could not sign the challenge: {e}"),
-            None,
+            SpeedUpdate::Keep,
         ),
         Ok(signed) => {
             let addrs = advert
@@ -112,8 +254,11 @@ pub async fn challenge_provider(
                 .iter()
                 .filter_map(|a| a.parse().ok())
                 .collect();
+            // The round trip is timed here, on this clock: nothing the
+            // provider reports about time is used.
+            let sent = Instant::now();
             let answer = tokio::time::timeout(
-                cfg.timeout,
+                timeout,
                 state.net.request(
                     advert.provider.peer_id(),
                     addrs,
@@ -121,17 +266,15 @@ pub async fn challenge_provider(
                 ),
             )
             .await;
+            let round_trip = sent.elapsed();
             match answer {
-                Err(_) => (
-                    AuditOutcome::Failed,
-                    format!("no answer within {}s", cfg.timeout.as_secs()),
-                    None,
+                Err(_) => Done::failed(
+                    format!("no answer within {}s", timeout.as_secs()),
+                    SpeedUpdate::Clear,
                 ),
-                Ok(Err(e)) => (
-                    AuditOutcome::Failed,
-                    format!("challenge not delivered: {e}"),
-                    None,
-                ),
+                Ok(Err(e)) => {
+                    Done::failed(format!("challenge not delivered: {e}"), SpeedUpdate::Keep)
+                }
                 Ok(Ok(NetResponse::ChallengeResponse(resp))) => {
                     match challenge::check_response(
                         &signed,
@@ -139,64 +282,82 @@ pub async fn challenge_provider(
                         &resp,
                         advert,
                         UnixMillis::now(),
+                        round_trip,
                     ) {
-                        Err(e) => (AuditOutcome::Failed, e.to_string(), None),
+                        Err(e) => Done::failed(e.to_string(), SpeedUpdate::Clear),
                         Ok(mut v) => {
                             v.flags = challenge::assess(&v, advert, fleet);
-                            if v.flags.is_empty() {
-                                (
-                                    AuditOutcome::Passed,
-                                    format!(
-                                        "answered in {} ms; figures as advertised",
-                                        v.elapsed_ms
-                                    ),
-                                    Some(v),
-                                )
-                            } else {
-                                let d = v
-                                    .flags
-                                    .iter()
-                                    .map(|f| format!("{f:?}"))
-                                    .collect::<Vec<_>>()
-                                    .join("; ");
-                                (AuditOutcome::Flagged, d, Some(v))
+                            let shortfall = challenge::speed_shortfall(&v, advert, &cfg.speed);
+                            let (outcome, detail) = judge(&v, shortfall.as_ref());
+                            let rows = speed_records(&v, advert, UnixMillis::now());
+                            Done {
+                                outcome,
+                                detail,
+                                verdict: Some(v),
+                                shortfall,
+                                speeds: SpeedUpdate::Replace(rows),
                             }
                         }
                     }
                 }
-                Ok(Ok(NetResponse::Rejected { reason })) => (
-                    AuditOutcome::Failed,
+                Ok(Ok(NetResponse::Rejected { reason })) => Done::failed(
                     format!("refused the challenge: {reason}"),
-                    None,
+                    SpeedUpdate::Keep,
                 ),
-                Ok(Ok(other)) => (
-                    AuditOutcome::Failed,
-                    format!("answered with {other:?}"),
-                    None,
-                ),
+                Ok(Ok(other)) => {
+                    Done::failed(format!("answered with {other:?}"), SpeedUpdate::Clear)
+                }
             }
         }
     };
-    let _ = verdict;
-    let reputation = record(state, &advert.provider, &id.to_string(), outcome, &detail).await?;
+    let Done {
+        outcome,
+        detail,
+        verdict,
+        shortfall,
+        speeds,
+    } = done;
+    let reputation = record(
+        state,
+        &advert.provider,
+        &id.to_string(),
+        outcome,
+        &detail,
+        &speeds,
+    )
+    .await?;
     tracing::info!(provider = %advert.provider.short(), outcome = outcome.as_str(), reputation, "{detail}");
+    if speeds != SpeedUpdate::Keep {
+        // The scheduler sees the new figures now, not at the next heartbeat.
+        crate::live::refresh(state, &advert.provider).await?;
+        state.wake.notify_one();
+    }
     Ok(Audit {
         provider: advert.provider,
         outcome,
         detail,
         reputation,
+        verdict,
+        speed_shortfall: shortfall,
     })
 }
 
-/// Appends the audit and updates reputation in one transaction.
+/// Appends the audit, updates reputation and the verified speeds in one
+/// transaction.
 async fn record(
     state: &AppState,
     provider: &ProviderId,
     challenge_id: &str,
     outcome: AuditOutcome,
     detail: &str,
+    speeds: &SpeedUpdate,
 ) -> Result<u32, DbError> {
     let mut tx = state.db.begin().await?;
+    match speeds {
+        SpeedUpdate::Replace(rows) => Db::set_gpu_speeds(&mut tx, provider, rows).await?,
+        SpeedUpdate::Clear => Db::set_gpu_speeds(&mut tx, provider, &[]).await?,
+        SpeedUpdate::Keep => {}
+    }
     sqlx::query("INSERT INTO provider_audits (provider, at, challenge_id, outcome, detail) VALUES (?, ?, ?, ?, ?)")
         .bind(provider.to_string())
         .bind(i64::try_from(UnixMillis::now().0).unwrap_or(i64::MAX))
@@ -331,6 +492,7 @@ pub async fn audit_loop(state: AppState, cancel: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::challenge::GpuSpeed;
 
     #[test]
     fn audits_move_reputation_from_the_start() {
@@ -339,5 +501,134 @@ mod tests {
         assert!(after(AuditOutcome::Passed) > REPUTATION_START);
         assert!(after(AuditOutcome::Flagged) < REPUTATION_START);
         assert!(after(AuditOutcome::Failed) < after(AuditOutcome::Flagged));
+    }
+
+    fn verdict(gpus: Vec<(&str, GpuSpeed)>) -> ChallengeVerdict {
+        ChallengeVerdict {
+            challenge_id: ChallengeId::from_bytes([1; 16]),
+            provider: ProviderId::from_public_key(&kiln_protocol::Keypair::generate().public()),
+            round_trip_us: 12_345,
+            cpu: Figures::default(),
+            gpus: gpus
+                .into_iter()
+                .map(|(uuid, speed)| challenge::GpuMeasured {
+                    uuid: uuid.into(),
+                    name: "GPU".into(),
+                    figures: Figures::default(),
+                    speed,
+                })
+                .collect(),
+            flags: vec![],
+        }
+    }
+
+    fn speed(observed: u64, advertised: u64) -> GpuSpeed {
+        GpuSpeed {
+            proven_flops: 26_400_000_000_000,
+            observed_mflops: observed,
+            advertised_mflops: advertised,
+            verified_mflops: observed.min(advertised),
+            expected_us: Some(1),
+        }
+    }
+
+    #[test]
+    fn judging_a_checked_answer() {
+        let v = verdict(vec![("GPU-a", speed(2_000_000_000, 50_000_000))]);
+        let (o, d) = judge(&v, None);
+        assert_eq!(o, AuditOutcome::Passed);
+        assert_eq!(
+            d,
+            "answered in 12.3 ms; GPU-a: at least 2000.00 TFLOP/s observed (26.40 TFLOP proven), \
+             50.00 TFLOP/s advertised, 50.00 TFLOP/s verified; figures as advertised"
+        );
+        let slow = verdict(vec![("GPU-a", speed(86_550, 0))]);
+        assert!(
+            judge(&slow, None).1.contains("at least 86.55 GFLOP/s observed (26.40 TFLOP proven), none advertised, none verified"),
+            "{}",
+            judge(&slow, None).1
+        );
+        let short = SpeedShortfall {
+            round_trip_us: 12_345,
+            expected_us: 500,
+            allowed_us: 1_000,
+            proven_flops: 26_400_000_000_000,
+        };
+        let (o, d) = judge(&v, Some(&short));
+        assert_eq!(o, AuditOutcome::Flagged);
+        assert!(
+            d.contains(
+                "too slow for its advert: the advertised speed needs 0.5 ms for the 26.40 TFLOP proven, \
+                 at most 1.0 ms allowed"
+            ),
+            "{d}"
+        );
+        // A figure shortfall alone flags too.
+        let mut f = v.clone();
+        f.flags.push(challenge::Flag {
+            subject: "cpu".into(),
+            shortfalls: vec![],
+        });
+        assert_eq!(judge(&f, None).0, AuditOutcome::Flagged);
+    }
+
+    #[test]
+    fn only_advertised_gpus_credited_a_speed_leave_a_row() {
+        let v = verdict(vec![
+            ("GPU-a", speed(2_000_000_000, 50_000_000)),
+            // Nothing advertised for it: no figure.
+            ("GPU-b", speed(2_000_000_000, 0)),
+            // Not in the advert at all.
+            ("GPU-x", speed(2_000_000_000, 50_000_000)),
+        ]);
+        let mut advert = kiln_protocol::CapabilityAdvert {
+            provider: v.provider,
+            protocol_version: kiln_protocol::PROTOCOL_VERSION,
+            node_version: "t".into(),
+            listen_addrs: vec![],
+            cpu: kiln_protocol::CpuInfo {
+                model: "t".into(),
+                logical_cores: 1,
+                matmul_mflops: 1,
+            },
+            memory: kiln_protocol::ByteSize(1 << 30),
+            gpus: vec![],
+            slots: 1,
+            price_per_cpu_hour: kiln_protocol::Credits(1),
+            price_per_gpu_hour: kiln_protocol::Credits(1),
+            runtime: "runc".into(),
+            allows_network: false,
+            issued_at: UnixMillis(0),
+            benchmark: None,
+            region: None,
+            disk: kiln_protocol::ByteSize(0),
+            cached: vec![],
+        };
+        for uuid in ["GPU-a", "GPU-b"] {
+            advert.gpus.push(kiln_protocol::GpuInfo {
+                index: 0,
+                uuid: uuid.into(),
+                name: "GPU".into(),
+                memory_total: kiln_protocol::ByteSize(1 << 30),
+                compute_capability: (9, 0),
+                driver_version: "1".into(),
+            });
+        }
+        let rows = speed_records(&v, &advert, UnixMillis(7));
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        let r = &rows[0];
+        assert_eq!(
+            (
+                r.gpu_uuid.as_str(),
+                r.verified_mflops,
+                r.observed_mflops,
+                r.round_trip_us
+            ),
+            ("GPU-a", 50_000_000, 2_000_000_000, 12_345)
+        );
+        assert_eq!(
+            (r.at, r.challenge_id.clone()),
+            (UnixMillis(7), v.challenge_id.to_string())
+        );
     }
 }

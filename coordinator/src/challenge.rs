@@ -14,11 +14,28 @@
 //!
 //! "Below the fleet median" is read as "more than 15% below it" as well:
 //! strictly below the median would flag half of every fleet by definition.
+//!
+//! # Verified speed
+//!
+//! The figures in an answer are the provider's word (see
+//! [`kiln_protocol::bench`]: proofs show results, not speed). What the
+//! coordinator can stand behind is its own clock: [`gpu_speed`] divides the
+//! work of each GPU's checked proofs by the round trip the coordinator
+//! timed, a floor on the speed of a GPU that did that work. The scheduler
+//! credits that floor, never more than the advert claims
+//! ([`GpuSpeed::verified_mflops`]), for `min_tflops` and throughput per
+//! price. [`gpu_matmul_n_for`] sizes the product so that at the advertised
+//! speed the compute takes [`AuditConfig::speed_target`](crate::audit::AuditConfig)
+//! (long against a network round trip), and [`speed_shortfall`] fails the
+//! claim of a provider whose round trip is far longer than its advertised
+//! speed needs.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use kiln_protocol::bench::{
-    Inputs, MAX_FULL_CPU_RECOMPUTE_N, Precision, Sample, cpu_output_digest, sample_positions,
+    Inputs, MAX_FULL_CPU_RECOMPUTE_N, MAX_GPU_MATMUL_N, Precision, Sample, cpu_output_digest,
+    matmul_flops, sample_positions,
 };
 use kiln_protocol::{
     BENCHMARK_VERSION, BenchmarkReport, CapabilityAdvert, Challenge, ChallengeId,
@@ -232,7 +249,31 @@ pub struct GpuMeasured {
     pub uuid: String,
     /// The model, e.g. `NVIDIA H100 80GB HBM3` (the fleet-median key).
     pub name: String,
+    /// As the provider reported them.
     pub figures: Figures,
+    /// As the coordinator observed it.
+    pub speed: GpuSpeed,
+}
+
+/// What one challenge showed of one GPU's speed. MFLOP/s, which is FLOP
+/// per microsecond: fine enough that a slow answer shows as what it is
+/// (a CPU posing as a GPU reads as a few thousand), not as 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuSpeed {
+    /// The work of its checked proofs: `2n³` per proven precision.
+    pub proven_flops: u64,
+    /// `proven_flops` ÷ the round trip, rounded down: for a GPU that did
+    /// the work, a floor on its speed.
+    pub observed_mflops: u64,
+    /// The advert's figure for this GPU at its fastest precision (0: none).
+    pub advertised_mflops: u64,
+    /// What may be credited: the floor, never more than the claim; 0 where
+    /// nothing was claimed (with no claim to cap it, a floor from an answer
+    /// that skipped the work would be unbounded).
+    pub verified_mflops: u64,
+    /// How long the advertised figures need for the proven products, µs
+    /// (`None`: the advert claims nothing for this GPU).
+    pub expected_us: Option<u64>,
 }
 
 /// An accepted response: what was measured and how it compares with the
@@ -241,8 +282,9 @@ pub struct GpuMeasured {
 pub struct ChallengeVerdict {
     pub challenge_id: ChallengeId,
     pub provider: ProviderId,
-    /// From issuing the challenge to receiving the answer.
-    pub elapsed_ms: u64,
+    /// From sending the challenge to receiving the answer, on the
+    /// coordinator's own (monotonic) clock.
+    pub round_trip_us: u64,
     pub cpu: Figures,
     pub gpus: Vec<GpuMeasured>,
     /// Shortfalls against the advert's own benchmark (see [`assess`] for the
@@ -359,28 +401,36 @@ pub fn verify_proofs(
                 want: sizes.gpu_matmul_n,
             });
         }
+        // Every proof is checked, claimed figure or not: the work of each
+        // counts towards the GPU's observed speed (see `gpu_speed`).
         for p in Precision::GPU {
-            if g.gflops(p) == 0 {
-                continue;
+            match g.proof(p) {
+                Some(proof) => {
+                    check_samples(&g.uuid, nonce, p, g.matmul_n, sizes.samples, &proof.samples)?
+                }
+                None if g.gflops(p) > 0 => {
+                    return Err(ChallengeError::MissingProof {
+                        subject: g.uuid.clone(),
+                        precision: p,
+                    });
+                }
+                None => {}
             }
-            let proof = g.proof(p).ok_or_else(|| ChallengeError::MissingProof {
-                subject: g.uuid.clone(),
-                precision: p,
-            })?;
-            check_samples(&g.uuid, nonce, p, g.matmul_n, sizes.samples, &proof.samples)?;
         }
     }
     Ok(())
 }
 
 /// Checks a provider's answer to `challenge` (signed by `coordinator`),
-/// received at `received_at`, against the provider's current `advert`.
+/// received at `received_at`, `round_trip` after it was sent (both on the
+/// coordinator's clocks), against the provider's current `advert`.
 pub fn check_response(
     challenge: &Signed<Challenge>,
     coordinator: &PublicKey,
     response: &Signed<ChallengeResponse>,
     advert: &CapabilityAdvert,
     received_at: UnixMillis,
+    round_trip: Duration,
 ) -> Result<ChallengeVerdict, ChallengeError> {
     // The coordinator's own record: its signature, not its expiry, matters.
     let ch = challenge
@@ -450,18 +500,231 @@ pub fn check_response(
             uuid: g.uuid.clone(),
             name: g.name.clone(),
             figures: gpu_figures(g),
+            speed: gpu_speed(g, advertised_gpu(advert, &g.uuid), round_trip),
         })
         .collect();
     let mut verdict = ChallengeVerdict {
         challenge_id: ch.challenge_id,
         provider: ch.provider,
-        elapsed_ms: received_at.0.saturating_sub(ch.issued_at.0),
+        round_trip_us: micros(round_trip),
         cpu,
         gpus,
         flags: Vec::new(),
     };
     verdict.flags = assess(&verdict, advert, &BTreeMap::new());
     Ok(verdict)
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The advert's benchmark of GPU `uuid`, if the advert lists that GPU.
+fn advertised_gpu<'a>(advert: &'a CapabilityAdvert, uuid: &str) -> Option<&'a GpuBench> {
+    if !advert.gpus.iter().any(|g| g.uuid == uuid) {
+        return None;
+    }
+    advert
+        .benchmark
+        .as_ref()?
+        .gpus
+        .iter()
+        .find(|b| b.uuid == uuid)
+}
+
+/// GFLOP/s → MFLOP/s.
+fn mflops(gflops: u64) -> u64 {
+    gflops.saturating_mul(1000)
+}
+
+/// What a checked answer `g` shows of its GPU's speed, against the
+/// advert's benchmark of the same GPU (`None`: not advertised). Call only
+/// on a report that passed [`verify_proofs`]: every proof counts as work.
+pub fn gpu_speed(g: &GpuBench, advertised: Option<&GpuBench>, round_trip: Duration) -> GpuSpeed {
+    let per = u64::try_from(matmul_flops(g.matmul_n)).unwrap_or(u64::MAX);
+    let proven: Vec<Precision> = Precision::GPU
+        .into_iter()
+        .filter(|p| g.proof(*p).is_some())
+        .collect();
+    let proven_flops = per.saturating_mul(proven.len() as u64);
+    // FLOP per µs is MFLOP/s; rounding down keeps it a floor.
+    let observed_mflops = proven_flops / micros(round_trip).max(1);
+    let claims: Vec<u64> = advertised
+        .map(|a| Precision::GPU.map(|p| mflops(a.gflops(p))).to_vec())
+        .unwrap_or_default();
+    let advertised_mflops = claims.iter().copied().max().unwrap_or(0);
+    let slowest = claims.iter().copied().filter(|c| *c > 0).min();
+    // A proven precision the advert gives no figure for is taken at the
+    // GPU's slowest advertised one.
+    let expected_us = slowest.map(|slowest| {
+        proven
+            .iter()
+            .map(|p| {
+                let c = mflops(advertised.map_or(0, |a| a.gflops(*p)));
+                per.div_ceil(if c > 0 { c } else { slowest })
+            })
+            .fold(0u64, u64::saturating_add)
+    });
+    GpuSpeed {
+        proven_flops,
+        observed_mflops,
+        advertised_mflops,
+        verified_mflops: observed_mflops.min(advertised_mflops),
+        expected_us,
+    }
+}
+
+/// When a round trip is too long for the speed a provider advertises:
+/// more than `slack` times what its advertised figures need for the proven
+/// products, plus the allowances (the network, and whatever else the
+/// answer does before it is sent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpeedPolicy {
+    pub slack: u32,
+    pub allowance: Duration,
+    pub allowance_per_gpu: Duration,
+}
+
+impl Default for SpeedPolicy {
+    /// Fits today's `kiln-node`, which answers a challenge with its whole
+    /// benchmark: per precision a warm-up and three timed trials of the
+    /// same product (at least 19 calls, and at least about a second), then
+    /// bandwidth tests and input generation on the host (a few seconds per
+    /// GPU). So an honest node needs about 19 times the proven compute plus
+    /// seconds per GPU, and only a claim more than 20 times too fast fails.
+    /// A node that computed each proven product once and answered at once
+    /// could be held to a slack of 2 and about a network round trip.
+    fn default() -> Self {
+        Self {
+            slack: 20,
+            allowance: Duration::from_secs(5),
+            allowance_per_gpu: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A round trip too long for the advertised speed: the claim fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpeedShortfall {
+    pub round_trip_us: u64,
+    /// What the advertised figures need for the proven products.
+    pub expected_us: u64,
+    /// The longest round trip that would have passed.
+    pub allowed_us: u64,
+    pub proven_flops: u64,
+}
+
+/// Whether `verdict`'s round trip fails the advertised speed under
+/// `policy`. Judged over the advertised GPUs (an extra GPU in the answer
+/// is the provider's own time); not at all when the advert claims nothing
+/// for one of them (there is no claim to fail, and no figure is credited
+/// for it either).
+pub fn speed_shortfall(
+    verdict: &ChallengeVerdict,
+    advert: &CapabilityAdvert,
+    policy: &SpeedPolicy,
+) -> Option<SpeedShortfall> {
+    let judged: Vec<&GpuMeasured> = verdict
+        .gpus
+        .iter()
+        .filter(|g| advert.gpus.iter().any(|a| a.uuid == g.uuid))
+        .collect();
+    if judged.is_empty() {
+        return None;
+    }
+    let mut expected_us = 0u64;
+    let mut proven_flops = 0u64;
+    for g in &judged {
+        expected_us = expected_us.saturating_add(g.speed.expected_us?);
+        proven_flops = proven_flops.saturating_add(g.speed.proven_flops);
+    }
+    let allowed_us = expected_us
+        .saturating_mul(u64::from(policy.slack))
+        .saturating_add(micros(policy.allowance))
+        .saturating_add(micros(policy.allowance_per_gpu).saturating_mul(judged.len() as u64));
+    (verdict.round_trip_us > allowed_us).then_some(SpeedShortfall {
+        round_trip_us: verdict.round_trip_us,
+        expected_us,
+        allowed_us,
+        proven_flops,
+    })
+}
+
+/// The longest round trip `policy` lets a challenge at GPU size `n` take
+/// before the advert's speed claim fails, from the advert's own figures
+/// (each claimed precision's product at its claimed speed): a challenge's
+/// deadline should be no shorter, or an answer the claim check would pass
+/// fails as late. Zero where there is no claim to check (no GPU, or one
+/// the advert gives no figure for; see [`speed_shortfall`]).
+pub fn allowed_round_trip(advert: &CapabilityAdvert, n: u32, policy: &SpeedPolicy) -> Duration {
+    if advert.gpus.is_empty() {
+        return Duration::ZERO;
+    }
+    let per = u64::try_from(matmul_flops(n)).unwrap_or(u64::MAX);
+    let mut expected_us = 0u64;
+    for g in &advert.gpus {
+        let claims: Vec<u64> = advertised_gpu(advert, &g.uuid)
+            .map(|b| Precision::GPU.map(|p| mflops(b.gflops(p))).to_vec())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| *c > 0)
+            .collect();
+        if claims.is_empty() {
+            return Duration::ZERO;
+        }
+        for c in claims {
+            expected_us = expected_us.saturating_add(per.div_ceil(c));
+        }
+    }
+    let gpus = u32::try_from(advert.gpus.len()).unwrap_or(u32::MAX);
+    Duration::from_micros(expected_us.saturating_mul(u64::from(policy.slack)))
+        .saturating_add(policy.allowance)
+        .saturating_add(policy.allowance_per_gpu.saturating_mul(gpus))
+}
+
+/// Matrices are sized in steps of this (GEMM kernels tile by it).
+pub const MATMUL_N_STEP: u32 = 64;
+
+/// The GPU matmul size for a challenge to `advert`: the smallest multiple
+/// of [`MATMUL_N_STEP`] whose proven products need at least `target` at the
+/// advertised speed of its fastest GPU (so every GPU's compute is long
+/// against the network round trip), never smaller than `base` (the size the
+/// advert was measured at: smaller matrices run below peak), at most
+/// [`MAX_GPU_MATMUL_N`] and what leaves half of each GPU's memory free (three
+/// FP32 matrices). `base` alone where nothing is advertised.
+pub fn gpu_matmul_n_for(advert: &CapabilityAdvert, base: u32, target: Duration) -> u32 {
+    let base = base.clamp(16, MAX_GPU_MATMUL_N);
+    // Seconds per FLOP of each advertised GPU's proven products (one per
+    // precision it claims).
+    let fastest = advert
+        .gpus
+        .iter()
+        .filter_map(|g| advertised_gpu(advert, &g.uuid))
+        .map(|b| {
+            Precision::GPU
+                .into_iter()
+                .filter(|p| b.gflops(*p) > 0)
+                .map(|p| 1.0 / (b.gflops(p) as f64 * 1e9))
+                .sum::<f64>()
+        })
+        .filter(|s| *s > 0.0)
+        .min_by(f64::total_cmp);
+    let Some(secs_per_flop) = fastest else {
+        return base;
+    };
+    let step = f64::from(MATMUL_N_STEP);
+    let want = (target.as_secs_f64() / (2.0 * secs_per_flop)).cbrt();
+    let want = ((want / step).ceil() * step).min(f64::from(MAX_GPU_MATMUL_N)) as u32;
+    let memory = advert
+        .gpus
+        .iter()
+        .map(|g| {
+            let n = (g.memory_total.0 as f64 / 2.0 / 12.0).sqrt();
+            ((n / step).floor() * step).min(f64::from(MAX_GPU_MATMUL_N)) as u32
+        })
+        .min()
+        .unwrap_or(MAX_GPU_MATMUL_N);
+    want.min(memory).max(base)
 }
 
 /// Flags of a verdict against the advert's benchmark and the fleet medians
@@ -644,6 +907,7 @@ mod tests {
             resp,
             adv,
             UnixMillis(1_020_000),
+            Duration::from_secs(20),
         )
     }
 
@@ -657,7 +921,7 @@ mod tests {
         );
         let v = check(&w, &respond(&w, honest_report(nonce, &H100, 10_000)), &adv).unwrap();
         assert_eq!(v.flags, vec![]);
-        assert_eq!(v.elapsed_ms, 20_000);
+        assert_eq!(v.round_trip_us, 20_000_000);
         assert_eq!(v.gpus[0].figures.get(Metric::Bf16Gflops), 780_000);
         assert_eq!(v.cpu.get(Metric::CpuMatmulMflops), 10_000);
     }
@@ -771,6 +1035,16 @@ mod tests {
                 Box::new(|r| r.gpus.clear()),
                 "MissingGpu",
             ),
+            (
+                // Its work would count towards the GPU's speed: checked too.
+                "proof of an unclaimed precision",
+                Box::new(|r| {
+                    r.gpus[0].fp16_gflops = 0;
+                    let s = &mut r.gpus[0].proofs[1].samples[3];
+                    *s = Sample::new(s.row, s.col, s.value() + 1.0);
+                }),
+                "SampleMismatch",
+            ),
         ];
         for (what, tamper, want) in cases {
             let mut r = honest();
@@ -806,6 +1080,7 @@ mod tests {
             &respond(&w, honest()),
             &adv,
             UnixMillis(1_060_001),
+            Duration::from_secs(60),
         );
         assert!(matches!(late, Err(ChallengeError::Late { .. })));
         // Another challenge's answer.
@@ -824,6 +1099,7 @@ mod tests {
             &respond(&w, honest()),
             &adv,
             UnixMillis(1_020_000),
+            Duration::from_secs(20),
         );
         assert!(matches!(forged, Err(ChallengeError::ChallengeSignature(_))));
         // And the honest one passes.
@@ -915,6 +1191,369 @@ mod tests {
         for r in [0, 1, 12345, u64::MAX] {
             let d = next_challenge_in_ms(60_000, r);
             assert!((30_000..90_000).contains(&d), "{d}");
+        }
+    }
+
+    /// A GPU bench with proofs (unchecked here) for `proven` and the
+    /// given claims, GFLOP/s, in BF16, FP16, FP32 order.
+    fn bench(uuid: &str, n: u32, gflops: [u64; 3], proven: &[Precision]) -> GpuBench {
+        GpuBench {
+            index: 0,
+            uuid: uuid.into(),
+            name: "GPU".into(),
+            engine: GemmEngine::Cublas,
+            matmul_n: n,
+            bf16_gflops: gflops[0],
+            fp16_gflops: gflops[1],
+            fp32_gflops: gflops[2],
+            copy_bytes: 0,
+            d2d_mbps: 0,
+            h2d_pinned_mbps: 0,
+            d2h_pinned_mbps: 0,
+            proofs: proven
+                .iter()
+                .map(|&precision| MatmulProof {
+                    precision,
+                    iterations: 1,
+                    checksum: Digest32::default(),
+                    samples: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn speed_is_proven_work_over_the_round_trip_capped_by_the_claim() {
+        use Precision::{Bf16, Fp16, Fp32};
+        let us = Duration::from_micros;
+        // n = 1000: 2·10⁹ FLOP per proven product.
+        let claim = bench("g", 1000, [1_000, 0, 500], &[]);
+        // (proven, claimed?, round trip) → (proven FLOP, observed, advertised, verified, expected µs)
+        type Case = (&'static [Precision], bool, Duration, GpuSpeed);
+        let speed = |p, o, a, v, e| GpuSpeed {
+            proven_flops: p,
+            observed_mflops: o,
+            advertised_mflops: a,
+            verified_mflops: v,
+            expected_us: e,
+        };
+        let cases: Vec<Case> = vec![
+            // 2·10⁹ FLOP in 1 s: 2 000 MFLOP/s, far below the 10⁶ claimed.
+            (
+                &[Bf16],
+                true,
+                us(1_000_000),
+                speed(2_000_000_000, 2_000, 1_000_000, 2_000, Some(2_000)),
+            ),
+            // In 1 ms: 2·10⁶ MFLOP/s, capped at the claim (an answer can be
+            // quicker than its work only by skipping it).
+            (
+                &[Bf16],
+                true,
+                us(1_000),
+                speed(2_000_000_000, 2_000_000, 1_000_000, 1_000_000, Some(2_000)),
+            ),
+            // Rounded down: a floor stays a floor.
+            (
+                &[Bf16],
+                true,
+                us(3),
+                speed(
+                    2_000_000_000,
+                    666_666_666,
+                    1_000_000,
+                    1_000_000,
+                    Some(2_000),
+                ),
+            ),
+            // A zero round trip counts as 1 µs.
+            (
+                &[Bf16],
+                true,
+                Duration::ZERO,
+                speed(
+                    2_000_000_000,
+                    2_000_000_000,
+                    1_000_000,
+                    1_000_000,
+                    Some(2_000),
+                ),
+            ),
+            // Three proven products; FP16, not claimed, is expected at the
+            // slowest claim (FP32's 500 GFLOP/s): 2 000 + 4 000 + 4 000 µs.
+            (
+                &[Bf16, Fp16, Fp32],
+                true,
+                us(6_000_000),
+                speed(6_000_000_000, 1_000, 1_000_000, 1_000, Some(10_000)),
+            ),
+            // Nothing claimed: observed, but nothing to credit or expect.
+            (
+                &[Fp32],
+                false,
+                us(1_000),
+                speed(2_000_000_000, 2_000_000, 0, 0, None),
+            ),
+            // No proof: no work.
+            (&[], true, us(1_000), speed(0, 0, 1_000_000, 0, Some(0))),
+        ];
+        for (i, (proven, claimed, rtt, want)) in cases.into_iter().enumerate() {
+            let answer = bench("g", 1000, [1_000, 1_000, 1_000], proven);
+            let got = gpu_speed(&answer, claimed.then_some(&claim), rtt);
+            assert_eq!(got, want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn a_round_trip_far_longer_than_the_claim_needs_fails_it() {
+        let w = world();
+        let provider = ProviderId::from_public_key(&w.provider.public());
+        let measured = |uuid: &str, expected_us: Option<u64>| GpuMeasured {
+            uuid: uuid.into(),
+            name: "GPU".into(),
+            figures: Figures::default(),
+            speed: GpuSpeed {
+                proven_flops: 1_000,
+                expected_us,
+                ..GpuSpeed::default()
+            },
+        };
+        let verdict = |rtt: u64, gpus: Vec<GpuMeasured>| ChallengeVerdict {
+            challenge_id: ChallengeId::from_bytes([1; 16]),
+            provider,
+            round_trip_us: rtt,
+            cpu: Figures::default(),
+            gpus,
+            flags: vec![],
+        };
+        let mut two = advert(&w, None);
+        let mut second = two.gpus[0].clone();
+        second.uuid = "GPU-bbbb".into();
+        two.gpus.push(second);
+        let one = advert(&w, None);
+        let policy = |slack, allowance_us, per_gpu_us| SpeedPolicy {
+            slack,
+            allowance: Duration::from_micros(allowance_us),
+            allowance_per_gpu: Duration::from_micros(per_gpu_us),
+        };
+        let a = "GPU-aaaa";
+        // (advert, round trip, GPUs answered, policy, allowed if flagged)
+        type Case = (
+            CapabilityAdvert,
+            u64,
+            Vec<GpuMeasured>,
+            SpeedPolicy,
+            Option<u64>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                one.clone(),
+                200,
+                vec![measured(a, Some(100))],
+                policy(2, 0, 0),
+                None,
+            ),
+            (
+                one.clone(),
+                201,
+                vec![measured(a, Some(100))],
+                policy(2, 0, 0),
+                Some(200),
+            ),
+            (
+                one.clone(),
+                1_200,
+                vec![measured(a, Some(100))],
+                policy(2, 1_000, 0),
+                None,
+            ),
+            (
+                one.clone(),
+                1_201,
+                vec![measured(a, Some(100))],
+                policy(2, 1_000, 0),
+                Some(1_200),
+            ),
+            // Two GPUs: their expected times add up, and so do the allowances.
+            (
+                two.clone(),
+                2_601,
+                vec![measured(a, Some(100)), measured("GPU-bbbb", Some(200))],
+                policy(2, 1_000, 500),
+                Some(2_600),
+            ),
+            // An advertised GPU with no claim: nothing to fail.
+            (
+                two.clone(),
+                1_000_000,
+                vec![measured(a, Some(100)), measured("GPU-bbbb", None)],
+                policy(2, 0, 0),
+                None,
+            ),
+            // A GPU the advert does not list is the provider's own time.
+            (
+                one.clone(),
+                1_000_000,
+                vec![measured("GPU-extra", Some(1))],
+                policy(2, 0, 0),
+                None,
+            ),
+            (
+                one.clone(),
+                201,
+                vec![measured(a, Some(100)), measured("GPU-extra", None)],
+                policy(2, 0, 0),
+                Some(200),
+            ),
+            (one, 1_000_000, vec![], policy(2, 0, 0), None),
+        ];
+        for (i, (adv, rtt, gpus, policy, want)) in cases.into_iter().enumerate() {
+            let got = speed_shortfall(&verdict(rtt, gpus), &adv, &policy);
+            assert_eq!(got.map(|s| s.allowed_us), want, "case {i}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn a_correct_answer_slower_than_advertised_passes_the_figures_but_fails_the_claim() {
+        // It computed every sample right and reported its advert's figures:
+        // the answer alone looks like an H100's. Only the round trip the
+        // coordinator timed (20 s for the 1.6 MFLOP of n = 64) says otherwise.
+        let w = world();
+        let nonce = w.challenge.payload.nonce;
+        let adv = advert(
+            &w,
+            Some(honest_report(Nonce::from_bytes([9; 16]), &H100, 10_000)),
+        );
+        let v = check(&w, &respond(&w, honest_report(nonce, &H100, 10_000)), &adv).unwrap();
+        assert_eq!(v.flags, vec![], "its own figures match its advert");
+        let g = &v.gpus[0].speed;
+        assert_eq!(g.proven_flops, 3 * 2 * 64 * 64 * 64);
+        assert_eq!((g.observed_mflops, g.verified_mflops), (0, 0));
+        let strict = SpeedPolicy {
+            slack: 2,
+            allowance: Duration::from_millis(100),
+            allowance_per_gpu: Duration::ZERO,
+        };
+        let s = speed_shortfall(&v, &adv, &strict).expect("the claim fails");
+        assert_eq!(s.round_trip_us, 20_000_000);
+        assert!(s.expected_us < 10, "{s:?}");
+        // The default, which fits today's node (its full benchmark, 25 s
+        // of allowance here), lets it be.
+        assert_eq!(speed_shortfall(&v, &adv, &SpeedPolicy::default()), None);
+    }
+
+    #[test]
+    fn the_deadline_covers_what_the_claim_check_allows() {
+        let w = world();
+        let policy = SpeedPolicy {
+            slack: 2,
+            allowance: Duration::from_secs(5),
+            allowance_per_gpu: Duration::from_secs(20),
+        };
+        // An H100 at n = 16 384: 8.8 TFLOP at 780, 780 and 51 TFLOP/s is
+        // 11.3 + 11.3 + 172.5 ms; twice that, plus 5 s and 20 s for its GPU.
+        let adv = advert(
+            &w,
+            Some(honest_report(Nonce::from_bytes([9; 16]), &H100, 10_000)),
+        );
+        let t = allowed_round_trip(&adv, 16_384, &policy);
+        assert_eq!(
+            t,
+            Duration::from_micros(2 * (11_278 + 11_278 + 172_473) + 25_000_000)
+        );
+        // Nothing claimed, or no GPU: nothing to check, no time to allow.
+        let bare = advert(&w, None);
+        assert_eq!(allowed_round_trip(&bare, 16_384, &policy), Duration::ZERO);
+        let mut none = adv.clone();
+        none.gpus.clear();
+        assert_eq!(allowed_round_trip(&none, 16_384, &policy), Duration::ZERO);
+        // One of two GPUs without a claim: the same.
+        let mut half = adv.clone();
+        let mut second = half.gpus[0].clone();
+        second.uuid = "GPU-unclaimed".into();
+        half.gpus.push(second);
+        assert_eq!(allowed_round_trip(&half, 16_384, &policy), Duration::ZERO);
+    }
+
+    #[test]
+    fn challenge_size_follows_the_claim() {
+        let w = world();
+        let target = Duration::from_secs;
+        let with = |figs: &[[u64; 3]], memory_gib: u64| {
+            let mut adv = advert(&w, None);
+            let template = adv.gpus[0].clone();
+            adv.gpus.clear();
+            let mut report = honest_report(Nonce::from_bytes([9; 16]), &H100, 10_000);
+            let bench_template = report.gpus[0].clone();
+            report.gpus.clear();
+            for (i, f) in figs.iter().enumerate() {
+                let uuid = format!("GPU-{i}");
+                adv.gpus.push(GpuInfo {
+                    uuid: uuid.clone(),
+                    memory_total: ByteSize(memory_gib << 30),
+                    ..template.clone()
+                });
+                report.gpus.push(GpuBench {
+                    uuid,
+                    bf16_gflops: f[0],
+                    fp16_gflops: f[1],
+                    fp32_gflops: f[2],
+                    ..bench_template.clone()
+                });
+            }
+            adv.benchmark = Some(report);
+            adv
+        };
+        let h100 = [780_000, 780_000, 51_000];
+        // (advert, base n, target, n)
+        let cases: Vec<(CapabilityAdvert, u32, Duration, u32)> = vec![
+            // An H100's three products at n = 16 384 take 0.2 s: the cap.
+            (with(&[h100], 80), 8192, target(1), 16_384),
+            // 4 GiB leave room for three FP32 matrices of 13 376² only.
+            (with(&[h100], 4), 8192, target(1), 13_376),
+            // … but never below the size the advert was measured at.
+            (with(&[h100], 1), 8192, target(1), 8192),
+            // 1.5 TFLOP/s in FP32 only, 50 µs: ∛(5·10⁻⁵ · 1.5·10¹² / 2) = 335 → 384.
+            (
+                with(&[[0, 0, 1_500]], 80),
+                64,
+                Duration::from_micros(50),
+                384,
+            ),
+            (
+                with(&[[0, 0, 1_500]], 80),
+                512,
+                Duration::from_micros(50),
+                512,
+            ),
+            // The fastest GPU sets the size.
+            (
+                with(&[[0, 0, 1_500], [0, 0, 12_000]], 80),
+                64,
+                Duration::from_micros(50),
+                704,
+            ),
+            // Nothing advertised, or no time asked for: the base size.
+            (with(&[[0, 0, 0]], 80), 512, target(1), 512),
+            (advert(&w, None), 4096, target(1), 4096),
+            (with(&[h100], 80), 4096, Duration::ZERO, 4096),
+            // Bases out of range are brought into it.
+            (with(&[[0, 0, 0]], 80), 1, target(1), 16),
+            (
+                with(&[[0, 0, 0]], 80),
+                u32::MAX,
+                target(1),
+                MAX_GPU_MATMUL_N,
+            ),
+        ];
+        for (i, (adv, base, t, want)) in cases.into_iter().enumerate() {
+            let n = gpu_matmul_n_for(&adv, base, t);
+            assert_eq!(n, want, "case {i}");
+            let sizes = ChallengeSizes {
+                gpu_matmul_n: n,
+                ..ChallengeSizes::default()
+            };
+            assert_eq!(sizes.validate(), Ok(()), "case {i}");
         }
     }
 }

@@ -411,3 +411,88 @@ fn provider_row(r: &sqlx::sqlite::SqliteRow) -> Result<Option<ProviderRecord>, D
         }
     }
 }
+
+/// One GPU's verified speed, as the last checked challenge left it (see
+/// `challenge::GpuSpeed`; MFLOP/s).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuSpeedRecord {
+    pub gpu_uuid: String,
+    pub gpu_name: String,
+    /// What the scheduler credits: the observed floor, at most advertised.
+    pub verified_mflops: u64,
+    pub observed_mflops: u64,
+    pub advertised_mflops: u64,
+    pub proven_flops: u64,
+    pub round_trip_us: u64,
+    pub challenge_id: String,
+    pub at: UnixMillis,
+}
+
+impl Db {
+    /// Replaces `provider`'s verified GPU speeds with `rows` (none: it has
+    /// no verified figure), in the caller's transaction.
+    pub async fn set_gpu_speeds(
+        tx: &mut Tx<'_>,
+        provider: &ProviderId,
+        rows: &[GpuSpeedRecord],
+    ) -> Result<(), DbError> {
+        sqlx::query("DELETE FROM gpu_speed WHERE provider = ?")
+            .bind(provider.to_string())
+            .execute(&mut **tx)
+            .await?;
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO gpu_speed (provider, gpu_uuid, gpu_name, verified_mflops, observed_mflops, \
+                 advertised_mflops, proven_flops, round_trip_us, challenge_id, at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (provider, gpu_uuid) DO UPDATE SET gpu_name = excluded.gpu_name, \
+                 verified_mflops = excluded.verified_mflops, observed_mflops = excluded.observed_mflops, \
+                 advertised_mflops = excluded.advertised_mflops, proven_flops = excluded.proven_flops, \
+                 round_trip_us = excluded.round_trip_us, challenge_id = excluded.challenge_id, at = excluded.at",
+            )
+            .bind(provider.to_string())
+            .bind(&r.gpu_uuid)
+            .bind(&r.gpu_name)
+            .bind(i(r.verified_mflops))
+            .bind(i(r.observed_mflops))
+            .bind(i(r.advertised_mflops))
+            .bind(i(r.proven_flops))
+            .bind(i(r.round_trip_us))
+            .bind(&r.challenge_id)
+            .bind(i(r.at.0))
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// `provider`'s verified GPU speeds, by GPU UUID.
+    pub async fn gpu_speeds(&self, provider: &ProviderId) -> Result<Vec<GpuSpeedRecord>, DbError> {
+        let rows = sqlx::query(
+            "SELECT gpu_uuid, gpu_name, verified_mflops, observed_mflops, advertised_mflops, \
+             proven_flops, round_trip_us, challenge_id, at FROM gpu_speed WHERE provider = ? ORDER BY gpu_uuid",
+        )
+        .bind(provider.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        let num = |r: &sqlx::sqlite::SqliteRow, col: &str| -> Result<u64, DbError> {
+            let v: i64 = r.try_get(col)?;
+            u64::try_from(v).map_err(|_| corrupt("gpu_speed", format!("negative {col} {v}")))
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(GpuSpeedRecord {
+                    gpu_uuid: r.try_get("gpu_uuid")?,
+                    gpu_name: r.try_get("gpu_name")?,
+                    verified_mflops: num(r, "verified_mflops")?,
+                    observed_mflops: num(r, "observed_mflops")?,
+                    advertised_mflops: num(r, "advertised_mflops")?,
+                    proven_flops: num(r, "proven_flops")?,
+                    round_trip_us: num(r, "round_trip_us")?,
+                    challenge_id: r.try_get("challenge_id")?,
+                    at: UnixMillis(num(r, "at")?),
+                })
+            })
+            .collect()
+    }
+}

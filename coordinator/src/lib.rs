@@ -19,6 +19,10 @@
 //!   fetched from the provider); then records it and settles payment in one
 //!   transaction.
 //!
+//! * re-executes a sample of accepted results on another provider before
+//!   it pays for them, slashes whoever the majority contradicts, and keeps
+//!   each provider's verified track record ([`verification`],
+//!   [`lifecycle::reexec`]);
 //! * challenges providers' advertised performance at random times
 //!   ([`audit`]) and keeps their reputation.
 //!
@@ -101,6 +105,8 @@ pub struct CoordinatorConfig {
     /// Usage reports closer together than this are refused (payments are
     /// cumulative, so the next report catches up).
     pub min_usage_interval: Duration,
+    /// Verification of results by spot re-execution.
+    pub verification: verification::VerificationConfig,
 }
 
 impl CoordinatorConfig {
@@ -122,6 +128,7 @@ impl CoordinatorConfig {
             blob_quota: None,
             result_grace: Duration::from_secs(120),
             min_usage_interval: Duration::from_secs(5),
+            verification: verification::VerificationConfig::default(),
         }
     }
 }
@@ -176,6 +183,8 @@ pub struct Inner {
     /// for them (what they leave undone is resumed from the database at
     /// the next start, see [`lifecycle::recover`]).
     pub stopping: CancellationToken,
+    /// One verification step at a time (see [`lifecycle::reexec`]).
+    pub reexec: tokio::sync::Mutex<()>,
 }
 
 pub type AppState = Arc<Inner>;
@@ -267,6 +276,7 @@ pub async fn start(
         live: std::sync::Mutex::new(live::LiveFleet::new()),
         tasks: TaskTracker::new(),
         stopping: cancel.clone(),
+        reexec: tokio::sync::Mutex::new(()),
     });
     tracing::info!(http = %http_addr, p2p = ?p2p_addrs, "coordinator up");
 

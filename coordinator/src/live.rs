@@ -7,14 +7,18 @@
 //! leaving `dispatched`/`running` (result, requeue, failure) gives them back.
 //! As a safety net against any drift the fleet is rebuilt from the database
 //! at start-up and every [`RESYNC`].
+//!
+//! A provider's TFLOP/s is never its own: it is what its last checked
+//! challenge showed ([`verified_tflops`] over `gpu_speed`, see
+//! [`crate::audit`]), refreshed here as soon as an audit records it.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use kiln_protocol::{CapabilityAdvert, JobId, ProviderId, UnixMillis};
+use kiln_protocol::{CapabilityAdvert, GpuInfo, JobId, ProviderId, UnixMillis};
 
 use crate::AppState;
-use crate::db::DbError;
+use crate::db::{DbError, GpuSpeedRecord};
 
 use crate::sched::{Fleet, Placement, ProviderView, ReservationId};
 
@@ -79,6 +83,16 @@ impl LiveFleet {
                 self.unbonded.insert(id, now);
             }
         }
+    }
+
+    /// Replaces what the scheduler knows of a provider that is online (a new
+    /// verified figure), leaving its lease alone. `false` if it is not online.
+    pub fn refresh(&mut self, view: ProviderView) -> bool {
+        if self.fleet.index_of(&view.id).is_none() {
+            return false;
+        }
+        self.fleet.upsert(view);
+        true
     }
 
     /// Takes a provider out until it registers again (it did not answer an
@@ -164,8 +178,30 @@ pub(crate) fn lease_start(state: &AppState) -> UnixMillis {
     )
 }
 
-/// What the scheduler sees of a provider: its advert, its reputation, and
-/// whether it may be offered work at all (it holds the minimum stake bond).
+/// A provider's TFLOP/s per GPU for the scheduler: the verified figure of
+/// its slowest advertised GPU, rounded down to whole TFLOP/s (`min_tflops`
+/// is whole, so matching loses nothing). `None` if any advertised GPU has
+/// no verified figure (a job could land on that one), or it has no GPUs.
+pub fn verified_tflops(gpus: &[GpuInfo], speeds: &[GpuSpeedRecord]) -> Option<u32> {
+    let slowest = gpus
+        .iter()
+        .take(crate::sched::MAX_GPUS_PER_NODE)
+        .map(|g| {
+            speeds
+                .iter()
+                .find(|s| s.gpu_uuid == g.uuid)
+                .map(|s| s.verified_mflops)
+                .filter(|m| *m > 0)
+        })
+        .collect::<Option<Vec<u64>>>()?
+        .into_iter()
+        .min()?;
+    Some(u32::try_from(slowest / 1_000_000).unwrap_or(u32::MAX))
+}
+
+/// What the scheduler sees of a provider: its advert, its reputation, its
+/// verified TFLOP/s, and whether it may be offered work at all (it holds
+/// the minimum stake bond).
 async fn view_of(
     state: &AppState,
     advert: CapabilityAdvert,
@@ -174,9 +210,23 @@ async fn view_of(
         return Ok(None);
     }
     let mut v = ProviderView::new(advert);
-    // No verified TFLOP/s figure yet (a job asking for `min_tflops` waits).
     v.reputation = state.db.reputation(&v.id).await?;
+    if !v.advert.gpus.is_empty() {
+        v.tflops = verified_tflops(&v.advert.gpus, &state.db.gpu_speeds(&v.id).await?);
+    }
     Ok(Some(v))
+}
+
+/// An audit changed what is verified about `provider`: if it is online,
+/// the scheduler sees it now (its lease is left alone).
+pub async fn refresh(state: &AppState, provider: &ProviderId) -> Result<(), DbError> {
+    let Some(record) = state.db.provider(provider).await? else {
+        return Ok(());
+    };
+    if let Some(view) = view_of(state, record.advert.payload).await? {
+        lock(state).refresh(view);
+    }
+    Ok(())
 }
 
 /// A provider (re-)registered: update the live fleet.
@@ -266,6 +316,83 @@ mod tests {
         let mut s = JobSpec::new(format!("sha256:{}", "a".repeat(64)), vec!["x".into()]);
         s.resources.max_price_per_hour = Credits(1_000_000);
         s
+    }
+
+    fn gpu(uuid: &str) -> GpuInfo {
+        GpuInfo {
+            index: 0,
+            uuid: uuid.into(),
+            name: "GPU".into(),
+            memory_total: ByteSize(80 << 30),
+            compute_capability: (9, 0),
+            driver_version: "580".into(),
+        }
+    }
+
+    fn speed(uuid: &str, verified_mflops: u64) -> GpuSpeedRecord {
+        GpuSpeedRecord {
+            gpu_uuid: uuid.into(),
+            gpu_name: "GPU".into(),
+            verified_mflops,
+            observed_mflops: verified_mflops,
+            advertised_mflops: verified_mflops,
+            proven_flops: 1,
+            round_trip_us: 1,
+            challenge_id: "c".into(),
+            at: UnixMillis(0),
+        }
+    }
+
+    #[test]
+    fn a_providers_tflops_is_its_slowest_gpus_verified_figure() {
+        let (a, b) = (gpu("GPU-a"), gpu("GPU-b"));
+        // (GPUs, speeds) → TFLOP/s
+        let cases: Vec<(Vec<GpuInfo>, Vec<GpuSpeedRecord>, Option<u32>)> = vec![
+            (vec![a.clone()], vec![], None),
+            (
+                vec![a.clone()],
+                vec![speed("GPU-a", 400_999_999)],
+                Some(400),
+            ),
+            // Under 1 TFLOP/s is 0, not unmeasured: it fails any min_tflops.
+            (vec![a.clone()], vec![speed("GPU-a", 999_999)], Some(0)),
+            (vec![a.clone()], vec![speed("GPU-a", 0)], None),
+            (
+                vec![a.clone(), b.clone()],
+                vec![speed("GPU-a", 700_000_000), speed("GPU-b", 300_000_000)],
+                Some(300),
+            ),
+            // A GPU without a figure: the job could land on it.
+            (
+                vec![a.clone(), b.clone()],
+                vec![speed("GPU-a", 700_000_000)],
+                None,
+            ),
+            // Figures of GPUs it no longer advertises do not count.
+            (vec![b], vec![speed("GPU-a", 700_000_000)], None),
+            (vec![], vec![speed("GPU-a", 700_000_000)], None),
+            (vec![a], vec![speed("GPU-a", u64::MAX)], Some(u32::MAX)),
+        ];
+        for (i, (gpus, speeds, want)) in cases.into_iter().enumerate() {
+            assert_eq!(verified_tflops(&gpus, &speeds), want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn a_refresh_changes_an_online_provider_only() {
+        let mut live = LiveFleet::new();
+        let registered = view(1);
+        let id = registered.id;
+        let mut measured = registered.clone();
+        measured.tflops = Some(5);
+        assert!(!live.refresh(measured.clone()), "not online: not added");
+        assert_eq!(live.fleet.online(), 0);
+        live.observe(id, Some(registered), UnixMillis(1_000));
+        assert!(live.refresh(measured));
+        let i = live.fleet.index_of(&id).unwrap();
+        assert_eq!(live.fleet.view(i).tflops, Some(5));
+        // The lease is still the registration's.
+        assert_eq!(live.expire(UnixMillis(1_001)), 1);
     }
 
     #[test]

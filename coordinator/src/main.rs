@@ -47,6 +47,15 @@ enum Cmd {
         /// result before the coordinator gives up on it.
         #[arg(long, default_value = "2m")]
         result_grace: Seconds,
+        /// Re-execute a sample of accepted results on another provider
+        /// before paying for them (`on`), or pay every result at once
+        /// (`off`).
+        #[arg(long, default_value = "on", value_parser = parse_on_off)]
+        verification: bool,
+        /// How long a sampled result may wait for its re-executions (on
+        /// top of twice the job's timeout).
+        #[arg(long, default_value = "30m")]
+        audit_window: Seconds,
     },
 }
 
@@ -61,6 +70,14 @@ fn parse_every(s: &str) -> Result<Every, String> {
             Seconds(0) => Err("0 would challenge without pause; give a duration or `off`".into()),
             d => Ok(Every(Some(d))),
         },
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("`{s}`: say `on` or `off`")),
     }
 }
 
@@ -85,6 +102,8 @@ async fn main() -> anyhow::Result<()> {
         fee_bps,
         audit_every,
         result_grace,
+        verification,
+        audit_window,
     } = Cli::parse().cmd;
     let mut config = CoordinatorConfig::new(state_dir);
     config.http_listen = http;
@@ -93,6 +112,8 @@ async fn main() -> anyhow::Result<()> {
     config.fee_bps = fee_bps;
     config.audit.mean_interval = audit_every.0.map(|s| Duration::from_secs(s.0));
     config.result_grace = Duration::from_secs(result_grace.0);
+    config.verification.enabled = verification;
+    config.verification.window = Duration::from_secs(audit_window.0);
     let cancel = CancellationToken::new();
     let c = kiln_coordinator::start(config, cancel.clone())
         .await

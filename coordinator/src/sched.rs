@@ -10,16 +10,16 @@
 //!   is what makes the why-not line useful:
 //!   `waiting: 12 online; 9 excluded by min_vram=80GiB; 3 by max_price_per_hour=2.000000 cr`.
 //!   The order is: the node's GPUs (how many, which model, compute
-//!   capability, memory, benchmarked speed), then the provider's policy and
+//!   capability, memory, verified speed), then the provider's policy and
 //!   standing (network, region, reputation), then price, then what it has in
 //!   total (CPUs, memory, disk), then what is *free now* (a slot, GPUs, CPUs,
 //!   memory, disk), and last whether it is held for a job that has waited
 //!   longer ([`queue`]).
 //! * Among providers that fit, the order is: lower price; then more
-//!   benchmarked TFLOP/s per unit of price; then higher reputation; then more
-//!   of the job's input CIDs already cached (locality); then lower load
-//!   (running ÷ slots, so work spreads); then the smaller provider id, so
-//!   the choice is deterministic.
+//!   verified TFLOP/s per unit of price (see [`crate::live`]); then higher
+//!   reputation; then more of the job's input CIDs already cached
+//!   (locality); then lower load (running ÷ slots, so work spreads); then
+//!   the smaller provider id, so the choice is deterministic.
 //! * [`queue`] orders the queue (priority, then submission order), runs a
 //!   scheduling round without head-of-line blocking, holds providers for
 //!   jobs that have waited too long (anti-starvation) and reports jobs past
@@ -50,6 +50,7 @@ mod matching;
 mod names;
 pub mod queue;
 pub mod search;
+mod verifiers;
 
 #[cfg(test)]
 mod tests;
@@ -79,7 +80,7 @@ pub enum Constraint {
     MinComputeCapability,
     /// … of those, fewer have the memory.
     MinVram,
-    /// The provider's benchmarked TFLOP/s per GPU is unknown or too low.
+    /// The provider's verified TFLOP/s per GPU is unknown or too low.
     MinTflops,
     /// The job wants the network and the provider does not allow it.
     Network,
@@ -236,6 +237,45 @@ impl Wanted {
     }
 }
 
+/// What the providers `min_tflops` excluded have been verified at, so the
+/// why-not line says what is missing: `(verified figures: none yet)`,
+/// `(verified figures: best 120)`, `(verified figures: best <1, 2 none yet)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TflopsSeen {
+    /// The best verified figure among them, TFLOP/s per GPU (rounded down).
+    pub best: Option<u32>,
+    /// How many have no verified figure.
+    pub unmeasured: u32,
+}
+
+impl TflopsSeen {
+    pub(crate) fn note(&mut self, tflops: Option<u32>) {
+        match tflops {
+            Some(t) => self.best = Some(self.best.map_or(t, |b| b.max(t))),
+            None => self.unmeasured += 1,
+        }
+    }
+}
+
+impl fmt::Display for TflopsSeen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.best {
+            None => f.write_str("verified figures: none yet"),
+            Some(best) => {
+                if best == 0 {
+                    f.write_str("verified figures: best <1")?;
+                } else {
+                    write!(f, "verified figures: best {best}")?;
+                }
+                if self.unmeasured > 0 {
+                    write!(f, ", {} none yet", self.unmeasured)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Why a job could not be placed now. Its `Display` is the job's status line:
 ///
 /// `waiting: 12 online; 9 excluded by min_vram=80GiB; 3 by max_price_per_hour=2.000000 cr`
@@ -261,6 +301,8 @@ pub struct NotPlaced {
     /// fleet does not: see [`NotPlaced::with_unbonded`]).
     pub unbonded: usize,
     pub min_stake: Credits,
+    /// The verified figures of the providers `min_tflops` excluded.
+    pub tflops_seen: TflopsSeen,
     pub(crate) wanted: Wanted,
 }
 
@@ -319,6 +361,9 @@ impl fmt::Display for NotPlaced {
         for (c, n) in self.excluded() {
             write!(f, "; {n} {}", if first { "excluded by " } else { "by " })?;
             self.wanted.write_label(c, f)?;
+            if c == Constraint::MinTflops {
+                write!(f, " ({})", self.tflops_seen)?;
+            }
             first = false;
         }
         if self.holding > 0 {

@@ -1,7 +1,8 @@
 //! The scheduling loop: every round first applies leases and deadlines
 //! ([`crate::lifecycle::expire`]), then places what is queued with the pure
 //! matcher ([`crate::sched`]) over the in-memory fleet ([`crate::live`]),
-//! and hands each placement to [`crate::lifecycle::place`]. Woken by new
+//! and hands each placement to [`crate::lifecycle::place`]; then it moves
+//! open verifications on ([`crate::lifecycle::reexec`]). Woken by new
 //! jobs, new providers and finished jobs, and at least every
 //! `schedule_interval`.
 
@@ -11,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::AppState;
 use crate::db::DbError;
 use crate::jobs::{Expect, JobState};
-use crate::lifecycle::{expire, place, recover, settle};
+use crate::lifecycle::{expire, place, recover, reexec, settle};
 use crate::sched::{self, Fleet};
 
 /// Places queued jobs whenever woken, and at least every `schedule_interval`.
@@ -25,6 +26,9 @@ pub async fn schedule_loop(state: AppState, cancel: CancellationToken) {
         }
         if let Err(e) = schedule_once(&state).await {
             tracing::error!("scheduling round failed: {e}");
+        }
+        if let Err(e) = reexec::tick(&state).await {
+            tracing::error!("verification round failed: {e}");
         }
         tokio::select! {
             () = cancel.cancelled() => break,

@@ -8,7 +8,7 @@
 
 use kiln_protocol::views::{
     BlobKind, BlobView, CancelOutcome, EventView, JobState, JobView, MemberView, OfferSort,
-    ProviderView,
+    ProviderView, VerificationView,
 };
 use kiln_protocol::{Credits, UnixMillis};
 use serde::Serialize;
@@ -47,6 +47,24 @@ pub fn job(j: &JobRecord) -> JobView {
         events: Vec::new(),
         members: Vec::new(),
         gang: None,
+        verification: None,
+    }
+}
+
+/// A job's audit record, as its buyer reads it (signed by `signer`).
+pub fn verification(
+    a: &crate::jobs::verifications::AuditRow,
+    verifiers: Vec<kiln_protocol::ProviderId>,
+    signer: kiln_protocol::ProviderId,
+) -> VerificationView {
+    VerificationView {
+        status: a.status,
+        p_ppm: a.decision.p().parts(),
+        detail: a.detail.clone(),
+        verifiers,
+        record: a.record_json.clone(),
+        signature: a.signature.clone(),
+        signer,
     }
 }
 
@@ -59,6 +77,7 @@ pub fn member(m: &Member, now: UnixMillis) -> MemberView {
         rank: m.rank,
         provider: m.provider,
         offer_id: m.offer_id,
+        role: m.role,
         state: m.state,
         outcome: m.outcome,
         reason: m.reason.clone(),
@@ -112,6 +131,12 @@ impl JobDetail {
         job.events = events;
         job.gang = (j.size() > 1).then(|| members.clone());
         Self { job, members }
+    }
+
+    /// With its audit record.
+    pub fn with_verification(mut self, v: Option<VerificationView>) -> Self {
+        self.job.verification = v;
+        self
     }
 
     /// As the client reads it.
@@ -362,6 +387,7 @@ mod tests {
             started_at: None,
             result_at: None,
             paid_at: None,
+            role: crate::jobs::Role::Run,
         };
         let offer = OfferId::from_bytes([8; 16]);
         vec![

@@ -52,6 +52,31 @@
 //! A copy's bandwidth counts the bytes read plus the bytes written (the
 //! STREAM convention: a 1 GB device copy moves 2 GB); a host↔device
 //! transfer counts the bytes transferred.
+//!
+//! # What a passed challenge proves, and the speed it shows
+//!
+//! The inputs come from a nonce the provider first sees in the challenge,
+//! so correct samples were computed after the challenge was sent. They
+//! show that the sampled elements are right, not that the whole product
+//! was computed (the samples alone cost `O(n · samples)`; a GPU output's
+//! checksum cannot be recomputed by the verifier), and they say nothing
+//! about how fast anything ran: every figure in a report (`*_gflops`,
+//! `iterations`, `measured_at`, `finished_at`) is the provider's word.
+//!
+//! So a verifier derives speed only from what it observes itself: the
+//! work the checked proofs stand for ([`matmul_flops`] of each proven
+//! product, one per precision per GPU) divided by the round trip it timed
+//! from sending the challenge to receiving the answer. For a provider that
+//! did that work the quotient is a floor on its speed (it never overstates
+//! one), and it is close to the real speed only when the compute dominates
+//! the round trip: the challenger sizes the product from the advertised
+//! speed, and an answerer should compute each proven product once and
+//! answer at once. Anything else it does before answering (timing loops,
+//! bandwidth tests) counts against it. A provider that computes only the
+//! samples would pass as fast; catching it needs a commitment to the whole
+//! output before the sampled positions are known (e.g. a Merkle root that
+//! seeds them), or a second provider of the same model recomputing the
+//! checksum.
 
 use std::fmt;
 
@@ -359,6 +384,13 @@ pub fn cpu_output_digest(nonce: &Nonce, n: u32) -> Digest32 {
     h.finish()
 }
 
+/// Floating-point operations of one `n × n × n` matmul: `2n³` (a multiply
+/// and an add per term), the work a proof of it stands for.
+pub const fn matmul_flops(n: u32) -> u128 {
+    let n = n as u128;
+    2 * n * n * n
+}
+
 // ---------------------------------------------------------------------------
 // Half-precision bit conversions (no `half` dependency).
 
@@ -447,7 +479,7 @@ impl Sample {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MatmulProof {
     pub precision: Precision,
-    /// Timed iterations of the best of three trials.
+    /// Timed iterations of the best of three trials (the provider's word).
     pub iterations: u32,
     /// BLAKE3 of the whole output, in its element type, little-endian, row-major.
     pub checksum: Digest32,
@@ -769,6 +801,15 @@ mod tests {
             encoding::encode(&report).unwrap(),
             encoding::encode(&back).unwrap()
         );
+    }
+
+    #[test]
+    fn matmul_work_is_two_n_cubed() {
+        assert_eq!(matmul_flops(0), 0);
+        assert_eq!(matmul_flops(2), 16);
+        assert_eq!(matmul_flops(8192), 2 * 8192u128.pow(3));
+        // No overflow at the largest size a u32 can name.
+        assert_eq!(matmul_flops(u32::MAX), 2 * u128::from(u32::MAX).pow(3));
     }
 
     #[test]

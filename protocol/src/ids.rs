@@ -155,6 +155,10 @@ impl ProviderId {
     pub const fn peer_id(&self) -> PeerId {
         self.0
     }
+    /// The ed25519 key the id inlines (every Kiln identity's does).
+    pub fn public_key(&self) -> Option<PublicKey> {
+        PublicKey::from_peer_id(&self.0)
+    }
     /// Last 8 characters of the base58 PeerId (the start is the same
     /// multihash prefix for every ed25519 key, so the tail is what differs).
     pub fn short(&self) -> String {

@@ -34,6 +34,11 @@ impl Keypair {
     pub(crate) fn sign_raw(&self, msg: &[u8]) -> [u8; 64] {
         self.0.sign(msg).to_bytes()
     }
+    /// Signs a stored record (not a wire message): `domain ‖ 0 ‖ record`,
+    /// so a record signature can never pass for a message of another kind.
+    pub fn sign_record(&self, domain: &str, record: &[u8]) -> [u8; 64] {
+        self.sign_raw(&record_bytes(domain, record))
+    }
     /// The same key as a libp2p identity (same public key, so the PeerId
     /// derived here equals [`PublicKey::to_peer_id`]).
     pub fn to_libp2p(&self) -> libp2p_identity::Keypair {
@@ -84,6 +89,18 @@ impl PublicKey {
     pub(crate) fn verify_raw(&self, msg: &[u8], sig: &[u8; 64]) -> bool {
         self.0.verify(msg, &Signature::from_bytes(sig)).is_ok()
     }
+    /// Checks a [`Keypair::sign_record`] signature.
+    pub fn verify_record(&self, domain: &str, record: &[u8], sig: &[u8; 64]) -> bool {
+        self.verify_raw(&record_bytes(domain, record), sig)
+    }
+}
+
+fn record_bytes(domain: &str, record: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(domain.len() + 1 + record.len());
+    m.extend_from_slice(domain.as_bytes());
+    m.push(0);
+    m.extend_from_slice(record);
+    m
 }
 
 impl PartialOrd for PublicKey {

@@ -36,14 +36,14 @@ pub use ids::{BuyerId, IdParseError, JobId, Nonce, OfferId, ProviderId};
 pub use keys::{Keypair, PublicKey};
 pub use messages::*;
 pub use signed::{Signed, SignedMessage, VerifyError};
-pub use spec::{ImageRef, JobSpec, NetworkMode, Resources, SpecError};
+pub use spec::{Compare, ImageRef, JobSpec, NetworkMode, Resources, SpecError, Tolerance, Verify};
 pub use units::{ByteSize, Credits, MilliCpu, Seconds, UnixMillis};
 pub use views::{
     AccountView, AuditView, BalancesView, BlobKind, BlobListView, BlobView, CancelOutcome,
     CancelView, ErrorView, EventView, InfoView, JobListView, JobState, JobView, LedgerPageView,
     LedgerRowView, LogsView, MemberState, MemberView, MissingRequest, MissingView, OfferSort,
-    OfferView, OffersView, OutputsView, ProviderAuditsView, ProviderView, ProvidersView,
-    StatementLineView, StatementView, UploadView,
+    OfferView, OffersView, OutputsView, ProviderAuditsView, ProviderView, ProvidersView, Role,
+    StatementLineView, StatementView, UploadView, VerificationStatus, VerificationView,
 };
 
 /// What [`hex_id!`] expands to needs, for crates that use it.

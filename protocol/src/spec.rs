@@ -42,6 +42,17 @@
 //! deadline = "2h"                  # longest wait in the queue, then the job fails
 //! gang = 4                         # nodes, all-or-nothing; each gets these resources
 //! ```
+//!
+//! How a sampled re-execution is compared with the original result (the
+//! coordinator re-runs a share of jobs on another provider; see
+//! [`Verify`]). Optional; `exact` is the default:
+//!
+//! ```toml
+//! [verify]
+//! compare = "tolerance"            # exact | tolerance | stdout
+//! rtol = 1e-3                      # |a - b| <= atol + rtol * |b|, per number
+//! atol = 1e-6
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -314,6 +325,90 @@ pub struct JobSpec {
     pub network: NetworkMode,
     #[serde(default)]
     pub resources: Resources,
+    /// How a re-execution of this job is compared with its result.
+    #[serde(default)]
+    pub verify: Verify,
+}
+
+/// What two executions of a job must agree on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compare {
+    /// Byte-identical outputs: the output manifests' CIDs are equal (every
+    /// path, size and content), and so are the outcome and exit code.
+    #[default]
+    Exact,
+    /// Numbers may differ within [`Verify::rtol`]/[`Verify::atol`]: float
+    /// arrays in `.npy` files and numbers in `.json` files are compared
+    /// element by element, files matched by path; every other file, and
+    /// every non-numeric part, exactly. For GPU work whose floating-point
+    /// reductions are not bit-reproducible.
+    Tolerance,
+    /// Only the outcome, exit code and standard output must match (for
+    /// jobs whose files carry timestamps or other run-specific bytes).
+    Stdout,
+}
+
+impl Compare {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Exact => "exact",
+            Self::Tolerance => "tolerance",
+            Self::Stdout => "stdout",
+        }
+    }
+}
+
+/// A non-negative, finite tolerance (compared by its bits, so a spec stays
+/// `Eq`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Tolerance(pub f64);
+
+impl PartialEq for Tolerance {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+impl Eq for Tolerance {}
+impl std::hash::Hash for Tolerance {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.to_bits().hash(h);
+    }
+}
+
+/// How the coordinator compares a sampled re-execution with the original.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verify {
+    #[serde(default)]
+    pub compare: Compare,
+    /// Relative tolerance (`tolerance` only).
+    #[serde(default)]
+    pub rtol: Tolerance,
+    /// Absolute tolerance (`tolerance` only).
+    #[serde(default)]
+    pub atol: Tolerance,
+}
+
+impl Verify {
+    fn validate(&self) -> Result<(), SpecError> {
+        for (name, t) in [("verify.rtol", self.rtol), ("verify.atol", self.atol)] {
+            if !(t.0.is_finite() && t.0 >= 0.0) {
+                return Err(err(name, format!("{} must be a finite number >= 0", t.0)));
+            }
+            if t.0 > 0.0 && self.compare != Compare::Tolerance {
+                return Err(err(
+                    name,
+                    format!(
+                        "only applies with compare = \"tolerance\" (this job compares `{}`)",
+                        self.compare.as_str()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_output_path() -> String {
@@ -384,6 +479,7 @@ impl JobSpec {
             output_path: default_output_path(),
             network: NetworkMode::Isolated,
             resources: Resources::default(),
+            verify: Verify::default(),
         }
     }
 
@@ -447,6 +543,7 @@ impl JobSpec {
             }
         }
         check_abs_path("output_path", &self.output_path)?;
+        self.verify.validate()?;
         if self.inputs.len() > 1024 {
             return Err(err("inputs", "more than 1024 inputs"));
         }
@@ -646,6 +743,41 @@ mod tests {
         assert_eq!(s.resources.timeout, Seconds(120));
         assert_eq!(s.output_path, "/out");
         assert_eq!(s.max_cost(), Some(Credits(1_000_000 * 120 / 3600 + 1)));
+    }
+
+    #[test]
+    fn verify_table_parses_and_validates() {
+        let s: JobSpec = toml::from_str(&format!(
+            "image = \"{IMG}\"\n[verify]\ncompare = \"tolerance\"\nrtol = 1e-3\natol = 1e-6\n"
+        ))
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.verify.compare, Compare::Tolerance);
+        assert_eq!(s.verify.rtol, Tolerance(1e-3));
+        assert_eq!(s.verify.atol, Tolerance(1e-6));
+        // Absent: exact. It survives the wire (bincode) and JSON.
+        let d: JobSpec = toml::from_str(&format!("image = \"{IMG}\"\n")).unwrap();
+        assert_eq!(d.verify, Verify::default());
+        assert_eq!(d.verify.compare, Compare::Exact);
+        let bytes = crate::encoding::encode(&s).unwrap();
+        assert_eq!(crate::encoding::decode::<JobSpec>(&bytes).unwrap(), s);
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<JobSpec>(&json).unwrap(), s);
+        // A tolerance only means something for `tolerance`; a negative or
+        // infinite one means nothing; an unknown comparator is named.
+        let mut e = d.clone();
+        e.verify.rtol = Tolerance(0.1);
+        assert_eq!(e.validate().unwrap_err().field, "verify.rtol");
+        let mut e = s.clone();
+        e.verify.atol = Tolerance(-1.0);
+        assert_eq!(e.validate().unwrap_err().field, "verify.atol");
+        let mut e = s.clone();
+        e.verify.rtol = Tolerance(f64::INFINITY);
+        assert_eq!(e.validate().unwrap_err().field, "verify.rtol");
+        let bad = toml::from_str::<JobSpec>(&format!(
+            "image = \"{IMG}\"\n[verify]\ncompare = \"roughly\"\n"
+        ));
+        assert!(bad.unwrap_err().to_string().contains("roughly"));
     }
 
     /// (expected field, how to break the spec, expected words in the reason)

@@ -114,6 +114,7 @@ macro_rules! string_enum {
 ///    ↑          │          │
 ///    └──────────┴──────────┘ (requeued: lost, refused, gang member gone)
 /// queued | dispatched → cancelled          running → cancelling → cancelled (or another end)
+///                          running → verifying → completed | failed (a sampled result)
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -123,6 +124,10 @@ pub enum JobState {
     /// Offered to a provider (or a gang reserving); waiting for it to accept.
     Dispatched,
     Running,
+    /// Its result arrived and was sampled for verification: it is being
+    /// re-executed on another provider, and nobody is paid for it until
+    /// the executions are compared (see [`VerificationView`]).
+    Verifying,
     /// A running job the buyer cancelled, being stopped: it ends once its
     /// provider(s) deliver, and never goes back to `running`.
     Cancelling,
@@ -136,6 +141,7 @@ string_enum!(JobState, "job state", {
     Queued => "queued",
     Dispatched => "dispatched",
     Running => "running",
+    Verifying => "verifying",
     Cancelling => "cancelling",
     Completed => "completed",
     Failed => "failed",
@@ -219,6 +225,93 @@ impl MemberState {
     }
 }
 
+/// Why a member execution exists.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// It runs the job for the buyer (a single node, or a gang's rank).
+    #[default]
+    Run,
+    /// It re-executes a sampled result on another provider, so the two can
+    /// be compared (a second one breaks a tie).
+    Verify,
+}
+
+string_enum!(Role, "member role", {
+    Run => "run",
+    Verify => "verify",
+});
+
+impl Role {
+    pub fn is_run(&self) -> bool {
+        *self == Self::Run
+    }
+}
+
+/// Where a job's verification by re-execution stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerificationStatus {
+    /// The audit draw did not select it: paid and completed at once.
+    NotSampled,
+    /// Selected: waiting for a re-execution on another provider.
+    Pending,
+    /// A re-execution agreed with the result (after a dispute, the third
+    /// execution agreed with it).
+    Verified,
+    /// The re-execution disagreed: a third execution decides.
+    Disputed,
+    /// The majority disagreed with the result: its provider was slashed,
+    /// and the buyer got the majority's output.
+    FailedVerification,
+    /// Three executions, three answers: nobody is slashed, the buyer is
+    /// refunded what was not yet paid.
+    Nondeterministic,
+    /// Selected, but no other provider could re-run it (none eligible, or
+    /// the audit window closed first): paid unverified.
+    Unverified,
+}
+
+string_enum!(VerificationStatus, "verification status", {
+    NotSampled => "not_sampled",
+    Pending => "pending",
+    Verified => "verified",
+    Disputed => "disputed",
+    FailedVerification => "failed_verification",
+    Nondeterministic => "nondeterministic",
+    Unverified => "unverified",
+});
+
+impl VerificationStatus {
+    /// Whether the verification is over.
+    pub const fn is_final(self) -> bool {
+        !matches!(self, Self::Pending | Self::Disputed)
+    }
+}
+
+/// A job's audit record, as its buyer reads it (`verification` of
+/// [`JobView`]). `record` is the coordinator's decision record as JSON
+/// (every input of the audit draw, the probabilities, the draw and the
+/// verdict), and `signature` the coordinator's ed25519 signature over
+/// `"kiln/verification-record/v1" ‖ record`, so the buyer can keep it and
+/// show it to anyone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerificationView {
+    pub status: VerificationStatus,
+    /// The audit probability the draw used, in parts per million.
+    pub p_ppm: u32,
+    /// What happened, in one sentence ("verified by re-execution on …").
+    pub detail: String,
+    /// The providers that re-executed it, in order.
+    pub verifiers: Vec<ProviderId>,
+    pub record: String,
+    pub signature: String,
+    /// The coordinator that signed the record.
+    pub signer: ProviderId,
+}
+
 /// One member execution of a job: one rank of one attempt (`members` and,
 /// for a gang job, `gang` of [`JobView`]; a single-node job has rank 0).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +322,10 @@ pub struct MemberView {
     pub provider: ProviderId,
     /// This member's own offer (its receipt must name it).
     pub offer_id: OfferId,
+    /// Whether it runs the job or re-executes it to verify it (absent:
+    /// it runs it).
+    #[serde(default, skip_serializing_if = "Role::is_run")]
+    pub role: Role,
     pub state: MemberState,
     /// How it ended on its node, once delivered.
     pub outcome: Option<Outcome>,
@@ -295,6 +392,10 @@ pub struct JobView {
     /// only: `None` for a single-node job and in answers without them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gang: Option<Vec<MemberView>>,
+    /// Its audit record, once its result was accepted (`GET
+    /// /v1/jobs/{id}` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<VerificationView>,
 }
 
 impl JobView {
@@ -350,6 +451,7 @@ impl CancelOutcome {
                 JobState::Queued => "already_queued",
                 JobState::Dispatched => "already_dispatched",
                 JobState::Running => "already_running",
+                JobState::Verifying => "already_verifying",
                 JobState::Cancelling => "already_cancelling",
                 JobState::Completed => "already_completed",
                 JobState::Failed => "already_failed",

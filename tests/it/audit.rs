@@ -1,11 +1,18 @@
 //! Capability challenges through the real coordinator and a real node: an
 //! honest node passes and gains reputation; a peer that does not answer
-//! correctly fails and loses it. (The checksum and flagging rules are
-//! table-tested in `coordinator/src/challenge.rs`.)
+//! correctly fails and loses it; a job asking for `min_tflops` runs only
+//! where a challenge verified the speed. (The checksum, flagging, speed and
+//! sizing rules are table-tested in `coordinator/src/challenge.rs`.)
 
-use kiln_coordinator::audit::{self, AuditOutcome};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kiln_coordinator::audit::{self, AuditConfig, AuditOutcome};
+use kiln_coordinator::challenge::SpeedPolicy;
 use kiln_coordinator::verification::reputation::{Event, Evidence};
-use kiln_tests::{RogueProvider, devnet};
+use kiln_protocol::views::JobState;
+use kiln_protocol::{CapabilityAdvert, Credits, ProviderId};
+use kiln_tests::{RogueProvider, devnet, job_until, reason};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -51,6 +58,13 @@ async fn an_honest_node_passes_a_challenge_and_a_silent_peer_fails() {
     let rogue = RogueProvider::join(&dn.coordinator.p2p_addrs[0], &cancel)
         .await
         .unwrap();
+    // It stays registered (a silent peer that heartbeats), however long the
+    // challenge below takes on a loaded machine.
+    let _heartbeat = rogue.keep_registered(
+        kiln_protocol::Credits(1),
+        std::time::Duration::from_secs(1),
+        &cancel,
+    );
     let advert = state
         .db
         .providers_seen_since(kiln_protocol::UnixMillis(0))
@@ -109,5 +123,174 @@ async fn a_live_devnet_audits_its_providers_at_random_times() {
         "no challenge within the patience window: {seen:#?}"
     );
     assert_eq!(seen.provider, provider);
+    dn.shutdown().await;
+}
+
+/// The advert the coordinator holds for `provider`.
+async fn stored_advert(
+    state: &kiln_coordinator::AppState,
+    provider: &ProviderId,
+) -> CapabilityAdvert {
+    state
+        .db
+        .provider(provider)
+        .await
+        .unwrap()
+        .expect("registered")
+        .advert
+        .payload
+}
+
+/// Issue 12, acceptance 5: a job with `min_tflops` waits, saying what is
+/// missing, until a provider's *verified* figure meets it, and then runs
+/// there.
+///
+/// Two rogue providers advertise the same kind of GPU and claim more than
+/// the job needs. The slow one answers its challenge honestly, computing the
+/// product in full on this CPU, but reports its claimed figures: the
+/// coordinator times the round trip itself, measures it slow and credits
+/// that, not the claim. The other computes only the sampled elements,
+/// which is what a GPU's answer looks like to the coordinator (no machine
+/// this runs on reaches 1 TFLOP/s; the proofs check samples, not the whole
+/// product): it is credited at most its claim, and the job runs there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_min_tflops_job_runs_only_where_a_verified_figure_meets_it() {
+    let dn = devnet(0).await.unwrap();
+    let state = dn.coordinator.state.clone();
+    let addr = dn.coordinator.p2p_addrs[0].clone();
+    let cancel = CancellationToken::new();
+    let price = Credits(1_000_000);
+    // GFLOP/s in BF16, FP16, FP32: 2 TFLOP/s in FP32, and 50 in all three.
+    let (slow_claim, fast_claim) = ([0, 0, 2_000], [50_000, 50_000, 50_000]);
+    let mut slow = RogueProvider::join_gpu(&addr, &cancel, slow_claim, 64, price)
+        .await
+        .unwrap();
+    let mut fast = RogueProvider::join_gpu(&addr, &cancel, fast_claim, 1024, price)
+        .await
+        .unwrap();
+    for (r, claim, n) in [(&slow, slow_claim, 64), (&fast, fast_claim, 1024)] {
+        let advert = r.gpu_advert(claim, n, price).unwrap().payload;
+        r.keep_advert_registered(advert, Duration::from_secs(1), &cancel);
+    }
+    let client = kiln_tests::buyer(&dn);
+    let mut spec = dn.workload_spec(&["echo", "fast enough"]);
+    spec.resources.gpus = 1;
+    spec.resources.min_tflops = 1;
+    spec.resources.max_price_per_hour = Credits(10_000_000);
+    let job = client.submit(spec, None).await.unwrap().job_id;
+
+    // Nobody is verified yet: both claims are just claims.
+    let seen = job_until(&client, &job, |j| reason(j).contains("min_tflops")).await;
+    assert_eq!(
+        reason(&seen),
+        "waiting: 2 online; 2 excluded by min_tflops=1 (verified figures: none yet)",
+        "{seen:#?}"
+    );
+
+    // The slow one: its challenge sized so that this CPU finishes it (at
+    // its claim the product would take 50 µs), held to twice that plus a
+    // loopback round trip, as a node answering at once could be.
+    let slow_cfg = AuditConfig {
+        timeout: Duration::from_secs(120),
+        speed_target: Duration::from_micros(50),
+        speed: SpeedPolicy {
+            slack: 2,
+            allowance: Duration::from_millis(1),
+            allowance_per_gpu: Duration::ZERO,
+        },
+        ..AuditConfig::default()
+    };
+    let advert = stored_advert(&state, &slow.id).await;
+    let no_fleet = BTreeMap::new();
+    let (audited, answered) = tokio::join!(
+        audit::challenge_provider(&state, &slow_cfg, &advert, &no_fleet),
+        slow.answer_challenge(slow_claim, true),
+    );
+    let (a, (challenge, computed_in)) = (audited.unwrap(), answered.unwrap());
+    assert_eq!(challenge.sizes.gpu_matmul_n, 384, "sized from its claim");
+    assert_eq!(a.outcome, AuditOutcome::Flagged, "{}", a.detail);
+    let v = a.verdict.as_ref().expect("a checked answer");
+    // Its own figures are its advert's: only the round trip gives it away.
+    assert_eq!(v.flags, vec![], "{}", a.detail);
+    let short = a.speed_shortfall.expect("too slow for its claim");
+    assert!(
+        short.round_trip_us >= computed_in.as_micros() as u64,
+        "{short:?}"
+    );
+    assert!(a.detail.contains("too slow for its advert"), "{}", a.detail);
+    let speeds = state.db.gpu_speeds(&slow.id).await.unwrap();
+    assert_eq!(speeds.len(), 1, "{speeds:?}");
+    assert_eq!(speeds[0].gpu_uuid, slow.gpu_uuid());
+    assert_eq!(speeds[0].advertised_mflops, 2_000_000);
+    assert!(
+        speeds[0].verified_mflops < 1_000_000,
+        "a CPU verified at 1 TFLOP/s: {speeds:?}"
+    );
+    // The public audit history says so too.
+    let history = client.provider_audits(&slow.id).await.unwrap();
+    assert!(
+        history.audits[0].detail.contains("too slow for its advert"),
+        "{history:#?}"
+    );
+
+    // Measured, and below what the job needs: it still waits, and says so.
+    let seen = job_until(&client, &job, |j| reason(j).contains("best")).await;
+    assert_eq!(seen.state, JobState::Queued, "{seen:#?}");
+    assert_eq!(
+        reason(&seen),
+        "waiting: 2 online; 2 excluded by min_tflops=1 (verified figures: best <1, 1 none yet)",
+        "{seen:#?}"
+    );
+
+    // The quick one, under the default audit settings: a product sized to
+    // take a second at its claim (n = 16 384, 26 TFLOP in three precisions).
+    let fast_cfg = AuditConfig {
+        timeout: Duration::from_secs(120),
+        ..AuditConfig::default()
+    };
+    let advert = stored_advert(&state, &fast.id).await;
+    let (audited, answered) = tokio::join!(
+        audit::challenge_provider(&state, &fast_cfg, &advert, &no_fleet),
+        fast.answer_challenge(fast_claim, false),
+    );
+    let (a, (challenge, _)) = (audited.unwrap(), answered.unwrap());
+    assert_eq!(challenge.sizes.gpu_matmul_n, 16_384);
+    assert_eq!(a.outcome, AuditOutcome::Passed, "{}", a.detail);
+    let speeds = state.db.gpu_speeds(&fast.id).await.unwrap();
+    assert_eq!(speeds.len(), 1, "{speeds:?}");
+    let s = &speeds[0];
+    assert_eq!(s.proven_flops, 3 * 2 * 16_384u64.pow(3));
+    // Credited what it showed, never more than it claims.
+    assert_eq!(
+        s.verified_mflops,
+        s.observed_mflops.min(50_000_000),
+        "{s:?}"
+    );
+    assert!(s.verified_mflops >= 1_000_000, "{s:?}");
+
+    // Now one provider's verified figure meets the job: it runs there.
+    let offer = fast.next_offer().await.unwrap().payload;
+    assert_eq!(offer.job_id, job);
+    let running = job_until(&client, &job, |j| j.state == JobState::Running).await;
+    assert_eq!(running.state, JobState::Running, "{running:#?}");
+    assert_eq!(running.members[0].provider, fast.id, "{running:#?}");
+
+    // Offer search ranks by the verified figure, not the advert.
+    let offers = client
+        .offers("num_gpus>=1", "tflops_per_price", 10)
+        .await
+        .unwrap()
+        .offers;
+    let row = |id: ProviderId| offers.iter().find(|o| o.provider == id).unwrap();
+    let (f, sl) = (row(fast.id), row(slow.id));
+    assert_eq!(f.tflops, Some((s.verified_mflops / 1_000_000) as u32));
+    assert_eq!(sl.tflops, Some(0));
+    assert!(
+        f.tflops_per_price > 0.0 && sl.tflops_per_price == 0.0,
+        "{offers:#?}"
+    );
+    assert_eq!(offers[0].provider, fast.id);
+
+    cancel.cancel();
     dn.shutdown().await;
 }

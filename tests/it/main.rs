@@ -12,3 +12,4 @@ mod gang;
 mod ledger;
 mod sandbox;
 mod tamper;
+mod verification;

@@ -8,6 +8,7 @@
 //! the mirror image: a libp2p peer a real node trusts as its coordinator, so a
 //! test can send that node expired or misaddressed offers.
 
+pub mod cheat;
 mod rogue;
 pub use rogue::RogueSender;
 

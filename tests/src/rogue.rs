@@ -1,18 +1,192 @@
 //! What a provider acting in bad faith does about money: advertise a price,
 //! keep heartbeating, and sign receipts and usage reports claiming any
-//! wall time it likes (see `tests/it/billing.rs`).
+//! wall time it likes (see `tests/it/billing.rs`); and about hardware:
+//! advertise a GPU with any speed and answer its benchmark challenges,
+//! computing them in full on this CPU or only where they are sampled (see
+//! `tests/it/audit.rs`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use kiln_net::Addr;
+use kiln_protocol::bench::{
+    Digest32, DigestWriter, GemmEngine, Inputs, MatmulProof, Precision, Sample, cpu_output_digest,
+    f32_to_bf16_exact, f32_to_f16_exact, sample_positions,
+};
 use kiln_protocol::{
-    CapabilityAdvert, Credits, JobOffer, JobResult, Keypair, NetRequest, NetResponse, ProviderId,
-    Signed, UsageReport,
+    BENCHMARK_VERSION, BenchmarkReport, ByteSize, CapabilityAdvert, Challenge, ChallengeResponse,
+    ChallengeSizes, CpuBench, Credits, GpuBench, GpuInfo, JobOffer, JobResult, Keypair, NetRequest,
+    NetResponse, Nonce, ProviderId, Signed, UnixMillis, UsageReport,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::RogueProvider;
+
+/// The GPU a rogue provider advertises: its claimed dense matmul figures,
+/// GFLOP/s in BF16, FP16 and FP32 order (0: not claimed), and the matrix
+/// size it says it measured them at.
+#[derive(Clone, Copy, Debug)]
+struct GpuClaim {
+    gflops: [u64; 3],
+    matmul_n: u32,
+}
+
+impl GpuClaim {
+    const CPU_MATMUL_N: u32 = 16;
+    const CPU_MFLOPS: u64 = 1_000;
+
+    fn claimed(&self) -> impl Iterator<Item = Precision> + '_ {
+        Precision::GPU
+            .into_iter()
+            .zip(self.gflops)
+            .filter(|(_, g)| *g > 0)
+            .map(|(p, _)| p)
+    }
+}
+
+/// How a rogue answers a benchmark challenge. Either way every sampled
+/// element is right and every figure it reports is its claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChallengeAnswer {
+    /// Computes each product in full, on this CPU: honest, and as slow as
+    /// a CPU is.
+    Computed,
+    /// Computes only the sampled elements: quick whatever the size. The
+    /// proofs cannot tell this from a fast GPU's answer (they check
+    /// samples, not the whole product), so in tests it stands in for one.
+    SampledOnly,
+}
+
+/// One output element as the GPU format would hold it: rounded to `f32`,
+/// then truncated to the precision's width (within the verifier's
+/// tolerance), with its bytes for the output's digest.
+fn output(p: Precision, exact: f64) -> (f64, Vec<u8>) {
+    let v = exact as f32;
+    match p {
+        Precision::Bf16 => {
+            let t = f32::from_bits(v.to_bits() & 0xFFFF_0000);
+            let bits = f32_to_bf16_exact(t).unwrap_or(0);
+            (f64::from(t), bits.to_le_bytes().to_vec())
+        }
+        Precision::Fp16 => {
+            let t = f32::from_bits(v.to_bits() & 0xFFFF_E000);
+            match f32_to_f16_exact(t) {
+                Some(bits) => (f64::from(t), bits.to_le_bytes().to_vec()),
+                // Outside FP16's normal range: the exact value itself.
+                None => (f64::from(v), 0u16.to_le_bytes().to_vec()),
+            }
+        }
+        _ => (f64::from(v), v.to_le_bytes().to_vec()),
+    }
+}
+
+/// The proof of one product at `n`, computed as `how` says.
+fn prove(nonce: &Nonce, p: Precision, n: u32, samples: u32, how: ChallengeAnswer) -> MatmulProof {
+    let inputs = Inputs::new(nonce, p, n);
+    let positions = sample_positions(nonce, n, samples);
+    let scale = 2f64.powi(-2 * p.frac_bits() as i32);
+    let (checksum, samples) = match how {
+        ChallengeAnswer::SampledOnly => (
+            Digest32::of_bytes(b"not computed"),
+            positions
+                .iter()
+                .map(|&(r, c)| Sample::new(r, c, output(p, inputs.exact(r, c).value()).0))
+                .collect(),
+        ),
+        ChallengeAnswer::Computed => {
+            let nn = n as usize;
+            let a: Vec<i64> = (0..(nn * nn) as u64)
+                .map(|i| i64::from(inputs.element(false, i)))
+                .collect();
+            let b: Vec<i64> = (0..(nn * nn) as u64)
+                .map(|i| i64::from(inputs.element(true, i)))
+                .collect();
+            let mut c = vec![0i64; nn * nn];
+            for i in 0..nn {
+                let row = &mut c[i * nn..(i + 1) * nn];
+                for k in 0..nn {
+                    let aik = a[i * nn + k];
+                    for (x, bkj) in row.iter_mut().zip(&b[k * nn..(k + 1) * nn]) {
+                        *x += aik * bkj;
+                    }
+                }
+            }
+            let mut digest = DigestWriter::new();
+            for x in &c {
+                digest.update(&output(p, *x as f64 * scale).1);
+            }
+            let samples = positions
+                .iter()
+                .map(|&(r, col)| {
+                    let exact = c[r as usize * nn + col as usize] as f64 * scale;
+                    Sample::new(r, col, output(p, exact).0)
+                })
+                .collect();
+            (digest.finish(), samples)
+        }
+    };
+    MatmulProof {
+        precision: p,
+        iterations: 1,
+        checksum,
+        samples,
+    }
+}
+
+/// The CPU part of a report (exact: its digest is checked in full).
+fn cpu_bench(nonce: &Nonce, n: u32, samples: u32) -> CpuBench {
+    let inputs = Inputs::new(nonce, Precision::Fp64, n);
+    CpuBench {
+        model: "test".into(),
+        threads: 4,
+        matmul_n: n,
+        matmul_mflops: GpuClaim::CPU_MFLOPS,
+        mem_bandwidth_mbps: 1_000,
+        checksum: cpu_output_digest(nonce, n),
+        samples: sample_positions(nonce, n, samples)
+            .into_iter()
+            .map(|(r, c)| Sample::new(r, c, inputs.exact(r, c).value()))
+            .collect(),
+    }
+}
+
+/// A report for `nonce` at `sizes` claiming `claim`, with proofs computed
+/// as `how` says.
+fn report(
+    nonce: Nonce,
+    uuid: &str,
+    claim: &GpuClaim,
+    sizes: &ChallengeSizes,
+    how: ChallengeAnswer,
+) -> BenchmarkReport {
+    let n = sizes.gpu_matmul_n;
+    BenchmarkReport {
+        version: BENCHMARK_VERSION,
+        nonce,
+        samples: sizes.samples,
+        cpu: cpu_bench(&nonce, sizes.cpu_matmul_n, sizes.samples),
+        gpus: vec![GpuBench {
+            index: 0,
+            uuid: uuid.into(),
+            name: RogueProvider::GPU_NAME.into(),
+            engine: GemmEngine::Cublas,
+            matmul_n: n,
+            bf16_gflops: claim.gflops[0],
+            fp16_gflops: claim.gflops[1],
+            fp32_gflops: claim.gflops[2],
+            copy_bytes: sizes.copy_bytes,
+            d2d_mbps: 0,
+            h2d_pinned_mbps: 0,
+            d2h_pinned_mbps: 0,
+            proofs: claim
+                .claimed()
+                .map(|p| prove(&nonce, p, n, sizes.samples, how))
+                .collect(),
+        }],
+        measured_at: UnixMillis::now(),
+    }
+}
 
 /// A cloneable way to send requests as a rogue provider, from another task.
 #[derive(Clone)]
@@ -141,5 +315,144 @@ impl RogueProvider {
             },
             600,
         )?)
+    }
+}
+
+impl RogueProvider {
+    /// The model name of the GPU a rogue advertises.
+    pub const GPU_NAME: &'static str = "Kiln Test GPU";
+
+    /// The UUID of the GPU this rogue advertises.
+    pub fn gpu_uuid(&self) -> String {
+        format!("GPU-rogue-{}", self.id)
+    }
+
+    /// An advert with one 80 GiB GPU claiming `gflops` (dense matmul,
+    /// GFLOP/s in BF16, FP16, FP32 order; 0: not claimed), measured at
+    /// `matmul_n`, at `price` per GPU (and CPU) hour.
+    pub fn gpu_advert(
+        &self,
+        gflops: [u64; 3],
+        matmul_n: u32,
+        price: Credits,
+    ) -> anyhow::Result<Signed<CapabilityAdvert>> {
+        let claim = GpuClaim { gflops, matmul_n };
+        let mut a = self.priced_advert(price)?.payload;
+        a.gpus = vec![GpuInfo {
+            index: 0,
+            uuid: self.gpu_uuid(),
+            name: Self::GPU_NAME.into(),
+            memory_total: ByteSize(80 << 30),
+            compute_capability: (9, 0),
+            driver_version: "rogue".into(),
+        }];
+        let sizes = ChallengeSizes {
+            gpu_matmul_n: claim.matmul_n,
+            cpu_matmul_n: GpuClaim::CPU_MATMUL_N,
+            samples: 4,
+            copy_bytes: 1 << 20,
+        };
+        a.benchmark = Some(report(
+            Nonce::random(),
+            &self.gpu_uuid(),
+            &claim,
+            &sizes,
+            ChallengeAnswer::SampledOnly,
+        ));
+        a.issued_at = UnixMillis::now();
+        Ok(Signed::sign(&self.key, a, 3600)?)
+    }
+
+    /// [`RogueProvider::join`], then registers [`Self::gpu_advert`].
+    pub async fn join_gpu(
+        addr: &Addr,
+        cancel: &CancellationToken,
+        gflops: [u64; 3],
+        matmul_n: u32,
+        price: Credits,
+    ) -> anyhow::Result<Self> {
+        let me = Self::join(addr, cancel).await?;
+        match me
+            .send(NetRequest::Register(
+                me.gpu_advert(gflops, matmul_n, price)?,
+            ))
+            .await?
+        {
+            NetResponse::Accepted => Ok(me),
+            other => anyhow::bail!("registration refused: {other:?}"),
+        }
+    }
+
+    /// Re-registers `advert` (freshly dated and signed) every `every`
+    /// until `cancel`, as a live node's heartbeat would.
+    pub fn keep_advert_registered(
+        &self,
+        advert: CapabilityAdvert,
+        every: Duration,
+        cancel: &CancellationToken,
+    ) -> JoinHandle<()> {
+        let sender = self.sender();
+        let key = self.key.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut advert = advert;
+            loop {
+                advert.issued_at = UnixMillis::now();
+                if let Ok(s) = Signed::sign(&key, advert.clone(), 3600) {
+                    let _ = sender.send(NetRequest::Register(s)).await;
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+            }
+        })
+    }
+
+    /// Waits for the next benchmark challenge and answers it with every
+    /// sampled element right and `gflops` (its claim) as its figures,
+    /// whatever it did: with `in_full` it computes each product in full on
+    /// this CPU (honest, and as slow as a CPU is); without, only the
+    /// sampled elements (quick at any size: the proofs cannot tell this
+    /// from a fast GPU's answer, so a test can stand it in for one).
+    /// Returns the challenge and how long computing the answer took here.
+    pub async fn answer_challenge(
+        &mut self,
+        gflops: [u64; 3],
+        in_full: bool,
+    ) -> anyhow::Result<(Challenge, Duration)> {
+        let how = if in_full {
+            ChallengeAnswer::Computed
+        } else {
+            ChallengeAnswer::SampledOnly
+        };
+        let (signed, reply) = self
+            .next_request("challenge", |req| match req {
+                NetRequest::Challenge(c) => Ok(c),
+                other => Err(other),
+            })
+            .await?;
+        let ch = signed.payload.clone();
+        let claim = GpuClaim {
+            gflops,
+            matmul_n: ch.sizes.gpu_matmul_n,
+        };
+        let (uuid, c) = (self.gpu_uuid(), ch.clone());
+        let started = Instant::now();
+        let report =
+            tokio::task::spawn_blocking(move || report(c.nonce, &uuid, &claim, &c.sizes, how))
+                .await
+                .context("computing the answer")?;
+        let took = started.elapsed();
+        let response = ChallengeResponse {
+            challenge_id: ch.challenge_id,
+            provider: self.id,
+            report,
+            finished_at: UnixMillis::now(),
+        };
+        let _ = reply.send(NetResponse::ChallengeResponse(Signed::sign(
+            &self.key, response, 600,
+        )?));
+        Ok((ch, took))
     }
 }

@@ -18,6 +18,9 @@
 //!
 //! `hostile <case>` (see `hostile.rs`) is not deterministic: it is the sandbox
 //! test suite's probe, attempting escapes and resource abuse for real.
+//! Neither is `noisy`, on purpose: it stands in for GPU work whose
+//! floating-point reductions differ in their last bits from run to run, which
+//! a job verifies with `compare = "tolerance"`.
 
 mod hostile;
 mod matmul;
@@ -66,6 +69,9 @@ commands:
   gang [fail_rank]                a gang member: rank, size and peers from
                                   KILN_GANG_* into <outdir>/rank.txt; exits 3
                                   if its rank is fail_rank
+  noisy <path> <n> <amplitude>    <outdir>/<path> = a NumPy .npy of n float64
+                                  values (i+1)*(1+amplitude*u), u uniform in
+                                  [-1,1) and different on every run
   demo [seed]                     the devnet demo: hash <indir>, matmul 64 <seed>,
                                   summary in <outdir>/result.txt
   hostile <case> [args...]        sandbox probe: attempt something hostile for real;
@@ -136,6 +142,7 @@ fn run(args: &[String]) -> CmdResult {
         "matmul" => cmd_matmul(rest),
         "connect" => cmd_connect(rest),
         "demo" => cmd_demo(rest),
+        "noisy" => cmd_noisy(rest),
         "gang" => cmd_gang(rest),
         "hostile" => hostile::run(rest),
         "help" | "--help" | "-h" => {
@@ -485,6 +492,57 @@ fn try_connect(target: &str, timeout: Duration) -> io::Result<SocketAddr> {
         }
     }
     Err(last)
+}
+
+fn cmd_noisy(args: &[String]) -> CmdResult {
+    arity("noisy", args, 3, 3)?;
+    let rel = safe_relpath(&args[0])?;
+    let n: usize = parse("value count", &args[1])?;
+    let amplitude: f64 = parse("amplitude", &args[2])?;
+    if n == 0 || n > 1 << 24 || !(amplitude.is_finite() && amplitude >= 0.0) {
+        return Err(Failure::Usage(
+            "noisy needs 1..=16777216 values and a finite amplitude >= 0".into(),
+        ));
+    }
+    // Seeded from the clock and the process: a different draw every run.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut rng = Xoshiro256StarStar::seed_from_u64(nanos ^ (u64::from(std::process::id()) << 32));
+    let values: Vec<f64> = (0..n)
+        .map(|i| {
+            let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+            (i as f64 + 1.0) * (1.0 + amplitude * u)
+        })
+        .collect();
+    let path = output_dir().join(rel);
+    if let Some(parent) = path.parent() {
+        ensure_dir(parent)?;
+    }
+    fs::write(&path, npy_f64(&values))?;
+    say(&format!("noisy: wrote {n} values to {}", path.display()));
+    Ok(())
+}
+
+/// A NumPy v1.0 `.npy` file of little-endian float64 values, one dimension.
+fn npy_f64(values: &[f64]) -> Vec<u8> {
+    let mut header = format!(
+        "{{'descr': '<f8', 'fortran_order': False, 'shape': ({},), }}",
+        values.len()
+    );
+    // Magic (6) + version (2) + length (2) + header + '\n', padded to 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + values.len() * 8);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
 }
 
 fn cmd_demo(args: &[String]) -> CmdResult {

@@ -5,9 +5,13 @@
 //! coordinator saw start and that has not been released (a superseded
 //! attempt's receipt changes nothing), after [`crate::verify`] checked it
 //! and every blob it names is here and verified. Then, in one transaction:
-//! the nonce is claimed (no replay), the member is paid for its observed
-//! time (see [`crate::jobs::billing`]), its result recorded, its outputs
-//! granted to the job's owner, and the job decided from its members.
+//! the nonce is claimed (no replay), the audit draw is taken (see
+//! [`crate::lifecycle::reexec`]), the member is paid for its observed time
+//! (see [`crate::jobs::billing`]) unless its result is held for
+//! verification, its result recorded, its outputs granted to the job's
+//! owner, and the job decided from its members (or held while it is
+//! re-executed elsewhere). A verifier's result is held until the
+//! comparison, which runs once it is committed.
 
 use kiln_protocol::{BuyerId, ContentId, JobId, JobResult, Outcome, ProviderId, UnixMillis};
 
@@ -17,7 +21,8 @@ use crate::db::{Db, DbError, Tx};
 use crate::jobs::keys::{self, PayPoint};
 use crate::jobs::model::{self, JobVerdict};
 use crate::jobs::store::Delivery;
-use crate::jobs::{MemberState, billing};
+use crate::jobs::{MemberState, Role, billing};
+use crate::lifecycle::reexec::{self, Sampled};
 use crate::lifecycle::{settle, wind_down};
 use crate::verification::reputation::Event;
 use crate::verify::{self, Expected};
@@ -135,17 +140,40 @@ pub async fn handle(state: &AppState, peer: ProviderId, result: JobResult) -> Ha
         }
         None => return Err(refuse(format!("offer {offer} vanished"))),
     }
-    settle::pay_member(
-        &mut tx,
-        &mut pending,
-        state.bank.fee_bps,
-        &job.id,
-        &m.offer_id,
-        m.provider,
-        earned,
-        keys::pay(&m.offer_id, PayPoint::Result),
-    )
-    .await?;
+    // A job of one whose result succeeded may be drawn for re-execution:
+    // then it is held, unpaid, until the executions are compared. A
+    // verifier's own result is held until that comparison too.
+    let job_state = Db::job_state_in(&mut tx, &job.id).await?.map(|(s, _)| s);
+    let sampled = match (m.role, job_state) {
+        (Role::Verify, _) => Sampled::Hold,
+        (Role::Run, Some(js)) => {
+            reexec::sample_in(
+                state,
+                &mut tx,
+                &pending,
+                &job,
+                js,
+                &m,
+                &result.receipt,
+                earned,
+            )
+            .await?
+        }
+        (Role::Run, None) => Sampled::No,
+    };
+    if sampled != Sampled::Hold {
+        settle::pay_member(
+            &mut tx,
+            &mut pending,
+            state.bank.fee_bps,
+            &job.id,
+            &m.offer_id,
+            m.provider,
+            earned,
+            keys::pay(&m.offer_id, PayPoint::Result),
+        )
+        .await?;
+    }
     let delivered = Db::deliver_member(
         &mut tx,
         &m.offer_id,
@@ -167,10 +195,25 @@ pub async fn handle(state: &AppState, peer: ProviderId, result: JobResult) -> Ha
     // A verified receipt delivered: good evidence for its provider.
     Db::reputation_event(&mut tx, &m.provider, Event::Delivered).await?;
     grant_result_blobs(state, &mut tx, &job.owner, &job.id, &result).await?;
-    let (verdict, ended) = settle::conclude(&mut tx, &mut pending, &job.id, m.attempt).await?;
+    let (verdict, ended) = match (m.role, sampled) {
+        (Role::Verify, _) => (JobVerdict::Wait, false),
+        (Role::Run, Sampled::Hold) => {
+            if !reexec::hold_in(&mut tx, &job.id, m.attempt).await? {
+                return Err(HandlerError::Retry(format!(
+                    "job {} changed state while its result was checked; resend",
+                    job.id
+                )));
+            }
+            (JobVerdict::Wait, false)
+        }
+        (Role::Run, _) => settle::conclude(&mut tx, &mut pending, &job.id, m.attempt).await?,
+    };
     tx.commit().await.map_err(DbError::from)?;
     pending.commit();
-    tracing::info!(job = %job.id.short(), rank = m.rank, provider = %m.provider.short(), earned = %earned, "result accepted");
+    tracing::info!(job = %job.id.short(), rank = m.rank, role = %m.role, provider = %m.provider.short(), earned = %earned, held = (sampled == Sampled::Hold), "result accepted");
+    if sampled == Sampled::Hold {
+        reexec::kick(state, job.id);
+    }
     if ended {
         settle::finished(state, &job.id);
         tracing::info!(job = %job.id.short(), "job ended: {verdict:?}");

@@ -2,7 +2,8 @@
 //! coordinator stakes from (or unstakes to) its balance to reach it. The
 //! scheduler offers work only to providers whose bond meets `min_stake`, and
 //! the bond is what slashing takes from, so unstaking is refused while the
-//! provider holds jobs: it cannot pull its stake out from under a dispute.
+//! provider holds jobs or any verification of its results is open: it
+//! cannot pull its stake out from under a dispute.
 
 use kiln_contracts::{Op, OpKey};
 use kiln_protocol::{Credits, ProviderId, SetStake, Signed, UnixMillis};
@@ -51,6 +52,20 @@ pub async fn handle(state: &AppState, peer: ProviderId, signed: &Signed<SetStake
             return Err(refuse(format!(
                 "unstake refused: {holding} {} assigned to this provider; drain it first",
                 if holding == 1 { "job is" } else { "jobs are" }
+            )));
+        }
+        // The unbonding delay: a bond stays while any of its results (or
+        // any verification it takes part in) may still be judged, so a
+        // slash always finds it. Each such wait ends with its audit window.
+        let open = state.db.open_audits_of(&peer).await?;
+        if open > 0 {
+            return Err(refuse(format!(
+                "unstake refused: {open} verification{} of results this provider delivered or re-executed {} still open; \
+                 the bond stays until {} judged (at most the audit window, {} minutes, plus twice the job's timeout)",
+                if open == 1 { "" } else { "s" },
+                if open == 1 { "is" } else { "are" },
+                if open == 1 { "it is" } else { "they are" },
+                state.config.verification.window.as_secs() / 60
             )));
         }
     }

@@ -38,6 +38,12 @@ pub fn pay(offer: &OfferId, at: PayPoint) -> OpKey {
     }
 }
 
+/// The slash of the member `offer` whose result lost a verification:
+/// once per member.
+pub fn slash(offer: &OfferId) -> OpKey {
+    OpKey::new(format!("slash:{offer}"))
+}
+
 /// A stake change, keyed by the signed request's nonce.
 pub fn stake(provider: &ProviderId, nonce: &Nonce) -> OpKey {
     OpKey::new(format!("stake:{provider}:{nonce}"))
@@ -61,6 +67,8 @@ mod tests {
             pay(&a, PayPoint::Result),
             pay(&b, PayPoint::Interval(1)),
             pay(&b, PayPoint::Result),
+            slash(&a),
+            slash(&b),
         ];
         let unique: std::collections::HashSet<_> = keys.iter().map(|k| format!("{k:?}")).collect();
         assert_eq!(unique.len(), keys.len());

@@ -7,6 +7,8 @@
 //! * [`keys`]: typed idempotency keys for every ledger operation.
 //! * [`store`]: all SQL for jobs and members; every change is a
 //!   compare-and-set on the state (and attempt, and offer id) it expects.
+//! * [`verifications`]: SQL for audit records and providers' verified
+//!   track records.
 //!
 //! The I/O that drives these (dispatch, results, usage, loss, cancel,
 //! deadlines, recovery) is in [`crate::lifecycle`] and [`crate::handlers`].
@@ -15,6 +17,7 @@ pub mod billing;
 pub mod keys;
 pub mod model;
 pub mod store;
+pub mod verifications;
 
-pub use model::{JobState, MemberState};
+pub use model::{JobState, MemberState, Role};
 pub use store::{Change, Expect, JobEvent, JobRecord, Member};

@@ -11,7 +11,7 @@
 
 use kiln_protocol::{Outcome, ProviderId};
 
-pub use kiln_protocol::views::{JobState, MemberState};
+pub use kiln_protocol::views::{JobState, MemberState, Role};
 
 /// Position within one attempt: a job only moves forward in it, or starts
 /// a new attempt from the queue ([`Step::Requeue`]).
@@ -21,7 +21,7 @@ fn job_order(s: JobState) -> u8 {
         JobState::Queued => 0,
         JobState::Dispatched => 1,
         JobState::Running => 2,
-        JobState::Cancelling => 3,
+        JobState::Cancelling | JobState::Verifying => 3,
         _ => 4,
     }
 }
@@ -64,6 +64,9 @@ pub fn step(from: JobState, to: JobState) -> Option<Step> {
         (Dispatched | Running | Cancelling, Completed | Failed | TimedOut | Cancelled) => {
             Some(Step::Forward)
         }
+        // A sampled result is held while it is re-executed elsewhere; the
+        // comparison ends it (failed only when nothing can be paid for).
+        (Running, Verifying) | (Verifying, Completed | Failed) => Some(Step::Forward),
         _ => None,
     }
 }
@@ -370,6 +373,9 @@ mod tests {
             (Cancelling, Cancelled),
             (Cancelling, Completed),
             (Cancelling, Failed),
+            (Running, Verifying),
+            (Verifying, Completed),
+            (Verifying, Failed),
         ];
         for (f, t) in allowed {
             assert!(step(f, t).is_some(), "{f} -> {t} must be allowed");
@@ -382,6 +388,11 @@ mod tests {
             (Completed, Queued),
             (Cancelled, Running),
             (Running, Dispatched),
+            (Verifying, Queued),
+            (Verifying, Running),
+            (Verifying, Cancelling),
+            (Cancelling, Verifying),
+            (Dispatched, Verifying),
         ];
         for (f, t) in refused {
             assert!(step(f, t).is_none(), "{f} -> {t} must be refused");
@@ -408,6 +419,9 @@ mod tests {
         }
         for s in MemberState::ALL {
             assert_eq!(s.as_str().parse::<MemberState>().unwrap(), s);
+        }
+        for r in Role::ALL {
+            assert_eq!(r.as_str().parse::<Role>().unwrap(), r);
         }
         assert!("started".parse::<JobState>().is_err());
         for o in [

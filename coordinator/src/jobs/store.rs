@@ -14,7 +14,7 @@ use kiln_protocol::{
 use serde::Serialize;
 use sqlx::Row;
 
-use super::model::{self, JobState, MemberState};
+use super::model::{self, JobState, MemberState, Role};
 use crate::db::{Db, DbError, Tx};
 
 fn corrupt(table: &'static str, reason: impl ToString) -> DbError {
@@ -108,6 +108,8 @@ pub struct Member {
     pub result_at: Option<UnixMillis>,
     /// When it was last paid.
     pub paid_at: Option<UnixMillis>,
+    /// Runs the job, or re-executes it to verify a result.
+    pub role: Role,
 }
 
 /// Which job state(s) a change expects, and which attempt.
@@ -199,7 +201,7 @@ fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRecord, DbError> {
 }
 
 const MEMBER_COLUMNS: &str = "SELECT offer_id, job_id, attempt, rank, provider, listen_addrs, price_per_hour, state, reason, \
-     outcome, paid, cost, receipt, manifest_json, started_at, result_at, paid_at FROM members ";
+     outcome, paid, cost, receipt, manifest_json, started_at, result_at, paid_at, role FROM members ";
 
 fn member_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Member, DbError> {
     const T: &str = "members";
@@ -236,6 +238,7 @@ fn member_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Member, DbError> {
         started_at: at("started_at")?,
         result_at: at("result_at")?,
         paid_at: at("paid_at")?,
+        role: s("role")?.parse::<Role>().map_err(|e| corrupt(T, e))?,
     })
 }
 
@@ -287,7 +290,7 @@ impl Db {
     /// (its inputs may be fetched by it; it may not unstake).
     pub async fn jobs_held_by(&self, provider: &ProviderId) -> Result<Vec<JobRecord>, DbError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{JOB_COLUMNS} WHERE state IN ('dispatched', 'running', 'cancelling') AND id IN \
+            "{JOB_COLUMNS} WHERE state IN ('dispatched', 'running', 'cancelling', 'verifying') AND id IN \
              (SELECT m.job_id FROM members m WHERE m.provider = ? \
               AND m.state IN ('offered', 'reserved', 'started', 'stopping') \
               AND m.attempt = jobs.attempts) ORDER BY created_at"
@@ -551,8 +554,8 @@ impl Db {
 impl Db {
     pub async fn insert_member(tx: &mut Tx<'_>, m: &Member) -> Result<(), DbError> {
         sqlx::query(
-            "INSERT INTO members (offer_id, job_id, attempt, rank, provider, listen_addrs, price_per_hour, state, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO members (offer_id, job_id, attempt, rank, provider, listen_addrs, price_per_hour, state, updated_at, role) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(m.offer_id.to_string())
         .bind(m.job_id.to_string())
@@ -563,6 +566,7 @@ impl Db {
         .bind(i(m.price_per_hour.0))
         .bind(m.state.as_str())
         .bind(i(UnixMillis::now().0))
+        .bind(m.role.as_str())
         .execute(&mut **tx)
         .await?;
         Ok(())

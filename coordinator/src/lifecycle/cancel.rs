@@ -43,6 +43,8 @@ pub async fn cancel(state: &AppState, job: &JobRecord) -> Result<CancelOutcome, 
         match job.state {
             s if s.is_terminal() => return Ok(CancelOutcome::AlreadyEnded(s)),
             JobState::Cancelling => return Ok(CancelOutcome::Cancelling),
+            // Its result is in; only the coordinator's check of it is running.
+            JobState::Verifying => return Ok(CancelOutcome::AlreadyEnded(JobState::Verifying)),
             JobState::Queued => {
                 let expect = Expect::attempt(&[JobState::Queued], job.attempts);
                 if settle::end_job(state, &job.id, expect, JobState::Cancelled, BEFORE_START)

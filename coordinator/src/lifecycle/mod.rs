@@ -21,6 +21,7 @@ pub mod expire;
 pub mod lost;
 pub mod place;
 pub mod recover;
+pub mod reexec;
 pub mod settle;
 pub mod submit;
 

@@ -60,6 +60,7 @@ pub async fn place(
             started_at: None,
             result_at: None,
             paid_at: None,
+            role: crate::jobs::Role::Run,
         })
         .collect();
     let Some(lead) = members.first() else {

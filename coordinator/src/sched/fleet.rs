@@ -59,8 +59,10 @@ pub struct ProviderView {
     pub advert: CapabilityAdvert,
     /// 0..=1000; [`DEFAULT_REPUTATION`] until there is a record.
     pub reputation: u32,
-    /// Verified benchmark: dense TFLOP/s of its slowest GPU. `None` when
-    /// unmeasured (it then fails any `min_tflops` and scores 0 throughput).
+    /// Verified dense matmul TFLOP/s of its slowest GPU, rounded down: what
+    /// the coordinator timed a challenge at, never the provider's own
+    /// figure (`live::verified_tflops`). `None` when unmeasured (it then
+    /// fails any `min_tflops` and scores 0 throughput).
     pub tflops: Option<u32>,
 }
 

@@ -5,7 +5,7 @@ use std::cmp::Reverse;
 use kiln_protocol::{Credits, JobSpec};
 
 use super::fleet::{Fleet, Need, Pick, Placement, lowest};
-use super::{Constraint, N_CONSTRAINTS, NotPlaced, Wanted};
+use super::{Constraint, N_CONSTRAINTS, NotPlaced, TflopsSeen, Wanted};
 
 /// Places a single-node job (`gang == 1`) and reserves what it takes.
 ///
@@ -45,6 +45,7 @@ fn not_placed(online: usize, spec: &JobSpec) -> NotPlaced {
         gang_unsupported: false,
         unbonded: 0,
         min_stake: Credits(0),
+        tflops_seen: TflopsSeen::default(),
         wanted: Wanted::of(spec),
     }
 }
@@ -84,18 +85,26 @@ impl Fleet {
         let (cands, static_counts) = self.candidates(s);
         let cut = cands.partition_point(|c| c.price <= max_price);
         let mut dynamic = [0u32; N_CONSTRAINTS];
+        let mut seen = TflopsSeen::default();
+        let nodes = &self.nodes;
+        let mut excluded = |v: Constraint, idx: u32| {
+            dynamic[v as usize] += 1;
+            if v == Constraint::MinTflops {
+                seen.note(nodes[idx as usize].view.tflops);
+            }
+        };
         let mut boundary: Option<u32> = None;
         for (pos, c) in cands[..cut].iter().enumerate() {
             if boundary.is_some_and(|g| c.group != g) {
                 break;
             }
             if let Some(v) = filter.violation(c) {
-                dynamic[v as usize] += 1;
+                excluded(v, c.idx);
                 continue;
             }
             let l = &self.load[c.idx as usize];
             match l.violation(c.qual, &need, round, holder) {
-                Some(v) => dynamic[v as usize] += 1,
+                Some(v) => excluded(v, c.idx),
                 None => {
                     picked.push(Pick {
                         pos: pos as u32,
@@ -134,10 +143,10 @@ impl Fleet {
         // Beyond the price limit: counted against network, region,
         // reputation (checked before price), else the price.
         for c in &cands[cut..] {
-            let v = filter.violation(c).unwrap_or(Constraint::MaxPrice);
-            dynamic[v as usize] += 1;
+            excluded(filter.violation(c).unwrap_or(Constraint::MaxPrice), c.idx);
         }
         let mut np = not_placed(online, spec);
+        np.tflops_seen = seen;
         np.counts = static_counts;
         for (n, d) in np.counts.iter_mut().zip(dynamic) {
             *n += d;

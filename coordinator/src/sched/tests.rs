@@ -288,14 +288,73 @@ fn every_hard_constraint() {
             Ok(2),
         ),
         (
-            "tflops excludes",
+            "tflops excludes, saying what was verified",
             vec![h100(1), with(h100(2), |p| p.tflops = Some(399))],
             vec![],
             job_with(|s| {
                 s.resources.gpus = 1;
                 s.resources.min_tflops = 400;
             }),
-            Err("waiting: 2 online; 2 excluded by min_tflops=400"),
+            Err(
+                "waiting: 2 online; 2 excluded by min_tflops=400 (verified figures: best 399, 1 none yet)",
+            ),
+        ),
+        (
+            "tflops: nothing verified yet",
+            vec![h100(1), h100(2)],
+            vec![],
+            job_with(|s| {
+                s.resources.gpus = 1;
+                s.resources.min_tflops = 400;
+            }),
+            Err("waiting: 2 online; 2 excluded by min_tflops=400 (verified figures: none yet)"),
+        ),
+        (
+            "tflops: verified below 1",
+            vec![with(h100(1), |p| p.tflops = Some(0))],
+            vec![],
+            job_with(|s| {
+                s.resources.gpus = 1;
+                s.resources.min_tflops = 1;
+            }),
+            Err("waiting: 1 online; 1 excluded by min_tflops=1 (verified figures: best <1)"),
+        ),
+        (
+            // Counted against the first constraint failed: the fast one is
+            // too dear, and the figures quoted are those of the slow ones.
+            "tflops and price",
+            vec![
+                with(h100(1), |p| p.tflops = Some(120)),
+                with(h100(2), |p| {
+                    p.tflops = Some(800);
+                    p.advert.price_per_gpu_hour = Credits(900_000_000);
+                }),
+                with(h100(3), |p| p.tflops = Some(90)),
+            ],
+            vec![],
+            job_with(|s| {
+                s.resources.gpus = 1;
+                s.resources.min_tflops = 400;
+            }),
+            Err(
+                "waiting: 3 online; 2 excluded by min_tflops=400 (verified figures: best 120); 1 by max_price_per_hour=100.000000 cr",
+            ),
+        ),
+        (
+            "tflops: the figure that meets it wins though dearer",
+            vec![
+                with(h100(1), |p| p.tflops = Some(120)),
+                with(h100(2), |p| {
+                    p.tflops = Some(800);
+                    p.advert.price_per_gpu_hour = Credits(9_000_000);
+                }),
+            ],
+            vec![],
+            job_with(|s| {
+                s.resources.gpus = 1;
+                s.resources.min_tflops = 400;
+            }),
+            Ok(1),
         ),
         (
             "price: 2 CPUs at 1 cr + 1 GPU at 2 cr",

@@ -103,6 +103,7 @@
 //! million ([`Ppm`]) and money is integer micro-credits: nothing recorded
 //! is a float.
 
+pub mod compare;
 pub mod decision;
 pub mod reputation;
 pub mod trust;
@@ -113,4 +114,34 @@ pub use decision::{
     decide, draw, probabilities,
 };
 pub use trust::{AuditOutcome, TrustState};
+
+use std::time::Duration;
+
+/// How the coordinator verifies results (see [`crate::lifecycle::reexec`]).
+#[derive(Clone, Copy, Debug)]
+pub struct VerificationConfig {
+    /// Re-execute sampled results at all (on by default).
+    pub enabled: bool,
+    pub policy: AuditPolicy,
+    /// How long a sampled result may wait for its re-executions, on top of
+    /// twice the job's timeout; then it is settled with what is known
+    /// (paid unverified, or refunded when disputed).
+    pub window: Duration,
+    /// A slash's share to the buyer of the job (basis points)...
+    pub buyer_share_bps: u16,
+    /// ... and to the provider whose execution proved it (the rest burns).
+    pub verifier_share_bps: u16,
+}
+
+impl Default for VerificationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            policy: AuditPolicy::DEFAULT,
+            window: Duration::from_secs(30 * 60),
+            buyer_share_bps: 5_000,
+            verifier_share_bps: 2_500,
+        }
+    }
+}
 pub use verdict::{Plurality, Verdict, judge, plurality};

@@ -4,7 +4,8 @@
 //! A provider's record is its evidence of good and bad behaviour, counted
 //! only from what the coordinator itself observed or verified: a verified
 //! receipt delivered, a job lost or a deadline missed, a capability
-//! challenge passed, flagged or failed, a preemption by the machine's owner.
+//! challenge passed, flagged or failed, a preemption by the machine's owner,
+//! a result that a re-execution verified or refuted.
 //! Never from anything the provider says about itself.
 //!
 //! With `g` good and `b` bad evidence, the score is the mean of the
@@ -41,6 +42,11 @@ pub enum Event {
     ChallengeFlagged,
     /// No valid answer to a challenge.
     ChallengeFailed,
+    /// A re-execution (or the majority of three) agreed with its result.
+    AuditPassed,
+    /// The majority of executions disagreed with its result: it was
+    /// slashed.
+    AuditFailed,
 }
 
 impl Event {
@@ -48,6 +54,8 @@ impl Event {
     pub const fn weight(self) -> (u64, u64) {
         match self {
             Self::Delivered | Self::ChallengePassed => (UNIT, 0),
+            Self::AuditPassed => (2 * UNIT, 0),
+            Self::AuditFailed => (0, 20 * UNIT),
             Self::Preempted => (0, UNIT / 4),
             Self::Lost => (0, UNIT),
             Self::ChallengeFlagged => (0, 2 * UNIT),
