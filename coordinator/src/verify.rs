@@ -86,6 +86,10 @@ pub enum ReceiptError {
     },
     #[error("output manifest is invalid: {0}")]
     Manifest(String),
+    #[error(
+        "the result names {count} output files; a result may name at most {max} (write many small files as one archive)"
+    )]
+    TooManyOutputs { count: usize, max: usize },
     #[error("output manifest hashes to {got}, but the receipt names {want}")]
     ManifestCid { got: ContentId, want: ContentId },
     #[error("{what} {cid} could not be received from the provider: {reason}")]
@@ -112,6 +116,12 @@ pub enum ReceiptError {
 /// the inline blobs; returns every blob the result names (the caller makes
 /// sure it holds each before accepting). `peer` is the transport-authenticated
 /// sender.
+/// The most output files one result may name. Nodes stop a job's output
+/// at `--max-output-files` (10,000 by default); the coordinator refuses a
+/// larger manifest before it fetches, stores or grants anything, so a
+/// provider cannot make it hold the write lock for a million grants.
+pub const MAX_OUTPUT_FILES: usize = 10_000;
+
 pub fn check_result(
     result: &JobResult,
     expected: &Expected,
@@ -174,6 +184,12 @@ pub fn check_result(
             job: expected.job,
             got: list(&receipt.input_cids),
             want: list(&expected.inputs),
+        });
+    }
+    if result.manifest.entries.len() > MAX_OUTPUT_FILES {
+        return Err(ReceiptError::TooManyOutputs {
+            count: result.manifest.entries.len(),
+            max: MAX_OUTPUT_FILES,
         });
     }
     result
@@ -318,6 +334,37 @@ mod tests {
                     text.contains("image") || text.contains("inputs"),
                     "{name}: {text}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn a_result_naming_too_many_files_is_refused_before_anything_is_fetched() {
+        let key = Keypair::generate();
+        let provider = ProviderId::from_public_key(&key.public());
+        let buyer = BuyerId::new(Keypair::generate().public());
+        let spec = kiln_protocol::JobSpec::new(IMAGE.to_string(), vec!["true".to_string()]);
+        let job = JobId::derive(&buyer, &Nonce::random());
+        let expected = Expected::of(job, OfferId::random(), provider, &spec);
+        let entries = |n: usize| Manifest {
+            entries: (0..n)
+                .map(|i| kiln_protocol::ManifestEntry {
+                    path: format!("f{i:06}"),
+                    cid: ContentId::of_bytes(b""),
+                    size: 0,
+                    executable: false,
+                })
+                .collect(),
+        };
+        for (n, ok) in [(MAX_OUTPUT_FILES, true), (MAX_OUTPUT_FILES + 1, false)] {
+            let manifest = entries(n);
+            let cid = manifest.cid();
+            let mut r = result(&key, &expected, |r| r.output_cid = cid);
+            r.manifest = manifest;
+            let got = check_result(&r, &expected, provider, UnixMillis::now());
+            assert_eq!(got.is_ok(), ok, "{n} files: {got:?}");
+            if let Err(e) = got {
+                assert!(e.to_string().contains("at most 10000"), "{e}");
             }
         }
     }

@@ -39,7 +39,9 @@
 //! from a build context (a tar archive) made in memory, and tags it
 //! `kiln-workload:<first 16 hex digits of blake3(ELF)>`. The tag is therefore
 //! content-addressed: a changed workload gets a new tag, and an existing tag is
-//! reused without rebuilding.
+//! reused without rebuilding. [`build_workload_variant`] builds the same image
+//! with more instructions (e.g. a `VOLUME`), for tests that need an image with
+//! a property a buyer's image may have.
 //!
 //! ## Running containers (bollard notes)
 //!
@@ -272,6 +274,61 @@ pub async fn ensure_workload_image(docker: &Docker) -> Result<WorkloadImage, Doc
     let context = workload_context(&digest)?;
     let id = build_from_context(docker, &tag, context).await?;
     tracing::info!(%tag, %id, "workload image ready");
+    Ok(WorkloadImage { id, tag })
+}
+
+/// Repository part of the tags [`build_workload_variant`] gives.
+pub const WORKLOAD_VARIANT_REPO: &str = "kiln-workload-variant";
+
+/// Builds (or reuses) the workload image with `extra` Dockerfile
+/// instructions appended, and the empty directories `dirs` (mode 0777) in
+/// the build context for those instructions to `COPY`: how tests make an
+/// image with a property a buyer's image may have (a declared `VOLUME`, a
+/// directory owned by the job's user) with no registry and no `RUN`.
+///
+/// The tag is content-addressed like the workload's:
+/// `kiln-workload-variant:<16 hex of blake3(ELF digest, extra, dirs)>`.
+pub async fn build_workload_variant(
+    docker: &Docker,
+    extra: &str,
+    dirs: &[&str],
+) -> Result<WorkloadImage, DockerError> {
+    let digest = workload_digest();
+    let mut h = blake3::Hasher::new();
+    h.update(digest.as_bytes());
+    h.update(&(extra.len() as u64).to_le_bytes());
+    h.update(extra.as_bytes());
+    for d in dirs {
+        h.update(&(d.len() as u64).to_le_bytes());
+        h.update(d.as_bytes());
+    }
+    let tag = format!("{WORKLOAD_VARIANT_REPO}:{}", &h.finalize().to_hex()[..16]);
+    if let Some(id) = image_exists(docker, &tag).await? {
+        return Ok(WorkloadImage { id, tag });
+    }
+    let _guard = BUILD_LOCK.lock().await;
+    if let Some(id) = image_exists(docker, &tag).await? {
+        return Ok(WorkloadImage { id, tag });
+    }
+    let bad = |e: tar::TarError| DockerError::Unexpected {
+        op: format!("make the build context of {tag}"),
+        message: e.to_string(),
+    };
+    let mut dockerfile = workload_dockerfile(&digest);
+    dockerfile.push_str(extra);
+    if !dockerfile.ends_with('\n') {
+        dockerfile.push('\n');
+    }
+    let mut t = tar::TarBuilder::new();
+    t.add_file("Dockerfile", 0o644, dockerfile.as_bytes())
+        .map_err(bad)?;
+    t.add_file("kiln-workload", 0o755, WORKLOAD_ELF)
+        .map_err(bad)?;
+    for d in dirs {
+        t.add_dir(d, 0o777).map_err(bad)?;
+    }
+    tracing::info!(%tag, "building a workload variant image");
+    let id = build_from_context(docker, &tag, t.finish()).await?;
     Ok(WorkloadImage { id, tag })
 }
 

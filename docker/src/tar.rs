@@ -38,6 +38,26 @@ impl TarBuilder {
     /// Appends a regular file `name` (a relative path, at most 100 bytes)
     /// with permission bits `mode` (e.g. `0o755`).
     pub(crate) fn add_file(&mut self, name: &str, mode: u32, data: &[u8]) -> Result<(), TarError> {
+        self.add_entry(name, b'0', mode, data)
+    }
+
+    /// Appends an empty directory `name` (a relative path, at most 99 bytes;
+    /// the trailing `/` is added) with permission bits `mode`.
+    pub(crate) fn add_dir(&mut self, name: &str, mode: u32) -> Result<(), TarError> {
+        let name = name.trim_end_matches('/');
+        if name.is_empty() {
+            return Err(TarError::BadName(name.to_string()));
+        }
+        self.add_entry(&format!("{name}/"), b'5', mode, &[])
+    }
+
+    fn add_entry(
+        &mut self,
+        name: &str,
+        typeflag: u8,
+        mode: u32,
+        data: &[u8],
+    ) -> Result<(), TarError> {
         if name.is_empty() || name.len() > 100 {
             return Err(TarError::BadName(name.to_string()));
         }
@@ -52,7 +72,7 @@ impl TarBuilder {
         octal(&mut h[116..124], 0); // gid
         octal(&mut h[124..136], data.len() as u64); // size
         octal(&mut h[136..148], 0); // mtime
-        h[156] = b'0'; // typeflag: regular file
+        h[156] = typeflag; // '0' regular file, '5' directory
         h[257..263].copy_from_slice(b"ustar\0"); // magic
         h[263..265].copy_from_slice(b"00"); // version
         h[265..269].copy_from_slice(b"root"); // uname
@@ -113,6 +133,20 @@ mod tests {
         let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
         assert!(matches!(stored, Ok(Ok(v)) if v == sum));
         assert!(bytes[bytes.len() - 1024..].iter().all(|&b| b == 0));
+        Ok(())
+    }
+
+    #[test]
+    fn directories_have_their_own_type() -> Result<(), TarError> {
+        let mut t = TarBuilder::new();
+        t.add_dir("vol", 0o777)?;
+        let bytes = t.finish();
+        assert_eq!(bytes.len(), 512 * 3, "a header and no data");
+        assert_eq!(&bytes[0..4], b"vol/");
+        assert_eq!(bytes[156], b'5');
+        assert_eq!(&bytes[100..108], b"0000777\0");
+        assert_eq!(&bytes[124..136], b"00000000000\0");
+        assert!(TarBuilder::new().add_dir("/", 0o755).is_err());
         Ok(())
     }
 

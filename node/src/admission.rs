@@ -10,6 +10,7 @@ use kiln_protocol::{GpuInfo, JobOffer, OfferId, Signed, UnixMillis};
 use tokio_util::sync::CancellationToken;
 
 use crate::hw;
+use crate::runner::check_pids;
 use crate::state::{Attempt, Jobs, State};
 
 /// Checks that an ordinary offer is signed by this node's coordinator,
@@ -62,13 +63,17 @@ pub(crate) struct Admitted {
     pub(crate) cancel: CancellationToken,
 }
 
-/// Checks that `offer` fits now (a slot, not draining, the owner away, no
-/// benchmark, enough clean GPUs) and books it under its offer id: a slot,
-/// its GPUs, and the offer id as taken. Another attempt of the same job
-/// (another offer id) still here is no obstacle: each has its own entry,
-/// container and directory.
+/// Checks that `offer` is within this provider's limits (`resources.pids`
+/// at most `--max-pids`) and fits now (a slot, not draining, the owner
+/// away, no benchmark, enough clean GPUs) and books it under its offer id:
+/// a slot, its GPUs, and the offer id as taken. Another attempt of the same
+/// job (another offer id) still here is no obstacle: each has its own
+/// entry, container and directory. Ordinary and gang offers both come
+/// through here, so neither can pass a limit the other checks.
 pub(crate) fn admit(state: &State, jobs: &mut Jobs, offer: &JobOffer) -> Result<Admitted, String> {
     let short = offer.offer_id.short();
+    check_pids(&state.config.limits, &offer.spec)
+        .map_err(|e| format!("offer {short} rejected: {e}"))?;
     if jobs.attempts.len() >= state.config.slots as usize {
         return Err(format!(
             "offer {short} rejected: all {} slots busy",

@@ -61,6 +61,23 @@ pub struct RunArgs {
     /// Size of each job's output area, e.g. 1GiB.
     #[arg(long, value_parser = parse_size, default_value = "64MiB")]
     pub max_output: u64,
+    /// Most entries (files, directories, links) a job may leave in its
+    /// output area; a job over it fails when its outputs are collected.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_output_files: u64,
+    /// tmpfs lent to the volumes a job's image declares (`VOLUME`), shared
+    /// evenly among them and counted in the job's memory, e.g. 256MiB (0:
+    /// images that declare a volume are refused).
+    #[arg(long, value_parser = parse_size, default_value = "64MiB")]
+    pub volume_size: u64,
+    /// Size of each job's /dev/shm, counted in its memory, e.g. 1GiB (0: no
+    /// /dev/shm).
+    #[arg(long, value_parser = parse_size, default_value = "64MiB")]
+    pub shm_size: u64,
+    /// Most processes and threads a job may ask for (`resources.pids`);
+    /// offers asking for more are refused.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(8..=65_536))]
+    pub max_pids: u32,
     /// Stake bond to hold with the coordinator, in micro-credits.
     #[arg(long)]
     pub stake: Option<u64>,
@@ -128,6 +145,10 @@ impl RunArgs {
             max_image_bytes: self.max_image_size.unwrap_or(0),
         };
         c.limits.max_output_bytes = self.max_output;
+        c.limits.max_output_files = self.max_output_files;
+        c.limits.volume_size_bytes = self.volume_size;
+        c.limits.shm_size_bytes = self.shm_size;
+        c.limits.max_pids = self.max_pids;
         c.limits.log_cap_bytes = self.log_cap;
         c.cache_quota = Some(self.cache_size);
         c.stake = self.stake.map(Credits);
@@ -295,6 +316,7 @@ mod tests {
         Cmd::try_parse_from(args).map(|c| c.run.into_config())
     }
 
+
     #[test]
     fn region_and_disk_flags_reach_the_config() {
         let c = parse(&["--region", "eu-west-1", "--disk", "100GiB"]).unwrap();
@@ -308,5 +330,42 @@ mod tests {
             assert!(e.contains("not a region name"), "{bad}: {e}");
         }
         assert!(parse(&["--disk", "lots"]).is_err());
+    }
+
+    #[test]
+    fn sandbox_limit_flags_reach_the_config_with_their_defaults() {
+        let d = parse(&[]).unwrap().limits;
+        assert_eq!(
+            (
+                d.max_output_files,
+                d.volume_size_bytes,
+                d.shm_size_bytes,
+                d.max_pids
+            ),
+            (10_000, 64 << 20, 64 << 20, 4096)
+        );
+        let c = parse(&[
+            "--max-output-files",
+            "500",
+            "--volume-size",
+            "1GiB",
+            "--shm-size",
+            "0",
+            "--max-pids",
+            "512",
+        ])
+        .unwrap()
+        .limits;
+        assert_eq!(
+            (
+                c.max_output_files,
+                c.volume_size_bytes,
+                c.shm_size_bytes,
+                c.max_pids
+            ),
+            (500, 1 << 30, 0, 512)
+        );
+        assert!(parse(&["--max-pids", "100000"]).is_err());
+        assert!(parse(&["--max-output-files", "0"]).is_err());
     }
 }

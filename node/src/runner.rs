@@ -5,10 +5,15 @@
 //! capabilities dropped, `no-new-privileges`, a non-root user (65534), a
 //! read-only root filesystem with a size-limited `noexec` `/tmp`, Docker's
 //! default seccomp profile, memory (swap off), CPU, pids and open-files
-//! limits, inputs mounted read-only, an output area whose size is enforced
-//! while the job runs, no host path other than its own directories, no
+//! limits, inputs mounted read-only, an output area whose size and number of
+//! entries are enforced, no host path other than its own directories, no
 //! Docker socket, no device but the GPUs assigned to it, and a wall-clock
 //! timeout after which it gets SIGTERM and, after a grace period, SIGKILL.
+//!
+//! Every place a job can write is a size-limited tmpfs charged to its memory
+//! budget: `/tmp`, the output area, `/dev/shm`, and each `VOLUME` its image
+//! declares (which Docker would otherwise back with an unbounded anonymous
+//! volume on the provider's disk).
 //!
 //! Logs never touch the host's disk: the container uses the `none` log
 //! driver and the node reads stdout/stderr from the attach stream, keeping
@@ -47,6 +52,16 @@ pub const LABEL_OFFER: &str = "kiln.offer";
 pub const LABEL_NODE: &str = "kiln.node";
 /// The uid:gid jobs run as (`nobody`).
 pub const JOB_USER: &str = "65534:65534";
+/// The uid and gid of [`JOB_USER`], owner of the tmpfs put over image volumes.
+const JOB_UID: u32 = 65534;
+
+/// Smallest tmpfs an image volume gets: below it, the image declares more
+/// volumes than [`Limits::volume_size_bytes`] can usefully hold.
+pub const MIN_VOLUME_BYTES: u64 = 1 << 20;
+
+/// Where an image may not declare a volume: the kernel's and the engine's
+/// own file systems, which the sandbox sets up.
+const SYSTEM_PATHS: [&str; 3] = ["/proc", "/sys", "/dev"];
 
 /// Limits the provider applies to every job.
 #[derive(Clone, Debug)]
@@ -56,6 +71,20 @@ pub struct Limits {
     pub tmp_size_bytes: u64,
     /// Size of the output area, enforced while the job runs.
     pub max_output_bytes: u64,
+    /// Most entries (files, directories, links) the output area may hold
+    /// when collected: each file becomes a manifest entry the coordinator
+    /// records, so their number is bounded like their size.
+    pub max_output_files: u64,
+    /// tmpfs lent to the volumes an image declares (`VOLUME /data`), split
+    /// evenly among them: without it Docker backs each with an unbounded
+    /// anonymous volume on the provider's disk.
+    pub volume_size_bytes: u64,
+    /// Size of the job's `/dev/shm` (0: no `/dev/shm` at all); Docker would
+    /// otherwise give 64 MiB that no budget counts.
+    pub shm_size_bytes: u64,
+    /// Most processes and threads a job may ask for (`resources.pids`);
+    /// larger asks are refused at admission.
+    pub max_pids: u32,
     pub nofile: i64,
     /// SIGTERM→SIGKILL grace on timeout or cancellation.
     pub stop_grace: Duration,
@@ -67,6 +96,10 @@ impl Default for Limits {
             log_cap_bytes: 4 << 20,
             tmp_size_bytes: 64 << 20,
             max_output_bytes: 64 << 20,
+            max_output_files: 10_000,
+            volume_size_bytes: 64 << 20,
+            shm_size_bytes: 64 << 20,
+            max_pids: 4096,
             nofile: 1024,
             stop_grace: Duration::from_secs(2),
         }
@@ -96,6 +129,94 @@ pub struct ImageFacts {
     pub repo_tags: Vec<String>,
     pub repo_digests: Vec<String>,
     pub size: u64,
+    /// The volumes its config declares (`VOLUME /data`), as written there.
+    pub volumes: Vec<String>,
+}
+
+/// The provider's cap on `resources.pids`: a pure check, made when an offer
+/// is admitted and again before a container is created.
+pub fn check_pids(limits: &Limits, spec: &JobSpec) -> Result<(), String> {
+    let asked = spec.resources.pids;
+    if asked > limits.max_pids {
+        return Err(format!(
+            "the job asks for {asked} processes (resources.pids), over this provider's cap of {} \
+             (kiln-node --max-pids); ask for at most {}",
+            limits.max_pids, limits.max_pids
+        ));
+    }
+    Ok(())
+}
+
+/// `p` as Docker cleans a mount destination (`/a/./b/../c/` → `/a/c`), or
+/// `None` when it is not absolute.
+fn clean_path(p: &str) -> Option<String> {
+    if !p.starts_with('/') {
+        return None;
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    Some(format!("/{}", parts.join("/")))
+}
+
+/// The tmpfs to put over each volume an image declares, with its size:
+/// the `budget` split evenly (in whole pages) among the volumes not already
+/// covered by one of the job's own mounts (`taken`: `/tmp`, the output
+/// area, the inputs), so the space a job can write is the same whatever
+/// its image declares. Refuses an image that declares a volume that is not
+/// an absolute path, one inside `/proc`, `/sys` or `/dev`, or so many that
+/// each would get less than [`MIN_VOLUME_BYTES`].
+pub fn volume_tmpfs(
+    image: &str,
+    declared: &[String],
+    taken: &[&str],
+    budget: u64,
+) -> Result<Vec<(String, u64)>, String> {
+    let taken: Vec<String> = taken.iter().filter_map(|t| clean_path(t)).collect();
+    let mut paths = std::collections::BTreeSet::new();
+    for v in declared {
+        let Some(p) = clean_path(v) else {
+            return Err(format!(
+                "image {image} declares a volume `{v}` that is not an absolute path; fix its VOLUME instruction"
+            ));
+        };
+        if let Some(sys) = SYSTEM_PATHS
+            .iter()
+            .find(|s| p == "/" || p == **s || p.starts_with(&format!("{s}/")))
+        {
+            return Err(format!(
+                "image {image} declares a volume at {p}, inside {sys}, which the sandbox manages; \
+                 remove that VOLUME from the image"
+            ));
+        }
+        if !taken.contains(&p) {
+            paths.insert(p);
+        }
+    }
+    if paths.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = paths.len() as u64;
+    let each = budget / n / 4096 * 4096;
+    if each < MIN_VOLUME_BYTES {
+        let shown: Vec<&str> = paths.iter().take(5).map(String::as_str).collect();
+        let more = if n > 5 { ", …" } else { "" };
+        let noun = if n == 1 { "volume" } else { "volumes" };
+        return Err(format!(
+            "image {image} declares {n} {noun} ({}{more}); this provider lends image volumes {budget} bytes \
+             in all (kiln-node --volume-size), under the {MIN_VOLUME_BYTES}-byte minimum each; \
+             declare fewer volumes in the image",
+            shown.join(", ")
+        ));
+    }
+    Ok(paths.into_iter().map(|p| (p, each)).collect())
 }
 
 fn matches_pattern(pattern: &str, facts: &ImageFacts) -> bool {
@@ -216,15 +337,30 @@ pub struct Runner {
 /// when the node may mount (root), so writes past the limit fail with
 /// ENOSPC inside the job; otherwise a plain directory watched while the job
 /// runs, and the job is killed when it goes over.
+///
+/// The tmpfs also holds at most twice [`Limits::max_output_files`] entries
+/// (`nr_inodes`; hard links count too): a flood of empty files stops there,
+/// which bounds the kernel memory it takes and the walk that collects the
+/// outputs, and [`collect_outputs`] fails a job over the limit itself with
+/// the reason.
 struct OutputArea {
     path: PathBuf,
     mounted: bool,
 }
 
+/// `nr_inodes` of the output tmpfs: room for twice the entry limit (so a
+/// job over it is told why at collection) and the root directory.
+fn output_inodes(max_entries: u64) -> u64 {
+    max_entries.saturating_mul(2).saturating_add(1)
+}
+
 impl OutputArea {
-    fn create(path: &Path, limit: u64) -> std::io::Result<Self> {
+    fn create(path: &Path, limit: u64, max_entries: u64) -> std::io::Result<Self> {
         std::fs::create_dir_all(path)?;
-        let opts = format!("size={limit},mode=0777,nosuid,nodev,noexec");
+        let opts = format!(
+            "size={limit},nr_inodes={},mode=0777,nosuid,nodev,noexec",
+            output_inodes(max_entries)
+        );
         let mounted = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &opts, "tmpfs"])
             .arg(path)
@@ -255,26 +391,33 @@ fn unmount(path: &Path) {
     }
 }
 
-/// Bytes in all regular files under `dir` (not following symlinks).
-fn dir_size(dir: &Path) -> u64 {
-    let mut total = 0;
+/// Bytes in all regular files under `dir` (not following symlinks) and
+/// the number of entries (files, directories, links) under it; stops
+/// counting once there are more than `max_entries`, so a flood of files
+/// costs the watcher no more than the limit.
+fn dir_usage(dir: &Path, max_entries: u64) -> (u64, u64) {
+    let (mut bytes, mut entries) = (0, 0u64);
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
+        let Ok(list) = std::fs::read_dir(&d) else {
             continue;
         };
-        for e in entries.flatten() {
+        for e in list.flatten() {
+            entries += 1;
+            if entries > max_entries {
+                return (bytes, entries);
+            }
             let Ok(m) = std::fs::symlink_metadata(e.path()) else {
                 continue;
             };
             if m.is_dir() {
                 stack.push(e.path());
             } else if m.is_file() {
-                total += m.len();
+                bytes += m.len();
             }
         }
     }
-    total
+    (bytes, entries)
 }
 
 /// Mount points at or below `root`, deepest first.
@@ -322,6 +465,15 @@ enum Ended {
     TimedOut,
     Cancelled,
     OutputOverflow(u64),
+    /// More entries than the limit in an output area that is not a tmpfs.
+    TooManyOutputs,
+}
+
+/// An image resolved for a job: its id and the volumes it declares.
+#[derive(Clone, Debug, Default)]
+pub struct ResolvedImage {
+    pub id: String,
+    pub volumes: Vec<String>,
 }
 
 impl Runner {
@@ -435,9 +587,9 @@ impl Runner {
         }
     }
 
-    /// Resolves the spec's pinned image to a local image id and applies the
-    /// provider's image policy.
-    pub async fn resolve_image(&self, spec: &JobSpec) -> Result<String, String> {
+    /// Resolves the spec's pinned image to a local image (its id and the
+    /// volumes it declares) and applies the provider's image policy.
+    pub async fn resolve_image(&self, spec: &JobSpec) -> Result<ResolvedImage, String> {
         let reference = &spec.image.0;
         let inspect = self.docker.inspect_image(reference).await.map_err(|e| {
             format!(
@@ -453,6 +605,7 @@ impl Runner {
                 .size
                 .and_then(|s| u64::try_from(s).ok())
                 .unwrap_or(0),
+            volumes: inspect.config.and_then(|c| c.volumes).unwrap_or_default(),
         };
         if spec.image.is_image_id() && Some(facts.id.as_str()) != spec.image.digest() {
             return Err(format!(
@@ -461,7 +614,10 @@ impl Runner {
             ));
         }
         check_image_policy(&self.policy, &facts)?;
-        Ok(facts.id)
+        Ok(ResolvedImage {
+            id: facts.id,
+            volumes: facts.volumes,
+        })
     }
 
     /// Runs `spec` to completion, timeout or cancellation, and collects logs
@@ -483,15 +639,24 @@ impl Runner {
                 String::new(),
             );
         }
-        let image_id = match self.resolve_image(spec).await {
-            Ok(id) => id,
+        if let Err(e) = check_pids(&self.limits, spec) {
+            return RunReport::failed_before_start(e, String::new());
+        }
+        let image = match self.resolve_image(spec).await {
+            Ok(image) => image,
             Err(e) => return RunReport::failed_before_start(e, String::new()),
         };
+        let image_id = image.id.clone();
         let dir = self.attempt_dir(&job, &offer);
         let area = match std::fs::create_dir_all(&dir)
             .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)))
-            .and_then(|()| OutputArea::create(&dir.join("out"), self.limits.max_output_bytes))
-        {
+            .and_then(|()| {
+                OutputArea::create(
+                    &dir.join("out"),
+                    self.limits.max_output_bytes,
+                    self.limits.max_output_files,
+                )
+            }) {
             Ok(a) => a,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -506,7 +671,7 @@ impl Runner {
         let name = format!("kiln-{job}-{offer}");
         let report = match self
             .run_container(
-                &name, job, offer, spec, &image_id, &area, inputs, gpu_uuids, cancel,
+                &name, job, offer, spec, &image, &area, inputs, gpu_uuids, cancel,
             )
             .await
         {
@@ -524,6 +689,7 @@ impl Runner {
     fn host_config(
         &self,
         spec: &JobSpec,
+        image: &ResolvedImage,
         area: &OutputArea,
         inputs: &[LocalInput],
         gpu_uuids: &[String],
@@ -536,22 +702,56 @@ impl Runner {
                 .iter()
                 .map(|i| format!("{}:{}:ro", i.host_path.display(), i.container_path)),
         );
+        let mut tmpfs = HashMap::from([(
+            "/tmp".to_string(),
+            format!("rw,noexec,nosuid,nodev,size={}", self.limits.tmp_size_bytes),
+        )]);
+        // A volume the image declares would be an anonymous Docker volume on
+        // the provider's disk, bounded by nothing; a tmpfs there takes its
+        // place (Docker creates no volume where a mount already is), owned
+        // by the job's user so the job can write it as it could the volume.
+        let mut taken = vec!["/tmp", spec.output_path.as_str()];
+        taken.extend(inputs.iter().map(|i| i.container_path.as_str()));
+        let volumes = volume_tmpfs(
+            &image.id,
+            &image.volumes,
+            &taken,
+            self.limits.volume_size_bytes,
+        )?;
+        for (path, size) in &volumes {
+            tmpfs.insert(
+                path.clone(),
+                format!("rw,noexec,nosuid,nodev,size={size},uid={JOB_UID},gid={JOB_UID}"),
+            );
+        }
         // tmpfs pages are charged to the memory cgroup of whoever writes them,
-        // so the scratch areas get their own budgets on top of the job's
-        // declared memory: filling /tmp or the output area hits ENOSPC at its
-        // own limit instead of OOM-killing a job that stays within its memory.
-        let scratch = self.limits.tmp_size_bytes
-            + if area.mounted {
+        // so the scratch areas (/tmp, the output area, /dev/shm, the image's
+        // volumes) get their own budgets on top of the job's declared memory:
+        // filling one hits ENOSPC at its own limit instead of OOM-killing a
+        // job that stays within its memory.
+        let scratch = [
+            self.limits.tmp_size_bytes,
+            if area.mounted {
                 self.limits.max_output_bytes
             } else {
                 0
-            };
-        let memory = r
-            .memory
-            .0
-            .checked_add(scratch)
+            },
+            self.limits.shm_size_bytes,
+            volumes.iter().map(|(_, size)| size).sum(),
+        ]
+        .into_iter()
+        .try_fold(0u64, u64::checked_add);
+        let memory = scratch
+            .and_then(|s| r.memory.0.checked_add(s))
             .and_then(|m| i64::try_from(m).ok())
-            .ok_or_else(|| "memory limit too large".to_string())?;
+            .ok_or_else(|| {
+                format!(
+                    "the job's memory ({}) plus this provider's scratch areas overflows; ask for less memory",
+                    r.memory
+                )
+            })?;
+        let shm_size = i64::try_from(self.limits.shm_size_bytes)
+            .map_err(|_| "this provider's --shm-size is too large".to_string())?;
         let device_requests = (!gpu_uuids.is_empty()).then(|| {
             vec![DeviceRequest {
                 driver: Some("nvidia".into()),
@@ -573,15 +773,16 @@ impl Runner {
             memory_swap: Some(memory), // equal to memory: no swap
             nano_cpus: Some(i64::from(r.cpus.0) * 1_000_000),
             pids_limit: Some(i64::from(r.pids)),
+            // Its own IPC namespace and a /dev/shm of the size counted above
+            // (none at all when that size is 0).
+            ipc_mode: Some(if shm_size > 0 { "private" } else { "none" }.into()),
+            shm_size: (shm_size > 0).then_some(shm_size),
             ulimits: Some(vec![ResourcesUlimits {
                 name: Some("nofile".into()),
                 soft: Some(self.limits.nofile),
                 hard: Some(self.limits.nofile),
             }]),
-            tmpfs: Some(HashMap::from([(
-                "/tmp".to_string(),
-                format!("rw,noexec,nosuid,nodev,size={}", self.limits.tmp_size_bytes),
-            )])),
+            tmpfs: Some(tmpfs),
             binds: Some(binds),
             // No log driver: logs come from the attach stream, capped in memory.
             log_config: Some(HostConfigLogConfig {
@@ -601,12 +802,13 @@ impl Runner {
         job: JobId,
         offer: OfferId,
         spec: &JobSpec,
-        image_id: &str,
+        image: &ResolvedImage,
         area: &OutputArea,
         inputs: &[LocalInput],
         gpu_uuids: &[String],
         cancel: CancellationToken,
     ) -> Result<RunReport, String> {
+        let image_id = image.id.as_str();
         let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         env.push(format!("KILN_JOB_ID={job}"));
         env.push(format!("KILN_OUTPUT_DIR={}", spec.output_path));
@@ -625,7 +827,7 @@ impl Runner {
                 (LABEL_OFFER.to_string(), offer.to_string()),
                 (LABEL_NODE.to_string(), self.node_label.clone()),
             ])),
-            host_config: Some(self.host_config(spec, area, inputs, gpu_uuids)?),
+            host_config: Some(self.host_config(spec, image, area, inputs, gpu_uuids)?),
             ..Default::default()
         };
         self.docker
@@ -692,6 +894,14 @@ impl Runner {
                     self.limits.max_output_bytes
                 )),
             ),
+            Ended::TooManyOutputs => (
+                Outcome::Failed,
+                None,
+                Some(too_many_outputs(
+                    &spec.output_path,
+                    self.limits.max_output_files,
+                )),
+            ),
         };
         // A SIGKILL we did not send (exit 137) is almost always the memory
         // limit, but Docker records `OOMKilled` from an event that can land
@@ -733,14 +943,17 @@ impl Runner {
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or_default();
-        let (out_dir, max, store) = (
-            area.path.clone(),
-            self.limits.max_output_bytes,
-            self.store.clone(),
-        );
-        let collected = tokio::task::spawn_blocking(move || collect_outputs(&out_dir, max, &store))
-            .await
-            .unwrap_or_else(|e| Err(format!("collecting outputs failed: {e}")));
+        let out_dir = area.path.clone();
+        let limits = OutputLimits {
+            max_bytes: self.limits.max_output_bytes,
+            max_entries: self.limits.max_output_files,
+            container_path: spec.output_path.clone(),
+        };
+        let store = self.store.clone();
+        let collected =
+            tokio::task::spawn_blocking(move || collect_outputs(&out_dir, &limits, &store))
+                .await
+                .unwrap_or_else(|e| Err(format!("collecting outputs failed: {e}")));
         let (manifest, pins) = match collected {
             Ok(x) => x,
             Err(e) => {
@@ -794,9 +1007,13 @@ impl Runner {
                 () = &mut deadline => break Ended::TimedOut,
                 () = cancel.cancelled() => break Ended::Cancelled,
                 _ = watch.tick(), if !area.mounted => {
-                    let used = dir_size(&area.path);
+                    let most = output_inodes(self.limits.max_output_files);
+                    let (used, entries) = dir_usage(&area.path, most);
                     if used > self.limits.max_output_bytes {
                         break Ended::OutputOverflow(used);
+                    }
+                    if entries > most {
+                        break Ended::TooManyOutputs;
                     }
                 }
             }
@@ -818,23 +1035,50 @@ impl Runner {
     }
 }
 
+/// What [`collect_outputs`] accepts from a job.
+#[derive(Clone, Debug)]
+pub struct OutputLimits {
+    /// Bytes of all regular files.
+    pub max_bytes: u64,
+    /// Entries (files, directories, links) in the whole tree.
+    pub max_entries: u64,
+    /// Where the job saw its output area (named in errors).
+    pub container_path: String,
+}
+
+fn too_many_outputs(container_path: &str, max: u64) -> String {
+    format!(
+        "the job left more than {max} entries (files, directories, links) in {container_path}, \
+         over this provider's limit (kiln-node --max-output-files); write fewer, larger files \
+         (e.g. one archive)"
+    )
+}
+
 /// Walks the output directory (never following symlinks), importing each
 /// regular file into `store` (hashed once while copied, with its bao
 /// outboard) and the resulting manifest too. Returns the manifest and pins
-/// on everything it names.
+/// on everything it names. Fails as soon as the tree holds more entries or
+/// bytes than `limits` allow: the manifest becomes one record (and one
+/// transaction) at the coordinator, so its length is bounded here.
 pub fn collect_outputs(
     out_dir: &Path,
-    max_bytes: u64,
+    limits: &OutputLimits,
     store: &Store,
 ) -> Result<(Manifest, Vec<PinGuard>), String> {
+    let max_bytes = limits.max_bytes;
     let mut entries = Vec::new();
     let mut pins = Vec::new();
     let mut total = 0u64;
+    let mut seen = 0u64;
     let mut stack = vec![out_dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let list = std::fs::read_dir(&dir)
             .map_err(|e| format!("cannot read outputs in {}: {e}", dir.display()))?;
         for e in list.flatten() {
+            seen += 1;
+            if seen > limits.max_entries {
+                return Err(too_many_outputs(&limits.container_path, limits.max_entries));
+            }
             let path = e.path();
             let Ok(meta) = std::fs::symlink_metadata(&path) else {
                 continue;
@@ -910,7 +1154,12 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", d.path().join("link")).unwrap();
         let sd = tempfile::tempdir().unwrap();
         let store = Store::open_dir(sd.path(), Default::default()).unwrap();
-        let (m, pins) = collect_outputs(d.path(), 1000, &store).unwrap();
+        let limits = |max_bytes, max_entries| OutputLimits {
+            max_bytes,
+            max_entries,
+            container_path: "/out".into(),
+        };
+        let (m, pins) = collect_outputs(d.path(), &limits(1000, 4), &store).unwrap();
         let paths: Vec<_> = m.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["b.txt", "sub/a.txt"]);
         assert_eq!(pins.len(), 3, "two files and the manifest");
@@ -922,8 +1171,132 @@ mod tests {
             "the manifest is fetchable by its CID"
         );
         assert!(store.is_pinned(&m.cid()));
-        assert!(collect_outputs(d.path(), 3, &store).is_err());
-        assert_eq!(dir_size(d.path()), 4);
+        assert!(collect_outputs(d.path(), &limits(3, 4), &store).is_err());
+        // b.txt, sub, sub/a.txt and the link: four entries.
+        let e = collect_outputs(d.path(), &limits(1000, 3), &store).unwrap_err();
+        assert!(
+            e.contains("more than 3 entries") && e.contains("--max-output-files"),
+            "{e}"
+        );
+        assert_eq!(dir_usage(d.path(), 100), (4, 4));
+        assert_eq!(dir_usage(d.path(), 2).1, 3, "stops counting past the limit");
+    }
+
+    #[test]
+    fn a_flood_of_empty_files_fails_collection_early() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..500 {
+            std::fs::write(d.path().join(format!("f{i}")), b"").unwrap();
+        }
+        let sd = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(sd.path(), Default::default()).unwrap();
+        let limits = OutputLimits {
+            max_bytes: 1 << 20,
+            max_entries: 100,
+            container_path: "/results".into(),
+        };
+        let e = collect_outputs(d.path(), &limits, &store).unwrap_err();
+        assert!(
+            e.contains("more than 100 entries") && e.contains("/results"),
+            "{e}"
+        );
+        let limits = OutputLimits {
+            max_entries: 500,
+            ..limits
+        };
+        let (m, _pins) = collect_outputs(d.path(), &limits, &store).unwrap();
+        assert_eq!(m.entries.len(), 500, "at the limit is fine");
+    }
+
+    /// As root the output area is a tmpfs that refuses new entries past
+    /// twice the limit (hard links included), with ENOSPC.
+    #[test]
+    fn the_output_tmpfs_bounds_its_entries() {
+        let root = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("out");
+        let area = OutputArea::create(&out, 1 << 20, 10).unwrap();
+        if !root {
+            assert!(!area.mounted);
+            eprintln!("not root: the output area is a plain directory, watched instead");
+            return;
+        }
+        assert!(area.mounted, "root mounts the output area");
+        let mut made = 0;
+        let err = loop {
+            let r = if made % 2 == 0 {
+                std::fs::write(out.join(format!("f{made}")), b"")
+            } else {
+                std::fs::hard_link(out.join("f0"), out.join(format!("l{made}")))
+            };
+            match r {
+                Ok(()) => made += 1,
+                Err(e) => break e,
+            }
+            assert!(made <= 100, "no bound on entries");
+        };
+        unmount(&out);
+        assert_eq!(made, 20, "twice the limit of 10");
+        assert_eq!(err.raw_os_error(), Some(28), "ENOSPC: {err}");
+    }
+
+    #[test]
+    fn image_volumes_get_an_even_share_of_the_budget() {
+        let v = |xs: &[&str]| xs.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let taken = ["/tmp", "/out", "/in/data"];
+        let mib = 1u64 << 20;
+        // One volume gets it all; `/vol/` and `/vol/.` are the same volume.
+        assert_eq!(
+            volume_tmpfs("img", &v(&["/vol/", "/vol/."]), &taken, 64 * mib).unwrap(),
+            vec![("/vol".to_string(), 64 * mib)]
+        );
+        // Volumes already covered by the job's own mounts take nothing.
+        assert_eq!(
+            volume_tmpfs("img", &v(&["/tmp", "/out/", "/in/data"]), &taken, 64 * mib).unwrap(),
+            vec![]
+        );
+        // Three share evenly, in whole pages, never more than the budget.
+        let three = volume_tmpfs("img", &v(&["/a", "/b/../c", "/d"]), &taken, 10 * mib).unwrap();
+        let paths: Vec<_> = three.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["/a", "/c", "/d"]);
+        let each = three[0].1;
+        assert!(
+            each.is_multiple_of(4096) && each * 3 <= 10 * mib && each * 3 > 10 * mib - 3 * 4096
+        );
+        // Refused, each naming what to fix.
+        let cases: [(&[&str], u64, &str); 6] = [
+            (&["data"], 64 * mib, "not an absolute path"),
+            (&["/dev/shm"], 64 * mib, "inside /dev"),
+            (&["/proc/x"], 64 * mib, "inside /proc"),
+            (&["/"], 64 * mib, "which the sandbox manages"),
+            (
+                &["/a", "/b", "/c"],
+                2 * mib,
+                "declares 3 volumes (/a, /b, /c)",
+            ),
+            (&["/vol"], 0, "--volume-size"),
+        ];
+        for (declared, budget, want) in cases {
+            let e = volume_tmpfs("img", &v(declared), &taken, budget).unwrap_err();
+            assert!(e.contains(want) && e.contains("img"), "{declared:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn pids_over_the_provider_cap_are_refused() {
+        let limits = Limits::default();
+        let mut spec = JobSpec::new(format!("sha256:{}", "1".repeat(64)), vec!["x".into()]);
+        spec.resources.pids = limits.max_pids;
+        assert!(check_pids(&limits, &spec).is_ok());
+        spec.resources.pids = limits.max_pids + 1;
+        let e = check_pids(&limits, &spec).unwrap_err();
+        assert!(
+            e.contains("4097 processes") && e.contains("cap of 4096") && e.contains("--max-pids"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -934,6 +1307,7 @@ mod tests {
             repo_tags: vec!["ghcr.io/acme/train:1".into()],
             repo_digests: vec![format!("ghcr.io/acme/train@sha256:{}", "2".repeat(64))],
             size: 1000,
+            volumes: Vec::new(),
         };
         let p = |allow: &[&str], deny: &[&str], max: u64| Policy {
             image_allow: allow.iter().map(|s| s.to_string()).collect(),

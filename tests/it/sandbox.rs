@@ -327,6 +327,72 @@ async fn a_hundred_mixed_jobs_leave_nothing_behind() {
     dn.shutdown().await;
 }
 
+/// Issue 13, finding 6: an image that declares `VOLUME /vol` (with `/vol`
+/// owned by the job's user, so Docker's anonymous volume there would take
+/// any amount of the provider's disk) writes into a 64 MiB tmpfs instead
+/// and gets ENOSPC at that bound; `/dev/shm` stops at its 64 MiB too. Both
+/// sizes are counted in the job's memory, the provider creates no Docker
+/// volume, and an honest job of the same image completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_image_declaring_a_volume_cannot_write_past_a_bound() {
+    let dn = devnet_with(DevnetOptions {
+        providers: 1,
+        slots: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = buyer(&dn);
+    let docker = kiln_docker::connect().await.unwrap();
+    let image = kiln_docker::build_workload_variant(
+        &docker,
+        "COPY --chown=65534:65534 vol /vol\nVOLUME /vol\n",
+        &["vol"],
+    )
+    .await
+    .unwrap();
+    let volumes_before = docker_volumes();
+    let job = |args: &[&str], tmpdir: &str| {
+        let mut spec = dn.workload_spec(args);
+        spec.image = kiln_protocol::ImageRef(image.id.clone());
+        spec.env.insert("TMPDIR".into(), tmpdir.into());
+        spec
+    };
+    let bound = dn_default_mib(64);
+    for dir in ["/vol", "/dev/shm"] {
+        let done = run_job(&client, job(&["hostile", "fill-tmp", "300"], dir))
+            .await
+            .unwrap();
+        assert_eq!(done.state, JobState::Completed, "{dir}: {done:#?}");
+        let logs = client.logs(&done.job_id).await.unwrap();
+        let out = stdout_of(&logs);
+        assert!(
+            out.contains("HOSTILE fill-tmp contained")
+                && out.contains(&format!("after {bound} bytes: ENOSPC")),
+            "{dir}: 300 MiB must stop at {bound} bytes with ENOSPC:\n{out}"
+        );
+    }
+    let ok = run_job(&client, job(&["echo", "still", "serving"], "/vol"))
+        .await
+        .unwrap();
+    assert_eq!(ok.state, JobState::Completed, "{ok:#?}");
+    assert!(stdout_of(&client.logs(&ok.job_id).await.unwrap()).contains("still serving"));
+    assert_eq!(
+        docker_volumes(),
+        volumes_before,
+        "no Docker volume was created"
+    );
+    assert_eq!(leftovers(&dn).await.unwrap(), Vec::<String>::new());
+    dn.shutdown().await;
+}
+
+/// `n` MiB in bytes (the node's default volume and `/dev/shm` size).
+fn dn_default_mib(n: u64) -> u64 {
+    let d = kiln_node::runner::Limits::default();
+    assert_eq!((d.volume_size_bytes, d.shm_size_bytes), (n << 20, n << 20));
+    n << 20
+}
+
 fn docker_volumes() -> Vec<String> {
     let out = std::process::Command::new("docker")
         .args(["volume", "ls", "-q"])

@@ -17,16 +17,18 @@ use sqlx::Row;
 use super::model::{self, JobState, MemberState, Role};
 use crate::db::{Db, DbError, Tx};
 
-fn corrupt(table: &'static str, reason: impl ToString) -> DbError {
+pub(super) fn corrupt(table: &'static str, reason: impl ToString) -> DbError {
     DbError::Corrupt {
         table,
         reason: reason.to_string(),
     }
 }
-fn i(v: u64) -> i64 {
+/// A count or instant as SQLite's signed integer (saturating).
+pub(super) fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
-fn u(v: i64) -> u64 {
+/// Back from SQLite (a negative value reads as 0).
+pub(super) fn u(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
@@ -326,6 +328,112 @@ impl Db {
             .bind(job.to_string())
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+}
+
+/// Jobs: what the scheduler keeps of the queue, and what a submission may add to it.
+impl Db {
+    /// The sequence number of the latest job state change (0: none yet).
+    /// Every state change writes one `job_events` row in its transaction,
+    /// so changes after this number are everything that happened since.
+    pub async fn last_job_change(&self) -> Result<i64, DbError> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM job_events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    /// Job state changes after `seq`, oldest first, at most `limit`: the
+    /// change's sequence number, the job and the state it entered.
+    pub async fn job_changes_after(
+        &self,
+        seq: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, JobId, JobState)>, DbError> {
+        const T: &str = "job_events";
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(
+            "SELECT seq, job_id, state FROM job_events WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(seq, job, state)| {
+                Ok((
+                    seq,
+                    job.parse().map_err(|e| corrupt(T, e))?,
+                    state.parse().map_err(|e| corrupt(T, e))?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Queued jobs in submission order, after `after` (its `created_at` and
+    /// id) when given, at most `limit`: the whole queue a page at a time.
+    pub async fn queued_page(
+        &self,
+        after: Option<(UnixMillis, JobId)>,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, DbError> {
+        let (at, id) = after.map_or((-1, String::new()), |(at, id)| (i(at.0), id.to_string()));
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{JOB_COLUMNS} WHERE state = 'queued' AND (created_at > ? OR (created_at = ? AND id > ?)) \
+             ORDER BY created_at, id LIMIT ?"
+        )))
+        .bind(at)
+        .bind(at)
+        .bind(id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// Those of `ids` that are queued now.
+    pub async fn queued_among(&self, ids: &[JobId]) -> Result<Vec<JobRecord>, DbError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!("{JOB_COLUMNS} WHERE state = 'queued' AND id IN ({marks})");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            for r in &q.fetch_all(&self.pool).await? {
+                out.push(job_from_row(r)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many jobs `owner` has queued (not yet placed), read inside the
+    /// submission's write transaction so two submissions cannot both take
+    /// the last place.
+    pub async fn queued_of(tx: &mut Tx<'_>, owner: &BuyerId) -> Result<u64, DbError> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE owner = ? AND state = 'queued'")
+                .bind(owner.to_string())
+                .fetch_one(&mut **tx)
+                .await?;
+        Ok(u(n))
+    }
+
+    /// [`Db::set_reason`] for many jobs, a few hundred per transaction (a
+    /// round may rewrite the line of every queued job when the fleet changes).
+    pub async fn set_reasons(&self, reasons: &[(JobId, String)]) -> Result<(), DbError> {
+        for chunk in reasons.chunks(500) {
+            let mut tx = self.begin().await?;
+            for (job, reason) in chunk {
+                sqlx::query("UPDATE jobs SET reason = ? WHERE id = ? AND state = 'queued'")
+                    .bind(reason)
+                    .bind(job.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        }
         Ok(())
     }
 }

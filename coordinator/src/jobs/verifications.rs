@@ -8,17 +8,10 @@ use sqlx::Row;
 use crate::db::{Db, DbError, Tx};
 use crate::verification::{Decision, TrustState};
 
+use super::store::{i, u};
+
 fn corrupt(reason: impl ToString) -> DbError {
-    DbError::Corrupt {
-        table: "verifications",
-        reason: reason.to_string(),
-    }
-}
-fn i(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-fn u(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
+    super::store::corrupt("verifications", reason)
 }
 
 /// One job's audit record as stored.

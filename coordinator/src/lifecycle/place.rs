@@ -121,7 +121,7 @@ pub async fn place(
 }
 
 /// The offer a member gets (the data sources for its inputs filled in).
-async fn offer_for(state: &AppState, job: &JobRecord, m: &Member) -> JobOffer {
+pub(crate) async fn offer_for(state: &AppState, job: &JobRecord, m: &Member) -> JobOffer {
     let mut offer = JobOffer {
         offer_id: m.offer_id,
         job_id: job.id,

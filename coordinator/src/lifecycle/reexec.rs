@@ -52,8 +52,7 @@ use std::time::Duration;
 use kiln_contracts::Op;
 use kiln_protocol::views::VerificationStatus;
 use kiln_protocol::{
-    Credits, JobId, JobOffer, NetRequest, OfferId, Outcome, ProviderId, ResultReceipt, Signed,
-    UnixMillis,
+    Credits, JobId, NetRequest, OfferId, Outcome, ProviderId, ResultReceipt, Signed, UnixMillis,
 };
 use serde::Serialize;
 
@@ -364,7 +363,7 @@ pub async fn advance(state: &AppState, job_id: &JobId) -> Result<(), DbError> {
     }
     match judge(state, &s).await {
         Ok(Judged::NeedsExecution) => place_verifier(state, &s).await,
-        Ok(Judged::Final(v, why)) => apply(state, s, v, &why).await,
+        Ok(Judged::Final(v, why)) => apply(state, &s, &settlement(&s, v, &why), &[]).await,
         Err(e) => {
             tracing::warn!(job = %s.job.id.short(), "comparing executions failed: {e}; retried next round");
             Ok(())
@@ -532,16 +531,7 @@ fn first_line(s: &Standing) -> String {
 /// runs); refused or unreachable: released, and its provider not offered
 /// work until it registers again.
 async fn offer(state: &AppState, job: &JobRecord, m: Member) -> Result<(), DbError> {
-    let mut offer = JobOffer {
-        offer_id: m.offer_id,
-        job_id: job.id,
-        provider: m.provider,
-        owner: job.owner,
-        spec: job.spec.clone(),
-        price_per_hour: m.price_per_hour,
-        sources: Vec::new(),
-    };
-    offer.sources = crate::blobs::offer_sources(state, &offer).await;
+    let offer = super::place::offer_for(state, job, &m).await;
     let reply = match sign(state, offer) {
         Some(s) => send(state, &m, NetRequest::Offer(s), 3).await,
         None => Reply::Refused("the coordinator could not sign the offer".into()),
@@ -687,13 +677,33 @@ fn settlement<'a>(s: &'a Standing, v: Verdict, diff: &str) -> Settlement<'a> {
     }
 }
 
-/// Applies a final verdict in one transaction: payments, slash, trust and
-/// reputation, the job's end, the escrow's close, the record.
-async fn apply(state: &AppState, s: Standing, v: Verdict, diff: &str) -> Result<(), DbError> {
-    let plan = settlement(&s, v, diff);
+/// Applies a settlement in one transaction: the members in `stop` (still
+/// running when the window closed) released, payments, slash, trust and
+/// reputation, the job's end, the escrow's close, the record; then the
+/// stopped members' nodes are told.
+async fn apply(
+    state: &AppState,
+    s: &Standing,
+    plan: &Settlement<'_>,
+    stop: &[Member],
+) -> Result<(), DbError> {
+    const CLOSED: &str = "the audit window closed";
     let mut tx = state.db.begin().await?;
     let mut pending = state.bank.begin().await;
-    match settle_in(state, &mut tx, &mut pending, &s, &plan).await {
+    for m in stop {
+        Db::set_member(
+            &mut tx,
+            &m.offer_id,
+            &[m.state],
+            MemberState::Released,
+            MemberChange {
+                reason: Some(CLOSED),
+                ..Default::default()
+            },
+        )
+        .await?;
+    }
+    match settle_in(state, &mut tx, &mut pending, s, plan).await {
         Ok(true) => {}
         Ok(false) => return Ok(()),
         Err(e) => {
@@ -704,6 +714,7 @@ async fn apply(state: &AppState, s: Standing, v: Verdict, diff: &str) -> Result<
     tx.commit().await?;
     pending.commit();
     settle::finished(state, &s.job.id);
+    notify(state, Vec::new(), stop.to_vec(), CLOSED);
     tracing::info!(job = %s.job.id.short(), status = %plan.status, "{}", plan.detail);
     Ok(())
 }
@@ -845,34 +856,5 @@ async fn close_window(state: &AppState, s: Standing) -> Result<(), DbError> {
         detail,
         outcomes: Vec::new(),
     };
-    let running = s.running.clone();
-    let mut tx = state.db.begin().await?;
-    let mut pending = state.bank.begin().await;
-    for m in &running {
-        Db::set_member(
-            &mut tx,
-            &m.offer_id,
-            &[m.state],
-            MemberState::Released,
-            MemberChange {
-                reason: Some("the audit window closed"),
-                ..Default::default()
-            },
-        )
-        .await?;
-    }
-    match settle_in(state, &mut tx, &mut pending, &s, &plan).await {
-        Ok(true) => {}
-        Ok(false) => return Ok(()),
-        Err(e) => {
-            tracing::error!(job = %s.job.id.short(), "closing the verification failed: {e}");
-            return Ok(());
-        }
-    }
-    tx.commit().await?;
-    pending.commit();
-    settle::finished(state, &s.job.id);
-    notify(state, Vec::new(), running, "the audit window closed");
-    tracing::warn!(job = %s.job.id.short(), "{}", plan.detail);
-    Ok(())
+    apply(state, &s, &plan, &s.running).await
 }

@@ -51,6 +51,7 @@ impl BenchOptions {
                 engine: EngineChoice::Auto,
                 copy_bytes: DEFAULT_COPY_BYTES,
                 samples: DEFAULT_SAMPLES,
+                prompt: false,
             }),
         }
     }
@@ -74,6 +75,9 @@ impl BenchOptions {
                 engine: EngineChoice::Auto,
                 copy_bytes: sizes.copy_bytes,
                 samples: sizes.samples,
+                // The coordinator times the round trip: compute each checked
+                // product once and answer.
+                prompt: true,
             }),
         }
     }
