@@ -1,6 +1,6 @@
 //! Real libp2p peers on loopback (separate keys, TCP + Noise + yamux):
 //! parallel multi-source fetch, a corrupting peer, resume after a dropped
-//! transfer and a restart, a peer killed half-way, HTTP sources.
+//! transfer and a restart, a peer killed half-way. HTTP sources: `http.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -432,123 +432,6 @@ async fn announcements_reach_other_peers() {
             "no announcement arrived"
         );
     }
-}
-
-/// Serves `body` once per connection as HTTP/1.1 (whole, ignoring `Range`).
-async fn http_server(body: Vec<u8>) -> String {
-    http_server_with(body, false).await
-}
-
-/// [`http_server`]; with `ranges`, a `Range: bytes=a-b` request gets a 206
-/// with that slice, as nginx would answer.
-async fn http_server_with(body: Vec<u8>, ranges: bool) -> String {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = l.accept().await else {
-                return;
-            };
-            let body = body.clone();
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut req = vec![0u8; 4096];
-                let n = sock.read(&mut req).await.unwrap_or(0);
-                let req = String::from_utf8_lossy(&req[..n]).to_ascii_lowercase();
-                let range = req
-                    .lines()
-                    .find_map(|l| l.strip_prefix("range: bytes="))
-                    .and_then(|r| r.trim().split_once('-'))
-                    .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
-                let (status, part) = match range {
-                    Some((a, b)) if ranges && a <= b && b < body.len() => {
-                        ("206 Partial Content", &body[a..=b])
-                    }
-                    _ => ("200 OK", &body[..]),
-                };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    part.len()
-                );
-                let _ = sock.write_all(head.as_bytes()).await;
-                let _ = sock.write_all(part).await;
-                let _ = sock.shutdown().await;
-            });
-        }
-    });
-    format!("http://{addr}/input.bin")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_source_is_verified_and_a_mismatch_names_both_cids() {
-    let d = tempfile::tempdir().unwrap();
-    let mine = store(d.path());
-    let good = data(3 * MIB + 7, 7);
-    let cid = ContentId::of_bytes(&good);
-    let url = http_server(good.clone()).await;
-    let r = kiln_blobs::http::fetch_url(&mine, &url, cid).await.unwrap();
-    assert_eq!(r.size, good.len() as u64);
-    assert_eq!(fetched_bytes(&mine, &cid), good);
-
-    // Now stored: a URL must still prove it serves those bytes before the
-    // cached copy is handed out. An honest server proves it with one
-    // 16 KiB range, or with its whole body when it ignores ranges.
-    let ranged = http_server_with(good.clone(), true).await;
-    let r = kiln_blobs::http::fetch_url(&mine, &ranged, cid)
-        .await
-        .unwrap();
-    assert!(
-        (1..=16 * 1024).contains(&r.bytes_transferred),
-        "one group at most: {r:?}"
-    );
-    let r = kiln_blobs::http::fetch_url(&mine, &url, cid).await.unwrap();
-    assert_eq!(r.bytes_transferred, good.len() as u64, "{r:?}");
-    // Other bytes of the same length: refused either way, naming the CID.
-    let mut other = good.clone();
-    for b in other.iter_mut() {
-        *b ^= 0x5a;
-    }
-    for ranges in [true, false] {
-        let liar = http_server_with(other.clone(), ranges).await;
-        let e = kiln_blobs::http::fetch_url(&mine, &liar, cid)
-            .await
-            .unwrap_err();
-        assert!(e.to_string().contains(&cid.to_string()), "{e}");
-    }
-
-    let served = data(MIB, 8);
-    let wanted = ContentId::of_bytes(&data(MIB, 9));
-    let url = http_server(served.clone()).await;
-    let e = kiln_blobs::http::fetch_url(&mine, &url, wanted)
-        .await
-        .unwrap_err();
-    let msg = e.to_string();
-    assert!(msg.contains(&wanted.to_string()), "{msg}");
-    assert!(
-        msg.contains(&ContentId::of_bytes(&served).to_string()),
-        "{msg}"
-    );
-    assert!(!mine.has(&wanted));
-    assert!(!mine.has(&ContentId::of_bytes(&served)));
-    assert_eq!(std::fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
-    assert_eq!(mine.list().len(), 1);
-
-    // A size limit is enforced before anything is written.
-    let e = kiln_blobs::http::fetch_url_with(
-        &mine,
-        &url,
-        ContentId::of_bytes(&served),
-        &kiln_blobs::http::HttpOptions {
-            max_bytes: Some(1000),
-        },
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        matches!(e, kiln_blobs::http::HttpError::TooLarge { .. }),
-        "{e}"
-    );
-    assert_eq!(mine.list().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -50,6 +50,15 @@ pub struct DevnetOptions {
     /// them. `kiln devnet` turns it on; tests leave it off unless they test
     /// verification, so a re-run never competes with what a test measures.
     pub verification: bool,
+    /// Least escrow a job must lock to be queued. Devnet jobs are tiny (a
+    /// 1 s timeout at 1 cr/h locks 278 µcr), below the coordinator's
+    /// default (0.01 cr), so it is 1 here: a job that locks nothing is
+    /// still refused.
+    pub min_job_escrow: Credits,
+    /// Let the nodes fetch URL inputs from loopback and private addresses
+    /// (`kiln-node run --allow-private-urls`): tests serve URLs on
+    /// loopback. Off, as on a real provider.
+    pub allow_private_urls: bool,
 }
 
 impl Default for DevnetOptions {
@@ -68,6 +77,8 @@ impl Default for DevnetOptions {
             min_usage_interval: Duration::from_millis(500),
             audit_interval: None,
             verification: false,
+            min_job_escrow: Credits(1),
+            allow_private_urls: false,
         }
     }
 }
@@ -116,6 +127,7 @@ impl Devnet {
         cc.min_usage_interval = opts.min_usage_interval;
         cc.audit.mean_interval = opts.audit_interval;
         cc.verification.enabled = opts.verification;
+        cc.min_job_escrow = opts.min_job_escrow;
         let coordinator_cancel = cancel.child_token();
         let coordinator = kiln_coordinator::start(cc.clone(), coordinator_cancel.clone()).await?;
         let coord_addr = coordinator
@@ -132,6 +144,7 @@ impl Devnet {
             nc.usage_interval = opts.usage_interval;
             nc.stake = opts.provider_stake;
             nc.limits = opts.limits.clone();
+            nc.allow_private_urls = opts.allow_private_urls;
             let token = cancel.child_token();
             nodes.push(kiln_node::start(nc, token.clone()).await?);
             node_cancels.push(token);

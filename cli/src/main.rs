@@ -458,6 +458,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 audit_interval: Some(std::time::Duration::from_secs(300)),
                 // ... and verifies results by re-executing a sample of them.
                 verification: true,
+                // A local marketplace: its nodes may fetch URL inputs served
+                // from this machine (real providers refuse non-public hosts).
+                allow_private_urls: true,
                 ..Default::default()
             })
             .await?;

@@ -37,6 +37,9 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A per-identity limit is reached (e.g. queued jobs per buyer).
+    #[error("{0}")]
+    TooManyRequests(String),
     #[error("{0}")]
     InsufficientStorage(String),
     #[error("{reason} (the blob has {size} bytes)")]
@@ -54,6 +57,7 @@ impl IntoResponse for ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, None),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, None),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, None),
+            Self::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, None),
             Self::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, None),
             Self::RangeNotSatisfiable { .. } => {
                 (StatusCode::RANGE_NOT_SATISFIABLE, Some("range".into()))
@@ -88,6 +92,7 @@ impl From<SubmitError> for ApiError {
                 reason: format!("invalid job spec: {s}"),
             },
             e @ SubmitError::Funds { .. } => Self::PaymentRequired(e.to_string()),
+            e @ SubmitError::QueueFull { .. } => Self::TooManyRequests(e.to_string()),
             SubmitError::Db(e) => e.into(),
             SubmitError::Bank(e) => Self::Internal(e),
         }

@@ -107,6 +107,13 @@ pub struct CoordinatorConfig {
     pub min_usage_interval: Duration,
     /// Verification of results by spot re-execution.
     pub verification: verification::VerificationConfig,
+    /// Least escrow a job must lock (`max_price_per_hour × gang × timeout`)
+    /// to be queued: a place in the queue is held by money, so a job that
+    /// asks to pay nothing is refused.
+    pub min_job_escrow: Credits,
+    /// Most jobs one buyer may have queued (not yet placed); more are
+    /// refused (HTTP 429) until some are placed or cancelled.
+    pub max_queued_per_buyer: u32,
 }
 
 impl CoordinatorConfig {
@@ -129,6 +136,8 @@ impl CoordinatorConfig {
             result_grace: Duration::from_secs(120),
             min_usage_interval: Duration::from_secs(5),
             verification: verification::VerificationConfig::default(),
+            min_job_escrow: Credits(10_000),
+            max_queued_per_buyer: 100,
         }
     }
 }

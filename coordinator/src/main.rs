@@ -56,6 +56,15 @@ enum Cmd {
         /// top of twice the job's timeout).
         #[arg(long, default_value = "30m")]
         audit_window: Seconds,
+        /// Least escrow, in micro-credits, a job must lock (max price per
+        /// hour × nodes × timeout) to be queued; `0` queues jobs that ask
+        /// to pay nothing.
+        #[arg(long, default_value_t = 10_000)]
+        min_job_escrow: u64,
+        /// Most jobs one buyer may have waiting to be placed; more are
+        /// refused with HTTP 429.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        max_queued_per_buyer: u32,
     },
 }
 
@@ -104,6 +113,8 @@ async fn main() -> anyhow::Result<()> {
         result_grace,
         verification,
         audit_window,
+        min_job_escrow,
+        max_queued_per_buyer,
     } = Cli::parse().cmd;
     let mut config = CoordinatorConfig::new(state_dir);
     config.http_listen = http;
@@ -114,6 +125,8 @@ async fn main() -> anyhow::Result<()> {
     config.result_grace = Duration::from_secs(result_grace.0);
     config.verification.enabled = verification;
     config.verification.window = Duration::from_secs(audit_window.0);
+    config.min_job_escrow = Credits(min_job_escrow);
+    config.max_queued_per_buyer = max_queued_per_buyer;
     let cancel = CancellationToken::new();
     let c = kiln_coordinator::start(config, cancel.clone())
         .await

@@ -88,6 +88,12 @@ pub struct RunArgs {
     /// never a blob a running job uses), e.g. 200GiB.
     #[arg(long, value_parser = parse_size, default_value = "50GiB")]
     pub cache_size: u64,
+    /// Also fetch URL inputs from loopback, private (10/8, 172.16/12,
+    /// 192.168/16, fc00::/7), link-local (169.254/16 with the cloud metadata
+    /// service, fe80::/10) and other non-global addresses. Off by default:
+    /// a buyer's URL must not reach this machine's own services or its LAN.
+    #[arg(long)]
+    pub allow_private_urls: bool,
     /// Take offers only after the GPUs have been free of their owner's work
     /// (non-Kiln processes, utilization) for this many seconds (0: as soon as
     /// they are free; a CPU-only machine always is).
@@ -151,6 +157,7 @@ impl RunArgs {
         c.limits.max_pids = self.max_pids;
         c.limits.log_cap_bytes = self.log_cap;
         c.cache_quota = Some(self.cache_size);
+        c.allow_private_urls = self.allow_private_urls;
         c.stake = self.stake.map(Credits);
         c.region = self.region;
         c.disk = kiln_protocol::ByteSize(self.disk);
@@ -316,6 +323,11 @@ mod tests {
         Cmd::try_parse_from(args).map(|c| c.run.into_config())
     }
 
+    #[test]
+    fn private_urls_are_refused_unless_the_flag_allows_them() {
+        assert!(!parse(&[]).unwrap().allow_private_urls);
+        assert!(parse(&["--allow-private-urls"]).unwrap().allow_private_urls);
+    }
 
     #[test]
     fn region_and_disk_flags_reach_the_config() {

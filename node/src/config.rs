@@ -48,6 +48,11 @@ pub struct NodeConfig {
     /// to stop and finished ones to deliver their results before it reports
     /// what is left lost.
     pub drain_grace: Duration,
+    /// Fetch URL inputs from loopback, private (RFC 1918, fc00::/7),
+    /// link-local and other non-global addresses too. Off: a buyer's URL
+    /// could otherwise reach this machine's services, its LAN or the cloud
+    /// metadata endpoint.
+    pub allow_private_urls: bool,
 }
 
 impl NodeConfig {
@@ -72,6 +77,7 @@ impl NodeConfig {
             region: None,
             disk: kiln_protocol::ByteSize(0),
             drain_grace: Duration::from_secs(30),
+            allow_private_urls: false,
         }
     }
 }

@@ -10,8 +10,11 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use kiln_blobs::PinGuard;
+use kiln_blobs::http::HttpOptions;
+use kiln_protocol::spec::InputSpec;
 use kiln_protocol::{ContentId, JobId, JobOffer};
 
 use crate::runner::LocalInput;
@@ -33,16 +36,24 @@ pub(crate) async fn fetch_inputs(state: &State, offer: &JobOffer) -> Result<Fetc
     let mut local = Vec::new();
     let mut pins = Vec::new();
     let mut announce = Vec::new();
+    let url_deadline =
+        Instant::now().checked_add(Duration::from_secs(offer.spec.resources.timeout.0));
     for (i, input) in offer.spec.inputs.iter().enumerate() {
         let sources = sources_for(state, offer, &input.cid);
         pins.push(state.store.pin(&input.cid));
         if let Some(url) = &input.url {
-            let r = kiln_blobs::http::fetch_url(&state.store, url, input.cid)
+            let opts = url_options(state, input, url_deadline);
+            let r = kiln_blobs::http::fetch_url_with(&state.store, url, input.cid, &opts)
                 .await
-                .map_err(|e| format!("input {i} ({}): {e}", input.path))?;
-            if r.bytes_transferred > 0 {
-                tracing::info!(job = %job.short(), cid = %input.cid.short(), bytes = r.bytes_transferred, ms = r.elapsed.as_millis() as u64, "input downloaded from its URL");
-            }
+                .map_err(|e| {
+                    // The buyer gets the kind of failure; this log, the
+                    // provider-side detail.
+                    if let Some(d) = e.detail() {
+                        tracing::warn!(job = %job.short(), input = i, "URL input failed: {d}");
+                    }
+                    format!("input {i} ({}): {e}", input.path)
+                })?;
+            tracing::info!(job = %job.short(), cid = %input.cid.short(), bytes = r.bytes_transferred, ms = r.elapsed.as_millis() as u64, "input downloaded from its URL and verified");
         } else {
             fetch_one(
                 state,
@@ -100,6 +111,24 @@ pub(crate) async fn fetch_inputs(state: &State, offer: &JobOffer) -> Result<Fetc
         tracing::debug!("could not announce cached inputs: {e}");
     }
     Ok(FetchedInputs { local, _pins: pins })
+}
+
+/// How a URL input is fetched: the provider's address policy
+/// (`--allow-private-urls`), never more than the size the spec declares (or
+/// the whole cache when it declares none), and done by `deadline`, the
+/// job's timeout counted from the start of its input fetch: the coordinator
+/// gives up on a job that has not delivered by its timeout (plus a grace),
+/// so a URL still sending then only holds the slot. A CID this node already
+/// caches is fetched and verified in full all the same
+/// ([`kiln_blobs::http`]): the cached copy is mounted only for a URL that
+/// served every byte of it.
+fn url_options(state: &State, input: &InputSpec, deadline: Option<Instant>) -> HttpOptions {
+    HttpOptions {
+        max_bytes: input.size.map(|s| s.0).or(state.config.cache_quota),
+        allow_private: state.config.allow_private_urls,
+        deadline,
+        ..HttpOptions::default()
+    }
 }
 
 /// Where an input can come from: the coordinator, plus the peers the offer

@@ -72,7 +72,10 @@ async fn attempts_of_one_job_run_side_by_side_and_shutdown_reports_the_survivor_
             // yet on a loaded machine: dial again for a few seconds.
             let mut tries = 0;
             loop {
-                match net.request(provider.peer_id(), addrs.clone(), req.clone()).await {
+                match net
+                    .request(provider.peer_id(), addrs.clone(), req.clone())
+                    .await
+                {
                     Ok(r) => break r,
                     // Only a failed dial is retried: nothing was sent.
                     Err(e @ kiln_net::NetError::Unreachable { .. }) if tries < 20 => {

@@ -103,7 +103,7 @@ impl fmt::Display for ImageRef {
 /// directory, mounted as a tree. The provider fetches it from the
 /// coordinator and from peers that hold it, or, with `url`, downloads it
 /// from there; either way every byte is verified against `cid` before the
-/// container starts, and a mismatch fails the job naming both CIDs.
+/// container starts, and a mismatch fails the job naming the expected CID.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputSpec {

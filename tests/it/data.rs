@@ -4,12 +4,16 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
+use kiln_cli::devnet::{Devnet, DevnetOptions};
+use kiln_protocol::Seconds;
 use kiln_protocol::spec::InputSpec;
 use kiln_protocol::views::{JobState, ProviderView};
 use kiln_protocol::{ContentId, Manifest, ManifestEntry};
-use kiln_tests::{buyer, devnet, run_job};
+use kiln_tests::{buyer, devnet, devnet_with, run_job};
 use tokio_util::sync::CancellationToken;
 
 /// Writes `size` pseudo-random bytes (seeded) to `path`.
@@ -216,34 +220,106 @@ async fn an_interrupted_download_resumes_with_only_the_remainder() {
 
 /// Serves fixed bytes over plain HTTP/1.1 on loopback (any path).
 async fn serve_bytes(body: Vec<u8>) -> String {
+    serve(move |_| Reply::Bytes(200, body.clone())).await.url
+}
+
+/// What a test URL answers to one request (`Range: bytes=a-b` parsed).
+enum Reply {
+    Bytes(u16, Vec<u8>),
+    /// A 200 declaring this length, then 100 bytes every 50 ms.
+    Trickle(u64),
+}
+
+/// A loopback HTTP/1.1 server (one request per connection) counting the
+/// requests it got and the body bytes it sent.
+struct Served {
+    url: String,
+    port: u16,
+    hits: Arc<AtomicUsize>,
+    sent: Arc<AtomicU64>,
+}
+
+async fn serve(reply: impl Fn(Option<(usize, usize)>) -> Reply + Send + Sync + 'static) -> Served {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let (hits, sent) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicU64::new(0)));
+    let (h, n) = (hits.clone(), sent.clone());
+    let reply = Arc::new(reply);
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = listener.accept().await else {
                 return;
             };
-            let body = body.clone();
+            let (h, n, reply) = (h.clone(), n.clone(), reply.clone());
             tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut head = Vec::new();
                 let mut buf = vec![0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(&body).await;
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                h.fetch_add(1, Ordering::SeqCst);
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let range = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("range: bytes="))
+                    .and_then(|r| r.trim().split_once('-'))
+                    .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+                match reply(range) {
+                    Reply::Bytes(status, body) => {
+                        let head = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = s.write_all(head.as_bytes()).await;
+                        if s.write_all(&body).await.is_ok() {
+                            n.fetch_add(body.len() as u64, Ordering::SeqCst);
+                        }
+                    }
+                    Reply::Trickle(len) => {
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+                        );
+                        let _ = s.write_all(head.as_bytes()).await;
+                        loop {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            if s.write_all(&[b't'; 100]).await.is_err() {
+                                break;
+                            }
+                            n.fetch_add(100, Ordering::SeqCst);
+                        }
+                    }
+                }
                 let _ = s.shutdown().await;
             });
         }
     });
-    format!("http://{addr}/weights.bin")
+    Served {
+        url: format!("http://{addr}/weights.bin"),
+        port: addr.port(),
+        hits,
+        sent,
+    }
+}
+
+/// A devnet of one provider that fetches URLs from loopback, where the
+/// tests serve them (`kiln-node run --allow-private-urls`).
+async fn loopback_devnet() -> Devnet {
+    devnet_with(DevnetOptions {
+        providers: 1,
+        allow_private_urls: true,
+        ..DevnetOptions::default()
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_url_input_is_verified_and_a_mismatch_fails_before_the_container_starts() {
-    let dn = devnet(1).await.unwrap();
+    let dn = loopback_devnet().await;
     let client = buyer(&dn);
     let good: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
     let url = serve_bytes(good.clone()).await;
@@ -268,8 +344,12 @@ async fn a_url_input_is_verified_and_a_mismatch_fails_before_the_container_start
     assert_eq!(done.state, JobState::Failed, "{done:#?}");
     let reason = done.reason.as_deref().unwrap();
     assert!(
-        reason.contains(&claimed.to_string()) && reason.contains(&cid.to_string()),
-        "both CIDs are named: {reason}"
+        reason.contains(&claimed.to_string()) && reason.contains("does not match"),
+        "the wanted CID is named: {reason}"
+    );
+    assert!(
+        !reason.contains(&cid.to_string()),
+        "what the URL really serves stays in the provider's log: {reason}"
     );
     assert_eq!(
         done.usage.as_ref().map(|u| u.wall_ms),
@@ -323,7 +403,7 @@ async fn uploads_are_checked_against_their_cid() {
 /// URL does not unlock someone else's cached copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_cannot_name_another_buyers_data() {
-    let dn = devnet(1).await.unwrap();
+    let dn = loopback_devnet().await;
     let (alice, bob) = (buyer(&dn), buyer(&dn));
     let secret = b"alice's private weights".to_vec();
     let cid = alice.upload(secret.clone()).await.unwrap();
@@ -395,6 +475,211 @@ async fn a_job_cannot_name_another_buyers_data() {
     let reason = done.reason.as_deref().unwrap_or_default();
     assert!(reason.contains(&cid.to_string()), "{reason}");
     assert_eq!(done.exit_code, None, "{done:#?}");
+    dn.shutdown().await;
+}
+
+/// Issue 13, finding 2: Alice's file is cached on the provider, and Bob
+/// knows all of it but the last 16 KiB group (a fine-tune shares most
+/// groups with its public base model). His URL answers every range it knows
+/// correctly, which passed a one-random-range proof with probability 63/64;
+/// now the URL must serve every byte, so his job fails before any
+/// container and never sees her copy. An honest URL for the same cached
+/// CID still works (and serves the whole file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_url_that_knows_part_of_a_cached_file_cannot_unlock_it() {
+    let dn = loopback_devnet().await;
+    let (alice, bob) = (buyer(&dn), buyer(&dn));
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write_random(&dir.path().join("w.bin"), 64 * 16 * 1024, 77);
+    let cid = alice.upload(secret.clone()).await.unwrap();
+    let mut spec = dn.workload_spec(&["hash", "/in/w"]);
+    spec.inputs.push(InputSpec::new(cid, "/in/w"));
+    let done = run_job(&alice, spec).await.unwrap();
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+    assert!(advertises_cached(&bob, &done.provider.unwrap().to_string(), &cid).await);
+
+    let known = secret.len() - 16 * 1024;
+    let partial = {
+        let secret = secret.clone();
+        serve(move |range| match range {
+            Some((a, b)) if a <= b && b < known => Reply::Bytes(206, secret[a..=b].to_vec()),
+            _ => {
+                let mut guess = secret.clone();
+                guess[known..].fill(0);
+                Reply::Bytes(200, guess)
+            }
+        })
+        .await
+    };
+    let bobs = |url: &str| {
+        let mut spec = dn.workload_spec(&["hash", "/in/w"]);
+        let mut input = InputSpec::new(cid, "/in/w");
+        input.url = Some(url.to_string());
+        spec.inputs.push(input);
+        spec
+    };
+    let done = run_job(&bob, bobs(&partial.url)).await.unwrap();
+    assert_eq!(done.state, JobState::Failed, "{done:#?}");
+    let reason = done.reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains(&cid.to_string()) && reason.contains("does not match"),
+        "{reason}"
+    );
+    assert_eq!(
+        done.usage.as_ref().map(|u| u.wall_ms),
+        Some(0),
+        "no container ran"
+    );
+    assert_eq!(done.exit_code, None, "{done:#?}");
+    let listing = format!("{}  /in/w\n", blake3::hash(&secret).to_hex());
+    assert_ne!(
+        done.output_cid,
+        Some(hash_output_cid(&listing)),
+        "{done:#?}"
+    );
+    assert!(
+        partial.hits.load(Ordering::SeqCst) >= 1,
+        "the URL was asked"
+    );
+
+    let honest = serve({
+        let secret = secret.clone();
+        move |_| Reply::Bytes(200, secret.clone())
+    })
+    .await;
+    let done = run_job(&bob, bobs(&honest.url)).await.unwrap();
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+    assert_eq!(done.output_cid.unwrap(), hash_output_cid(&listing));
+    assert_eq!(
+        honest.sent.load(Ordering::SeqCst),
+        secret.len() as u64,
+        "the honest URL served the whole file although it was cached"
+    );
+    dn.shutdown().await;
+}
+
+/// Issue 13, finding 4: a provider that does not allow private URLs (the
+/// default) never contacts its own loopback, LAN or the metadata address
+/// for a buyer, says only what kind of address it was, and keeps working;
+/// a provider started with `--allow-private-urls` fetches the same URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_url_on_the_providers_own_network_is_refused_unless_it_allows_them() {
+    let mut dn = devnet(0).await.unwrap();
+    let strict = kiln_tests::add_node_with(&mut dn, |c| c.region = Some("zone-a".into()))
+        .await
+        .unwrap();
+    let open = kiln_tests::add_node_with(&mut dn, |c| {
+        c.region = Some("zone-b".into());
+        c.allow_private_urls = true;
+    })
+    .await
+    .unwrap();
+    let client = buyer(&dn);
+    let body = b"the provider's internal admin page".to_vec();
+    let cid = ContentId::of_bytes(&body);
+    let inside = serve({
+        let body = body.clone();
+        move |_| Reply::Bytes(200, body.clone())
+    })
+    .await;
+    let job = |url: String, region: &str| {
+        let mut spec = dn.workload_spec(&["hash", "/in/page"]);
+        let mut input = InputSpec::new(cid, "/in/page");
+        input.url = Some(url);
+        spec.inputs.push(input);
+        spec.resources.region = Some(region.into());
+        spec
+    };
+    for (url, class) in [
+        (
+            format!("http://localhost:{}/admin", inside.port),
+            "loopback",
+        ),
+        (inside.url.clone(), "loopback"),
+        (
+            "http://169.254.169.254/latest/meta-data/".into(),
+            "link-local",
+        ),
+    ] {
+        let done = run_job(&client, job(url.clone(), "zone-a")).await.unwrap();
+        assert_eq!(done.state, JobState::Failed, "{done:#?}");
+        assert_eq!(done.provider, Some(strict));
+        let reason = done.reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.contains(&format!(
+                "{class} address, which this provider does not fetch from"
+            )),
+            "{url}: {reason}"
+        );
+        assert!(
+            url.contains("127.0.0.1") || !reason.contains("127.0.0.1"),
+            "the resolved address is not told: {reason}"
+        );
+        assert_eq!(
+            done.usage.as_ref().map(|u| u.wall_ms),
+            Some(0),
+            "no container ran"
+        );
+    }
+    assert_eq!(inside.hits.load(Ordering::SeqCst), 0, "never contacted");
+
+    // Honest work goes on on the same provider.
+    let mut spec = dn.workload_spec(&["echo", "still here"]);
+    spec.resources.region = Some("zone-a".into());
+    let done = run_job(&client, spec).await.unwrap();
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+    // The provider that allows private URLs fetches the same one.
+    let done = run_job(&client, job(inside.url.clone(), "zone-b"))
+        .await
+        .unwrap();
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+    assert_eq!(done.provider, Some(open));
+    assert_eq!(inside.hits.load(Ordering::SeqCst), 1);
+    dn.shutdown().await;
+}
+
+/// Issue 13, finding 4 (slots): a URL that trickles bytes forever cannot
+/// hold the provider's only slot: the fetch ends at the job's timeout and
+/// a job queued behind it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trickling_url_gives_its_slot_back_at_the_jobs_timeout() {
+    let dn = devnet_with(DevnetOptions {
+        providers: 1,
+        slots: 1,
+        allow_private_urls: true,
+        ..DevnetOptions::default()
+    })
+    .await
+    .unwrap();
+    let client = buyer(&dn);
+    let trickle = serve(|_| Reply::Trickle(10 << 20)).await;
+    let mut spec = dn.workload_spec(&["hash", "/in/w"]);
+    spec.resources.timeout = Seconds(4);
+    let mut input = InputSpec::new(ContentId::of_bytes(b"never arrives"), "/in/w");
+    input.url = Some(trickle.url.clone());
+    spec.inputs.push(input);
+    let started = Instant::now();
+    let slow = client.submit(spec, None).await.unwrap();
+    let honest = client
+        .submit(dn.workload_spec(&["echo", "next in line"]), None)
+        .await
+        .unwrap();
+    let done = kiln_cli::wait_for(&client, &honest.job_id, Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+    let slow = kiln_cli::wait_for(&client, &slow.job_id, Duration::from_secs(30), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(slow.state, JobState::Failed, "{slow:#?}");
+    let reason = slow.reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("did not finish within"), "{reason}");
+    assert!(trickle.sent.load(Ordering::SeqCst) > 0, "it was trickling");
+    assert!(
+        started.elapsed() < Duration::from_secs(45),
+        "{:?}",
+        started.elapsed()
+    );
     dn.shutdown().await;
 }
 

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
+mod abuse;
 mod api;
 mod audit;
 mod billing;

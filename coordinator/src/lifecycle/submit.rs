@@ -1,6 +1,12 @@
 //! A buyer's signed submission: verified, validated, its inputs checked
 //! (a job may name only data its owner may read), its maximum cost locked
 //! in escrow, and the job stored `queued`, all in one transaction.
+//!
+//! Queue space is not free: a job must lock at least
+//! `CoordinatorConfig::min_job_escrow` (a job asking for nothing per hour
+//! would lock nothing), and one buyer may have at most
+//! `CoordinatorConfig::max_queued_per_buyer` jobs waiting to be placed, so
+//! a key cannot fill the queue, and many keys cost what they lock.
 
 use kiln_contracts::{AccountId, ContractError, Op};
 use kiln_protocol::{BuyerId, ContentId, Credits, JobId, JobSubmission, Signed, UnixMillis};
@@ -21,6 +27,10 @@ pub enum SubmitError {
         "insufficient funds: the job may cost up to {needed}, the account holds {available}; deposit more or lower resources.max_price_per_hour or resources.timeout"
     )]
     Funds { needed: Credits, available: Credits },
+    #[error(
+        "you have {queued} jobs waiting to be placed, the most this coordinator queues for one buyer ({limit}); submit more once some are placed, or cancel some with `kiln job cancel <id>`"
+    )]
+    QueueFull { queued: u64, limit: u32 },
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("settlement error: {0}")]
@@ -54,7 +64,6 @@ pub async fn submit(
     if let Some(existing) = state.db.job(&id).await? {
         return Ok((existing, false));
     }
-    inputs_readable(state, &owner, &sub.spec).await?;
     let max_cost = sub
         .spec
         .max_cost()
@@ -62,6 +71,8 @@ pub async fn submit(
             field: "resources.max_price_per_hour".into(),
             reason: "price × timeout overflows".into(),
         })?;
+    check_escrow(max_cost, state.config.min_job_escrow)?;
+    inputs_readable(state, &owner, &sub.spec).await?;
     let now = UnixMillis::now();
     let job = JobRecord {
         id,
@@ -95,6 +106,10 @@ pub async fn submit(
         signed.expires_at,
     )
     .await?;
+    check_queue(
+        Db::queued_of(&mut tx, &owner).await?,
+        state.config.max_queued_per_buyer,
+    )?;
     if let Some(grant) = state.config.faucet {
         // Devnet: every new buyer starts funded, once.
         pending
@@ -127,6 +142,32 @@ pub async fn submit(
     tracing::info!(job = %id.short(), owner = %owner.short(), max_cost = %max_cost, "job submitted");
     state.wake.notify_one();
     Ok((job, true))
+}
+
+/// A job must lock at least `min` in escrow: what it may cost is what
+/// holds its place in the queue (it is refunded but for what the job uses).
+fn check_escrow(max_cost: Credits, min: Credits) -> Result<(), SubmitError> {
+    if max_cost >= min {
+        return Ok(());
+    }
+    Err(SubmitError::Spec(kiln_protocol::SpecError {
+        field: "resources.max_price_per_hour".into(),
+        reason: format!(
+            "the job would lock {max_cost} in escrow (max_price_per_hour × gang × timeout), \
+             less than the {min} this coordinator requires of every job to hold a place in the queue; \
+             raise resources.max_price_per_hour or resources.timeout (you pay only for the time used, the rest is refunded)"
+        ),
+    }))
+}
+
+/// A buyer with `queued` jobs waiting may add one more if that stays
+/// within `limit`.
+fn check_queue(queued: u64, limit: u32) -> Result<(), SubmitError> {
+    if queued < u64::from(limit) {
+        Ok(())
+    } else {
+        Err(SubmitError::QueueFull { queued, limit })
+    }
 }
 
 /// Blobs are not capabilities: a job may name an input by CID only if its
@@ -192,4 +233,58 @@ async fn inputs_readable(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_space_costs_escrow() {
+        // (max cost, minimum, accepted)
+        let cases = [
+            (0, 0, true),
+            (0, 1, false),
+            (9_999, 10_000, false),
+            (10_000, 10_000, true),
+            (166_667, 10_000, true),
+        ];
+        for (cost, min, ok) in cases {
+            let got = check_escrow(Credits(cost), Credits(min));
+            assert_eq!(got.is_ok(), ok, "{cost} against {min}: {got:?}");
+            if let Err(e) = got {
+                let SubmitError::Spec(s) = &e else {
+                    panic!("{e:?}")
+                };
+                assert_eq!(s.field, "resources.max_price_per_hour");
+                // The message names what the job locks and the minimum.
+                assert!(s.reason.contains(&Credits(min).to_string()), "{e}");
+                assert!(s.reason.contains(&Credits(cost).to_string()), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_buyer_queues_at_most_the_limit() {
+        // (already queued, limit, accepted)
+        let cases = [
+            (0, 1, true),
+            (99, 100, true),
+            (100, 100, false),
+            (250, 100, false),
+            (0, 0, false),
+        ];
+        for (queued, limit, ok) in cases {
+            let got = check_queue(queued, limit);
+            assert_eq!(got.is_ok(), ok, "{queued} of {limit}: {got:?}");
+            if let Err(e) = got {
+                let line = e.to_string();
+                assert!(
+                    line.contains(&format!("you have {queued} jobs waiting")),
+                    "{line}"
+                );
+                assert!(line.contains(&format!("({limit})")), "{line}");
+            }
+        }
+    }
 }
