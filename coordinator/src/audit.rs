@@ -1,7 +1,8 @@
 //! Capability audits: at random times the coordinator sends each live
 //! provider a benchmark challenge with a fresh nonce and a deadline, checks
 //! the signed answer (`challenge::check_response`: signature, deadline,
-//! exact recomputation of sampled output elements), compares the measured
+//! sampled output elements proven part of the committed output and
+//! recomputed exactly), compares the measured
 //! figures with the provider's advert and with the fleet median for the same
 //! GPU model (`challenge::assess`), and records the outcome against the
 //! provider's reputation. Reputation arithmetic is the pure
@@ -13,11 +14,18 @@
 //! for `min_tflops` and throughput per price (`live`). A provider whose
 //! round trip is far longer than its advertised speed needs is flagged
 //! (`challenge::speed_shortfall`) and credited only what it showed.
+//!
+//! A node whose advert shows an older benchmark version cannot answer in
+//! the current format: it is not challenged, the audit fails saying which
+//! `kiln-node` to upgrade to, and any speed verified before is cleared
+//! ([`outdated`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use kiln_protocol::bench::{ChallengeId, ChallengeSizes};
+use kiln_protocol::bench::{
+    BENCHMARK_VERSION, ChallengeId, ChallengeSizes, NODE_VERSION_FOR_BENCHMARK,
+};
 use kiln_protocol::views::AuditView;
 use kiln_protocol::{
     CapabilityAdvert, NetRequest, NetResponse, Nonce, ProviderId, Signed, UnixMillis,
@@ -206,6 +214,22 @@ impl Done {
     }
 }
 
+/// Why `advert`'s node cannot be challenged, if its benchmark is of
+/// another version than the one this coordinator checks (an advert
+/// without a benchmark is challenged: only the answer can tell).
+pub fn outdated(advert: &CapabilityAdvert) -> Option<String> {
+    let version = advert.benchmark.as_ref()?.version;
+    (version != BENCHMARK_VERSION).then(|| {
+        format!(
+            "not challenged: its advert's benchmark is version {version}, and challenges are \
+             checked at version {BENCHMARK_VERSION} (samples bound to the whole output by BLAKE3 \
+             inclusion proofs), which it cannot answer: upgrade kiln-node {} to \
+             {NODE_VERSION_FOR_BENCHMARK} or later",
+            advert.node_version
+        )
+    })
+}
+
 fn random_u64() -> u64 {
     u64::from_le_bytes(Nonce::random().as_bytes()[..8].try_into().unwrap_or([0; 8]))
 }
@@ -243,12 +267,15 @@ pub async fn challenge_provider(
         u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
         sizes,
     );
-    let done = match Signed::sign(&state.key, c, timeout.as_secs().saturating_add(60)) {
-        Err(e) => Done::failed(
+    let signed = Signed::sign(&state.key, c, timeout.as_secs().saturating_add(60));
+    let done = match (outdated(advert), signed) {
+        // What it once showed was shown by proofs that can be faked.
+        (Some(why), _) => Done::failed(why, SpeedUpdate::Clear),
+        (None, Err(e)) => Done::failed(
             format!("could not sign the challenge: {e}"),
             SpeedUpdate::Keep,
         ),
-        Ok(signed) => {
+        (None, Ok(signed)) => {
             let addrs = advert
                 .listen_addrs
                 .iter()
@@ -284,6 +311,10 @@ pub async fn challenge_provider(
                         UnixMillis::now(),
                         round_trip,
                     ) {
+                        Err(e @ challenge::ChallengeError::WrongVersion { .. }) => Done::failed(
+                            format!("{e} (it runs kiln-node {})", advert.node_version),
+                            SpeedUpdate::Clear,
+                        ),
                         Err(e) => Done::failed(e.to_string(), SpeedUpdate::Clear),
                         Ok(mut v) => {
                             v.flags = challenge::assess(&v, advert, fleet);
@@ -572,17 +603,10 @@ mod tests {
         assert_eq!(judge(&f, None).0, AuditOutcome::Flagged);
     }
 
-    #[test]
-    fn only_advertised_gpus_credited_a_speed_leave_a_row() {
-        let v = verdict(vec![
-            ("GPU-a", speed(2_000_000_000, 50_000_000)),
-            // Nothing advertised for it: no figure.
-            ("GPU-b", speed(2_000_000_000, 0)),
-            // Not in the advert at all.
-            ("GPU-x", speed(2_000_000_000, 50_000_000)),
-        ]);
-        let mut advert = kiln_protocol::CapabilityAdvert {
-            provider: v.provider,
+    /// An advert with no GPU and no benchmark.
+    fn bare_advert() -> CapabilityAdvert {
+        CapabilityAdvert {
+            provider: ProviderId::from_public_key(&kiln_protocol::Keypair::generate().public()),
             protocol_version: kiln_protocol::PROTOCOL_VERSION,
             node_version: "t".into(),
             listen_addrs: vec![],
@@ -603,6 +627,55 @@ mod tests {
             region: None,
             disk: kiln_protocol::ByteSize(0),
             cached: vec![],
+        }
+    }
+
+    #[test]
+    fn a_node_measuring_an_older_benchmark_is_told_to_upgrade() {
+        let mut advert = bare_advert();
+        assert_eq!(outdated(&advert), None, "no benchmark: the answer tells");
+        let report = |version| kiln_protocol::BenchmarkReport {
+            version,
+            nonce: Nonce::from_bytes([1; 16]),
+            samples: 1,
+            cpu: kiln_protocol::CpuBench {
+                model: "t".into(),
+                threads: 1,
+                matmul_n: 16,
+                matmul_mflops: 1,
+                mem_bandwidth_mbps: 1,
+                checksum: kiln_protocol::Digest32::default(),
+                samples: vec![],
+            },
+            gpus: vec![],
+            measured_at: UnixMillis(0),
+        };
+        advert.benchmark = Some(report(BENCHMARK_VERSION));
+        assert_eq!(outdated(&advert), None);
+        advert.benchmark = Some(report(1));
+        advert.node_version = "0.1.0".into();
+        let why = outdated(&advert).expect("version 1 is outdated");
+        assert!(
+            why.contains("benchmark is version 1")
+                && why.contains(&format!(
+                    "upgrade kiln-node 0.1.0 to {NODE_VERSION_FOR_BENCHMARK} or later"
+                )),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn only_advertised_gpus_credited_a_speed_leave_a_row() {
+        let v = verdict(vec![
+            ("GPU-a", speed(2_000_000_000, 50_000_000)),
+            // Nothing advertised for it: no figure.
+            ("GPU-b", speed(2_000_000_000, 0)),
+            // Not in the advert at all.
+            ("GPU-x", speed(2_000_000_000, 50_000_000)),
+        ]);
+        let mut advert = kiln_protocol::CapabilityAdvert {
+            provider: v.provider,
+            ..bare_advert()
         };
         for uuid in ["GPU-a", "GPU-b"] {
             advert.gpus.push(kiln_protocol::GpuInfo {

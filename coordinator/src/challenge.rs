@@ -4,10 +4,13 @@
 //!
 //! * [`new_challenge`] builds a challenge (a fresh nonce and a deadline);
 //! * [`check_response`] checks a provider's signed answer: signatures,
-//!   binding to the challenge, the deadline, and the proofs, by recomputing
-//!   a few sampled output elements exactly from the nonce (and the whole CPU
-//!   output's checksum, which is exact); it returns the measured figures and
-//!   the flags against the provider's own advert;
+//!   binding to the challenge, the deadline, the benchmark version, and the
+//!   proofs: every sampled output element sits where the nonce and the
+//!   output's checksum put it, is proven part of that output by its Bao
+//!   slice, and is right by exact recomputation from the nonce (and the
+//!   whole CPU output's checksum is recomputed where that is cheap); it
+//!   returns the measured figures and the flags against the provider's own
+//!   advert;
 //! * [`flag`] compares measured figures with the advertised ones and with the
 //!   fleet median of the same GPU model: a metric more than
 //!   [`FLAG_BELOW_PERCENT`]% below either is a shortfall.
@@ -21,26 +24,39 @@
 //! [`kiln_protocol::bench`]: proofs show results, not speed). What the
 //! coordinator can stand behind is its own clock: [`gpu_speed`] divides the
 //! work of each GPU's checked proofs by the round trip the coordinator
-//! timed, a floor on the speed of a GPU that did that work. The scheduler
-//! credits that floor, never more than the advert claims
-//! ([`GpuSpeed::verified_mflops`]), for `min_tflops` and throughput per
-//! price. [`gpu_matmul_n_for`] sizes the product so that at the advertised
-//! speed the compute takes [`AuditConfig::speed_target`](crate::audit::AuditConfig)
-//! (long against a network round trip), and [`speed_shortfall`] fails the
-//! claim of a provider whose round trip is far longer than its advertised
-//! speed needs.
+//! timed, a floor on the speed of a GPU that did that work. That the work
+//! was done is what the commitment shows: a proof's samples are bound to
+//! the checksum of the whole output, so an answer that computed only the
+//! sampled elements fails (up to the grinding bound of
+//! [`kiln_protocol::bench`]'s module docs). The scheduler credits that
+//! floor, never more than the advert claims ([`GpuSpeed::verified_mflops`]),
+//! for `min_tflops` and throughput per price. [`gpu_matmul_n_for`] sizes
+//! the product so that at the advertised speed the compute takes
+//! [`AuditConfig::speed_target`](crate::audit::AuditConfig) (long against a
+//! network round trip), and [`speed_shortfall`] fails the claim of a
+//! provider whose round trip is far longer than its advertised speed needs.
+//!
+//! # Versions
+//!
+//! Adverts are the provider's word and are never checked, so an advert
+//! whose benchmark is of an older version is accepted as it is (its sizes
+//! and claims are used, as any advert's). Challenges are trusted, so they
+//! require [`BENCHMARK_VERSION`]'s proofs: an answer of another version
+//! fails with [`ChallengeError::WrongVersion`], which names the `kiln-node`
+//! release to upgrade to (and `audit` does not even send a challenge to a
+//! node whose advert shows an older version: it could not answer it).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kiln_protocol::bench::{
-    Inputs, MAX_FULL_CPU_RECOMPUTE_N, MAX_GPU_MATMUL_N, Precision, Sample, cpu_output_digest,
-    matmul_flops, sample_positions,
+    Inputs, MAX_FULL_CPU_RECOMPUTE_N, MAX_GPU_MATMUL_N, NODE_VERSION_FOR_BENCHMARK, Precision,
+    ProvenReport, Sample, Slice, committed_positions, cpu_output_digest, matmul_flops,
+    verify_sample,
 };
 use kiln_protocol::{
-    BENCHMARK_VERSION, BenchmarkReport, CapabilityAdvert, Challenge, ChallengeId,
-    ChallengeResponse, ChallengeSizes, CpuBench, GpuBench, Nonce, ProviderId, PublicKey, Signed,
-    UnixMillis,
+    BENCHMARK_VERSION, CapabilityAdvert, Challenge, ChallengeId, ChallengeResponse, ChallengeSizes,
+    CpuBench, Digest32, GpuBench, Nonce, ProviderId, PublicKey, Signed, UnixMillis,
 };
 use serde::{Deserialize, Serialize};
 
@@ -206,7 +222,11 @@ pub enum ChallengeError {
     Late { deadline: u64, received: u64 },
     #[error("the report was measured with nonce {got}, not the challenge's {want}")]
     WrongNonce { got: String, want: String },
-    #[error("benchmark version {got}, expected {want}")]
+    #[error(
+        "the answer's benchmark version is {got}, but challenges are checked at version {want} \
+         (samples bound to the whole output by BLAKE3 inclusion proofs): upgrade kiln-node to \
+         {NODE_VERSION_FOR_BENCHMARK} or later"
+    )]
     WrongVersion { got: u32, want: u32 },
     #[error("{subject}: matmul size {got}, the challenge asked for {want}")]
     WrongSize {
@@ -221,11 +241,31 @@ pub enum ChallengeError {
         subject: String,
         precision: Precision,
     },
-    #[error("{subject}: {precision} proof samples are not the {want} nonce-derived positions")]
+    #[error(
+        "{subject}: {precision} proof samples are not the {want} positions the nonce and the output's checksum select"
+    )]
     WrongSamples {
         subject: String,
         precision: Precision,
         want: u32,
+    },
+    #[error("{subject}: {precision} proof carries {got} inclusion proofs for its {want} samples")]
+    WrongSliceCount {
+        subject: String,
+        precision: Precision,
+        got: usize,
+        want: usize,
+    },
+    #[error(
+        "{subject}: {precision} C[{row}][{col}] is not proven part of the output with checksum {checksum}: {why}"
+    )]
+    NotCommitted {
+        subject: String,
+        precision: Precision,
+        row: u32,
+        col: u32,
+        checksum: String,
+        why: String,
     },
     #[error(
         "{subject}: {precision} C[{row}][{col}] = {got}, but recomputation gives {expected} (tolerance {tolerance})"
@@ -318,49 +358,70 @@ pub fn next_challenge_in_ms(mean_ms: u64, random: u64) -> u64 {
     half + random % mean_ms.max(1)
 }
 
-fn check_samples(
-    subject: &str,
-    nonce: &Nonce,
+/// One proven product, as [`check_product`] checks it.
+struct Product<'a> {
+    subject: &'a str,
     precision: Precision,
     n: u32,
-    want: u32,
-    samples: &[Sample],
-) -> Result<(), ChallengeError> {
-    let positions = sample_positions(nonce, n, want);
-    let at: Vec<(u32, u32)> = samples.iter().map(|s| (s.row, s.col)).collect();
+    checksum: &'a Digest32,
+    samples: &'a [Sample],
+    slices: &'a [Slice],
+}
+
+/// Checks one product's samples: at the positions the nonce and the
+/// checksum select, `want` of them, each proven part of the committed
+/// output by its slice and right by exact recomputation.
+fn check_product(nonce: &Nonce, want: u32, p: &Product<'_>) -> Result<(), ChallengeError> {
+    let positions = committed_positions(nonce, p.checksum, p.n, want);
+    let at: Vec<(u32, u32)> = p.samples.iter().map(|s| (s.row, s.col)).collect();
     if at != positions {
         return Err(ChallengeError::WrongSamples {
-            subject: subject.into(),
-            precision,
+            subject: p.subject.into(),
+            precision: p.precision,
             want,
         });
     }
-    let inputs = Inputs::new(nonce, precision, n);
-    for s in samples {
+    if p.slices.len() != p.samples.len() {
+        return Err(ChallengeError::WrongSliceCount {
+            subject: p.subject.into(),
+            precision: p.precision,
+            got: p.slices.len(),
+            want: p.samples.len(),
+        });
+    }
+    let inputs = Inputs::new(nonce, p.precision, p.n);
+    for (s, slice) in p.samples.iter().zip(p.slices) {
+        verify_sample(p.checksum, p.precision, p.n, s, slice).map_err(|e| {
+            ChallengeError::NotCommitted {
+                subject: p.subject.into(),
+                precision: p.precision,
+                row: s.row,
+                col: s.col,
+                checksum: p.checksum.to_string(),
+                why: e.to_string(),
+            }
+        })?;
         let exact = inputs.exact(s.row, s.col);
-        if !exact.accepts(precision, n, s.value()) {
+        if !exact.accepts(p.precision, p.n, s.value()) {
             return Err(ChallengeError::SampleMismatch {
-                subject: subject.into(),
-                precision,
+                subject: p.subject.into(),
+                precision: p.precision,
                 row: s.row,
                 col: s.col,
                 got: s.value(),
                 expected: exact.value(),
-                tolerance: exact.tolerance(precision, n),
+                tolerance: exact.tolerance(p.precision, p.n),
             });
         }
     }
     Ok(())
 }
 
-/// Checks every proof of a report against the sizes it was measured at:
-/// sampled elements by exact recomputation, and the CPU output's checksum
-/// in full where `n ≤ MAX_FULL_CPU_RECOMPUTE_N`. Usable on adverts' reports
-/// too.
-pub fn verify_proofs(
-    report: &BenchmarkReport,
-    sizes: &ChallengeSizes,
-) -> Result<(), ChallengeError> {
+/// Checks every proof of a challenge's answer against the sizes it was
+/// measured at (see [`check_product`]), and the CPU output's checksum in
+/// full where `n ≤ MAX_FULL_CPU_RECOMPUTE_N`. (An advert's report carries
+/// no slices and is never checked.)
+pub fn verify_proofs(report: &ProvenReport, sizes: &ChallengeSizes) -> Result<(), ChallengeError> {
     if report.version != BENCHMARK_VERSION {
         return Err(ChallengeError::WrongVersion {
             got: report.version,
@@ -376,13 +437,17 @@ pub fn verify_proofs(
             want: sizes.cpu_matmul_n,
         });
     }
-    check_samples(
-        "cpu",
+    check_product(
         nonce,
-        Precision::Fp64,
-        cpu.matmul_n,
         sizes.samples,
-        &cpu.samples,
+        &Product {
+            subject: "cpu",
+            precision: Precision::Fp64,
+            n: cpu.matmul_n,
+            checksum: &cpu.checksum,
+            samples: &cpu.samples,
+            slices: &report.slices.cpu,
+        },
     )?;
     if cpu.matmul_n <= MAX_FULL_CPU_RECOMPUTE_N {
         let want = cpu_output_digest(nonce, cpu.matmul_n);
@@ -393,7 +458,7 @@ pub fn verify_proofs(
             });
         }
     }
-    for g in &report.gpus {
+    for (i, g) in report.gpus.iter().enumerate() {
         if g.matmul_n != sizes.gpu_matmul_n {
             return Err(ChallengeError::WrongSize {
                 subject: g.uuid.clone(),
@@ -404,9 +469,21 @@ pub fn verify_proofs(
         // Every proof is checked, claimed figure or not: the work of each
         // counts towards the GPU's observed speed (see `gpu_speed`).
         for p in Precision::GPU {
-            match g.proof(p) {
-                Some(proof) => {
-                    check_samples(&g.uuid, nonce, p, g.matmul_n, sizes.samples, &proof.samples)?
+            match g.proofs.iter().position(|q| q.precision == p) {
+                Some(j) => {
+                    let proof = &g.proofs[j];
+                    check_product(
+                        nonce,
+                        sizes.samples,
+                        &Product {
+                            subject: &g.uuid,
+                            precision: p,
+                            n: g.matmul_n,
+                            checksum: &proof.checksum,
+                            samples: &proof.samples,
+                            slices: report.gpu_slices(i, j),
+                        },
+                    )?
                 }
                 None if g.gflops(p) > 0 => {
                     return Err(ChallengeError::MissingProof {
@@ -474,6 +551,12 @@ pub fn check_response(
         return Err(ChallengeError::Late {
             deadline: ch.deadline.0,
             received: received_at.0,
+        });
+    }
+    if r.report.version != BENCHMARK_VERSION {
+        return Err(ChallengeError::WrongVersion {
+            got: r.report.version,
+            want: BENCHMARK_VERSION,
         });
     }
     if r.report.nonce != ch.nonce {
@@ -751,8 +834,10 @@ pub fn assess(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_protocol::bench::MatmulProof;
-    use kiln_protocol::{ByteSize, CpuInfo, Credits, Digest32, GemmEngine, GpuInfo, Keypair};
+    use kiln_protocol::bench::{MatmulProof, OutputTree, SampleSlices, prove_samples, read_from};
+    use kiln_protocol::{
+        BenchmarkReport, ByteSize, CpuInfo, Credits, GemmEngine, GpuInfo, Keypair,
+    };
 
     const SIZES: ChallengeSizes = ChallengeSizes {
         gpu_matmul_n: 64,
@@ -787,73 +872,127 @@ mod tests {
         }
     }
 
-    /// What an honest provider computes: exact values, BF16-rounded for the
-    /// BF16 proof, f32 for FP32.
-    fn honest_report(nonce: Nonce, fig: &[u64; 6], cpu_mflops: u64) -> BenchmarkReport {
-        let cpu_inputs = Inputs::new(&nonce, Precision::Fp64, SIZES.cpu_matmul_n);
-        let cpu_samples = sample_positions(&nonce, SIZES.cpu_matmul_n, SIZES.samples)
-            .into_iter()
-            .map(|(r, c)| Sample::new(r, c, cpu_inputs.exact(r, c).value()))
-            .collect();
-        let proof = |p: Precision| {
-            let inputs = Inputs::new(&nonce, p, SIZES.gpu_matmul_n);
-            MatmulProof {
+    /// An honest `n × n` output of `p`: exact values rounded to `f32`, then
+    /// truncated to BF16 or FP16 (within tolerance), little-endian.
+    fn honest_output(nonce: &Nonce, p: Precision, n: u32) -> Vec<u8> {
+        let inputs = Inputs::new(nonce, p, n);
+        output_of(p, (0..n * n).map(|i| inputs.exact(i / n, i % n).value()))
+    }
+
+    /// The bytes of an output of `p` holding `values`.
+    fn output_of(p: Precision, values: impl Iterator<Item = f64>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for v in values {
+            let f = v as f32;
+            match p {
+                Precision::Bf16 => {
+                    out.extend_from_slice(&((f.to_bits() >> 16) as u16).to_le_bytes())
+                }
+                Precision::Fp16 => {
+                    let t = f32::from_bits(f.to_bits() & 0xFFFF_E000);
+                    let h = kiln_protocol::bench::f32_to_f16_exact(t).unwrap_or(0);
+                    out.extend_from_slice(&h.to_le_bytes())
+                }
+                Precision::Fp32 => out.extend_from_slice(&f.to_le_bytes()),
+                Precision::Fp64 => out.extend_from_slice(&v.to_le_bytes()),
+            }
+        }
+        out
+    }
+
+    /// Commits to `output` and proves the samples it selects.
+    fn commit(
+        nonce: &Nonce,
+        p: Precision,
+        n: u32,
+        output: &[u8],
+    ) -> (Digest32, Vec<Sample>, Vec<Slice>) {
+        let tree = OutputTree::of_bytes(output);
+        let (samples, slices) =
+            prove_samples(nonce, p, n, SIZES.samples, &tree, &read_from(output));
+        (tree.root(), samples, slices)
+    }
+
+    /// A report whose products hold `outputs` (CPU first, then BF16, FP16
+    /// and FP32), each committed to and proven as an honest node does.
+    fn report_of(
+        nonce: Nonce,
+        fig: &[u64; 6],
+        cpu_mflops: u64,
+        outputs: [Vec<u8>; 4],
+    ) -> ProvenReport {
+        let [cpu_out, gpu_outs @ ..] = outputs;
+        let (cpu_sum, cpu_samples, cpu_slices) =
+            commit(&nonce, Precision::Fp64, SIZES.cpu_matmul_n, &cpu_out);
+        let mut proofs = Vec::new();
+        let mut slices = Vec::new();
+        for (p, out) in Precision::GPU.into_iter().zip(gpu_outs) {
+            let (checksum, samples, s) = commit(&nonce, p, SIZES.gpu_matmul_n, &out);
+            proofs.push(MatmulProof {
                 precision: p,
                 iterations: 10,
-                checksum: Digest32::of_bytes(p.name().as_bytes()),
-                samples: sample_positions(&nonce, SIZES.gpu_matmul_n, SIZES.samples)
-                    .into_iter()
-                    .map(|(r, c)| {
-                        let v = inputs.exact(r, c).value() as f32;
-                        let v = match p {
-                            // Round to BF16 by truncation (within tolerance).
-                            Precision::Bf16 => f32::from_bits(v.to_bits() & 0xFFFF_0000),
-                            _ => v,
-                        };
-                        Sample::new(r, c, f64::from(v))
-                    })
-                    .collect(),
-            }
-        };
-        BenchmarkReport {
-            version: BENCHMARK_VERSION,
-            nonce,
-            samples: SIZES.samples,
-            cpu: CpuBench {
-                model: "cpu".into(),
-                threads: 8,
-                matmul_n: SIZES.cpu_matmul_n,
-                matmul_mflops: cpu_mflops,
-                mem_bandwidth_mbps: 20_000,
-                checksum: cpu_output_digest(&nonce, SIZES.cpu_matmul_n),
-                samples: cpu_samples,
-            },
-            gpus: vec![GpuBench {
-                index: 0,
-                uuid: "GPU-aaaa".into(),
-                name: "NVIDIA H100 80GB HBM3".into(),
-                engine: GemmEngine::Cublas,
-                matmul_n: SIZES.gpu_matmul_n,
-                bf16_gflops: fig[0],
-                fp16_gflops: fig[1],
-                fp32_gflops: fig[2],
-                copy_bytes: SIZES.copy_bytes,
-                d2d_mbps: fig[3],
-                h2d_pinned_mbps: fig[4],
-                d2h_pinned_mbps: fig[5],
-                proofs: vec![
-                    proof(Precision::Bf16),
-                    proof(Precision::Fp16),
-                    proof(Precision::Fp32),
-                ],
-            }],
-            measured_at: UnixMillis(1_000_500),
+                checksum,
+                samples,
+            });
+            slices.push(s);
         }
+        ProvenReport {
+            report: BenchmarkReport {
+                version: BENCHMARK_VERSION,
+                nonce,
+                samples: SIZES.samples,
+                cpu: CpuBench {
+                    model: "cpu".into(),
+                    threads: 8,
+                    matmul_n: SIZES.cpu_matmul_n,
+                    matmul_mflops: cpu_mflops,
+                    mem_bandwidth_mbps: 20_000,
+                    checksum: cpu_sum,
+                    samples: cpu_samples,
+                },
+                gpus: vec![GpuBench {
+                    index: 0,
+                    uuid: "GPU-aaaa".into(),
+                    name: "NVIDIA H100 80GB HBM3".into(),
+                    engine: GemmEngine::Cublas,
+                    matmul_n: SIZES.gpu_matmul_n,
+                    bf16_gflops: fig[0],
+                    fp16_gflops: fig[1],
+                    fp32_gflops: fig[2],
+                    copy_bytes: SIZES.copy_bytes,
+                    d2d_mbps: fig[3],
+                    h2d_pinned_mbps: fig[4],
+                    d2h_pinned_mbps: fig[5],
+                    proofs,
+                }],
+                measured_at: UnixMillis(1_000_500),
+            },
+            slices: SampleSlices {
+                cpu: cpu_slices,
+                gpus: vec![slices],
+            },
+        }
+    }
+
+    /// The four honest outputs for `nonce` (CPU, BF16, FP16, FP32).
+    fn honest_outputs(nonce: &Nonce) -> [Vec<u8>; 4] {
+        [
+            honest_output(nonce, Precision::Fp64, SIZES.cpu_matmul_n),
+            honest_output(nonce, Precision::Bf16, SIZES.gpu_matmul_n),
+            honest_output(nonce, Precision::Fp16, SIZES.gpu_matmul_n),
+            honest_output(nonce, Precision::Fp32, SIZES.gpu_matmul_n),
+        ]
+    }
+
+    /// What an honest provider answers: every product computed in full,
+    /// committed to and proven.
+    fn honest_report(nonce: Nonce, fig: &[u64; 6], cpu_mflops: u64) -> ProvenReport {
+        report_of(nonce, fig, cpu_mflops, honest_outputs(&nonce))
     }
 
     const H100: [u64; 6] = [780_000, 780_000, 51_000, 3_000_000, 54_000, 53_000];
 
-    fn advert(w: &World, report: Option<BenchmarkReport>) -> CapabilityAdvert {
+    fn advert(w: &World, report: Option<ProvenReport>) -> CapabilityAdvert {
         CapabilityAdvert {
             provider: ProviderId::from_public_key(&w.provider.public()),
             protocol_version: 1,
@@ -882,11 +1021,12 @@ mod tests {
             region: None,
             disk: ByteSize(0),
             cached: vec![],
-            benchmark: report,
+            // As an advert carries it: the report alone.
+            benchmark: report.map(|r| r.report),
         }
     }
 
-    fn respond(w: &World, report: BenchmarkReport) -> Signed<ChallengeResponse> {
+    fn respond(w: &World, report: ProvenReport) -> Signed<ChallengeResponse> {
         let r = ChallengeResponse {
             challenge_id: w.challenge.payload.challenge_id,
             provider: ProviderId::from_public_key(&w.provider.public()),
@@ -965,85 +1105,139 @@ mod tests {
         let nonce = w.challenge.payload.nonce;
         let adv = advert(&w, None);
         let honest = || honest_report(nonce, &H100, 10_000);
-        type Tamper = Box<dyn Fn(&mut BenchmarkReport)>;
+        let outputs = honest_outputs(&nonce);
+        // A CPU output wrong in one element no sample looks at: only the
+        // full recomputation of its checksum shows it.
+        let cpu_off_unsampled = {
+            let n = SIZES.cpu_matmul_n as usize;
+            (0..n * n)
+                .map(|i| {
+                    let mut o = outputs.clone();
+                    o[0][8 * i] ^= 1;
+                    o
+                })
+                .find(|o| {
+                    let (_, samples, _) =
+                        commit(&nonce, Precision::Fp64, SIZES.cpu_matmul_n, &o[0]);
+                    let n = SIZES.cpu_matmul_n;
+                    let bad = o[0].iter().zip(&outputs[0]).position(|(a, b)| a != b);
+                    bad.is_some_and(|b| {
+                        samples
+                            .iter()
+                            .all(|s| (s.row * n + s.col) as usize != b / 8)
+                    })
+                })
+                .expect("an unsampled element")
+        };
+        // An FP32 product committed to, but all zero: the slices are
+        // valid, the values wrong.
+        let mut zero_fp32 = outputs.clone();
+        zero_fp32[3].fill(0);
+        type Tamper = Box<dyn Fn(&mut ProvenReport)>;
+        fn gpu(r: &mut ProvenReport) -> &mut MatmulProof {
+            &mut r.report.gpus[0].proofs[0]
+        }
         let cases: Vec<(&str, Tamper, &str)> = vec![
             (
-                "GPU sample value",
+                "a GPU sample's value (not what the committed output holds)",
                 Box::new(|r| {
-                    let s = &mut r.gpus[0].proofs[0].samples[2];
-                    *s = Sample::new(s.row, s.col, s.value() + 1.0);
+                    let s = &mut gpu(r).samples[2];
+                    s.value_bits = (s.value() + 1.0).to_bits();
                 }),
+                "NotCommitted",
+            ),
+            (
+                "a CPU sample's value",
+                Box::new(|r| {
+                    let s = &mut r.report.cpu.samples[0];
+                    s.value_bits = (s.value() + 2f64.powi(-22)).to_bits();
+                }),
+                "NotCommitted",
+            ),
+            (
+                "a product committed to but wrong",
+                Box::new(move |r| *r = report_of(nonce, &H100, 10_000, zero_fp32.clone())),
                 "SampleMismatch",
             ),
             (
-                "FP32 sample zeroed",
-                Box::new(|r| {
-                    let s = &mut r.gpus[0].proofs[2].samples[0];
-                    *s = Sample::new(s.row, s.col, 0.0);
-                }),
-                "SampleMismatch",
-            ),
-            (
-                "CPU checksum",
-                Box::new(|r| r.cpu.checksum = Digest32::of_bytes(b"forged")),
+                "a CPU output wrong where nobody samples",
+                Box::new(move |r| *r = report_of(nonce, &H100, 10_000, cpu_off_unsampled.clone())),
                 "ChecksumMismatch",
             ),
             (
-                "CPU sample",
-                Box::new(|r| {
-                    let s = &mut r.cpu.samples[0];
-                    *s = Sample::new(s.row, s.col, s.value() + 2f64.powi(-22));
-                }),
-                "SampleMismatch",
+                "another checksum (its positions are others)",
+                Box::new(|r| gpu(r).checksum = Digest32::of_bytes(b"forged")),
+                "WrongSamples",
             ),
             (
-                "sample positions",
-                Box::new(|r| r.gpus[0].proofs[1].samples[0].row ^= 1),
+                "a position not derived from the nonce and the checksum",
+                Box::new(|r| r.report.gpus[0].proofs[1].samples[0].row ^= 1),
                 "WrongSamples",
             ),
             (
                 "too few samples",
                 Box::new(|r| {
-                    r.gpus[0].proofs[1].samples.pop();
+                    r.report.gpus[0].proofs[1].samples.pop();
                 }),
                 "WrongSamples",
             ),
             (
+                "no slices",
+                Box::new(|r| r.slices.gpus.clear()),
+                "WrongSliceCount",
+            ),
+            (
+                "a truncated slice",
+                Box::new(|r| {
+                    r.slices.cpu[3].0.pop();
+                }),
+                "NotCommitted",
+            ),
+            (
+                "a slice altered",
+                Box::new(|r| r.slices.gpus[0][2][1].0[70] ^= 4),
+                "NotCommitted",
+            ),
+            (
+                "two samples' slices swapped",
+                Box::new(|r| r.slices.gpus[0][1].swap(0, 1)),
+                "NotCommitted",
+            ),
+            (
                 "throughput without proof",
                 Box::new(|r| {
-                    r.gpus[0].proofs.remove(0);
+                    r.report.gpus[0].proofs.remove(0);
                 }),
                 "MissingProof",
             ),
             (
                 "other nonce",
-                Box::new(|r| r.nonce = Nonce::from_bytes([0; 16])),
+                Box::new(|r| r.report.nonce = Nonce::from_bytes([0; 16])),
                 "WrongNonce",
             ),
             (
                 "other size",
-                Box::new(|r| r.gpus[0].matmul_n = 128),
+                Box::new(|r| r.report.gpus[0].matmul_n = 128),
                 "WrongSize",
             ),
             (
                 "other version",
-                Box::new(|r| r.version += 1),
+                Box::new(|r| r.report.version = 1),
                 "WrongVersion",
             ),
             (
                 "advertised GPU missing",
-                Box::new(|r| r.gpus.clear()),
+                Box::new(|r| r.report.gpus.clear()),
                 "MissingGpu",
             ),
             (
                 // Its work would count towards the GPU's speed: checked too.
                 "proof of an unclaimed precision",
                 Box::new(|r| {
-                    r.gpus[0].fp16_gflops = 0;
-                    let s = &mut r.gpus[0].proofs[1].samples[3];
-                    *s = Sample::new(s.row, s.col, s.value() + 1.0);
+                    r.report.gpus[0].fp16_gflops = 0;
+                    r.slices.gpus[0][1][3].0[0] ^= 1;
                 }),
-                "SampleMismatch",
+                "NotCommitted",
             ),
         ];
         for (what, tamper, want) in cases {
@@ -1054,7 +1248,7 @@ mod tests {
         }
         // A response altered after signing.
         let mut resp = respond(&w, honest());
-        resp.payload.report.gpus[0].bf16_gflops *= 2;
+        resp.payload.report.report.gpus[0].bf16_gflops *= 2;
         assert!(matches!(
             check(&w, &resp, &adv),
             Err(ChallengeError::ResponseSignature(_))
@@ -1104,6 +1298,121 @@ mod tests {
         assert!(matches!(forged, Err(ChallengeError::ChallengeSignature(_))));
         // And the honest one passes.
         check(&w, &respond(&w, honest()), &adv).unwrap();
+    }
+
+    /// A report whose FP32 proof is built by `cheat` (the others honest).
+    fn with_fp32(
+        nonce: Nonce,
+        cheat: impl Fn(&Nonce, u32) -> (Digest32, Vec<Sample>, Vec<Slice>),
+    ) -> ProvenReport {
+        let mut r = honest_report(nonce, &H100, 10_000);
+        let (checksum, samples, slices) = cheat(&nonce, SIZES.gpu_matmul_n);
+        r.report.gpus[0].proofs[2].checksum = checksum;
+        r.report.gpus[0].proofs[2].samples = samples;
+        r.slices.gpus[0][2] = slices;
+        r
+    }
+
+    /// The exact FP32 value of `C[r][c]`, as an honest GPU would round it.
+    fn exact_fp32(nonce: &Nonce, n: u32, (r, c): (u32, u32)) -> f64 {
+        f64::from(Inputs::new(nonce, Precision::Fp32, n).exact(r, c).value() as f32)
+    }
+
+    #[test]
+    fn computing_only_the_sampled_elements_fails() {
+        let w = world();
+        let nonce = w.challenge.payload.nonce;
+        let adv = advert(&w, None);
+        let p = Precision::Fp32;
+        let want = SIZES.samples;
+        let answer = |r| check(&w, &respond(&w, r), &adv);
+
+        // Version 1's trick: a made-up checksum, the exact values where it
+        // says to sample, and slices made up around them (the element's
+        // chunk in a zero output under zero hashes). They lead nowhere.
+        let made_up = with_fp32(nonce, |nonce, n| {
+            let checksum = Digest32::of_bytes(b"not computed");
+            let len = kiln_protocol::bench::output_len(p, n);
+            let (samples, slices) = committed_positions(nonce, &checksum, n, want)
+                .into_iter()
+                .map(|at| {
+                    let v = exact_fp32(nonce, n, at);
+                    let off = kiln_protocol::bench::element_offset(p, n, at.0, at.1);
+                    let chunk = off / 1024;
+                    let size = kiln_protocol::bench::slice_len(len, chunk).unwrap_or(0);
+                    let mut slice = vec![0u8; size];
+                    let within =
+                        size - (len - chunk * 1024).min(1024) as usize + (off % 1024) as usize;
+                    slice[within..within + 4].copy_from_slice(&(v as f32).to_le_bytes());
+                    (Sample::new(at.0, at.1, v), Slice(slice))
+                })
+                .unzip();
+            (checksum, samples, slices)
+        });
+        let err = answer(made_up).expect_err("made-up slices");
+        assert!(
+            matches!(&err, ChallengeError::NotCommitted { why, .. } if why.contains("depth 0")),
+            "{err}"
+        );
+
+        // Committing to an output it did not compute (zeros) and claiming
+        // the exact values where that commitment samples: the slices prove
+        // zeros there.
+        let zeros = vec![0u8; kiln_protocol::bench::output_len(p, SIZES.gpu_matmul_n) as usize];
+        let claimed = with_fp32(nonce, |nonce, n| {
+            let (checksum, samples, slices) = commit(nonce, p, n, &zeros);
+            let samples = samples
+                .iter()
+                .map(|s| Sample::new(s.row, s.col, exact_fp32(nonce, n, (s.row, s.col))))
+                .collect();
+            (checksum, samples, slices)
+        });
+        let err = answer(claimed).expect_err("claimed values");
+        assert!(
+            matches!(&err, ChallengeError::NotCommitted { why, .. } if why.contains("committed output holds 0")),
+            "{err}"
+        );
+
+        // Patching the exact values in where the samples fell and
+        // committing again moves the samples (the checksum changed): after
+        // 100 rounds, 600 of 4096 elements computed, the samples still
+        // land on made-up ones. Passing takes about (4096/600)⁶ ≈ 10⁵
+        // rounds here, and 2⁶⁴ at 64 samples with half the work skipped.
+        let ground = with_fp32(nonce, |nonce, n| {
+            let mut out = zeros.clone();
+            for _ in 0..100 {
+                let (_, samples, _) = commit(nonce, p, n, &out);
+                for s in samples {
+                    let off = kiln_protocol::bench::element_offset(p, n, s.row, s.col) as usize;
+                    let v = exact_fp32(nonce, n, (s.row, s.col)) as f32;
+                    out[off..off + 4].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            commit(nonce, p, n, &out)
+        });
+        let err = answer(ground).expect_err("ground");
+        assert!(
+            matches!(
+                err,
+                ChallengeError::SampleMismatch {
+                    precision: Precision::Fp32,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // An honest answer passes, and a version-1 answer is told what to do.
+        answer(honest_report(nonce, &H100, 10_000)).expect("honest");
+        let mut old = honest_report(nonce, &H100, 10_000);
+        old.report.version = 1;
+        let err = answer(old).expect_err("version 1").to_string();
+        assert!(
+            err.contains(&format!(
+                "upgrade kiln-node to {NODE_VERSION_FOR_BENCHMARK} or later"
+            )),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1483,7 +1792,7 @@ mod tests {
             let mut adv = advert(&w, None);
             let template = adv.gpus[0].clone();
             adv.gpus.clear();
-            let mut report = honest_report(Nonce::from_bytes([9; 16]), &H100, 10_000);
+            let mut report = honest_report(Nonce::from_bytes([9; 16]), &H100, 10_000).report;
             let bench_template = report.gpus[0].clone();
             report.gpus.clear();
             for (i, f) in figs.iter().enumerate() {

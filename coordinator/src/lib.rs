@@ -161,6 +161,11 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "a faucet gives credits to every new key, so it runs only on a development coordinator listening on loopback; \
+         {what} is {addr}: listen on 127.0.0.1 (or ::1), or drop the faucet"
+    )]
+    FaucetExposed { what: &'static str, addr: String },
     #[error("cannot create the state directory {path}: {source}")]
     StateDir {
         path: String,
@@ -232,10 +237,37 @@ impl Coordinator {
 
 /// Opens the state, starts libp2p, the scheduler and the HTTP server. Runs
 /// until `cancel` fires; the returned tasks finish after it does.
+/// A faucet pays every fresh key: it must be impossible to run one where
+/// strangers can reach it, so it needs every listener on loopback.
+fn check_faucet(config: &CoordinatorConfig) -> Result<(), StartError> {
+    if config.faucet.is_none() {
+        return Ok(());
+    }
+    if !config.http_listen.ip().is_loopback() {
+        return Err(StartError::FaucetExposed {
+            what: "the HTTP address",
+            addr: config.http_listen.to_string(),
+        });
+    }
+    let loopback = config.p2p_listen.iter().any(|p| match p {
+        kiln_net::multiaddr::Protocol::Ip4(ip) => ip.is_loopback(),
+        kiln_net::multiaddr::Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    });
+    if !loopback {
+        return Err(StartError::FaucetExposed {
+            what: "the p2p address",
+            addr: config.p2p_listen.to_string(),
+        });
+    }
+    Ok(())
+}
+
 pub async fn start(
     config: CoordinatorConfig,
     cancel: CancellationToken,
 ) -> Result<Coordinator, StartError> {
+    check_faucet(&config)?;
     std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::StateDir {
         path: config.state_dir.display().to_string(),
         source,

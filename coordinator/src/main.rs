@@ -56,6 +56,11 @@ enum Cmd {
         /// top of twice the job's timeout).
         #[arg(long, default_value = "30m")]
         audit_window: Seconds,
+        /// Most bytes the blob store holds (inputs, outputs, logs), e.g.
+        /// `100GiB`, or `off` for no limit. Blobs running jobs need are
+        /// never evicted; an upload or result that does not fit is refused.
+        #[arg(long, default_value = "100GiB", value_parser = parse_quota)]
+        blob_quota: Quota,
         /// Least escrow, in micro-credits, a job must lock (max price per
         /// hour × nodes × timeout) to be queued; `0` queues jobs that ask
         /// to pay nothing.
@@ -79,6 +84,20 @@ fn parse_every(s: &str) -> Result<Every, String> {
             Seconds(0) => Err("0 would challenge without pause; give a duration or `off`".into()),
             d => Ok(Every(Some(d))),
         },
+    }
+}
+
+/// A size, or no limit.
+#[derive(Clone, Copy, Debug)]
+struct Quota(Option<u64>);
+
+fn parse_quota(s: &str) -> Result<Quota, String> {
+    match s {
+        "off" | "none" => Ok(Quota(None)),
+        _ => s
+            .parse::<kiln_protocol::ByteSize>()
+            .map(|b| Quota(Some(b.0)))
+            .map_err(|e| format!("{e}; give a size such as 100GiB, or `off`")),
     }
 }
 
@@ -113,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
         result_grace,
         verification,
         audit_window,
+        blob_quota,
         min_job_escrow,
         max_queued_per_buyer,
     } = Cli::parse().cmd;
@@ -125,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
     config.result_grace = Duration::from_secs(result_grace.0);
     config.verification.enabled = verification;
     config.verification.window = Duration::from_secs(audit_window.0);
+    config.blob_quota = blob_quota.0;
     config.min_job_escrow = Credits(min_job_escrow);
     config.max_queued_per_buyer = max_queued_per_buyer;
     let cancel = CancellationToken::new();

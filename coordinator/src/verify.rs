@@ -90,6 +90,10 @@ pub enum ReceiptError {
         "the result names {count} output files; a result may name at most {max} (write many small files as one archive)"
     )]
     TooManyOutputs { count: usize, max: usize },
+    #[error(
+        "the result carries blob {cid} inline, which is none of its outputs or logs; send only what the receipt names"
+    )]
+    UnreferencedBlob { cid: ContentId },
     #[error("output manifest hashes to {got}, but the receipt names {want}")]
     ManifestCid { got: ContentId, want: ContentId },
     #[error("{what} {cid} could not be received from the provider: {reason}")]
@@ -231,6 +235,15 @@ pub fn check_result(
         cid: e.cid,
         size: Some(e.size),
     }));
+    // Inline bytes are stored before anything is granted: only what the
+    // receipt names may come, or a result would be a way to fill the disk.
+    if let Some(b) = result
+        .blobs
+        .iter()
+        .find(|b| b.cid != receipt.output_cid && !needed.iter().any(|n| n.cid == b.cid))
+    {
+        return Err(ReceiptError::UnreferencedBlob { cid: b.cid });
+    }
     Ok(needed)
 }
 
@@ -367,5 +380,26 @@ mod tests {
                 assert!(e.to_string().contains("at most 10000"), "{e}");
             }
         }
+    }
+
+    #[test]
+    fn a_result_may_carry_inline_only_what_it_names() {
+        let key = Keypair::generate();
+        let provider = ProviderId::from_public_key(&key.public());
+        let buyer = BuyerId::new(Keypair::generate().public());
+        let spec = kiln_protocol::JobSpec::new(IMAGE.to_string(), vec!["true".to_string()]);
+        let job = JobId::derive(&buyer, &Nonce::random());
+        let expected = Expected::of(job, OfferId::random(), provider, &spec);
+        let blob = |b: &[u8]| kiln_protocol::Blob {
+            cid: ContentId::of_bytes(b),
+            bytes: b.to_vec(),
+        };
+        let mut r = result(&key, &expected, |_| {});
+        r.blobs = vec![blob(b"")]; // stdout and stderr are empty: named
+        assert!(check_result(&r, &expected, provider, UnixMillis::now()).is_ok());
+        r.blobs.push(blob(b"a gigabyte of nothing, in spirit"));
+        let err = check_result(&r, &expected, provider, UnixMillis::now()).unwrap_err();
+        assert!(matches!(err, ReceiptError::UnreferencedBlob { .. }), "{err}");
+        assert!(err.to_string().contains("none of its outputs or logs"), "{err}");
     }
 }

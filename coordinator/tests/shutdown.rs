@@ -100,3 +100,52 @@ fn audit_and_grace_flags_name_what_is_wrong() {
         assert!(stderr.contains(flag) && stderr.contains(says), "{stderr}");
     }
 }
+
+/// A faucet pays every fresh key: the shipped binary refuses to run one
+/// where strangers can reach it, naming the listener and the way out, and
+/// runs one on loopback.
+#[test]
+fn a_faucet_runs_only_on_loopback() {
+    for (http, p2p, says) in [
+        ("0.0.0.0:0", "/ip4/127.0.0.1/tcp/0", "the HTTP address is 0.0.0.0:0"),
+        ("127.0.0.1:0", "/ip4/0.0.0.0/tcp/0", "the p2p address is /ip4/0.0.0.0/tcp/0"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln-coordinator"))
+            .args(["run", "--faucet", "1000", "--http", http, "--p2p", p2p])
+            .arg("--state-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{http} {p2p}: started with a faucet");
+        assert!(
+            stderr.contains(says) && stderr.contains("listen on 127.0.0.1"),
+            "{stderr}"
+        );
+    }
+    // On loopback it starts (and stops on Ctrl-C).
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln-coordinator"))
+        .args(["run", "--faucet", "1000", "--http", &format!("127.0.0.1:{http}")])
+        .args(["--p2p", "/ip4/127.0.0.1/tcp/0", "--state-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Up when its HTTP port answers (a loaded machine may take a while).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", http)).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The Ctrl-C handler is installed right after the listeners.
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "a loopback faucet did not run");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("coordinator API at"));
+}

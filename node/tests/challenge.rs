@@ -1,8 +1,10 @@
 //! A benchmark challenge sent to the real `kiln-node` binary by a libp2p
 //! peer playing its coordinator: the node answers with a signed report on
-//! the challenge's nonce whose CPU checksum is the exact recomputation, and
-//! refuses challenges that are not its coordinator's or are past due.
-//! Its advert carries its start-up benchmark.
+//! the challenge's nonce whose CPU checksum is the exact recomputation and
+//! whose samples sit where the nonce and that checksum put them, each with
+//! a slice proving it part of the output; and it refuses challenges that
+//! are not its coordinator's or are past due. Its advert carries its
+//! start-up benchmark, without slices.
 
 mod common;
 
@@ -10,7 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use kiln_net::NetEvent;
-use kiln_protocol::bench::{Inputs, Precision, cpu_output_digest, sample_positions};
+use kiln_protocol::bench::{
+    BENCHMARK_VERSION, Inputs, Precision, committed_positions, cpu_output_digest, verify_sample,
+};
 use kiln_protocol::{
     CapabilityAdvert, Challenge, ChallengeId, ChallengeSizes, Keypair, NetRequest, NetResponse,
     Nonce, ProviderId, Signed, UnixMillis,
@@ -66,6 +70,7 @@ async fn a_node_answers_its_coordinators_challenge_with_a_verifiable_report() {
         .as_ref()
         .expect("advert carries a benchmark");
     assert!(bench.cpu.matmul_mflops > 0);
+    assert_eq!(bench.version, BENCHMARK_VERSION);
     assert!(state.path().join("benchmark.json").exists());
     // Keep answering heartbeats in the background.
     tokio::spawn(async move {
@@ -136,14 +141,29 @@ async fn a_node_answers_its_coordinators_challenge_with_a_verifiable_report() {
     let nonce = Nonce::from_bytes([42; 16]);
     assert_eq!(report.nonce, nonce);
     assert_eq!(report.cpu.matmul_n, 64);
-    assert_eq!(report.cpu.checksum, cpu_output_digest(&nonce, 64));
+    assert_eq!(report.version, BENCHMARK_VERSION);
+    let checksum = report.cpu.checksum;
+    assert_eq!(checksum, cpu_output_digest(&nonce, 64));
     let inputs = Inputs::new(&nonce, Precision::Fp64, 64);
-    let positions = sample_positions(&nonce, 64, 8);
+    let positions = committed_positions(&nonce, &checksum, 64, 8);
     assert_eq!(report.cpu.samples.len(), 8);
-    for (s, (r, c)) in report.cpu.samples.iter().zip(positions) {
+    assert_eq!(report.slices.cpu.len(), 8);
+    for ((s, slice), (r, c)) in report
+        .cpu
+        .samples
+        .iter()
+        .zip(&report.slices.cpu)
+        .zip(positions)
+    {
         assert_eq!((s.row, s.col), (r, c));
         assert_eq!(s.value(), inputs.exact(r, c).value());
+        assert_eq!(
+            verify_sample(&checksum, Precision::Fp64, 64, s, slice),
+            Ok(())
+        );
     }
+    // One slice per GPU proof's sample (none without a GPU).
+    assert_eq!(report.slices.gpus.len(), report.gpus.len());
     cancel.cancel();
 }
 

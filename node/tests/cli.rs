@@ -5,7 +5,7 @@
 use std::process::Command;
 
 use kiln_protocol::Nonce;
-use kiln_protocol::bench::{Inputs, Precision, cpu_output_digest, sample_positions};
+use kiln_protocol::bench::{Inputs, Precision, committed_positions, cpu_output_digest};
 
 fn node() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln-node"));
@@ -56,7 +56,8 @@ fn benchmark_json_reports_proven_cpu_figures() {
     let samples = cpu["samples"].as_array().unwrap();
     assert_eq!(samples.len(), 16);
     let inputs = Inputs::new(&n, Precision::Fp64, 96);
-    for (s, (r, c)) in samples.iter().zip(sample_positions(&n, 96, 16)) {
+    let positions = committed_positions(&n, &cpu_output_digest(&n, 96), 96, 16);
+    for (s, (r, c)) in samples.iter().zip(positions) {
         assert_eq!(
             (s["row"].as_u64(), s["col"].as_u64()),
             (Some(r.into()), Some(c.into()))

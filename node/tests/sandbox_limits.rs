@@ -43,7 +43,13 @@ fn runner(docker: &bollard::Docker, dir: &Path, limits: Limits) -> Runner {
     Runner::new(
         docker.clone(),
         dir.join("jobs"),
-        format!("sandbox-limits-{}", std::process::id()),
+        // One label per runner: tests run side by side in this binary, and
+        // a test that lists its runner's containers must see only its own.
+        format!(
+            "sandbox-limits-{}-{}",
+            std::process::id(),
+            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ),
         limits,
         Policy::default(),
         store,

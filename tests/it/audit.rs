@@ -1,14 +1,17 @@
 //! Capability challenges through the real coordinator and a real node: an
 //! honest node passes and gains reputation; a peer that does not answer
-//! correctly fails and loses it; a job asking for `min_tflops` runs only
-//! where a challenge verified the speed. (The checksum, flagging, speed and
-//! sizing rules are table-tested in `coordinator/src/challenge.rs`.)
+//! correctly fails and loses it; one that computes only the sampled
+//! elements fails; a job asking for `min_tflops` runs only where a
+//! challenge verified the speed. (The checksum, inclusion-proof, flagging,
+//! speed and sizing rules are table-tested in `coordinator/src/challenge.rs`
+//! and `protocol/src/bench.rs`.)
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kiln_coordinator::audit::{self, AuditConfig, AuditOutcome};
 use kiln_coordinator::challenge::SpeedPolicy;
+use kiln_coordinator::db::{Db, GpuSpeedRecord};
 use kiln_coordinator::verification::reputation::{Event, Evidence};
 use kiln_protocol::views::JobState;
 use kiln_protocol::{CapabilityAdvert, Credits, ProviderId};
@@ -141,18 +144,54 @@ async fn stored_advert(
         .payload
 }
 
+/// What a passed challenge records for a GPU credited `mflops`: the rows
+/// `audit::challenge_provider` writes, and the scheduler told at once.
+async fn record_verified_speed(
+    state: &kiln_coordinator::AppState,
+    provider: &ProviderId,
+    gpu_uuid: &str,
+    mflops: u64,
+) {
+    let row = GpuSpeedRecord {
+        gpu_uuid: gpu_uuid.into(),
+        gpu_name: RogueProvider::GPU_NAME.into(),
+        verified_mflops: mflops,
+        observed_mflops: mflops,
+        advertised_mflops: mflops,
+        proven_flops: 3 * 2 * 16_384u64.pow(3),
+        round_trip_us: 3 * 2 * 16_384u64.pow(3) / mflops,
+        challenge_id: "recorded-by-the-test".into(),
+        at: kiln_protocol::UnixMillis::now(),
+    };
+    let mut tx = state.db.begin().await.unwrap();
+    Db::set_gpu_speeds(&mut tx, provider, &[row]).await.unwrap();
+    tx.commit().await.unwrap();
+    kiln_coordinator::live::refresh(state, provider)
+        .await
+        .unwrap();
+    state.wake.notify_one();
+}
+
 /// Issue 12, acceptance 5: a job with `min_tflops` waits, saying what is
 /// missing, until a provider's *verified* figure meets it, and then runs
 /// there.
 ///
-/// Two rogue providers advertise the same kind of GPU and claim more than
-/// the job needs. The slow one answers its challenge honestly, computing the
-/// product in full on this CPU, but reports its claimed figures: the
-/// coordinator times the round trip itself, measures it slow and credits
-/// that, not the claim. The other computes only the sampled elements,
-/// which is what a GPU's answer looks like to the coordinator (no machine
-/// this runs on reaches 1 TFLOP/s; the proofs check samples, not the whole
-/// product): it is credited at most its claim, and the job runs there.
+/// Three rogue providers advertise the same kind of GPU and claim more
+/// than the job needs. The slow one answers its challenge honestly,
+/// computing the product in full on this CPU, but reports its claimed
+/// figures: the coordinator times the round trip itself, measures it slow
+/// and credits that, not the claim. The quick one computes only the
+/// sampled elements, which used to pass as a fast GPU's answer: the
+/// samples now follow the checksum of the whole output, so it can give no
+/// valid inclusion proof, fails, and is credited nothing.
+///
+/// What this cannot show any more: a challenge passed at 1 TFLOP/s or
+/// more. No machine this runs on reaches that honestly (the stand-in that
+/// did was the trick just refused), so the third provider's verified
+/// figure is written as a passed challenge of such a GPU records it
+/// (`record_verified_speed`), and the job runs there: this shows the
+/// scheduling half with a recorded figure; a challenge passed at that speed
+/// needs a real GPU, which no CI run has.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_min_tflops_job_runs_only_where_a_verified_figure_meets_it() {
     let dn = devnet(0).await.unwrap();
@@ -168,7 +207,14 @@ async fn a_min_tflops_job_runs_only_where_a_verified_figure_meets_it() {
     let mut fast = RogueProvider::join_gpu(&addr, &cancel, fast_claim, 1024, price)
         .await
         .unwrap();
-    for (r, claim, n) in [(&slow, slow_claim, 64), (&fast, fast_claim, 1024)] {
+    let mut gpu_host = RogueProvider::join_gpu(&addr, &cancel, fast_claim, 1024, price)
+        .await
+        .unwrap();
+    for (r, claim, n) in [
+        (&slow, slow_claim, 64),
+        (&fast, fast_claim, 1024),
+        (&gpu_host, fast_claim, 1024),
+    ] {
         let advert = r.gpu_advert(claim, n, price).unwrap().payload;
         r.keep_advert_registered(advert, Duration::from_secs(1), &cancel);
     }
@@ -179,11 +225,11 @@ async fn a_min_tflops_job_runs_only_where_a_verified_figure_meets_it() {
     spec.resources.max_price_per_hour = Credits(10_000_000);
     let job = client.submit(spec, None).await.unwrap().job_id;
 
-    // Nobody is verified yet: both claims are just claims.
+    // Nobody is verified yet: the claims are just claims.
     let seen = job_until(&client, &job, |j| reason(j).contains("min_tflops")).await;
     assert_eq!(
         reason(&seen),
-        "waiting: 2 online; 2 excluded by min_tflops=1 (verified figures: none yet)",
+        "waiting: 3 online; 3 excluded by min_tflops=1 (verified figures: none yet)",
         "{seen:#?}"
     );
 
@@ -238,12 +284,16 @@ async fn a_min_tflops_job_runs_only_where_a_verified_figure_meets_it() {
     assert_eq!(seen.state, JobState::Queued, "{seen:#?}");
     assert_eq!(
         reason(&seen),
-        "waiting: 2 online; 2 excluded by min_tflops=1 (verified figures: best <1, 1 none yet)",
+        "waiting: 3 online; 3 excluded by min_tflops=1 (verified figures: best <1, 2 none yet)",
         "{seen:#?}"
     );
 
     // The quick one, under the default audit settings: a product sized to
-    // take a second at its claim (n = 16 384, 26 TFLOP in three precisions).
+    // take a second at its claim (n = 16 384, 26 TFLOP in three
+    // precisions), answered at once from the sampled elements alone. The
+    // samples sit where its made-up checksum says, but nothing proves
+    // them part of an output with that checksum: it fails, and is
+    // credited nothing.
     let fast_cfg = AuditConfig {
         timeout: Duration::from_secs(120),
         ..AuditConfig::default()
@@ -253,27 +303,44 @@ async fn a_min_tflops_job_runs_only_where_a_verified_figure_meets_it() {
         audit::challenge_provider(&state, &fast_cfg, &advert, &no_fleet),
         fast.answer_challenge(fast_claim, false),
     );
-    let (a, (challenge, _)) = (audited.unwrap(), answered.unwrap());
+    let (a, (challenge, answered_in)) = (audited.unwrap(), answered.unwrap());
     assert_eq!(challenge.sizes.gpu_matmul_n, 16_384);
-    assert_eq!(a.outcome, AuditOutcome::Passed, "{}", a.detail);
-    let speeds = state.db.gpu_speeds(&fast.id).await.unwrap();
-    assert_eq!(speeds.len(), 1, "{speeds:?}");
-    let s = &speeds[0];
-    assert_eq!(s.proven_flops, 3 * 2 * 16_384u64.pow(3));
-    // Credited what it showed, never more than it claims.
-    assert_eq!(
-        s.verified_mflops,
-        s.observed_mflops.min(50_000_000),
-        "{s:?}"
+    assert!(
+        answered_in < Duration::from_secs(10),
+        "the trick is quick: {answered_in:?}"
     );
-    assert!(s.verified_mflops >= 1_000_000, "{s:?}");
+    assert_eq!(a.outcome, AuditOutcome::Failed, "{}", a.detail);
+    assert!(
+        a.detail
+            .contains("is not proven part of the output with checksum"),
+        "{}",
+        a.detail
+    );
+    assert!(a.verdict.is_none());
+    assert_eq!(state.db.gpu_speeds(&fast.id).await.unwrap(), vec![]);
+    let history = client.provider_audits(&fast.id).await.unwrap();
+    assert_eq!(
+        history.audits[0].outcome,
+        AuditOutcome::Failed,
+        "{history:#?}"
+    );
+    // Still nobody verified fast enough: it waits, and says so.
+    let seen = job_until(&client, &job, |j| reason(j).contains("best")).await;
+    assert_eq!(seen.state, JobState::Queued, "{seen:#?}");
+    assert_eq!(
+        reason(&seen),
+        "waiting: 3 online; 3 excluded by min_tflops=1 (verified figures: best <1, 2 none yet)",
+        "{seen:#?}"
+    );
 
-    // Now one provider's verified figure meets the job: it runs there.
-    let offer = fast.next_offer().await.unwrap().payload;
+    // A GPU that did pass at 50 TFLOP/s (see the doc comment): the job
+    // runs there, and only there.
+    record_verified_speed(&state, &gpu_host.id, &gpu_host.gpu_uuid(), 50_000_000).await;
+    let offer = gpu_host.next_offer().await.unwrap().payload;
     assert_eq!(offer.job_id, job);
     let running = job_until(&client, &job, |j| j.state == JobState::Running).await;
     assert_eq!(running.state, JobState::Running, "{running:#?}");
-    assert_eq!(running.members[0].provider, fast.id, "{running:#?}");
+    assert_eq!(running.members[0].provider, gpu_host.id, "{running:#?}");
 
     // Offer search ranks by the verified figure, not the advert.
     let offers = client
@@ -282,14 +349,15 @@ async fn a_min_tflops_job_runs_only_where_a_verified_figure_meets_it() {
         .unwrap()
         .offers;
     let row = |id: ProviderId| offers.iter().find(|o| o.provider == id).unwrap();
-    let (f, sl) = (row(fast.id), row(slow.id));
-    assert_eq!(f.tflops, Some((s.verified_mflops / 1_000_000) as u32));
+    let (g, f, sl) = (row(gpu_host.id), row(fast.id), row(slow.id));
+    assert_eq!(g.tflops, Some(50));
     assert_eq!(sl.tflops, Some(0));
+    assert_eq!(f.tflops, None, "{offers:#?}");
     assert!(
-        f.tflops_per_price > 0.0 && sl.tflops_per_price == 0.0,
+        g.tflops_per_price > 0.0 && sl.tflops_per_price == 0.0 && f.tflops_per_price == 0.0,
         "{offers:#?}"
     );
-    assert_eq!(offers[0].provider, fast.id);
+    assert_eq!(offers[0].provider, gpu_host.id);
 
     cancel.cancel();
     dn.shutdown().await;

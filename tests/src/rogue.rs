@@ -2,16 +2,17 @@
 //! keep heartbeating, and sign receipts and usage reports claiming any
 //! wall time it likes (see `tests/it/billing.rs`); and about hardware:
 //! advertise a GPU with any speed and answer its benchmark challenges,
-//! computing them in full on this CPU or only where they are sampled (see
-//! `tests/it/audit.rs`).
+//! computing them in full on this CPU, or only the sampled elements, which
+//! now fails (see `tests/it/audit.rs`).
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kiln_net::Addr;
 use kiln_protocol::bench::{
-    Digest32, DigestWriter, GemmEngine, Inputs, MatmulProof, Precision, Sample, cpu_output_digest,
-    f32_to_bf16_exact, f32_to_f16_exact, sample_positions,
+    Digest32, GemmEngine, Inputs, MatmulProof, OutputTree, Precision, ProvenReport, Sample,
+    SampleSlices, Slice, committed_positions, element_offset, f32_to_bf16_exact, f32_to_f16_exact,
+    output_len, prove_samples, read_from, slice_len,
 };
 use kiln_protocol::{
     BENCHMARK_VERSION, BenchmarkReport, ByteSize, CapabilityAdvert, Challenge, ChallengeResponse,
@@ -49,142 +50,180 @@ impl GpuClaim {
 /// element is right and every figure it reports is its claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ChallengeAnswer {
-    /// Computes each product in full, on this CPU: honest, and as slow as
-    /// a CPU is.
+    /// Computes each product in full, on this CPU, and commits to it:
+    /// honest, and as slow as a CPU is.
     Computed,
-    /// Computes only the sampled elements: quick whatever the size. The
-    /// proofs cannot tell this from a fast GPU's answer (they check
-    /// samples, not the whole product), so in tests it stands in for one.
+    /// Computes only the sampled elements: quick whatever the size, and
+    /// what passed as a fast GPU while samples were drawn from the nonce
+    /// alone. Now the positions follow the checksum of the whole output,
+    /// so it makes one up, samples where that says, and makes up the
+    /// inclusion proofs too (it has no output they could be slices of).
     SampledOnly,
 }
 
 /// One output element as the GPU format would hold it: rounded to `f32`,
 /// then truncated to the precision's width (within the verifier's
-/// tolerance), with its bytes for the output's digest.
-fn output(p: Precision, exact: f64) -> (f64, Vec<u8>) {
+/// tolerance), as little-endian bytes.
+fn output(p: Precision, exact: f64) -> Vec<u8> {
     let v = exact as f32;
     match p {
         Precision::Bf16 => {
             let t = f32::from_bits(v.to_bits() & 0xFFFF_0000);
-            let bits = f32_to_bf16_exact(t).unwrap_or(0);
-            (f64::from(t), bits.to_le_bytes().to_vec())
+            f32_to_bf16_exact(t).unwrap_or(0).to_le_bytes().to_vec()
         }
-        Precision::Fp16 => {
-            let t = f32::from_bits(v.to_bits() & 0xFFFF_E000);
-            match f32_to_f16_exact(t) {
-                Some(bits) => (f64::from(t), bits.to_le_bytes().to_vec()),
-                // Outside FP16's normal range: the exact value itself.
-                None => (f64::from(v), 0u16.to_le_bytes().to_vec()),
-            }
-        }
-        _ => (f64::from(v), v.to_le_bytes().to_vec()),
+        // Outside FP16's normal range (tiny values): zero, within tolerance.
+        Precision::Fp16 => f32_to_f16_exact(f32::from_bits(v.to_bits() & 0xFFFF_E000))
+            .unwrap_or(0)
+            .to_le_bytes()
+            .to_vec(),
+        Precision::Fp32 => v.to_le_bytes().to_vec(),
+        Precision::Fp64 => exact.to_le_bytes().to_vec(),
     }
 }
 
-/// The proof of one product at `n`, computed as `how` says.
-fn prove(nonce: &Nonce, p: Precision, n: u32, samples: u32, how: ChallengeAnswer) -> MatmulProof {
+/// The value an element's bytes hold.
+fn value_of(p: Precision, bytes: &[u8]) -> f64 {
+    kiln_protocol::bench::element_value(p, bytes).unwrap_or(f64::NAN)
+}
+
+/// The whole `n × n` product of `p` for `nonce`, computed exactly in
+/// integers, in its output format: what an honest answer commits to.
+fn computed_output(nonce: &Nonce, p: Precision, n: u32) -> Vec<u8> {
     let inputs = Inputs::new(nonce, p, n);
-    let positions = sample_positions(nonce, n, samples);
     let scale = 2f64.powi(-2 * p.frac_bits() as i32);
-    let (checksum, samples) = match how {
-        ChallengeAnswer::SampledOnly => (
-            Digest32::of_bytes(b"not computed"),
-            positions
-                .iter()
-                .map(|&(r, c)| Sample::new(r, c, output(p, inputs.exact(r, c).value()).0))
-                .collect(),
-        ),
+    let nn = n as usize;
+    let a: Vec<i64> = (0..(nn * nn) as u64)
+        .map(|i| i64::from(inputs.element(false, i)))
+        .collect();
+    let b: Vec<i64> = (0..(nn * nn) as u64)
+        .map(|i| i64::from(inputs.element(true, i)))
+        .collect();
+    let mut c = vec![0i64; nn * nn];
+    for i in 0..nn {
+        let row = &mut c[i * nn..(i + 1) * nn];
+        for k in 0..nn {
+            let aik = a[i * nn + k];
+            for (x, bkj) in row.iter_mut().zip(&b[k * nn..(k + 1) * nn]) {
+                *x += aik * bkj;
+            }
+        }
+    }
+    c.iter()
+        .flat_map(|x| output(p, *x as f64 * scale))
+        .collect()
+}
+
+/// The proof of one product at `n`, and its slices, computed as `how` says.
+fn prove(
+    nonce: &Nonce,
+    p: Precision,
+    n: u32,
+    samples: u32,
+    how: ChallengeAnswer,
+) -> (MatmulProof, Vec<Slice>) {
+    let (checksum, samples, slices) = match how {
         ChallengeAnswer::Computed => {
-            let nn = n as usize;
-            let a: Vec<i64> = (0..(nn * nn) as u64)
-                .map(|i| i64::from(inputs.element(false, i)))
-                .collect();
-            let b: Vec<i64> = (0..(nn * nn) as u64)
-                .map(|i| i64::from(inputs.element(true, i)))
-                .collect();
-            let mut c = vec![0i64; nn * nn];
-            for i in 0..nn {
-                let row = &mut c[i * nn..(i + 1) * nn];
-                for k in 0..nn {
-                    let aik = a[i * nn + k];
-                    for (x, bkj) in row.iter_mut().zip(&b[k * nn..(k + 1) * nn]) {
-                        *x += aik * bkj;
-                    }
-                }
-            }
-            let mut digest = DigestWriter::new();
-            for x in &c {
-                digest.update(&output(p, *x as f64 * scale).1);
-            }
-            let samples = positions
-                .iter()
-                .map(|&(r, col)| {
-                    let exact = c[r as usize * nn + col as usize] as f64 * scale;
-                    Sample::new(r, col, output(p, exact).0)
+            let out = computed_output(nonce, p, n);
+            let read = read_from(&out);
+            let tree = OutputTree::build(out.len() as u64, 2, &read);
+            let (samples, slices) = prove_samples(nonce, p, n, samples, &tree, &read);
+            (tree.root(), samples, slices)
+        }
+        ChallengeAnswer::SampledOnly => {
+            let checksum = Digest32::of_bytes(b"not computed");
+            let inputs = Inputs::new(nonce, p, n);
+            let len = output_len(p, n);
+            let (samples, slices) = committed_positions(nonce, &checksum, n, samples)
+                .into_iter()
+                .map(|(r, c)| {
+                    // The right element in its chunk of an otherwise zero
+                    // output, under zero hashes: the best it can do.
+                    let bytes = output(p, inputs.exact(r, c).value());
+                    let at = element_offset(p, n, r, c);
+                    let chunk = at / 1024;
+                    let mut slice = vec![0u8; slice_len(len, chunk).unwrap_or(0)];
+                    let chunk_len = (len - chunk * 1024).min(1024) as usize;
+                    let within = slice.len() - chunk_len + (at % 1024) as usize;
+                    slice[within..within + bytes.len()].copy_from_slice(&bytes);
+                    (Sample::new(r, c, value_of(p, &bytes)), Slice(slice))
                 })
-                .collect();
-            (digest.finish(), samples)
+                .unzip();
+            (checksum, samples, slices)
         }
     };
-    MatmulProof {
+    let proof = MatmulProof {
         precision: p,
         iterations: 1,
         checksum,
         samples,
-    }
+    };
+    (proof, slices)
 }
 
-/// The CPU part of a report (exact: its digest is checked in full).
-fn cpu_bench(nonce: &Nonce, n: u32, samples: u32) -> CpuBench {
-    let inputs = Inputs::new(nonce, Precision::Fp64, n);
-    CpuBench {
+/// The CPU part of a report and its slices (exact: its digest is checked
+/// in full, so even a rogue computes it).
+fn cpu_bench(nonce: &Nonce, n: u32, samples: u32) -> (CpuBench, Vec<Slice>) {
+    let (proof, slices) = prove(
+        nonce,
+        Precision::Fp64,
+        n,
+        samples,
+        ChallengeAnswer::Computed,
+    );
+    let bench = CpuBench {
         model: "test".into(),
         threads: 4,
         matmul_n: n,
         matmul_mflops: GpuClaim::CPU_MFLOPS,
         mem_bandwidth_mbps: 1_000,
-        checksum: cpu_output_digest(nonce, n),
-        samples: sample_positions(nonce, n, samples)
-            .into_iter()
-            .map(|(r, c)| Sample::new(r, c, inputs.exact(r, c).value()))
-            .collect(),
-    }
+        checksum: proof.checksum,
+        samples: proof.samples,
+    };
+    (bench, slices)
 }
 
 /// A report for `nonce` at `sizes` claiming `claim`, with proofs computed
-/// as `how` says.
+/// as `how` says, and their slices.
 fn report(
     nonce: Nonce,
     uuid: &str,
     claim: &GpuClaim,
     sizes: &ChallengeSizes,
     how: ChallengeAnswer,
-) -> BenchmarkReport {
+) -> ProvenReport {
     let n = sizes.gpu_matmul_n;
-    BenchmarkReport {
-        version: BENCHMARK_VERSION,
-        nonce,
-        samples: sizes.samples,
-        cpu: cpu_bench(&nonce, sizes.cpu_matmul_n, sizes.samples),
-        gpus: vec![GpuBench {
-            index: 0,
-            uuid: uuid.into(),
-            name: RogueProvider::GPU_NAME.into(),
-            engine: GemmEngine::Cublas,
-            matmul_n: n,
-            bf16_gflops: claim.gflops[0],
-            fp16_gflops: claim.gflops[1],
-            fp32_gflops: claim.gflops[2],
-            copy_bytes: sizes.copy_bytes,
-            d2d_mbps: 0,
-            h2d_pinned_mbps: 0,
-            d2h_pinned_mbps: 0,
-            proofs: claim
-                .claimed()
-                .map(|p| prove(&nonce, p, n, sizes.samples, how))
-                .collect(),
-        }],
-        measured_at: UnixMillis::now(),
+    let (cpu, cpu_slices) = cpu_bench(&nonce, sizes.cpu_matmul_n, sizes.samples);
+    let (proofs, slices): (Vec<MatmulProof>, Vec<Vec<Slice>>) = claim
+        .claimed()
+        .map(|p| prove(&nonce, p, n, sizes.samples, how))
+        .unzip();
+    ProvenReport {
+        report: BenchmarkReport {
+            version: BENCHMARK_VERSION,
+            nonce,
+            samples: sizes.samples,
+            cpu,
+            gpus: vec![GpuBench {
+                index: 0,
+                uuid: uuid.into(),
+                name: RogueProvider::GPU_NAME.into(),
+                engine: GemmEngine::Cublas,
+                matmul_n: n,
+                bf16_gflops: claim.gflops[0],
+                fp16_gflops: claim.gflops[1],
+                fp32_gflops: claim.gflops[2],
+                copy_bytes: sizes.copy_bytes,
+                d2d_mbps: 0,
+                h2d_pinned_mbps: 0,
+                d2h_pinned_mbps: 0,
+                proofs,
+            }],
+            measured_at: UnixMillis::now(),
+        },
+        slices: SampleSlices {
+            cpu: cpu_slices,
+            gpus: vec![slices],
+        },
     }
 }
 
@@ -352,13 +391,17 @@ impl RogueProvider {
             samples: 4,
             copy_bytes: 1 << 20,
         };
-        a.benchmark = Some(report(
-            Nonce::random(),
-            &self.gpu_uuid(),
-            &claim,
-            &sizes,
-            ChallengeAnswer::SampledOnly,
-        ));
+        // An advert's figures are its word: nothing in them is checked.
+        a.benchmark = Some(
+            report(
+                Nonce::random(),
+                &self.gpu_uuid(),
+                &claim,
+                &sizes,
+                ChallengeAnswer::SampledOnly,
+            )
+            .report,
+        );
         a.issued_at = UnixMillis::now();
         Ok(Signed::sign(&self.key, a, 3600)?)
     }
@@ -412,9 +455,9 @@ impl RogueProvider {
     /// Waits for the next benchmark challenge and answers it with every
     /// sampled element right and `gflops` (its claim) as its figures,
     /// whatever it did: with `in_full` it computes each product in full on
-    /// this CPU (honest, and as slow as a CPU is); without, only the
-    /// sampled elements (quick at any size: the proofs cannot tell this
-    /// from a fast GPU's answer, so a test can stand it in for one).
+    /// this CPU and commits to it (honest, and as slow as a CPU is);
+    /// without, only the sampled elements, under a made-up checksum and
+    /// made-up inclusion proofs (quick at any size, and rejected).
     /// Returns the challenge and how long computing the answer took here.
     pub async fn answer_challenge(
         &mut self,

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use kiln_protocol::bench::{DigestWriter, Inputs, Precision, Sample, sample_positions};
+use kiln_protocol::bench::{Inputs, Precision, Slice};
 use kiln_protocol::{CpuBench, Nonce};
 
 /// How much CPU benchmarking to do.
@@ -98,18 +98,13 @@ pub fn inputs(nonce: &Nonce, n: u32) -> (Vec<f64>, Vec<f64>) {
     (a, b)
 }
 
-/// Digest of an FP64 output, as [`kiln_protocol::bench::cpu_output_digest`] computes it.
-pub fn digest_f64(c: &[f64]) -> kiln_protocol::Digest32 {
-    let mut h = DigestWriter::new();
-    let mut bytes = Vec::with_capacity(64 * 1024);
-    for chunk in c.chunks(8 * 1024) {
-        bytes.clear();
-        for v in chunk {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        h.update(&bytes);
-    }
-    h.finish()
+/// The checksum of an FP64 output, its samples and their slices (see
+/// [`super::commit`]); the checksum is what
+/// [`kiln_protocol::bench::cpu_output_digest`] recomputes.
+pub fn commit_f64(nonce: &Nonce, n: u32, samples: u32, c: &[f64]) -> super::Committed {
+    super::commit(nonce, Precision::Fp64, n, samples, c, |v, b| {
+        b.copy_from_slice(&v.to_le_bytes())
+    })
 }
 
 /// Multi-threaded copy bandwidth, MB/s counting bytes read plus written.
@@ -139,8 +134,9 @@ pub fn copy_bandwidth_mbps(bytes: usize, threads: usize, budget: Duration) -> u6
     (2.0 * bytes as f64 * reps as f64 / secs / 1e6) as u64
 }
 
-/// Runs the CPU benchmarks for `nonce`.
-pub fn run(nonce: &Nonce, model: &str, opts: &CpuOptions) -> CpuBench {
+/// Runs the CPU benchmarks for `nonce`: the figures, and the slices
+/// proving their samples.
+pub fn run(nonce: &Nonce, model: &str, opts: &CpuOptions) -> (CpuBench, Vec<Slice>) {
     let n = opts.matmul_n as usize;
     let (a, b) = inputs(nonce, opts.matmul_n);
     let mut c = vec![0.0f64; n * n];
@@ -152,36 +148,39 @@ pub fn run(nonce: &Nonce, model: &str, opts: &CpuOptions) -> CpuBench {
     }
     let secs = start.elapsed().as_secs_f64().max(1e-9);
     let flops = 2.0 * (n as f64).powi(3) * reps as f64;
-    let samples = sample_positions(nonce, opts.matmul_n, opts.samples)
-        .into_iter()
-        .map(|(r, col)| Sample::new(r, col, c[r as usize * n + col as usize]))
-        .collect();
-    CpuBench {
+    let (checksum, samples, slices) = commit_f64(nonce, opts.matmul_n, opts.samples, &c);
+    let bench = CpuBench {
         model: model.to_string(),
         threads: opts.threads as u32,
         matmul_n: opts.matmul_n,
         matmul_mflops: (flops / secs / 1e6) as u64,
         mem_bandwidth_mbps: copy_bandwidth_mbps(opts.copy_bytes, opts.threads, opts.copy_budget),
-        checksum: digest_f64(&c),
+        checksum,
         samples,
-    }
+    };
+    (bench, slices)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_protocol::bench::cpu_output_digest;
+    use kiln_protocol::bench::{committed_positions, cpu_output_digest, verify_sample};
 
     #[test]
     fn checksum_is_the_exact_recomputation_whatever_the_thread_count() {
         let nonce = Nonce::from_bytes([4; 16]);
-        let n = 40;
+        // 72² FP64 elements: 40.5 KiB, three 16 KiB groups of the tree.
+        let n = 72;
         let (a, b) = inputs(&nonce, n as u32);
         let want = cpu_output_digest(&nonce, n as u32);
         for threads in [1, 3, 7] {
             let mut c = vec![0.0; n * n];
             matmul(&a, &b, &mut c, n, threads);
-            assert_eq!(digest_f64(&c), want, "{threads} threads");
+            assert_eq!(
+                commit_f64(&nonce, n as u32, 4, &c).0,
+                want,
+                "{threads} threads"
+            );
         }
     }
 
@@ -196,13 +195,19 @@ mod tests {
             copy_budget: Duration::from_millis(10),
             samples: 5,
         };
-        let r = run(&nonce, "test cpu", &opts);
+        let (r, slices) = run(&nonce, "test cpu", &opts);
         assert!(r.matmul_mflops > 0 && r.mem_bandwidth_mbps > 0);
         assert_eq!(r.checksum, cpu_output_digest(&nonce, 48));
-        assert_eq!(r.samples.len(), 5);
+        let at: Vec<(u32, u32)> = r.samples.iter().map(|s| (s.row, s.col)).collect();
+        assert_eq!(at, committed_positions(&nonce, &r.checksum, 48, 5));
         let inp = Inputs::new(&nonce, Precision::Fp64, 48);
-        for s in &r.samples {
+        assert_eq!(slices.len(), 5);
+        for (s, sl) in r.samples.iter().zip(&slices) {
             assert_eq!(inp.exact(s.row, s.col).value(), s.value());
+            assert_eq!(
+                verify_sample(&r.checksum, Precision::Fp64, 48, s, sl),
+                Ok(())
+            );
         }
     }
 }

@@ -15,8 +15,7 @@ use std::time::Duration;
 use cudarc::driver::CudaSlice;
 use cudarc::driver::sys::CUevent_flags;
 use kiln_protocol::bench::{
-    Digest32, DigestWriter, Inputs, MatmulProof, Precision, Sample, bf16_to_f32, f16_to_f32,
-    f32_to_bf16_exact, f32_to_f16_exact, sample_positions,
+    Inputs, MatmulProof, Precision, Slice, f32_to_bf16_exact, f32_to_f16_exact,
 };
 use kiln_protocol::{GemmEngine, GpuBench, Nonce};
 use serde::{Deserialize, Serialize};
@@ -58,6 +57,9 @@ pub struct GpuOptions {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct GpuOutcome {
     pub benches: Vec<GpuBench>,
+    /// The slices proving each bench's samples: `slices[i][j]` those of
+    /// `benches[i].proofs[j]`.
+    pub slices: Vec<Vec<Vec<Slice>>>,
     /// What went wrong or was chosen, one line each (never fatal).
     pub notes: Vec<String>,
     /// The cuBLAS library used, if any.
@@ -129,51 +131,38 @@ fn generate<T: Send + Default + Clone>(
     out
 }
 
-fn digest_of<T: Copy>(out: &[T], bytes_of: impl Fn(T, &mut Vec<u8>)) -> Digest32 {
-    let mut h = DigestWriter::new();
-    let mut buf = Vec::with_capacity(1 << 20);
-    for chunk in out.chunks(1 << 18) {
-        buf.clear();
-        for &v in chunk {
-            bytes_of(v, &mut buf);
-        }
-        h.update(&buf);
-    }
-    h.finish()
-}
-
-/// Builds the proof of one output and checks it against the exact result,
-/// so a wrong kernel reports an error rather than a wrong proof.
-fn prove<T: Copy>(
+/// Builds the proof of one output (its commitment and the samples it
+/// selects, with their slices: see [`super::commit`]) and checks the
+/// samples against the exact result, so a wrong kernel reports an error
+/// rather than a wrong proof. `le` writes one element's little-endian bytes.
+fn prove<T: Copy + Sync>(
     nonce: &Nonce,
     inputs: &Inputs,
     iterations: u32,
     samples: u32,
     out: &[T],
-    value: impl Fn(T) -> f64,
-    bytes_of: impl Fn(T, &mut Vec<u8>),
-) -> Result<MatmulProof, String> {
-    let n = inputs.n;
-    let mut picked = Vec::new();
-    for (r, c) in sample_positions(nonce, n, samples) {
-        let v = value(out[r as usize * n as usize + c as usize]);
+    le: impl Fn(T, &mut [u8]) + Sync,
+) -> Result<(MatmulProof, Vec<Slice>), String> {
+    let (n, p) = (inputs.n, inputs.precision);
+    let (checksum, picked, slices) = super::commit(nonce, p, n, samples, out, le);
+    for s in &picked {
+        let (r, c, v) = (s.row, s.col, s.value());
         let exact = inputs.exact(r, c);
-        if !exact.accepts(inputs.precision, n, v) {
+        if !exact.accepts(p, n, v) {
             return Err(format!(
-                "{} result failed its self-check: C[{r}][{c}] = {v}, exact {} ± {}",
-                inputs.precision,
+                "{p} result failed its self-check: C[{r}][{c}] = {v}, exact {} ± {}",
                 exact.value(),
-                exact.tolerance(inputs.precision, n)
+                exact.tolerance(p, n)
             ));
         }
-        picked.push(Sample::new(r, c, v));
     }
-    Ok(MatmulProof {
-        precision: inputs.precision,
+    let proof = MatmulProof {
+        precision: p,
         iterations,
-        checksum: digest_of(out, bytes_of),
+        checksum,
         samples: picked,
-    })
+    };
+    Ok((proof, slices))
 }
 
 fn gflops(n: u32, ms_per_call: f64) -> u64 {
@@ -191,14 +180,17 @@ fn half_input(p: Precision, inputs: &Inputs) -> impl Fn(i32) -> u16 + Sync + '_ 
     }
 }
 
-/// One half-precision matmul on cuBLAS: `(gflops, proof)`.
+/// A measured product: GFLOP/s, its proof and the proof's slices.
+type Measured = (u64, (MatmulProof, Vec<Slice>));
+
+/// One half-precision matmul on cuBLAS.
 fn cublas_half(
     gpu: &Gpu,
     blas: &Blas,
     nonce: &Nonce,
     p: Precision,
     opts: &GpuOptions,
-) -> Result<(u64, MatmulProof), String> {
+) -> Result<Measured, String> {
     let n = opts.matmul_n;
     let inputs = Inputs::new(nonce, p, n);
     let a = gpu
@@ -220,19 +212,9 @@ fn cublas_half(
         measure(gpu, &mut gemm)?
     };
     let out = gpu.stream.clone_dtoh(&c).map_err(err("download C"))?;
-    let to_f64 = move |x: u16| match p {
-        Precision::Bf16 => f64::from(bf16_to_f32(x)),
-        _ => f64::from(f16_to_f32(x)),
-    };
-    let proof = prove(
-        nonce,
-        &inputs,
-        iters,
-        opts.samples,
-        &out,
-        to_f64,
-        |x, buf| buf.extend_from_slice(&x.to_le_bytes()),
-    )?;
+    let proof = prove(nonce, &inputs, iters, opts.samples, &out, |x: u16, b| {
+        b.copy_from_slice(&x.to_le_bytes())
+    })?;
     Ok((gflops(n, ms), proof))
 }
 
@@ -246,7 +228,7 @@ fn fp32(
     nonce: &Nonce,
     opts: &GpuOptions,
     run: &Fp32Gemm<'_>,
-) -> Result<(u64, MatmulProof), String> {
+) -> Result<Measured, String> {
     let n = opts.matmul_n;
     let inputs = Inputs::new(nonce, Precision::Fp32, n);
     let conv = |k: i32| inputs.value(k) as f32;
@@ -269,15 +251,9 @@ fn fp32(
         measure(gpu, &mut gemm)?
     };
     let out = gpu.stream.clone_dtoh(&c).map_err(err("download C"))?;
-    let proof = prove(
-        nonce,
-        &inputs,
-        iters,
-        opts.samples,
-        &out,
-        f64::from,
-        |x, buf| buf.extend_from_slice(&x.to_le_bytes()),
-    )?;
+    let proof = prove(nonce, &inputs, iters, opts.samples, &out, |x: f32, b| {
+        b.copy_from_slice(&x.to_le_bytes())
+    })?;
     Ok((gflops(n, ms), proof))
 }
 
@@ -318,8 +294,9 @@ fn bench_one(
     nonce: &Nonce,
     engine: GemmEngine,
     opts: &GpuOptions,
-) -> Result<GpuBench, String> {
+) -> Result<(GpuBench, Vec<Vec<Slice>>), String> {
     let n = opts.matmul_n as usize;
+    let mut slices = Vec::new();
     let mut bench = GpuBench {
         index: facts.map(|f| f.index).unwrap_or(ordinal as u32),
         uuid: facts
@@ -345,22 +322,25 @@ fn bench_one(
         GemmEngine::Cublas => {
             let blas = Blas::new(gpu)?;
             for p in [Precision::Bf16, Precision::Fp16] {
-                let (g, proof) = cublas_half(gpu, &blas, nonce, p, opts)?;
+                let (g, (proof, s)) = cublas_half(gpu, &blas, nonce, p, opts)?;
                 match p {
                     Precision::Bf16 => bench.bf16_gflops = g,
                     _ => bench.fp16_gflops = g,
                 }
                 bench.proofs.push(proof);
+                slices.push(s);
             }
-            let (g, proof) = fp32(gpu, nonce, opts, &|a, b, c| blas.sgemm(n, a, b, c))?;
+            let (g, (proof, s)) = fp32(gpu, nonce, opts, &|a, b, c| blas.sgemm(n, a, b, c))?;
             bench.fp32_gflops = g;
             bench.proofs.push(proof);
+            slices.push(s);
         }
         GemmEngine::DriverKernel => {
             let kernel = PtxGemm::load(gpu)?;
-            let (g, proof) = fp32(gpu, nonce, opts, &|a, b, c| kernel.launch(n, a, b, c))?;
+            let (g, (proof, s)) = fp32(gpu, nonce, opts, &|a, b, c| kernel.launch(n, a, b, c))?;
             bench.fp32_gflops = g;
             bench.proofs.push(proof);
+            slices.push(s);
         }
     }
     if !opts.prompt {
@@ -372,7 +352,7 @@ fn bench_one(
     gpu.stream
         .synchronize()
         .map_err(err("cuStreamSynchronize"))?;
-    Ok(bench)
+    Ok((bench, slices))
 }
 
 fn run_inner(nonce: &Nonce, facts: &[GpuFacts], opts: &GpuOptions) -> GpuOutcome {
@@ -424,7 +404,10 @@ fn run_inner(nonce: &Nonce, facts: &[GpuFacts], opts: &GpuOptions) -> GpuOutcome
         let uuid = gpu.uuid();
         let f = facts.iter().find(|f| Some(&f.uuid) == uuid.as_ref());
         match bench_one(&gpu, ordinal, f, nonce, engine, opts) {
-            Ok(b) => out.benches.push(b),
+            Ok((b, s)) => {
+                out.benches.push(b);
+                out.slices.push(s);
+            }
             Err(e) => out.notes.push(format!(
                 "GPU benchmark on CUDA device {ordinal} failed: {e}"
             )),
@@ -480,6 +463,7 @@ pub fn run(nonce: &Nonce, facts: &[GpuFacts], opts: &GpuOptions) -> GpuOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_protocol::bench::{bf16_to_f32, f16_to_f32};
 
     #[test]
     fn host_inputs_are_the_protocol_inputs() {
@@ -504,22 +488,30 @@ mod tests {
 
     #[test]
     fn proofs_check_themselves() {
-        // A CPU stand-in for a GPU output: exact values rounded to f32 pass,
-        // a corrupted element fails the self-check.
+        use kiln_protocol::bench::{committed_positions, verify_sample};
+        // A CPU stand-in for a GPU output: exact values rounded to f32 pass
+        // and are proven against the checksum; a corrupted output fails
+        // the self-check wherever the samples fall.
         let nonce = Nonce::from_bytes([8; 16]);
-        let n = 24u32;
+        let n = 80u32;
         let inp = Inputs::new(&nonce, Precision::Fp32, n);
         let mut out: Vec<f32> = (0..n * n)
             .map(|i| inp.exact(i / n, i % n).value() as f32)
             .collect();
-        let proof = prove(&nonce, &inp, 5, 4, &out, f64::from, |x, b| {
-            b.extend_from_slice(&x.to_le_bytes())
-        })
-        .unwrap();
-        assert_eq!(proof.samples.len(), 4);
-        let (r, c) = sample_positions(&nonce, n, 1)[0];
-        out[(r * n + c) as usize] += 1.0;
-        assert!(prove(&nonce, &inp, 5, 4, &out, f64::from, |_, _| {}).is_err());
+        let le = |x: f32, b: &mut [u8]| b.copy_from_slice(&x.to_le_bytes());
+        let (proof, slices) = prove(&nonce, &inp, 5, 4, &out, le).unwrap();
+        let at: Vec<(u32, u32)> = proof.samples.iter().map(|s| (s.row, s.col)).collect();
+        assert_eq!(at, committed_positions(&nonce, &proof.checksum, n, 4));
+        assert_eq!(slices.len(), 4);
+        for (s, sl) in proof.samples.iter().zip(&slices) {
+            assert_eq!(
+                verify_sample(&proof.checksum, Precision::Fp32, n, s, sl),
+                Ok(())
+            );
+        }
+        out.iter_mut().for_each(|x| *x += 1.0);
+        let err = prove(&nonce, &inp, 5, 4, &out, le).unwrap_err();
+        assert!(err.contains("failed its self-check"), "{err}");
     }
 
     #[test]

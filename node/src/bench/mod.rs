@@ -1,11 +1,13 @@
 //! `kiln-node benchmark`, the start-up benchmark and challenge answers.
 //!
 //! [`run`] measures the CPU ([`cpu`]) and every GPU ([`gpu`], through
-//! [`cuda`]) on inputs seeded by a nonce and returns a
-//! [`BenchmarkReport`] whose proofs a coordinator can check (see
-//! [`kiln_protocol::bench`]). Reports are cached in `<state dir>/benchmark.json`,
-//! keyed by [`BENCHMARK_VERSION`] and the hardware identity, so a node
-//! restart does not re-measure.
+//! [`cuda`]) on inputs seeded by a nonce and returns a [`ProvenReport`]:
+//! a [`BenchmarkReport`] whose proofs commit to each whole output, with the
+//! slices proving the sampled elements part of it, which a coordinator can
+//! check (see [`kiln_protocol::bench`]). Reports are cached in
+//! `<state dir>/benchmark.json`, keyed by [`BENCHMARK_VERSION`] and the
+//! hardware identity, so a node restart does not re-measure; adverts carry
+//! the report without slices ([`startup_report`]).
 
 pub mod cpu;
 pub mod cuda;
@@ -14,7 +16,10 @@ pub mod gpu;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use kiln_protocol::bench::ChallengeSizes;
+use kiln_protocol::bench::{
+    ChallengeSizes, Digest32, OutputTree, Precision, ProvenReport, Sample, SampleSlices, Slice,
+    output_len, prove_samples,
+};
 use kiln_protocol::{BENCHMARK_VERSION, BenchmarkReport, Nonce, UnixMillis};
 use serde::{Deserialize, Serialize};
 
@@ -86,7 +91,7 @@ impl BenchOptions {
 /// What `kiln-node benchmark --json` prints.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BenchOutput {
-    pub report: BenchmarkReport,
+    pub report: ProvenReport,
     /// The cache key: CPU model, cores, GPU UUIDs, driver.
     pub hardware: String,
     pub gpus: Vec<GpuFacts>,
@@ -108,6 +113,8 @@ pub fn hardware_identity(discovery: &Discovery, cpu_model: &str, threads: usize)
 }
 
 /// Runs the benchmarks. Blocking; never panics (GPU failures become notes).
+/// The report comes with the slices proving its samples (a challenge's
+/// answer); an advert carries the report alone.
 pub fn run(opts: &BenchOptions, discovery: &Discovery, cpu_model: &str) -> BenchOutput {
     let started = Instant::now();
     let mut notes = Vec::new();
@@ -121,7 +128,7 @@ pub fn run(opts: &BenchOptions, discovery: &Discovery, cpu_model: &str) -> Bench
             ));
         }
     }
-    let cpu = cpu::run(&opts.nonce, cpu_model, &opts.cpu);
+    let (cpu, cpu_slices) = cpu::run(&opts.nonce, cpu_model, &opts.cpu);
     let gpu_out = match &opts.gpu {
         Some(g) => gpu::run(&opts.nonce, &discovery.gpus, g),
         None => gpu::GpuOutcome::default(),
@@ -133,13 +140,19 @@ pub fn run(opts: &BenchOptions, discovery: &Discovery, cpu_model: &str) -> Bench
         .map(|g| g.samples)
         .unwrap_or(opts.cpu.samples);
     BenchOutput {
-        report: BenchmarkReport {
-            version: BENCHMARK_VERSION,
-            nonce: opts.nonce,
-            samples: samples.max(opts.cpu.samples),
-            cpu,
-            gpus: gpu_out.benches,
-            measured_at: UnixMillis::now(),
+        report: ProvenReport {
+            report: BenchmarkReport {
+                version: BENCHMARK_VERSION,
+                nonce: opts.nonce,
+                samples: samples.max(opts.cpu.samples),
+                cpu,
+                gpus: gpu_out.benches,
+                measured_at: UnixMillis::now(),
+            },
+            slices: SampleSlices {
+                cpu: cpu_slices,
+                gpus: gpu_out.slices,
+            },
         },
         hardware: hardware_identity(discovery, cpu_model, opts.cpu.threads),
         gpus: discovery.gpus.clone(),
@@ -149,12 +162,42 @@ pub fn run(opts: &BenchOptions, discovery: &Discovery, cpu_model: &str) -> Bench
     }
 }
 
+/// An output's checksum, the samples it selects and their slices.
+pub(crate) type Committed = (Digest32, Vec<Sample>, Vec<Slice>);
+
+/// Commits to an `n × n` output (its BLAKE3 tree, hashed on all cores:
+/// the root is the checksum) and proves the samples the commitment selects
+/// (see [`kiln_protocol::bench`]). `le` writes one element's little-endian
+/// bytes. Costs about what hashing the output for its checksum alone did.
+pub(crate) fn commit<T: Copy + Sync>(
+    nonce: &Nonce,
+    precision: Precision,
+    n: u32,
+    samples: u32,
+    out: &[T],
+    le: impl Fn(T, &mut [u8]) + Sync,
+) -> Committed {
+    let size = precision.output_bytes();
+    // Every read starts and ends on an element boundary: groups, chunks
+    // and elements are all multiples of the element size.
+    let read = |at: u64, buf: &mut [u8]| {
+        let first = usize::try_from(at).unwrap_or(usize::MAX) / size;
+        let elems = out.get(first..).unwrap_or_default();
+        for (dst, &v) in buf.chunks_exact_mut(size).zip(elems) {
+            le(v, dst);
+        }
+    };
+    let tree = OutputTree::build(output_len(precision, n), cpu::threads(), &read);
+    let (proven, slices) = prove_samples(nonce, precision, n, samples, &tree, &read);
+    (tree.root(), proven, slices)
+}
+
 /// The cache file's contents.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CacheFile {
     pub benchmark_version: u32,
     pub hardware: String,
-    pub report: BenchmarkReport,
+    pub report: ProvenReport,
 }
 
 pub fn cache_path(state_dir: &Path) -> PathBuf {
@@ -163,7 +206,7 @@ pub fn cache_path(state_dir: &Path) -> PathBuf {
 
 /// The cached report, if it was measured by this benchmark version on this
 /// hardware (and has GPU figures where GPUs exist).
-pub fn load_cache(state_dir: &Path, hardware: &str, gpus: usize) -> Option<BenchmarkReport> {
+pub fn load_cache(state_dir: &Path, hardware: &str, gpus: usize) -> Option<ProvenReport> {
     let bytes = std::fs::read(cache_path(state_dir)).ok()?;
     let c: CacheFile = serde_json::from_slice(&bytes).ok()?;
     (c.benchmark_version == BENCHMARK_VERSION
@@ -174,11 +217,7 @@ pub fn load_cache(state_dir: &Path, hardware: &str, gpus: usize) -> Option<Bench
 }
 
 /// Writes the cache atomically (temp file + rename).
-pub fn save_cache(
-    state_dir: &Path,
-    hardware: &str,
-    report: &BenchmarkReport,
-) -> std::io::Result<()> {
+pub fn save_cache(state_dir: &Path, hardware: &str, report: &ProvenReport) -> std::io::Result<()> {
     std::fs::create_dir_all(state_dir)?;
     let c = CacheFile {
         benchmark_version: BENCHMARK_VERSION,
@@ -239,7 +278,8 @@ pub fn render(out: &BenchOutput) -> String {
 
 /// A start-up benchmark for `kiln-node run`: the cache if valid, else a
 /// measurement (quick on the CPU; full on GPUs, which exist only where the
-/// driver does), which is then cached.
+/// driver does), which is then cached. Returned as an advert carries it:
+/// without slices (see [`ProvenReport`]).
 pub fn startup_report(state_dir: &Path, discovery: &Discovery, cpu_model: &str) -> BenchmarkReport {
     let threads = cpu::threads();
     let hardware = hardware_identity(discovery, cpu_model, threads);
@@ -248,7 +288,7 @@ pub fn startup_report(state_dir: &Path, discovery: &Discovery, cpu_model: &str) 
             "using the cached benchmark ({})",
             cache_path(state_dir).display()
         );
-        return r;
+        return r.report;
     }
     let with_gpus = !discovery.gpus.is_empty();
     let t = Instant::now();
@@ -269,7 +309,7 @@ pub fn startup_report(state_dir: &Path, discovery: &Discovery, cpu_model: &str) 
     if let Err(e) = save_cache(state_dir, &out.hardware, &out.report) {
         tracing::warn!("could not cache the benchmark: {e}");
     }
-    out.report
+    out.report.report
 }
 
 #[cfg(test)]
