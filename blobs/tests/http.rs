@@ -12,35 +12,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use kiln_blobs::GROUP_BYTES;
 use kiln_blobs::http::{AddrClass, HttpError, HttpOptions, fetch_url, fetch_url_with};
-use kiln_blobs::{GROUP_BYTES, Store, StoreConfig};
 use kiln_protocol::ContentId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const MIB: u64 = 1 << 20;
-
-fn data(n: u64, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn store(dir: &Path) -> Store {
-    Store::open_dir(
-        dir,
-        StoreConfig {
-            quota: None,
-            no_sync: true,
-        },
-    )
-    .unwrap()
-}
+mod common;
+use common::{MIB, data, store};
 
 fn tmp_is_empty(dir: &Path) -> bool {
     std::fs::read_dir(dir.join("tmp")).unwrap().count() == 0

@@ -12,36 +12,13 @@ use futures::{AsyncWriteExt, StreamExt};
 use kiln_blobs::bao_tree::io::outboard::PostOrderMemOutboard;
 use kiln_blobs::bao_tree::io::sync::encode_ranges;
 use kiln_blobs::wire::{self, Request, Response};
-use kiln_blobs::{BLOCK_SIZE, FetchError, FetchOptions, Source, Store, StoreConfig, fetch};
+use kiln_blobs::{BLOCK_SIZE, FetchError, FetchOptions, Source, Store, fetch};
 use kiln_net::{Client, NetConfig};
 use kiln_protocol::ContentId;
 use tokio_util::sync::CancellationToken;
 
-const MIB: u64 = 1 << 20;
-
-fn data(n: u64, seed: u64) -> Vec<u8> {
-    // xorshift: incompressible, distinct per seed
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn store(dir: &Path) -> Store {
-    Store::open_dir(
-        dir,
-        StoreConfig {
-            quota: None,
-            no_sync: true,
-        },
-    )
-    .unwrap()
-}
+mod common;
+use common::{MIB, data, store};
 
 struct Peer {
     client: Client,

@@ -263,7 +263,9 @@ pub async fn rebuild(state: &AppState) -> Result<LiveFleet, DbError> {
         let Some(Some(j)) = jobs.get(&m.job_id) else {
             continue;
         };
-        if j.state.is_active()
+        // A verifying job's pending members are its verifiers: they hold
+        // capacity like any execution.
+        if (j.state.is_active() || j.state == kiln_protocol::views::JobState::Verifying)
             && j.attempts == m.attempt
             && let Some(pl) = fleet.book(&m.provider, &j.spec)
         {
