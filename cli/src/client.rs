@@ -1,16 +1,26 @@
 //! A typed client for the coordinator's REST API. Every request that needs
-//! identity carries `Authorization: Kiln <signed ApiAuth>` made with the
-//! buyer's key, scoped to that method and path and valid for one minute.
+//! identity carries `Authorization: Kiln2 <signed RequestAuth>` made with
+//! the buyer's key ([`kiln_protocol::request_auth`]): for this coordinator
+//! (its peer id, asked once from `GET /v1/info`), this method, path and
+//! query, and the BLAKE3 of the exact body (a streamed blob upload: its
+//! CID), with a fresh nonce, valid for one minute. The coordinator accepts
+//! each signature once, so every request is signed anew. Public routes are
+//! sent unsigned.
+//!
+//! A coordinator that lied about its own peer id on `/v1/info` could get
+//! requests signed for another one; [`Client::with_coordinator_id`] pins
+//! the id instead of asking.
+
+use std::sync::Arc;
 
 use kiln_contracts::Applied;
+use kiln_protocol::request_auth::{CLIENT_TTL_SECS, RequestAuth};
 use kiln_protocol::views::{
     AccountView, BalancesView, BlobListView, CancelView, ErrorView, InfoView, JobListView, JobView,
     LedgerPageView, LogsView, MissingRequest, MissingView, OffersView, OutputsView,
     ProviderAuditsView, ProvidersView, StatementView, UploadView,
 };
-use kiln_protocol::{
-    ApiAuth, ContentId, JobId, JobSpec, JobSubmission, Keypair, ProviderId, Signed,
-};
+use kiln_protocol::{ContentId, JobId, JobSpec, JobSubmission, Keypair, ProviderId, Signed};
 use serde::de::DeserializeOwned;
 
 // Account ids stay strings here (`buyer:kb…`, `provider:12D3…`, `fee`), as
@@ -45,6 +55,9 @@ pub struct Client {
     base: String,
     key: Keypair,
     http: reqwest::Client,
+    /// The coordinator's peer id, which every signed request names: asked
+    /// once from `GET /v1/info`, or pinned.
+    coordinator: Arc<tokio::sync::OnceCell<ProviderId>>,
 }
 
 impl Client {
@@ -53,7 +66,23 @@ impl Client {
             base: base.trim_end_matches('/').to_string(),
             key,
             http: reqwest::Client::new(),
+            coordinator: Arc::default(),
         }
+    }
+
+    /// Signs requests for the coordinator `id` instead of asking the
+    /// server who it is; one with another id refuses them.
+    pub fn with_coordinator_id(mut self, id: ProviderId) -> Self {
+        self.coordinator = Arc::new(tokio::sync::OnceCell::new_with(Some(id)));
+        self
+    }
+
+    /// The peer id requests are signed for (asked once, then kept).
+    pub async fn coordinator_id(&self) -> Result<ProviderId, ClientError> {
+        self.coordinator
+            .get_or_try_init(|| async { Ok(self.info().await?.peer_id) })
+            .await
+            .copied()
     }
 
     pub fn base(&self) -> &str {
@@ -64,20 +93,21 @@ impl Client {
         &self.key
     }
 
-    fn auth(&self, method: &str, path: &str) -> Result<String, ClientError> {
-        let signed = Signed::sign(
-            &self.key,
-            ApiAuth {
-                method: method.into(),
-                path: path.into(),
-            },
-            60,
-        )
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let bytes = signed
-            .to_bytes()
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        Ok(format!("Kiln {}", hex::encode(bytes)))
+    /// The `Authorization` value for one request with exactly `body` (the
+    /// path with its query, as sent); each call signs anew (fresh nonce).
+    pub async fn authorization(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<String, ClientError> {
+        let auth = RequestAuth::new(self.coordinator_id().await?, method, path, body);
+        self.sign(auth)
+    }
+
+    fn sign(&self, auth: RequestAuth) -> Result<String, ClientError> {
+        auth.sign_header(&self.key, CLIENT_TTL_SECS)
+            .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
@@ -112,12 +142,36 @@ impl Client {
             .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// A signed GET.
     async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let req = self
             .http
             .get(format!("{}{path}", self.base))
-            .header("authorization", self.auth("GET", path)?);
+            .header("authorization", self.authorization("GET", path, b"").await?);
         self.send_json(req).await
+    }
+
+    /// A GET of a public route: unsigned, so it spends no nonce.
+    async fn get_public<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send_json(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    /// A signed POST of `body` (JSON when `json`).
+    async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        json: bool,
+    ) -> Result<T, ClientError> {
+        let mut req = self.http.post(format!("{}{path}", self.base)).header(
+            "authorization",
+            self.authorization("POST", path, &body).await?,
+        );
+        if json {
+            req = req.header("content-type", "application/json");
+        }
+        self.send_json(req.body(body)).await
     }
 
     /// Submits a job signed by this buyer; returns the job as the coordinator sees it.
@@ -152,12 +206,8 @@ impl Client {
 
     /// Cancels a job: refunded if it had not started, otherwise stopped and paid for the time used.
     pub async fn cancel(&self, id: &JobId) -> Result<CancelView, ClientError> {
-        let path = format!("/v1/jobs/{id}/cancel");
-        let req = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header("authorization", self.auth("POST", &path)?);
-        self.send_json(req).await
+        self.post(&format!("/v1/jobs/{id}/cancel"), Vec::new(), false)
+            .await
     }
 
     /// A job's stdout and stderr (a gang's rank 0).
@@ -180,7 +230,7 @@ impl Client {
     }
 
     pub async fn providers(&self) -> Result<ProvidersView, ClientError> {
-        self.get_json("/v1/providers").await
+        self.get_public("/v1/providers").await
     }
 
     /// A provider's capability-challenge history, newest first.
@@ -188,7 +238,7 @@ impl Client {
         &self,
         provider: &ProviderId,
     ) -> Result<ProviderAuditsView, ClientError> {
-        self.get_json(&format!("/v1/providers/{provider}/audits"))
+        self.get_public(&format!("/v1/providers/{provider}/audits"))
             .await
     }
 
@@ -211,32 +261,27 @@ impl Client {
 
     /// One page of the public ledger.
     pub async fn ledger_page(&self, from: u64, limit: u32) -> Result<LedgerPageView, ClientError> {
-        self.get_json(&format!("/v1/ledger?from={from}&limit={limit}"))
+        self.get_public(&format!("/v1/ledger?from={from}&limit={limit}"))
             .await
     }
 
     pub async fn ledger_balances(&self) -> Result<Balances, ClientError> {
-        self.get_json("/v1/ledger/balances").await
+        self.get_public("/v1/ledger/balances").await
     }
 
     pub async fn statement(&self, account: &str) -> Result<Statement, ClientError> {
-        self.get_json(&format!("/v1/accounts/{account}/statement"))
+        self.get_public(&format!("/v1/accounts/{account}/statement"))
             .await
     }
 
     pub async fn info(&self) -> Result<InfoView, ClientError> {
-        self.get_json("/v1/info").await
+        self.get_public("/v1/info").await
     }
 
     /// Uploads an input; returns its CID (computed locally and checked against the answer).
     pub async fn upload(&self, bytes: Vec<u8>) -> Result<ContentId, ClientError> {
         let cid = ContentId::of_bytes(&bytes);
-        let req = self
-            .http
-            .post(format!("{}/v1/blobs", self.base))
-            .header("authorization", self.auth("POST", "/v1/blobs")?)
-            .body(bytes);
-        let v: UploadView = self.send_json(req).await?;
+        let v: UploadView = self.post("/v1/blobs", bytes, false).await?;
         if v.cid != cid {
             return Err(ClientError::Protocol(format!(
                 "coordinator stored the upload as {}, expected {cid}",
@@ -251,21 +296,18 @@ impl Client {
         let path = "/v1/blobs/missing";
         let mut out = Vec::new();
         for batch in cids.chunks(5000) {
-            let req = self
-                .http
-                .post(format!("{}{path}", self.base))
-                .header("authorization", self.auth("POST", path)?)
-                .json(&MissingRequest {
-                    cids: batch.to_vec(),
-                });
-            let v: MissingView = self.send_json(req).await?;
+            let body = serde_json::to_vec(&MissingRequest {
+                cids: batch.to_vec(),
+            })
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let v: MissingView = self.post(path, body, true).await?;
             out.extend(v.missing);
         }
         Ok(out)
     }
 
     /// Streams one blob up under its CID; the coordinator refuses bytes that
-    /// hash to anything else.
+    /// hash to anything else. The signature binds the body by that CID.
     pub async fn put_blob(
         &self,
         cid: &ContentId,
@@ -273,11 +315,12 @@ impl Client {
         name: &str,
         body: reqwest::Body,
     ) -> Result<UploadView, ClientError> {
-        let path = format!("/v1/blobs/{cid}");
+        let auth = RequestAuth::blob_upload(self.coordinator_id().await?, cid);
+        let path = auth.path.clone();
         let req = self
             .http
             .put(format!("{}{path}", self.base))
-            .header("authorization", self.auth("PUT", &path)?)
+            .header("authorization", self.sign(auth)?)
             .header("content-length", size)
             .header(
                 "x-kiln-name",
@@ -299,7 +342,10 @@ impl Client {
         let req = self
             .http
             .get(format!("{}{path}", self.base))
-            .header("authorization", self.auth("GET", &path)?)
+            .header(
+                "authorization",
+                self.authorization("GET", &path, b"").await?,
+            )
             .header("range", format!("bytes={start}-"));
         let bytes = self
             .send(req)
@@ -327,10 +373,10 @@ impl Client {
             let list: Vec<String> = r.iter().map(u64::to_string).collect();
             path.push_str(&format!("?ranges={}", list.join(",")));
         }
-        let req = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .header("authorization", self.auth("GET", &path)?);
+        let req = self.http.get(format!("{}{path}", self.base)).header(
+            "authorization",
+            self.authorization("GET", &path, b"").await?,
+        );
         let resp = self.send(req).await?;
         let size = resp
             .headers()

@@ -25,6 +25,93 @@ use kiln_protocol::{
 
 pub use client::{Account, Balances, Client, ClientError, Statement};
 
+/// Terminal-safe text. Much of what `kiln` prints was written by someone
+/// else: a provider (logs, failure reasons, offers), the coordinator (error
+/// messages, verification details) or whoever named an upload. Printed raw,
+/// escape sequences in it could rewrite the screen, retitle the window,
+/// hide text or (in some terminals) answer back into the shell. So text
+/// output neutralizes them: each control character, C1 control and bidi
+/// override becomes a visible escape (`\x1b`, `\r`, `\u{202e}`).
+/// `--json` output is JSON, for programs; `kiln job logs --raw` writes the
+/// logs as served, for a pipe or a file that needs the exact text (the
+/// exact bytes are also a verified blob: `kiln data get <stdout_cid>`).
+pub mod term {
+    use std::borrow::Cow;
+    use std::fmt::Write;
+
+    /// One line: newlines and tabs are escaped too, so a field cannot fake
+    /// lines of output.
+    pub fn line(s: &str) -> Cow<'_, str> {
+        neutralize(s, false)
+    }
+
+    /// Many lines (logs, whole outputs): `\n` and `\t` are kept, `\r\n`
+    /// is a newline; every other control is escaped.
+    pub fn text(s: &str) -> Cow<'_, str> {
+        neutralize(s, true)
+    }
+
+    fn unsafe_char(c: char, keep_lines: bool) -> bool {
+        if keep_lines && (c == '\n' || c == '\t') {
+            return false;
+        }
+        // `is_control`: C0, DEL and C1 (U+009B is a one-character CSI).
+        c.is_control()
+            || matches!(
+                c,
+                '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            )
+    }
+
+    fn neutralize(s: &str, keep_lines: bool) -> Cow<'_, str> {
+        if !s.chars().any(|c| unsafe_char(c, keep_lines)) {
+            return Cow::Borrowed(s);
+        }
+        let mut out = String::with_capacity(s.len() + 16);
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            if keep_lines && c == '\r' && chars.peek() == Some(&'\n') {
+                continue;
+            }
+            if !unsafe_char(c, keep_lines) {
+                out.push(c);
+                continue;
+            }
+            let _ = match c {
+                '\n' => write!(out, "\\n"),
+                '\r' => write!(out, "\\r"),
+                '\t' => write!(out, "\\t"),
+                c if u32::from(c) < 0x80 => write!(out, "\\x{:02x}", u32::from(c)),
+                c => write!(out, "\\u{{{:x}}}", u32::from(c)),
+            };
+        }
+        Cow::Owned(out)
+    }
+}
+
+/// A job in one line (two with its verification), as `kiln job status`,
+/// `list` and `submit --wait` print it; every free-text field neutralized
+/// ([`term::line`]).
+pub fn job_line(v: &JobView) -> String {
+    let reason = v
+        .reason
+        .as_deref()
+        .map(|r| format!(" ({})", term::line(r)))
+        .unwrap_or_default();
+    let mut line = format!("{}  {}{}", v.job_id, v.state, reason);
+    if let Some(ver) = &v.verification {
+        line.push_str("\n  verification: ");
+        line.push_str(&verification_line(ver));
+    }
+    line
+}
+
+/// `kiln job logs` as text: stdout then stderr, neutralized
+/// ([`term::text`]); `--raw` prints [`LogsView`]'s strings unchanged instead.
+pub fn logs_text(v: &kiln_protocol::views::LogsView) -> String {
+    format!("{}{}", term::text(&v.stdout), term::text(&v.stderr))
+}
+
 /// Default buyer key location: `$KILN_HOME/buyer.key`, else the user's config dir.
 pub fn default_key_path() -> PathBuf {
     if let Some(home) = std::env::var_os("KILN_HOME") {
@@ -219,7 +306,11 @@ pub fn verification_line(v: &kiln_protocol::VerificationView) -> String {
     } else {
         "RECORD SIGNATURE DOES NOT VERIFY"
     };
-    format!("{} [{}; audit p = {p:.4}%; {sealed}]", v.detail, v.status)
+    format!(
+        "{} [{}; audit p = {p:.4}%; {sealed}]",
+        term::line(&v.detail),
+        v.status
+    )
 }
 
 /// Whether `v.signature` is the coordinator's (`v.signer`) signature over
@@ -245,4 +336,93 @@ pub fn gang_members(job: &JobView) -> Vec<MemberView> {
 /// The content id of stdout/stderr bytes, for display.
 pub fn cid_of(bytes: &[u8]) -> ContentId {
     ContentId::of_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Whether a terminal would act on anything in `s` but line breaks and tabs.
+    fn acts_on_terminal(s: &str) -> bool {
+        s.chars().any(|c| {
+            !matches!(c, '\n' | '\t') && (c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c))
+        })
+    }
+
+    #[test]
+    fn control_characters_and_escape_sequences_become_visible_escapes() {
+        let evil = "a\x1b[2Jb\nc\u{9b}31md\u{202e}e\x07\r\n\tf\rg\x7f";
+        assert_eq!(
+            term::line(evil),
+            "a\\x1b[2Jb\\nc\\u{9b}31md\\u{202e}e\\x07\\r\\n\\tf\\rg\\x7f"
+        );
+        // Text keeps its lines and tabs; CRLF is a newline, a lone CR (which
+        // would let later text overwrite earlier) is escaped.
+        assert_eq!(
+            term::text(evil),
+            "a\\x1b[2Jb\nc\\u{9b}31md\\u{202e}e\\x07\n\tf\\rg\\x7f"
+        );
+        assert!(!acts_on_terminal(&term::text(evil)));
+        // Plain text, non-ASCII included, is untouched (and not copied).
+        let plain = "héllo wörld ✓ 42\n";
+        assert!(matches!(term::text(plain), std::borrow::Cow::Borrowed(p) if p == plain));
+        // Neutralized text is neutral: a second pass changes nothing.
+        assert_eq!(term::text(&term::text(evil)), term::text(evil));
+    }
+
+    #[test]
+    fn a_jobs_reason_verification_and_logs_print_neutralized() {
+        let owner = kiln_protocol::BuyerId::new(Keypair::generate().public());
+        let signer = ProviderId::from_public_key(&Keypair::generate().public());
+        let job: JobView = serde_json::from_value(serde_json::json!({
+            "job_id": JobId::from_bytes([7; 16]),
+            "owner": owner,
+            "label": "\x1b]0;title\x07",
+            "state": "failed",
+            "reason": "provider said: \x1b]0;pwned\x07\x1b[2J\nJOB 00 completed",
+            "attempts": 1,
+            "max_cost": 1,
+            "receipt_verified": false,
+            "spec": { "image": format!("sha256:{}", "a".repeat(64)) },
+            "created_at": 0,
+            "updated_at": 0,
+            "verification": {
+                "status": "unverified",
+                "p_ppm": 0,
+                "detail": "re-run by \x1b[8mhidden",
+                "verifiers": [],
+                "record": "",
+                "signature": "",
+                "signer": signer,
+            },
+        }))
+        .unwrap();
+        let line = job_line(&job);
+        assert!(!acts_on_terminal(&line), "{line:?}");
+        assert!(
+            line.contains("provider said: \\x1b]0;pwned\\x07\\x1b[2J\\nJOB 00 completed"),
+            "{line}"
+        );
+        assert!(line.contains("re-run by \\x1b[8mhidden"), "{line}");
+        // The reason cannot fake a line: the only line break is the one
+        // before the verification.
+        assert_eq!(line.lines().count(), 2, "{line}");
+
+        let logs = kiln_protocol::views::LogsView {
+            job_id: job.job_id,
+            rank: None,
+            provider: signer,
+            stdout: "step 1\r\n\x1b[1A\x1b[2Kall good\n".into(),
+            stderr: "\u{9b}6n".into(),
+            stdout_cid: cid_of(b""),
+            stderr_cid: cid_of(b""),
+            truncated: false,
+            clipped: false,
+        };
+        let text = logs_text(&logs);
+        assert_eq!(text, "step 1\n\\x1b[1A\\x1b[2Kall good\n\\u{9b}6n");
+        assert!(!acts_on_terminal(&text));
+    }
 }

@@ -6,9 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kiln_cli::devnet::{Devnet, DevnetOptions, run_demo};
-use kiln_cli::{Client, buyer_key, default_key_path};
+use kiln_cli::{Client, buyer_key, default_key_path, job_line, term};
 use kiln_protocol::JobId;
-use kiln_protocol::views::{JobState, JobView};
+use kiln_protocol::views::JobState;
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -91,11 +91,18 @@ enum JobCmd {
     Cancel {
         id: JobId,
     },
+    /// A job's stdout then stderr. Control characters and escape sequences
+    /// in them are shown as visible escapes (`\x1b`), so a job cannot drive
+    /// your terminal.
     Logs {
         id: JobId,
         /// A gang member's logs (0-based rank; default: rank 0).
         #[arg(long)]
         rank: Option<u32>,
+        /// Write the logs exactly as the coordinator serves them, escape
+        /// sequences included (for a file or a program, not a terminal).
+        #[arg(long, conflicts_with = "json")]
+        raw: bool,
     },
     /// Download a job's outputs by CID, verifying the receipt, the manifest
     /// and every 16 KiB of every file as it arrives (resumable).
@@ -198,26 +205,14 @@ enum BenchCmd {
     },
 }
 
+/// JSON, or text made terminal-safe as a whole ([`term::text`]); fields
+/// that must stay on one line are neutralized with [`term::line`] too.
 fn print<T: Serialize + ?Sized>(json: bool, v: &T, text: impl FnOnce(&T) -> String) {
     if json {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     } else {
-        println!("{}", text(v));
+        println!("{}", term::text(&text(v)));
     }
-}
-
-fn job_line(v: &JobView) -> String {
-    let reason = v
-        .reason
-        .as_deref()
-        .map(|r| format!(" ({r})"))
-        .unwrap_or_default();
-    let mut line = format!("{}  {}{}", v.job_id, v.state, reason);
-    if let Some(ver) = &v.verification {
-        line.push_str("\n  verification: ");
-        line.push_str(&kiln_cli::verification_line(ver));
-    }
-    line
 }
 
 /// `kiln job get --json`.
@@ -237,7 +232,8 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(Cli::parse()).await {
-        eprintln!("error: {e:#}");
+        // Error messages carry the coordinator's (and through it others') text.
+        eprintln!("error: {}", term::text(&format!("{e:#}")));
         std::process::exit(1);
     }
 }
@@ -276,12 +272,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Job(JobCmd::Cancel { id }) => print(json, &client.cancel(&id).await?, |v| {
             format!("{}  {}", v.job_id, v.outcome)
         }),
-        Cmd::Job(JobCmd::Logs { id, rank }) => {
+        Cmd::Job(JobCmd::Logs { id, rank, raw }) => {
             let logs = match rank {
                 Some(r) => client.rank_logs(&id, r).await?,
                 None => client.logs(&id).await?,
             };
-            print(json, &logs, |v| format!("{}{}", v.stdout, v.stderr));
+            if raw {
+                print!("{}{}", logs.stdout, logs.stderr);
+            } else {
+                print(json, &logs, kiln_cli::logs_text);
+            }
         }
         Cmd::Job(JobCmd::Get { id, output }) => {
             let cache = kiln_cli::data::open_cache(&key_path)?;
@@ -357,7 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         b.cid,
                         kiln_cli::data::human(b.size),
                         b.kind.as_str(),
-                        b.name
+                        term::line(&b.name)
                     )
                 })
                 .collect::<Vec<_>>()
@@ -426,7 +426,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 for e in &v.entries {
                     out.push_str(&format!(
                         "#{:<6} {:<16} {:>14} µcr  {}\n",
-                        e.seq, e.op, e.delta, e.key
+                        e.seq,
+                        term::line(&e.op),
+                        e.delta,
+                        term::line(&e.key)
                     ));
                 }
                 out

@@ -22,9 +22,11 @@
 //! The ledger is public on purpose: anyone can replay it with
 //! `kiln ledger verify` against the coordinator's published key.
 //!
-//! "buyer"/"owner" auth is `Authorization: Kiln <hex of a Signed<ApiAuth>>`
-//! for this exact method and path. A job is visible only to its owner: to
-//! anyone else it does not exist (404), so ids leak nothing.
+//! "buyer"/"owner" auth is `Authorization: Kiln2 <hex of a
+//! Signed<RequestAuth>>`: bound to this coordinator, the method, path and
+//! query, and the body, accepted once ([`crate::auth`] checks it before any
+//! handler runs). A job is visible only to its owner: to anyone else it does
+//! not exist (404), so ids leak nothing.
 //!
 //! Every body is a typed view from [`kiln_protocol::views`], the same types
 //! the `kiln` client reads (built from the coordinator's records by
@@ -54,6 +56,7 @@ use crate::views::{self, JobDetail};
 
 /// Largest request body (an uploaded input).
 pub const MAX_BODY: usize = 64 << 20;
+
 pub fn create_app(state: AppState) -> Router {
     Router::new()
         .route("/v1/jobs", post(submit_job).get(list_jobs))
@@ -72,6 +75,10 @@ pub fn create_app(state: AppState) -> Router {
         .route("/v1/accounts/{account}/statement", get(statement))
         .merge(crate::blob_api::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            crate::auth::AuthState::new(state.peer, MAX_BODY),
+            crate::auth::authenticate,
+        ))
         .with_state(state)
 }
 

@@ -191,8 +191,30 @@ async fn upload(
             }
             Ok(n)
         } else {
-            store.import_reader(reader, declared, Some(cid))?;
-            Ok(store.size(&cid).unwrap_or(0))
+            // The request's signature binds the body only through `cid`,
+            // so what is granted must rest on bytes that hash to it. The
+            // store checks them as it imports, but returns at once without
+            // reading if another upload of `cid` finished meanwhile: hash
+            // everything that arrives here too, to the end.
+            let mut hashed = Hashing {
+                inner: reader,
+                hasher: blake3::Hasher::new(),
+                read: 0,
+            };
+            store.import_reader(&mut hashed, declared, Some(cid))?;
+            let io = |e| StoreError::Io {
+                path: "<upload>".into(),
+                source: e,
+            };
+            io::copy(&mut hashed, &mut io::sink()).map_err(io)?;
+            let actual = ContentId::from_blake3(cid.codec(), hashed.hasher.finalize());
+            if actual != cid {
+                return Err(StoreError::Mismatch {
+                    expected: cid,
+                    actual,
+                });
+            }
+            Ok(hashed.read)
         }
     })
     .await
@@ -212,6 +234,22 @@ async fn upload(
             stored: Some(!held),
         }),
     ))
+}
+
+/// A reader that hashes (BLAKE3) and counts what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    read: u64,
+}
+
+impl<R: io::Read> io::Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.read += n as u64;
+        Ok(n)
+    }
 }
 
 #[derive(Deserialize)]

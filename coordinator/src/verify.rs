@@ -399,7 +399,13 @@ mod tests {
         assert!(check_result(&r, &expected, provider, UnixMillis::now()).is_ok());
         r.blobs.push(blob(b"a gigabyte of nothing, in spirit"));
         let err = check_result(&r, &expected, provider, UnixMillis::now()).unwrap_err();
-        assert!(matches!(err, ReceiptError::UnreferencedBlob { .. }), "{err}");
-        assert!(err.to_string().contains("none of its outputs or logs"), "{err}");
+        assert!(
+            matches!(err, ReceiptError::UnreferencedBlob { .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("none of its outputs or logs"),
+            "{err}"
+        );
     }
 }

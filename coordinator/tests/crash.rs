@@ -19,9 +19,9 @@ use kiln_contracts::chain::{LedgerEntry, verify_chain};
 use kiln_contracts::{AccountId, Credits, compare_balances};
 use kiln_net::{NetConfig, NetEvent};
 use kiln_protocol::{
-    ApiAuth, Blob, BuyerId, ByteSize, CapabilityAdvert, ContentId, CpuInfo, JobId, JobResult,
-    JobSpec, JobSubmission, Keypair, Manifest, MilliCpu, NetRequest, NetResponse, Outcome,
-    ProviderId, PublicKey, ResourceUsage, ResultReceipt, Seconds, Signed, UnixMillis,
+    Blob, BuyerId, ByteSize, CapabilityAdvert, ContentId, CpuInfo, JobId, JobResult, JobSpec,
+    JobSubmission, Keypair, Manifest, MilliCpu, NetRequest, NetResponse, Outcome, ProviderId,
+    PublicKey, ResourceUsage, ResultReceipt, Seconds, Signed, UnixMillis,
 };
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -68,17 +68,11 @@ async fn wait_up(http: &reqwest::Client, base: &str) -> Value {
     panic!("the coordinator did not come back up (did its ledger fail to verify?)");
 }
 
-fn auth(key: &Keypair, method: &str, path: &str) -> String {
-    let s = Signed::sign(
-        key,
-        ApiAuth {
-            method: method.into(),
-            path: path.into(),
-        },
-        60,
-    )
-    .unwrap();
-    format!("Kiln {}", hex::encode(s.to_bytes().unwrap()))
+/// A signed request header for `coordinator` (no body).
+fn auth(key: &Keypair, coordinator: ProviderId, method: &str, path: &str) -> String {
+    kiln_protocol::request_auth::RequestAuth::new(coordinator, method, path, b"")
+        .sign_header(key, 60)
+        .unwrap()
 }
 
 /// A provider that accepts each offer once and delivers its result until the
@@ -198,6 +192,7 @@ async fn sigkill_at_any_point_never_loses_or_doubles_a_payment() {
     let mut coordinator = spawn(dir.path(), http_port, p2p_port);
     let info = wait_up(&http, &base).await;
     let peer = info["peer_id"].as_str().unwrap();
+    let coordinator_id: ProviderId = peer.parse().unwrap();
     let addr: kiln_net::Addr = format!("/ip4/127.0.0.1/tcp/{p2p_port}/p2p/{peer}")
         .parse()
         .unwrap();
@@ -248,7 +243,7 @@ async fn sigkill_at_any_point_never_loses_or_doubles_a_payment() {
         for _ in 0..600 {
             if let Ok(r) = http
                 .get(format!("{base}{path}"))
-                .header("authorization", auth(&buyer, "GET", &path))
+                .header("authorization", auth(&buyer, coordinator_id, "GET", &path))
                 .send()
                 .await
             {

@@ -107,8 +107,16 @@ fn audit_and_grace_flags_name_what_is_wrong() {
 #[test]
 fn a_faucet_runs_only_on_loopback() {
     for (http, p2p, says) in [
-        ("0.0.0.0:0", "/ip4/127.0.0.1/tcp/0", "the HTTP address is 0.0.0.0:0"),
-        ("127.0.0.1:0", "/ip4/0.0.0.0/tcp/0", "the p2p address is /ip4/0.0.0.0/tcp/0"),
+        (
+            "0.0.0.0:0",
+            "/ip4/127.0.0.1/tcp/0",
+            "the HTTP address is 0.0.0.0:0",
+        ),
+        (
+            "127.0.0.1:0",
+            "/ip4/0.0.0.0/tcp/0",
+            "the p2p address is /ip4/0.0.0.0/tcp/0",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_kiln-coordinator"))
@@ -128,7 +136,13 @@ fn a_faucet_runs_only_on_loopback() {
     let dir = tempfile::tempdir().unwrap();
     let http = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_kiln-coordinator"))
-        .args(["run", "--faucet", "1000", "--http", &format!("127.0.0.1:{http}")])
+        .args([
+            "run",
+            "--faucet",
+            "1000",
+            "--http",
+            &format!("127.0.0.1:{http}"),
+        ])
         .args(["--p2p", "/ip4/127.0.0.1/tcp/0", "--state-dir"])
         .arg(dir.path())
         .stdout(Stdio::piped())

@@ -48,7 +48,9 @@ fn runner(docker: &bollard::Docker, dir: &Path, limits: Limits) -> Runner {
         format!(
             "sandbox-limits-{}-{}",
             std::process::id(),
-            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         ),
         limits,
         Policy::default(),

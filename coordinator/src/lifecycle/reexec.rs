@@ -298,12 +298,26 @@ pub fn kick(state: &AppState, job: JobId) {
 
 /// Every open verification, once per scheduling round: places missing
 /// verifiers, judges what delivered, closes windows.
+///
+/// The steps run in a task of their own, so comparing large outputs never
+/// holds up the scheduling loop; a round whose previous steps are still
+/// running skips its turn.
 pub async fn tick(state: &AppState) -> Result<(), DbError> {
-    for row in state.db.open_audits().await? {
-        if let Err(e) = advance(state, &row.job_id).await {
-            tracing::error!(job = %row.job_id.short(), "verification step failed: {e}");
-        }
+    let rows = state.db.open_audits().await?;
+    if rows.is_empty() {
+        return Ok(());
     }
+    let s = state.clone();
+    state.tasks.spawn(async move {
+        let Ok(_one_at_a_time) = s.reexec.try_lock() else {
+            return;
+        };
+        for row in rows {
+            if let Err(e) = step(&s, &row.job_id).await {
+                tracing::error!(job = %row.job_id.short(), "verification step failed: {e}");
+            }
+        }
+    });
     Ok(())
 }
 
@@ -351,6 +365,11 @@ async fn standing(state: &AppState, job_id: &JobId) -> Result<Option<Standing>, 
 /// steps never place two verifiers at once).
 pub async fn advance(state: &AppState, job_id: &JobId) -> Result<(), DbError> {
     let _one_at_a_time = state.reexec.lock().await;
+    step(state, job_id).await
+}
+
+/// [`advance`], with the lock held.
+async fn step(state: &AppState, job_id: &JobId) -> Result<(), DbError> {
     let Some(s) = standing(state, job_id).await? else {
         return Ok(());
     };
@@ -509,7 +528,21 @@ async fn place_verifier(state: &AppState, s: &Standing) -> Result<(), DbError> {
     }
     tx.commit().await?;
     tracing::info!(job = %s.job.id.short(), verifier = %m.provider.short(), tie, "re-executing to verify");
-    offer(state, &s.job, m).await
+    // The offer goes out in a task of its own: a verifier that does not
+    // answer must not hold up the other verifications. The member is
+    // recorded (offered), so no second verifier is placed meanwhile.
+    let (st, job) = (state.clone(), s.job.clone());
+    state.tasks.spawn(async move {
+        tokio::select! {
+            r = offer(&st, &job, m) => if let Err(e) = r {
+                tracing::error!(job = %job.id.short(), "offering the re-execution failed: {e}");
+            },
+            // At shutdown the member stays offered; the audit window
+            // settles the job if nobody answers after the restart.
+            () = st.stopping.cancelled() => {}
+        }
+    });
+    Ok(())
 }
 
 /// The difference that opened the dispute, for the record (recomputed
