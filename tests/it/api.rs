@@ -267,12 +267,7 @@ async fn a_job_past_its_queue_deadline_fails_and_is_refunded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_provider_cannot_unstake_while_it_holds_a_job() {
     use kiln_protocol::{Credits, NetRequest, NetResponse, SetStake};
-    let dn = devnet(0).await.unwrap();
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let addr = dn.coordinator.p2p_addrs[0].clone();
-    let mut rogue = kiln_tests::RogueProvider::join(&addr, &cancel)
-        .await
-        .unwrap();
+    let (dn, cancel, mut rogue) = kiln_tests::devnet_with_rogue().await.unwrap();
     let stake = |rogue: &kiln_tests::RogueProvider, target: u64| {
         let req = SetStake {
             provider: rogue.id,
@@ -484,12 +479,7 @@ async fn a_captured_authorization_header_cannot_be_replayed_rebodied_or_taken_el
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn escape_sequences_in_a_jobs_reason_and_logs_print_neutralized() {
     use kiln_protocol::{Blob, ContentId, NetResponse, Outcome};
-    let dn = devnet(0).await.unwrap();
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let addr = dn.coordinator.p2p_addrs[0].clone();
-    let mut rogue = kiln_tests::RogueProvider::join(&addr, &cancel)
-        .await
-        .unwrap();
+    let (dn, cancel, mut rogue) = kiln_tests::devnet_with_rogue().await.unwrap();
     let client = buyer(&dn);
     let v = client
         .submit(dn.workload_spec(&["echo", "x"]), None)

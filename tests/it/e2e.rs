@@ -266,12 +266,7 @@ async fn a_job_with_no_fitting_provider_waits_with_a_reason_and_runs_when_one_jo
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unconfirmed_offer_is_resent_unchanged_after_a_coordinator_restart() {
     use kiln_protocol::NetResponse;
-    let mut dn = devnet(0).await.unwrap();
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let addr = dn.coordinator.p2p_addrs[0].clone();
-    let mut rogue = kiln_tests::RogueProvider::join(&addr, &cancel)
-        .await
-        .unwrap();
+    let (mut dn, cancel, mut rogue) = kiln_tests::devnet_with_rogue().await.unwrap();
     let client = buyer(&dn);
     let v = client
         .submit(dn.workload_spec(&["echo", "once"]), None)

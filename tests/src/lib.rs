@@ -45,6 +45,17 @@ pub async fn devnet(providers: usize) -> anyhow::Result<Devnet> {
     .await
 }
 
+/// A devnet with no nodes and one [`RogueProvider`] joined to it, with the
+/// token that stops the rogue's network: the test scripts the only
+/// provider there is.
+pub async fn devnet_with_rogue() -> anyhow::Result<(Devnet, CancellationToken, RogueProvider)> {
+    let dn = devnet(0).await?;
+    let cancel = CancellationToken::new();
+    let addr = dn.coordinator.p2p_addrs[0].clone();
+    let rogue = RogueProvider::join(&addr, &cancel).await?;
+    Ok((dn, cancel, rogue))
+}
+
 /// A devnet with explicit options (1 s heartbeats, a free HTTP port).
 pub async fn devnet_with(opts: DevnetOptions) -> anyhow::Result<Devnet> {
     init_tracing();
