@@ -26,6 +26,12 @@ struct Cli {
         default_value = "http://127.0.0.1:8730"
     )]
     coordinator: String,
+    /// The coordinator's peer id (`kiln_protocol` provider id, as
+    /// `GET /v1/info` shows it). Given, requests are signed for it alone, so
+    /// a server that claims another identity cannot use them anywhere;
+    /// otherwise the id is asked of the server once.
+    #[arg(long, global = true, env = "KILN_COORDINATOR_ID")]
+    coordinator_id: Option<kiln_protocol::ProviderId>,
     /// Buyer key file (created on first use, mode 0600).
     #[arg(long, global = true, env = "KILN_KEY")]
     key: Option<PathBuf>,
@@ -241,7 +247,10 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let key_path = cli.key.clone().unwrap_or_else(default_key_path);
     let key = buyer_key(&key_path)?;
-    let client = Client::new(&cli.coordinator, key.clone());
+    let mut client = Client::new(&cli.coordinator, key.clone());
+    if let Some(id) = cli.coordinator_id {
+        client = client.with_coordinator_id(id);
+    }
     let json = cli.json;
     match cli.cmd {
         Cmd::Job(JobCmd::Submit { spec, wait, label }) => {

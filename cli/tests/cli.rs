@@ -159,6 +159,18 @@ async fn ledger_commands_show_interval_payouts_and_catch_tampering() {
     );
     assert!(stdout.contains(":result"), "{stdout}");
 
+    // Requests pinned to this coordinator's id work; pinned to another,
+    // the coordinator refuses them (they were signed for someone else).
+    let me = client.info().await.unwrap().peer_id.to_string();
+    let other =
+        kiln_protocol::ProviderId::from_public_key(&kiln_protocol::Keypair::generate().public())
+            .to_string();
+    let (code, stdout, stderr) = run(&["--coordinator-id", &me, "job", "status", &id.to_string()]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let (code, _, stderr) = run(&["--coordinator-id", &other, "job", "status", &id.to_string()]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("coordinator"), "{stderr}");
+
     let (code, stdout, stderr) = run(&["ledger", "verify"]);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("ledger verified"), "{stdout}");
