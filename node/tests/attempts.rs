@@ -67,26 +67,7 @@ async fn attempts_of_one_job_run_side_by_side_and_shutdown_reports_the_survivor_
     let addrs: Vec<Addr> = node.listen_addrs.clone();
     let send = |req: NetRequest| {
         let (net, addrs) = (net.clone(), addrs.clone());
-        async move {
-            // A node that started a moment ago may not accept connections
-            // yet on a loaded machine: dial again for a few seconds.
-            let mut tries = 0;
-            loop {
-                match net
-                    .request(provider.peer_id(), addrs.clone(), req.clone())
-                    .await
-                {
-                    Ok(r) => break r,
-                    // Only a failed dial is retried: nothing was sent.
-                    Err(e @ kiln_net::NetError::Unreachable { .. }) if tries < 20 => {
-                        tries += 1;
-                        tracing::debug!("node not reachable yet: {e}");
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                    Err(e) => panic!("the node answers: {e:?}"),
-                }
-            }
-        }
+        async move { common::request_new_node(&net, provider, addrs, req).await }
     };
 
     let mut spec = JobSpec::new(image.id.clone(), vec!["sleep".into(), "120".into()]);

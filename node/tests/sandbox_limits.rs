@@ -321,11 +321,7 @@ async fn pids_over_the_provider_cap_are_refused_at_admission() {
     let send = |o: JobOffer| {
         let (net, addrs) = (net.clone(), addrs.clone());
         let signed = Signed::sign(&key, o, 30).unwrap();
-        async move {
-            net.request(provider.peer_id(), addrs, NetRequest::Offer(signed))
-                .await
-                .expect("the node answers")
-        }
+        async move { common::request_new_node(&net, provider, addrs, NetRequest::Offer(signed)).await }
     };
     let answer = send(offer(513)).await;
     assert!(

@@ -47,3 +47,30 @@ pub async fn containers(docker: &bollard::Docker, label: &str, value: &str) -> u
         .expect("list containers")
         .len()
 }
+
+/// Sends `req` to a node that has just started. Only a failed dial is
+/// retried (for a few seconds: a node that started a moment ago may not
+/// accept connections yet on a loaded machine); nothing was sent then, so
+/// an offer is never delivered twice. Panics on any other failure.
+pub async fn request_new_node(
+    net: &kiln_net::Client,
+    node: kiln_protocol::ProviderId,
+    addrs: Vec<Addr>,
+    req: kiln_protocol::NetRequest,
+) -> kiln_protocol::NetResponse {
+    let mut tries = 0;
+    loop {
+        match net
+            .request(node.peer_id(), addrs.clone(), req.clone())
+            .await
+        {
+            Ok(r) => return r,
+            Err(e @ kiln_net::NetError::Unreachable { .. }) if tries < 20 => {
+                tries += 1;
+                tracing::debug!("node not reachable yet: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("the node answers: {e:?}"),
+        }
+    }
+}
