@@ -22,6 +22,8 @@ async fn ctrl_c_stops_the_coordinator_in_order_and_it_exits_cleanly() {
         .args(["run", "--http", &format!("127.0.0.1:{http}")])
         .args(["--p2p", "/ip4/127.0.0.1/tcp/0"])
         .args(["--audit-every", "10m", "--result-grace", "30s"])
+        .args(["--verification", "on", "--audit-window", "10m"])
+        .args(["--blob-quota", "1GiB"])
         .arg("--state-dir")
         .arg(dir.path())
         .env("RUST_LOG", "info")
@@ -90,6 +92,13 @@ fn audit_and_grace_flags_name_what_is_wrong() {
         ("--audit-every", "0", "give a duration or `off`"),
         ("--audit-every", "often", "is not a duration"),
         ("--result-grace", "soon", "is not a duration"),
+        ("--verification", "maybe", "say `on` or `off`"),
+        ("--audit-window", "a while", "is not a duration"),
+        (
+            "--blob-quota",
+            "lots",
+            "give a size such as 100GiB, or `off`",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_kiln-coordinator"))
             .args(["run", flag, value])
