@@ -50,7 +50,7 @@ enum Cmd {
         /// Re-execute a sample of accepted results on another provider
         /// before paying for them (`on`), or pay every result at once
         /// (`off`).
-        #[arg(long, default_value = "on", value_parser = parse_on_off)]
+        #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
         verification: bool,
         /// How long a sampled result may wait for its re-executions (on
         /// top of twice the job's timeout).
