@@ -182,6 +182,7 @@ pub async fn run_with(size: u64, out_dir: &Path, opts: &Options) -> Result<Repor
     let no_sync = StoreConfig {
         quota: None,
         no_sync: true,
+        evict: Default::default(),
     };
     let first = Store::open_dir(&provider_dirs[0], no_sync.clone()).map_err(err)?;
     {
@@ -238,6 +239,7 @@ pub async fn run_with(size: u64, out_dir: &Path, opts: &Options) -> Result<Repor
         StoreConfig {
             quota: None,
             no_sync: !opts.sync,
+            evict: Default::default(),
         },
     )
     .map_err(err)?;

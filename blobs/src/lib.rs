@@ -31,7 +31,7 @@ pub mod wire;
 pub use bao_tree;
 pub use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
 pub use fetch::{FetchError, FetchOptions, FetchReport, Source, fetch};
-pub use store::{Blob, PinGuard, Store, StoreConfig, StoreError};
+pub use store::{Blob, Eviction, PinGuard, Store, StoreConfig, StoreError};
 
 /// 16 KiB chunk groups: the unit of verification and of the outboard.
 pub const BLOCK_SIZE: BlockSize = BlockSize::from_chunk_log(4);

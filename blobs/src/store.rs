@@ -61,6 +61,12 @@ pub enum StoreError {
     )]
     DiskFull { path: PathBuf, source: io::Error },
     #[error(
+        "the store is full: {used} of its {quota} bytes are in use and {need} more were asked \
+         for; nothing is evicted here (it is other people's data): the operator raises the quota \
+         (`kiln-coordinator --blob-quota`) or buyers free space (`kiln data rm`)"
+    )]
+    Full { need: u64, quota: u64, used: u64 },
+    #[error(
         "the blob store quota of {quota} bytes cannot make room for {need} more bytes: \
          {used} are in use, {pinned} of them pinned by running jobs; raise the quota or wait for \
          jobs to finish"
@@ -126,6 +132,21 @@ pub struct StoreConfig {
     /// Skip `fsync` before a blob becomes visible (tests and benchmarks of a
     /// throw-away store only).
     pub no_sync: bool,
+    /// What a full store does to make room.
+    pub evict: Eviction,
+}
+
+/// How a store with a quota makes room.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Eviction {
+    /// Evict least-recently-used unpinned blobs: a cache, whose content
+    /// can be fetched again (a provider's input cache).
+    #[default]
+    Lru,
+    /// Never evict: refuse what does not fit. For a store that is the
+    /// only copy of other people's data (the coordinator's uploads and
+    /// job outputs), where one party's upload must not erase another's.
+    Never,
 }
 
 /// One stored blob, for listings.
@@ -579,6 +600,9 @@ impl Store {
         let mut st = self.state();
         if let Some(quota) = self.inner.config.quota {
             let used = st.used();
+            if used + need > quota && self.inner.config.evict == Eviction::Never {
+                return Err(StoreError::Full { need, quota, used });
+            }
             if used + need > quota {
                 let mut victims: Vec<(u64, bool, ContentId, u64)> = st
                     .blobs
@@ -1299,6 +1323,7 @@ mod tests {
             dir,
             StoreConfig {
                 quota,
+                evict: Default::default(),
                 no_sync: true,
             },
         )
@@ -1441,6 +1466,32 @@ mod tests {
         assert!(matches!(e, StoreError::Quota { .. }));
         assert_eq!(s.list().len(), 2);
         assert_eq!(s.usage().reserved, 0);
+    }
+
+    #[test]
+    fn a_store_that_never_evicts_refuses_what_does_not_fit_and_keeps_everything() {
+        let d = tempfile::tempdir().unwrap();
+        let one = disk_bytes(40_000);
+        let s = Store::open_dir(
+            d.path(),
+            StoreConfig {
+                quota: Some(2 * one + 10),
+                no_sync: true,
+                evict: Eviction::Never,
+            },
+        )
+        .unwrap();
+        let kept: Vec<_> = (0..2)
+            .map(|i| s.import_bytes(&bytes(40_000, i)).unwrap())
+            .collect();
+        let e = s.import_bytes(&bytes(40_000, 2)).unwrap_err();
+        assert!(matches!(e, StoreError::Full { .. }), "{e}");
+        assert!(e.to_string().contains("--blob-quota"), "{e}");
+        assert!(kept.iter().all(|c| s.has(c)), "nothing was evicted");
+        assert_eq!(s.usage().reserved, 0);
+        // Removing one makes room again.
+        assert!(s.remove(&kept[0]).unwrap());
+        s.import_bytes(&bytes(40_000, 2)).unwrap();
     }
 
     #[test]

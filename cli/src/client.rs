@@ -16,9 +16,9 @@ use std::sync::Arc;
 use kiln_contracts::Applied;
 use kiln_protocol::request_auth::{CLIENT_TTL_SECS, RequestAuth};
 use kiln_protocol::views::{
-    AccountView, BalancesView, BlobListView, CancelView, ErrorView, InfoView, JobListView, JobView,
-    LedgerPageView, LogsView, MissingRequest, MissingView, OffersView, OutputsView,
-    ProviderAuditsView, ProvidersView, StatementView, UploadView,
+    AccountView, BalancesView, BlobDeletedView, BlobListView, CancelView, ErrorView, InfoView,
+    JobListView, JobView, LedgerPageView, LogsView, MissingRequest, MissingView, OffersView,
+    OutputsView, ProviderAuditsView, ProvidersView, StatementView, UploadView,
 };
 use kiln_protocol::{ContentId, JobId, JobSpec, JobSubmission, Keypair, ProviderId, Signed};
 use serde::de::DeserializeOwned;
@@ -359,6 +359,17 @@ impl Client {
     /// The blobs this buyer may read.
     pub async fn blobs(&self) -> Result<BlobListView, ClientError> {
         self.get_json("/v1/blobs").await
+    }
+
+    /// Gives up this buyer's claim on a blob (its bytes go when nobody
+    /// else holds them).
+    pub async fn delete_blob(&self, cid: &ContentId) -> Result<BlobDeletedView, ClientError> {
+        let path = format!("/v1/blobs/{cid}");
+        let req = self.http.delete(format!("{}{path}", self.base)).header(
+            "authorization",
+            self.authorization("DELETE", &path, b"").await?,
+        );
+        self.send_json(req).await
     }
 
     /// The bao encoding of `ranges` of a blob (`None`: all of it), and the

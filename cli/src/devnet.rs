@@ -59,6 +59,9 @@ pub struct DevnetOptions {
     /// (`kiln-node run --allow-private-urls`): tests serve URLs on
     /// loopback. Off, as on a real provider.
     pub allow_private_urls: bool,
+    /// Most bytes one buyer may hold on the coordinator (its default:
+    /// 10 GiB).
+    pub blob_quota_per_buyer: Option<u64>,
 }
 
 impl Default for DevnetOptions {
@@ -79,6 +82,7 @@ impl Default for DevnetOptions {
             verification: false,
             min_job_escrow: Credits(1),
             allow_private_urls: false,
+            blob_quota_per_buyer: CoordinatorConfig::new(PathBuf::new()).blob_quota_per_buyer,
         }
     }
 }
@@ -128,6 +132,7 @@ impl Devnet {
         cc.audit.mean_interval = opts.audit_interval;
         cc.verification.enabled = opts.verification;
         cc.min_job_escrow = opts.min_job_escrow;
+        cc.blob_quota_per_buyer = opts.blob_quota_per_buyer;
         let coordinator_cancel = cancel.child_token();
         let coordinator = kiln_coordinator::start(cc.clone(), coordinator_cancel.clone()).await?;
         let coord_addr = coordinator

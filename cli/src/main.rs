@@ -138,8 +138,13 @@ enum DataCmd {
         #[arg(long)]
         quiet: bool,
     },
-    /// The blobs you may read: your uploads and your jobs' outputs.
+    /// The blobs you may read: your uploads and your jobs' outputs, and
+    /// how much of your quota they use.
     Ls,
+    /// Give up a blob (an upload or a job's output): it stops counting
+    /// against your quota, and its bytes leave the coordinator unless
+    /// another buyer holds the same content.
+    Rm { cid: kiln_protocol::ContentId },
 }
 
 #[derive(Subcommand)]
@@ -358,7 +363,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Cmd::Data(DataCmd::Ls) => print(json, &client.blobs().await?, |v| {
-            v.blobs
+            let mut lines: Vec<String> = v
+                .blobs
                 .iter()
                 .map(|b| {
                     format!(
@@ -369,8 +375,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         term::line(&b.name)
                     )
                 })
-                .collect::<Vec<_>>()
-                .join("\n")
+                .collect();
+            lines.push(match v.quota {
+                Some(q) => format!(
+                    "using {} of your {} quota",
+                    kiln_cli::data::human(v.used),
+                    kiln_cli::data::human(q)
+                ),
+                None => format!("using {} (no quota)", kiln_cli::data::human(v.used)),
+            });
+            lines.join("\n")
+        }),
+        Cmd::Data(DataCmd::Rm { cid }) => print(json, &client.delete_blob(&cid).await?, |v| {
+            format!(
+                "removed {} ({}){}; using {} now",
+                v.cid,
+                kiln_cli::data::human(v.size),
+                if v.erased {
+                    ""
+                } else {
+                    ", still held by someone else or a job in flight"
+                },
+                kiln_cli::data::human(v.used)
+            )
         }),
         Cmd::Bench(BenchCmd::Data { size, runs, out }) => {
             std::fs::create_dir_all(&out)?;

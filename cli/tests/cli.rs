@@ -199,3 +199,64 @@ async fn ledger_commands_show_interval_payouts_and_catch_tampering() {
     db.close().await;
     dn.shutdown().await;
 }
+
+/// `kiln data add`, `ls` (with the quota) and `rm`, as README's "Data"
+/// shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn data_commands_add_list_and_remove_within_the_quota() {
+    use kiln_cli::devnet::{Devnet, DevnetOptions};
+    let home = tempfile::tempdir().unwrap();
+    let dn = Devnet::start(DevnetOptions {
+        providers: 0,
+        blob_quota_per_buyer: Some(1 << 20),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let url = dn.url();
+    let run = |args: &[&str]| {
+        let out = kiln(home.path())
+            .args(["--coordinator", &url])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let file = home.path().join("weights.bin");
+    std::fs::write(&file, vec![7u8; 300 << 10]).unwrap();
+    let (code, stdout, stderr) = run(&["data", "add", "--quiet", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let cid = kiln_protocol::ContentId::of_bytes(&vec![7u8; 300 << 10]).to_string();
+    assert!(stdout.contains(&cid), "{stdout}");
+
+    let (code, stdout, _) = run(&["data", "ls"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains(&cid) && stdout.contains("using 300.0 KiB of your 1.0 MiB quota"),
+        "{stdout}"
+    );
+
+    // Four more copies' worth does not fit: refused, saying how to free space.
+    let big = home.path().join("big.bin");
+    std::fs::write(&big, vec![9u8; 800 << 10]).unwrap();
+    let (code, _, stderr) = run(&["data", "add", "--quiet", big.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("kiln data rm"), "{stderr}");
+
+    let (code, stdout, stderr) = run(&["data", "rm", &cid]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("removed {cid}")) && stdout.contains("using 0 B now"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = run(&["data", "add", "--quiet", big.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, _, stderr) = run(&["data", "rm", &cid]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("not one of your uploads"), "{stderr}");
+    dn.shutdown().await;
+}

@@ -9,12 +9,22 @@
 //! | `GET /v1/blobs` | the blobs the caller may read (uploads, job outputs) |
 //! | `GET /v1/blobs/{cid}` | the bytes (`Range: bytes=a-b` honoured, for resuming) |
 //! | `GET /v1/blobs/{cid}/bao?ranges=…` | the bao encoding of chunk ranges: the client verifies every 16 KiB group as it arrives |
+//! | `DELETE /v1/blobs/{cid}` | give up the caller's claim; the bytes go when nobody needs them |
 //!
 //! Reading needs a `blob_owners` row for the caller: holding a blob for one
 //! buyer never makes it readable by another who merely knows the CID. An
 //! upload of a blob the store already holds (for someone else) still has to
 //! send the bytes, which are hashed and compared, so the grant proves
 //! possession; nothing is stored twice.
+//!
+//! **Quotas.** The store never evicts (it holds buyers' only copies), so
+//! space is shared out up front: each buyer holds at most
+//! [`crate::CoordinatorConfig::blob_quota_per_buyer`] bytes (its uploads
+//! and its jobs' outputs, each counted once), checked before an upload's
+//! bytes are read (from its declared length) and again when it is granted.
+//! Outputs of its jobs always land (their work is paid for), so usage may
+//! exceed the quota; uploads are then refused until the buyer deletes
+//! something. The store's own quota bounds everything together.
 
 use std::io;
 
@@ -22,11 +32,13 @@ use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use futures::TryStreamExt;
 use kiln_blobs::StoreError;
-use kiln_protocol::views::{BlobListView, MissingRequest, MissingView, UploadView};
+use kiln_protocol::views::{
+    BlobDeletedView, BlobListView, MissingRequest, MissingView, UploadView,
+};
 use kiln_protocol::{BuyerId, ContentId};
 use serde::Deserialize;
 use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
@@ -48,7 +60,10 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/blobs/missing", post(missing))
         .route(
             "/v1/blobs/{cid}",
-            put(upload).layer(DefaultBodyLimit::disable()).get(download),
+            put(upload)
+                .layer(DefaultBodyLimit::disable())
+                .get(download)
+                .merge(delete(remove)),
         )
         .route("/v1/blobs/{cid}/bao", get(bao))
 }
@@ -75,7 +90,7 @@ fn store_error(e: StoreError) -> ApiError {
                 "the upload ended after {got} of {declared} bytes; nothing was stored, upload it again"
             ),
         },
-        e @ (StoreError::Quota { .. } | StoreError::DiskFull { .. }) => {
+        e @ (StoreError::Quota { .. } | StoreError::Full { .. } | StoreError::DiskFull { .. }) => {
             ApiError::InsufficientStorage(e.to_string())
         }
         e @ StoreError::TooLong { .. } => ApiError::BadRequest {
@@ -97,6 +112,8 @@ async fn readable(state: &AppState, buyer: &BuyerId, cid: &ContentId) -> Result<
     }
 }
 
+/// Records that `buyer` uploaded `cid`, within its quota. When the quota
+/// refuses it and nobody else holds the blob, the bytes just stored go.
 async fn grant(
     state: &AppState,
     buyer: &BuyerId,
@@ -104,10 +121,122 @@ async fn grant(
     size: u64,
     name: &str,
 ) -> Result<(), ApiError> {
+    let new_claim = !state.db.blob_readable(buyer, cid).await?;
     let mut tx = state.db.begin().await?;
+    if let Some(quota) = state.config.blob_quota_per_buyer
+        && new_claim
+    {
+        let used = Db::blob_usage_in(&mut tx, buyer).await?;
+        if used.saturating_add(size) > quota {
+            let erased = Db::forget_blob_if_unheld(&mut tx, cid).await?;
+            tx.commit().await.map_err(DbError::from)?;
+            if erased {
+                erase(state, cid).await;
+            }
+            return Err(over_quota(used, size, quota));
+        }
+    }
     Db::grant_blob(&mut tx, buyer, cid, size, name).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok(())
+}
+
+fn over_quota(used: u64, size: u64, quota: u64) -> ApiError {
+    ApiError::InsufficientStorage(format!(
+        "your blob quota is {quota} bytes and you hold {used}; this upload of {size} bytes would \
+         pass it: nothing was kept. Free space with `kiln data rm <cid>` (see `kiln data ls`)"
+    ))
+}
+
+/// Refuses an upload whose declared size cannot fit the buyer's quota,
+/// before any of its bytes are read.
+async fn check_quota(state: &AppState, buyer: &BuyerId, size: Option<u64>) -> Result<(), ApiError> {
+    let (Some(quota), Some(size)) = (state.config.blob_quota_per_buyer, size) else {
+        return Ok(());
+    };
+    let used = state.db.blob_usage(buyer).await?;
+    if used.saturating_add(size) > quota {
+        return Err(over_quota(used, size, quota));
+    }
+    Ok(())
+}
+
+/// Removes `cid`'s bytes unless a job that has not ended still needs them
+/// (a result a verification compares: its bytes may be claimed by nobody).
+async fn erase(state: &AppState, cid: &ContentId) {
+    match in_flight(state, cid).await {
+        Ok(false) => {
+            if let Err(e) = state.blobs.remove(cid) {
+                tracing::warn!(%cid, "cannot remove an unclaimed blob: {e}");
+            }
+        }
+        Ok(true) => {}
+        Err(e) => tracing::warn!(%cid, "cannot tell whether a blob is in use, kept: {e}"),
+    }
+}
+
+/// Whether a delivered result of a job that has not ended names `cid`.
+async fn in_flight(state: &AppState, cid: &ContentId) -> Result<bool, DbError> {
+    Ok(state.db.results_in_flight().await?.iter().any(|m| {
+        m.receipt.as_ref().is_some_and(|r| {
+            let r = &r.payload;
+            [r.output_cid, r.stdout_cid, r.stderr_cid].contains(cid)
+        }) || m
+            .manifest
+            .as_ref()
+            .is_some_and(|man| man.entries.iter().any(|e| e.cid == *cid))
+    }))
+}
+
+/// `DELETE /v1/blobs/{cid}`: the caller gives up its claim. Refused while
+/// one of its own jobs that has not ended uses the blob (an input, or a
+/// result still being verified).
+async fn remove(
+    State(state): State<AppState>,
+    Buyer(buyer): Buyer,
+    Path(cid): Path<String>,
+) -> Result<Json<BlobDeletedView>, ApiError> {
+    let cid = parse_cid(&cid)?;
+    for job in state.db.live_jobs_of(&buyer).await? {
+        let output = job.receipt.as_ref().is_some_and(|r| {
+            let r = &r.payload;
+            [r.output_cid, r.stdout_cid, r.stderr_cid].contains(&cid)
+        }) || job
+            .manifest
+            .as_ref()
+            .is_some_and(|m| m.entries.iter().any(|e| e.cid == cid));
+        let input = job.spec.inputs.iter().any(|i| i.cid == cid);
+        if input || output {
+            return Err(ApiError::BadRequest {
+                field: Some("cid".into()),
+                reason: format!(
+                    "{cid} is {} of your job {} ({}); cancel it (`kiln job cancel`) or wait \
+                     until it ends, then delete",
+                    if input { "an input" } else { "a result" },
+                    job.id,
+                    job.state.as_str()
+                ),
+            });
+        }
+    }
+    let mut tx = state.db.begin().await?;
+    let Some(size) = Db::revoke_blob(&mut tx, &buyer, &cid).await? else {
+        return Err(ApiError::NotFound(format!(
+            "blob {cid} is not one of your uploads or job outputs (`kiln data ls` lists them)"
+        )));
+    };
+    let unheld = Db::forget_blob_if_unheld(&mut tx, &cid).await?;
+    let used = Db::blob_usage_in(&mut tx, &buyer).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    if unheld {
+        erase(&state, &cid).await;
+    }
+    Ok(Json(BlobDeletedView {
+        cid,
+        size,
+        erased: unheld && !state.blobs.has(&cid),
+        used,
+    }))
 }
 
 fn name_of(headers: &HeaderMap) -> String {
@@ -144,8 +273,9 @@ async fn upload_small(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<UploadView>, ApiError> {
-    let store = state.blobs.clone();
     let len = body.len() as u64;
+    check_quota(&state, &buyer, Some(len)).await?;
+    let store = state.blobs.clone();
     let cid = tokio::task::spawn_blocking(move || store.import_reader(&body[..], Some(len), None))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -172,6 +302,9 @@ async fn upload(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    if !state.db.blob_readable(&buyer, &cid).await? {
+        check_quota(&state, &buyer, declared).await?;
+    }
     let stream = body.into_data_stream().map_err(io::Error::other);
     let reader = SyncIoBridge::new(StreamReader::new(stream));
     let store = state.blobs.clone();
@@ -273,7 +406,11 @@ async fn list(
             crate::views::blob(b, held)
         })
         .collect();
-    Ok(Json(BlobListView { blobs }))
+    Ok(Json(BlobListView {
+        blobs,
+        used: state.db.blob_usage(&buyer).await?,
+        quota: state.config.blob_quota_per_buyer,
+    }))
 }
 
 /// Parses `Range: bytes=a-b` / `bytes=a-` (one range).

@@ -270,6 +270,60 @@ impl Db {
         Ok(())
     }
 
+    /// Bytes counted against `buyer`'s blob quota: every blob it may
+    /// read, once each.
+    pub async fn blob_usage_in(tx: &mut Tx<'_>, buyer: &BuyerId) -> Result<u64, DbError> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT COALESCE(SUM(size), 0) FROM blob_owners WHERE buyer = ?")
+                .bind(buyer.to_string())
+                .fetch_one(&mut **tx)
+                .await?;
+        Ok(u(n))
+    }
+
+    /// [`Self::blob_usage_in`] outside a transaction.
+    pub async fn blob_usage(&self, buyer: &BuyerId) -> Result<u64, DbError> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT COALESCE(SUM(size), 0) FROM blob_owners WHERE buyer = ?")
+                .bind(buyer.to_string())
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(u(n))
+    }
+
+    /// Takes away `buyer`'s claim on `cid`; its size if it had one.
+    pub async fn revoke_blob(
+        tx: &mut Tx<'_>,
+        buyer: &BuyerId,
+        cid: &ContentId,
+    ) -> Result<Option<u64>, DbError> {
+        let size: Option<i64> = sqlx::query_scalar(
+            "DELETE FROM blob_owners WHERE buyer = ? AND cid = ? RETURNING size",
+        )
+        .bind(buyer.to_string())
+        .bind(cid.to_string())
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(size.map(u))
+    }
+
+    /// Whether anyone still holds a claim on `cid`; if not, forgets it
+    /// (the caller then removes the bytes).
+    pub async fn forget_blob_if_unheld(tx: &mut Tx<'_>, cid: &ContentId) -> Result<bool, DbError> {
+        let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM blob_owners WHERE cid = ?")
+            .bind(cid.to_string())
+            .fetch_one(&mut **tx)
+            .await?;
+        if held > 0 {
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM blobs WHERE cid = ?")
+            .bind(cid.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(true)
+    }
+
     /// Whether `buyer` may read `cid`.
     pub async fn blob_readable(&self, buyer: &BuyerId, cid: &ContentId) -> Result<bool, DbError> {
         let n: i64 =
@@ -494,5 +548,79 @@ impl Db {
                 })
             })
             .collect()
+    }
+}
+
+/// Statements (`ledger_accounts`: which accounts each ledger entry moves)
+/// and the public provider listing.
+impl Db {
+    /// Records that ledger entry `seq` moves `account` (idempotent).
+    pub async fn index_ledger_account(
+        tx: &mut Tx<'_>,
+        account: &str,
+        seq: u64,
+    ) -> Result<(), DbError> {
+        sqlx::query("INSERT INTO ledger_accounts (account, seq) VALUES (?, ?) ON CONFLICT DO NOTHING")
+            .bind(account)
+            .bind(i(seq))
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// The last ledger entry indexed by account (`None`: none yet).
+    pub async fn ledger_indexed_through(&self) -> Result<Option<u64>, DbError> {
+        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM ledger_accounts")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(last.map(u))
+    }
+
+    /// The ledger entries (seq, canonical bytes) that move `account`, from
+    /// `from`, in order: one page of its statement.
+    pub async fn statement_page(
+        &self,
+        account: &str,
+        from: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT e.seq, e.entry FROM ledger_accounts a JOIN ledger_entries e ON e.seq = a.seq \
+             WHERE a.account = ? AND a.seq >= ? ORDER BY a.seq LIMIT ?",
+        )
+        .bind(account)
+        .bind(i(from))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((u(r.try_get("seq")?), r.try_get("entry")?)))
+            .collect()
+    }
+
+    /// [`Self::providers_seen_since`] with each one's reputation score
+    /// (`REPUTATION_START` if never scored), in one query.
+    pub async fn providers_with_reputation(
+        &self,
+        since: UnixMillis,
+    ) -> Result<Vec<(ProviderRecord, u32)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT p.id, p.advert, p.last_seen, r.score FROM providers p \
+             LEFT JOIN reputation r ON r.provider = p.id WHERE p.last_seen >= ? ORDER BY p.id",
+        )
+        .bind(i(since.0))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let score: Option<i64> = r.try_get("score")?;
+            let score = score
+                .and_then(|s| u32::try_from(s).ok())
+                .unwrap_or(crate::challenge::REPUTATION_START);
+            if let Some(p) = provider_row(r)? {
+                out.push((p, score));
+            }
+        }
+        Ok(out)
     }
 }

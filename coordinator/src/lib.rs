@@ -95,9 +95,14 @@ pub struct CoordinatorConfig {
     pub audit: audit::AuditConfig,
     /// Providers need at least this stake bond to be offered work.
     pub min_stake: Credits,
-    /// Most bytes the blob store may hold (`None`: no limit). Blobs still
-    /// needed by a job in flight are never evicted.
+    /// Most bytes the blob store may hold (`None`: no limit). Nothing is
+    /// ever evicted to make room (the store holds buyers' only copies): an
+    /// upload or result that does not fit is refused.
     pub blob_quota: Option<u64>,
+    /// Most bytes one buyer may hold (its uploads and its jobs' outputs,
+    /// each counted once); an upload past it is refused (HTTP 507) until
+    /// the buyer deletes something. Outputs of its jobs always land.
+    pub blob_quota_per_buyer: Option<u64>,
     /// How long after its timeout a started member may take to stop,
     /// collect its outputs and deliver its receipt before the coordinator
     /// gives up on it (it is then paid only what its usage reports earned).
@@ -133,6 +138,7 @@ impl CoordinatorConfig {
             audit: audit::AuditConfig::default(),
             min_stake: Credits(0),
             blob_quota: None,
+            blob_quota_per_buyer: Some(10 << 30),
             result_grace: Duration::from_secs(120),
             min_usage_interval: Duration::from_secs(5),
             verification: verification::VerificationConfig::default(),
@@ -280,6 +286,7 @@ pub async fn start(
         kiln_blobs::StoreConfig {
             quota: config.blob_quota,
             no_sync: false,
+            evict: kiln_blobs::Eviction::Never,
         },
     )?;
     // The network outlives the services above it: it is stopped last.

@@ -57,10 +57,15 @@ enum Cmd {
         #[arg(long, default_value = "30m")]
         audit_window: Seconds,
         /// Most bytes the blob store holds (inputs, outputs, logs), e.g.
-        /// `100GiB`, or `off` for no limit. Blobs running jobs need are
-        /// never evicted; an upload or result that does not fit is refused.
+        /// `100GiB`, or `off` for no limit. Nothing is evicted to make room
+        /// (they are buyers' only copies): what does not fit is refused.
         #[arg(long, default_value = "100GiB", value_parser = parse_quota)]
         blob_quota: Quota,
+        /// Most bytes one buyer may hold (uploads and its jobs' outputs),
+        /// e.g. `10GiB`, or `off`; an upload past it is refused until the
+        /// buyer frees space with `kiln data rm`.
+        #[arg(long, default_value = "10GiB", value_parser = parse_quota)]
+        blob_quota_per_buyer: Quota,
         /// Least escrow, in micro-credits, a job must lock (max price per
         /// hour × nodes × timeout) to be queued; `0` queues jobs that ask
         /// to pay nothing.
@@ -133,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
         verification,
         audit_window,
         blob_quota,
+        blob_quota_per_buyer,
         min_job_escrow,
         max_queued_per_buyer,
     } = Cli::parse().cmd;
@@ -146,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
     config.verification.enabled = verification;
     config.verification.window = Duration::from_secs(audit_window.0);
     config.blob_quota = blob_quota.0;
+    config.blob_quota_per_buyer = blob_quota_per_buyer.0;
     config.min_job_escrow = Credits(min_job_escrow);
     config.max_queued_per_buyer = max_queued_per_buyer;
     let cancel = CancellationToken::new();

@@ -23,7 +23,7 @@ async fn ctrl_c_stops_the_coordinator_in_order_and_it_exits_cleanly() {
         .args(["--p2p", "/ip4/127.0.0.1/tcp/0"])
         .args(["--audit-every", "10m", "--result-grace", "30s"])
         .args(["--verification", "on", "--audit-window", "10m"])
-        .args(["--blob-quota", "1GiB"])
+        .args(["--blob-quota", "1GiB", "--blob-quota-per-buyer", "64MiB"])
         .arg("--state-dir")
         .arg(dir.path())
         .env("RUST_LOG", "info")
@@ -97,6 +97,11 @@ fn audit_and_grace_flags_name_what_is_wrong() {
         (
             "--blob-quota",
             "lots",
+            "give a size such as 100GiB, or `off`",
+        ),
+        (
+            "--blob-quota-per-buyer",
+            "plenty",
             "give a size such as 100GiB, or `off`",
         ),
     ] {

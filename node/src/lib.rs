@@ -133,6 +133,7 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         StoreConfig {
             quota: config.cache_quota,
             no_sync: false,
+            evict: Default::default(),
         },
     )?;
     let runner = Runner::new(

@@ -31,6 +31,7 @@
 //! | `POST /v1/blobs/missing` | [`MissingRequest`] → [`MissingView`] |
 //! | `POST /v1/blobs`, `PUT /v1/blobs/{cid}` | [`UploadView`] |
 //! | `GET /v1/blobs` | [`BlobListView`] |
+//! | `DELETE /v1/blobs/{cid}` | [`BlobDeletedView`] |
 //! | any error | [`ErrorView`] |
 //!
 //! Ledger accounts and effects are `kiln-contracts` types, which this leaf
@@ -839,6 +840,26 @@ pub struct BlobView {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobListView {
     pub blobs: Vec<BlobView>,
+    /// Bytes counted against the caller's quota: everything it may read
+    /// (uploads and its jobs' outputs), each counted once.
+    #[serde(default)]
+    pub used: u64,
+    /// The caller's quota for uploads, if the coordinator sets one.
+    #[serde(default)]
+    pub quota: Option<u64>,
+}
+
+/// `DELETE /v1/blobs/{cid}`: the caller no longer holds the blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobDeletedView {
+    pub cid: ContentId,
+    /// Bytes released from the caller's quota.
+    pub size: u64,
+    /// Whether the bytes left the coordinator's disk (false: another
+    /// buyer holds the same content, so only the caller's claim went).
+    pub erased: bool,
+    /// The caller's usage afterwards.
+    pub used: u64,
 }
 
 // ---------------------------------------------------------------------------

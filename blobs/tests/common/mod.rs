@@ -27,6 +27,7 @@ pub fn store(dir: &Path) -> Store {
         StoreConfig {
             quota: None,
             no_sync: true,
+            evict: Default::default(),
         },
     )
     .unwrap()

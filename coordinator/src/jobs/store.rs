@@ -202,6 +202,9 @@ fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRecord, DbError> {
     })
 }
 
+/// The states a job never leaves, as SQL.
+const TERMINAL: &str = "'completed', 'failed', 'timed_out', 'cancelled'";
+
 const MEMBER_COLUMNS: &str = "SELECT offer_id, job_id, attempt, rank, provider, listen_addrs, price_per_hour, state, reason, \
      outcome, paid, cost, receipt, manifest_json, started_at, result_at, paid_at, role FROM members ";
 
@@ -263,6 +266,30 @@ impl Db {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(job_from_row).collect()
+    }
+
+    /// `owner`'s jobs that have not ended, oldest first (at most the
+    /// queued-per-buyer limit plus those placed).
+    pub async fn live_jobs_of(&self, owner: &BuyerId) -> Result<Vec<JobRecord>, DbError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{JOB_COLUMNS} WHERE owner = ? AND state NOT IN ({TERMINAL}) ORDER BY created_at"
+        )))
+        .bind(owner.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// Members that delivered a result in jobs that have not ended: the
+    /// results a verification may still compare.
+    pub async fn results_in_flight(&self) -> Result<Vec<Member>, DbError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{MEMBER_COLUMNS} WHERE receipt IS NOT NULL AND job_id IN \
+             (SELECT id FROM jobs WHERE state NOT IN ({TERMINAL}))"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(member_from_row).collect()
     }
 
     /// Jobs in any of `states`, oldest first.
