@@ -22,8 +22,9 @@
 //! does not know the size yet verifies it first by asking for the last chunk
 //! ([`probe_size`]), whose proof binds the size to the root.
 
+use std::collections::{HashMap, HashSet};
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bao_tree::{BaoTree, ChunkNum, ChunkRanges};
@@ -49,8 +50,14 @@ pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 pub const MAX_BOUNDARIES: usize = 4096;
 /// Most CIDs in one `Has` request.
 pub const MAX_HAS: usize = 4096;
-/// Streams served at once (further ones wait).
+/// Requests served at once (further ones wait for a slot). A slot is held
+/// only while a request is answered, never while a stream sits idle.
 pub const MAX_CONCURRENT_SERVES: usize = 64;
+/// Streams open at once, idle or not; more are dropped as they arrive.
+pub const MAX_OPEN_STREAMS: usize = 1024;
+/// Streams one peer may hold open at once; more are dropped as they arrive
+/// (a fetch uses one per source).
+pub const MAX_STREAMS_PER_PEER: usize = 16;
 
 /// What a requester asks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,8 +155,26 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
             format!("frame of {len} bytes exceeds the {max}-byte limit"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await?;
+    read_body(r, len).await
+}
+
+/// Reads a frame body of `len` bytes, growing the buffer only as bytes
+/// arrive (a declared length costs nothing until it is sent).
+async fn read_body<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+) -> io::Result<T> {
+    let mut buf = Vec::with_capacity(len.min(64 * 1024));
+    (&mut *r).take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "the peer closed after {} of the {len} bytes it announced",
+                buf.len()
+            ),
+        ));
+    }
     encoding::decode(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
 }
 
@@ -161,10 +186,15 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bytes handed to the stream per write.
 const PIECE: usize = 256 * 1024;
 
-/// Decides whether `peer` may fetch `cid` (and learn that it is held).
-/// Asked once per request, before the store is looked at.
-pub type Authorize =
-    Arc<dyn Fn(PeerId, ContentId) -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
+/// Decides which of `cids` `peer` may fetch (and learn are held): the
+/// allowed subset. Asked once per request, for all its distinct CIDs at
+/// once (a `Has` of 4,096 CIDs is one decision, which the coordinator
+/// answers with a few batched queries), before the store is looked at.
+pub type Authorize = Arc<
+    dyn Fn(PeerId, Vec<ContentId>) -> futures::future::BoxFuture<'static, HashSet<ContentId>>
+        + Send
+        + Sync,
+>;
 
 /// Server settings.
 #[derive(Clone)]
@@ -199,7 +229,15 @@ impl ServeConfig {
     async fn allows(&self, peer: PeerId, cid: ContentId) -> bool {
         match &self.authorize {
             None => true,
-            Some(f) => f(peer, cid).await,
+            Some(f) => f(peer, vec![cid]).await.contains(&cid),
+        }
+    }
+
+    /// The subset of `cids` (distinct) that `peer` may fetch.
+    async fn allowed(&self, peer: PeerId, cids: Vec<ContentId>) -> HashSet<ContentId> {
+        match &self.authorize {
+            None => cids.into_iter().collect(),
+            Some(f) => f(peer, cids).await,
         }
     }
 }
@@ -222,7 +260,11 @@ pub async fn serve_with(
     config: ServeConfig,
 ) -> Result<(), NetError> {
     let mut incoming = client.accept_streams(PROTOCOL)?;
-    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_SERVES));
+    let limits = Arc::new(StreamLimits {
+        serving: Semaphore::new(MAX_CONCURRENT_SERVES),
+        open: Arc::new(Semaphore::new(MAX_OPEN_STREAMS)),
+        per_peer: Mutex::new(HashMap::new()),
+    });
     loop {
         // Hand each stream off at once: libp2p-stream drops inbound streams
         // that arrive while this loop is not ready for them.
@@ -230,13 +272,19 @@ pub async fn serve_with(
             () = cancel.cancelled() => break,
             next = incoming.next() => {
                 let Some((peer, stream)) = next else { break };
-                let (store, slots, cancel) = (store.clone(), slots.clone(), cancel.clone());
+                // Past the limits the stream is dropped here, costing no
+                // task: the requester sees it reset and may retry.
+                let Some(held) = limits.admit(peer) else {
+                    tracing::debug!(%peer, "blob stream refused: too many open streams");
+                    continue;
+                };
+                let (store, limits, cancel) = (store.clone(), limits.clone(), cancel.clone());
                 let config = config.clone();
                 tokio::spawn(async move {
-                    let Ok(_permit) = slots.acquire_owned().await else { return };
+                    let _held = held;
                     tokio::select! {
                         () = cancel.cancelled() => {}
-                        r = serve_stream(&store, peer, stream, &config) => if let Err(e) = r {
+                        r = serve_stream(&store, peer, stream, &config, &limits.serving) => if let Err(e) = r {
                             tracing::debug!(%peer, "blob stream ended: {e}");
                         }
                     }
@@ -247,13 +295,61 @@ pub async fn serve_with(
     Ok(())
 }
 
+/// What the server's streams may take, in all and per peer.
+struct StreamLimits {
+    /// Requests being answered.
+    serving: Semaphore,
+    /// Streams open.
+    open: Arc<Semaphore>,
+    /// Streams open per peer.
+    per_peer: Mutex<HashMap<PeerId, usize>>,
+}
+
+/// One admitted stream's share of [`StreamLimits`], given back on drop.
+struct Admitted {
+    limits: Arc<StreamLimits>,
+    peer: PeerId,
+    _open: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.limits.per_peer.lock()
+            && let Some(n) = m.get_mut(&self.peer)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
+impl StreamLimits {
+    fn admit(self: &Arc<Self>, peer: PeerId) -> Option<Admitted> {
+        let open = self.open.clone().try_acquire_owned().ok()?;
+        let mut m = self.per_peer.lock().ok()?;
+        let n = m.entry(peer).or_insert(0);
+        if *n >= MAX_STREAMS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Admitted {
+            limits: self.clone(),
+            peer,
+            _open: open,
+        })
+    }
+}
+
 /// Answers requests on one stream, one after the other, until the requester
 /// closes it (or is idle for [`IDLE_TIMEOUT`]).
-pub async fn serve_stream(
+async fn serve_stream(
     store: &Store,
     peer: PeerId,
     mut stream: Stream,
     config: &ServeConfig,
+    serving: &Semaphore,
 ) -> io::Result<()> {
     let mut spare = Vec::new();
     loop {
@@ -271,10 +367,14 @@ pub async fn serve_stream(
                 format!("request of {len} bytes exceeds the limit"),
             ));
         }
-        let mut buf = vec![0u8; len];
-        stream.read_exact(&mut buf).await?;
-        let request: Request = encoding::decode(&buf)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let request: Request = tokio::time::timeout(IDLE_TIMEOUT, read_body(&mut stream, len))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request body stalled"))??;
+        // A slot only while answering: idle streams hold none.
+        let _slot = serving
+            .acquire()
+            .await
+            .map_err(|_| io::Error::other("server closed"))?;
         serve_request(store, peer, &mut stream, request, config, &mut spare).await?;
         stream.flush().await?;
     }
@@ -296,25 +396,22 @@ async fn serve_request(
                     reason: format!("at most {MAX_HAS} CIDs per request"),
                 }
             } else {
-                // One access check per distinct CID, however often it is listed.
-                let mut decided: std::collections::HashMap<ContentId, Option<u64>> =
-                    std::collections::HashMap::new();
-                let mut sizes = Vec::with_capacity(cids.len());
-                for c in &cids {
-                    let size = match decided.get(c) {
-                        Some(s) => *s,
-                        None => {
-                            let s = if config.allows(peer, *c).await {
-                                store.size(c)
-                            } else {
-                                None
-                            };
-                            decided.insert(*c, s);
-                            s
+                // One access decision for all distinct CIDs, however
+                // often each is listed.
+                let mut distinct: Vec<ContentId> = cids.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                let allowed = config.allowed(peer, distinct).await;
+                let sizes = cids
+                    .iter()
+                    .map(|c| {
+                        if allowed.contains(c) {
+                            store.size(c)
+                        } else {
+                            None
                         }
-                    };
-                    sizes.push(size);
-                }
+                    })
+                    .collect();
                 Response::Has { sizes }
             };
             return write_frame(stream, &response).await;

@@ -418,8 +418,11 @@ async fn a_server_serves_only_what_its_policy_allows() {
     let open = s.import_bytes(&data(100_000, 1)).unwrap();
     let secret = s.import_bytes(&data(100_000, 2)).unwrap();
     let allowed = open;
-    let authorize: wire::Authorize =
-        Arc::new(move |_peer, cid| Box::pin(std::future::ready(cid == allowed)));
+    let authorize: wire::Authorize = Arc::new(move |_peer, cids: Vec<kiln_protocol::ContentId>| {
+        Box::pin(std::future::ready(
+            cids.into_iter().filter(|c| *c == allowed).collect(),
+        ))
+    });
     let config = wire::ServeConfig {
         validate: true,
         authorize: Some(authorize),
@@ -444,5 +447,78 @@ async fn a_server_serves_only_what_its_policy_allows() {
         .unwrap_err();
     assert!(e.to_string().contains("may not fetch"), "{e}");
     assert!(!mine.has(&secret));
+    drop(srv);
+}
+
+/// Issue 13, finding 5: idle streams used to hold the server's 64 serving
+/// slots, so four peers opening 16 streams each and sending nothing blocked
+/// every fetch for two minutes. Now a slot is held only while a request is
+/// answered, one peer holds at most `MAX_STREAMS_PER_PEER` streams (more are
+/// reset at once), and an honest fetch goes through while they sit there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_streams_cannot_block_serving() {
+    let d = tempfile::tempdir().unwrap();
+    let blob = data(2 * MIB, 7);
+    let cid = ContentId::of_bytes(&blob);
+    let srv = holder(&d.path().join("srv"), &blob).await;
+    let server = srv.source();
+
+    let mut idle = Vec::new();
+    let mut attackers = Vec::new();
+    for _ in 0..4 {
+        let a = peer(None).await;
+        for _ in 0..wire::MAX_STREAMS_PER_PEER {
+            let s = a
+                .client
+                .open_stream(server.peer, server.addrs.clone(), wire::PROTOCOL)
+                .await
+                .unwrap();
+            idle.push(s);
+        }
+        attackers.push(a);
+    }
+    // One stream more than its share: the server drops it, so the first
+    // request on it finds the stream gone.
+    let mut extra = attackers[0]
+        .client
+        .open_stream(server.peer, server.addrs.clone(), wire::PROTOCOL)
+        .await
+        .unwrap();
+    let mut frame = Vec::new();
+    let req = kiln_protocol::encoding::encode(&Request::Has { cids: vec![cid] }).unwrap();
+    frame.extend_from_slice(&(req.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&req);
+    let refused = tokio::time::timeout(Duration::from_secs(30), async {
+        extra.write_all(&frame).await?;
+        extra.flush().await?;
+        let mut len = [0u8; 4];
+        futures::AsyncReadExt::read_exact(&mut extra, &mut len).await
+    })
+    .await;
+    assert!(
+        matches!(refused, Ok(Err(_))),
+        "a 17th stream of one peer was not dropped: {refused:?}"
+    );
+
+    // 64 idle streams are open; an honest peer still fetches at once
+    // (before, it waited for the idle timeout: 120 s).
+    let me = peer(None).await;
+    let mine = store(&d.path().join("me"));
+    let got = tokio::time::timeout(
+        Duration::from_secs(60),
+        fetch(
+            &mine,
+            &me.client,
+            cid,
+            None,
+            vec![server],
+            &FetchOptions::default(),
+        ),
+    )
+    .await
+    .expect("an honest fetch waited behind idle streams");
+    got.unwrap();
+    assert!(mine.has(&cid));
+    drop(idle);
     drop(srv);
 }

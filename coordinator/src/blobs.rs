@@ -61,9 +61,9 @@ impl Default for DataPlane {
 /// `cancel` fires.
 pub async fn serve(state: AppState, cancel: CancellationToken) {
     let s = state.clone();
-    let authorize: Authorize = Arc::new(move |peer, cid| {
+    let authorize: Authorize = Arc::new(move |peer, cids| {
         let s = s.clone();
-        Box::pin(async move { may_fetch(&s, peer, cid).await })
+        Box::pin(async move { may_fetch(&s, peer, cids).await })
     });
     let track = tokio::spawn(kiln_blobs::announce::track(
         state.net.clone(),
@@ -87,8 +87,8 @@ pub async fn serve(state: AppState, cancel: CancellationToken) {
 /// cannot use it to learn what a buyer owns; not cached here (the asking
 /// node caches it).
 pub(crate) async fn provider_may_fetch(state: &AppState, peer: Peer, cid: ContentId) -> bool {
-    match decide(state, peer, cid, true).await {
-        Ok(g) => !g.is_empty(),
+    match decide(state, peer, &[cid], true).await {
+        Ok(g) => g.contains(&cid),
         Err(e) => {
             tracing::warn!(%peer, %cid, "blob access check failed: {e}");
             false
@@ -96,23 +96,33 @@ pub(crate) async fn provider_may_fetch(state: &AppState, peer: Peer, cid: Conten
     }
 }
 
-/// Whether `peer` may fetch `cid` over the blob protocol.
-async fn may_fetch(state: &AppState, peer: Peer, cid: ContentId) -> bool {
-    let key = (peer, cid);
-    if let Ok(g) = state.data.grants.lock()
-        && g.get(&key).is_some_and(|at| at.elapsed() < GRANT_TTL)
-    {
-        return true;
+/// Which of `cids` `peer` may fetch over the blob protocol.
+async fn may_fetch(state: &AppState, peer: Peer, cids: Vec<ContentId>) -> HashSet<ContentId> {
+    let mut allowed = HashSet::new();
+    let mut undecided = Vec::new();
+    if let Ok(g) = state.data.grants.lock() {
+        for c in cids {
+            if g.get(&(peer, c)).is_some_and(|at| at.elapsed() < GRANT_TTL) {
+                allowed.insert(c);
+            } else {
+                undecided.push(c);
+            }
+        }
     }
-    let granted = match decide(state, peer, cid, false).await {
+    if undecided.is_empty() {
+        return allowed;
+    }
+    let granted = match decide(state, peer, &undecided, false).await {
         Ok(g) => g,
         Err(e) => {
-            tracing::warn!(%peer, %cid, "blob access check failed: {e}");
-            Vec::new()
+            tracing::warn!(%peer, "blob access check failed: {e}");
+            HashSet::new()
         }
     };
-    let ok = !granted.is_empty();
-    if ok && let Ok(mut g) = state.data.grants.lock() {
+    allowed.extend(undecided.iter().filter(|c| granted.contains(c)));
+    if !granted.is_empty()
+        && let Ok(mut g) = state.data.grants.lock()
+    {
         if g.len() > 100_000 {
             g.retain(|_, at| at.elapsed() < GRANT_TTL);
         }
@@ -121,31 +131,35 @@ async fn may_fetch(state: &AppState, peer: Peer, cid: ContentId) -> bool {
             g.insert((peer, c), now);
         }
     }
-    ok
+    allowed
 }
 
-/// What `peer` may fetch, if it may fetch `cid`: `cid` itself, and for a
-/// provider everything the job that entitles it may read (its inputs and
-/// every file of its input directories), so that fetching a directory of N
-/// files decides once, not N times (each of which would read and decode the
-/// manifest). Empty: not allowed.
+/// What `peer` may fetch among `cids`, and for a provider everything the
+/// jobs that entitle it may read (their inputs and every file of their
+/// input directories), so that fetching a directory of N files decides
+/// once, not N times (each of which would read and decode the manifest).
+/// A few queries however many CIDs are asked about: the buyer's grants in
+/// batches, the provider's jobs once.
 async fn decide(
     state: &AppState,
     peer: Peer,
-    cid: ContentId,
+    cids: &[ContentId],
     providers_only: bool,
-) -> Result<Vec<ContentId>, crate::db::DbError> {
+) -> Result<HashSet<ContentId>, crate::db::DbError> {
+    let mut granted = HashSet::new();
     // A buyer peer (its libp2p key is its buyer key): what the API allows.
     if !providers_only && let Some(key) = PublicKey::from_peer_id(&peer) {
         let buyer = BuyerId::new(key);
-        if state.db.blob_readable(&buyer, &cid).await? {
-            return Ok(vec![cid]);
+        granted = state.db.readable_of(&buyer, cids).await?;
+        if granted.len() == cids.len() {
+            return Ok(granted);
         }
     }
     // A provider: inputs of the jobs assigned to it, and the files of
     // input directories.
     let provider = ProviderId::from_peer_id(peer);
     let jobs = state.db.jobs_held_by(&provider).await?;
+    let mut entitled = HashSet::new();
     for j in &jobs {
         // URL inputs come from their URL only: naming a CID with a URL
         // proves nothing about being allowed to read the stored copy.
@@ -156,7 +170,6 @@ async fn decide(
             .filter(|i| i.url.is_none())
             .map(|i| i.cid)
             .collect();
-        let mut readable = inputs.clone();
         for dir in inputs
             .iter()
             .filter(|c| c.codec() == kiln_protocol::content::DAG_CBOR_CODEC)
@@ -175,13 +188,14 @@ async fn decide(
             })
             .await
             .unwrap_or_default();
-            readable.extend(entries);
+            entitled.extend(entries);
         }
-        if readable.contains(&cid) {
-            return Ok(readable);
-        }
+        entitled.extend(inputs);
     }
-    Ok(Vec::new())
+    if cids.iter().any(|c| entitled.contains(c)) {
+        granted.extend(entitled);
+    }
+    Ok(granted)
 }
 
 /// Peers that hold the offer's inputs (announced, or cached per their

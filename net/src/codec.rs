@@ -36,8 +36,20 @@ async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin + Send>(
             format!("message of {len} bytes exceeds the {max}-byte limit"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
+    // Grow with what arrives: a peer that declares 32 MiB and sends
+    // nothing costs nothing (pre-sizing to `len` would let every stream
+    // reserve the maximum for free).
+    let mut buf = Vec::with_capacity(len.min(64 * 1024));
+    io.take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "the peer closed after {} of the {len} bytes it announced",
+                buf.len()
+            ),
+        ));
+    }
     encoding::decode(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
 }
 
@@ -105,5 +117,39 @@ impl libp2p::request_response::Codec for RpcCodec {
         T: AsyncWrite + Unpin + Send,
     {
         write_frame(io, &res, self.max_bytes).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(declared: u32, body: &[u8]) -> futures::io::Cursor<Vec<u8>> {
+        let mut b = declared.to_be_bytes().to_vec();
+        b.extend_from_slice(body);
+        futures::io::Cursor::new(b)
+    }
+
+    #[tokio::test]
+    async fn frames_are_bounded_and_a_short_one_is_named() {
+        let max = 1 << 20;
+        // Declared past the limit: refused before anything is read.
+        let e = read_frame::<NetRequest, _>(&mut frame(max as u32 + 1, b""), max)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("exceeds the 1048576-byte limit"),
+            "{e}"
+        );
+        // Declared within it but never sent: the buffer only ever held what
+        // came (10 bytes), and the error says so.
+        let e = read_frame::<NetRequest, _>(&mut frame(max as u32, &[0; 10]), max)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(
+            e.to_string().contains("after 10 of the 1048576 bytes"),
+            "{e}"
+        );
     }
 }

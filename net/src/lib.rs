@@ -31,7 +31,8 @@ use kiln_protocol::{CapabilityAdvert, NetRequest, NetResponse, Signed};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, noise, ping, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, gossipsub, identify, noise, ping,
+    tcp, yamux,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -87,6 +88,9 @@ pub enum NetError {
 /// Everything the node and coordinator use, in one behaviour.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Refuses connections past [`NetConfig::limits`] before any other
+    /// behaviour spends anything on them.
+    limits: connection_limits::Behaviour,
     rpc: request_response::Behaviour<RpcCodec>,
     /// Plain streams for bulk transfer (blobs, benchmarks).
     stream: libp2p_stream::Behaviour,
@@ -119,10 +123,45 @@ pub enum NetEvent {
 pub struct NetConfig {
     pub listen: Vec<Multiaddr>,
     pub request_timeout: Duration,
-    /// Largest request or response accepted, in bytes.
+    /// Largest request or response accepted, in bytes. A frame's buffer
+    /// grows with the bytes that actually arrive, never to the length a
+    /// peer declares.
     pub max_message_bytes: usize,
     pub subscribe_adverts: bool,
+    /// Connection limits.
+    pub limits: Limits,
 }
+
+/// How many connections a peer (or everyone) may hold. A connection costs
+/// buffers and up to [`MAX_STREAMS_PER_CONNECTION`] concurrent RPC streams,
+/// and identities are free, so the totals matter as much as the per-peer
+/// figure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections being set up (Noise handshake) from others at once.
+    pub pending_incoming: u32,
+    /// Established connections from others, in all.
+    pub established_incoming: u32,
+    /// Established connections with one peer (either direction): two
+    /// peers dialling each other at once make two.
+    pub established_per_peer: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            pending_incoming: 256,
+            established_incoming: 10_000,
+            established_per_peer: 4,
+        }
+    }
+}
+
+/// The default largest message: a result names at most 10,000 output files
+/// and carries at most 1 MiB inline, far below this.
+pub const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
+/// Concurrent inbound RPC requests on one connection (more are refused).
+pub const MAX_STREAMS_PER_CONNECTION: usize = 64;
 
 impl Default for NetConfig {
     fn default() -> Self {
@@ -133,8 +172,9 @@ impl Default for NetConfig {
                     .unwrap_or_else(|_| Multiaddr::empty()),
             ],
             request_timeout: Duration::from_secs(60),
-            max_message_bytes: 128 * 1024 * 1024,
+            max_message_bytes: MAX_MESSAGE_BYTES,
             subscribe_adverts: false,
+            limits: Limits::default(),
         }
     }
 }
@@ -371,11 +411,20 @@ pub async fn spawn(
                 gossipsub::MessageAuthenticity::Signed(key.clone()),
                 gossip_config,
             )?;
+            let l = config.limits;
             Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(
+                    connection_limits::ConnectionLimits::default()
+                        .with_max_pending_incoming(Some(l.pending_incoming))
+                        .with_max_established_incoming(Some(l.established_incoming))
+                        .with_max_established_per_peer(Some(l.established_per_peer)),
+                ),
                 rpc: request_response::Behaviour::with_codec(
                     RpcCodec::new(max),
                     [(StreamProtocol::new(RPC_PROTOCOL), ProtocolSupport::Full)],
-                    request_response::Config::default().with_request_timeout(timeout),
+                    request_response::Config::default()
+                        .with_request_timeout(timeout)
+                        .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION),
                 ),
                 stream: libp2p_stream::Behaviour::new(),
                 gossip,

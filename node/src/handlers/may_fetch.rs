@@ -23,9 +23,20 @@ const FETCH_REFUSAL_TTL: Duration = Duration::from_secs(5);
 /// The blob server's authorization hook, bound to this node.
 pub(crate) fn authorize(state: &Arc<State>) -> kiln_blobs::wire::Authorize {
     let s = state.clone();
-    Arc::new(move |peer, cid| {
+    Arc::new(move |peer, cids| {
         let s = s.clone();
-        Box::pin(async move { may_serve(&s, peer, cid).await })
+        Box::pin(async move {
+            let mut allowed = std::collections::HashSet::new();
+            // Only cached inputs ever reach the coordinator's check, and its
+            // answers are remembered, so a long list costs one question per
+            // cached CID at most.
+            for cid in cids {
+                if may_serve(&s, peer, cid).await {
+                    allowed.insert(cid);
+                }
+            }
+            allowed
+        })
     })
 }
 
