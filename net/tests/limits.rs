@@ -1,7 +1,7 @@
 //! What a peer in bad faith can make a Kiln peer spend: real libp2p swarms on
+//! loopback.
 
 #![allow(clippy::unwrap_used)]
-//! loopback.
 
 use std::time::Duration;
 
