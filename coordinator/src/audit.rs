@@ -3,8 +3,10 @@
 //! the signed answer (`challenge::check_response`: signature, deadline,
 //! sampled output elements proven part of the committed output and
 //! recomputed exactly), compares the measured
-//! figures with the provider's advert and with the fleet median for the same
-//! GPU model (`challenge::assess`), and records the outcome against the
+//! figures with the provider's advert, and each GPU's verified speed with
+//! the median verified speed of its model ([`fleet_medians`], from
+//! `gpu_speed`: what challenges showed, never adverts) (`challenge::assess`),
+//! and records the outcome against the
 //! provider's reputation. Reputation arithmetic is the pure
 //! [`reputation_after`].
 //!
@@ -44,8 +46,8 @@ pub use crate::challenge::REPUTATION_START;
 
 /// How an audit ended: `Passed` (answered in time, proofs correct,
 /// figures as advertised), `Flagged` (answered correctly, but figures fell
-/// more than 15% short of the advert or of the fleet median for the same
-/// GPU model) or `Failed` (no valid answer: timeout, bad signature, wrong
+/// more than 15% short of the advert, or a GPU's verified speed is less
+/// than half its model's verified median) or `Failed` (no valid answer: timeout, bad signature, wrong
 /// checksum or sample). Stored, and served, as its string.
 pub use kiln_protocol::views::AuditOutcome;
 
@@ -457,27 +459,16 @@ pub async fn history(
         .collect()
 }
 
-/// Fleet medians by GPU model (and `cpu`), from the providers' adverts.
-pub fn fleet_medians(adverts: &[CapabilityAdvert]) -> BTreeMap<String, Figures> {
-    let mut by_model: BTreeMap<String, Vec<Figures>> = BTreeMap::new();
-    for a in adverts {
-        if let Some(b) = &a.benchmark {
-            by_model
-                .entry("cpu".into())
-                .or_default()
-                .push(challenge::cpu_figures(&b.cpu));
-            for g in &b.gpus {
-                by_model
-                    .entry(g.name.clone())
-                    .or_default()
-                    .push(challenge::gpu_figures(g));
-            }
+/// Fleet medians of verified GPU speeds by model, from every GPU's latest
+/// challenge (see [`challenge::verified_fleet_medians`]).
+pub async fn fleet_medians(state: &AppState) -> BTreeMap<String, Figures> {
+    match state.db.verified_speeds().await {
+        Ok(rows) => challenge::verified_fleet_medians(&rows),
+        Err(e) => {
+            tracing::warn!("cannot read verified speeds for fleet medians: {e}");
+            BTreeMap::new()
         }
     }
-    by_model
-        .into_iter()
-        .map(|(k, v)| (k, challenge::fleet_median(&v)))
-        .collect()
 }
 
 /// Challenges each live provider at random times until cancelled.
@@ -497,7 +488,7 @@ pub async fn audit_loop(state: AppState, cancel: CancellationToken) {
             continue;
         };
         let adverts: Vec<CapabilityAdvert> = live.into_iter().map(|p| p.advert.payload).collect();
-        let fleet = fleet_medians(&adverts);
+        let fleet = fleet_medians(&state).await;
         let now = UnixMillis::now().0;
         for a in adverts {
             let next = *due

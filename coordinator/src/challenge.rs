@@ -11,12 +11,15 @@
 //!   whole CPU output's checksum is recomputed where that is cheap); it
 //!   returns the measured figures and the flags against the provider's own
 //!   advert;
-//! * [`flag`] compares measured figures with the advertised ones and with the
-//!   fleet median of the same GPU model: a metric more than
-//!   [`FLAG_BELOW_PERCENT`]% below either is a shortfall.
+//! * [`flag`] compares measured figures with the advertised ones (more than
+//!   [`FLAG_BELOW_PERCENT`]% below is a shortfall) and a GPU's verified
+//!   speed with the median verified speed of its model
+//!   ([`verified_fleet_medians`]; more than [`FLAG_BELOW_VERIFIED_PERCENT`]%
+//!   below): baselines from peers come only from what the coordinator
+//!   timed, never from adverts.
 //!
-//! "Below the fleet median" is read as "more than 15% below it" as well:
-//! strictly below the median would flag half of every fleet by definition.
+//! "Below the fleet median" means well below it: strictly below the median
+//! would flag half of every fleet by definition.
 //!
 //! # Verified speed
 //!
@@ -66,6 +69,12 @@ use serde::{Deserialize, Serialize};
 pub const REPUTATION_START: u32 = 500;
 
 pub const FLAG_BELOW_PERCENT: u64 = 15;
+/// The same for [`Metric::VerifiedMflops`] against its fleet median:
+/// wider, because a verified speed is timed on the coordinator's clock over
+/// the whole answer (network and host included), which varies between
+/// honest machines of one model; a slower card posing as the model's
+/// advertised speed shows far below it.
+pub const FLAG_BELOW_VERIFIED_PERCENT: u64 = 50;
 
 /// One benchmark figure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -79,6 +88,19 @@ pub enum Metric {
     D2dMbps,
     H2dPinnedMbps,
     D2hPinnedMbps,
+    /// What the coordinator verified of a GPU's speed (`GpuSpeed`), the
+    /// one figure its fleet median is taken of.
+    VerifiedMflops,
+}
+
+impl Metric {
+    /// How far below a baseline counts as short, in percent.
+    pub const fn flag_below_percent(self) -> u64 {
+        match self {
+            Self::VerifiedMflops => FLAG_BELOW_VERIFIED_PERCENT,
+            _ => FLAG_BELOW_PERCENT,
+        }
+    }
 }
 
 /// Figures by metric (a missing metric was not measured).
@@ -135,14 +157,15 @@ pub struct Flag {
     pub shortfalls: Vec<Shortfall>,
 }
 
-fn short_of(expected: u64, measured: u64) -> bool {
+fn short_of(metric: Metric, expected: u64, measured: u64) -> bool {
     expected > 0
-        && u128::from(measured) * 100 < u128::from(expected) * u128::from(100 - FLAG_BELOW_PERCENT)
+        && u128::from(measured) * 100
+            < u128::from(expected) * u128::from(100 - metric.flag_below_percent())
 }
 
-/// Flags `measured` if any metric is more than [`FLAG_BELOW_PERCENT`]%
-/// below the advertised figure or the fleet median (a baseline of 0 means
-/// "not measured" and is skipped).
+/// Flags `measured` if any metric is more than its
+/// [`Metric::flag_below_percent`] below the advertised figure or the fleet
+/// median (a baseline of 0 means "not measured" and is skipped).
 pub fn flag(
     subject: &str,
     advertised: &Figures,
@@ -166,7 +189,7 @@ pub fn flag(
             ),
         ];
         for (baseline, expected) in baselines {
-            if short_of(expected, got) {
+            if short_of(m, expected, got) {
                 shortfalls.push(Shortfall {
                     metric: m,
                     baseline,
@@ -810,8 +833,12 @@ pub fn gpu_matmul_n_for(advert: &CapabilityAdvert, base: u32, target: Duration) 
     want.min(memory).max(base)
 }
 
-/// Flags of a verdict against the advert's benchmark and the fleet medians
-/// (by GPU model name; the key `cpu` for CPU figures, if given).
+/// Flags of a verdict: its reported figures against the provider's own
+/// advert (claims it does not live up to), and each GPU's verified speed
+/// against the fleet median of verified speeds of the same model
+/// ([`verified_fleet_medians`]). Nothing a provider says about itself sets
+/// a fleet baseline: medians of adverts would let a few inflated adverts
+/// make every honest card of the model look short.
 pub fn assess(
     verdict: &ChallengeVerdict,
     advert: &CapabilityAdvert,
@@ -820,15 +847,39 @@ pub fn assess(
     let mut flags = Vec::new();
     let advertised = advert.benchmark.as_ref();
     let cpu_adv = advertised.map(|b| cpu_figures(&b.cpu)).unwrap_or_default();
-    flags.extend(flag("cpu", &cpu_adv, &verdict.cpu, fleet.get("cpu")));
+    flags.extend(flag("cpu", &cpu_adv, &verdict.cpu, None));
     for g in &verdict.gpus {
         let adv = advertised
             .and_then(|b| b.gpus.iter().find(|a| a.uuid == g.uuid))
             .map(gpu_figures)
             .unwrap_or_default();
-        flags.extend(flag(&g.uuid, &adv, &g.figures, fleet.get(&g.name)));
+        let mut measured = g.figures.clone();
+        measured
+            .0
+            .insert(Metric::VerifiedMflops, g.speed.verified_mflops);
+        // 0: nothing could be credited (no claim to cap it), which is not
+        // a figure to hold against the fleet.
+        let peers = fleet.get(&g.name).filter(|_| g.speed.verified_mflops > 0);
+        flags.extend(flag(&g.uuid, &adv, &measured, peers));
     }
     flags
+}
+
+/// Fleet medians of verified GPU speeds by model, from `(model, verified
+/// MFLOP/s)` of recent challenges (each GPU's latest): the only baseline
+/// [`assess`] compares a GPU with its peers on.
+pub fn verified_fleet_medians(speeds: &[(String, u64)]) -> BTreeMap<String, Figures> {
+    let mut by_model: BTreeMap<&str, Vec<Figures>> = BTreeMap::new();
+    for (model, mflops) in speeds {
+        by_model
+            .entry(model)
+            .or_default()
+            .push(Figures(BTreeMap::from([(Metric::VerifiedMflops, *mflops)])));
+    }
+    by_model
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), fleet_median(&v)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -1049,6 +1100,61 @@ mod tests {
             UnixMillis(1_020_000),
             Duration::from_secs(20),
         )
+    }
+
+    /// Flags against peers rest on verified speeds only: an inflated
+    /// advert moves no baseline, a GPU far below its model's verified
+    /// median is flagged, and honest spread between machines is not.
+    #[test]
+    fn fleet_flags_use_verified_speeds_not_adverts() {
+        let w = world();
+        let nonce = w.challenge.payload.nonce;
+        let adv = advert(
+            &w,
+            Some(honest_report(Nonce::from_bytes([9; 16]), &H100, 10_000)),
+        );
+        let mut v = check(&w, &respond(&w, honest_report(nonce, &H100, 10_000)), &adv).unwrap();
+        let model = v.gpus[0].name.clone();
+        // Three peers of the model verified at 1,000,000 MFLOP/s; a fourth
+        // of another model is not its baseline.
+        let fleet = verified_fleet_medians(&[
+            (model.clone(), 1_000_000),
+            (model.clone(), 1_100_000),
+            (model.clone(), 900_000),
+            ("Some Other GPU".into(), 10),
+        ]);
+        assert_eq!(fleet[&model].get(Metric::VerifiedMflops), 1_000_000);
+        // (verified MFLOP/s of this GPU, flagged against the fleet)
+        for (speed, flagged) in [
+            (1_000_000, false),
+            (600_000, false), // honest spread: within 50%
+            (510_000, false),
+            (490_000, true), // half the model's verified speed
+            (0, false),      // nothing verified: no figure to compare
+        ] {
+            v.gpus[0].speed.verified_mflops = speed;
+            let flags = assess(&v, &adv, &fleet);
+            let got: Vec<(Metric, Baseline)> = flags
+                .iter()
+                .flat_map(|f| f.shortfalls.iter().map(|s| (s.metric, s.baseline)))
+                .collect();
+            if flagged {
+                assert_eq!(
+                    got,
+                    vec![(Metric::VerifiedMflops, Baseline::FleetMedian)],
+                    "{speed}"
+                );
+            } else {
+                assert!(
+                    got.iter().all(|(m, _)| *m != Metric::VerifiedMflops),
+                    "{speed}: {got:?}"
+                );
+            }
+        }
+        // Without verified peers there is no fleet baseline at all: the
+        // figures a provider reports are held to its own advert only.
+        v.gpus[0].speed.verified_mflops = 1;
+        assert_eq!(assess(&v, &adv, &verified_fleet_medians(&[])), vec![]);
     }
 
     #[test]

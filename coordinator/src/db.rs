@@ -521,6 +521,17 @@ impl Db {
     }
 
     /// `provider`'s verified GPU speeds, by GPU UUID.
+    /// `(GPU model, verified MFLOP/s)` of every GPU's latest challenge
+    /// that verified a speed.
+    pub async fn verified_speeds(&self) -> Result<Vec<(String, u64)>, DbError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT gpu_name, verified_mflops FROM gpu_speed WHERE verified_mflops > 0",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(n, v)| (n, u(v))).collect())
+    }
+
     pub async fn gpu_speeds(&self, provider: &ProviderId) -> Result<Vec<GpuSpeedRecord>, DbError> {
         let rows = sqlx::query(
             "SELECT gpu_uuid, gpu_name, verified_mflops, observed_mflops, advertised_mflops, \

@@ -38,7 +38,7 @@ async fn an_honest_node_passes_a_challenge_and_a_silent_peer_fails() {
         node.benchmark.is_some(),
         "the advert carries measured figures"
     );
-    let fleet = audit::fleet_medians(std::slice::from_ref(&node));
+    let fleet = audit::fleet_medians(&state).await;
     let mut cfg = state.config.audit.clone();
     cfg.timeout = std::time::Duration::from_secs(60);
     let a = audit::challenge_provider(&state, &cfg, &node, &fleet)
