@@ -51,6 +51,7 @@ mod names;
 pub mod queue;
 pub mod search;
 mod verifiers;
+pub use verifiers::verifier_spec;
 
 #[cfg(test)]
 mod tests;

@@ -150,29 +150,23 @@ pub enum Sampled {
     Hold,
 }
 
-/// The spec a verifier must fit: the job's, and for an `exact` comparison
-/// of GPU work the original's GPU model too (bit-identical floating point
-/// needs the same hardware).
+/// The spec a verifier must fit (see [`crate::sched::verifier_spec`]),
+/// with the original's GPU model from the live fleet.
 fn verifier_spec(
     state: &AppState,
     job: &JobRecord,
     original: &ProviderId,
 ) -> kiln_protocol::JobSpec {
-    let mut spec = job.spec.clone();
-    if spec.resources.gpus > 0 && spec.verify.compare == kiln_protocol::Compare::Exact {
-        let live = crate::live::lock(state);
-        if let Some(gpu) = live.fleet.index_of(original).and_then(|i| {
-            live.fleet
-                .view(i)
-                .advert
-                .gpus
-                .first()
-                .map(|g| g.name.clone())
-        }) {
-            spec.resources.gpu_models = vec![gpu];
-        }
-    }
-    spec
+    let live = crate::live::lock(state);
+    let model = live.fleet.index_of(original).and_then(|i| {
+        live.fleet
+            .view(i)
+            .advert
+            .gpus
+            .first()
+            .map(|g| g.name.clone())
+    });
+    crate::sched::verifier_spec(&job.spec, model.as_deref())
 }
 
 /// Providers that could re-execute `job` now, except `exclude`.

@@ -1416,3 +1416,65 @@ mod props {
         }
     }
 }
+
+/// A verifier of exact GPU work runs on the original's GPU model; a
+/// tolerance comparison takes any model the job accepts; the original and
+/// earlier verifiers are never eligible.
+#[test]
+fn verifiers_of_exact_gpu_work_have_the_originals_model() {
+    let mut fleet = Fleet::from_views([
+        with(prov(1), |p| gpus(p, 1, H100)),
+        with(prov(2), |p| gpus(p, 1, H100)),
+        with(prov(3), |p| gpus(p, 1, A10)),
+        with(prov(4), |p| gpus(p, 1, H100)),
+        prov(5),
+    ]);
+    let original = id(1);
+    let exact = gpu_job(1);
+    let tolerant = job_with(|s| {
+        s.resources.gpus = 1;
+        s.verify.compare = kiln_protocol::Compare::Tolerance;
+    });
+    let model = Some(H100.0);
+    // (spec, excluded, eligible)
+    let cases = [
+        (
+            verifier_spec(&exact, model),
+            vec![original],
+            vec![id(2), id(4)],
+        ),
+        (
+            verifier_spec(&exact, model),
+            vec![original, id(2)],
+            vec![id(4)],
+        ),
+        (
+            verifier_spec(&tolerant, model),
+            vec![original],
+            vec![id(2), id(3), id(4)],
+        ),
+        // CPU work: any provider that fits, GPUs or not.
+        (
+            verifier_spec(&job(), model),
+            vec![original],
+            vec![id(2), id(3), id(4), id(5)],
+        ),
+    ];
+    for (i, (spec, exclude, want)) in cases.into_iter().enumerate() {
+        let got: HashSet<ProviderId> = fleet.eligible(&spec, &exclude).into_iter().collect();
+        assert_eq!(got, want.into_iter().collect(), "case {i}");
+    }
+    // The buyer's own list of models is narrowed to the original's.
+    let listed = job_with(|s| {
+        s.resources.gpus = 1;
+        s.resources.gpu_models = vec!["A10".into(), "H100".into()];
+    });
+    assert_eq!(
+        verifier_spec(&listed, Some("NVIDIA A10"))
+            .resources
+            .gpu_models,
+        vec!["NVIDIA A10".to_string()]
+    );
+    // No known model (the original left): the job's own constraints.
+    assert_eq!(verifier_spec(&exact, None), exact);
+}

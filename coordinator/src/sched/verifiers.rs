@@ -4,9 +4,24 @@
 //! The caller picks among them at random, so a provider cannot arrange
 //! to be its own (or its accomplice's) verifier by being the best match.
 
-use kiln_protocol::{JobSpec, ProviderId};
+use kiln_protocol::{Compare, JobSpec, ProviderId};
 
 use super::fleet::{Fleet, Need};
+
+/// The spec a verifier must fit: the job's, and for an `exact` comparison
+/// of GPU work only the original's GPU model (bit-identical floating point
+/// needs the same hardware; a `tolerance` or `stdout` comparison accepts
+/// any model the buyer accepted).
+pub fn verifier_spec(spec: &JobSpec, original_gpu_model: Option<&str>) -> JobSpec {
+    let mut spec = spec.clone();
+    if spec.resources.gpus > 0
+        && spec.verify.compare == Compare::Exact
+        && let Some(model) = original_gpu_model
+    {
+        spec.resources.gpu_models = vec![model.to_string()];
+    }
+    spec
+}
 
 impl Fleet {
     /// Every online provider that fits `spec` now (every static and
