@@ -275,6 +275,16 @@ async fn a_provider_cannot_unstake_while_it_holds_a_job() {
         };
         NetRequest::Stake(Signed::sign(&rogue.key, req, 300).unwrap())
     };
+    // A bond it cannot pay for is refused before the coordinator takes any
+    // lock (issue 13, finding 5), naming the shortfall.
+    let r = rogue.send(stake(&rogue, 1 << 60)).await.unwrap();
+    match &r {
+        NetResponse::Rejected { reason } => assert!(
+            reason.contains("stake refused") && reason.contains("balance is"),
+            "{reason}"
+        ),
+        other => panic!("a bond beyond the balance was not refused: {other:?}"),
+    }
     // Bond 5 credits from the devnet faucet's grant.
     let r = rogue.send(stake(&rogue, 5_000_000)).await.unwrap();
     assert!(matches!(r, NetResponse::Accepted), "{r:?}");

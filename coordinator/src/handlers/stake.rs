@@ -5,7 +5,7 @@
 //! provider holds jobs or any verification of its results is open: it
 //! cannot pull its stake out from under a dispute.
 
-use kiln_contracts::{Op, OpKey};
+use kiln_contracts::{AccountId, Op, OpKey};
 use kiln_protocol::{Credits, ProviderId, SetStake, Signed, UnixMillis};
 
 use super::{Handled, refuse};
@@ -40,34 +40,38 @@ pub async fn handle(state: &AppState, peer: ProviderId, signed: &Signed<SetStake
             "stake request refused: not signed and sent by the provider it names",
         ));
     }
+    let key = keys::stake(&peer, &signed.nonce);
+    // Every check that can refuse comes before the database's write lock
+    // and the bank: a peer asking for nothing new, for more than it has,
+    // or to unstake while it must not, costs a few reads, never a place
+    // in the queue of writers that settlement waits in.
+    let bond = state.bank.bond(&peer).await;
+    let Some(op) = stake_op(peer, bond, req.target, key.clone()) else {
+        return Ok(());
+    };
+    match &op {
+        Op::Stake { amount, .. } => {
+            let balance = state.bank.balance(&AccountId::Provider(peer)).await;
+            if balance < *amount {
+                return Err(refuse(format!(
+                    "stake refused: a bond of {} needs {} more, and this provider's balance is {}; \
+                     earn it by running jobs (or ask for a smaller bond)",
+                    req.target, amount, balance
+                )));
+            }
+        }
+        _ => may_unstake(state, &peer).await?,
+    }
     let mut tx = state.db.begin().await?;
     let mut pending = state.bank.begin().await;
+    // Again under the lock: another request may have moved the bond, or a
+    // job been placed on this provider, since the checks above.
     let bond = pending.ledger().bond(&peer);
-    let Some(op) = stake_op(peer, bond, req.target, keys::stake(&peer, &signed.nonce)) else {
+    let Some(op) = stake_op(peer, bond, req.target, key) else {
         return Ok(());
     };
     if matches!(op, Op::Unstake { .. }) {
-        let holding = state.db.jobs_held_by(&peer).await?.len();
-        if holding > 0 {
-            return Err(refuse(format!(
-                "unstake refused: {holding} {} assigned to this provider; drain it first",
-                if holding == 1 { "job is" } else { "jobs are" }
-            )));
-        }
-        // The unbonding delay: a bond stays while any of its results (or
-        // any verification it takes part in) may still be judged, so a
-        // slash always finds it. Each such wait ends with its audit window.
-        let open = state.db.open_audits_of(&peer).await?;
-        if open > 0 {
-            return Err(refuse(format!(
-                "unstake refused: {open} verification{} of results this provider delivered or re-executed {} still open; \
-                 the bond stays until {} judged (at most the audit window, {} minutes, plus twice the job's timeout)",
-                if open == 1 { "" } else { "s" },
-                if open == 1 { "is" } else { "are" },
-                if open == 1 { "it is" } else { "they are" },
-                state.config.verification.window.as_secs() / 60
-            )));
-        }
+        may_unstake(state, &peer).await?;
     }
     match pending.apply(&mut tx, op).await {
         Ok(_) => {
@@ -78,6 +82,32 @@ pub async fn handle(state: &AppState, peer: ProviderId, signed: &Signed<SetStake
         }
         Err(e) => Err(refuse(format!("stake change refused: {e}"))),
     }
+}
+
+/// Refuses an unstake while the bond still backs something: a job
+/// assigned to the provider, or an open verification of its results (the
+/// unbonding delay: a slash must always find the bond; each such wait
+/// ends with its audit window).
+async fn may_unstake(state: &AppState, peer: &ProviderId) -> Result<(), super::HandlerError> {
+    let holding = state.db.jobs_held_by(peer).await?.len();
+    if holding > 0 {
+        return Err(refuse(format!(
+            "unstake refused: {holding} {} assigned to this provider; drain it first",
+            if holding == 1 { "job is" } else { "jobs are" }
+        )));
+    }
+    let open = state.db.open_audits_of(peer).await?;
+    if open > 0 {
+        return Err(refuse(format!(
+            "unstake refused: {open} verification{} of results this provider delivered or re-executed {} still open; \
+             the bond stays until {} judged (at most the audit window, {} minutes, plus twice the job's timeout)",
+            if open == 1 { "" } else { "s" },
+            if open == 1 { "is" } else { "are" },
+            if open == 1 { "it is" } else { "they are" },
+            state.config.verification.window.as_secs() / 60
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
