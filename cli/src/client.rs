@@ -7,6 +7,10 @@
 //! each signature once, so every request is signed anew. Public routes are
 //! sent unsigned.
 //!
+//! GETs that the coordinator refuses for now (HTTP 429: a rate limit) are
+//! sent again after its `Retry-After`, a few times (a signed one signed
+//! anew: the refused signature was spent); other requests report the 429.
+//!
 //! A coordinator that lied about its own peer id on `/v1/info` could get
 //! requests signed for another one; [`Client::with_coordinator_id`] pins
 //! the id instead of asking.
@@ -14,6 +18,28 @@
 use std::sync::Arc;
 
 use kiln_contracts::Applied;
+
+/// GETs answered 429 are sent again at most this many times.
+pub const RETRIES_ON_429: u32 = 5;
+/// Longest `Retry-After` waited, in seconds.
+pub const MAX_RETRY_AFTER: u64 = 30;
+
+/// How long to wait before sending a GET again: `Some` for a 429 while
+/// tries are left (its `Retry-After`, 1 to [`MAX_RETRY_AFTER`] s).
+fn retry_wait(resp: &reqwest::Response, attempt: &mut u32) -> Option<std::time::Duration> {
+    if resp.status() != reqwest::StatusCode::TOO_MANY_REQUESTS || *attempt >= RETRIES_ON_429 {
+        return None;
+    }
+    *attempt += 1;
+    let secs = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1)
+        .clamp(1, MAX_RETRY_AFTER);
+    Some(std::time::Duration::from_secs(secs))
+}
 use kiln_protocol::request_auth::{CLIENT_TTL_SECS, RequestAuth};
 use kiln_protocol::views::{
     AccountView, BalancesView, BlobDeletedView, BlobListView, CancelView, ErrorView, InfoView,
@@ -111,10 +137,12 @@ impl Client {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
-        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            reason: e.to_string(),
-        })?;
+        let resp = self.send_raw(req).await?;
+        self.check(resp).await
+    }
+
+    /// A success as it is; anything else as the coordinator's error.
+    async fn check(&self, resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -142,19 +170,57 @@ impl Client {
             .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
-    /// A signed GET.
+    /// A signed GET, signed anew for each try.
     async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let req = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .header("authorization", self.authorization("GET", path, b"").await?);
-        self.send_json(req).await
+        let mut attempt = 0;
+        loop {
+            let req = self
+                .http
+                .get(format!("{}{path}", self.base))
+                .header("authorization", self.authorization("GET", path, b"").await?);
+            let resp = self.send_raw(req).await?;
+            if let Some(wait) = retry_wait(&resp, &mut attempt) {
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            return self.json_of(resp).await;
+        }
     }
 
     /// A GET of a public route: unsigned, so it spends no nonce.
     async fn get_public<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.send_json(self.http.get(format!("{}{path}", self.base)))
+        let mut attempt = 0;
+        loop {
+            let resp = self
+                .send_raw(self.http.get(format!("{}{path}", self.base)))
+                .await?;
+            if let Some(wait) = retry_wait(&resp, &mut attempt) {
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            return self.json_of(resp).await;
+        }
+    }
+
+    async fn send_raw(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        req.send().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    async fn json_of<T: DeserializeOwned>(
+        &self,
+        resp: reqwest::Response,
+    ) -> Result<T, ClientError> {
+        self.check(resp)
+            .await?
+            .json()
             .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// A signed POST of `body` (JSON when `json`).
@@ -269,9 +335,17 @@ impl Client {
         self.get_public("/v1/ledger/balances").await
     }
 
+    /// An account's whole statement, page after page.
     pub async fn statement(&self, account: &str) -> Result<Statement, ClientError> {
-        self.get_public(&format!("/v1/accounts/{account}/statement"))
-            .await
+        let base = format!("/v1/accounts/{account}/statement");
+        let mut all: Statement = self.get_public(&base).await?;
+        while let Some(from) = all.next.take() {
+            let page: Statement = self.get_public(&format!("{base}?from={from}")).await?;
+            all.balance = page.balance;
+            all.entries.extend(page.entries);
+            all.next = page.next;
+        }
+        Ok(all)
     }
 
     pub async fn info(&self) -> Result<InfoView, ClientError> {

@@ -6,6 +6,7 @@
 //! users run.
 
 pub mod bench;
+pub mod bench_api;
 pub mod client;
 pub mod data;
 pub mod devnet;

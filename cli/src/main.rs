@@ -207,6 +207,10 @@ enum BenchCmd {
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
+    /// The API under a flood of unauthenticated requests: honest buyers'
+    /// latency unloaded and loaded, and throughput against a bare axum
+    /// route (loopback only).
+    Api(kiln_cli::bench_api::ApiArgs),
     /// Submit-to-completed on devnet vs plain `docker run --rm`.
     Devnet {
         #[arg(long, default_value_t = 20)]
@@ -577,6 +581,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Sim(cmd) => {
             tokio::task::spawn_blocking(move || kiln_cli::sim::run(cmd, json)).await??
+        }
+        Cmd::Bench(BenchCmd::Api(args)) => {
+            let out = args.out.clone();
+            let r = kiln_cli::bench_api::api(args.into()).await?;
+            print(json, &r, |r| kiln_cli::bench_api::summary(r, &out));
         }
         Cmd::Bench(BenchCmd::Devnet { jobs, out }) => {
             let r = kiln_cli::bench::devnet(jobs, &out).await?;

@@ -11,16 +11,21 @@
 //! | `GET /v1/jobs/{id}/blobs/{cid}` | owner | bytes of one output or log |
 //! | `/v1/blobs…` | buyer | data: upload, list, download (see [`crate::blob_api`]) |
 //! | `GET /v1/account` | buyer | balance |
-//! | `GET /v1/providers` | none | live providers, with reputation |
+//! | `GET /v1/providers` | none | live providers, with reputation (a snapshot at most 1 s old, see [`crate::listing`]) |
 //! | `GET /v1/providers/{id}/audits` | none | capability-challenge history |
-//! | `GET /v1/offers?q=…&sort=price&limit=N` | none | search providers (`gpu_name=H100 num_gpus>=2 price<=2.5`) |
+//! | `GET /v1/offers?q=…&sort=price&limit=N` | none | search providers (`gpu_name=H100 num_gpus>=2 price<=2.5`), over the scheduler's fleet in memory |
 //! | `GET /v1/info` | none | coordinator identity, public key and addresses |
 //! | `GET /v1/ledger?from=N&limit=M` | none | signed hash-chained ledger entries (canonical bytes, hex) |
 //! | `GET /v1/ledger/balances` | none | the stored balances the chain must reproduce |
-//! | `GET /v1/accounts/{account}/statement` | none | an account's entries and balance |
+//! | `GET /v1/accounts/{account}/statement?from=N&limit=M` | none | an account's entries (a page, through its index) and balance |
 //!
 //! The ledger is public on purpose: anyone can replay it with
 //! `kiln ledger verify` against the coordinator's published key.
+//!
+//! No unauthenticated route costs more than its answer: none reads the
+//! whole fleet, ledger or provider table per request. Unauthenticated
+//! requests are limited per source address and share a budget of their
+//! own; signed ones are limited per buyer key ([`crate::throttle`]).
 //!
 //! "buyer"/"owner" auth is `Authorization: Kiln2 <hex of a
 //! Signed<RequestAuth>>`: bound to this coordinator, the method, path and
@@ -34,19 +39,20 @@
 //! ([`kiln_protocol::views::ErrorView`]) with one status mapping, in
 //! [`ApiError`].
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Extension, Path, State};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kiln_contracts::{AccountId, Applied};
 use kiln_protocol::views::{
     AccountView, BalancesView, CancelView, InfoView, JobListView, LedgerPageView, LedgerRowView,
-    LogsView, OffersView, OutputsView, ProviderAuditsView, ProvidersView, StatementLineView,
-    StatementView,
+    LogsView, OffersView, OutputsView, ProviderAuditsView, StatementView,
 };
-use kiln_protocol::{BuyerId, ContentId, Credits, JobId, JobSubmission, Signed, UnixMillis};
+use kiln_protocol::{BuyerId, ContentId, JobId, JobSubmission, Signed, UnixMillis};
 
 use crate::AppState;
 pub use crate::auth::{ApiError, Buyer};
@@ -57,7 +63,17 @@ use crate::views::{self, JobDetail};
 /// Largest request body (an uploaded input).
 pub const MAX_BODY: usize = 64 << 20;
 
+/// Statement lines per page when the request names no `limit`.
+pub const STATEMENT_PAGE: u32 = 1000;
+/// Most statement lines per page.
+pub const MAX_STATEMENT_PAGE: u32 = 10_000;
+
 pub fn create_app(state: AppState) -> Router {
+    let auth = crate::auth::AuthState::new(
+        state.peer,
+        MAX_BODY,
+        Arc::new(crate::throttle::Throttle::new(&state.config.api_limits)),
+    );
     Router::new()
         .route("/v1/jobs", post(submit_job).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
@@ -74,9 +90,12 @@ pub fn create_app(state: AppState) -> Router {
         .route("/v1/ledger/balances", get(ledger_balances))
         .route("/v1/accounts/{account}/statement", get(statement))
         .merge(crate::blob_api::routes())
+        .layer(Extension(Arc::new(crate::listing::Listing::new())))
+        .layer(Extension(auth.clone()))
+        .layer(Extension(InfoBody::of(&state)))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
-            crate::auth::AuthState::new(state.peer, MAX_BODY),
+            auth,
             crate::auth::authenticate,
         ))
         .with_state(state)
@@ -102,7 +121,12 @@ async fn owned_job(state: &AppState, buyer: &BuyerId, id: &str) -> Result<JobRec
     }
 }
 
-async fn submit_job(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn submit_job(
+    State(state): State<AppState>,
+    Extension(auth): Extension<crate::auth::AuthState>,
+    crate::auth::Source(source): crate::auth::Source,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(&body);
     let signed: Signed<JobSubmission> = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -111,6 +135,12 @@ async fn submit_job(State(state): State<AppState>, body: Bytes) -> Result<Respon
             reason: format!("malformed submission at `{path}`: {}", e.inner()),
         }
     })?;
+    // Counted against its signer, as a signed request is (`submit` checks
+    // the signature again and gives the refusal its wording).
+    let valid = signed.verify(UnixMillis::now()).is_ok();
+    if let Err(t) = auth.admit_signed_body(&BuyerId::new(signed.signer), valid, source) {
+        return Ok(auth.refuse(t).await);
+    }
     let (job, created) = submit::submit(&state, signed).await?;
     let status = if created {
         StatusCode::CREATED
@@ -318,35 +348,21 @@ async fn account(
     State(state): State<AppState>,
     Buyer(buyer): Buyer,
 ) -> Result<Json<AccountView<AccountId>>, ApiError> {
-    let ledger = state.bank.snapshot().await;
-    let escrowed: u64 = ledger
-        .escrows()
-        .values()
-        .filter(|e| e.buyer == buyer)
-        .map(|e| e.held().0)
-        .sum();
     let account = AccountId::Buyer(buyer);
     Ok(Json(AccountView {
-        balance: ledger.balance(&account),
+        balance: state.bank.balance(&account).await,
         account,
-        escrowed: Credits(escrowed),
+        escrowed: state.bank.escrowed(&buyer).await,
     }))
 }
 
-async fn providers(State(state): State<AppState>) -> Result<Json<ProvidersView>, ApiError> {
-    let since = crate::live::lease_start(&state);
-    let live = state.db.providers_seen_since(since).await?;
-    let ledger = state.bank.snapshot().await;
-    let mut providers = Vec::with_capacity(live.len());
-    for p in &live {
-        let id = p.advert.payload.provider;
-        providers.push(views::provider(
-            p,
-            crate::audit::reputation(&state, &id).await?,
-            ledger.balance(&AccountId::Provider(id)),
-        ));
-    }
-    Ok(Json(ProvidersView { providers }))
+/// A [`kiln_protocol::views::ProvidersView`], from the listing's snapshot.
+async fn providers(
+    State(state): State<AppState>,
+    Extension(listing): Extension<Arc<crate::listing::Listing>>,
+) -> Result<Response, ApiError> {
+    let body = listing.providers(&state).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 #[derive(serde::Deserialize)]
@@ -384,6 +400,7 @@ async fn ledger_balances(
 async fn statement(
     State(state): State<AppState>,
     Path(account): Path<String>,
+    axum::extract::Query(page): axum::extract::Query<Page>,
 ) -> Result<Json<StatementView<AccountId, Applied>>, ApiError> {
     let account: AccountId =
         account
@@ -392,36 +409,29 @@ async fn statement(
                 field: Some("account".into()),
                 reason: e.to_string(),
             })?;
-    let mut lines = Vec::new();
-    let mut from = 0;
-    loop {
-        let rows = state.db.ledger_entries(from, 5000).await?;
-        let Some((last, _)) = rows.last() else { break };
-        from = last + 1;
-        for (seq, bytes) in &rows {
-            let entry =
-                kiln_protocol::Signed::<kiln_contracts::chain::LedgerEntry>::from_bytes(bytes)
-                    .map_err(|e| {
-                        ApiError::Internal(format!("ledger entry {seq} is unreadable: {e}"))
-                    })?;
-            if let Some(delta) = crate::bank::touches(&entry.payload.effect, &account) {
-                let e = entry.payload;
-                lines.push(StatementLineView {
-                    seq: *seq,
-                    at: e.at,
-                    op: e.op.name().to_string(),
-                    key: e.op.key().as_str().to_string(),
-                    delta,
-                    effect: e.effect,
-                });
-            }
-        }
-    }
-    let balance = state.bank.snapshot().await.balance(&account);
+    let limit = page
+        .limit
+        .unwrap_or(STATEMENT_PAGE)
+        .clamp(1, MAX_STATEMENT_PAGE);
+    // The balance first: a page may show an entry committed after it was
+    // read, never lack one it includes.
+    let balance = state.bank.balance(&account).await;
+    let rows = state
+        .db
+        .statement_page(&account.to_string(), page.from, limit)
+        .await?;
+    let next = (rows.len() == limit as usize)
+        .then(|| rows.last().map(|(seq, _)| seq + 1))
+        .flatten();
+    let entries = rows
+        .iter()
+        .map(|(seq, bytes)| views::statement_line(*seq, bytes, &account))
+        .collect::<Result<_, _>>()?;
     Ok(Json(StatementView {
         account,
         balance,
-        entries: lines,
+        entries,
+        next,
     }))
 }
 
@@ -448,8 +458,14 @@ async fn offers(
         .unwrap_or("price")
         .parse()
         .map_err(|e| bad("sort", e))?;
-    let fleet = crate::schedule::fleet(&state).await?;
-    let rows = crate::sched::search(&fleet, &query, sort, oq.limit.unwrap_or(50).min(1000));
+    let limit = oq.limit.unwrap_or(50).min(1000);
+    // The scheduler's own fleet, in memory (what a job would be placed
+    // on): providers past their lease are taken out first, as a round does.
+    let rows = {
+        let mut live = crate::live::lock(&state);
+        live.expire(crate::live::lease_start(&state));
+        crate::sched::search(&live.fleet, &query, sort, limit)
+    };
     Ok(Json(OffersView {
         query: oq.q,
         sort: views::offer_sort(sort),
@@ -474,8 +490,26 @@ async fn provider_audits(
     }))
 }
 
-async fn info(State(state): State<AppState>) -> Json<InfoView> {
-    Json(InfoView {
+/// `GET /v1/info`'s body, which does not change while the coordinator
+/// runs: every client asks for it, so it is encoded once.
+#[derive(Clone)]
+struct InfoBody(Bytes);
+
+impl InfoBody {
+    fn of(state: &AppState) -> Self {
+        // An `InfoView` (ids, strings, numbers) always encodes.
+        Self(Bytes::from(
+            serde_json::to_vec(&info_view(state)).unwrap_or_default(),
+        ))
+    }
+}
+
+async fn info(Extension(body): Extension<InfoBody>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body.0).into_response()
+}
+
+fn info_view(state: &AppState) -> InfoView {
+    InfoView {
         peer_id: state.peer,
         public_key: state.key.public(),
         p2p_addrs: state
@@ -486,5 +520,5 @@ async fn info(State(state): State<AppState>) -> Json<InfoView> {
             .collect(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         faucet: state.config.faucet,
-    })
+    }
 }

@@ -12,6 +12,16 @@
 //! hands routes the verified identity. A request without the header passes
 //! through, and routes that need a buyer refuse it.
 //!
+//! Limits ([`crate::throttle`]) are applied here too, before any handler:
+//! a request without the header is counted against its source address and
+//! takes a place in the unauthenticated budget while it is served; a
+//! signed one is counted against its buyer key once its signature
+//! verified, before its body is read; an address whose signatures keep
+//! being refused has its signed requests refused unread for a while. A
+//! job submission (`POST /v1/jobs`) carries its signature in its body: it
+//! is not anonymous, so its route counts it against its signer once that
+//! signature verified ([`AuthState::admit_signed_body`]).
+//!
 //! Time: a request is accepted from `issued_at - CLOCK_SKEW_MS` to
 //! `expires_at + CLOCK_SKEW_MS` by this coordinator's clock, and its
 //! validity (`expires_at - issued_at`) is at most `MAX_VALIDITY_MS`; its
@@ -22,11 +32,12 @@
 //! have seen their nonces.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
@@ -41,6 +52,7 @@ use kiln_protocol::{BuyerId, Nonce, ProviderId, PublicKey, Signed, UnixMillis, V
 use crate::AppState;
 use crate::db::DbError;
 use crate::lifecycle::submit::SubmitError;
+use crate::throttle::{Throttle, Throttled};
 
 /// Signed requests remembered at once, from everyone (each for at most 3
 /// minutes, 90 s for the kiln client's): about 4,000 signed requests a
@@ -81,6 +93,10 @@ pub enum ApiError {
     /// A per-identity limit is reached (e.g. queued jobs per buyer).
     #[error("{0}")]
     TooManyRequests(String),
+    /// A request-rate or concurrency limit ([`crate::throttle`]): 429 with
+    /// `Retry-After: retry_after` (seconds).
+    #[error("{reason}")]
+    Throttled { reason: String, retry_after: u64 },
     #[error("{0}")]
     InsufficientStorage(String),
     #[error("{reason} (the blob has {size} bytes)")]
@@ -98,7 +114,9 @@ impl IntoResponse for ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, None),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, None),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, None),
-            Self::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, None),
+            Self::TooManyRequests(_) | Self::Throttled { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, None)
+            }
             Self::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, None),
             Self::RangeNotSatisfiable { .. } => {
                 (StatusCode::RANGE_NOT_SATISFIABLE, Some("range".into()))
@@ -108,11 +126,29 @@ impl IntoResponse for ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, None)
             }
         };
+        let retry_after = match &self {
+            Self::Throttled { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
         let body = ErrorView {
             error: self.to_string(),
             field,
         };
-        (status, Json(body)).into_response()
+        let mut r = (status, Json(body)).into_response();
+        if let Some(s) = retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, axum::http::HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+impl From<Throttled> for ApiError {
+    fn from(t: Throttled) -> Self {
+        Self::Throttled {
+            reason: t.reason,
+            retry_after: t.retry_after,
+        }
     }
 }
 
@@ -163,8 +199,8 @@ impl FromRequestParts<AppState> for Buyer {
     }
 }
 
-/// What [`authenticate`] checks against: who this coordinator is, and the
-/// nonces it has seen.
+/// What [`authenticate`] checks against: who this coordinator is, the
+/// nonces it has seen, and the request limits.
 #[derive(Clone)]
 pub struct AuthState {
     coordinator: ProviderId,
@@ -173,20 +209,22 @@ pub struct AuthState {
     started_at: UnixMillis,
     /// Largest body read to check its hash.
     max_body: usize,
+    throttle: Arc<Throttle>,
 }
 
 impl AuthState {
-    pub fn new(coordinator: ProviderId, max_body: usize) -> Self {
+    pub fn new(coordinator: ProviderId, max_body: usize, throttle: Arc<Throttle>) -> Self {
         Self {
             coordinator,
             replay: Arc::new(ReplayCache::new(REPLAY_CAPACITY, REPLAY_PER_BUYER)),
             started_at: UnixMillis::now(),
             max_body,
+            throttle,
         }
     }
 
     /// Verifies a request that carries `Authorization`, returning it (its
-    /// body restored) with the buyer recorded; passes others through.
+    /// body restored) with the buyer recorded.
     async fn check(&self, req: Request) -> Result<Request, ApiError> {
         let Some(value) = req.headers().get(header::AUTHORIZATION) else {
             return Ok(req);
@@ -208,6 +246,8 @@ impl AuthState {
                 auth.issued_at.0, self.started_at.0
             )));
         }
+        // Counted once the signature is known good, before the body is read.
+        self.throttle.admit_buyer(&BuyerId::new(signed.signer))?;
         let body = match auth.body {
             BodyBinding::Blake3(digest) => {
                 let bytes = read_body(body, &parts.headers, self.max_body).await?;
@@ -232,13 +272,103 @@ impl AuthState {
 }
 
 /// The middleware (`axum::middleware::from_fn_with_state`) that
-/// authenticates every request carrying `Authorization`, before routing
-/// reaches a handler.
+/// authenticates every request carrying `Authorization` and applies the
+/// request limits, before routing reaches a handler.
 pub async fn authenticate(State(auth): State<AuthState>, req: Request, next: Next) -> Response {
+    let source = source_of(&req);
+    let signed_header = req.headers().contains_key(header::AUTHORIZATION);
+    if (signed_header || signed_body(&req))
+        && let Err(t) = auth.throttle.check_signer(source)
+    {
+        return auth.refuse(t).await;
+    }
+    if !signed_header {
+        if signed_body(&req) {
+            return next.run(req).await;
+        }
+        // Held until the response is built: the unauthenticated budget.
+        let _permit = match auth.throttle.admit_public(source) {
+            Ok(p) => p,
+            Err(t) => return auth.refuse(t).await,
+        };
+        return next.run(req).await;
+    }
     match auth.check(req).await {
         Ok(req) => next.run(req).await,
-        Err(e) => e.into_response(),
+        Err(ApiError::Throttled {
+            reason,
+            retry_after,
+        }) => {
+            auth.refuse(Throttled {
+                reason,
+                retry_after,
+            })
+            .await
+        }
+        Err(e) => {
+            if matches!(e, ApiError::Unauthorized(_)) {
+                auth.throttle.note_refused_signature(source);
+            }
+            e.into_response()
+        }
     }
+}
+
+/// Whether the request is signed in its body instead of a header: a job
+/// submission.
+fn signed_body(req: &Request) -> bool {
+    req.method() == axum::http::Method::POST && req.uri().path() == "/v1/jobs"
+}
+
+impl AuthState {
+    /// Counts a request signed in its body (a job submission) against its
+    /// signer once `valid` (its signature verified), or its source address
+    /// if not.
+    pub fn admit_signed_body(
+        &self,
+        signer: &BuyerId,
+        valid: bool,
+        source: Option<IpAddr>,
+    ) -> Result<(), Throttled> {
+        if valid {
+            self.throttle.admit_buyer(signer)?;
+        } else {
+            self.throttle.note_refused_signature(source);
+        }
+        Ok(())
+    }
+
+    /// The 429 for `t`, answered once it has been held (see
+    /// [`Throttle::hold`]).
+    pub async fn refuse(&self, t: Throttled) -> Response {
+        self.throttle.hold(&t).await;
+        ApiError::from(t).into_response()
+    }
+}
+
+/// The source address of a request, for a route that counts it itself.
+pub struct Source(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Source {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Source(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip()),
+        ))
+    }
+}
+
+/// The peer address of the connection (set by
+/// `into_make_service_with_connect_info`; absent when the router is
+/// driven without a listener).
+fn source_of(req: &Request) -> Option<IpAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
 }
 
 /// Reads `Kiln2 <hex>`; the old `Kiln` scheme gets a message to upgrade.
@@ -492,6 +622,29 @@ mod tests {
             v,
             serde_json::json!({ "error": "bad (the blob has 3 bytes)", "field": "range" })
         );
+    }
+
+    #[tokio::test]
+    async fn a_throttled_request_is_a_429_that_says_when_to_retry() {
+        let e = ApiError::Throttled {
+            reason: "too many unauthenticated requests; retry in 3 s".into(),
+            retry_after: 3,
+        };
+        let r = e.into_response();
+        assert_eq!(r.headers().get(header::RETRY_AFTER).unwrap(), "3");
+        let (s, v) = body(ApiError::Throttled {
+            reason: "too many unauthenticated requests; retry in 3 s".into(),
+            retry_after: 3,
+        })
+        .await;
+        assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            v,
+            serde_json::json!({ "error": "too many unauthenticated requests; retry in 3 s" })
+        );
+        // Other errors carry no Retry-After.
+        let r = ApiError::TooManyRequests("queue full".into()).into_response();
+        assert!(r.headers().get(header::RETRY_AFTER).is_none());
     }
 
     use kiln_protocol::Keypair;

@@ -571,11 +571,13 @@ impl Db {
         account: &str,
         seq: u64,
     ) -> Result<(), DbError> {
-        sqlx::query("INSERT INTO ledger_accounts (account, seq) VALUES (?, ?) ON CONFLICT DO NOTHING")
-            .bind(account)
-            .bind(i(seq))
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO ledger_accounts (account, seq) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(account)
+        .bind(i(seq))
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 

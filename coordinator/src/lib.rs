@@ -37,7 +37,7 @@
 //! Layers, each using only those below it (no module imports one that
 //! imports it back): `db`, `verify`, `challenge`, `sched` (pure) → `bank`,
 //! `jobs` → `live` → `blobs` → `lifecycle` → `handlers`, `schedule`,
-//! `audit`, `views` → `auth` → `blob_api` → `api`.
+//! `audit`, `views` → `listing`, `throttle` → `auth` → `blob_api` → `api`.
 
 pub mod api;
 pub mod audit;
@@ -51,9 +51,11 @@ pub mod db;
 pub mod handlers;
 pub mod jobs;
 pub mod lifecycle;
+pub mod listing;
 pub mod live;
 pub mod sched;
 pub mod schedule;
+pub mod throttle;
 pub mod verification;
 pub mod verify;
 pub mod views;
@@ -119,6 +121,8 @@ pub struct CoordinatorConfig {
     /// Most jobs one buyer may have queued (not yet placed); more are
     /// refused (HTTP 429) until some are placed or cancelled.
     pub max_queued_per_buyer: u32,
+    /// Request rates and concurrency of the HTTP API (see [`throttle`]).
+    pub api_limits: throttle::ApiLimits,
 }
 
 impl CoordinatorConfig {
@@ -144,6 +148,7 @@ impl CoordinatorConfig {
             verification: verification::VerificationConfig::default(),
             min_job_escrow: Credits(10_000),
             max_queued_per_buyer: 100,
+            api_limits: throttle::ApiLimits::default(),
         }
     }
 }
@@ -343,6 +348,8 @@ pub async fn start(
             let app = create_app(state.clone());
             let c = cancel.clone();
             async move {
+                // The peer address, for the per-address limits.
+                let app = app.into_make_service_with_connect_info::<SocketAddr>();
                 let serve = axum::serve(listener, app)
                     .with_graceful_shutdown(async move { c.cancelled().await });
                 if let Err(e) = serve.await {

@@ -75,7 +75,64 @@ enum Cmd {
         /// refused with HTTP 429.
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
         max_queued_per_buyer: u32,
+        /// Unauthenticated requests per second one source address (an IPv4
+        /// address, an IPv6 /64) may make, sustained, or `off`; more get
+        /// HTTP 429 with Retry-After.
+        #[arg(long, default_value = "20", value_parser = parse_limit)]
+        public_rate: Limit,
+        /// Unauthenticated requests one address may make at once above
+        /// `--public-rate`.
+        #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..))]
+        public_burst: u32,
+        /// Unauthenticated requests served at once, from everyone, or
+        /// `off`; signed requests have their own budget and never wait
+        /// for this one.
+        #[arg(long, default_value = "8", value_parser = parse_limit)]
+        public_in_flight: Limit,
+        /// Signed requests (and job submissions) per second one buyer key
+        /// may make, sustained, or `off`; more get HTTP 429 with Retry-After.
+        #[arg(long, default_value = "200", value_parser = parse_limit)]
+        buyer_rate: Limit,
+        /// Signed requests one buyer key may make at once above
+        /// `--buyer-rate`.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+        buyer_burst: u32,
+        /// How long a request refused by a rate limit is held before its
+        /// 429 is sent (its Retry-After, at most this), so that a client
+        /// that retries at once is slowed down; `0s` or `off` answers at
+        /// once.
+        #[arg(long, default_value = "1s", value_parser = parse_delay)]
+        refusal_delay: Delay,
     },
+}
+
+/// A delay, or none.
+#[derive(Clone, Copy, Debug)]
+struct Delay(Option<Seconds>);
+
+fn parse_delay(s: &str) -> Result<Delay, String> {
+    match s {
+        "off" | "none" => Ok(Delay(None)),
+        _ => match s.parse::<Seconds>()? {
+            Seconds(0) => Ok(Delay(None)),
+            d => Ok(Delay(Some(d))),
+        },
+    }
+}
+
+/// A positive count, or no limit.
+#[derive(Clone, Copy, Debug)]
+struct Limit(Option<u32>);
+
+fn parse_limit(s: &str) -> Result<Limit, String> {
+    match s {
+        "off" | "none" => Ok(Limit(None)),
+        _ => match s.parse::<u32>() {
+            Ok(0) => Err("0 would refuse everything; give a positive number, or `off`".into()),
+            Ok(n) => Ok(Limit(Some(n))),
+            Err(_) => Err(format!("`{s}`: give a positive number, or `off`")),
+        },
+    }
 }
 
 /// A mean interval, or never.
@@ -141,6 +198,12 @@ async fn main() -> anyhow::Result<()> {
         blob_quota_per_buyer,
         min_job_escrow,
         max_queued_per_buyer,
+        public_rate,
+        public_burst,
+        public_in_flight,
+        buyer_rate,
+        buyer_burst,
+        refusal_delay,
     } = Cli::parse().cmd;
     let mut config = CoordinatorConfig::new(state_dir);
     config.http_listen = http;
@@ -155,6 +218,15 @@ async fn main() -> anyhow::Result<()> {
     config.blob_quota_per_buyer = blob_quota_per_buyer.0;
     config.min_job_escrow = Credits(min_job_escrow);
     config.max_queued_per_buyer = max_queued_per_buyer;
+    let rate = |per_second: Limit, burst: u32| {
+        per_second
+            .0
+            .map(|per_second| kiln_coordinator::throttle::Rate { per_second, burst })
+    };
+    config.api_limits.public_rate = rate(public_rate, public_burst);
+    config.api_limits.public_in_flight = public_in_flight.0.map(|n| n as usize);
+    config.api_limits.buyer_rate = rate(buyer_rate, buyer_burst);
+    config.api_limits.refusal_delay = refusal_delay.0.map(|s| Duration::from_secs(s.0));
     let cancel = CancellationToken::new();
     let c = kiln_coordinator::start(config, cancel.clone())
         .await

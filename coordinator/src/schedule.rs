@@ -24,8 +24,8 @@ use crate::AppState;
 use crate::db::{Db, DbError};
 use crate::jobs::{Expect, JobState};
 use crate::lifecycle::{expire, place, recover, reexec, settle};
+use crate::sched;
 use crate::sched::queue::Backlog;
-use crate::sched::{self, Fleet};
 
 /// How often the queue is read whole from the database anyway.
 pub const QUEUE_RESYNC: Duration = Duration::from_secs(300);
@@ -115,13 +115,6 @@ impl QueueFeed {
             }
         }
     }
-}
-
-/// The fleet as the scheduler sees it, rebuilt from the database: live
-/// providers and what is booked on them (the offers search uses it; the
-/// scheduler keeps its own copy in memory, see [`crate::live`]).
-pub async fn fleet(state: &AppState) -> Result<Fleet, DbError> {
-    Ok(crate::live::rebuild(state).await?.fleet)
 }
 
 async fn schedule_once(state: &AppState, queue: &mut QueueFeed) -> Result<(), DbError> {

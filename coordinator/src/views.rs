@@ -6,11 +6,13 @@
 //! Uses only the records' modules (`jobs`, `db`, `sched`, `lifecycle`),
 //! never the HTTP layer above it.
 
+use kiln_contracts::chain::LedgerEntry;
+use kiln_contracts::{AccountId, Applied};
 use kiln_protocol::views::{
     BlobKind, BlobView, CancelOutcome, EventView, JobState, JobView, MemberView, OfferSort,
-    ProviderView, VerificationView,
+    ProviderView, StatementLineView, VerificationView,
 };
-use kiln_protocol::{Credits, UnixMillis};
+use kiln_protocol::{Credits, Signed, UnixMillis};
 use serde::Serialize;
 
 use crate::db::{BlobRecord, DbError, ProviderRecord};
@@ -178,6 +180,32 @@ pub fn provider(p: &ProviderRecord, reputation: u32, earned: Credits) -> Provide
         addrs: a.listen_addrs.clone(),
         cached: a.cached.clone(),
     }
+}
+
+/// One line of `account`'s statement: ledger entry `seq` (its canonical
+/// bytes, as stored) and how it moved the account.
+pub fn statement_line(
+    seq: u64,
+    bytes: &[u8],
+    account: &AccountId,
+) -> Result<StatementLineView<Applied>, DbError> {
+    let entry = Signed::<LedgerEntry>::from_bytes(bytes).map_err(|e| DbError::Corrupt {
+        table: "ledger_entries",
+        reason: format!("entry {seq} is unreadable: {e}"),
+    })?;
+    let e = entry.payload;
+    let delta = crate::bank::touches(&e.effect, account).ok_or_else(|| DbError::Corrupt {
+        table: "ledger_accounts",
+        reason: format!("entry {seq} is indexed under {account} but does not move it"),
+    })?;
+    Ok(StatementLineView {
+        seq,
+        at: e.at,
+        op: e.op.name().to_string(),
+        key: e.op.key().as_str().to_string(),
+        delta,
+        effect: e.effect,
+    })
 }
 
 pub fn offer_sort(s: SortBy) -> OfferSort {

@@ -24,6 +24,14 @@ async fn ctrl_c_stops_the_coordinator_in_order_and_it_exits_cleanly() {
         .args(["--audit-every", "10m", "--result-grace", "30s"])
         .args(["--verification", "on", "--audit-window", "10m"])
         .args(["--blob-quota", "1GiB", "--blob-quota-per-buyer", "64MiB"])
+        .args([
+            "--public-rate",
+            "50",
+            "--buyer-rate",
+            "off",
+            "--refusal-delay",
+            "0s",
+        ])
         .arg("--state-dir")
         .arg(dir.path())
         .env("RUST_LOG", "info")
@@ -104,6 +112,10 @@ fn audit_and_grace_flags_name_what_is_wrong() {
             "plenty",
             "give a size such as 100GiB, or `off`",
         ),
+        ("--public-rate", "fast", "give a positive number, or `off`"),
+        ("--public-rate", "0", "0 would refuse everything"),
+        ("--buyer-rate", "many", "give a positive number, or `off`"),
+        ("--public-in-flight", "0", "0 would refuse everything"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_kiln-coordinator"))
             .args(["run", flag, value])

@@ -1725,54 +1725,36 @@ mod tests {
         assert_eq!(encoding::encode(&r).unwrap(), bytes);
     }
 
-    /// What committing costs a node, against hashing the output for its
-    /// checksum alone (what version 1 did, single-threaded), on a BF16
-    /// output at n = 16 384 (512 MiB) held as the node holds it (`u16`s,
-    /// converted to bytes as they are hashed). Meaningful in release only:
-    /// `cargo test -p kiln-protocol --release --lib commit_cost -- --ignored --nocapture`
+    /// The committed output's root is the plain checksum of its bytes, as
+    /// a node builds it (`u16`s converted as they are hashed, on any number
+    /// of threads), and its sample slices cover every sampled element.
+    /// (What committing costs against hashing alone belongs in a benchmark,
+    /// not here.)
     #[test]
-    #[ignore]
-    fn commit_cost() {
-        use std::time::Instant;
-        let n: u32 = 16_384;
+    fn the_output_tree_root_is_the_checksum_on_any_thread_count() {
+        let n: u32 = 256;
         let out: Vec<u16> = (0..u64::from(n) * u64::from(n))
             .map(|i| splitmix64(i) as u16)
             .collect();
-        let t = Instant::now();
         let mut h = DigestWriter::new();
-        let mut buf = Vec::with_capacity(1 << 20);
-        for chunk in out.chunks(1 << 18) {
-            buf.clear();
-            for v in chunk {
-                buf.extend_from_slice(&v.to_le_bytes());
-            }
-            h.update(&buf);
+        let mut buf = Vec::new();
+        for v in &out {
+            buf.extend_from_slice(&v.to_le_bytes());
         }
+        h.update(&buf);
         let digest = h.finish();
-        let v1 = t.elapsed();
-        println!("v1 checksum alone, 1 thread: {v1:.2?}");
         let read = |at: u64, buf: &mut [u8]| {
             let first = at as usize / 2;
             for (d, v) in buf.chunks_exact_mut(2).zip(&out[first..]) {
                 d.copy_from_slice(&v.to_le_bytes());
             }
         };
-        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-        for threads in [1, 2, 4, 8, 16].into_iter().filter(|t| *t <= cores) {
-            let t = Instant::now();
+        for threads in [1, 2, 3, 8] {
             let tree = OutputTree::build(output_len(Precision::Bf16, n), threads, &read);
-            let built = t.elapsed();
-            let t = Instant::now();
+            assert_eq!(tree.root(), digest, "{threads} thread(s)");
             let nonce = Nonce::from_bytes([1; 16]);
             let (_, slices) = prove_samples(&nonce, Precision::Bf16, n, MAX_SAMPLES, &tree, &read);
-            let proved = t.elapsed();
-            assert_eq!(tree.root(), digest);
-            let bytes: usize = slices.iter().map(|s| s.0.len()).sum();
-            println!(
-                "v2 tree, {threads} thread(s): {built:.2?} ({:.2}× v1), {MAX_SAMPLES} slices: \
-                 {proved:.2?}, {bytes} bytes",
-                built.as_secs_f64() / v1.as_secs_f64()
-            );
+            assert!(!slices.is_empty() && slices.iter().all(|s| !s.0.is_empty()));
         }
     }
 

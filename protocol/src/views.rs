@@ -27,7 +27,7 @@
 //! | `GET /v1/info` | [`InfoView`] |
 //! | `GET /v1/ledger` | [`LedgerPageView`] |
 //! | `GET /v1/ledger/balances` | [`BalancesView`] |
-//! | `GET /v1/accounts/{account}/statement` | [`StatementView`] |
+//! | `GET /v1/accounts/{account}/statement?from=N&limit=M` | [`StatementView`] |
 //! | `POST /v1/blobs/missing` | [`MissingRequest`] → [`MissingView`] |
 //! | `POST /v1/blobs`, `PUT /v1/blobs/{cid}` | [`UploadView`] |
 //! | `GET /v1/blobs` | [`BlobListView`] |
@@ -616,6 +616,10 @@ pub struct StatementView<A, E> {
     pub account: A,
     pub balance: Credits,
     pub entries: Vec<StatementLineView<E>>,
+    /// The `from` of the next page (`?from=N&limit=M`); absent when this
+    /// page is the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<u64>,
 }
 
 mod i128_string {
@@ -1356,10 +1360,17 @@ mod tests {
         let list = json!({ "blobs": [
             { "cid": cid, "size": 1, "name": "x.bin", "kind": "file", "created_at": 1_700_000_000_000u64, "held": true },
             { "cid": dir, "size": 9, "name": "ds/", "kind": "directory", "created_at": 1_700_000_000_000u64, "held": false },
-        ]});
+        ], "used": 10, "quota": 1024 });
         let l: BlobListView = round_trip(&list);
         assert_eq!(l.blobs[0].kind, BlobKind::of(&cid));
         assert_eq!(l.blobs[1].kind, BlobKind::of(&dir));
+        assert_eq!((l.used, l.quota), (10, Some(1024)));
+        // A coordinator from before quotas sends neither.
+        let old: BlobListView = serde_json::from_value(json!({ "blobs": [] })).unwrap();
+        assert_eq!((old.used, old.quota), (0, None));
+        let d: BlobDeletedView =
+            round_trip(&json!({ "cid": cid, "size": 1, "erased": true, "used": 0 }));
+        assert!(d.erased);
 
         let e: ErrorView = round_trip(
             &json!({ "error": "invalid job spec: image: not pinned", "field": "spec.image" }),

@@ -11,6 +11,7 @@ mod data;
 mod e2e;
 mod gang;
 mod ledger;
+mod load;
 mod sandbox;
 mod tamper;
 mod verification;
