@@ -491,9 +491,12 @@ fn parent_cv(left: &Cv, right: &Cv, is_root: bool) -> Cv {
     }
 }
 
-/// Where BLAKE3 splits a node of `len > 1024` bytes.
+/// Where BLAKE3 splits a node of `len > 1024` bytes: the largest power of
+/// two below `len` chunks' worth, as `blake3::hazmat::left_subtree_len`
+/// computes it, but without its `len + 1`, which overflows for a length
+/// near `u64::MAX` that a peer can name (found by fuzzing).
 fn left_len(len: u64) -> u64 {
-    blake3::hazmat::left_subtree_len(len)
+    (len / 2 + (len & 1)).next_power_of_two()
 }
 
 /// Bytes of the slice of `chunk` of an output of `len` bytes, or `None` if
@@ -1756,6 +1759,30 @@ mod tests {
             let (_, slices) = prove_samples(&nonce, Precision::Bf16, n, MAX_SAMPLES, &tree, &read);
             assert!(!slices.is_empty() && slices.iter().all(|s| !s.0.is_empty()));
         }
+    }
+
+    #[test]
+    fn left_len_is_blake3s_and_total() {
+        for len in [
+            1025u64,
+            2048,
+            2049,
+            4096,
+            5000,
+            1 << 20,
+            (1 << 40) + 7,
+            u64::MAX / 2,
+        ] {
+            assert_eq!(
+                left_len(len),
+                blake3::hazmat::left_subtree_len(len),
+                "{len}"
+            );
+        }
+        // Where blake3's own version overflows: no panic, and the split is
+        // still inside the node.
+        assert_eq!(left_len(u64::MAX), 1 << 63);
+        assert!(slice_len(u64::MAX, u64::MAX / CHUNK_BYTES).is_some());
     }
 
     #[test]

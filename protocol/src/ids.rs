@@ -27,8 +27,9 @@ pub struct IdParseError {
 impl IdParseError {
     #[doc(hidden)]
     pub fn new(kind: &'static str, input: &str, reason: impl fmt::Display) -> Self {
-        let mut input = input.to_string();
-        input.truncate(80);
+        // At most 80 characters of what was given, cut on a character
+        // (a byte index could fall inside one and panic: found by fuzzing).
+        let input = input.chars().take(80).collect();
         Self {
             kind,
             input,
@@ -287,6 +288,22 @@ mod tests {
         assert!(e.to_string().contains("32 hex digits"), "{e}");
         assert!("12abc".parse::<BuyerId>().is_err());
         assert!("not-a-peer".parse::<ProviderId>().is_err());
+        // Long input is cut to 80 characters, never inside one (a byte
+        // index inside a multi-byte character used to panic).
+        for bad in [
+            "€".repeat(40),
+            format!("a{}", "€".repeat(40)),
+            "x".repeat(200),
+        ] {
+            for e in [
+                bad.parse::<JobId>().unwrap_err(),
+                bad.parse::<BuyerId>().unwrap_err(),
+                bad.parse::<ProviderId>().unwrap_err(),
+            ] {
+                assert!(e.input.chars().count() <= 80, "{e}");
+                assert!(bad.starts_with(&e.input));
+            }
+        }
     }
 
     #[test]
