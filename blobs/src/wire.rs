@@ -975,6 +975,35 @@ mod tests {
     use super::*;
     use bao_tree::io::outboard::PostOrderMemOutboard;
 
+    /// Issue 13, finding 5: streams are admitted per peer and in all, and
+    /// a stream's share comes back when it ends. (Serving slots are taken
+    /// per request in `serve_stream`, so an admitted idle stream holds
+    /// none.)
+    #[test]
+    fn streams_are_admitted_per_peer_and_in_all() {
+        let limits = Arc::new(StreamLimits {
+            serving: Semaphore::new(MAX_CONCURRENT_SERVES),
+            open: Arc::new(Semaphore::new(MAX_STREAMS_PER_PEER + 4)),
+            per_peer: Mutex::new(HashMap::new()),
+        });
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let mut held: Vec<Admitted> = (0..MAX_STREAMS_PER_PEER)
+            .map(|_| limits.admit(a).expect("within a's share"))
+            .collect();
+        assert!(limits.admit(a).is_none(), "one more than a's share");
+        // Others are still admitted, up to the total.
+        let others: Vec<Admitted> = (0..4)
+            .map(|i| limits.admit(if i % 2 == 0 { b } else { c }).expect("b, c"))
+            .collect();
+        assert!(limits.admit(b).is_none(), "the total is reached");
+        // A stream that ends gives its share back, to its peer and to all.
+        held.pop();
+        assert!(limits.admit(a).is_some());
+        drop(others);
+        assert_eq!(limits.per_peer.lock().map(|m| m.len()).unwrap_or(0), 1);
+        assert!(limits.admit(b).is_some());
+    }
+
     #[test]
     fn ranges_round_trip_and_reject_garbage() {
         let r = ChunkRanges::from(ChunkNum(0)..ChunkNum(16))
