@@ -505,13 +505,13 @@ mod tests {
         }
     }
 
-    /// Not a check: how long a round takes with 1,000 unplaceable jobs
-    /// queued ahead of one that fits, on 10,000 providers. Run with
-    /// `cargo test -p kiln-coordinator --release --lib sched::queue::tests::round_cost -- --ignored --nocapture`.
+    /// A job that fits is placed in every round behind 1,000 unplaceable
+    /// ones, whether they share one shape (answered once per round) or are
+    /// all different, on 1,000 providers. (How long a round takes is a
+    /// benchmark's business: `kiln bench scheduler`.)
     #[test]
-    #[ignore = "a measurement; prints timings"]
-    fn round_cost() {
-        let views: Vec<ProviderView> = (0..10_000u32)
+    fn a_fitting_job_is_placed_behind_a_thousand_unplaceable_ones() {
+        let views: Vec<ProviderView> = (0..1_000u32)
             .map(|n| {
                 let mut v = prov(0, 8, 4, 0);
                 let mut secret = [7u8; 32];
@@ -523,7 +523,7 @@ mod tests {
             .collect();
         let mut fleet = Fleet::from_views(views);
         let policy = RoundPolicy::default();
-        for (what, distinct) in [("one shape", false), ("all different", true)] {
+        for distinct in [false, true] {
             let mut q: Vec<_> = (0..1000u64)
                 .map(|i| {
                     let mut s = job(1, 0, 1);
@@ -534,24 +534,16 @@ mod tests {
                 .collect();
             q.push(queued(job(1, 0, 1), 5000, 0));
             order(&mut q);
-            let mut times = Vec::new();
-            for r in 0..20u64 {
-                let t = std::time::Instant::now();
+            for r in 0..3u64 {
                 let d = run_round(&q, &mut fleet, UnixMillis(10_000 + r), &policy);
-                times.push(t.elapsed());
                 let Some(Decision::Placed(p)) = d.last() else {
-                    panic!("{:?}", d.last())
+                    panic!("distinct={distinct}, round {r}: {:?}", d.last())
                 };
+                assert_eq!(d.len(), 1001, "every job has an answer");
                 for p in p {
                     fleet.release(p);
                 }
             }
-            times.sort();
-            eprintln!(
-                "1,000 unplaceable jobs ({what}) + 1 on 10,000 providers: round median {:?}, max {:?}",
-                times[times.len() / 2],
-                times[times.len() - 1]
-            );
         }
     }
 
