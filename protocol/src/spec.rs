@@ -1018,6 +1018,34 @@ max_price_per_hour = 5000000
         assert_eq!(t, s);
     }
 
+    /// Every tolerance survives JSON exactly (found by fuzzing: without
+    /// serde_json's exact float parsing, 6e23 came back one ulp off, so a
+    /// buyer's signature over the spec failed to verify after the REST
+    /// body was parsed).
+    #[test]
+    fn tolerances_round_trip_exactly_through_json() {
+        for x in [
+            6e23,
+            1e-6,
+            0.1,
+            1.0 / 3.0,
+            f64::MIN_POSITIVE,
+            1.7976931348623157e308,
+        ] {
+            let mut s = JobSpec::new(IMG, vec!["x".into()]);
+            s.verify.compare = Compare::Tolerance;
+            s.verify.rtol = Tolerance(x);
+            s.verify.atol = Tolerance(x / 7.0);
+            let back: JobSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+            assert_eq!(back, s, "{x:e}");
+            assert_eq!(
+                crate::encoding::encode(&back).unwrap(),
+                crate::encoding::encode(&s).unwrap(),
+                "the bytes a signature covers, {x:e}"
+            );
+        }
+    }
+
     #[test]
     fn compute_capability_forms() {
         #[derive(Deserialize)]
