@@ -43,6 +43,10 @@ pub static TARGET: Target = Target {
         b"/ip4/",
         b"/tcp/",
         b"/p2p/",
+        // Multi-byte characters: error paths that cut or index strings.
+        "é".as_bytes(),
+        "€".as_bytes(),
+        "😀".as_bytes(),
     ],
     run,
 };

@@ -55,6 +55,8 @@ pub static TARGET: Target = Target {
         b"\"12D3KooW",
         b"\\u0000",
         b"\\ud800",
+        "é".as_bytes(),
+        "😀".as_bytes(),
     ],
     run,
 };

@@ -9,7 +9,8 @@
 //!   prefix of what the coordinator signed (the fuzzer cannot sign), and a
 //!   verified chain's ledger satisfies its invariants.
 //! * `1`: each frame is an `Op`; the harness applies them to a ledger and
-//!   signs what applied as the coordinator would (`ChainBuilder`), so
+//!   signs what applied under a new key as the coordinator would
+//!   (`ChainBuilder`; a repeated key is an idempotent replay), so
 //!   `verify_chain` replays arbitrary histories: it must accept them and
 //!   reach the same balances, and no op may panic or break an invariant.
 
@@ -75,6 +76,19 @@ fn run(data: &[u8]) -> Outcome {
         let Ok(op) = encoding::decode::<Op>(f) else {
             return Ok(Verdict::Rejected);
         };
+        // As the coordinator does: a key already applied is an idempotent
+        // replay (`apply` returns the recorded effect), never a new entry.
+        if let Some(recorded) = ledger.applied(op.key()).map(|a| a.effect.clone()) {
+            if let Ok(effect) = ledger.apply(op.clone())
+                && effect != recorded
+            {
+                return Err(format!(
+                    "replaying key `{}` returned another effect than the recorded one",
+                    op.key().as_str()
+                ));
+            }
+            continue;
+        }
         let Ok(effect) = ledger.apply(op.clone()) else {
             continue;
         };

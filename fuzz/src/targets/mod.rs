@@ -210,9 +210,30 @@ where
     let back: T = serde_json::from_str(&text)
         .map_err(|e| format!("{name}: its own JSON does not parse: {e}\n json = {text}"))?;
     if &back != v {
+        let (x, y) = (format!("{v:?}"), format!("{back:?}"));
         return Err(format!(
-            "{name}: JSON round trip changed the value\n x = {v:?}\n back = {back:?}\n json = {text}"
+            "{name}: JSON round trip changed the value (at `{}`)\n x = {x}\n back = {y}\n json = {text}",
+            first_difference(&x, &y)
         ));
     }
     Ok(())
+}
+
+/// The field name nearest before the first difference of two `Debug`
+/// strings (`rtol` in `… rtol: Tolerance(6e23) …`), to name what changed.
+pub fn first_difference(a: &str, b: &str) -> String {
+    let at = a
+        .bytes()
+        .zip(b.bytes())
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()));
+    let before = a.get(..at).unwrap_or(a);
+    let Some(colon) = before.rfind(": ") else {
+        return "?".into();
+    };
+    before[..colon]
+        .rsplit(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .next()
+        .unwrap_or("?")
+        .to_string()
 }

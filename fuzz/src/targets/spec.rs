@@ -95,8 +95,10 @@ fn run(data: &[u8]) -> Outcome {
     let back: JobSpec = toml::from_str(&toml_text)
         .map_err(|e| format!("a valid spec's own TOML does not parse: {e}\n{toml_text}"))?;
     if back != spec {
+        let (x, y) = (format!("{spec:?}"), format!("{back:?}"));
         return Err(format!(
-            "TOML round trip changed a valid spec\n x = {spec:?}\n back = {back:?}\n toml = {toml_text}"
+            "TOML round trip changed a valid spec (at `{}`)\n x = {x}\n back = {y}\n toml = {toml_text}",
+            super::first_difference(&x, &y)
         ));
     }
     back.validate()
