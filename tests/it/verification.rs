@@ -326,3 +326,143 @@ async fn a_bond_stays_while_a_verification_of_its_results_is_open() {
     cancel.cancel();
     dn.shutdown().await;
 }
+
+/// Gangs are verified as whole rounds, rank by rank. An honest gang is
+/// re-executed by a second gang on other providers and both are paid. A
+/// gang with a member that fabricates its rank's output is outvoted on
+/// that rank by two re-executions: the buyer gets a round that is right on
+/// every rank, the fabricating member is not paid (and, as a gang member
+/// that may have been fed bad data by a peer, not slashed), its honest
+/// peer is paid, and the decision replays from its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gangs_are_verified_rank_by_rank_and_a_fabricating_member_is_outvoted() {
+    let dn = devnet_with(opts(5)).await.unwrap();
+    let client = buyer(&dn);
+    let gang_spec = |seed: &str| {
+        let mut spec = dn.workload_spec(&["write", "answer.bin", "4096", seed]);
+        spec.resources.gang = 2;
+        spec
+    };
+    let run_members = |j: &JobView| -> Vec<ProviderId> {
+        let mut ms: Vec<_> = j.members.iter().filter(|m| m.role == Role::Run).collect();
+        ms.sort_by_key(|m| m.rank);
+        ms.iter().map(|m| m.provider).collect()
+    };
+
+    // An honest gang: a new provider's results are always sampled, so a
+    // second gang re-executes it, every rank agrees, all four are paid.
+    let id = client.submit(gang_spec("1"), None).await.unwrap().job_id;
+    let j = ended(&client, &id).await;
+    assert_eq!(j.state, JobState::Completed, "{j:#?}");
+    let j = client.job(&id).await.unwrap();
+    assert_eq!(status(&j), VerificationStatus::Verified, "{j:#?}");
+    let delivered: Vec<_> = j
+        .members
+        .iter()
+        .filter(|m| m.output_cid.is_some())
+        .collect();
+    assert_eq!(delivered.len(), 4, "two rounds of two ranks: {j:#?}");
+    let providers: std::collections::BTreeSet<_> = delivered.iter().map(|m| m.provider).collect();
+    assert_eq!(
+        providers.len(),
+        4,
+        "the verifiers are other providers: {j:#?}"
+    );
+    assert!(delivered.iter().all(|m| m.paid.0 > 0), "all paid: {j:#?}");
+    assert_eq!(run_members(&j).len(), 2);
+
+    // A fabricating member, cheaper than every node, so a gang takes it.
+    let cancel = CancellationToken::new();
+    let cheater = rogue(&dn, &cancel, Credits(1)).await;
+    let cheater_id = cheater.id;
+    let work = cheater.cheat(
+        Box::new(|_| vec![("answer.bin".into(), b"made up, never computed".to_vec())]),
+        &cancel,
+    );
+    let id = client.submit(gang_spec("2"), None).await.unwrap().job_id;
+    let j = ended(&client, &id).await;
+    assert_eq!(j.state, JobState::Completed, "{j:#?}");
+    let j = client.job(&id).await.unwrap();
+    let originals = run_members(&j);
+    assert!(
+        originals.contains(&cheater_id),
+        "the cheaper cheater was not in the gang: {j:#?}"
+    );
+    assert_eq!(status(&j), VerificationStatus::FailedVerification, "{j:#?}");
+    let v = j.verification.clone().unwrap();
+    assert!(kiln_cli::record_signed(&v), "{v:#?}");
+    assert!(v.detail.contains("rank"), "{}", v.detail);
+    let delivered: Vec<_> = j
+        .members
+        .iter()
+        .filter(|m| m.output_cid.is_some())
+        .collect();
+    assert_eq!(delivered.len(), 6, "three rounds of two ranks: {j:#?}");
+    // The buyer's result is an honest execution, which every honest
+    // execution of the same rank matches.
+    assert_ne!(j.provider, Some(cheater_id), "{j:#?}");
+    let cheat = j.members.iter().find(|m| m.provider == cheater_id).unwrap();
+    assert_eq!(cheat.paid, Credits(0), "the cheater was paid: {cheat:#?}");
+    let honest_answers: std::collections::BTreeSet<_> = delivered
+        .iter()
+        .filter(|m| m.provider != cheater_id)
+        .map(|m| m.output_cid)
+        .collect();
+    assert_eq!(honest_answers.len(), 1, "honest ranks agree: {j:#?}");
+    assert!(honest_answers.contains(&j.output_cid), "{j:#?}");
+    assert_ne!(cheat.output_cid, j.output_cid);
+    for m in delivered.iter().filter(|m| m.provider != cheater_id) {
+        assert!(m.paid.0 > 0, "an honest execution was not paid: {m:#?}");
+    }
+    cancel.cancel();
+    let _ = work.await;
+
+    // Nobody is slashed in a gang; every bond is whole.
+    let state = &dn.coordinator.state;
+    assert_eq!(state.bank.bond(&cheater_id).await, BOND);
+    for n in &dn.nodes {
+        assert_eq!(state.bank.bond(&n.provider).await, BOND);
+    }
+    // Both decisions replay from their records; the ledger replays.
+    let rows = state.db.audits(1000).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        assert!(
+            kiln_coordinator::lifecycle::reexec::replay(state, row),
+            "{row:#?}"
+        );
+        assert!(row.decision.audited);
+    }
+    let audit = kiln_cli::ledger::verify(&client, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(audit.ok);
+    dn.shutdown().await;
+}
+
+/// With verification on, a gang's members are paid once all of them
+/// delivered. A gang whose member fails is not sampled (there is no
+/// result to verify): it fails, and each member is still paid for the
+/// time it was observed running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gang_whose_member_fails_is_not_sampled_and_every_member_is_paid() {
+    let dn = devnet_with(opts(2)).await.unwrap();
+    let client = buyer(&dn);
+    let mut spec = dn.workload_spec(&["gang", "1"]);
+    spec.resources.gang = 2;
+    let id = client.submit(spec, None).await.unwrap().job_id;
+    let j = ended(&client, &id).await;
+    assert_eq!(j.state, JobState::Failed, "{j:#?}");
+    let j = client.job(&id).await.unwrap();
+    assert!(j.verification.is_none(), "{j:#?}");
+    assert_eq!(j.members.len(), 2, "{j:#?}");
+    for m in &j.members {
+        assert_eq!(m.role, Role::Run);
+        assert!(m.paid.0 > 0, "a member was not paid: {m:#?}");
+        assert_eq!(Some(m.paid), m.cost, "paid what it earned: {m:#?}");
+    }
+    let paid: u64 = j.members.iter().map(|m| m.paid.0).sum();
+    assert_eq!(j.cost.map(|c| c.0), Some(paid), "{j:#?}");
+    dn.shutdown().await;
+}

@@ -3,7 +3,9 @@
 //! receipts are well formed and its bytes arrive intact, so only a
 //! re-execution elsewhere can tell that the output is wrong.
 
-use kiln_protocol::{Blob, ContentId, JobId, JobOffer, Manifest, ManifestEntry, NetResponse};
+use kiln_protocol::{
+    Blob, ContentId, JobId, JobOffer, Manifest, ManifestEntry, NetRequest, NetResponse,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -21,9 +23,10 @@ pub struct Delivered {
 pub type Fabricate = Box<dyn Fn(&JobOffer) -> Vec<(String, Vec<u8>)> + Send>;
 
 impl RogueProvider {
-    /// Serves every offer (and every re-execution it is asked for) with
-    /// the files `fabricate` makes up, sent inline with a signed receipt,
-    /// until `cancel`; returns what it delivered.
+    /// Serves every offer (and every re-execution it is asked for), of a
+    /// job of one or a rank of a gang (reserved, then started when told),
+    /// with the files `fabricate` makes up, sent inline with a signed
+    /// receipt, until `cancel`; returns what it delivered.
     pub fn cheat(
         mut self,
         fabricate: Fabricate,
@@ -35,11 +38,11 @@ impl RogueProvider {
             loop {
                 let offer = tokio::select! {
                     () = cancel.cancelled() => return delivered,
-                    o = self.next_offer() => o,
+                    o = self.next_job() => o,
                 };
-                // No offer within the wait: keep waiting.
+                // No offer (or no start of a reserved rank) within the
+                // wait: keep waiting.
                 let Ok(offer) = offer else { continue };
-                let offer = offer.payload;
                 let Ok(result) = made_up(&offer, &self, &fabricate(&offer)) else {
                     continue;
                 };
@@ -56,6 +59,40 @@ impl RogueProvider {
                 });
             }
         })
+    }
+}
+
+impl RogueProvider {
+    /// Waits for the next offer of a job of one or of a gang's rank and
+    /// accepts it; a gang rank is then held until its start arrives (and
+    /// accepted). Returns the job offer to deliver for.
+    async fn next_job(&mut self) -> anyhow::Result<JobOffer> {
+        enum Got {
+            One(JobOffer),
+            Gang(JobOffer),
+        }
+        let (got, reply) = self
+            .next_request("offer", |req| match req {
+                NetRequest::Offer(o) => Ok(Got::One(o.payload)),
+                NetRequest::GangOffer(g) => Ok(Got::Gang(g.payload.offer)),
+                other => Err(other),
+            })
+            .await?;
+        let _ = reply.send(NetResponse::Accepted);
+        match got {
+            Got::One(o) => Ok(o),
+            Got::Gang(o) => {
+                let want = o.offer_id;
+                let (_, reply) = self
+                    .next_request("gang start", |req| match req {
+                        NetRequest::GangStart(s) if s.payload.offer_id == want => Ok(()),
+                        other => Err(other),
+                    })
+                    .await?;
+                let _ = reply.send(NetResponse::Accepted);
+                Ok(o)
+            }
+        }
     }
 }
 

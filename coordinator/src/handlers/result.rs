@@ -141,12 +141,15 @@ pub async fn handle(state: &AppState, peer: ProviderId, result: JobResult) -> Ha
         None => return Err(refuse(format!("offer {offer} vanished"))),
     }
     // A job of one whose result succeeded may be drawn for re-execution:
-    // then it is held, unpaid, until the executions are compared. A
-    // verifier's own result is held until that comparison too.
+    // then it is held, unpaid, until the executions are compared. A gang
+    // is drawn once its last member delivered, and its members are paid
+    // only then (`defers_pay`). A verifier's own result is held until the
+    // comparison.
     let job_state = Db::job_state_in(&mut tx, &job.id).await?.map(|(s, _)| s);
+    let defer = reexec::defers_pay(state, &job, &m);
     let sampled = match (m.role, job_state) {
         (Role::Verify, _) => Sampled::Hold,
-        (Role::Run, Some(js)) => {
+        (Role::Run, Some(js)) if !defer => {
             reexec::sample_in(
                 state,
                 &mut tx,
@@ -159,9 +162,9 @@ pub async fn handle(state: &AppState, peer: ProviderId, result: JobResult) -> Ha
             )
             .await?
         }
-        (Role::Run, None) => Sampled::No,
+        (Role::Run, _) => Sampled::No,
     };
-    if sampled != Sampled::Hold {
+    if sampled != Sampled::Hold && !defer {
         settle::pay_member(
             &mut tx,
             &mut pending,
@@ -195,6 +198,7 @@ pub async fn handle(state: &AppState, peer: ProviderId, result: JobResult) -> Ha
     // A verified receipt delivered: good evidence for its provider.
     Db::reputation_event(&mut tx, &m.provider, Event::Delivered).await?;
     grant_result_blobs(state, &mut tx, &job.owner, &job.id, &result).await?;
+    let mut held = sampled == Sampled::Hold && m.role == Role::Run;
     let (verdict, ended) = match (m.role, sampled) {
         (Role::Verify, _) => (JobVerdict::Wait, false),
         (Role::Run, Sampled::Hold) => {
@@ -206,12 +210,42 @@ pub async fn handle(state: &AppState, peer: ProviderId, result: JobResult) -> Ha
             }
             (JobVerdict::Wait, false)
         }
-        (Role::Run, _) => settle::conclude(&mut tx, &mut pending, &job.id, m.attempt).await?,
+        (Role::Run, _) => {
+            let mut gang = Sampled::No;
+            if defer && let Some(js) = job_state {
+                let mut members: Vec<_> = Db::attempt_members_in(&mut tx, &job.id, m.attempt)
+                    .await?
+                    .into_iter()
+                    .filter(|o| o.role == Role::Run)
+                    .collect();
+                members.sort_by_key(|o| o.rank);
+                gang = reexec::sample_gang_in(state, &mut tx, &job, js, &members).await?;
+            }
+            if gang == Sampled::Hold {
+                if !reexec::hold_in(&mut tx, &job.id, m.attempt).await? {
+                    return Err(HandlerError::Retry(format!(
+                        "job {} changed state while its result was checked; resend",
+                        job.id
+                    )));
+                }
+                held = true;
+                (JobVerdict::Wait, false)
+            } else {
+                settle::conclude(
+                    &mut tx,
+                    &mut pending,
+                    state.bank.fee_bps,
+                    &job.id,
+                    m.attempt,
+                )
+                .await?
+            }
+        }
     };
     tx.commit().await.map_err(DbError::from)?;
     pending.commit();
-    tracing::info!(job = %job.id.short(), rank = m.rank, role = %m.role, provider = %m.provider.short(), earned = %earned, held = (sampled == Sampled::Hold), "result accepted");
-    if sampled == Sampled::Hold {
+    tracing::info!(job = %job.id.short(), rank = m.rank, role = %m.role, provider = %m.provider.short(), earned = %earned, held = (sampled == Sampled::Hold || defer), "result accepted");
+    if held || m.role == Role::Verify {
         reexec::kick(state, job.id);
     }
     if ended {

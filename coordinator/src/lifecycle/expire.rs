@@ -119,7 +119,15 @@ async fn sweep(state: &AppState) -> Result<(), DbError> {
         let mut pending = state.bank.begin().await;
         let reason = "no execution of this attempt can deliver any more";
         if delivered || job.state == crate::jobs::JobState::Cancelling {
-            match settle::conclude(&mut tx, &mut pending, &job.id, job.attempts).await {
+            match settle::conclude(
+                &mut tx,
+                &mut pending,
+                state.bank.fee_bps,
+                &job.id,
+                job.attempts,
+            )
+            .await
+            {
                 Ok((_, true)) => {
                     tx.commit().await?;
                     pending.commit();

@@ -122,14 +122,16 @@ pub async fn member_lost(
     let winding_down =
         now == JobState::Cancelling || m.state == MemberState::Stopping || loss == Loss::Deadline;
     if winding_down {
-        let (verdict, ended) = match settle::conclude(&mut tx, &mut pending, &job.id, attempt).await
-        {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::error!(job = %job.id.short(), "deciding the job failed: {e}");
-                return Ok(());
-            }
-        };
+        let (verdict, ended) =
+            match settle::conclude(&mut tx, &mut pending, state.bank.fee_bps, &job.id, attempt)
+                .await
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(job = %job.id.short(), "deciding the job failed: {e}");
+                    return Ok(());
+                }
+            };
         tx.commit().await?;
         pending.commit();
         if ended {

@@ -1,34 +1,47 @@
-//! Verification by spot re-execution, driven: the audit draw when a result
-//! is accepted, the verifier's execution as one more member of the job, the
-//! comparison, and what the verdict pays, slashes and records.
+//! Verification by spot re-execution, driven: the audit draw when a job's
+//! result is accepted, the verifiers' executions as more members of the
+//! job, the comparison, and what the verdict pays, slashes and records.
 //!
 //! ```text
-//! result of a job of one accepted (running)
+//! every member of an attempt delivered a successful result (running)
 //!   ├─ draw misses ──────────────► paid, completed        (not_sampled)
-//!   ├─ draw hits, nobody else fits ► paid, completed      (unverified)
-//!   └─ draw hits ─► verifying: held, unpaid; a `verify` member is placed on
-//!        a provider picked at random among the eligible ones
-//!          ├─ agrees ─────────────► both paid, completed  (verified)
-//!          └─ disagrees ─► a second verifier breaks the tie  (disputed)
-//!               ├─ sides with the original ► verifier slashed   (verified)
-//!               ├─ sides with the verifier ► original slashed, the buyer
-//!               │                            gets the verifier's output
-//!               │                            (failed_verification)
-//!               └─ three answers ──► nobody paid or slashed, refunded
-//!                                    (nondeterministic)
+//!   ├─ draw hits, too few others fit ► paid, completed   (unverified)
+//!   └─ draw hits ─► verifying: held, unpaid; a verifier round (as many
+//!        `verify` members as the job has ranks) is placed on providers
+//!        picked at random among the eligible ones
+//!          ├─ every rank agrees ──► all paid, completed   (verified)
+//!          └─ a rank disagrees ─► a third round breaks the tie  (disputed)
+//!               ├─ the original is right on every rank ► verified; the
+//!               │     outvoted verifiers are not paid (slashed if theirs)
+//!               ├─ the original is outvoted on a rank ► the buyer gets
+//!               │     the round that is right (failed_verification)
+//!               └─ a rank with three answers ► nobody paid or slashed,
+//!                                    refunded (nondeterministic)
 //! ```
 //!
+//! A job of one is a gang of one: a round is one execution, and each rank
+//! of a gang is judged by majority as a job of one is (see
+//! [`crate::verification::rounds`]). What differs is blame: a wrong
+//! execution of a job of one is its provider's own and is slashed, while
+//! in a gang spanning several providers a member may have been fed bad
+//! data by a peer, so a wrong member is not paid and its verified record
+//! starts again, but it is not slashed. Nothing in such a gang can be
+//! slashed, so its audit draw counts no stake: with the default cost
+//! fraction every gang result is re-executed (`p_econ = C/R = 1`).
+//!
 //! **Who pays.** Nobody is paid for a sampled job's executions until they
-//! are judged. Then the executions on the winning side are paid from the
-//! job's escrow, each for the time the coordinator observed it running at
-//! its own price (the original first); the rest of the escrow goes back to
-//! the buyer. So a buyer pays for the re-execution of its own job when it
-//! is sampled, which happens with the probability on its audit record: the
+//! are judged (a gang's members are paid only once all of them delivered,
+//! so no member learns the draw before its peers' results are in). Then
+//! the executions on the winning side are paid from the job's escrow,
+//! each for the time the coordinator observed it running at its own price
+//! (the original round first); the rest of the escrow goes back to the
+//! buyer. So a buyer pays for the re-execution of its own job when it is
+//! sampled, which happens with the probability on its audit record: the
 //! price of a provider's verified track record (a trusted, bonded provider
 //! is sampled rarely) is visible to the buyer who picks it. A loser is not
-//! paid for the judged result, and its bond is slashed: half to the buyer,
-//! a quarter to the provider whose execution proved it wrong, the rest
-//! burned (see [`VerificationConfig`]).
+//! paid for the judged result, and (a job of one) its bond is slashed:
+//! half to the buyer, a quarter to the provider whose execution proved it
+//! wrong, the rest burned (see [`VerificationConfig`]).
 //!
 //! **Window.** A sampled result waits at most `window + 2 × timeout` for
 //! its re-executions. Then it is paid unverified if nobody disagreed, or
@@ -38,21 +51,23 @@
 //! any verification it takes part in) is open, its bond cannot be
 //! unstaked, so a slash always finds it.
 //!
-//! **Records.** Each accepted result of a job of one gets an audit record:
-//! the [`Decision`] (every input of the draw, the probabilities, the draw),
+//! **Records.** Each accepted result gets an audit record: the
+//! [`Decision`] (every input of the draw, the probabilities, the draw),
 //! where the verification stands, and the verifiers, as JSON signed by the
 //! coordinator's key under [`RECORD_DOMAIN`]. The buyer reads it in the
-//! job's view; [`replay`] re-derives the decision from it.
-//!
-//! Gang jobs (`gang > 1`) are not sampled yet: re-running a gang needs a
-//! second gang of the same shape.
+//! job's view; [`replay`] re-derives the decision from it. A gang's draw
+//! is keyed on [`ReceiptHash::of_gang`] of its members' receipts (in the
+//! job's view), its payment is the gang's, its trust the least trusted
+//! member's.
 
 use std::time::Duration;
 
+use futures::future::join_all;
 use kiln_contracts::Op;
 use kiln_protocol::views::VerificationStatus;
 use kiln_protocol::{
-    Credits, JobId, NetRequest, OfferId, Outcome, ProviderId, ResultReceipt, Signed, UnixMillis,
+    Credits, GangMember, GangOffer, GangStart, JobId, NetRequest, OfferId, Outcome, ProviderId,
+    ResultReceipt, Signed, UnixMillis,
 };
 use serde::Serialize;
 
@@ -61,15 +76,15 @@ use crate::AppState;
 use crate::bank::{BankError, Pending};
 use crate::db::{Db, DbError, Tx};
 use crate::jobs::keys::{self, PayPoint};
-use crate::jobs::model::Reply;
+use crate::jobs::model::{Reply, ReserveVerdict, StartVerdict, after_reserve, after_start};
 use crate::jobs::store::{MemberChange, ResultColumns};
 use crate::jobs::verifications::AuditRow;
 use crate::jobs::{Change, Expect, JobRecord, JobState, Member, MemberState, Role};
 use crate::verification::compare::{self, Agreement, Execution};
 use crate::verification::reputation::Event;
+use crate::verification::rounds::{Ballot, Final, Mark, Tally, tally};
 use crate::verification::{
-    AuditInputs, AuditOutcome, AuditSecret, Decision, ReceiptHash, Verdict, VerificationConfig,
-    decide,
+    AuditInputs, AuditSecret, Decision, ReceiptHash, VerificationConfig, decide,
 };
 
 /// The domain an audit record is signed under.
@@ -141,7 +156,7 @@ fn seal(state: &AppState, job: &JobRecord, row: &mut AuditRow, verifiers: &[Prov
 /// What [`sample_in`] decided for an accepted result.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sampled {
-    /// Not a result that is verified (a gang, a failure, a cancelled job,
+    /// Not a result that is verified (a failure, a cancelled job,
     /// verification off): settle as usual, no record.
     No,
     /// Recorded; settle now.
@@ -150,8 +165,18 @@ pub enum Sampled {
     Hold,
 }
 
-/// The spec a verifier must fit (see [`crate::sched::verifier_spec`]),
-/// with the original's GPU model from the live fleet.
+/// Whether member `m`'s pay waits until every member of its attempt has
+/// delivered: with verification on, a gang is drawn for audit over all
+/// its members' receipts at once, and a member paid at its own delivery
+/// would learn from that (or from its peers' pay) before its peers'
+/// results were in whether they could still be checked.
+pub fn defers_pay(state: &AppState, job: &JobRecord, m: &Member) -> bool {
+    state.config.verification.enabled && job.size() > 1 && m.role == Role::Run
+}
+
+/// The spec each member of a verifier round must fit (see
+/// [`crate::sched::verifier_spec`]): one rank's, with the original lead's
+/// GPU model from the live fleet.
 fn verifier_spec(
     state: &AppState,
     job: &JobRecord,
@@ -166,10 +191,13 @@ fn verifier_spec(
             .first()
             .map(|g| g.name.clone())
     });
-    crate::sched::verifier_spec(&job.spec, model.as_deref())
+    let mut spec = crate::sched::verifier_spec(&job.spec, model.as_deref());
+    spec.resources.gang = 1;
+    spec
 }
 
-/// Providers that could re-execute `job` now, except `exclude`.
+/// Providers that could take one rank of a re-execution of `job` now,
+/// except `exclude`.
 fn eligible(
     state: &AppState,
     job: &JobRecord,
@@ -180,9 +208,9 @@ fn eligible(
     crate::live::lock(state).fleet.eligible(&spec, exclude)
 }
 
-/// Inside the transaction that accepts member `m`'s result: takes and
-/// records the audit decision for it. `job_state` is the job's state read
-/// in that transaction, `earned` what the result pays.
+/// Inside the transaction that accepts member `m`'s result of a job of
+/// one: takes and records the audit decision for it. `job_state` is the
+/// job's state read in that transaction, `earned` what the result pays.
 #[allow(clippy::too_many_arguments)]
 pub async fn sample_in(
     state: &AppState,
@@ -194,8 +222,7 @@ pub async fn sample_in(
     receipt: &Signed<ResultReceipt>,
     earned: Credits,
 ) -> Result<Sampled, DbError> {
-    let cfg: &VerificationConfig = &state.config.verification;
-    if !cfg.enabled
+    if !state.config.verification.enabled
         || job.size() != 1
         || m.role != Role::Run
         || job_state != JobState::Running
@@ -203,44 +230,116 @@ pub async fn sample_in(
     {
         return Ok(Sampled::No);
     }
-    let now = UnixMillis::now();
-    let epoch = epoch_of(now);
-    let receipt_hash = ReceiptHash::of(receipt).map_err(|e| DbError::Corrupt {
-        table: "members",
-        reason: e.to_string(),
-    })?;
     let inputs = AuditInputs {
-        receipt_hash,
+        receipt_hash: receipt_hash(receipt)?,
         payment: earned,
         bond: pending.ledger().bond(&m.provider),
         trust: Db::trust_in(tx, &m.provider).await?,
     };
-    let decision = decide(&inputs, &cfg.policy, &secret(state, epoch));
+    record_decision(state, tx, job, m, &inputs).await
+}
+
+/// Inside the transaction that accepted the last result of a gang's
+/// attempt: `members` are its run members by rank, each delivered. When
+/// every one succeeded, takes and records the audit decision for the whole
+/// gang: keyed on all their receipts, for the gang's whole payment, with
+/// the least trusted member's record and no stake (a gang's members are
+/// never slashed; see the module docs).
+pub async fn sample_gang_in(
+    state: &AppState,
+    tx: &mut Tx<'_>,
+    job: &JobRecord,
+    job_state: JobState,
+    members: &[Member],
+) -> Result<Sampled, DbError> {
+    let succeeded =
+        |m: &Member| m.state == MemberState::Delivered && m.outcome == Some(Outcome::Succeeded);
+    if !state.config.verification.enabled
+        || members.len() < 2
+        || job_state != JobState::Running
+        || !members.iter().all(succeeded)
+    {
+        return Ok(Sampled::No);
+    }
+    let mut hashes = Vec::with_capacity(members.len());
+    let mut payment = Credits(0);
+    let mut trust = None;
+    for m in members {
+        let Some(r) = &m.receipt else {
+            return Ok(Sampled::No);
+        };
+        hashes.push(receipt_hash(r)?);
+        payment = Credits(payment.0.saturating_add(m.cost.unwrap_or_default().0));
+        let t = Db::trust_in(tx, &m.provider).await?;
+        trust = Some(trust.map_or(t, |least: crate::verification::TrustState| least.min(t)));
+    }
+    let inputs = AuditInputs {
+        receipt_hash: ReceiptHash::of_gang(&hashes),
+        payment,
+        bond: Credits(0),
+        trust: trust.unwrap_or_default(),
+    };
+    record_decision(state, tx, job, &members[0], &inputs).await
+}
+
+fn receipt_hash(r: &Signed<ResultReceipt>) -> Result<ReceiptHash, DbError> {
+    ReceiptHash::of(r).map_err(|e| DbError::Corrupt {
+        table: "members",
+        reason: e.to_string(),
+    })
+}
+
+/// Draws, and records the decision for the attempt whose lead member is
+/// `lead`: held when drawn and enough other providers could re-run every
+/// rank now.
+async fn record_decision(
+    state: &AppState,
+    tx: &mut Tx<'_>,
+    job: &JobRecord,
+    lead: &Member,
+    inputs: &AuditInputs,
+) -> Result<Sampled, DbError> {
+    let cfg: &VerificationConfig = &state.config.verification;
+    let now = UnixMillis::now();
+    let epoch = epoch_of(now);
+    let decision = decide(inputs, &cfg.policy, &secret(state, epoch));
     let p = decision.p();
+    let ranks = job.size() as usize;
     let (status, detail) = if !decision.audited {
         (
             VerificationStatus::NotSampled,
             format!("not sampled: the audit draw (p = {p}) did not select it"),
         )
-    } else if eligible(state, job, &m.provider, &[m.provider]).is_empty() {
+    } else if eligible(
+        state,
+        job,
+        &lead.provider,
+        &job_providers(tx, job, lead.attempt).await?,
+    )
+    .len()
+        < ranks
+    {
+        let who = if ranks == 1 {
+            "no other provider that fits the job is".to_string()
+        } else {
+            format!("fewer than {ranks} other providers that fit a rank of the gang are")
+        };
         (
             VerificationStatus::Unverified,
-            format!(
-                "sampled (p = {p}), but no other provider that fits the job is online to re-run it; paid unverified"
-            ),
+            format!("sampled (p = {p}), but {who} online to re-run it; paid unverified"),
         )
     } else {
         (
             VerificationStatus::Pending,
-            format!("sampled (p = {p}): being re-executed on another provider before it is paid"),
+            format!("sampled (p = {p}): being re-executed on other providers before it is paid"),
         )
     };
     let window = cfg.window + Duration::from_millis(job.timeout_ms().saturating_mul(2));
     let mut row = AuditRow {
         job_id: job.id,
-        attempt: m.attempt,
-        offer_id: m.offer_id,
-        provider: m.provider,
+        attempt: lead.attempt,
+        offer_id: lead.offer_id,
+        provider: lead.provider,
         epoch,
         decision,
         status,
@@ -256,12 +355,25 @@ pub async fn sample_in(
     };
     seal(state, job, &mut row, &[]);
     Db::insert_audit(tx, &row).await?;
-    tracing::info!(job = %job.id.short(), provider = %m.provider.short(), p = %p, audited = decision.audited, "audit decision");
+    tracing::info!(job = %job.id.short(), provider = %lead.provider.short(), ranks, p = %p, audited = decision.audited, "audit decision");
     Ok(if status == VerificationStatus::Pending {
         Sampled::Hold
     } else {
         Sampled::Settle
     })
+}
+
+/// Every provider that took part in `job`'s `attempt`.
+async fn job_providers(
+    tx: &mut Tx<'_>,
+    job: &JobRecord,
+    attempt: u32,
+) -> Result<Vec<ProviderId>, DbError> {
+    Ok(Db::attempt_members_in(tx, &job.id, attempt)
+        .await?
+        .iter()
+        .map(|m| m.provider)
+        .collect())
 }
 
 /// Inside the same transaction: the held job waits for its verifiers.
@@ -272,7 +384,7 @@ pub async fn hold_in(tx: &mut Tx<'_>, job: &JobId, attempt: u32) -> Result<bool,
         Expect::attempt(&[JobState::Running], attempt),
         JobState::Verifying,
         Change {
-            reason: Some("result received; re-executing it on another provider to verify it before it is paid"),
+            reason: Some("result received; re-executing it on other providers to verify it before it is paid"),
             ..Default::default()
         },
     )
@@ -319,13 +431,40 @@ pub async fn tick(state: &AppState) -> Result<(), DbError> {
 struct Standing {
     job: JobRecord,
     row: AuditRow,
-    original: Member,
-    /// Verifiers that delivered, by rank.
-    delivered: Vec<Member>,
-    /// Verifiers that may still deliver.
+    /// Ranks per round (the job's gang size).
+    k: usize,
+    /// Rounds whose every rank delivered, by relative rank: the original
+    /// first, then the verifier rounds in the order they were placed.
+    rounds: Vec<Vec<Member>>,
+    /// Verifiers of a round that may still deliver.
     running: Vec<Member>,
+    /// Verifiers still pending in a round that cannot complete (one of its
+    /// members was released): stopped, and another round is placed.
+    broken: Vec<Member>,
     /// Every provider that executed (or was asked to) in this attempt.
     involved: Vec<ProviderId>,
+    /// The rank the next round starts at (a multiple of `k`).
+    next_rank: u32,
+}
+
+impl Standing {
+    fn original(&self) -> &[Member] {
+        self.rounds.first().map_or(&[], Vec::as_slice)
+    }
+
+    fn lead(&self) -> Option<&Member> {
+        self.original().first()
+    }
+
+    /// The providers of round `i`, for messages.
+    fn providers(&self, i: usize) -> String {
+        self.rounds.get(i).map_or_else(String::new, |r| {
+            r.iter()
+                .map(|m| m.provider.short())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    }
 }
 
 async fn standing(state: &AppState, job_id: &JobId) -> Result<Option<Standing>, DbError> {
@@ -336,27 +475,51 @@ async fn standing(state: &AppState, job_id: &JobId) -> Result<Option<Standing>, 
     if job.state != JobState::Verifying || row.status.is_final() || job.attempts != row.attempt {
         return Ok(None);
     }
-    let members = state.db.attempt_members(job_id, row.attempt).await?;
-    let Some(original) = members.iter().find(|m| m.offer_id == row.offer_id).cloned() else {
-        return Ok(None);
-    };
+    let k = job.size().max(1) as usize;
+    let mut members = state.db.attempt_members(job_id, row.attempt).await?;
+    members.sort_by_key(|m| m.rank);
     let involved = members.iter().map(|m| m.provider).collect();
-    let verifiers = members.into_iter().filter(|m| m.role == Role::Verify);
-    let (delivered, rest): (Vec<Member>, Vec<Member>) =
-        verifiers.partition(|m| m.state == MemberState::Delivered);
-    let running = rest.into_iter().filter(|m| m.state.pending()).collect();
+    let next_rank = members
+        .iter()
+        .map(|m| m.rank + 1)
+        .max()
+        .unwrap_or(0)
+        .next_multiple_of(k as u32);
+    let (original, verifiers): (Vec<Member>, Vec<Member>) =
+        members.into_iter().partition(|m| m.role == Role::Run);
+    if original.len() != k || original.iter().any(|m| m.state != MemberState::Delivered) {
+        return Ok(None);
+    }
+    let mut rounds = vec![original];
+    let (mut running, mut broken) = (Vec::new(), Vec::new());
+    let mut by_round: std::collections::BTreeMap<u32, Vec<Member>> = Default::default();
+    for m in verifiers {
+        by_round.entry(m.rank / k as u32).or_default().push(m);
+    }
+    for (_, round) in by_round {
+        let delivered = round.iter().all(|m| m.state == MemberState::Delivered);
+        if round.len() == k && delivered {
+            rounds.push(round);
+        } else if round.iter().any(|m| m.state == MemberState::Released) {
+            broken.extend(round.into_iter().filter(|m| m.state.pending()));
+        } else {
+            running.extend(round.into_iter().filter(|m| m.state.pending()));
+        }
+    }
     Ok(Some(Standing {
         job,
         row,
-        original,
-        delivered,
+        k,
+        rounds,
         running,
+        broken,
         involved,
+        next_rank,
     }))
 }
 
 /// One step of `job`'s verification (serialized per coordinator, so two
-/// steps never place two verifiers at once).
+/// steps never place two verifier rounds at once).
 pub async fn advance(state: &AppState, job_id: &JobId) -> Result<(), DbError> {
     let _one_at_a_time = state.reexec.lock().await;
     step(state, job_id).await
@@ -371,24 +534,35 @@ async fn step(state: &AppState, job_id: &JobId) -> Result<(), DbError> {
     if now > s.row.closes_at {
         return close_window(state, s).await;
     }
+    if !s.broken.is_empty() {
+        let (open, started): (Vec<Member>, Vec<Member>) = s
+            .broken
+            .iter()
+            .cloned()
+            .partition(|m| matches!(m.state, MemberState::Offered | MemberState::Reserved));
+        super::wind_down(
+            state,
+            s.k > 1,
+            &open,
+            &started,
+            "another member of this verifier round was released",
+        )
+        .await?;
+    }
     if !s.running.is_empty() {
-        return Ok(()); // a verifier is at work
+        return Ok(()); // a verifier round is at work
     }
     match judge(state, &s).await {
-        Ok(Judged::NeedsExecution) => place_verifier(state, &s).await,
-        Ok(Judged::Final(v, why)) => apply(state, &s, &settlement(&s, v, &why), &[]).await,
+        Ok(Tally::NeedsRound) => place_round(state, &s).await,
+        Ok(Tally::Final(f)) => {
+            let plan = settlement(&s, &f);
+            apply(state, &s, &plan, &[]).await
+        }
         Err(e) => {
             tracing::warn!(job = %s.job.id.short(), "comparing executions failed: {e}; retried next round");
             Ok(())
         }
     }
-}
-
-/// What the executions so far decide.
-enum Judged {
-    /// Another verifier must run (none yet, or a tie to break).
-    NeedsExecution,
-    Final(Verdict, String),
 }
 
 fn execution(m: &Member) -> Option<Execution<'_>> {
@@ -405,12 +579,7 @@ fn execution(m: &Member) -> Option<Execution<'_>> {
 /// Compares two delivered members under the job's comparator. An error
 /// (a blob this coordinator cannot read) is not a verdict about anyone:
 /// the step is retried next round, until the window closes.
-async fn agree(
-    state: &AppState,
-    job: &JobRecord,
-    a: &Member,
-    b: &Member,
-) -> Result<Agreement, String> {
+async fn agree(state: &AppState, job: &JobRecord, a: &Member, b: &Member) -> Result<bool, String> {
     let (a, b, verify, store) = (a.clone(), b.clone(), job.spec.verify, state.blobs.clone());
     tokio::task::spawn_blocking(move || {
         let (Some(ea), Some(eb)) = (execution(&a), execution(&b)) else {
@@ -422,116 +591,177 @@ async fn agree(
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("{cid} is not in the coordinator's store"))
         };
-        compare::compare(&verify, &ea, &eb, &mut read).map_err(|e| e.to_string())
+        compare::compare(&verify, &ea, &eb, &mut read)
+            .map(|a| a == Agreement::Same)
+            .map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| format!("comparison task failed: {e}"))?
 }
 
-async fn judge(state: &AppState, s: &Standing) -> Result<Judged, String> {
-    let Some(v) = s.delivered.first() else {
-        return Ok(Judged::NeedsExecution);
+/// Compares the delivered rounds rank by rank (the third round only where
+/// it is needed) and tallies them.
+async fn judge(state: &AppState, s: &Standing) -> Result<Tally, String> {
+    let (Some(o), Some(v)) = (s.rounds.first(), s.rounds.get(1)) else {
+        return Ok(Tally::NeedsRound);
     };
-    let Agreement::Differ(diff) = agree(state, &s.job, &s.original, v).await? else {
-        return Ok(Judged::Final(Verdict::Agreed, String::new()));
-    };
-    let Some(t) = s.delivered.get(1) else {
-        return Ok(Judged::NeedsExecution);
-    };
-    if agree(state, &s.job, t, &s.original).await? == Agreement::Same {
-        return Ok(Judged::Final(Verdict::VerifierWrong, diff));
+    let third = s.rounds.get(2);
+    let mut ballots = Vec::with_capacity(s.k);
+    for r in 0..s.k {
+        let original_verifier = agree(state, &s.job, &o[r], &v[r]).await?;
+        let mut b = Ballot {
+            original_verifier,
+            ..Ballot::default()
+        };
+        if let Some(t) = third {
+            b.original_third = Some(agree(state, &s.job, &t[r], &o[r]).await?);
+            if !original_verifier && b.original_third == Some(false) {
+                b.verifier_third = Some(agree(state, &s.job, &t[r], &v[r]).await?);
+            }
+        }
+        ballots.push(b);
     }
-    if agree(state, &s.job, t, v).await? == Agreement::Same {
-        return Ok(Judged::Final(Verdict::OriginalWrong, diff));
-    }
-    Ok(Judged::Final(Verdict::NoMajority, diff))
+    let shared: Vec<bool> = s
+        .rounds
+        .iter()
+        .map(|round| round.iter().any(|m| m.provider != round[0].provider))
+        .collect();
+    Ok(tally(&ballots, s.rounds.len().min(3), &shared))
 }
 
-/// Places the next verifier on a provider picked at random among the
-/// eligible ones that have not executed this job yet, and offers it the
-/// job. Nobody eligible: it waits for the next round (or the window).
-async fn place_verifier(state: &AppState, s: &Standing) -> Result<(), DbError> {
-    let spec = verifier_spec(state, &s.job, &s.original.provider);
+/// Picks `k` distinct providers at random among `candidates`.
+fn pick(mut candidates: Vec<ProviderId>, k: usize) -> Option<Vec<ProviderId>> {
+    if candidates.len() < k {
+        return None;
+    }
+    let mut picked = Vec::with_capacity(k);
+    for _ in 0..k {
+        let r = u64::from_le_bytes(kiln_protocol::ids::random_bytes::<8>());
+        let i = (r % candidates.len() as u64) as usize;
+        picked.push(candidates.swap_remove(i));
+    }
+    Some(picked)
+}
+
+/// Places the next verifier round (one member per rank) on providers
+/// picked at random among the eligible ones that have not executed this
+/// job yet, and offers it the job. Too few eligible: it waits for the
+/// next round (or the window).
+async fn place_round(state: &AppState, s: &Standing) -> Result<(), DbError> {
+    let Some(lead) = s.lead() else {
+        return Ok(());
+    };
+    let spec = verifier_spec(state, &s.job, &lead.provider);
     let placed = {
         let mut live = crate::live::lock(state);
         let candidates = live.fleet.eligible(&spec, &s.involved);
-        if candidates.is_empty() {
-            None
-        } else {
-            let r = u64::from_le_bytes(kiln_protocol::ids::random_bytes::<8>());
-            let id = candidates[(r % candidates.len() as u64) as usize];
-            let placement = live.fleet.book(&id, &s.job.spec);
-            let addrs = live
-                .fleet
-                .index_of(&id)
-                .map(|i| live.fleet.view(i).advert.listen_addrs.clone())
-                .unwrap_or_default();
-            placement.map(|p| {
-                live.book(s.job.id, s.row.attempt, std::slice::from_ref(&p));
-                (p, addrs)
-            })
-        }
+        pick(candidates, s.k).and_then(|ids| {
+            let mut placements = Vec::with_capacity(ids.len());
+            let mut addrs = Vec::with_capacity(ids.len());
+            for id in &ids {
+                let Some(p) = live.fleet.book(id, &spec) else {
+                    for p in &placements {
+                        live.fleet.release(p);
+                    }
+                    return None;
+                };
+                placements.push(p);
+                addrs.push(
+                    live.fleet
+                        .index_of(id)
+                        .map(|i| live.fleet.view(i).advert.listen_addrs.clone())
+                        .unwrap_or_default(),
+                );
+            }
+            live.book(s.job.id, s.row.attempt, &placements);
+            Some((placements, addrs))
+        })
     };
-    let Some((placement, addrs)) = placed else {
+    let Some((placements, addrs)) = placed else {
         return Ok(());
     };
-    let rank = s.involved.len() as u32;
-    let m = Member {
-        offer_id: OfferId::random(),
-        job_id: s.job.id,
-        attempt: s.row.attempt,
-        rank,
-        provider: placement.provider,
-        listen_addrs: addrs,
-        price_per_hour: placement.price_per_hour,
-        state: MemberState::Offered,
-        reason: None,
-        outcome: None,
-        paid: Credits(0),
-        cost: None,
-        receipt: None,
-        manifest: None,
-        started_at: None,
-        result_at: None,
-        paid_at: None,
-        role: Role::Verify,
-    };
-    let tie = !s.delivered.is_empty();
+    let round: Vec<Member> = placements
+        .iter()
+        .zip(addrs)
+        .enumerate()
+        .map(|(i, (p, addrs))| Member {
+            offer_id: OfferId::random(),
+            job_id: s.job.id,
+            attempt: s.row.attempt,
+            rank: s.next_rank + i as u32,
+            provider: p.provider,
+            listen_addrs: addrs,
+            price_per_hour: p.price_per_hour,
+            state: MemberState::Offered,
+            reason: None,
+            outcome: None,
+            paid: Credits(0),
+            cost: None,
+            receipt: None,
+            manifest: None,
+            started_at: None,
+            result_at: None,
+            paid_at: None,
+            role: Role::Verify,
+        })
+        .collect();
+    let tie = s.rounds.len() > 1;
     let mut tx = state.db.begin().await?;
     if Db::job_state_in(&mut tx, &s.job.id).await? != Some((JobState::Verifying, s.row.attempt)) {
         return Ok(());
     }
-    Db::insert_member(&mut tx, &m).await?;
+    for m in &round {
+        Db::insert_member(&mut tx, m).await?;
+    }
+    let who = round
+        .iter()
+        .map(|m| m.provider.short())
+        .collect::<Vec<_>>()
+        .join(", ");
     if tie && s.row.status == VerificationStatus::Pending {
         let mut row = s.row.clone();
         row.status = VerificationStatus::Disputed;
-        row.detail = format!(
-            "disputed: the re-execution on provider {} disagreed ({}); a third execution on provider {} decides",
-            s.delivered[0].provider.short(),
-            first_line(s),
-            m.provider.short()
-        );
-        let verifiers: Vec<ProviderId> = s
-            .delivered
+        row.detail = if s.k == 1 {
+            format!(
+                "disputed: the re-execution on provider {} disagreed ({}); a third execution on provider {who} decides",
+                s.providers(1),
+                first_difference(s),
+            )
+        } else {
+            format!(
+                "disputed: the re-execution of the gang on providers {} disagreed ({}); a third round on providers {who} decides",
+                s.providers(1),
+                first_difference(s),
+            )
+        };
+        let verifiers: Vec<ProviderId> = s.rounds[1..]
             .iter()
-            .map(|v| v.provider)
-            .chain([m.provider])
+            .flatten()
+            .chain(&round)
+            .map(|m| m.provider)
             .collect();
         seal(state, &s.job, &mut row, &verifiers);
         Db::update_audit(&mut tx, &row, VerificationStatus::Pending).await?;
     }
     tx.commit().await?;
-    tracing::info!(job = %s.job.id.short(), verifier = %m.provider.short(), tie, "re-executing to verify");
-    // The offer goes out in a task of its own: a verifier that does not
-    // answer must not hold up the other verifications. The member is
-    // recorded (offered), so no second verifier is placed meanwhile.
-    let (st, job) = (state.clone(), s.job.clone());
+    tracing::info!(job = %s.job.id.short(), verifiers = %who, tie, "re-executing to verify");
+    // The offers go out in a task of their own: a verifier that does not
+    // answer must not hold up the other verifications. The members are
+    // recorded (offered), so no second round is placed meanwhile.
+    let (st, job, base) = (state.clone(), s.job.clone(), s.next_rank);
     state.tasks.spawn(async move {
+        let work = async {
+            if let [m] = round.as_slice() {
+                offer(&st, &job, m.clone()).await
+            } else {
+                offer_round(&st, &job, &round, base).await
+            }
+        };
         tokio::select! {
-            r = offer(&st, &job, m) => if let Err(e) = r {
+            r = work => if let Err(e) = r {
                 tracing::error!(job = %job.id.short(), "offering the re-execution failed: {e}");
             },
-            // At shutdown the member stays offered; the audit window
+            // At shutdown the members stay offered; the audit window
             // settles the job if nobody answers after the restart.
             () = st.stopping.cancelled() => {}
         }
@@ -539,18 +769,37 @@ async fn place_verifier(state: &AppState, s: &Standing) -> Result<(), DbError> {
     Ok(())
 }
 
-/// The difference that opened the dispute, for the record (recomputed
-/// cheaply from what is stored: the comparator's words are not kept).
-fn first_line(s: &Standing) -> String {
-    match (
-        s.original.receipt.as_ref(),
-        s.delivered.first().and_then(|v| v.receipt.as_ref()),
-    ) {
-        (Some(a), Some(b)) => format!(
-            "outputs {} vs {}",
-            a.payload.output_cid, b.payload.output_cid
-        ),
-        _ => "different outputs".into(),
+/// The first difference that opened the dispute, for the record
+/// (recomputed cheaply from what is stored: the comparator's words are not
+/// kept).
+fn first_difference(s: &Standing) -> String {
+    let (Some(o), Some(v)) = (s.rounds.first(), s.rounds.get(1)) else {
+        return "different outputs".into();
+    };
+    let differ: Vec<(u32, &Member, &Member)> = o
+        .iter()
+        .zip(v)
+        .enumerate()
+        .filter(|(_, (a, b))| {
+            a.receipt.as_ref().map(|r| r.payload.output_cid)
+                != b.receipt.as_ref().map(|r| r.payload.output_cid)
+        })
+        .map(|(r, (a, b))| (r as u32, a, b))
+        .collect();
+    match differ.first() {
+        Some((rank, a, b)) => {
+            let cid = |m: &Member| {
+                m.receipt
+                    .as_ref()
+                    .map_or_else(|| "none".into(), |r| r.payload.output_cid.to_string())
+            };
+            if s.k == 1 {
+                format!("outputs {} vs {}", cid(a), cid(b))
+            } else {
+                format!("rank {rank}: outputs {} vs {}", cid(a), cid(b))
+            }
+        }
+        None => "outputs differ beyond the comparator's tolerance".into(),
     }
 }
 
@@ -621,89 +870,273 @@ async fn offer(state: &AppState, job: &JobRecord, m: Member) -> Result<(), DbErr
     Ok(())
 }
 
+/// Offers a verifier round of a gang, all or nothing as a gang's own
+/// dispatch is (see [`super::place`]): every member reserves (ranks and
+/// roster relative to the round, so each rank runs with what its original
+/// rank saw), then all start. Any refusal or silence releases (or stops)
+/// the whole round; the next step places another.
+async fn offer_round(
+    state: &AppState,
+    job: &JobRecord,
+    round: &[Member],
+    base: u32,
+) -> Result<(), DbError> {
+    let size = round.len() as u32;
+    let roster: Vec<GangMember> = round
+        .iter()
+        .map(|m| GangMember {
+            rank: m.rank - base,
+            provider: m.provider,
+            listen_addrs: m.listen_addrs.clone(),
+        })
+        .collect();
+    let hold_ms = u64::try_from(state.config.offer_ttl.as_millis()).unwrap_or(u64::MAX);
+    let offers = round.iter().map(|m| {
+        let roster = roster.clone();
+        async move {
+            let offer = GangOffer {
+                offer: super::place::offer_for(state, job, m).await,
+                rank: m.rank - base,
+                size,
+                members: roster,
+                hold_ms,
+            };
+            match sign(state, offer) {
+                Some(s) => send(state, m, NetRequest::GangOffer(s), 3).await,
+                None => Reply::Refused("the coordinator could not sign the offer".into()),
+            }
+        }
+    });
+    let replies = join_all(offers).await;
+    let still = |s: Option<(JobState, u32)>| s == Some((JobState::Verifying, job.attempts));
+    let mut tx = state.db.begin().await?;
+    for (m, r) in round.iter().zip(&replies) {
+        if *r == Reply::Accepted {
+            Db::set_member(
+                &mut tx,
+                &m.offer_id,
+                &[MemberState::Offered],
+                MemberState::Reserved,
+                MemberChange::default(),
+            )
+            .await?;
+        }
+    }
+    let live = still(Db::job_state_in(&mut tx, &job.id).await?);
+    tx.commit().await?;
+    let providers: Vec<ProviderId> = round.iter().map(|m| m.provider).collect();
+    let reason = match (live, after_reserve(&replies, &providers)) {
+        (false, _) => "the verification ended while its round reserved".to_string(),
+        (true, ReserveVerdict::ReleaseAll { reason }) => reason,
+        (true, ReserveVerdict::StartAll) => {
+            let starts = round.iter().map(|m| async move {
+                let msg = GangStart {
+                    job_id: job.id,
+                    offer_id: m.offer_id,
+                    provider: m.provider,
+                };
+                match sign(state, msg) {
+                    Some(s) => send(state, m, NetRequest::GangStart(s), 3).await,
+                    None => Reply::Refused("the coordinator could not sign the start".into()),
+                }
+            });
+            let replies = join_all(starts).await;
+            let mut tx = state.db.begin().await?;
+            let live = still(Db::job_state_in(&mut tx, &job.id).await?);
+            let now = UnixMillis::now();
+            for (m, r) in round.iter().zip(&replies) {
+                if *r == Reply::Accepted && live {
+                    Db::set_member(
+                        &mut tx,
+                        &m.offer_id,
+                        &[MemberState::Reserved],
+                        MemberState::Started,
+                        MemberChange {
+                            started_at: Some(now),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+            match (live, after_start(&replies, &providers)) {
+                (true, StartVerdict::Running) => {
+                    tracing::info!(job = %job.id.short(), "all {size} verifiers of the round started");
+                    return Ok(());
+                }
+                (true, StartVerdict::Abort { reason, .. }) => reason,
+                (false, _) => "the verification ended while its round started".to_string(),
+            }
+        }
+    };
+    {
+        let mut live = crate::live::lock(state);
+        for (m, r) in round.iter().zip(&replies) {
+            if *r != Reply::Accepted {
+                live.suspend(&m.provider);
+            }
+        }
+    }
+    tracing::warn!(job = %job.id.short(), "verifier round: {reason}");
+    let (open, started): (Vec<Member>, Vec<Member>) = round.iter().cloned().partition(|m| {
+        m.state == MemberState::Offered
+            && replies.get((m.rank - base) as usize) != Some(&Reply::Accepted)
+    });
+    super::wind_down(state, true, &open, &started, &reason).await?;
+    state.wake.notify_one();
+    Ok(())
+}
+
 /// Who is paid, who is slashed (and who proved it), what the job ends as.
 struct Settlement<'a> {
     paid: Vec<&'a Member>,
-    slashed: Option<(&'a Member, &'a Member)>,
+    /// Each slashed member and a member whose execution proved it wrong.
+    slashed: Vec<(&'a Member, &'a Member)>,
     /// The result the buyer gets (`None`: refunded, the job fails).
     result: Option<&'a Member>,
     status: VerificationStatus,
     detail: String,
-    /// Audit outcomes for the original and the verifiers' providers.
-    outcomes: Vec<(&'a Member, AuditOutcome)>,
+    /// What the verdict says about each execution.
+    marks: Vec<(&'a Member, Mark)>,
 }
 
-fn settlement<'a>(s: &'a Standing, v: Verdict, diff: &str) -> Settlement<'a> {
-    let o = &s.original;
-    let short = |m: &Member| m.provider.short();
-    match (v, s.delivered.first(), s.delivered.get(1)) {
-        (Verdict::Agreed, Some(v1), _) => Settlement {
-            paid: vec![o, v1],
-            slashed: None,
-            result: Some(o),
-            status: VerificationStatus::Verified,
-            detail: format!(
-                "verified by re-execution on provider {} (compare {})",
-                short(v1),
-                s.job.spec.verify.compare.as_str()
-            ),
-            outcomes: vec![(o, AuditOutcome::Passed), (v1, AuditOutcome::Passed)],
-        },
-        (Verdict::VerifierWrong, Some(v1), Some(t)) => Settlement {
-            paid: vec![o, t],
-            slashed: Some((v1, t)),
-            result: Some(o),
-            status: VerificationStatus::Verified,
-            detail: format!(
-                "verified after a dispute: the re-execution on provider {} disagreed ({diff}), the third on provider {} agreed with the result; provider {} was slashed",
-                short(v1),
-                short(t),
-                short(v1)
-            ),
-            outcomes: vec![
-                (o, AuditOutcome::Passed),
-                (t, AuditOutcome::Passed),
-                (v1, AuditOutcome::Failed),
-            ],
-        },
-        (Verdict::OriginalWrong, Some(v1), Some(t)) => Settlement {
-            paid: vec![v1, t],
-            slashed: Some((o, v1)),
-            result: Some(v1),
-            status: VerificationStatus::FailedVerification,
-            detail: format!(
-                "failed verification: re-executions on providers {} and {} agree with each other, not with provider {}'s result ({diff}); provider {} was slashed and not paid, and the output is provider {}'s",
-                short(v1),
-                short(t),
-                short(o),
-                short(o),
-                short(v1)
-            ),
-            outcomes: vec![
-                (o, AuditOutcome::Failed),
-                (v1, AuditOutcome::Passed),
-                (t, AuditOutcome::Passed),
-            ],
-        },
-        _ => Settlement {
+/// Turns a final tally into payments, slashes, records and words.
+fn settlement<'a>(s: &'a Standing, f: &Final) -> Settlement<'a> {
+    let compare = s.job.spec.verify.compare.as_str();
+    let mut marks = Vec::new();
+    for (round, row) in s.rounds.iter().zip(&f.marks) {
+        for (m, mark) in round.iter().zip(row) {
+            marks.push((m, *mark));
+        }
+    }
+    let Some(result_round) = f.result_round else {
+        return Settlement {
             paid: Vec::new(),
-            slashed: None,
+            slashed: Vec::new(),
             result: None,
             status: VerificationStatus::Nondeterministic,
             detail: format!(
-                "nondeterministic: three executions gave three different results under `{}` ({diff}); nobody was slashed or paid for them, and the escrow was refunded",
-                s.job.spec.verify.compare.as_str()
+                "nondeterministic: three executions gave three different results under `{compare}` ({}); nobody was slashed or paid for them, and the escrow was refunded",
+                first_difference(s)
             ),
-            outcomes: s
-                .delivered
+            marks,
+        };
+    };
+    let paid: Vec<&Member> = marks
+        .iter()
+        .filter(|(_, mark)| *mark == Mark::Right)
+        .map(|(m, _)| *m)
+        .collect();
+    // A slashed execution's proof: a right one of the same rank from a
+    // later round (the one that contradicted it).
+    let slashed: Vec<(&Member, &Member)> = marks
+        .iter()
+        .filter(|(_, mark)| *mark == Mark::Wrong)
+        .filter_map(|(loser, _)| {
+            let rank = loser.rank as usize % s.k;
+            let mine = s
+                .rounds
                 .iter()
-                .chain([o])
-                .map(|m| (m, AuditOutcome::Inconclusive))
-                .collect(),
-        },
+                .position(|r| r.iter().any(|x| x.offer_id == loser.offer_id));
+            s.rounds
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter(|(i, _)| Some(*i) != mine)
+                .find_map(|(i, r)| (f.marks[i][rank] == Mark::Right).then_some(&r[rank]))
+                .map(|proof| (*loser, proof))
+        })
+        .collect();
+    let unblamed = marks
+        .iter()
+        .filter(|(_, m)| *m == Mark::Unattributed)
+        .count();
+    let result = s.rounds[result_round].first();
+    let providers = |i: usize| s.providers(i);
+    let (status, detail) = match (f.original_right(), s.rounds.len(), s.k) {
+        (true, 2, 1) => (
+            VerificationStatus::Verified,
+            format!(
+                "verified by re-execution on provider {} (compare {compare})",
+                providers(1)
+            ),
+        ),
+        (true, 2, k) => (
+            VerificationStatus::Verified,
+            format!(
+                "verified by re-executing all {k} ranks on providers {} (compare {compare})",
+                providers(1)
+            ),
+        ),
+        (true, _, 1) => (
+            VerificationStatus::Verified,
+            format!(
+                "verified after a dispute: the re-execution on provider {} disagreed ({}), the third on provider {} agreed with the result; provider {} was slashed",
+                providers(1),
+                first_difference(s),
+                providers(2),
+                providers(1)
+            ),
+        ),
+        (true, _, _) => (
+            VerificationStatus::Verified,
+            format!(
+                "verified after a dispute: the re-execution on providers {} disagreed ({}), the third round on providers {} agreed with the result on every rank; {unblamed} outvoted verifier(s) were not paid (a gang's members are not slashed: one may have been fed bad data by a peer)",
+                providers(1),
+                first_difference(s),
+                providers(2),
+            ),
+        ),
+        (false, _, 1) => {
+            let o = &s.rounds[0][0];
+            (
+                VerificationStatus::FailedVerification,
+                format!(
+                    "failed verification: re-executions on providers {} and {} agree with each other, not with provider {}'s result ({}); provider {} was slashed and not paid, and the output is provider {}'s",
+                    providers(1),
+                    providers(2),
+                    o.provider.short(),
+                    first_difference(s),
+                    o.provider.short(),
+                    result.map(|m| m.provider.short()).unwrap_or_default()
+                ),
+            )
+        }
+        (false, _, _) => {
+            let wrong: Vec<String> = f.marks[0]
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| **m != Mark::Right)
+                .map(|(rank, _)| {
+                    format!(
+                        "rank {rank} (provider {})",
+                        s.rounds[0][rank].provider.short()
+                    )
+                })
+                .collect();
+            (
+                VerificationStatus::FailedVerification,
+                format!(
+                    "failed verification: two re-executions of the gang (providers {} and {}) outvote the original on {} ({}); those members were not paid and start their verified record again (a gang's members are not slashed: one may have been fed bad data by a peer), and the output is the round on providers {}",
+                    providers(1),
+                    providers(2),
+                    wrong.join(", "),
+                    first_difference(s),
+                    providers(result_round)
+                ),
+            )
+        }
+    };
+    Settlement {
+        paid,
+        slashed,
+        result,
+        status,
+        detail,
+        marks,
     }
 }
-
 /// Applies a settlement in one transaction: the members in `stop` (still
 /// running when the window closed) released, payments, slash, trust and
 /// reputation, the job's end, the escrow's close, the record; then the
@@ -771,7 +1204,7 @@ async fn settle_in(
         .await?;
     }
     let mut detail = plan.detail.clone();
-    if let Some((loser, proof)) = plan.slashed {
+    for (loser, proof) in &plan.slashed {
         let bond = pending.ledger().bond(&loser.provider);
         let amount = cfg
             .policy
@@ -797,13 +1230,15 @@ async fn settle_in(
             detail.push_str(" (it had no bond to slash)");
         }
     }
-    for (m, outcome) in &plan.outcomes {
+    for (m, mark) in &plan.marks {
         let trust = Db::trust_in(tx, &m.provider).await?;
-        Db::set_trust(tx, &m.provider, trust.after(*outcome)).await?;
-        let event = match outcome {
-            AuditOutcome::Passed => Some(Event::AuditPassed),
-            AuditOutcome::Failed => Some(Event::AuditFailed),
-            AuditOutcome::Inconclusive => None,
+        Db::set_trust(tx, &m.provider, trust.after(mark.outcome())).await?;
+        // Reputation moves only on evidence about the provider itself: an
+        // unattributed error in a gang says nothing about which member.
+        let event = match mark {
+            Mark::Right => Some(Event::AuditPassed),
+            Mark::Wrong => Some(Event::AuditFailed),
+            Mark::Unattributed | Mark::Unjudged => None,
         };
         if let Some(e) = event {
             Db::reputation_event(tx, &m.provider, e).await?;
@@ -846,7 +1281,7 @@ async fn settle_in(
     row.status = plan.status;
     row.detail = detail;
     row.decided_at = Some(UnixMillis::now());
-    let verifiers: Vec<ProviderId> = s.delivered.iter().map(|m| m.provider).collect();
+    let verifiers: Vec<ProviderId> = s.rounds[1..].iter().flatten().map(|m| m.provider).collect();
     seal(state, &s.job, &mut row, &verifiers);
     Db::update_audit(tx, &row, from).await?;
     Ok(true)
@@ -855,33 +1290,32 @@ async fn settle_in(
 /// The window closed: settle with what is known. Verifiers still running
 /// are stopped (and paid for what they reported).
 async fn close_window(state: &AppState, s: Standing) -> Result<(), DbError> {
-    let disputed = !s.delivered.is_empty();
-    let (paid, result, status, detail) = if disputed {
+    let disputed = s.rounds.len() > 1;
+    let (paid, result, detail) = if disputed {
         (
             Vec::new(),
             None,
-            VerificationStatus::Unverified,
             format!(
-                "disputed and unresolved: the re-execution on provider {} disagreed and no third execution finished within the audit window; nobody was slashed or paid for it, and the escrow was refunded",
-                s.delivered[0].provider.short()
+                "disputed and unresolved: the re-execution on provider(s) {} disagreed and no third execution finished within the audit window; nobody was slashed or paid for it, and the escrow was refunded",
+                s.providers(1)
             ),
         )
     } else {
         (
-            vec![&s.original],
-            Some(&s.original),
-            VerificationStatus::Unverified,
+            s.original().iter().collect(),
+            s.lead(),
             "sampled, but no re-execution finished within the audit window; paid unverified"
                 .to_string(),
         )
     };
     let plan = Settlement {
         paid,
-        slashed: None,
+        slashed: Vec::new(),
         result,
-        status,
+        status: VerificationStatus::Unverified,
         detail,
-        outcomes: Vec::new(),
+        marks: Vec::new(),
     };
-    apply(state, &s, &plan, &s.running).await
+    let stop: Vec<Member> = s.running.iter().chain(&s.broken).cloned().collect();
+    apply(state, &s, &plan, &stop).await
 }

@@ -16,7 +16,7 @@ use crate::bank::{BankError, Pending};
 use crate::db::{Db, DbError, Tx};
 use crate::jobs::model::{JobVerdict, Seen, after_results};
 use crate::jobs::store::ResultColumns;
-use crate::jobs::{Change, Expect, JobState, billing, keys};
+use crate::jobs::{Change, Expect, JobState, MemberState, Role, billing, keys};
 
 /// What one payment did.
 #[derive(Clone, Copy, Debug, Default)]
@@ -96,18 +96,22 @@ pub async fn close(
 }
 
 /// Decides a job from its attempt's members (inside `tx`) and, when they
-/// are all done, ends it: the job row takes the lead member's receipt and
-/// what the buyer paid in all, and the escrow is closed. Returns the
-/// verdict and whether this call ended the job.
+/// are all done, ends it: members whose pay waited for the others (see
+/// [`crate::lifecycle::reexec::defers_pay`]) are paid for their results,
+/// the job row takes the lead member's receipt and what the buyer paid in
+/// all, and the escrow is closed. Returns the verdict and whether this
+/// call ended the job.
 pub async fn conclude(
     tx: &mut Tx<'_>,
     pending: &mut Pending<'_>,
+    fee_bps: u16,
     job: &JobId,
     attempt: u32,
 ) -> Result<(JobVerdict, bool), BankError> {
     let Some((now, current_attempt)) = Db::job_state_in(tx, job).await? else {
         return Ok((JobVerdict::Wait, false));
     };
+    // (A verifying job is not active: it ends through its audit.)
     if current_attempt != attempt || !now.is_active() {
         return Ok((JobVerdict::Wait, false));
     }
@@ -131,6 +135,22 @@ pub async fn conclude(
     let JobVerdict::Done { state: to, reason } = &verdict else {
         return Ok((verdict, false));
     };
+    for m in ms
+        .iter()
+        .filter(|m| m.state == MemberState::Delivered && m.role == Role::Run)
+    {
+        pay_member(
+            tx,
+            pending,
+            fee_bps,
+            job,
+            &m.offer_id,
+            m.provider,
+            m.cost.unwrap_or_default(),
+            keys::pay(&m.offer_id, keys::PayPoint::Result),
+        )
+        .await?;
+    }
     let lead = ms
         .iter()
         .find(|m| m.receipt.is_some() && m.manifest.is_some());

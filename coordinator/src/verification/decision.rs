@@ -15,6 +15,7 @@ use super::trust::TrustState;
 /// the tag it was drawn with).
 pub const DRAW_DOMAIN: &[u8] = b"kiln/audit-draw/v1";
 const RECEIPT_HASH_CONTEXT: &str = "kiln receipt hash v1";
+const GANG_HASH_CONTEXT: &str = "kiln gang receipts hash v1";
 const SECRET_ID_CONTEXT: &str = "kiln audit secret id v1";
 const SECRET_DERIVE_CONTEXT: &str = "kiln audit secret v1";
 
@@ -113,6 +114,20 @@ impl ReceiptHash {
     /// The hash of a signed receipt.
     pub fn of(receipt: &Signed<ResultReceipt>) -> Result<Self, EncodeError> {
         Ok(Self::of_signed_bytes(&receipt.to_bytes()?))
+    }
+
+    /// What a gang's audit draw is keyed on: its members' receipt hashes
+    /// in rank order, hashed under their own context (a gang of one is its
+    /// member's receipt hash).
+    pub fn of_gang(members: &[Self]) -> Self {
+        if let [one] = members {
+            return *one;
+        }
+        let mut h = blake3::Hasher::new_derive_key(GANG_HASH_CONTEXT);
+        for m in members {
+            h.update(&m.0);
+        }
+        Self(*h.finalize().as_bytes())
     }
 
     /// The hash of a signed envelope's canonical bytes
@@ -341,6 +356,17 @@ mod tests {
             bond: Credits(bond),
             trust: TrustState::new(cv),
         }
+    }
+
+    #[test]
+    fn a_gangs_hash_binds_every_receipt_in_rank_order() {
+        let (a, b) = (hash(1), hash(2));
+        assert_eq!(ReceiptHash::of_gang(&[a]), a);
+        let ab = ReceiptHash::of_gang(&[a, b]);
+        assert_ne!(ab, ReceiptHash::of_gang(&[b, a]));
+        assert_ne!(ab, ReceiptHash::of_gang(&[a, a]));
+        assert_ne!(ab, a);
+        assert_eq!(ab, ReceiptHash::of_gang(&[a, b]));
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //!   transitions (a pass adds one, a failure resets it).
 //! * [`reputation`]: a provider's beta reputation with forgetting, from
 //!   verifiable events only (delivered, lost, missed deadlines, challenges).
+//! * [`rounds`]: the same majority rank by rank over whole rounds of
+//!   executions, for gangs (a job of one is a gang of one), and who is
+//!   blamed.
 //! * [`verdict`]: what the original, the verifier and (on disagreement) a
 //!   tie-breaking third execution decide, by majority ([`judge`]), and the
 //!   plurality over more executions for deterministic jobs
@@ -106,6 +109,7 @@
 pub mod compare;
 pub mod decision;
 pub mod reputation;
+pub mod rounds;
 pub mod trust;
 pub mod verdict;
 
