@@ -37,8 +37,9 @@
 //!   is backed by two executions, one more provider (drawn among those not
 //!   yet involved) runs it, up to `max_executions` in all (default 4: the
 //!   issue's original + verifier + one tie-breaker, and one more for the
-//!   rare case where two of the three fabricated); the plurality decides
-//!   ([`verification::plurality`]); at the cap nobody is slashed.
+//!   rare case where two of the three fabricated, as the coordinator does
+//!   for `exact` jobs); the coordinator's own [`verification::tally`]
+//!   decides; at the cap nobody is slashed.
 //! * **Caught** (outvoted): the identity is slashed (its whole bond) and
 //!   leaves. With `rejoin` (the default: the whitewashing worst case) the
 //!   same cheater comes back at once as a fresh identity with a fresh bond
@@ -82,8 +83,8 @@ use std::time::Instant;
 use anyhow::{bail, ensure};
 use clap::{Args, Subcommand};
 use kiln_coordinator::verification::{
-    self, AuditInputs, AuditOutcome, AuditPolicy, AuditSecret, Plurality, Ppm, ReceiptHash,
-    TrustState,
+    self, AuditInputs, AuditOutcome, AuditPolicy, AuditSecret, Mark, Ppm, RankVotes, ReceiptHash,
+    Tally, TrustState,
 };
 use kiln_protocol::Credits;
 use serde::Serialize;
@@ -256,7 +257,7 @@ impl SimConfig {
             patient: true,
             detection_identities: 0,
             rejoin: true,
-            max_executions: 4,
+            max_executions: verification::rounds::MAX_ROUNDS_EXACT,
             bond: Credits(20_000_000),
             payment_min: Credits(500_000),
             payment_max: Credits(2_000_000),
@@ -775,12 +776,13 @@ pub fn simulate(c: &SimConfig) -> anyhow::Result<ScenarioReport> {
             who.push(i);
             outputs.push(if cheats { fake(&mut rng) } else { 0 });
             forged.push(cheats);
-            let judgement = loop {
-                let judgement = verification::plurality(&outputs);
-                if who.len() >= 2
-                    && (judgement != Plurality::Undecided || who.len() >= c.max_executions)
-                {
-                    break judgement;
+            let verdict = loop {
+                if who.len() >= 2 {
+                    let votes = [RankVotes::of_outputs(&outputs)];
+                    let t = verification::tally(&votes, outputs.len(), c.max_executions, &[]);
+                    if let Tally::Final(f) = t {
+                        break f;
+                    }
                 }
                 let next = loop {
                     let t = rng.below(c.providers);
@@ -799,14 +801,14 @@ pub fn simulate(c: &SimConfig) -> anyhow::Result<ScenarioReport> {
             }
             if !cheats && forged[1..].iter().any(|&f| f) {
                 disputes += 1;
-                won += u64::from(judgement.outcome(&outputs, 0) == AuditOutcome::Passed);
+                won += u64::from(verdict.marks[0][0] == Mark::Right);
             }
-            if cheats && judgement == Plurality::Undecided {
+            if cheats && verdict.nondeterministic() {
                 no_majority += 1;
             }
-            slots[i].id.trust = slots[i].id.trust.after(judgement.outcome(&outputs, 0));
+            slots[i].id.trust = slots[i].id.trust.after(verdict.marks[0][0].outcome());
             for k in 0..who.len() {
-                if judgement.outcome(&outputs, k) != AuditOutcome::Failed {
+                if verdict.marks[k][0].outcome() != AuditOutcome::Failed {
                     continue;
                 }
                 let own = k == 0;

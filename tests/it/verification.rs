@@ -466,3 +466,81 @@ async fn a_gang_whose_member_fails_is_not_sampled_and_every_member_is_paid() {
     assert_eq!(j.cost.map(|c| c.0), Some(paid), "{j:#?}");
     dn.shutdown().await;
 }
+
+/// Three different outputs of an `exact` job mean at least two executions
+/// lied: a fourth execution decides, instead of calling the job
+/// nondeterministic. Two cheaters fabricate different outputs (one runs
+/// the job, the other is the only provider left to verify it); honest
+/// nodes join one at a time, so each later round has exactly one provider
+/// to go to. Both cheaters are slashed; the buyer gets the honest output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_exact_job_with_three_different_outputs_gets_a_fourth_execution() {
+    let mut dn = devnet_with(opts(0)).await.unwrap();
+    let client = buyer(&dn);
+    let cancel = CancellationToken::new();
+    let mut cheaters = Vec::new();
+    let mut work = Vec::new();
+    for who in ["a", "b"] {
+        let r = rogue(&dn, &cancel, Credits(1)).await;
+        cheaters.push(r.id);
+        let bytes = format!("made up by {who}").into_bytes();
+        work.push(r.cheat(
+            Box::new(move |_| vec![("answer.bin".into(), bytes.clone())]),
+            &cancel,
+        ));
+    }
+    let spec = dn.workload_spec(&["write", "answer.bin", "4096", "4"]);
+    let id = client.submit(spec, None).await.unwrap().job_id;
+    let delivered = |j: &JobView| j.members.iter().filter(|m| m.output_cid.is_some()).count();
+    // The two cheaters disagree; nobody else can break the tie yet.
+    let j = job_until(&client, &id, |j| {
+        j.verification
+            .as_ref()
+            .is_some_and(|v| v.status == VerificationStatus::Disputed)
+            || delivered(j) >= 2 && j.state == JobState::Verifying
+    })
+    .await;
+    assert_eq!(j.state, JobState::Verifying, "{j:#?}");
+    let c = kiln_tests::add_node(&mut dn).await.unwrap();
+    // The third execution is honest and agrees with neither.
+    let j = job_until(&client, &id, |j| delivered(j) >= 3 || j.state.is_terminal()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let j2 = client.job(&id).await.unwrap();
+    assert_eq!(
+        j2.state,
+        JobState::Verifying,
+        "three different outputs of an exact job are not the end: {j:#?}"
+    );
+    let bond_before = dn.coordinator.state.bank.bond(&c).await;
+    let d = kiln_tests::add_node(&mut dn).await.unwrap();
+    let j = ended(&client, &id).await;
+    assert_eq!(j.state, JobState::Completed, "{j:#?}");
+    let j = client.job(&id).await.unwrap();
+    assert_eq!(status(&j), VerificationStatus::FailedVerification, "{j:#?}");
+    assert_eq!(delivered(&j), 4, "{j:#?}");
+    let honest: Vec<_> = j
+        .members
+        .iter()
+        .filter(|m| m.provider == c || m.provider == d)
+        .collect();
+    assert_eq!(honest.len(), 2, "{j:#?}");
+    assert_eq!(honest[0].output_cid, honest[1].output_cid);
+    assert_eq!(j.output_cid, honest[0].output_cid, "{j:#?}");
+    assert!(honest.iter().all(|m| m.paid.0 > 0), "{j:#?}");
+    let state = &dn.coordinator.state;
+    for cheater in &cheaters {
+        let m = j.members.iter().find(|m| m.provider == *cheater).unwrap();
+        assert_eq!(m.paid, Credits(0), "a cheater was paid: {m:#?}");
+        assert_eq!(state.bank.bond(cheater).await, Credits(0), "not slashed");
+    }
+    assert_eq!(
+        state.bank.bond(&c).await,
+        bond_before,
+        "an honest node was slashed"
+    );
+    cancel.cancel();
+    for w in work {
+        let _ = w.await;
+    }
+    dn.shutdown().await;
+}

@@ -82,7 +82,9 @@ use crate::jobs::verifications::AuditRow;
 use crate::jobs::{Change, Expect, JobRecord, JobState, Member, MemberState, Role};
 use crate::verification::compare::{self, Agreement, Execution};
 use crate::verification::reputation::Event;
-use crate::verification::rounds::{Ballot, Final, Mark, Tally, tally};
+use crate::verification::rounds::{
+    Final, MAX_ROUNDS, MAX_ROUNDS_EXACT, Mark, RankVotes, Tally, tally,
+};
 use crate::verification::{
     AuditInputs, AuditSecret, Decision, ReceiptHash, VerificationConfig, decide,
 };
@@ -599,34 +601,38 @@ async fn agree(state: &AppState, job: &JobRecord, a: &Member, b: &Member) -> Res
     .map_err(|e| format!("comparison task failed: {e}"))?
 }
 
-/// Compares the delivered rounds rank by rank (the third round only where
-/// it is needed) and tallies them.
+/// Compares the delivered rounds rank by rank (every pair: a handful) and
+/// tallies them.
 async fn judge(state: &AppState, s: &Standing) -> Result<Tally, String> {
-    let (Some(o), Some(v)) = (s.rounds.first(), s.rounds.get(1)) else {
+    let n = s.rounds.len();
+    if n < 2 {
         return Ok(Tally::NeedsRound);
-    };
-    let third = s.rounds.get(2);
-    let mut ballots = Vec::with_capacity(s.k);
+    }
+    let mut ranks = Vec::with_capacity(s.k);
     for r in 0..s.k {
-        let original_verifier = agree(state, &s.job, &o[r], &v[r]).await?;
-        let mut b = Ballot {
-            original_verifier,
-            ..Ballot::default()
-        };
-        if let Some(t) = third {
-            b.original_third = Some(agree(state, &s.job, &t[r], &o[r]).await?);
-            if !original_verifier && b.original_third == Some(false) {
-                b.verifier_third = Some(agree(state, &s.job, &t[r], &v[r]).await?);
+        let mut votes = RankVotes::new(n);
+        for i in 0..n {
+            for j in i + 1..n {
+                votes.set(
+                    i,
+                    j,
+                    agree(state, &s.job, &s.rounds[j][r], &s.rounds[i][r]).await?,
+                );
             }
         }
-        ballots.push(b);
+        ranks.push(votes);
     }
     let shared: Vec<bool> = s
         .rounds
         .iter()
         .map(|round| round.iter().any(|m| m.provider != round[0].provider))
         .collect();
-    Ok(tally(&ballots, s.rounds.len().min(3), &shared))
+    let cap = if s.job.spec.verify.compare == kiln_protocol::Compare::Exact {
+        MAX_ROUNDS_EXACT
+    } else {
+        MAX_ROUNDS
+    };
+    Ok(tally(&ranks, n, cap, &shared))
 }
 
 /// Picks `k` distinct providers at random among `candidates`.
@@ -718,18 +724,19 @@ async fn place_round(state: &AppState, s: &Standing) -> Result<(), DbError> {
         .map(|m| m.provider.short())
         .collect::<Vec<_>>()
         .join(", ");
-    if tie && s.row.status == VerificationStatus::Pending {
+    if tie {
         let mut row = s.row.clone();
         row.status = VerificationStatus::Disputed;
+        let nth = ordinal(s.rounds.len() + 1);
         row.detail = if s.k == 1 {
             format!(
-                "disputed: the re-execution on provider {} disagreed ({}); a third execution on provider {who} decides",
+                "disputed: the re-execution on provider {} disagreed ({}); a {nth} execution on provider {who} decides",
                 s.providers(1),
                 first_difference(s),
             )
         } else {
             format!(
-                "disputed: the re-execution of the gang on providers {} disagreed ({}); a third round on providers {who} decides",
+                "disputed: the re-execution of the gang on providers {} disagreed ({}); a {nth} round on providers {who} decides",
                 s.providers(1),
                 first_difference(s),
             )
@@ -741,7 +748,7 @@ async fn place_round(state: &AppState, s: &Standing) -> Result<(), DbError> {
             .map(|m| m.provider)
             .collect();
         seal(state, &s.job, &mut row, &verifiers);
-        Db::update_audit(&mut tx, &row, VerificationStatus::Pending).await?;
+        Db::update_audit(&mut tx, &row, s.row.status).await?;
     }
     tx.commit().await?;
     tracing::info!(job = %s.job.id.short(), verifiers = %who, tie, "re-executing to verify");
@@ -767,6 +774,15 @@ async fn place_round(state: &AppState, s: &Standing) -> Result<(), DbError> {
         }
     });
     Ok(())
+}
+
+fn ordinal(n: usize) -> &'static str {
+    match n {
+        2 => "second",
+        3 => "third",
+        4 => "fourth",
+        _ => "further",
+    }
 }
 
 /// The first difference that opened the dispute, for the record
@@ -1017,7 +1033,8 @@ fn settlement<'a>(s: &'a Standing, f: &Final) -> Settlement<'a> {
             result: None,
             status: VerificationStatus::Nondeterministic,
             detail: format!(
-                "nondeterministic: three executions gave three different results under `{compare}` ({}); nobody was slashed or paid for them, and the escrow was refunded",
+                "nondeterministic: {} executions gave no result that two of them share under `{compare}` ({}); nobody was slashed or paid for them, and the escrow was refunded",
+                s.rounds.len(),
                 first_difference(s)
             ),
             marks,
@@ -1048,44 +1065,47 @@ fn settlement<'a>(s: &'a Standing, f: &Final) -> Settlement<'a> {
                 .map(|proof| (*loser, proof))
         })
         .collect();
-    let unblamed = marks
-        .iter()
-        .filter(|(_, m)| *m == Mark::Unattributed)
-        .count();
     let result = s.rounds[result_round].first();
-    let providers = |i: usize| s.providers(i);
-    let (status, detail) = match (f.original_right(), s.rounds.len(), s.k) {
+    // Verifiers' providers by what the verdict says of them.
+    let verifiers = |right: bool| -> String {
+        let mut names: Vec<String> = marks
+            .iter()
+            .filter(|(m, mark)| m.role == Role::Verify && (*mark == Mark::Right) == right)
+            .map(|(m, _)| m.provider.short())
+            .collect();
+        names.dedup();
+        names.join(", ")
+    };
+    const NO_GANG_SLASH: &str =
+        "a gang's members are not slashed: one may have been fed bad data by a peer";
+    let diff = first_difference(s);
+    let n = s.rounds.len();
+    let (status, detail) = match (f.original_right(), n, s.k) {
         (true, 2, 1) => (
             VerificationStatus::Verified,
             format!(
                 "verified by re-execution on provider {} (compare {compare})",
-                providers(1)
+                s.providers(1)
             ),
         ),
         (true, 2, k) => (
             VerificationStatus::Verified,
             format!(
                 "verified by re-executing all {k} ranks on providers {} (compare {compare})",
-                providers(1)
+                s.providers(1)
             ),
         ),
-        (true, _, 1) => (
+        (true, _, k) => (
             VerificationStatus::Verified,
             format!(
-                "verified after a dispute: the re-execution on provider {} disagreed ({}), the third on provider {} agreed with the result; provider {} was slashed",
-                providers(1),
-                first_difference(s),
-                providers(2),
-                providers(1)
-            ),
-        ),
-        (true, _, _) => (
-            VerificationStatus::Verified,
-            format!(
-                "verified after a dispute: the re-execution on providers {} disagreed ({}), the third round on providers {} agreed with the result on every rank; {unblamed} outvoted verifier(s) were not paid (a gang's members are not slashed: one may have been fed bad data by a peer)",
-                providers(1),
-                first_difference(s),
-                providers(2),
+                "verified after a dispute ({diff}): {n} executions; those on providers {} agree with the result, those on providers {} do not and were {}",
+                verifiers(true),
+                verifiers(false),
+                if k == 1 {
+                    "slashed and not paid".to_string()
+                } else {
+                    format!("not paid ({NO_GANG_SLASH})")
+                },
             ),
         ),
         (false, _, 1) => {
@@ -1093,11 +1113,9 @@ fn settlement<'a>(s: &'a Standing, f: &Final) -> Settlement<'a> {
             (
                 VerificationStatus::FailedVerification,
                 format!(
-                    "failed verification: re-executions on providers {} and {} agree with each other, not with provider {}'s result ({}); provider {} was slashed and not paid, and the output is provider {}'s",
-                    providers(1),
-                    providers(2),
+                    "failed verification: re-executions on providers {} agree with each other, not with provider {}'s result ({diff}); provider {} was slashed and not paid, and the output is provider {}'s",
+                    verifiers(true),
                     o.provider.short(),
-                    first_difference(s),
                     o.provider.short(),
                     result.map(|m| m.provider.short()).unwrap_or_default()
                 ),
@@ -1118,12 +1136,10 @@ fn settlement<'a>(s: &'a Standing, f: &Final) -> Settlement<'a> {
             (
                 VerificationStatus::FailedVerification,
                 format!(
-                    "failed verification: two re-executions of the gang (providers {} and {}) outvote the original on {} ({}); those members were not paid and start their verified record again (a gang's members are not slashed: one may have been fed bad data by a peer), and the output is the round on providers {}",
-                    providers(1),
-                    providers(2),
+                    "failed verification: re-executions of the gang on providers {} outvote the original on {} ({diff}); those members were not paid and start their verified record again ({NO_GANG_SLASH}), and the output is the round on providers {}",
+                    verifiers(true),
                     wrong.join(", "),
-                    first_difference(s),
-                    providers(result_round)
+                    s.providers(result_round)
                 ),
             )
         }
@@ -1296,7 +1312,7 @@ async fn close_window(state: &AppState, s: Standing) -> Result<(), DbError> {
             Vec::new(),
             None,
             format!(
-                "disputed and unresolved: the re-execution on provider(s) {} disagreed and no third execution finished within the audit window; nobody was slashed or paid for it, and the escrow was refunded",
+                "disputed and unresolved: the re-execution on provider(s) {} disagreed and no execution that decides it finished within the audit window; nobody was slashed or paid for it, and the escrow was refunded",
                 s.providers(1)
             ),
         )

@@ -12,13 +12,9 @@
 //!   transitions (a pass adds one, a failure resets it).
 //! * [`reputation`]: a provider's beta reputation with forgetting, from
 //!   verifiable events only (delivered, lost, missed deadlines, challenges).
-//! * [`rounds`]: the same majority rank by rank over whole rounds of
-//!   executions, for gangs (a job of one is a gang of one), and who is
-//!   blamed.
-//! * [`verdict`]: what the original, the verifier and (on disagreement) a
-//!   tie-breaking third execution decide, by majority ([`judge`]), and the
-//!   plurality over more executions for deterministic jobs
-//!   ([`plurality`]).
+//! * [`rounds`]: what rounds of executions decide, by plurality rank by
+//!   rank (a job of one is a gang of one), who is blamed, and when another
+//!   round is needed.
 //!
 //! # The audit probability
 //!
@@ -111,7 +107,6 @@ pub mod decision;
 pub mod reputation;
 pub mod rounds;
 pub mod trust;
-pub mod verdict;
 
 pub use decision::{
     AuditInputs, AuditPolicy, AuditSecret, Decision, Ppm, Probabilities, ReceiptHash, SecretId,
@@ -148,4 +143,4 @@ impl Default for VerificationConfig {
         }
     }
 }
-pub use verdict::{Plurality, Verdict, judge, plurality};
+pub use rounds::{Final, Mark, RankVotes, Tally, tally};
