@@ -74,6 +74,36 @@ pub enum ClientError {
     },
     #[error("unexpected response from the coordinator: {0}")]
     Protocol(String),
+    #[error("`{url}` is not a coordinator URL: {why} (set --coordinator or KILN_COORDINATOR)")]
+    BadUrl { url: String, why: String },
+}
+
+/// Checks a coordinator URL before anything is sent, so a typo gets a
+/// hint instead of a transport error.
+pub fn check_url(url: &str) -> Result<(), ClientError> {
+    let bad = |why: String| ClientError::BadUrl {
+        url: url.to_string(),
+        why,
+    };
+    if url.starts_with('/') {
+        return Err(bad(
+            "that is a libp2p multiaddr (what `kiln-node run --coordinator` takes); the CLI talks HTTP to the coordinator's API, e.g. http://127.0.0.1:8730".into(),
+        ));
+    }
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        Ok(u) if u.host().is_none() && !url.contains("://") => {
+            Err(bad(format!("no scheme: did you mean http://{url}?")))
+        }
+        Ok(u) if !matches!(u.scheme(), "http" | "https") => {
+            Err(bad(format!("scheme `{}` is not http or https", u.scheme())))
+        }
+        Ok(_) => Err(bad("it names no host".into())),
+        Err(_) if !url.contains("://") => {
+            Err(bad(format!("no scheme: did you mean http://{url}?")))
+        }
+        Err(e) => Err(bad(e.to_string())),
+    }
 }
 
 #[derive(Clone)]
@@ -146,14 +176,20 @@ impl Client {
         if resp.status().is_success() {
             return Ok(resp);
         }
-        let status = resp.status().as_u16();
+        let status = resp.status();
+        let url = resp.url().clone();
         let body: Option<ErrorView> = resp.json().await.ok();
         Err(ClientError::Api {
-            status,
-            message: body
-                .as_ref()
-                .map_or("request failed", |b| b.error.as_str())
-                .to_string(),
+            status: status.as_u16(),
+            message: body.as_ref().map_or_else(
+                || {
+                    format!(
+                        "{url} answered HTTP {status} without a Kiln error: is {} a Kiln coordinator? (set --coordinator or KILN_COORDINATOR)",
+                        self.base
+                    )
+                },
+                |b| b.error.clone(),
+            ),
             field: body.and_then(|b| b.field),
         })
     }
@@ -163,11 +199,9 @@ impl Client {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
-        self.send(req)
-            .await?
-            .json()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))
+        let resp = self.send(req).await?;
+        let url = resp.url().clone();
+        resp.json().await.map_err(|e| self.not_ours(&url, &e))
     }
 
     /// A signed GET, signed anew for each try.
@@ -216,11 +250,17 @@ impl Client {
         &self,
         resp: reqwest::Response,
     ) -> Result<T, ClientError> {
-        self.check(resp)
-            .await?
-            .json()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))
+        let resp = self.check(resp).await?;
+        let url = resp.url().clone();
+        resp.json().await.map_err(|e| self.not_ours(&url, &e))
+    }
+
+    /// A success whose body is not what a coordinator sends.
+    fn not_ours(&self, url: &reqwest::Url, e: &reqwest::Error) -> ClientError {
+        ClientError::Protocol(format!(
+            "{url} answered with a body that is not the expected JSON ({e}): is {} a Kiln coordinator of this version? (set --coordinator or KILN_COORDINATOR)",
+            self.base
+        ))
     }
 
     /// A signed POST of `body` (JSON when `json`).

@@ -39,6 +39,36 @@ pub use client::{Account, Balances, Client, ClientError, Statement};
 pub mod term {
     use std::borrow::Cow;
     use std::fmt::Write;
+    use std::io::Write as _;
+
+    /// Writes `s` and a newline to stdout. A reader that went away (`kiln
+    /// job list | head -3`) ends the program quietly with status 0, as
+    /// `cat` or `ls` do, instead of a panic; other write errors are
+    /// reported once on stderr (exit 1).
+    pub fn out(s: &str) {
+        write_out(s.as_bytes(), true);
+    }
+
+    /// [`out`] without the newline.
+    pub fn out_raw(s: &str) {
+        write_out(s.as_bytes(), false);
+    }
+
+    fn write_out(bytes: &[u8], newline: bool) {
+        let mut o = std::io::stdout().lock();
+        let r = o
+            .write_all(bytes)
+            .and_then(|()| if newline { o.write_all(b"\n") } else { Ok(()) })
+            .and_then(|()| o.flush());
+        match r {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "error: writing to stdout failed: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
 
     /// One line: newlines and tabs are escaped too, so a field cannot fake
     /// lines of output.
@@ -248,6 +278,22 @@ pub async fn fetch_outputs_verified(
     show_progress: bool,
 ) -> anyhow::Result<Vec<NodeOutputs>> {
     let job = client.job(id).await?;
+    if !job.state.is_terminal() {
+        bail!(
+            "job {id} is {}: its outputs can be fetched once it has ended (`kiln job status {id}` shows where it is)",
+            job.state
+        );
+    }
+    if job.receipt.is_none() && job.gang_members().iter().all(|m| m.receipt.is_none()) {
+        bail!(
+            "job {id} ended {} without a result, so it has no outputs{}",
+            job.state,
+            job.reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    }
     let members = job.gang_members();
     let wanted: Vec<(Option<u32>, ProviderId, Signed<ResultReceipt>, PathBuf)> = if members
         .is_empty()

@@ -84,6 +84,9 @@ enum JobCmd {
     /// Submit a job spec (TOML).
     Submit {
         spec: PathBuf,
+        /// Follow the job until it ends; exit with its exit code (1 if it
+        /// ended without one, 130 if you stop waiting with Ctrl-C: the job
+        /// goes on).
         #[arg(long)]
         wait: bool,
         #[arg(long)]
@@ -224,9 +227,9 @@ enum BenchCmd {
 /// that must stay on one line are neutralized with [`term::line`] too.
 fn print<T: Serialize + ?Sized>(json: bool, v: &T, text: impl FnOnce(&T) -> String) {
     if json {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        term::out(&serde_json::to_string_pretty(v).unwrap_or_default());
     } else {
-        println!("{}", term::text(&text(v)));
+        term::out(&term::text(&text(v)));
     }
 }
 
@@ -249,13 +252,30 @@ async fn main() {
     if let Err(e) = run(Cli::parse()).await {
         // Error messages carry the coordinator's (and through it others') text.
         eprintln!("error: {}", term::text(&format!("{e:#}")));
-        std::process::exit(1);
+        std::process::exit(e.downcast_ref::<Exit>().map_or(1, |x| x.code));
     }
 }
+
+/// An error that ends the program with its own exit status (a waited-for
+/// job's exit code; 130 when waiting was interrupted).
+#[derive(Debug)]
+struct Exit {
+    code: i32,
+    message: String,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let key_path = cli.key.clone().unwrap_or_else(default_key_path);
     let key = buyer_key(&key_path)?;
+    kiln_cli::client::check_url(&cli.coordinator)?;
     let mut client = Client::new(&cli.coordinator, key.clone());
     if let Some(id) = cli.coordinator_id {
         client = client.with_coordinator_id(id);
@@ -270,17 +290,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             let id = v.job_id;
-            let done = kiln_cli::wait_for(&client, &id, Duration::from_secs(7 * 24 * 3600), |v| {
-                if !json {
-                    println!("{}", job_line(v));
+            let waiting =
+                kiln_cli::wait_for(&client, &id, Duration::from_secs(7 * 24 * 3600), |v| {
+                    if !json {
+                        term::out(&job_line(v));
+                    }
+                });
+            let done = tokio::select! {
+                r = waiting => r?,
+                r = tokio::signal::ctrl_c() => {
+                    r.context("waiting for Ctrl-C")?;
+                    return Err(Exit {
+                        code: 130,
+                        message: format!(
+                            "stopped waiting; job {id} goes on without you: `kiln job status {id}` shows it, `kiln job cancel {id}` stops it"
+                        ),
+                    }
+                    .into());
                 }
-            })
-            .await?;
+            };
             if json {
                 print(true, &done, job_line);
             }
-            if done.state != JobState::Completed {
-                anyhow::bail!("job {id} ended {}", done.state);
+            // The job's own exit code when it has one (like `docker run`),
+            // else 1 for a job that ended without succeeding.
+            let code = done.exit_code.unwrap_or(0);
+            if done.state != JobState::Completed || code != 0 {
+                return Err(Exit {
+                    code: i32::try_from(code)
+                        .ok()
+                        .filter(|c| (1..=255).contains(c))
+                        .unwrap_or(1),
+                    message: format!(
+                        "job {id} ended {}{}{}",
+                        done.state,
+                        done.exit_code
+                            .map(|c| format!(" with exit code {c}"))
+                            .unwrap_or_default(),
+                        done.reason
+                            .as_deref()
+                            .map(|r| format!(": {r}"))
+                            .unwrap_or_default()
+                    ),
+                }
+                .into());
             }
         }
         Cmd::Job(JobCmd::List) => print(json, &client.jobs().await?, |v| {
@@ -296,7 +349,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => client.logs(&id).await?,
             };
             if raw {
-                print!("{}{}", logs.stdout, logs.stderr);
+                term::out_raw(&logs.stdout);
+                term::out_raw(&logs.stderr);
             } else {
                 print(json, &logs, kiln_cli::logs_text);
             }

@@ -1226,9 +1226,9 @@ pub fn run(cmd: SimCmd, json: bool) -> anyhow::Result<()> {
         SimCmd::Verification(args) => {
             let r = verification(&args)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                crate::term::out(&serde_json::to_string_pretty(&r)?);
             } else {
-                println!("{}", summary(&r, &args.out));
+                crate::term::out(&summary(&r, &args.out));
             }
         }
     }

@@ -260,3 +260,168 @@ async fn data_commands_add_list_and_remove_within_the_quota() {
     assert!(stderr.contains("not one of your uploads"), "{stderr}");
     dn.shutdown().await;
 }
+
+/// Rough edges a new user hit (issue 15, items 2, 3, 4 and 10), against
+/// the real binary: output piped into a reader that closes early, `job
+/// get` on a job that has not ended, coordinator URLs that are not one,
+/// `--wait` returning the job's own exit code, and Ctrl-C while waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn everyday_rough_edges_get_clear_answers() {
+    use kiln_cli::devnet::{Devnet, DevnetOptions};
+    use std::process::Stdio;
+    let home = tempfile::tempdir().unwrap();
+    let dn = Devnet::start(DevnetOptions {
+        providers: 1,
+        http_port: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let url = dn.url();
+    let key = kiln_cli::buyer_key(&home.path().join("buyer.key")).unwrap();
+    let client = kiln_cli::Client::new(&url, key);
+    let run = |args: &[&str]| {
+        let out = kiln(home.path())
+            .args(["--coordinator", &url])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // Item 3: a running job has no outputs yet, and says so.
+    let running = client
+        .submit(dn.workload_spec(&["sleep", "30"]), None)
+        .await
+        .unwrap()
+        .job_id;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while client.job(&running).await.unwrap().state != kiln_protocol::JobState::Running {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let out_dir = home.path().join("out");
+    let (code, _, err) = run(&[
+        "job",
+        "get",
+        &running.to_string(),
+        "-o",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("is running") && err.contains("once it has ended"),
+        "{err}"
+    );
+
+    // Item 2: a pipe closed early ends the program quietly.
+    for _ in 0..3 {
+        client
+            .submit(dn.workload_spec(&["echo", "x"]), None)
+            .await
+            .unwrap();
+    }
+    for args in [&["job", "list"][..], &["--json", "job", "list"][..]] {
+        let mut child = kiln(home.path())
+            .args(["--coordinator", &url])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader went away before any output
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+
+    // Item 10: --wait exits with the job's exit code.
+    let spec = home.path().join("exit7.toml");
+    std::fs::write(
+        &spec,
+        toml::to_string(&dn.workload_spec(&["exit", "7", "bye"])).unwrap(),
+    )
+    .unwrap();
+    let (code, _, err) = run(&["job", "submit", "--wait", spec.to_str().unwrap()]);
+    assert_eq!(code, Some(7), "{err}");
+    assert!(err.contains("exit code 7"), "{err}");
+    // ... and Ctrl-C while waiting says the job goes on, exiting 130.
+    let spec = home.path().join("sleep.toml");
+    std::fs::write(
+        &spec,
+        toml::to_string(&dn.workload_spec(&["sleep", "30"])).unwrap(),
+    )
+    .unwrap();
+    let child = kiln(home.path())
+        .args(["--coordinator", &url, "job", "submit", "--wait"])
+        .arg(&spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    // Interrupt once the submission went through (a job line printed).
+    let before = client.jobs().await.unwrap().jobs.len();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while client.jobs().await.unwrap().jobs.len() == before {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let sent = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("goes on") && err.contains("kiln job cancel"),
+        "{err}"
+    );
+    let jobs = client.jobs().await.unwrap().jobs;
+    assert!(
+        jobs.iter().any(|j| !j.state.is_terminal()),
+        "the interrupted wait must not stop the job: {jobs:#?}"
+    );
+
+    // Item 4: URLs that are not a coordinator's.
+    let not_kiln = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = not_kiln.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for s in not_kiln.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 404 Not Found\r\ncontent-type: text/html\r\ncontent-length: 9\r\nconnection: close\r\n\r\nnot found",
+            );
+        }
+    });
+    let other = format!("http://{addr}");
+    let cases: [(&str, &[&str]); 4] = [
+        (&other, &["HTTP 404", "a Kiln coordinator", &other]),
+        ("/ip4/127.0.0.1/tcp/8731", &["multiaddr", "http://"]),
+        ("127.0.0.1:8730", &["did you mean http://127.0.0.1:8730"]),
+        ("localhost:8730", &["did you mean http://localhost:8730"]),
+    ];
+    for (coordinator, want) in cases {
+        let out = kiln(home.path())
+            .args(["--coordinator", coordinator, "job", "list"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{coordinator}: {err}");
+        for w in want {
+            assert!(err.contains(w), "{coordinator}: expected `{w}` in: {err}");
+        }
+        assert!(!err.contains("builder error"), "{err}");
+    }
+    dn.shutdown().await;
+}
