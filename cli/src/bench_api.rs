@@ -61,6 +61,7 @@ pub struct ApiOptions {
     pub hostile: usize,
     /// Where the servers listen; loopback only.
     pub host: IpAddr,
+    /// Directory for the JSON report.
     pub out: PathBuf,
 }
 
@@ -85,6 +86,7 @@ pub struct ApiArgs {
     /// Address the servers listen on: loopback only.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
+    /// Directory for the JSON report.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
 }

@@ -44,7 +44,8 @@ use kiln_protocol::request_auth::{CLIENT_TTL_SECS, RequestAuth};
 use kiln_protocol::views::{
     AccountView, BalancesView, BlobDeletedView, BlobListView, CancelView, ErrorView, InfoView,
     JobListView, JobView, LedgerPageView, LogsView, MissingRequest, MissingView, OffersView,
-    OutputsView, ProviderAuditsView, ProvidersView, StatementView, UploadView,
+    OutputsView, ProviderAuditsView, ProvidersView, StatementView, TransferRequest, TransferView,
+    UploadView,
 };
 use kiln_protocol::{ContentId, JobId, JobSpec, JobSubmission, Keypair, ProviderId, Signed};
 use serde::de::DeserializeOwned;
@@ -329,6 +330,13 @@ impl Client {
 
     pub async fn outputs(&self, id: &JobId) -> Result<OutputsView, ClientError> {
         self.get_json(&format!("/v1/jobs/{id}/outputs")).await
+    }
+
+    /// Records a deposit or a payout (signed by this client's key, which
+    /// must be one of the coordinator's operator keys).
+    pub async fn transfer(&self, req: &TransferRequest) -> Result<TransferView, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.post("/v1/operator/transfers", body, true).await
     }
 
     pub async fn account(&self) -> Result<Account, ClientError> {

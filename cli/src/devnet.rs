@@ -146,6 +146,9 @@ impl Devnet {
             let mut nc = NodeConfig::new(coord_addr.clone(), state_dir.join(format!("node{i}")));
             nc.heartbeat = opts.heartbeat;
             nc.slots = opts.slots;
+            // Every devnet node lends the same machine, so slots are
+            // overcommitted whatever their number.
+            nc.overcommit_slots = true;
             nc.usage_interval = opts.usage_interval;
             nc.stake = opts.provider_stake;
             nc.limits = opts.limits.clone();

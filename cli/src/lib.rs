@@ -11,7 +11,9 @@ pub mod client;
 pub mod data;
 pub mod devnet;
 pub mod ledger;
+pub mod show;
 pub mod sim;
+pub mod table;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -152,6 +154,44 @@ pub fn default_key_path() -> PathBuf {
         .unwrap_or_else(std::env::temp_dir)
         .join("kiln")
         .join("buyer.key")
+}
+
+/// Shortest job id prefix accepted (`kiln job logs 550c`).
+pub const MIN_PREFIX: usize = 4;
+
+/// The job a user means: its whole id, or a prefix of the id of exactly
+/// one of their jobs (as `kiln job list` shows them).
+pub async fn resolve_job(client: &Client, typed: &str) -> anyhow::Result<JobId> {
+    let s = typed.trim().to_ascii_lowercase();
+    if let Ok(id) = s.parse() {
+        return Ok(id);
+    }
+    if s.len() < MIN_PREFIX || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!(
+            "`{}` is not a job id or the start of one (at least {MIN_PREFIX} hex digits, as `kiln job list` shows them)",
+            term::line(typed)
+        );
+    }
+    let jobs = client.jobs().await?;
+    let matches: Vec<JobId> = jobs
+        .jobs
+        .iter()
+        .map(|j| j.job_id)
+        .filter(|id| id.to_string().starts_with(&s))
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(*one),
+        [] => bail!("none of your jobs has an id starting with {s} (`kiln job list` shows them)"),
+        many => bail!(
+            "{s} is the start of {} of your jobs' ids ({}); type more of it",
+            many.len(),
+            many.iter()
+                .take(4)
+                .map(|id| id.to_string()[..show::ID_PREFIX].to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 /// Loads the buyer key, creating it (mode 0600) on first use.

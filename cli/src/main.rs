@@ -15,7 +15,12 @@ use serde::Serialize;
 #[command(
     name = "kiln",
     version,
-    about = "Kiln: run jobs on a decentralized GPU marketplace"
+    about = "Kiln: run jobs on a decentralized GPU marketplace",
+    after_help = "Files: $KILN_HOME (default: your config directory's `kiln`) holds buyer.key, \
+your identity (created on first use, mode 0600), and cache/, verified downloads kept so an \
+interrupted one resumes (safe to delete). Money is shown in credits (1 cr = 1,000,000 µcr); \
+JSON output and integers in job specs are micro-credits. Job ids may be shortened to any \
+unique prefix of 4 or more hex digits."
 )]
 struct Cli {
     /// Coordinator URL.
@@ -44,6 +49,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run an image as `docker run` does: submit, wait, print its logs,
+    /// exit with its exit code. `kiln run --cpus 2 --memory 1GiB sha256:… -- CMD ARGS…`
+    Run(RunArgs),
     /// Submit, inspect and fetch jobs.
     #[command(subcommand)]
     Job(JobCmd),
@@ -58,13 +66,19 @@ enum Cmd {
     /// Audit the coordinator's settlement ledger.
     #[command(subcommand)]
     Ledger(LedgerCmd),
+    /// Record money that crossed the marketplace's edge (an operator's
+    /// key only: `--key <coordinator state dir>/operator.key`).
+    #[command(subcommand)]
+    Operator(OperatorCmd),
     /// Datasets by content id: add, get, list.
     #[command(subcommand)]
     Data(DataCmd),
     /// Run a coordinator and N providers on loopback, and a demo job.
     Devnet {
+        /// Provider nodes to run.
         #[arg(long, default_value_t = 2)]
         providers: usize,
+        /// Stop once the demo job is done (default: keep running until Ctrl-C).
         #[arg(long)]
         exit_after_demo: bool,
         /// HTTP port for the devnet coordinator (0 picks a free one).
@@ -83,28 +97,36 @@ enum Cmd {
 enum JobCmd {
     /// Submit a job spec (TOML).
     Submit {
+        /// The job spec, a TOML file (see README.md for its fields).
         spec: PathBuf,
         /// Follow the job until it ends; exit with its exit code (1 if it
         /// ended without one, 130 if you stop waiting with Ctrl-C: the job
         /// goes on).
         #[arg(long)]
         wait: bool,
+        /// A name for the job, shown in `kiln job list`.
         #[arg(long)]
         label: Option<String>,
     },
+    /// Your jobs, newest first.
     List,
+    /// One job: what it asked for, where it stands and why, its cost,
+    /// outputs and history.
     Status {
-        id: JobId,
+        /// A job id or a unique prefix of one.
+        id: String,
     },
     /// Cancel a job (refunded if not started; otherwise stopped and paid for the time used).
     Cancel {
-        id: JobId,
+        /// A job id or a unique prefix of one.
+        id: String,
     },
     /// A job's stdout then stderr. Control characters and escape sequences
     /// in them are shown as visible escapes (`\x1b`), so a job cannot drive
     /// your terminal.
     Logs {
-        id: JobId,
+        /// A job id or a unique prefix of one.
+        id: String,
         /// A gang member's logs (0-based rank; default: rank 0).
         #[arg(long)]
         rank: Option<u32>,
@@ -116,7 +138,9 @@ enum JobCmd {
     /// Download a job's outputs by CID, verifying the receipt, the manifest
     /// and every 16 KiB of every file as it arrives (resumable).
     Get {
-        id: JobId,
+        /// A job id or a unique prefix of one.
+        id: String,
+        /// Directory to write the outputs into (a gang: one `rank-<r>` per member).
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -127,6 +151,7 @@ enum DataCmd {
     /// Hash a file or directory locally and upload what the coordinator
     /// lacks; prints the CID to use as a job input.
     Add {
+        /// A file or a directory.
         path: PathBuf,
         /// No progress bar.
         #[arg(long)]
@@ -135,9 +160,12 @@ enum DataCmd {
     /// Download a blob or directory by CID, verified as it arrives;
     /// an interrupted download resumes where it stopped.
     Get {
+        /// The content id `kiln data add` printed (or an output's).
         cid: kiln_protocol::ContentId,
+        /// Where to write it (a file, or a directory for a directory's CID).
         #[arg(short, long)]
         output: PathBuf,
+        /// No progress bar.
         #[arg(long)]
         quiet: bool,
     },
@@ -147,7 +175,10 @@ enum DataCmd {
     /// Give up a blob (an upload or a job's output): it stops counting
     /// against your quota, and its bytes leave the coordinator unless
     /// another buyer holds the same content.
-    Rm { cid: kiln_protocol::ContentId },
+    Rm {
+        /// The content id to give up.
+        cid: kiln_protocol::ContentId,
+    },
 }
 
 #[derive(Subcommand)]
@@ -162,15 +193,127 @@ enum AccountCmd {
     },
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    /// CPU cores per node (fractions allowed).
+    #[arg(long, default_value_t = 1.0)]
+    cpus: f64,
+    /// Memory per node, e.g. 8GiB.
+    #[arg(long, default_value = "512MiB")]
+    memory: kiln_protocol::ByteSize,
+    /// GPUs per node.
+    #[arg(long, default_value_t = 0)]
+    gpus: u32,
+    /// Nodes, all or none (a gang); each gets the resources above.
+    #[arg(long, default_value_t = 1)]
+    gang: u32,
+    /// Wall-clock limit, e.g. 90s, 10m, 2h.
+    #[arg(long, default_value = "10m")]
+    timeout: kiln_protocol::Seconds,
+    /// Most you pay per node-hour, e.g. 2.5cr (the escrow locks this ×
+    /// nodes × timeout; what is not used comes back).
+    #[arg(long, default_value = "1cr")]
+    max_price: kiln_protocol::Credits,
+    /// An environment variable, KEY=VALUE (repeatable).
+    #[arg(short, long = "env")]
+    env: Vec<String>,
+    /// An input mounted read-only, CID:/path (repeatable; `kiln data add`
+    /// prints the CID).
+    #[arg(long = "input")]
+    inputs: Vec<String>,
+    /// Let the job use the network (if the provider allows it).
+    #[arg(long)]
+    network: bool,
+    /// A name shown in `kiln job list`.
+    #[arg(long)]
+    label: Option<String>,
+    /// Print the job id and return without waiting.
+    #[arg(short, long)]
+    detach: bool,
+    /// The image by digest (`sha256:…`, as `docker images --no-trunc` shows it).
+    image: String,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+impl RunArgs {
+    /// The job spec these flags ask for, checked as a spec file is.
+    fn spec(&self) -> anyhow::Result<kiln_protocol::JobSpec> {
+        let mut spec = kiln_protocol::JobSpec::new(self.image.clone(), self.command.clone());
+        anyhow::ensure!(
+            self.cpus.is_finite() && self.cpus > 0.0 && self.cpus <= 4096.0,
+            "--cpus {} is not a number of cores",
+            self.cpus
+        );
+        let r = &mut spec.resources;
+        r.cpus = kiln_protocol::MilliCpu((self.cpus * 1000.0).round() as u32);
+        r.memory = self.memory;
+        r.gpus = self.gpus;
+        r.gang = self.gang;
+        r.timeout = self.timeout;
+        r.max_price_per_hour = self.max_price;
+        for kv in &self.env {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--env {kv}: write KEY=VALUE"))?;
+            spec.env.insert(k.to_string(), v.to_string());
+        }
+        for i in &self.inputs {
+            let (cid, path) = i
+                .split_once(':')
+                .with_context(|| format!("--input {i}: write CID:/path"))?;
+            let cid = cid
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--input {i}: {e}"))?;
+            spec.inputs
+                .push(kiln_protocol::spec::InputSpec::new(cid, path));
+        }
+        if self.network {
+            spec.network = kiln_protocol::NetworkMode::Full;
+        }
+        spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(spec)
+    }
+}
+
+#[derive(Subcommand)]
+enum OperatorCmd {
+    /// Credit a buyer's (or provider's) account with money you received.
+    Deposit(TransferArgs),
+    /// Debit a provider's (or buyer's) account for money you paid out;
+    /// refused when the account holds less.
+    Payout(TransferArgs),
+}
+
+#[derive(clap::Args)]
+struct TransferArgs {
+    /// `buyer:kb…` (as `kiln account balance` shows it) or
+    /// `provider:12D3…`.
+    #[arg(long)]
+    account: String,
+    /// Credits: `25`, `12.5`, `12.5cr`, or micro-credits `2500000µcr`.
+    #[arg(long)]
+    amount: kiln_protocol::Credits,
+    /// The payment's own id (a bank transfer number, an invoice): each is
+    /// recorded once, so running the command again moves nothing twice.
+    #[arg(long)]
+    reference: String,
+}
+
 #[derive(Subcommand)]
 enum OffersCmd {
     /// e.g. `kiln offers search 'gpu_name=H100 num_gpus>=2 vram>=80GiB price<=2.5'`
     Search {
+        /// Terms that must all hold: `gpu_name=H100 num_gpus>=2 vram>=80GiB
+        /// price<=2.5 region=eu` (price in credits per GPU-hour, or per
+        /// CPU-hour for CPU-only nodes); empty: every provider.
         #[arg(default_value = "")]
         query: String,
         /// price | tflops_per_price | reputation
         #[arg(long, default_value = "price")]
         sort: String,
+        /// Most rows shown.
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
@@ -190,12 +333,16 @@ enum LedgerCmd {
 enum BenchCmd {
     /// Placement decisions per second of the scheduler on a simulated fleet.
     Scheduler {
+        /// Simulated providers.
         #[arg(long, default_value_t = 10_000)]
         providers: usize,
+        /// Jobs to place.
         #[arg(long, default_value_t = 100_000)]
         jobs: usize,
+        /// Seed of the simulated fleet and jobs.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Directory for the JSON report.
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
@@ -205,8 +352,10 @@ enum BenchCmd {
         /// Blob size, e.g. 1GiB.
         #[arg(long, default_value = "1GiB")]
         size: kiln_protocol::ByteSize,
+        /// Runs of each measurement (the median is reported).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Directory for the JSON report.
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
@@ -216,8 +365,10 @@ enum BenchCmd {
     Api(kiln_cli::bench_api::ApiArgs),
     /// Submit-to-completed on devnet vs plain `docker run --rm`.
     Devnet {
+        /// Jobs to time each way.
         #[arg(long, default_value_t = 20)]
         jobs: usize,
+        /// Directory for the JSON report.
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
@@ -248,12 +399,84 @@ async fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Err(e) = run(Cli::parse()).await {
-        // Error messages carry the coordinator's (and through it others') text.
-        eprintln!("error: {}", term::text(&format!("{e:#}")));
-        std::process::exit(e.downcast_ref::<Exit>().map_or(1, |x| x.code));
+    let cli = Cli::parse();
+    let json = cli.json;
+    if let Err(e) = run(cli).await {
+        let code = e.downcast_ref::<Exit>().map_or(1, |x| x.code);
+        if json {
+            // For programs: one JSON object on stderr, as every answer is.
+            let v = ErrorOut {
+                error: format!("{e:#}"),
+                exit_code: code,
+            };
+            eprintln!("{}", serde_json::to_string(&v).unwrap_or_default());
+        } else {
+            // Error messages carry the coordinator's (and through it others') text.
+            eprintln!("error: {}", term::text(&format!("{e:#}")));
+        }
+        std::process::exit(code);
     }
+}
+
+/// Waits for job `id` to end, calling `on_change` on each new state;
+/// Ctrl-C stops waiting (the job goes on) with exit status 130.
+async fn wait_or_interrupt(
+    client: &Client,
+    id: JobId,
+    on_change: impl FnMut(&kiln_protocol::views::JobView),
+) -> anyhow::Result<kiln_protocol::views::JobView> {
+    let waiting = kiln_cli::wait_for(client, &id, Duration::from_secs(7 * 24 * 3600), on_change);
+    tokio::select! {
+        r = waiting => r,
+        r = tokio::signal::ctrl_c() => {
+            r.context("waiting for Ctrl-C")?;
+            Err(Exit {
+                code: 130,
+                message: format!(
+                    "stopped waiting; job {id} goes on without you: `kiln job status {id}` shows it, `kiln job cancel {id}` stops it"
+                ),
+            }
+            .into())
+        }
+    }
+}
+
+/// A job that ended: `Ok` if it completed with exit code 0; otherwise an
+/// error exiting with its exit code (like `docker run`), or 1 when it
+/// ended without one.
+fn exit_with_job(done: &kiln_protocol::views::JobView) -> anyhow::Result<()> {
+    let code = done.exit_code.unwrap_or(0);
+    if done.state == JobState::Completed && code == 0 {
+        return Ok(());
+    }
+    Err(Exit {
+        code: i32::try_from(code)
+            .ok()
+            .filter(|c| (1..=255).contains(c))
+            .unwrap_or(1),
+        message: format!(
+            "job {} ended {}{}{}",
+            done.job_id,
+            done.state,
+            done.exit_code
+                .map(|c| format!(" with exit code {c}"))
+                .unwrap_or_default(),
+            done.reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ),
+    }
+    .into())
+}
+
+/// An error under `--json`.
+#[derive(Serialize)]
+struct ErrorOut {
+    error: String,
+    exit_code: i32,
 }
 
 /// An error that ends the program with its own exit status (a waited-for
@@ -289,64 +512,79 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print(json, &v, job_line);
                 return Ok(());
             }
-            let id = v.job_id;
-            let waiting =
-                kiln_cli::wait_for(&client, &id, Duration::from_secs(7 * 24 * 3600), |v| {
-                    if !json {
-                        term::out(&job_line(v));
-                    }
-                });
-            let done = tokio::select! {
-                r = waiting => r?,
-                r = tokio::signal::ctrl_c() => {
-                    r.context("waiting for Ctrl-C")?;
-                    return Err(Exit {
-                        code: 130,
-                        message: format!(
-                            "stopped waiting; job {id} goes on without you: `kiln job status {id}` shows it, `kiln job cancel {id}` stops it"
-                        ),
-                    }
-                    .into());
+            let done = wait_or_interrupt(&client, v.job_id, |v| {
+                if !json {
+                    term::out(&job_line(v));
                 }
-            };
+            })
+            .await?;
             if json {
                 print(true, &done, job_line);
             }
-            // The job's own exit code when it has one (like `docker run`),
-            // else 1 for a job that ended without succeeding.
-            let code = done.exit_code.unwrap_or(0);
-            if done.state != JobState::Completed || code != 0 {
-                return Err(Exit {
-                    code: i32::try_from(code)
-                        .ok()
-                        .filter(|c| (1..=255).contains(c))
-                        .unwrap_or(1),
-                    message: format!(
-                        "job {id} ended {}{}{}",
-                        done.state,
-                        done.exit_code
-                            .map(|c| format!(" with exit code {c}"))
-                            .unwrap_or_default(),
-                        done.reason
-                            .as_deref()
-                            .map(|r| format!(": {r}"))
-                            .unwrap_or_default()
-                    ),
-                }
-                .into());
+            exit_with_job(&done)?;
+        }
+        Cmd::Run(args) => {
+            let spec = args.spec()?;
+            let v = client.submit(spec, args.label.clone()).await?;
+            let id = v.job_id;
+            if args.detach {
+                print(json, &v, |v| v.job_id.to_string());
+                return Ok(());
             }
+            eprintln!("job {id} submitted; waiting (Ctrl-C stops waiting, not the job)");
+            let done = wait_or_interrupt(&client, id, |v| {
+                if !v.state.is_terminal() {
+                    eprintln!("{}", term::text(&job_line(v)));
+                }
+            })
+            .await?;
+            if json {
+                print(true, &done, job_line);
+            } else if done.receipt.is_some() {
+                let logs = client.logs(&id).await?;
+                // The job's stdout to ours, its stderr to ours: made
+                // terminal-safe where they are terminals.
+                use std::io::IsTerminal;
+                if std::io::stdout().is_terminal() {
+                    term::out_raw(&term::text(&logs.stdout));
+                } else {
+                    term::out_raw(&logs.stdout);
+                }
+                if std::io::stderr().is_terminal() {
+                    eprint!("{}", term::text(&logs.stderr));
+                } else {
+                    eprint!("{}", logs.stderr);
+                }
+            }
+            exit_with_job(&done)?;
         }
         Cmd::Job(JobCmd::List) => print(json, &client.jobs().await?, |v| {
-            v.jobs.iter().map(job_line).collect::<Vec<_>>().join("\n")
+            kiln_cli::show::jobs_table(v, kiln_protocol::UnixMillis::now())
         }),
-        Cmd::Job(JobCmd::Status { id }) => print(json, &client.job(&id).await?, job_line),
-        Cmd::Job(JobCmd::Cancel { id }) => print(json, &client.cancel(&id).await?, |v| {
-            format!("{}  {}", v.job_id, v.outcome)
-        }),
+        Cmd::Job(JobCmd::Status { id }) => {
+            let id = kiln_cli::resolve_job(&client, &id).await?;
+            print(json, &client.job(&id).await?, kiln_cli::show::job_text);
+        }
+        Cmd::Job(JobCmd::Cancel { id }) => {
+            let id = kiln_cli::resolve_job(&client, &id).await?;
+            print(json, &client.cancel(&id).await?, |v| {
+                format!("{}  {}", v.job_id, v.outcome)
+            });
+        }
         Cmd::Job(JobCmd::Logs { id, rank, raw }) => {
+            let id = kiln_cli::resolve_job(&client, &id).await?;
             let logs = match rank {
                 Some(r) => client.rank_logs(&id, r).await?,
-                None => client.logs(&id).await?,
+                None => {
+                    let gang = client.job(&id).await?.spec.resources.gang;
+                    if gang > 1 {
+                        eprintln!(
+                            "(rank 0 of a gang of {gang}; `--rank 1` … `--rank {}` show the others)",
+                            gang - 1
+                        );
+                    }
+                    client.logs(&id).await?
+                }
             };
             if raw {
                 term::out_raw(&logs.stdout);
@@ -356,6 +594,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Job(JobCmd::Get { id, output }) => {
+            let id = kiln_cli::resolve_job(&client, &id).await?;
             let cache = kiln_cli::data::open_cache(&key_path)?;
             let nodes =
                 kiln_cli::fetch_outputs_verified(&client, &cache, &id, &output, !json).await?;
@@ -495,38 +734,71 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Cmd::Providers => print(json, &client.providers().await?, |v| {
-            v.providers
-                .iter()
-                .map(|p| {
-                    format!(
-                        "{}  cpus={} gpus={} slots={}",
-                        p.provider,
-                        p.cpu.logical_cores,
-                        p.gpus.len(),
-                        p.slots
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
+            kiln_cli::show::providers_table(v, kiln_protocol::UnixMillis::now())
         }),
         Cmd::Account(AccountCmd::Balance) => print(json, &client.account().await?, |v| {
-            format!("balance {} µcr, escrowed {} µcr", v.balance.0, v.escrowed.0)
+            format!(
+                "{}\nbalance   {}\nescrowed  {} (held for your jobs until they settle)",
+                v.account, v.balance, v.escrowed
+            )
         }),
         Cmd::Account(AccountCmd::Statement { account }) => {
             let account = account
                 .unwrap_or_else(|| format!("buyer:{}", kiln_protocol::BuyerId::new(key.public())));
             print(json, &client.statement(&account).await?, |v| {
-                let mut out = format!("{}  balance {} µcr\n", v.account, v.balance.0);
+                let mut t = kiln_cli::table::Table::new(&[
+                    ("SEQ", kiln_cli::table::Align::Right),
+                    ("OP", kiln_cli::table::Align::Left),
+                    ("AMOUNT", kiln_cli::table::Align::Right),
+                    ("WHAT", kiln_cli::table::Align::Left),
+                    ("KEY", kiln_cli::table::Align::Left),
+                ]);
                 for e in &v.entries {
-                    out.push_str(&format!(
-                        "#{:<6} {:<16} {:>14} µcr  {}\n",
-                        e.seq,
-                        term::line(&e.op),
-                        e.delta,
-                        term::line(&e.key)
-                    ));
+                    t.row(vec![
+                        e.seq.to_string(),
+                        e.op.clone(),
+                        kiln_cli::show::delta(e.delta),
+                        kiln_cli::show::effect(&e.effect),
+                        e.key.clone(),
+                    ]);
                 }
-                out
+                format!(
+                    "{}  balance {}\n{}",
+                    v.account,
+                    v.balance,
+                    t.render_or("no entries")
+                )
+            });
+        }
+        Cmd::Operator(cmd) => {
+            let (kind, a) = match cmd {
+                OperatorCmd::Deposit(a) => (kiln_protocol::views::TransferKind::Deposit, a),
+                OperatorCmd::Payout(a) => (kiln_protocol::views::TransferKind::Payout, a),
+            };
+            let req = kiln_protocol::views::TransferRequest {
+                kind,
+                account: a.account,
+                amount: a.amount,
+                reference: a.reference,
+            };
+            print(json, &client.transfer(&req).await?, |v| {
+                format!(
+                    "{} {} {} {} (reference {}); balance {}",
+                    if v.applied {
+                        "recorded"
+                    } else {
+                        "already recorded:"
+                    },
+                    v.kind.as_str(),
+                    v.amount,
+                    if v.kind == kiln_protocol::views::TransferKind::Deposit {
+                        format!("to {}", term::line(&v.account))
+                    } else {
+                        format!("from {}", term::line(&v.account))
+                    },
+                    term::line(&v.reference),
+                    v.balance
+                )
             });
         }
         Cmd::Ledger(LedgerCmd::Verify { key }) => {
@@ -597,15 +869,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("the demo job did not complete with a verified receipt");
             }
         }
-        Cmd::Offers(OffersCmd::Search { query, sort, limit }) => {
-            print(json, &client.offers(&query, &sort, limit).await?, |v| {
-                v.offers
-                    .iter()
-                    .map(|r| serde_json::to_string(r).unwrap_or_default())
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })
-        }
+        Cmd::Offers(OffersCmd::Search { query, sort, limit }) => print(
+            json,
+            &client.offers(&query, &sort, limit).await?,
+            kiln_cli::show::offers_table,
+        ),
         Cmd::Bench(BenchCmd::Scheduler {
             providers,
             jobs,
@@ -655,4 +923,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command and every flag says what it is for in `--help`.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in c.get_subcommands() {
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_name() != "help" && sub.get_about().is_none() {
+                    missing.push(p.clone());
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "kiln", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
 }

@@ -100,6 +100,7 @@ pub enum SimCmd {
 /// `kiln sim verification` options.
 #[derive(Clone, Debug, Args)]
 pub struct VerificationArgs {
+    /// Simulated providers.
     #[arg(long, default_value_t = 10_000)]
     pub providers: usize,
     /// Fraction of providers that cheat.
@@ -111,6 +112,7 @@ pub struct VerificationArgs {
     /// Warm-up jobs per provider before measuring.
     #[arg(long, default_value_t = 300)]
     pub warmup_per_provider: u64,
+    /// Seed of the simulation (the same seed gives the same report).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// q: the fraction of its results a cheater fabricates once it

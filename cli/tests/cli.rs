@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 //! The `kiln` binary as users run it.
 
 use std::process::Command;
@@ -158,6 +159,26 @@ async fn ledger_commands_show_interval_payouts_and_catch_tampering() {
         "{stdout}"
     );
     assert!(stdout.contains(":result"), "{stdout}");
+    assert!(stdout.contains("payment #"), "{stdout}");
+    // The buyer's statement says what the job cost and what came back, on
+    // the settlement's own line (nothing to work out by subtraction).
+    let (code, stdout, _) = run(&["account", "statement"]);
+    assert_eq!(code, Some(0));
+    let short = &id.to_string()[..12];
+    let held = stdout
+        .lines()
+        .find(|l| l.contains(&format!("job {short}: ")) && l.contains("held in escrow"));
+    assert!(held.is_some(), "{stdout}");
+    let settled = stdout
+        .lines()
+        .find(|l| l.contains(&format!("job {short} settled: cost ")))
+        .unwrap_or_else(|| panic!("no settlement line: {stdout}"));
+    let cost = status["cost"].as_u64().unwrap();
+    assert!(
+        settled.contains(&kiln_protocol::Credits(cost).to_string()),
+        "cost {cost} µcr not on: {settled}"
+    );
+    assert!(settled.contains(" back"), "{settled}");
 
     // Requests pinned to this coordinator's id work; pinned to another,
     // the coordinator refuses them (they were signed for someone else).
@@ -424,4 +445,486 @@ async fn everyday_rough_edges_get_clear_answers() {
         assert!(!err.contains("builder error"), "{err}");
     }
     dn.shutdown().await;
+}
+
+/// A binary of another workspace package, next to `kiln` in the target
+/// directory, as `cargo test --workspace` builds it (testing this crate
+/// alone, run `cargo build --bins` first: a binary left from an older build
+/// would be used as it is; a missing one is built here).
+fn sibling(name: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_kiln")).with_file_name(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = Command::new(cargo)
+            .args(["build", "--bin", name])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "building {name}");
+    }
+    path
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads `child`'s stdout lines (in a thread) until one starts with each
+/// of `prefixes`; returns the rest of each such line, and every line read.
+fn lines_starting(
+    child: &mut std::process::Child,
+    prefixes: &[&str],
+) -> (Vec<String>, Vec<String>) {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut found: Vec<Option<String>> = vec![None; prefixes.len()];
+    let mut seen = Vec::new();
+    while found.iter().any(Option::is_none) {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("no line starting with {prefixes:?}: {e}"));
+        seen.push(line.clone());
+        for (i, p) in prefixes.iter().enumerate() {
+            if found[i].is_none()
+                && let Some(rest) = line.strip_prefix(p)
+            {
+                found[i] = Some(rest.trim().to_string());
+            }
+        }
+    }
+    (found.into_iter().flatten().collect(), seen)
+}
+
+/// README's "Running the pieces separately", as written, with the real
+/// binaries from a fresh state: a coordinator, a node joining with the
+/// command the coordinator prints, the operator crediting a buyer (once,
+/// however often the command is sent; a buyer's key cannot), the buyer
+/// running a job, the operator paying the provider out (never more than
+/// it holds), and `kiln ledger verify` replaying it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_pieces_run_separately_with_money_in_and_out() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let image = kiln_docker::ensure_workload_image(&kiln_docker::connect().await.unwrap())
+        .await
+        .unwrap();
+    let state = dir.path().join("coordinator");
+    let mut coordinator = Child(
+        Command::new(sibling("kiln-coordinator"))
+            .args([
+                "run",
+                "--http",
+                "127.0.0.1:0",
+                "--p2p",
+                "/ip4/127.0.0.1/tcp/0",
+            ])
+            .arg("--state-dir")
+            .arg(&state)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (found, seen) = lines_starting(
+        &mut coordinator.0,
+        &["coordinator API at ", "providers join with: "],
+    );
+    let (url, join) = (found[0].clone(), found[1].clone());
+    // Its log, written to a pipe, has no colour codes.
+    assert!(seen.iter().any(|l| l.contains("INFO")), "{seen:#?}");
+    assert!(!seen.iter().any(|l| l.contains('\u{1b}')), "{seen:#?}");
+    let join: Vec<&str> = join.split_whitespace().collect();
+    assert_eq!(
+        &join[..3],
+        ["kiln-node", "run", "--coordinator"],
+        "{join:?}"
+    );
+    let _node = Child(
+        Command::new(sibling("kiln-node"))
+            .args(&join[1..])
+            .arg("--state-dir")
+            .arg(dir.path().join("node"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let home = dir.path().join("buyer");
+    let operator_key = state.join("operator.key");
+    let kiln_as = |key: Option<&std::path::Path>, args: &[&str]| {
+        let mut c = kiln(&home);
+        c.args(["--coordinator", &url]);
+        if let Some(k) = key {
+            c.arg("--key").arg(k);
+        }
+        let out = c.args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (_, out, _) = kiln_as(None, &["--json", "account", "balance"]);
+    let account: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let buyer = account["account"].as_str().unwrap().to_string();
+    assert_eq!(account["balance"], 0);
+
+    // Money in: only an operator key records it, and once per reference.
+    let deposit = [
+        "operator",
+        "deposit",
+        "--account",
+        &buyer,
+        "--amount",
+        "5",
+        "--reference",
+        "wire-1",
+    ];
+    let (code, _, err) = kiln_as(None, &deposit);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("not one of this coordinator's operator keys"),
+        "{err}"
+    );
+    for again in [false, true] {
+        let (code, out, err) = kiln_as(Some(&operator_key), &deposit);
+        assert_eq!(code, Some(0), "{err}");
+        assert!(out.contains("5.000000 cr"), "{out}");
+        assert_eq!(out.contains("already recorded"), again, "{out}");
+    }
+    let (_, out, _) = kiln_as(None, &["--json", "account", "balance"]);
+    let account: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(account["balance"], 5_000_000);
+
+    // The buyer runs a job (once the node has registered).
+    let mut spec = kiln_protocol::JobSpec::new(image.id.clone(), vec!["echo".into(), "hi".into()]);
+    spec.resources.cpus = kiln_protocol::MilliCpu(500);
+    spec.resources.memory = kiln_protocol::ByteSize(64 << 20);
+    spec.resources.timeout = kiln_protocol::Seconds(60);
+    let spec_path = dir.path().join("job.toml");
+    std::fs::write(&spec_path, toml::to_string(&spec).unwrap()).unwrap();
+    let (code, out, err) = kiln_as(
+        None,
+        &["job", "submit", "--wait", spec_path.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "{out}\n{err}");
+
+    // Money out: the provider's earnings, never more than it holds.
+    let (_, out, _) = kiln_as(None, &["--json", "providers"]);
+    let providers: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let provider = format!(
+        "provider:{}",
+        providers["providers"][0]["provider"].as_str().unwrap()
+    );
+    let (_, out, _) = kiln_as(
+        None,
+        &["--json", "account", "statement", "--account", &provider],
+    );
+    let earned = serde_json::from_str::<serde_json::Value>(&out).unwrap()["balance"]
+        .as_u64()
+        .unwrap();
+    assert!(earned > 0, "the provider earned nothing: {out}");
+    let too_much = format!("{}µcr", earned + 1);
+    let (code, _, err) = kiln_as(
+        Some(&operator_key),
+        &[
+            "operator",
+            "payout",
+            "--account",
+            &provider,
+            "--amount",
+            &too_much,
+            "--reference",
+            "payout-0",
+        ],
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("less than the payout"), "{err}");
+    let all = format!("{earned}µcr");
+    let (code, out, err) = kiln_as(
+        Some(&operator_key),
+        &[
+            "operator",
+            "payout",
+            "--account",
+            &provider,
+            "--amount",
+            &all,
+            "--reference",
+            "payout-1",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("balance 0.000000 cr"), "{out}");
+    let (_, out, _) = kiln_as(None, &["account", "statement", "--account", &provider]);
+    assert!(
+        out.contains("withdraw") && out.contains("payout:payout-1"),
+        "{out}"
+    );
+
+    let (code, out, err) = kiln_as(None, &["ledger", "verify"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ledger verified"), "{out}");
+}
+
+/// Lists are tables with headers, money reads in credits, job ids may be
+/// shortened to a unique prefix, and errors under `--json` are JSON
+/// (issue 15, items 7 and 8), against the real binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lists_are_tables_and_job_ids_can_be_shortened() {
+    use kiln_cli::devnet::{Devnet, DevnetOptions};
+    let home = tempfile::tempdir().unwrap();
+    let dn = Devnet::start(DevnetOptions {
+        providers: 1,
+        http_port: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let url = dn.url();
+    let key = kiln_cli::buyer_key(&home.path().join("buyer.key")).unwrap();
+    let client = kiln_cli::Client::new(&url, key);
+    let run = |args: &[&str]| {
+        let out = kiln(home.path())
+            .args(["--coordinator", &url])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let id = client
+        .submit(
+            dn.workload_spec(&["echo", "tabled"]),
+            Some("my-label".into()),
+        )
+        .await
+        .unwrap()
+        .job_id;
+    let done = kiln_cli::wait_for(&client, &id, std::time::Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(done.state, kiln_protocol::JobState::Completed);
+    let full = id.to_string();
+    let prefix = &full[..8];
+
+    let (code, out, err) = run(&["job", "list"]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["ID", "LABEL", "STATE", "PROVIDER", "AGE", "COST"],
+        "{out}"
+    );
+    let row = lines.iter().find(|l| l.starts_with(&full[..12])).unwrap();
+    for want in ["my-label", "completed", " cr"] {
+        assert!(row.contains(want), "{row}");
+    }
+
+    // A prefix is as good as the id.
+    let (code, out, err) = run(&["job", "status", prefix]);
+    assert_eq!(code, Some(0), "{err}");
+    for want in [
+        &*format!("job       {full}"),
+        "state     completed",
+        "cost ",
+        "events",
+        "echo tabled",
+    ] {
+        assert!(out.contains(want), "expected `{want}` in:\n{out}");
+    }
+    let (code, out, err) = run(&["job", "logs", prefix]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("tabled"), "{out}");
+    let unused = (0u32..)
+        .map(|n| format!("{n:06x}"))
+        .find(|p| !full.starts_with(p.as_str()))
+        .unwrap();
+    let (code, _, err) = run(&["job", "status", &unused]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("none of your jobs has an id starting with"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["job", "status", "xyz"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is not a job id"), "{err}");
+
+    // Errors under --json are JSON.
+    let (code, out, err) = run(&["--json", "job", "status", &unused]);
+    assert_eq!(code, Some(1));
+    assert!(out.is_empty(), "{out}");
+    let e: serde_json::Value = serde_json::from_str(err.trim()).unwrap();
+    assert!(
+        e["error"].as_str().unwrap().contains("starting with"),
+        "{e}"
+    );
+    assert_eq!(e["exit_code"], 1);
+
+    // Providers and offers.
+    let (_, out, _) = run(&["providers"]);
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "PROVIDER",
+            "GPU",
+            "VRAM",
+            "CPUS",
+            "MEMORY",
+            "SLOTS",
+            "PRICE",
+            "REPUTATION",
+            "CACHED",
+            "SEEN"
+        ],
+        "{out}"
+    );
+    assert!(out.contains(&dn.nodes[0].provider.to_string()), "{out}");
+    assert!(out.contains("cr/CPU-h"), "{out}");
+    let (_, out, _) = run(&["offers", "search"]);
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "PROVIDER",
+            "REGION",
+            "GPU",
+            "VRAM",
+            "TFLOP/S",
+            "PRICE",
+            "FREE",
+            "REPUTATION",
+            "CACHED"
+        ],
+        "{out}"
+    );
+    let (code, out, _) = run(&["offers", "search", "num_gpus>=8"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(out.trim(), "no providers match `num_gpus>=8`");
+
+    // Money reads in credits.
+    let (_, out, _) = run(&["account", "balance"]);
+    assert!(out.contains("balance ") && out.contains(" cr"), "{out}");
+    assert!(!out.contains("µcr"), "{out}");
+    dn.shutdown().await;
+}
+
+/// `kiln run` as `docker run`: the job's stdout on ours, its stderr on
+/// ours, its exit code ours (issue 15), against the real binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kiln_run_prints_the_jobs_output_and_exits_with_its_code() {
+    use kiln_cli::devnet::{Devnet, DevnetOptions};
+    let home = tempfile::tempdir().unwrap();
+    let dn = Devnet::start(DevnetOptions {
+        providers: 1,
+        http_port: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let url = dn.url();
+    let run = |args: &[&str]| {
+        let out = kiln(home.path())
+            .args(["--coordinator", &url, "run", "--memory", "64MiB"])
+            .args(["--timeout", "60s", "--label", "from-run"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let image = dn.image_id.clone();
+    let (code, out, err) = run(&[
+        "--cpus", "0.5", &image, "--", "echo", "hello", "from", "kiln",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "hello from kiln\n", "{err}");
+    assert!(err.contains("submitted"), "{err}");
+    let (code, out, err) = run(&["--cpus", "0.5", &image, "--", "exit", "7", "going", "away"]);
+    assert_eq!(code, Some(7), "{out}\n{err}");
+    assert!(err.contains("going away"), "{err}");
+    assert!(err.contains("exit code 7"), "{err}");
+    // Bad flags are refused before anything is submitted, naming them.
+    let (code, _, err) = run(&["--cpus", "0", &image, "--", "echo"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--cpus"), "{err}");
+    let (code, _, err) = run(&["--cpus", "0.5", "alpine:latest", "--", "echo"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("image"), "{err}");
+    let (_, list, _) = {
+        let out = kiln(home.path())
+            .args(["--coordinator", &url, "job", "list"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            (),
+        )
+    };
+    assert_eq!(list.matches("from-run").count(), 2, "{list}");
+    dn.shutdown().await;
+}
+
+/// README's job.toml example is a valid spec (with a real image id in place
+/// of the `sha256:…` placeholder), so what a new user copies works.
+#[test]
+fn the_readme_job_spec_parses() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme.find("cat > job.toml <<TOML\n").unwrap() + "cat > job.toml <<TOML\n".len();
+    let end = start + readme[start..].find("\nTOML\n").unwrap();
+    let text = readme[start..end].replace("sha256:…", &format!("sha256:{}", "a".repeat(64)));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    let spec = kiln_cli::read_spec(&path).unwrap();
+    assert_eq!(
+        spec.resources.max_price_per_hour,
+        kiln_protocol::Credits(1_000_000)
+    );
+}
+
+/// README lists every command of the demo workload image (as its own
+/// usage text names them).
+#[test]
+fn the_readme_lists_every_workload_command() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let workload = std::fs::read_to_string(format!("{root}/workload/src/main.rs")).unwrap();
+    let usage =
+        &workload[workload.find("commands:\n").unwrap()..workload.find("environment:").unwrap()];
+    let commands: Vec<&str> = usage
+        .lines()
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(commands.len() >= 10, "{commands:?}");
+    for c in commands {
+        assert!(
+            readme.contains(&format!("| `{c}")),
+            "README does not list `{c}`"
+        );
+    }
+    assert!(readme.contains("`/out`"));
 }

@@ -18,6 +18,7 @@
 //! | `GET /v1/ledger?from=N&limit=M` | none | signed hash-chained ledger entries (canonical bytes, hex) |
 //! | `GET /v1/ledger/balances` | none | the stored balances the chain must reproduce |
 //! | `GET /v1/accounts/{account}/statement?from=N&limit=M` | none | an account's entries (a page, through its index) and balance |
+//! | `POST /v1/operator/transfers` | operator key | record a buyer's deposit or a provider's payout (see [`crate::operator`]) |
 //!
 //! The ledger is public on purpose: anyone can replay it with
 //! `kiln ledger verify` against the coordinator's published key.
@@ -89,6 +90,7 @@ pub fn create_app(state: AppState) -> Router {
         .route("/v1/ledger", get(ledger_entries))
         .route("/v1/ledger/balances", get(ledger_balances))
         .route("/v1/accounts/{account}/statement", get(statement))
+        .route("/v1/operator/transfers", post(crate::operator::transfer))
         .merge(crate::blob_api::routes())
         .layer(Extension(Arc::new(crate::listing::Listing::new())))
         .layer(Extension(auth.clone()))

@@ -84,6 +84,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     PaymentRequired(String),
+    /// A valid signature by a key that may not do this.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -111,6 +114,7 @@ impl IntoResponse for ApiError {
             Self::BadRequest { field, .. } => (StatusCode::BAD_REQUEST, field.clone()),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, None),
             Self::PaymentRequired(_) => (StatusCode::PAYMENT_REQUIRED, None),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, None),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, None),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, None),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, None),

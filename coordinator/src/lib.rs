@@ -50,9 +50,11 @@ pub mod challenge;
 pub mod db;
 pub mod handlers;
 pub mod jobs;
+pub mod join;
 pub mod lifecycle;
 pub mod listing;
 pub mod live;
+pub mod operator;
 pub mod sched;
 pub mod schedule;
 pub mod throttle;
@@ -123,6 +125,10 @@ pub struct CoordinatorConfig {
     pub max_queued_per_buyer: u32,
     /// Request rates and concurrency of the HTTP API (see [`throttle`]).
     pub api_limits: throttle::ApiLimits,
+    /// Keys that may record deposits and payouts ([`operator`]), besides
+    /// `operator.key` in the state directory, which [`start`] creates on
+    /// first use and always trusts.
+    pub operators: Vec<kiln_protocol::PublicKey>,
 }
 
 impl CoordinatorConfig {
@@ -149,7 +155,14 @@ impl CoordinatorConfig {
             min_job_escrow: Credits(10_000),
             max_queued_per_buyer: 100,
             api_limits: throttle::ApiLimits::default(),
+            operators: Vec::new(),
         }
+    }
+
+    /// The operator key file [`start`] creates (mode 0600) in the state
+    /// directory.
+    pub fn operator_key_path(&self) -> PathBuf {
+        self.state_dir.join("operator.key")
     }
 }
 
@@ -284,6 +297,12 @@ pub async fn start(
         source,
     })?;
     let key = keyfile::load_or_create(&config.state_dir.join("coordinator.key"))?;
+    let mut config = config;
+    let operator = keyfile::load_or_create(&config.operator_key_path())?;
+    if !config.operators.contains(&operator.public()) {
+        config.operators.push(operator.public());
+    }
+    tracing::info!(key = %config.operator_key_path().display(), "operator key (records deposits and payouts: `kiln --key <it> operator …`)");
     let db = db::Db::open_sqlite(&config.state_dir.join("kiln.db")).await?;
     let bank = bank::Bank::load(&db, &key, config.fee_bps).await?;
     let blobs = kiln_blobs::Store::open_dir(

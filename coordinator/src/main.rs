@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kiln_coordinator::CoordinatorConfig;
+use kiln_coordinator::{CoordinatorConfig, join};
 use kiln_protocol::{Credits, Seconds};
 use tokio_util::sync::CancellationToken;
 
@@ -179,10 +179,14 @@ fn default_state_dir() -> PathBuf {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Colour only for a terminal: a log written to a file or a pipe
+    // stays plain text.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
     let Cmd::Run {
         state_dir,
@@ -207,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
     } = Cli::parse().cmd;
     let mut config = CoordinatorConfig::new(state_dir);
     config.http_listen = http;
-    config.p2p_listen = p2p;
+    config.p2p_listen = p2p.clone();
     config.faucet = faucet.map(Credits);
     config.fee_bps = fee_bps;
     config.audit.mean_interval = audit_every.0.map(|s| Duration::from_secs(s.0));
@@ -232,8 +236,26 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting the coordinator")?;
     println!("coordinator API at {}", c.url());
-    for a in &c.p2p_addrs {
-        println!("providers join with: kiln-node run --coordinator {a}");
+    // Listening on every interface: print the machine's real addresses, not
+    // the loopback address libp2p reports first.
+    let v6 = matches!(
+        p2p.iter().next(),
+        Some(kiln_net::multiaddr::Protocol::Ip6(_))
+    );
+    let joins = join::join_addrs(
+        &p2p,
+        &c.p2p_addrs,
+        &join::interfaces(),
+        join::default_route_ip(v6),
+    );
+    for (i, a) in joins.iter().enumerate() {
+        if i == 0 {
+            println!("providers join with: kiln-node run --coordinator {a}");
+        } else {
+            println!(
+                "  or, where they reach this machine at another address: kiln-node run --coordinator {a}"
+            );
+        }
     }
     tokio::signal::ctrl_c()
         .await

@@ -59,6 +59,16 @@ pub enum NetError {
         "could not reach peer {peer}: {reason}; check that it is running and that its address is right"
     )]
     Unreachable { peer: PeerId, reason: String },
+    /// The dial reached `addr`, but the peer there proved (in the Noise
+    /// handshake) to be `found`, not the `expected` peer the address names.
+    #[error(
+        "the peer at {addr} has peer id {found}, not {expected} as the address says: its /p2p/ part is mistyped or out of date (the peer got a new key); copy the full address the peer prints (a coordinator prints its own at start-up)"
+    )]
+    WrongPeer {
+        expected: PeerId,
+        found: PeerId,
+        addr: String,
+    },
     #[error(
         "peer {peer} did not answer within {secs}s; it may or may not have received the request"
     )]
@@ -374,6 +384,10 @@ pub struct EventLoop {
     pending_requests:
         HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<NetResponse, NetError>>)>,
     pending_dials: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId, NetError>>>>,
+    /// Why the last dial to a peer with requests waiting failed, when the
+    /// reason is worth more than request-response's bare "dial failed" (a
+    /// wrong peer id); kept only while requests to that peer are pending.
+    dial_failures: HashMap<PeerId, (PeerId, String)>,
     replies: FuturesUnordered<BoxFuture<'static, (ResponseChannel<NetResponse>, NetResponse)>>,
     advert_topic: gossipsub::IdentTopic,
     blob_topic: gossipsub::IdentTopic,
@@ -506,6 +520,7 @@ pub async fn spawn(
         events,
         pending_requests: HashMap::new(),
         pending_dials: HashMap::new(),
+        dial_failures: HashMap::new(),
         replies: FuturesUnordered::new(),
         advert_topic,
         blob_topic,
@@ -637,6 +652,7 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
+                self.dial_failures.remove(&peer_id);
                 for done in self.pending_dials.remove(&peer_id).unwrap_or_default() {
                     let _ = done.send(Ok(peer_id));
                 }
@@ -654,10 +670,34 @@ impl EventLoop {
                 error,
                 ..
             } => {
+                // Request-response reports this failure to its requests as a
+                // bare `DialFailure` right after this event: keep what it
+                // does not say for them.
+                let wrong = match &error {
+                    libp2p::swarm::DialError::WrongPeerId { obtained, address } => {
+                        Some((*obtained, address.to_string()))
+                    }
+                    _ => None,
+                };
+                match &wrong {
+                    Some(w) if self.pending_requests.values().any(|(p, _)| *p == peer) => {
+                        self.dial_failures.insert(peer, w.clone());
+                    }
+                    _ => {
+                        self.dial_failures.remove(&peer);
+                    }
+                }
                 for done in self.pending_dials.remove(&peer).unwrap_or_default() {
-                    let _ = done.send(Err(NetError::Unreachable {
-                        peer,
-                        reason: error.to_string(),
+                    let _ = done.send(Err(match &wrong {
+                        Some((found, addr)) => NetError::WrongPeer {
+                            expected: peer,
+                            found: *found,
+                            addr: addr.clone(),
+                        },
+                        None => NetError::Unreachable {
+                            peer,
+                            reason: error.to_string(),
+                        },
                     }));
                 }
             }
@@ -723,9 +763,16 @@ impl EventLoop {
             } => {
                 if let Some((_, done)) = self.pending_requests.remove(&request_id) {
                     let err = match error {
-                        OutboundFailure::DialFailure => NetError::Unreachable {
-                            peer,
-                            reason: "dial failed".into(),
+                        OutboundFailure::DialFailure => match self.dial_failures.get(&peer) {
+                            Some((found, addr)) => NetError::WrongPeer {
+                                expected: peer,
+                                found: *found,
+                                addr: addr.clone(),
+                            },
+                            None => NetError::Unreachable {
+                                peer,
+                                reason: "dial failed".into(),
+                            },
                         },
                         OutboundFailure::Timeout => NetError::Timeout {
                             peer,
@@ -738,6 +785,9 @@ impl EventLoop {
                         },
                     };
                     let _ = done.send(Err(err));
+                }
+                if !self.pending_requests.values().any(|(p, _)| *p == peer) {
+                    self.dial_failures.remove(&peer);
                 }
             }
             Event::InboundFailure { peer, error, .. } => {

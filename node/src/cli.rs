@@ -34,9 +34,14 @@ pub struct RunArgs {
     pub state_dir: PathBuf,
     #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
     pub listen: kiln_net::Addr,
-    /// Jobs to run at once.
-    #[arg(long, default_value_t = 2)]
-    pub slots: u32,
+    /// Jobs to run at once [default: 2, or 1 on a one-core machine]; at
+    /// most the number of CPU cores unless --overcommit-slots.
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// Allow --slots above the number of CPU cores (jobs asking for less
+    /// than a core may then share one; no more CPUs than cores are booked).
+    #[arg(long)]
+    pub overcommit_slots: bool,
     /// Price per CPU-hour in micro-credits.
     #[arg(long, default_value_t = 100_000)]
     pub price_per_cpu_hour: u64,
@@ -112,8 +117,9 @@ pub struct RunArgs {
     /// placed here.
     #[arg(long, value_parser = parse_region)]
     pub region: Option<String>,
-    /// Disk lent to jobs in all, e.g. 100GiB (0: jobs asking for disk are
-    /// not placed here).
+    /// Disk lent to jobs in all, e.g. 100GiB, at most what is free on the
+    /// filesystem of --state-dir (0: jobs asking for disk are not placed
+    /// here).
     #[arg(long, value_parser = parse_size, default_value = "0")]
     pub disk: u64,
 }
@@ -140,7 +146,10 @@ impl RunArgs {
     pub fn into_config(self) -> NodeConfig {
         let mut c = NodeConfig::new(self.coordinator, self.state_dir);
         c.listen = self.listen;
-        c.slots = self.slots;
+        if let Some(slots) = self.slots {
+            c.slots = slots;
+        }
+        c.overcommit_slots = self.overcommit_slots;
         c.price_per_cpu_hour = Credits(self.price_per_cpu_hour);
         c.price_per_gpu_hour = Credits(self.price_per_gpu_hour);
         c.policy = Policy {
@@ -342,6 +351,15 @@ mod tests {
             assert!(e.contains("not a region name"), "{bad}: {e}");
         }
         assert!(parse(&["--disk", "lots"]).is_err());
+    }
+
+    #[test]
+    fn slots_default_to_what_the_machine_has_and_overcommit_is_explicit() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.slots, hw::logical_cores().clamp(1, 2));
+        assert!(!c.overcommit_slots);
+        let c = parse(&["--slots", "64", "--overcommit-slots"]).unwrap();
+        assert_eq!((c.slots, c.overcommit_slots), (64, true));
     }
 
     #[test]

@@ -584,55 +584,54 @@ async fn check_coordinator(addr: Option<&kiln_net::Addr>) -> Check {
         );
     };
     let cancel = tokio_util::sync::CancellationToken::new();
-    let key = kiln_protocol::Keypair::generate();
     let config = kiln_net::NetConfig {
         listen: vec![],
-        request_timeout: Duration::from_secs(10),
         ..kiln_net::NetConfig::default()
     };
+    // The probe is a connection, nothing more: reaching the address and
+    // completing the Noise handshake with the key the address names proves
+    // the coordinator is there and is the one meant, and sends it no request
+    // it would have to refuse (and log).
     let result = async {
-        let (client, _events, event_loop) =
-            kiln_net::spawn(key.to_libp2p(), config, cancel.clone())
-                .await
-                .map_err(|e| e.to_string())?;
+        let (client, _events, event_loop) = kiln_net::spawn(
+            kiln_protocol::Keypair::generate().to_libp2p(),
+            config,
+            cancel.clone(),
+        )
+        .await?;
         let task = tokio::spawn(event_loop.run());
         let started = std::time::Instant::now();
-        // Any answer proves reachability; a coordinator refuses a
-        // cancellation (only it sends those), changing nothing.
-        let probe = kiln_protocol::Signed::sign(
-            &key,
-            kiln_protocol::CancelJob {
-                job_id: kiln_protocol::JobId::derive(
-                    &kiln_protocol::BuyerId::new(key.public()),
-                    &kiln_protocol::Nonce::random(),
-                ),
-                offer_id: kiln_protocol::OfferId::random(),
-                provider: kiln_protocol::ProviderId::from_public_key(&key.public()),
-                reason: "kiln-node doctor reachability probe".into(),
-            },
-            60,
-        )
-        .map_err(|e| e.to_string())?;
-        let answer = tokio::time::timeout(
-            Duration::from_secs(15),
-            client.request(
+        let connected = tokio::time::timeout(Duration::from_secs(15), client.dial(addr.clone()))
+            .await
+            .map_err(|_| kiln_net::NetError::Unreachable {
                 peer,
-                vec![addr.clone()],
-                kiln_protocol::NetRequest::Cancel(probe),
-            ),
-        )
-        .await;
+                reason: "no connection within 15 s".into(),
+            })
+            .and_then(|r| r);
         cancel.cancel();
         let _ = task.await;
-        match answer {
-            Ok(Ok(_)) => Ok(started.elapsed()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("no answer within 15 s".into()),
-        }
+        connected.map(|_| started.elapsed())
     }
     .await;
     match result {
-        Ok(rtt) => Check::ok(NAME, format!("{addr} answered in {} ms", rtt.as_millis())),
+        Ok(rtt) => Check::ok(
+            NAME,
+            format!(
+                "{addr} answered in {} ms (connected; its peer id is the one the address names)",
+                rtt.as_millis()
+            ),
+        ),
+        Err(kiln_net::NetError::WrongPeer {
+            expected,
+            found,
+            addr: at,
+        }) => Check::fail(
+            NAME,
+            format!(
+                "the peer at {at} has peer id {found}, not {expected} as --coordinator says: the /p2p/ part of the address is mistyped or out of date (a coordinator that lost its state directory has a new key)"
+            ),
+            "copy the full address the coordinator prints at start-up (`providers join with: kiln-node run --coordinator /ip4/…/tcp/…/p2p/…`) into --coordinator (or KILN_COORDINATOR_ADDR)",
+        ),
         Err(e) => Check::fail(
             NAME,
             format!("cannot reach the coordinator at {addr}: {e}"),

@@ -126,12 +126,18 @@ pub fn cpu_matmul_mflops(budget: Duration) -> u64 {
     (flops / start.elapsed().as_secs_f64() / 1e6) as u64
 }
 
+/// The CPU cores this process may use (its affinity and cgroup quota
+/// included): what the advert states as `logical_cores`.
+pub fn logical_cores() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+        .unwrap_or(1)
+}
+
 pub fn cpu_info(bench: Duration) -> CpuInfo {
     CpuInfo {
         model: cpu_model(),
-        logical_cores: std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1),
+        logical_cores: logical_cores(),
         matmul_mflops: cpu_matmul_mflops(bench),
     }
 }

@@ -120,6 +120,19 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
     std::fs::create_dir_all(&config.state_dir).map_err(state_dir_err)?;
     std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
         .map_err(state_dir_err)?;
+    // The advert below states these: refuse what the machine does not have
+    // before anything is set up. Free disk is measured as the doctor does.
+    let free_disk = if config.disk.0 == 0 {
+        None
+    } else {
+        let dir = config.state_dir.clone();
+        Some(
+            tokio::task::spawn_blocking(move || doctor::available_bytes(&dir))
+                .await
+                .unwrap_or_else(|e| Err(format!("measuring it failed: {e}"))),
+        )
+    };
+    config::check_capacity(&config, hw::logical_cores(), free_disk)?;
     let key = keyfile::load_or_create(&config.state_dir.join("identity.key"))?;
     let provider = ProviderId::from_public_key(&key.public());
     let coordinator = kiln_net::peer_of(&config.coordinator)

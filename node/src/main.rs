@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -35,6 +36,7 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::fmt()
                 .with_env_filter(filter())
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .init();
             let code = tokio::task::spawn_blocking(move || kiln_node::cli::benchmark(args))
                 .await
@@ -45,11 +47,16 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::fmt()
                 .with_env_filter(filter())
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .init();
             std::process::exit(kiln_node::cli::doctor(args).await);
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter()).init();
+    // Colour only for a terminal: a log written to a file stays plain.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_ansi(std::io::stdout().is_terminal())
+        .init();
     let cancel = CancellationToken::new();
     let node = kiln_node::start(args.into_config(), cancel.clone())
         .await

@@ -144,3 +144,76 @@ fn doctor_json_reports_checks_and_the_documented_exit_code() {
     assert_eq!(find("key-permissions")["status"], "skip", "no key yet");
     assert_eq!(find("coordinator")["status"], "skip");
 }
+
+/// `kiln-node run` refuses, before it advertises anything, disk beyond what
+/// is free where its state lives and slots beyond the machine's cores,
+/// naming the flag, the value asked, what the machine has and what to do.
+#[test]
+fn run_refuses_to_advertise_more_than_the_machine_has() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    const GIB: u64 = 1 << 30;
+    // Only keeps a binary that did start from running forever.
+    const GUARD: Duration = Duration::from_secs(120);
+    let state = tempfile::tempdir().unwrap();
+    let free = kiln_node::doctor::available_bytes(state.path()).unwrap();
+    let cores = kiln_node::hw::logical_cores();
+    let peer =
+        kiln_protocol::ProviderId::from_public_key(&kiln_protocol::Keypair::generate().public());
+    let coordinator = format!("/ip4/127.0.0.1/tcp/9/p2p/{peer}");
+    let asked = kiln_protocol::ByteSize((free / GIB + 1) * 2 * GIB);
+    let disk = asked.to_string();
+    let slots = (cores + 1).to_string();
+    let cases: [(&[&str], Vec<String>); 2] = [
+        (
+            &["--disk", &disk],
+            vec![
+                format!("--disk {asked} is more than the"),
+                format!("{:.1} GiB free", free as f64 / GIB as f64),
+                state.path().display().to_string(),
+                "--state-dir".into(),
+            ],
+        ),
+        (
+            &["--slots", &slots],
+            vec![
+                format!("--slots {slots} is more than this machine's {cores} CPU cores"),
+                format!("--slots {cores} or fewer"),
+                "--overcommit-slots".into(),
+            ],
+        ),
+    ];
+    for (flags, says) in cases {
+        let mut child = node()
+            .args(["run", "--coordinator", &coordinator])
+            .arg("--state-dir")
+            .arg(state.path())
+            .args(flags)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > GUARD {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "{flags:?}: still running, so it was accepted: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flags:?}: {stderr}");
+        for s in &says {
+            assert!(
+                stderr.contains(s.as_str()),
+                "{flags:?}: no `{s}` in {stderr}"
+            );
+        }
+    }
+}

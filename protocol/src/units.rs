@@ -22,11 +22,51 @@ pub struct ByteSize(pub u64);
 pub struct Seconds(pub u64);
 
 /// Money in micro-credits (1 credit = 1_000_000 µcr). Always an integer.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
+/// It serializes as the integer of micro-credits; humans may also write a
+/// string with a unit (`"2.5cr"`, `"2500000µcr"`, see its `FromStr`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
 #[serde(transparent)]
 pub struct Credits(pub u64);
+
+impl<'de> Deserialize<'de> for Credits {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if !d.is_human_readable() {
+            return Ok(Self(u64::deserialize(d)?));
+        }
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Credits;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "micro-credits as an integer, or a string with a unit such as \"2.5cr\"",
+                )
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Credits, E> {
+                Ok(Credits(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Credits, E> {
+                u64::try_from(v)
+                    .map(Credits)
+                    .map_err(|_| E::custom("an amount of money cannot be negative"))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Credits, E> {
+                Err(E::custom(format!(
+                    "{v} is not whole micro-credits; write an integer of µcr or a string such as \"{v}cr\""
+                )))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Credits, E> {
+                let t = v.trim();
+                if !(t.ends_with("cr")) {
+                    return Err(E::custom(format!(
+                        "`{v}` has no unit: write \"{t}cr\" for credits or \"{t}µcr\" for micro-credits (a bare integer is micro-credits)"
+                    )));
+                }
+                t.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 /// Milliseconds since the Unix epoch.
 #[derive(
@@ -50,6 +90,55 @@ impl UnixMillis {
 impl fmt::Display for Credits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{:06} cr", self.0 / 1_000_000, self.0 % 1_000_000)
+    }
+}
+
+/// Credits as people write them: `12`, `12.5`, `0.000001`, `12cr`,
+/// `12.5 cr` (credits, at most six decimals), or `2500000µcr` / `ucr`
+/// (micro-credits). What [`Credits`]' `Display` prints parses back.
+impl std::str::FromStr for Credits {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let bad = |why: &str| {
+            format!(
+                "`{s}` is not an amount of credits ({why}); write e.g. 12.5 or 12.5cr (credits) or 2500000µcr"
+            )
+        };
+        for micro in ["µcr", "ucr"] {
+            if let Some(n) = t.strip_suffix(micro) {
+                return n
+                    .trim()
+                    .parse::<u64>()
+                    .map(Credits)
+                    .map_err(|_| bad("micro-credits are a whole number"));
+            }
+        }
+        let n = t.strip_suffix("cr").unwrap_or(t).trim();
+        let (whole, frac) = n.split_once('.').unwrap_or((n, ""));
+        if whole.is_empty() && frac.is_empty() {
+            return Err(bad("no digits"));
+        }
+        if frac.len() > 6 {
+            return Err(bad("more than six decimals: 1 µcr is 0.000001 cr"));
+        }
+        let digits = |d: &str| d.is_empty() || d.bytes().all(|b| b.is_ascii_digit());
+        if !digits(whole) || !digits(frac) {
+            return Err(bad("not a number"));
+        }
+        let whole: u64 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| bad("too large"))?
+        };
+        let frac: u64 = format!("{frac:0<6}")
+            .parse()
+            .map_err(|_| bad("not a number"))?;
+        whole
+            .checked_mul(1_000_000)
+            .and_then(|w| w.checked_add(frac))
+            .map(Credits)
+            .ok_or_else(|| bad("too large"))
     }
 }
 
@@ -263,6 +352,76 @@ mod tests {
         c: MilliCpu,
         m: ByteSize,
         t: Seconds,
+    }
+
+    #[test]
+    fn credits_parse_as_people_write_them_and_as_they_are_shown() {
+        let ok: [(&str, u64); 10] = [
+            ("12", 12_000_000),
+            ("12.5", 12_500_000),
+            ("12.5cr", 12_500_000),
+            (" 12.5 cr ", 12_500_000),
+            ("0.000001", 1),
+            (".5", 500_000),
+            ("3.", 3_000_000),
+            ("2500000µcr", 2_500_000),
+            ("7 ucr", 7),
+            ("0", 0),
+        ];
+        for (s, want) in ok {
+            assert_eq!(s.parse::<Credits>(), Ok(Credits(want)), "{s}");
+        }
+        for bad in [
+            "",
+            "cr",
+            ".",
+            "1.0000001",
+            "-1",
+            "1e6",
+            "12 credits",
+            "1.5µcr",
+            "99999999999999999999",
+        ] {
+            let e = bad.parse::<Credits>().unwrap_err();
+            assert!(e.contains("12.5cr"), "{bad}: {e}");
+        }
+        for c in [0, 1, 999_999, 1_000_000, 12_345_678, u64::MAX] {
+            assert_eq!(Credits(c).to_string().parse::<Credits>(), Ok(Credits(c)));
+        }
+    }
+
+    #[test]
+    fn money_in_json_and_toml_is_micro_credits_or_a_string_with_a_unit() {
+        #[derive(Deserialize, Debug)]
+        struct M {
+            p: Credits,
+        }
+        let ok: [(&str, u64); 4] = [
+            (r#"{"p":2500000}"#, 2_500_000),
+            (r#"{"p":"2.5cr"}"#, 2_500_000),
+            (r#"{"p":"2500000µcr"}"#, 2_500_000),
+            (r#"{"p":"0.5 cr"}"#, 500_000),
+        ];
+        for (j, want) in ok {
+            assert_eq!(
+                serde_json::from_str::<M>(j).unwrap().p,
+                Credits(want),
+                "{j}"
+            );
+        }
+        for (j, says) in [
+            (r#"{"p":"2.5"}"#, "no unit"),
+            (r#"{"p":2.5}"#, "not whole micro-credits"),
+            (r#"{"p":-1}"#, "negative"),
+            (r#"{"p":"lots cr"}"#, "not an amount"),
+        ] {
+            let e = serde_json::from_str::<M>(j).unwrap_err().to_string();
+            assert!(e.contains(says), "{j}: {e}");
+        }
+        let t: M = toml::from_str("p = \"1.25cr\"").unwrap();
+        assert_eq!(t.p, Credits(1_250_000));
+        // Always written back as the integer.
+        assert_eq!(serde_json::to_string(&Credits(7)).unwrap(), "7");
     }
 
     #[test]

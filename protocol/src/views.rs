@@ -553,6 +553,53 @@ pub struct AccountView<A = String> {
     pub escrowed: Credits,
 }
 
+/// Which way money moves across the marketplace's edge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferKind {
+    /// Money came in (a buyer paid the operator): credits the account.
+    Deposit,
+    /// Money went out (the operator paid a provider): debits the account;
+    /// refused when the account holds less.
+    Payout,
+}
+
+impl TransferKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Deposit => "deposit",
+            Self::Payout => "payout",
+        }
+    }
+}
+
+/// `POST /v1/operator/transfers`, signed by an operator key: records money
+/// that crossed the marketplace's edge in the signed ledger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferRequest {
+    pub kind: TransferKind,
+    /// `buyer:kb…` or `provider:12D3…`.
+    pub account: String,
+    pub amount: Credits,
+    /// The operator's own reference for the payment (a bank transfer id,
+    /// an invoice number): each is recorded once, so a retried command
+    /// never moves money twice.
+    pub reference: String,
+}
+
+/// What a transfer did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferView {
+    pub kind: TransferKind,
+    pub account: String,
+    pub amount: Credits,
+    pub reference: String,
+    /// `false`: this reference was recorded before; nothing moved now.
+    pub applied: bool,
+    /// The account's balance afterwards.
+    pub balance: Credits,
+}
+
 /// One row of `GET /v1/ledger`: a `Signed<LedgerEntry>` in its canonical
 /// encoding, hex.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

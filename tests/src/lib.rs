@@ -121,6 +121,8 @@ fn node_config(dn: &Devnet, i: usize) -> anyhow::Result<kiln_node::NodeConfig> {
     let mut nc = kiln_node::NodeConfig::new(addr, dn.state_dir.join(format!("node{i}")));
     nc.heartbeat = Duration::from_secs(1);
     nc.usage_interval = Duration::from_secs(5);
+    // Like the devnet's own nodes: they share this machine's cores.
+    nc.overcommit_slots = true;
     Ok(nc)
 }
 
