@@ -43,9 +43,9 @@ fn retry_wait(resp: &reqwest::Response, attempt: &mut u32) -> Option<std::time::
 use kiln_protocol::request_auth::{CLIENT_TTL_SECS, RequestAuth};
 use kiln_protocol::views::{
     AccountView, BalancesView, BlobDeletedView, BlobListView, CancelView, ErrorView, InfoView,
-    JobListView, JobView, LedgerPageView, LogsView, MissingRequest, MissingView, OffersView,
-    OutputsView, ProviderAuditsView, ProvidersView, StatementView, TransferRequest, TransferView,
-    UploadView,
+    JobListView, JobView, LedgerPageView, LiveLogsView, LogsView, MissingRequest, MissingView,
+    OffersView, OutputsView, ProviderAuditsView, ProvidersView, StatementView, TransferRequest,
+    TransferView, UploadView,
 };
 use kiln_protocol::{ContentId, JobId, JobSpec, JobSubmission, Keypair, ProviderId, Signed};
 use serde::de::DeserializeOwned;
@@ -320,6 +320,20 @@ impl Client {
     /// A job's stdout and stderr (a gang's rank 0).
     pub async fn logs(&self, id: &JobId) -> Result<LogsView, ClientError> {
         self.get_json(&format!("/v1/jobs/{id}/logs")).await
+    }
+
+    /// What a running job's member `rank` has written from these offsets.
+    pub async fn live_logs(
+        &self,
+        id: &JobId,
+        rank: u32,
+        stdout_from: u64,
+        stderr_from: u64,
+    ) -> Result<LiveLogsView, ClientError> {
+        self.get_json(&format!(
+            "/v1/jobs/{id}/logs/live?rank={rank}&stdout_from={stdout_from}&stderr_from={stderr_from}"
+        ))
+        .await
     }
 
     /// The stdout and stderr of gang member `rank` (its last attempt).

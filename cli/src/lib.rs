@@ -156,6 +156,58 @@ pub fn default_key_path() -> PathBuf {
         .join("buyer.key")
 }
 
+/// Follows job `id`'s logs (gang member `rank`) until it ends: what its
+/// node has so far, every `every`, then the rest from the stored logs.
+/// `out`/`err` receive text as it comes (already terminal-safe if `safe`).
+pub async fn follow_logs(
+    client: &Client,
+    id: &JobId,
+    rank: u32,
+    every: Duration,
+    mut out: impl FnMut(&str),
+    mut err: impl FnMut(&str),
+) -> anyhow::Result<JobView> {
+    let (mut o, mut e) = (0u64, 0u64);
+    loop {
+        let v = client.live_logs(id, rank, o, e).await?;
+        if !v.stdout.is_empty() {
+            out(&v.stdout);
+        }
+        if !v.stderr.is_empty() {
+            err(&v.stderr);
+        }
+        (o, e) = (v.stdout_next, v.stderr_next);
+        if v.state.is_terminal() {
+            break;
+        }
+        tokio::time::sleep(every).await;
+    }
+    let job = client.job(id).await?;
+    // The rest, from what the coordinator stored: the same bytes, so the
+    // offsets carry over (unless the stored answer is only a tail).
+    let stored = if job.spec.resources.gang > 1 {
+        client.rank_logs(id, rank).await
+    } else {
+        client.logs(id).await
+    };
+    if let Ok(l) = stored {
+        let rest = |s: &str, from: u64| {
+            let from = usize::try_from(from).unwrap_or(usize::MAX);
+            s.get(from..).unwrap_or("").to_string()
+        };
+        if l.clipped {
+            err(&format!(
+                "\n(the log is longer than what is shown inline: `kiln data get {}` has all of stdout)\n",
+                l.stdout_cid
+            ));
+        } else {
+            out(&rest(&l.stdout, o));
+            err(&rest(&l.stderr, e));
+        }
+    }
+    Ok(job)
+}
+
 /// Shortest job id prefix accepted (`kiln job logs 550c`).
 pub const MIN_PREFIX: usize = 4;
 

@@ -134,6 +134,10 @@ enum JobCmd {
         /// sequences included (for a file or a program, not a terminal).
         #[arg(long, conflicts_with = "json")]
         raw: bool,
+        /// Follow a running job: print what it writes as it writes it
+        /// (read from its node every second), until it ends.
+        #[arg(short, long, conflicts_with = "json")]
+        follow: bool,
     },
     /// Download a job's outputs by CID, verifying the receipt, the manifest
     /// and every 16 KiB of every file as it arrives (resumable).
@@ -571,8 +575,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("{}  {}", v.job_id, v.outcome)
             });
         }
-        Cmd::Job(JobCmd::Logs { id, rank, raw }) => {
+        Cmd::Job(JobCmd::Logs {
+            id,
+            rank,
+            raw,
+            follow,
+        }) => {
             let id = kiln_cli::resolve_job(&client, &id).await?;
+            if follow {
+                let safe = |s: &str| {
+                    if raw {
+                        s.to_string()
+                    } else {
+                        term::text(s).into_owned()
+                    }
+                };
+                let done = kiln_cli::follow_logs(
+                    &client,
+                    &id,
+                    rank.unwrap_or(0),
+                    Duration::from_secs(1),
+                    |s| term::out_raw(&safe(s)),
+                    |s| eprint!("{}", safe(s)),
+                )
+                .await?;
+                return exit_with_job(&done);
+            }
             let logs = match rank {
                 Some(r) => client.rank_logs(&id, r).await?,
                 None => {

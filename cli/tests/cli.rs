@@ -928,3 +928,84 @@ fn the_readme_lists_every_workload_command() {
     }
     assert!(readme.contains("`/out`"));
 }
+
+/// `kiln job logs --follow` prints what a running job writes while it runs
+/// (read from its node through the coordinator), then the rest, each line
+/// once, and exits with the job's code (issue 15, item 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn following_logs_shows_lines_before_the_job_ends() {
+    use kiln_cli::devnet::{Devnet, DevnetOptions};
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let home = tempfile::tempdir().unwrap();
+    let dn = Devnet::start(DevnetOptions {
+        providers: 1,
+        http_port: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let url = dn.url();
+    let key = kiln_cli::buyer_key(&home.path().join("buyer.key")).unwrap();
+    let client = kiln_cli::Client::new(&url, key);
+    let id = client
+        .submit(dn.workload_spec(&["tick", "6", "700"]), None)
+        .await
+        .unwrap()
+        .job_id;
+    let mut child = kiln(home.path())
+        .args([
+            "--coordinator",
+            &url,
+            "job",
+            "logs",
+            "--follow",
+            &id.to_string()[..8],
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let first = tokio::task::spawn_blocking(move || {
+        let first = rx.recv_timeout(std::time::Duration::from_secs(90));
+        (first, rx)
+    })
+    .await
+    .unwrap();
+    let (first, rx) = first;
+    let first = first.expect("no line while following");
+    // Seen while the job still runs.
+    let state = client.job(&id).await.unwrap().state;
+    assert!(
+        !state.is_terminal(),
+        "the first line came only after the end ({state})"
+    );
+    assert_eq!(first, "tick 1");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let mut lines = vec![first];
+    // The child has exited: the reader ends at EOF, and every line is in.
+    lines.extend(
+        tokio::task::spawn_blocking(move || rx.iter().collect::<Vec<_>>())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Vec<String> = (1..=6).map(|i| format!("tick {i}")).collect();
+    assert_eq!(lines, want, "each line once, in order");
+    dn.shutdown().await;
+}

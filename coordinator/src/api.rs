@@ -7,6 +7,7 @@
 //! | `GET /v1/jobs/{id}` | owner | status, reason, receipt, history |
 //! | `POST /v1/jobs/{id}/cancel` | owner | cancel (refund if not started; else stop and pay for time used) |
 //! | `GET /v1/jobs/{id}/logs[?rank=r]` | owner | stdout/stderr (of gang rank `r`) |
+//! | `GET /v1/jobs/{id}/logs/live?rank=r&stdout_from=a&stderr_from=b` | owner | what a running member has written so far, asked of its node |
 //! | `GET /v1/jobs/{id}/outputs` | owner | output manifest |
 //! | `GET /v1/jobs/{id}/blobs/{cid}` | owner | bytes of one output or log |
 //! | `/v1/blobs…` | buyer | data: upload, list, download (see [`crate::blob_api`]) |
@@ -80,6 +81,7 @@ pub fn create_app(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/logs", get(job_logs))
+        .route("/v1/jobs/{id}/logs/live", get(job_logs_live))
         .route("/v1/jobs/{id}/outputs", get(job_outputs))
         .route("/v1/jobs/{id}/blobs/{cid}", get(job_blob))
         .route("/v1/account", get(account))
@@ -290,6 +292,118 @@ async fn job_logs(
         truncated: r.usage.logs_truncated,
         clipped: stdout_clipped || stderr_clipped,
     }))
+}
+
+#[derive(serde::Deserialize)]
+struct LiveQuery {
+    rank: Option<u32>,
+    #[serde(default)]
+    stdout_from: u64,
+    #[serde(default)]
+    stderr_from: u64,
+}
+
+/// The longest prefix of `b` made of whole UTF-8 characters, unless the
+/// bytes are not UTF-8 at all (then everything, shown lossily): a
+/// character split across two reads is sent whole with the next one.
+fn whole_chars(b: &[u8]) -> (String, u64) {
+    let n = match std::str::from_utf8(b) {
+        Ok(_) => b.len(),
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => b.len(),
+    };
+    (String::from_utf8_lossy(&b[..n]).into_owned(), n as u64)
+}
+
+/// What a running job's member has written so far, asked of its node (for
+/// `kiln job logs --follow`). Not running (queued, or ended: its logs are
+/// stored) answers `live: false` with nothing new.
+async fn job_logs_live(
+    State(state): State<AppState>,
+    Buyer(buyer): Buyer,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<LiveQuery>,
+) -> Result<Json<kiln_protocol::views::LiveLogsView>, ApiError> {
+    use kiln_protocol::views::{LiveLogsView, MemberState, Role};
+    use kiln_protocol::{NetRequest, NetResponse, TailLogs};
+    let job = owned_job(&state, &buyer, &id).await?;
+    let rank = q.rank.unwrap_or(0);
+    let gang = job.spec.resources.gang.max(1);
+    if rank >= gang {
+        return Err(ApiError::BadRequest {
+            field: Some("rank".into()),
+            reason: format!(
+                "job {} runs on {gang} node(s): its ranks are 0 to {}",
+                job.id,
+                gang - 1
+            ),
+        });
+    }
+    let mut view = LiveLogsView {
+        job_id: job.id,
+        rank,
+        state: job.state,
+        stdout: String::new(),
+        stderr: String::new(),
+        stdout_next: q.stdout_from,
+        stderr_next: q.stderr_from,
+        live: false,
+    };
+    let member = state
+        .db
+        .attempt_members(&job.id, job.attempts)
+        .await?
+        .into_iter()
+        .find(|m| {
+            m.rank == rank
+                && m.role == Role::Run
+                && matches!(m.state, MemberState::Started | MemberState::Stopping)
+        });
+    let Some(m) = member else {
+        return Ok(Json(view));
+    };
+    let ask = TailLogs {
+        job_id: job.id,
+        offer_id: m.offer_id,
+        provider: m.provider,
+        stdout_from: q.stdout_from,
+        stderr_from: q.stderr_from,
+    };
+    let Some(signed) = crate::lifecycle::sign(&state, ask) else {
+        return Err(ApiError::Internal("cannot sign the log request".into()));
+    };
+    let asked = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        state.net.request(
+            m.provider.peer_id(),
+            crate::lifecycle::addrs_of(&m),
+            NetRequest::TailLogs(signed),
+        ),
+    )
+    .await;
+    let unavailable = |why: String| {
+        ApiError::Unavailable(format!(
+            "provider {} did not give job {}'s live logs: {why}; try again, or read them once it ends",
+            m.provider.short(),
+            job.id
+        ))
+    };
+    match asked {
+        Ok(Ok(NetResponse::Logs(chunk))) => {
+            let (stdout, n_out) = whole_chars(&chunk.stdout);
+            let (stderr, n_err) = whole_chars(&chunk.stderr);
+            view.stdout = stdout;
+            view.stderr = stderr;
+            view.stdout_next = q.stdout_from.saturating_add(n_out);
+            view.stderr_next = q.stderr_from.saturating_add(n_err);
+            view.live = true;
+            Ok(Json(view))
+        }
+        Ok(Ok(NetResponse::Rejected { reason })) => Err(unavailable(reason)),
+        Ok(Ok(other)) => Err(unavailable(format!("unexpected answer {other:?}"))),
+        Ok(Err(e)) => Err(unavailable(e.to_string())),
+        Err(_) => Err(unavailable("no answer within 10 s".into())),
+    }
 }
 
 /// Most bytes of each log stream returned inline by the logs route (the

@@ -29,6 +29,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
@@ -331,6 +332,50 @@ pub struct Runner {
     policy: Policy,
     /// Outputs are imported here (hashed once, verified, served by CID).
     store: Store,
+    /// What each running container has written so far, by offer id (for
+    /// `kiln job logs --follow`); an entry lives while its container does.
+    live: Arc<std::sync::Mutex<HashMap<OfferId, Arc<LiveLog>>>>,
+}
+
+/// A running container's output so far: the first `log_cap` bytes of each
+/// stream (what its receipt's logs will hold) and how much it wrote in all.
+#[derive(Debug, Default)]
+pub struct LiveLog {
+    inner: std::sync::Mutex<LiveInner>,
+}
+
+#[derive(Debug, Default)]
+struct LiveInner {
+    out: Vec<u8>,
+    err: Vec<u8>,
+    out_total: u64,
+    err_total: u64,
+    ended: bool,
+}
+
+impl LiveLog {
+    /// What was kept from these offsets on, at most [`LogChunk::MAX`] bytes
+    /// of each stream.
+    pub fn read(&self, stdout_from: u64, stderr_from: u64) -> kiln_protocol::LogChunk {
+        let g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let slice = |buf: &[u8], from: u64| {
+            let from = usize::try_from(from).unwrap_or(usize::MAX).min(buf.len());
+            let to = from
+                .saturating_add(kiln_protocol::LogChunk::MAX)
+                .min(buf.len());
+            buf[from..to].to_vec()
+        };
+        kiln_protocol::LogChunk {
+            stdout: slice(&g.out, stdout_from),
+            stderr: slice(&g.err, stderr_from),
+            stdout_total: g.out_total,
+            stderr_total: g.err_total,
+            ended: g.ended,
+        }
+    }
 }
 
 /// The job's output directory on the host. Mounted as a size-limited tmpfs
@@ -435,21 +480,27 @@ fn mounts_under(root: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Reads a container's attach stream, keeping at most `cap` bytes of each
-/// stream and counting all of them.
+/// Reads a container's attach stream into `live` as it arrives, keeping
+/// at most `cap` bytes of each stream and counting all of them; returns
+/// what was kept once the stream ends.
 async fn capture_logs(
     mut stream: std::pin::Pin<
         Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
     >,
     cap: usize,
+    live: Arc<LiveLog>,
 ) -> (Vec<u8>, Vec<u8>, u64, u64) {
-    let (mut out, mut err, mut out_n, mut err_n) = (Vec::new(), Vec::new(), 0u64, 0u64);
     while let Some(item) = stream.next().await {
+        let mut g = live
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let g = &mut *g;
         let (buf, n, msg) = match item {
             Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                (&mut out, &mut out_n, message)
+                (&mut g.out, &mut g.out_total, message)
             }
-            Ok(LogOutput::StdErr { message }) => (&mut err, &mut err_n, message),
+            Ok(LogOutput::StdErr { message }) => (&mut g.err, &mut g.err_total, message),
             Ok(LogOutput::StdIn { .. }) => continue,
             Err(_) => break,
         };
@@ -457,7 +508,43 @@ async fn capture_logs(
         let room = cap.saturating_sub(buf.len());
         buf.extend_from_slice(&msg[..msg.len().min(room)]);
     }
-    (out, err, out_n, err_n)
+    let mut g = live
+        .inner
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    g.ended = true;
+    (g.out.clone(), g.err.clone(), g.out_total, g.err_total)
+}
+
+/// A live log registered for as long as its container runs.
+struct LiveEntry {
+    map: Arc<std::sync::Mutex<HashMap<OfferId, Arc<LiveLog>>>>,
+    offer: OfferId,
+}
+
+impl LiveEntry {
+    fn register(
+        map: &Arc<std::sync::Mutex<HashMap<OfferId, Arc<LiveLog>>>>,
+        offer: OfferId,
+        live: Arc<LiveLog>,
+    ) -> Self {
+        map.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(offer, live);
+        Self {
+            map: map.clone(),
+            offer,
+        }
+    }
+}
+
+impl Drop for LiveEntry {
+    fn drop(&mut self) {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.offer);
+    }
 }
 
 enum Ended {
@@ -492,7 +579,17 @@ impl Runner {
             limits,
             policy,
             store,
+            live: Arc::default(),
         }
+    }
+
+    /// The live output of attempt `offer`, while its container runs.
+    pub fn live_log(&self, offer: &OfferId) -> Option<Arc<LiveLog>> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(offer)
+            .cloned()
     }
 
     pub fn policy(&self) -> &Policy {
@@ -854,9 +951,12 @@ impl Runner {
             )
             .await
             .map_err(|e| format!("cannot attach to the container's output: {e}"))?;
+        let live = Arc::new(LiveLog::default());
+        let _registered = LiveEntry::register(&self.live, offer, live.clone());
         let logs = tokio::spawn(capture_logs(
             attach.output,
             self.limits.log_cap_bytes as usize,
+            live,
         ));
 
         let started_at = UnixMillis::now();

@@ -178,6 +178,41 @@ impl SignedMessage for CancelJob {
     const DOMAIN: &'static str = "kiln/cancel-job/v1";
 }
 
+/// The coordinator asks a node for what a running job has written so far
+/// (for `kiln job logs --follow`), from these byte offsets of each stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TailLogs {
+    pub job_id: JobId,
+    pub offer_id: OfferId,
+    pub provider: ProviderId,
+    pub stdout_from: u64,
+    pub stderr_from: u64,
+}
+
+impl SignedMessage for TailLogs {
+    const DOMAIN: &'static str = "kiln/tail-logs/v1";
+}
+
+/// What a running job wrote from the asked offsets: at most
+/// [`LogChunk::MAX`] bytes of each stream. Only the first `--log-cap` bytes
+/// of a stream are kept (as in the receipt's logs); `*_total` counts all.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChunk {
+    #[serde(with = "serde_bytes_compat")]
+    pub stdout: Vec<u8>,
+    #[serde(with = "serde_bytes_compat")]
+    pub stderr: Vec<u8>,
+    pub stdout_total: u64,
+    pub stderr_total: u64,
+    /// The container has exited: nothing more will come.
+    pub ended: bool,
+}
+
+impl LogChunk {
+    /// Most bytes of one stream in one chunk.
+    pub const MAX: usize = 256 << 10;
+}
+
 /// A provider's statement that a job it accepted will produce no result
 /// (e.g. the daemon was killed and the container reaped on restart), so the
 /// coordinator can requeue it instead of waiting forever.
@@ -341,6 +376,10 @@ pub enum NetRequest {
     /// cached blob, have `cid`? (`Accepted` or `Rejected`.) Blobs are not
     /// capabilities: only the coordinator knows which jobs entitle whom.
     MayFetch { peer: ProviderId, cid: ContentId },
+    /// Coordinator → provider: what a running job has written so far; the
+    /// answer is a [`NetResponse::Logs`]. (Appended: variants are encoded
+    /// by index.)
+    TailLogs(Signed<TailLogs>),
 }
 
 /// Responses over `/kiln/rpc/1`.
@@ -357,6 +396,8 @@ pub enum NetResponse {
     Retry {
         reason: String,
     },
+    /// The provider's answer to a [`NetRequest::TailLogs`].
+    Logs(LogChunk),
 }
 
 /// Serde of `Vec<u8>` as one byte string in binary encodings (bincode encodes

@@ -506,6 +506,27 @@ pub struct CancelView {
     pub outcome: CancelOutcome,
 }
 
+/// `GET /v1/jobs/{id}/logs/live?rank=r&stdout_from=a&stderr_from=b`:
+/// what a running job has written so far (`kiln job logs --follow`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveLogsView {
+    pub job_id: JobId,
+    pub rank: u32,
+    /// The job's state when this was read.
+    pub state: JobState,
+    /// What the running member wrote from the asked offsets (whole UTF-8
+    /// characters only: a character split at the end waits for the next
+    /// read).
+    pub stdout: String,
+    pub stderr: String,
+    /// The offsets to ask from next.
+    pub stdout_next: u64,
+    pub stderr_next: u64,
+    /// Whether a running member answered (`false`: not started yet, or
+    /// finished: its stored logs are at `GET /v1/jobs/{id}/logs`).
+    pub live: bool,
+}
+
 /// `GET /v1/jobs/{id}/logs[?rank=r]`: the tail of each stream (at most
 /// 1 MiB inline; the whole log is a blob fetched by its CID).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -59,6 +59,7 @@ commands:
   echo <words...>                 print the words to stdout
   exit <code> [message...]        print message to stderr, exit with <code> (0-255)
   sleep <seconds>                 sleep (fractions allowed)
+  tick <n> <interval_ms>          print `tick 1` … `tick n`, one every interval
   write <relpath> <bytes> [seed]  write deterministic pseudo-random bytes to <outdir>/<relpath>
   hash <path>...                  blake3 every file under the paths (b3sum format),
                                   also written to <outdir>/hashes.txt
@@ -137,6 +138,7 @@ fn run(args: &[String]) -> CmdResult {
         "echo" => cmd_echo(rest),
         "exit" => cmd_exit(rest),
         "sleep" => cmd_sleep(rest),
+        "tick" => cmd_tick(rest),
         "write" => cmd_write(rest),
         "hash" => cmd_hash(rest),
         "matmul" => cmd_matmul(rest),
@@ -274,6 +276,21 @@ fn cmd_sleep(args: &[String]) -> CmdResult {
     say(&format!("sleep: sleeping {secs}s"));
     std::thread::sleep(dur);
     say(&format!("sleep: done after {secs}s"));
+    Ok(())
+}
+
+/// Prints `tick i` every `interval_ms`, `n` times: output that arrives
+/// over time (for following logs).
+fn cmd_tick(args: &[String]) -> CmdResult {
+    arity("tick", args, 2, 2)?;
+    let n: u64 = parse("n", &args[0])?;
+    let every: u64 = parse("interval_ms", &args[1])?;
+    for i in 1..=n {
+        say(&format!("tick {i}"));
+        if i < n {
+            std::thread::sleep(Duration::from_millis(every));
+        }
+    }
     Ok(())
 }
 

@@ -119,8 +119,9 @@ async fn answer(state: &AppState, peer: Peer, request: NetRequest) -> Handled {
         | NetRequest::Challenge(_)
         | NetRequest::GangOffer(_)
         | NetRequest::GangStart(_)
-        | NetRequest::GangRelease(_) => Err(refuse(
-            "a coordinator does not take offers, starts, releases, challenges or cancellations",
+        | NetRequest::GangRelease(_)
+        | NetRequest::TailLogs(_) => Err(refuse(
+            "a coordinator does not take offers, starts, releases, challenges, cancellations or log requests",
         )),
     }
 }

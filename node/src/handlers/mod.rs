@@ -8,6 +8,7 @@
 //! | `GangStart` | `gang_start.rs` | start a reserved member |
 //! | `GangRelease` | `gang_release.rs` | give a reservation back / stop a member |
 //! | `Challenge` | `challenge.rs` | run a benchmark audit, answer signed |
+//! | `TailLogs` | `tail_logs.rs` | what a running job has written so far |
 //! | (`/kiln/blobs/1`) | `may_fetch.rs` | who may fetch which blob from here |
 //!
 //! A handler returns `Result<NetResponse, HandlerError>`; [`common::respond`]
@@ -22,6 +23,7 @@ mod gang_release;
 mod gang_start;
 pub(crate) mod may_fetch;
 mod offer;
+mod tail_logs;
 
 use std::sync::Arc;
 
@@ -76,6 +78,7 @@ fn dispatch(
         NetRequest::GangOffer(o) => gang_offer::handle(state, peer, &o),
         NetRequest::GangStart(g) => gang_start::handle(state, peer, &g),
         NetRequest::GangRelease(g) => gang_release::handle(state, peer, &g),
+        NetRequest::TailLogs(t) => tail_logs::handle(state, peer, &t),
         // Answered from its own task by `serve`.
         NetRequest::Challenge(_) => Err(HandlerError::Internal("challenge not dispatched")),
         NetRequest::Register(_)
