@@ -282,7 +282,10 @@ impl fmt::Display for TflopsSeen {
 /// `waiting: 12 online; 9 excluded by min_vram=80GiB; 3 by max_price_per_hour=2.000000 cr`
 ///
 /// Every online provider is counted once: against the first constraint it
-/// fails, or in `fit` (a gang job for which too few providers fit).
+/// fails, or in `fit` (a gang job for which too few providers fit). When
+/// some provider fails several, the line goes on with every constraint
+/// and how many providers fail it:
+/// `…; each constraint: cpus=64 fails 3, max_price_per_hour=… fails 2, region=eu fails 3`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NotPlaced {
     /// Providers online.
@@ -304,6 +307,10 @@ pub struct NotPlaced {
     pub min_stake: Credits,
     /// The verified figures of the providers `min_tflops` excluded.
     pub tflops_seen: TflopsSeen,
+    /// Providers failing each constraint, each counted under every one it
+    /// fails (of those checked per provider: price, TFLOP/s, network,
+    /// region, reputation, capacity and load), when some fail several.
+    pub every: Option<[u32; N_CONSTRAINTS]>,
     pub(crate) wanted: Wanted,
 }
 
@@ -366,6 +373,19 @@ impl fmt::Display for NotPlaced {
                 write!(f, " ({})", self.tflops_seen)?;
             }
             first = false;
+        }
+        if let Some(every) = &self.every {
+            f.write_str("; each constraint:")?;
+            let mut sep = " ";
+            for c in Constraint::ALL {
+                let n = every[c as usize];
+                if n > 0 {
+                    f.write_str(sep)?;
+                    self.wanted.write_label(c, f)?;
+                    write!(f, " fails {n}")?;
+                    sep = ", ";
+                }
+            }
         }
         if self.holding > 0 {
             write!(

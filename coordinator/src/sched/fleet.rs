@@ -203,6 +203,42 @@ impl Need {
 impl Load {
     /// The first constraint that depends on capacity which `need` fails here.
     #[inline]
+    /// Every constraint `need` fails here (for why-not lines: a provider
+    /// may fail several), as a mask of `1 << (constraint as usize)`.
+    pub fn violations(&self, qual: u64, need: &Need, round: u32, holder: u32) -> u64 {
+        let free_gpus = (qual & self.gpu_all & !self.gpu_used).count_ones();
+        [
+            (Constraint::Cpus, self.cap_mcpu < need.mcpu),
+            (Constraint::Memory, self.cap_mem < need.mem),
+            (Constraint::Disk, self.cap_disk < need.disk),
+            (Constraint::Slots, self.running >= self.slots),
+            (Constraint::FreeGpus, need.k > 0 && free_gpus < need.k),
+            (
+                Constraint::FreeCpus,
+                self.cap_mcpu >= need.mcpu
+                    && self.cap_mcpu.saturating_sub(self.used_mcpu) < need.mcpu,
+            ),
+            (
+                Constraint::FreeMemory,
+                self.cap_mem >= need.mem && self.cap_mem.saturating_sub(self.used_mem) < need.mem,
+            ),
+            (
+                Constraint::FreeDisk,
+                self.cap_disk >= need.disk
+                    && self.cap_disk.saturating_sub(self.used_disk) < need.disk,
+            ),
+            (
+                Constraint::Held,
+                self.held_round == round && self.held_for != holder,
+            ),
+        ]
+        .into_iter()
+        .fold(
+            0,
+            |m, (c, fails)| if fails { m | 1 << (c as usize) } else { m },
+        )
+    }
+
     pub fn violation(&self, qual: u64, need: &Need, round: u32, holder: u32) -> Option<Constraint> {
         if self.cap_mcpu < need.mcpu {
             return Some(Constraint::Cpus);
@@ -364,6 +400,29 @@ pub(crate) struct JobFilter<'a> {
 }
 
 impl JobFilter<'_> {
+    /// Every one of these constraints `c` fails, as a mask of
+    /// `1 << (constraint as usize)`.
+    pub fn violations(&self, c: &Cand) -> u64 {
+        [
+            (Constraint::MinTflops, c.tflops < self.min_tflops),
+            (Constraint::Network, self.network && !c.network),
+            (
+                Constraint::Region,
+                self.regions
+                    .is_some_and(|ok| !ok.get(c.region as usize).copied().unwrap_or(false)),
+            ),
+            (
+                Constraint::MinReputation,
+                u32::from(c.reputation) < self.min_reputation,
+            ),
+        ]
+        .into_iter()
+        .fold(
+            0,
+            |m, (k, fails)| if fails { m | 1 << (k as usize) } else { m },
+        )
+    }
+
     #[inline]
     pub fn violation(&self, c: &Cand) -> Option<Constraint> {
         if c.tflops < self.min_tflops {

@@ -46,6 +46,7 @@ fn not_placed(online: usize, spec: &JobSpec) -> NotPlaced {
         unbonded: 0,
         min_stake: Credits(0),
         tflops_seen: TflopsSeen::default(),
+        every: None,
         wanted: Wanted::of(spec),
     }
 }
@@ -145,7 +146,24 @@ impl Fleet {
         for c in &cands[cut..] {
             excluded(filter.violation(c).unwrap_or(Constraint::MaxPrice), c.idx);
         }
+        // Every constraint each provider fails, not only the first: a job
+        // asking for too many CPUs, too low a price and another region
+        // hears about all three.
+        let mut every = [0u32; N_CONSTRAINTS];
+        let mut several = false;
+        for c in cands {
+            let mut fails = filter.violations(c)
+                | self.load[c.idx as usize].violations(c.qual, &need, round, holder);
+            if c.price > max_price {
+                fails |= 1 << (Constraint::MaxPrice as usize);
+            }
+            several |= fails.count_ones() > 1;
+            for (i, n) in every.iter_mut().enumerate() {
+                *n += u32::from(fails & (1 << i) != 0);
+            }
+        }
         let mut np = not_placed(online, spec);
+        np.every = several.then_some(every);
         np.tflops_seen = seen;
         np.counts = static_counts;
         for (n, d) in np.counts.iter_mut().zip(dynamic) {

@@ -431,7 +431,7 @@ fn every_hard_constraint() {
             Err("waiting: 1 online; 1 excluded by free_disk=10GiB"),
         ),
         (
-            "a provider counts against its first failed constraint",
+            "a provider counts once against its first failed constraint, and under each it fails",
             vec![with(prov(1), |p| {
                 p.advert.slots = 0;
                 p.advert.memory = ByteSize(GIB);
@@ -442,7 +442,28 @@ fn every_hard_constraint() {
                 s.resources.memory = ByteSize(2 * GIB);
                 s.resources.min_reputation = 1;
             }),
-            Err("waiting: 1 online; 1 excluded by min_reputation=1"),
+            Err(
+                "waiting: 1 online; 1 excluded by min_reputation=1; each constraint: min_reputation=1 fails 1, memory=2GiB fails 1, slots fails 1",
+            ),
+        ),
+        (
+            // Issue 15: cpus=64, a low price and a region were reported as
+            // the region alone.
+            "every constraint a provider fails is named",
+            vec![
+                prov(1),
+                prov(2),
+                with(prov(3), |p| p.advert.region = Some("eu-west-1".into())),
+            ],
+            vec![],
+            job_with(|s| {
+                s.resources.cpus = MilliCpu(64_000);
+                s.resources.max_price_per_hour = Credits(10);
+                s.resources.region = Some("eu".into());
+            }),
+            Err(
+                "waiting: 3 online; 2 excluded by region=eu; 1 by max_price_per_hour=0.000010 cr; each constraint: region=eu fails 2, max_price_per_hour=0.000010 cr fails 3, cpus=64 fails 3",
+            ),
         ),
     ];
     run_cases(cases);
