@@ -107,6 +107,20 @@ impl Progress {
 }
 
 /// `1.5 MiB`.
+/// Bytes of the files under `dir` (0 if it does not exist).
+pub fn dir_size(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
 pub fn human(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -226,7 +240,13 @@ pub async fn add(client: &Client, path: &Path, show_progress: bool) -> anyhow::R
     if meta.is_file() {
         let p = path.to_path_buf();
         let (cid, size) = tokio::task::spawn_blocking(move || cid_of_file(&p)).await??;
-        let missing = client.missing(&[cid]).await?;
+        // An empty file costs nothing to send, and sending it records it
+        // under its name (its content is readable by everyone already).
+        let missing = if size == 0 {
+            vec![cid]
+        } else {
+            client.missing(&[cid]).await?
+        };
         let progress = Progress::new(format!("uploading {name}"), size, show_progress);
         if !missing.is_empty() {
             upload_file(client, path, &cid, size, &name, &progress).await?;

@@ -176,6 +176,9 @@ enum DataCmd {
     /// The blobs you may read: your uploads and your jobs' outputs, and
     /// how much of your quota they use.
     Ls,
+    /// Empty the local download cache ($KILN_HOME/cache: verified bytes
+    /// kept so an interrupted download resumes).
+    ClearCache,
     /// Give up a blob (an upload or a job's output): it stops counting
     /// against your quota, and its bytes leave the coordinator unless
     /// another buyer holds the same content.
@@ -386,6 +389,13 @@ fn print<T: Serialize + ?Sized>(json: bool, v: &T, text: impl FnOnce(&T) -> Stri
     } else {
         term::out(&term::text(&text(v)));
     }
+}
+
+/// `kiln data clear-cache --json`.
+#[derive(Serialize)]
+struct CacheCleared<'a> {
+    dir: &'a std::path::Path,
+    freed: u64,
 }
 
 /// `kiln job get --json`.
@@ -676,31 +686,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = kiln_cli::data::get(&client, &cache, cid, &output, !quiet && !json, &cancel)
                 .await?;
             print(json, &r, |r| {
+                let reused = if r.resumed_bytes > 0 {
+                    format!(
+                        "{} reused from the download cache, ",
+                        kiln_cli::data::human(r.resumed_bytes)
+                    )
+                } else {
+                    String::new()
+                };
                 format!(
-                    "{cid}: {} file(s), {} verified into {} ({} resumed from the cache, {} transferred, {} ms)",
+                    "{cid}: {} file(s), {} verified into {} ({reused}{} transferred, {} ms)",
                     r.files,
                     kiln_cli::data::human(r.size),
                     output.display(),
-                    kiln_cli::data::human(r.resumed_bytes),
                     kiln_cli::data::human(r.bytes_transferred),
                     r.elapsed_ms
                 )
             });
         }
         Cmd::Data(DataCmd::Ls) => print(json, &client.blobs().await?, |v| {
-            let mut lines: Vec<String> = v
-                .blobs
-                .iter()
-                .map(|b| {
-                    format!(
-                        "{}  {:>10}  {:<9}  {}",
-                        b.cid,
-                        kiln_cli::data::human(b.size),
-                        b.kind.as_str(),
-                        term::line(&b.name)
-                    )
-                })
-                .collect();
+            let mut t = kiln_cli::table::Table::new(&[
+                ("CID", kiln_cli::table::Align::Left),
+                ("SIZE", kiln_cli::table::Align::Right),
+                ("KIND", kiln_cli::table::Align::Left),
+                ("NAME", kiln_cli::table::Align::Left),
+            ]);
+            for b in &v.blobs {
+                // A directory: its files' bytes, not its manifest's.
+                let size = match (b.content_size, b.files) {
+                    (Some(s), Some(n)) => format!("{} in {n} files", kiln_cli::data::human(s)),
+                    _ => kiln_cli::data::human(b.size),
+                };
+                t.row(vec![
+                    b.cid.to_string(),
+                    size,
+                    b.kind.as_str().to_string(),
+                    b.name.clone(),
+                ]);
+            }
+            let mut lines = vec![t.render_or("nothing yet: `kiln data add <path>` uploads")];
             lines.push(match v.quota {
                 Some(q) => format!(
                     "using {} of your {} quota",
@@ -711,6 +735,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             lines.join("\n")
         }),
+        Cmd::Data(DataCmd::ClearCache) => {
+            let dir = key_path
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default()
+                .join("cache");
+            let freed = kiln_cli::data::dir_size(&dir);
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing the download cache {}", dir.display()))?;
+            }
+            let r = CacheCleared { dir: &dir, freed };
+            print(json, &r, |r| {
+                format!(
+                    "download cache {} emptied ({} freed)",
+                    r.dir.display(),
+                    kiln_cli::data::human(r.freed)
+                )
+            });
+        }
         Cmd::Data(DataCmd::Rm { cid }) => print(json, &client.delete_blob(&cid).await?, |v| {
             format!(
                 "removed {} ({}){}; using {} now",

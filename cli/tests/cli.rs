@@ -279,6 +279,56 @@ async fn data_commands_add_list_and_remove_within_the_quota() {
     let (code, _, stderr) = run(&["data", "rm", &cid]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("not one of your uploads"), "{stderr}");
+
+    // Issue 15, item 11: a directory is listed with its files' bytes, an
+    // empty file under its own name; a fresh download claims nothing from
+    // the cache, and the cache can be emptied.
+    let big_cid = kiln_protocol::ContentId::of_bytes(&vec![9u8; 800 << 10]).to_string();
+    let (code, _, _) = run(&["data", "rm", &big_cid]);
+    assert_eq!(code, Some(0));
+    let dir = home.path().join("dataset");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("a.bin"), vec![1u8; 100 << 10]).unwrap();
+    std::fs::write(dir.join("b.bin"), vec![2u8; 50 << 10]).unwrap();
+    let (code, stdout, stderr) = run(&["--json", "data", "add", "--quiet", dir.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let dir_cid = serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["cid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let empty = home.path().join("empty.txt");
+    std::fs::write(&empty, b"").unwrap();
+    let (code, _, stderr) = run(&["data", "add", "--quiet", empty.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (_, stdout, _) = run(&["data", "ls"]);
+    let header: Vec<&str> = stdout.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["CID", "SIZE", "KIND", "NAME"], "{stdout}");
+    let dir_line = stdout.lines().find(|l| l.contains(&dir_cid)).unwrap();
+    assert!(dir_line.contains("150.0 KiB in 2 files"), "{dir_line}");
+    assert!(stdout.lines().any(|l| l.contains("empty.txt")), "{stdout}");
+    let out = home.path().join("got");
+    let (code, stdout, stderr) = run(&[
+        "data",
+        "get",
+        "--quiet",
+        &dir_cid,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        !stdout.contains("cache"),
+        "a fresh download reused nothing: {stdout}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("a.bin")).unwrap(),
+        vec![1u8; 100 << 10]
+    );
+    assert!(home.path().join("cache").exists());
+    let (code, stdout, _) = run(&["data", "clear-cache"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("emptied"), "{stdout}");
+    assert!(!home.path().join("cache").exists());
     dn.shutdown().await;
 }
 

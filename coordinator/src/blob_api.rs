@@ -385,6 +385,9 @@ impl<R: io::Read> io::Read for Hashing<R> {
     }
 }
 
+/// Largest manifest `GET /v1/blobs` reads to show a directory's size.
+const MAX_LISTED_MANIFEST: u64 = 1 << 20;
+
 #[derive(Deserialize)]
 struct ListQuery {
     limit: Option<u32>,
@@ -403,7 +406,16 @@ async fn list(
         .into_iter()
         .map(|b| {
             let held = state.blobs.has(&b.cid);
-            crate::views::blob(b, held)
+            // A directory is shown with its files' bytes, read from its
+            // manifest (bounded: a manifest past this is listed as is).
+            let manifest = (held
+                && kiln_protocol::views::BlobKind::of(&b.cid)
+                    == kiln_protocol::views::BlobKind::Directory
+                && b.size <= MAX_LISTED_MANIFEST)
+                .then(|| state.blobs.get(&b.cid).ok().flatten())
+                .flatten()
+                .and_then(|bytes| kiln_protocol::Manifest::from_dag_cbor(&bytes).ok());
+            crate::views::blob(b, held, manifest.as_ref())
         })
         .collect();
     Ok(Json(BlobListView {

@@ -217,7 +217,8 @@ pub fn offer_sort(s: SortBy) -> OfferSort {
 }
 
 /// A blob the caller may read; `held`: whether the store holds it now.
-pub fn blob(b: BlobRecord, held: bool) -> BlobView {
+/// `manifest`: a directory's manifest, when it is held here.
+pub fn blob(b: BlobRecord, held: bool, manifest: Option<&kiln_protocol::Manifest>) -> BlobView {
     BlobView {
         kind: BlobKind::of(&b.cid),
         cid: b.cid,
@@ -225,6 +226,8 @@ pub fn blob(b: BlobRecord, held: bool) -> BlobView {
         name: b.name,
         created_at: b.created_at,
         held,
+        files: manifest.map(|m| m.entries.len() as u64),
+        content_size: manifest.map(|m| m.entries.iter().map(|e| e.size).sum()),
     }
 }
 

@@ -906,6 +906,12 @@ pub struct BlobView {
     pub created_at: UnixMillis,
     /// Whether the coordinator's store holds it now.
     pub held: bool,
+    /// A directory's files and their bytes in all (`size` is its
+    /// manifest's); absent for a file, or a manifest not held here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_size: Option<u64>,
 }
 
 /// `GET /v1/blobs`.
