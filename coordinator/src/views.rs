@@ -632,11 +632,30 @@ mod tests {
         };
         let file = ContentId::of_bytes(b"x");
         let dir = Manifest::default().cid();
-        let v = serde_json::to_value(blob(rec(file), true)).unwrap();
+        let v = serde_json::to_value(blob(rec(file), true, None)).unwrap();
         assert_eq!(
             v,
             json!({ "cid": file, "size": 9, "name": "x", "kind": "file", "created_at": 1, "held": true })
         );
-        assert_eq!(blob(rec(dir), false).kind, BlobKind::Directory);
+        assert_eq!(blob(rec(dir), false, None).kind, BlobKind::Directory);
+        // A directory whose manifest is held shows its files' bytes.
+        let m = Manifest {
+            entries: vec![
+                kiln_protocol::ManifestEntry {
+                    path: "a".into(),
+                    cid: file,
+                    size: 100,
+                    executable: false,
+                },
+                kiln_protocol::ManifestEntry {
+                    path: "b".into(),
+                    cid: file,
+                    size: 23,
+                    executable: false,
+                },
+            ],
+        };
+        let d = blob(rec(m.cid()), true, Some(&m));
+        assert_eq!((d.files, d.content_size), (Some(2), Some(123)));
     }
 }

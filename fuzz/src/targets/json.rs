@@ -479,6 +479,8 @@ fn seeds() -> Vec<Vec<u8>> {
                 kind: BlobKind::Directory,
                 created_at: s::NOW,
                 held: true,
+                files: Some(3),
+                content_size: Some(3 << 20),
             }],
             used: 1 << 20,
             quota: Some(1 << 30),
