@@ -88,6 +88,13 @@ enum Cmd {
     /// Benchmarks (reports, not tests).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Print a shell completion script: `kiln completions bash >
+    /// ~/.local/share/bash-completion/completions/kiln` (or zsh, fish,
+    /// elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Simulations of marketplace mechanisms (reports, not tests).
     #[command(subcommand)]
     Sim(kiln_cli::sim::SimCmd),
@@ -510,6 +517,13 @@ impl std::fmt::Display for Exit {
 impl std::error::Error for Exit {}
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::Completions { shell } = cli.cmd {
+        let mut out = Vec::new();
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "kiln", &mut out);
+        term::out_raw(&String::from_utf8_lossy(&out));
+        return Ok(());
+    }
     let key_path = cli.key.clone().unwrap_or_else(default_key_path);
     let key = buyer_key(&key_path)?;
     kiln_cli::client::check_url(&cli.coordinator)?;
@@ -973,6 +987,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
             });
         }
+        // Answered before any key or URL is touched (see above).
+        Cmd::Completions { .. } => {}
         Cmd::Sim(cmd) => {
             tokio::task::spawn_blocking(move || kiln_cli::sim::run(cmd, json)).await??
         }

@@ -1059,3 +1059,25 @@ async fn following_logs_shows_lines_before_the_job_ends() {
     assert_eq!(lines, want, "each line once, in order");
     dn.shutdown().await;
 }
+
+/// `kiln completions <shell>` prints a script that knows every command,
+/// without touching a key or a coordinator.
+#[test]
+fn shell_completions_name_every_command() {
+    let home = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = kiln(home.path())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for cmd in ["run", "job", "logs", "data", "operator", "offers", "ledger"] {
+            assert!(script.contains(cmd), "{shell} completion lacks `{cmd}`");
+        }
+    }
+    assert!(
+        !home.path().join("buyer.key").exists(),
+        "no key was made for completions"
+    );
+}
