@@ -10,11 +10,11 @@
 //!   (`<key dir>/cache`), so an interrupted download resumes with only what
 //!   is missing. The file appears at its destination only once complete.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use futures::TryStreamExt;
@@ -27,86 +27,55 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Client;
 
-/// Progress on stderr: bytes done, total and rate, redrawn at most 5×/s.
+/// Progress on stderr (an `indicatif` bar: bytes done, total, rate and
+/// time left), drawn only on a terminal and when asked for; it counts
+/// either way.
 #[derive(Clone)]
 pub struct Progress {
-    done: Arc<AtomicU64>,
-    total: Arc<AtomicU64>,
-    label: String,
-    started: Instant,
-    enabled: bool,
-    last: Arc<std::sync::Mutex<Instant>>,
+    bar: indicatif::ProgressBar,
 }
 
 impl Progress {
     /// Draws only when stderr is a terminal and `enabled`.
     pub fn new(label: impl Into<String>, total: u64, enabled: bool) -> Self {
-        Self {
-            done: Arc::new(AtomicU64::new(0)),
-            total: Arc::new(AtomicU64::new(total)),
-            label: label.into(),
-            started: Instant::now(),
-            enabled: enabled && std::io::stderr().is_terminal(),
-            last: Arc::new(std::sync::Mutex::new(Instant::now())),
+        let bar = if enabled && std::io::stderr().is_terminal() {
+            indicatif::ProgressBar::with_draw_target(
+                Some(total),
+                indicatif::ProgressDrawTarget::stderr_with_hz(5),
+            )
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_length(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg}: {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec}, {eta} left",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
         }
+        bar.set_message(label.into());
+        Self { bar }
     }
 
     pub fn add(&self, n: u64) {
-        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
-        if !self.enabled {
-            return;
-        }
-        if let Ok(mut last) = self.last.lock() {
-            if last.elapsed() < Duration::from_millis(200) && done < self.total() {
-                return;
-            }
-            *last = Instant::now();
-        }
-        self.draw(done);
-    }
-
-    fn total(&self) -> u64 {
-        self.total.load(Ordering::Relaxed)
+        self.bar.inc(n);
     }
 
     /// Sets the total once it is known (0 until then).
     pub fn set_total_if_unknown(&self, total: u64) {
-        let _ = self
-            .total
-            .compare_exchange(0, total, Ordering::Relaxed, Ordering::Relaxed);
-    }
-
-    fn draw(&self, done: u64) {
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let total = self.total();
-        let pct = if total > 0 {
-            done as f64 * 100.0 / total as f64
-        } else {
-            100.0
-        };
-        eprint!(
-            "\r{}: {} / {} ({pct:.0}%) {}/s   ",
-            self.label,
-            human(done),
-            human(total),
-            human((done as f64 / secs) as u64)
-        );
-        let _ = std::io::stderr().flush();
-    }
-
-    pub fn finish(&self) {
-        if self.enabled {
-            self.draw(self.done.load(Ordering::Relaxed));
-            eprintln!();
+        if self.bar.length().unwrap_or(0) == 0 {
+            self.bar.set_length(total);
         }
     }
 
+    pub fn finish(&self) {
+        self.bar.finish();
+    }
+
     pub fn done(&self) -> u64 {
-        self.done.load(Ordering::Relaxed)
+        self.bar.position()
     }
 }
 
-/// `1.5 MiB`.
 /// Bytes of the files under `dir` (0 if it does not exist).
 pub fn dir_size(dir: &Path) -> u64 {
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -121,6 +90,7 @@ pub fn dir_size(dir: &Path) -> u64 {
         .sum()
 }
 
+/// `1.5 MiB`.
 pub fn human(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
