@@ -1081,3 +1081,43 @@ fn shell_completions_name_every_command() {
         "no key was made for completions"
     );
 }
+
+/// A gang's `kiln job logs` says it shows rank 0 and how to see the
+/// others (issue 15, item 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gangs_logs_say_which_rank_they_show() {
+    use kiln_cli::devnet::{Devnet, DevnetOptions};
+    let home = tempfile::tempdir().unwrap();
+    let dn = Devnet::start(DevnetOptions {
+        providers: 2,
+        http_port: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let url = dn.url();
+    let key = kiln_cli::buyer_key(&home.path().join("buyer.key")).unwrap();
+    let client = kiln_cli::Client::new(&url, key);
+    let mut spec = dn.workload_spec(&["echo", "from", "a", "rank"]);
+    spec.resources.gang = 2;
+    let id = client.submit(spec, None).await.unwrap().job_id;
+    let done = kiln_cli::wait_for(&client, &id, std::time::Duration::from_secs(90), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(done.state, kiln_protocol::JobState::Completed, "{done:#?}");
+    let out = kiln(home.path())
+        .args(["--coordinator", &url, "job", "logs", &id.to_string()])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("from a rank"), "{stdout}");
+    assert!(
+        stderr.contains("rank 0 of a gang of 2") && stderr.contains("--rank 1"),
+        "{stderr}"
+    );
+    dn.shutdown().await;
+}
