@@ -559,31 +559,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print(json, &v, |v| v.job_id.to_string());
                 return Ok(());
             }
-            eprintln!("job {id} submitted; waiting (Ctrl-C stops waiting, not the job)");
-            let done = wait_or_interrupt(&client, id, |v| {
-                if !v.state.is_terminal() {
-                    eprintln!("{}", term::text(&job_line(v)));
-                }
-            })
-            .await?;
+            eprintln!("job {id} submitted (Ctrl-C stops following it, not the job)");
             if json {
+                let done = wait_or_interrupt(&client, id, |_| {}).await?;
                 print(true, &done, job_line);
-            } else if done.receipt.is_some() {
-                let logs = client.logs(&id).await?;
-                // The job's stdout to ours, its stderr to ours: made
-                // terminal-safe where they are terminals.
-                use std::io::IsTerminal;
-                if std::io::stdout().is_terminal() {
-                    term::out_raw(&term::text(&logs.stdout));
-                } else {
-                    term::out_raw(&logs.stdout);
-                }
-                if std::io::stderr().is_terminal() {
-                    eprint!("{}", term::text(&logs.stderr));
-                } else {
-                    eprint!("{}", logs.stderr);
-                }
+                return exit_with_job(&done);
             }
+            // The job's stdout to ours and its stderr to ours as it runs,
+            // made terminal-safe where they are terminals.
+            use std::io::IsTerminal;
+            let (tty_out, tty_err) = (
+                std::io::stdout().is_terminal(),
+                std::io::stderr().is_terminal(),
+            );
+            let follow = kiln_cli::follow_logs(
+                &client,
+                &id,
+                0,
+                Duration::from_secs(1),
+                |s| {
+                    if tty_out {
+                        term::out_raw(&term::text(s));
+                    } else {
+                        term::out_raw(s);
+                    }
+                },
+                |s| {
+                    if tty_err {
+                        eprint!("{}", term::text(s));
+                    } else {
+                        eprint!("{s}");
+                    }
+                },
+            );
+            let done = tokio::select! {
+                r = follow => r?,
+                r = tokio::signal::ctrl_c() => {
+                    r.context("waiting for Ctrl-C")?;
+                    return Err(Exit {
+                        code: 130,
+                        message: format!(
+                            "stopped following; job {id} goes on without you: `kiln job logs --follow {id}` picks it up again, `kiln job cancel {id}` stops it"
+                        ),
+                    }
+                    .into());
+                }
+            };
             exit_with_job(&done)?;
         }
         Cmd::Job(JobCmd::List) => print(json, &client.jobs().await?, |v| {
