@@ -869,6 +869,29 @@ async fn lists_are_tables_and_job_ids_can_be_shortened() {
     assert_eq!(code, Some(0));
     assert_eq!(out.trim(), "no providers match `num_gpus>=8`");
 
+    // Why a job waits: every constraint its providers fail (item 13).
+    let mut spec = dn.workload_spec(&["echo", "never"]);
+    spec.resources.cpus = kiln_protocol::MilliCpu(64_000);
+    spec.resources.max_price_per_hour = kiln_protocol::Credits(10_000);
+    spec.resources.region = Some("eu".into());
+    let waiting = client.submit(spec, None).await.unwrap().job_id;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while !client
+            .job(&waiting)
+            .await
+            .unwrap()
+            .reason
+            .is_some_and(|r| r.contains("each constraint"))
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let (_, out, _) = run(&["job", "status", &waiting.to_string()[..8]]);
+    for want in ["each constraint:", "region=eu fails 1", "cpus=64 fails 1"] {
+        assert!(out.contains(want), "expected `{want}` in:\n{out}");
+    }
+
     // Money reads in credits.
     let (_, out, _) = run(&["account", "balance"]);
     assert!(out.contains("balance ") && out.contains(" cr"), "{out}");
