@@ -317,6 +317,16 @@ pub fn cancel() -> CancelJob {
     }
 }
 
+pub fn tail_logs() -> kiln_protocol::TailLogs {
+    kiln_protocol::TailLogs {
+        job_id: job_id(),
+        offer_id: offer_id(1),
+        provider: provider(1),
+        stdout_from: 12,
+        stderr_from: 0,
+    }
+}
+
 pub fn lost() -> JobLost {
     JobLost {
         job_id: job_id(),
@@ -448,6 +458,7 @@ pub fn net_requests() -> Vec<NetRequest> {
             peer: provider(2),
             cid: cid(1),
         },
+        NetRequest::TailLogs(sign(2, tail_logs())),
     ]
 }
 
@@ -461,6 +472,13 @@ pub fn net_responses() -> Vec<NetResponse> {
         NetResponse::Retry {
             reason: "outputs not fetched yet".into(),
         },
+        NetResponse::Logs(kiln_protocol::LogChunk {
+            stdout: b"tick 1\ntick 2\n".to_vec(),
+            stderr: vec![0xe2, 0x82],
+            stdout_total: 14,
+            stderr_total: 3,
+            ended: false,
+        }),
     ]
 }
 

@@ -173,6 +173,12 @@ const TYPES: &[(&str, Check)] = &[
     ("BlobListView", rt::<BlobListView>),
     ("BlobDeletedView", rt::<BlobDeletedView>),
     ("ErrorView", rt::<ErrorView>),
+    (
+        "TransferRequest",
+        rt::<kiln_protocol::views::TransferRequest>,
+    ),
+    ("TransferView", rt::<kiln_protocol::views::TransferView>),
+    ("LiveLogsView", rt::<kiln_protocol::views::LiveLogsView>),
     ("Signed<JobSubmission>", submission),
     ("Op", rt::<Op>),
     ("JobSpec", rt::<JobSpec>),
@@ -447,6 +453,39 @@ fn seeds() -> Vec<Vec<u8>> {
             p2p_addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             version: "0.2.0".into(),
             faucet: Some(Credits(10_000_000)),
+        }),
+    );
+    add(
+        "TransferRequest",
+        j(&kiln_protocol::views::TransferRequest {
+            kind: kiln_protocol::views::TransferKind::Deposit,
+            account: format!("buyer:{}", s::buyer()),
+            amount: Credits(25_000_000),
+            reference: "wire-2041".into(),
+        }),
+    );
+    add(
+        "TransferView",
+        j(&kiln_protocol::views::TransferView {
+            kind: kiln_protocol::views::TransferKind::Payout,
+            account: format!("provider:{}", s::provider(1)),
+            amount: Credits(3_200_000),
+            reference: "payout-77".into(),
+            applied: true,
+            balance: Credits(0),
+        }),
+    );
+    add(
+        "LiveLogsView",
+        j(&kiln_protocol::views::LiveLogsView {
+            job_id: s::job_id(),
+            rank: 0,
+            state: kiln_protocol::JobState::Running,
+            stdout: "tick 1\n".into(),
+            stderr: String::new(),
+            stdout_next: 7,
+            stderr_next: 0,
+            live: true,
         }),
     );
     add(

@@ -89,6 +89,7 @@ const TYPES: &[(&str, Check)] = &[
     ("GangStart", check::<GangStart>),
     ("GangRelease", check::<GangRelease>),
     ("LedgerEntry", check::<LedgerEntry>),
+    ("TailLogs", check::<kiln_protocol::TailLogs>),
 ];
 
 fn run(data: &[u8]) -> Outcome {
@@ -153,6 +154,7 @@ fn seeds() -> Vec<Vec<u8>> {
     add("GangOffer", enc(&s::sign(2, s::gang_offer())));
     add("GangStart", enc(&s::sign(2, s::gang_start())));
     add("GangRelease", enc(&s::sign(2, s::gang_release())));
+    add("TailLogs", enc(&s::sign(2, s::tail_logs())));
     for e in s::ledger_chain().into_iter().take(2) {
         add("LedgerEntry", enc(&e));
     }
