@@ -12,7 +12,8 @@
 //! | `vram` | size (`80GiB`, `80GB`) | memory of the node's smallest GPU |
 //! | `compute_capability` (`cc`) | `8.6` | lowest of its GPUs |
 //! | `tflops` | integer | verified TFLOP/s per GPU (unmeasured: 0) |
-//! | `price` (`gpu_price`) | credits (`2.5`) | per GPU-hour |
+//! | `price` | credits (`2.5`, `2.5cr`) | what it charges: per GPU-hour on a GPU node, per CPU-hour on a CPU-only one |
+//! | `gpu_price` | credits | per GPU-hour, as advertised (unused on a CPU-only node) |
 //! | `cpu_price` | credits | per CPU-hour |
 //! | `cpus`, `free_cpus` | CPUs (`8`, `0.5`) | |
 //! | `memory`, `free_memory`, `disk`, `free_disk` | size | |
@@ -76,7 +77,10 @@ enum NumField {
     FreeGpus,
     Vram,
     Tflops,
+    /// What the node charges for what it sells: per GPU-hour on a GPU
+    /// node, per CPU-hour on a CPU-only one.
     Price,
+    GpuPrice,
     CpuPrice,
     Cpus,
     FreeCpus,
@@ -105,35 +109,12 @@ pub struct Query {
     terms: Vec<Term>,
 }
 
-const FIELDS: &str = "gpu_name, num_gpus, free_gpus, vram, compute_capability, tflops, price, cpu_price, \
+const FIELDS: &str = "gpu_name, num_gpus, free_gpus, vram, compute_capability, tflops, price, gpu_price, cpu_price, \
      cpus, free_cpus, memory, free_memory, disk, free_disk, slots, free_slots, reputation, region, network, cached";
 
-/// Credits with up to six decimals (`2.5`) as micro-credits.
+/// Credits as everywhere (`2.5`, `2.5cr`, `2500000µcr`) as micro-credits.
 fn parse_credits(s: &str) -> Result<u64, String> {
-    let bad = || format!("`{s}` is not an amount of credits such as 2.5");
-    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
-    if whole.is_empty() && frac.is_empty()
-        || frac.len() > 6
-        || !whole
-            .bytes()
-            .chain(frac.bytes())
-            .all(|b| b.is_ascii_digit())
-    {
-        return Err(bad());
-    }
-    let w: u64 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().map_err(|_| bad())?
-    };
-    let f: u64 = if frac.is_empty() {
-        0
-    } else {
-        format!("{frac:0<6}").parse().map_err(|_| bad())?
-    };
-    w.checked_mul(1_000_000)
-        .and_then(|w| w.checked_add(f))
-        .ok_or_else(bad)
+    s.parse::<kiln_protocol::Credits>().map(|c| c.0)
 }
 
 fn parse_int(s: &str) -> Result<u64, String> {
@@ -211,7 +192,8 @@ fn parse_term(token: &str) -> Result<Term, String> {
         "free_gpus" => num(F::FreeGpus, parse_int),
         "vram" | "gpu_ram" => num(F::Vram, parse_byte_size),
         "tflops" => num(F::Tflops, parse_int),
-        "price" | "gpu_price" | "dph" => num(F::Price, parse_credits),
+        "price" => num(F::Price, parse_credits),
+        "gpu_price" | "dph" => num(F::GpuPrice, parse_credits),
         "cpu_price" => num(F::CpuPrice, parse_credits),
         "cpus" => num(F::Cpus, parse_cpus),
         "free_cpus" => num(F::FreeCpus, parse_cpus),
@@ -299,7 +281,8 @@ pub fn search(fleet: &Fleet, query: &Query, sort: SortBy, limit: usize) -> Vec<O
                 NumField::FreeGpus => u64::from(free.gpus),
                 NumField::Vram => vram,
                 NumField::Tflops => u64::from(v.tflops.unwrap_or(0)),
-                NumField::Price => a.price_per_gpu_hour.0,
+                NumField::Price if gpus.is_empty() => a.price_per_cpu_hour.0,
+                NumField::Price | NumField::GpuPrice => a.price_per_gpu_hour.0,
                 NumField::CpuPrice => a.price_per_cpu_hour.0,
                 NumField::Cpus => u64::from(a.millicpus()),
                 NumField::FreeCpus => u64::from(free.millicpu),

@@ -998,6 +998,14 @@ fn search_filters_and_sorts() {
     );
     let js = serde_json::to_value(row).unwrap();
     assert_eq!(js["gpu_name"], "NVIDIA H100 80GB HBM3");
+    // `price` is what a node charges for what it sells: a CPU-only node
+    // (prov's default: 1 cr per CPU-hour, 2 cr per GPU-hour it has no GPU
+    // for) is judged on its CPU price, not on the GPU price it never uses.
+    let price = |q: &str| ids(search(&fleet, &q.parse().unwrap(), SortBy::Price, 10));
+    assert_eq!(price("num_gpus=0 price<=1cr"), vec![id(4)]);
+    assert_eq!(price("num_gpus=0 price<1"), Vec::<ProviderId>::new());
+    assert_eq!(price("num_gpus=0 gpu_price<=1"), Vec::<ProviderId>::new());
+    assert_eq!(price("num_gpus=0 cpu_price<=1000000µcr"), vec![id(4)]);
 }
 
 #[test]
