@@ -177,6 +177,7 @@ pub fn providers_table(v: &ProvidersView, now: UnixMillis) -> String {
         ("PROVIDER", Align::Left),
         ("GPU", Align::Left),
         ("VRAM", Align::Right),
+        ("TFLOP/S", Align::Right),
         ("CPUS", Align::Right),
         ("MEMORY", Align::Right),
         ("SLOTS", Align::Right),
@@ -200,6 +201,8 @@ pub fn providers_table(v: &ProvidersView, now: UnixMillis) -> String {
             p.provider.to_string(),
             gpu,
             vram,
+            p.verified_tflops
+                .map_or_else(|| "-".into(), |t| t.to_string()),
             p.cpu.logical_cores.to_string(),
             p.memory.to_string(),
             p.slots.to_string(),

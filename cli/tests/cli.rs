@@ -836,6 +836,7 @@ async fn lists_are_tables_and_job_ids_can_be_shortened() {
             "PROVIDER",
             "GPU",
             "VRAM",
+            "TFLOP/S",
             "CPUS",
             "MEMORY",
             "SLOTS",

@@ -80,11 +80,25 @@ impl Listing {
                     .collect::<Vec<_>>()
             })
             .await;
+        let tflops: Vec<Option<u32>> = {
+            let live = crate::live::lock(state);
+            rows.iter()
+                .map(|(p, _)| {
+                    live.fleet
+                        .index_of(&p.advert.payload.provider)
+                        .and_then(|i| live.fleet.view(i).tflops)
+                        .filter(|t| *t > 0)
+                })
+                .collect()
+        };
         let view = ProvidersView {
             providers: rows
                 .iter()
                 .zip(earned)
-                .map(|((p, reputation), earned)| crate::views::provider(p, *reputation, earned))
+                .zip(tflops)
+                .map(|(((p, reputation), earned), tflops)| {
+                    crate::views::provider(p, *reputation, earned, tflops)
+                })
                 .collect(),
         };
         let body = Bytes::from(serde_json::to_vec(&view).map_err(|e| DbError::Corrupt {

@@ -163,7 +163,13 @@ impl From<cancel::CancelOutcome> for CancelOutcome {
 
 /// One live provider: its advert's facts, with its reputation and its
 /// ledger balance.
-pub fn provider(p: &ProviderRecord, reputation: u32, earned: Credits) -> ProviderView {
+/// `verified_tflops`: from the live fleet (what challenges measured).
+pub fn provider(
+    p: &ProviderRecord,
+    reputation: u32,
+    earned: Credits,
+    verified_tflops: Option<u32>,
+) -> ProviderView {
     let a = &p.advert.payload;
     ProviderView {
         provider: a.provider,
@@ -179,6 +185,7 @@ pub fn provider(p: &ProviderRecord, reputation: u32, earned: Credits) -> Provide
         earned,
         addrs: a.listen_addrs.clone(),
         cached: a.cached.clone(),
+        verified_tflops,
     }
 }
 
@@ -617,8 +624,15 @@ mod tests {
             "cached": a.cached,
         });
         assert_eq!(
-            serde_json::to_value(provider(&p, 510, Credits(1_000_209))).unwrap(),
+            serde_json::to_value(provider(&p, 510, Credits(1_000_209), None)).unwrap(),
             old
+        );
+        // A verified figure is one more field; nothing else moves.
+        let mut with = old.clone();
+        with["verified_tflops"] = json!(400);
+        assert_eq!(
+            serde_json::to_value(provider(&p, 510, Credits(1_000_209), Some(400))).unwrap(),
+            with
         );
     }
 

@@ -728,6 +728,10 @@ pub struct ProviderView {
     pub addrs: Vec<String>,
     /// Content ids it holds.
     pub cached: Vec<ContentId>,
+    /// Its GPUs' TFLOP/s as the coordinator verified them (challenges it
+    /// timed itself), never its own advert's figure; absent until measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_tflops: Option<u32>,
 }
 
 /// `GET /v1/providers`.

@@ -358,6 +358,29 @@ async fn a_min_tflops_job_runs_only_where_a_verified_figure_meets_it() {
         "{offers:#?}"
     );
     assert_eq!(offers[0].provider, gpu_host.id);
+    // The provider listing shows the verified figure, never the claim.
+    let listed = kiln_tests::eventually(
+        || async { client.providers().await.unwrap() },
+        |v| {
+            v.providers
+                .iter()
+                .any(|p| p.provider == gpu_host.id && p.verified_tflops == Some(50))
+        },
+    )
+    .await;
+    let of = |id: ProviderId| {
+        listed
+            .providers
+            .iter()
+            .find(|p| p.provider == id)
+            .map(|p| p.verified_tflops)
+    };
+    assert_eq!(of(gpu_host.id), Some(Some(50)), "{listed:#?}");
+    assert_eq!(
+        of(fast.id),
+        Some(None),
+        "a claim is not a figure: {listed:#?}"
+    );
 
     cancel.cancel();
     dn.shutdown().await;

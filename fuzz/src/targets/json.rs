@@ -398,6 +398,7 @@ fn seeds() -> Vec<Vec<u8>> {
                 earned: Credits(1),
                 addrs: advert.listen_addrs.clone(),
                 cached: advert.cached.clone(),
+                verified_tflops: Some(512),
             }],
         }),
     );
