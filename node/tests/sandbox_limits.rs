@@ -113,14 +113,25 @@ async fn an_image_volume_is_a_bounded_tmpfs_and_honest_writes_fit() {
 
     // While a job of this image runs, /vol is a tmpfs, not a Docker volume.
     let before = volumes();
+    // A job that runs until it is stopped: however slowly a loaded machine
+    // lists containers, it is there to be seen; it is stopped once seen.
+    let stop = CancellationToken::new();
     let sleeper = {
-        let (runner, spec) = (runner.clone(), spec(&image.id, &["sleep", "3"], &[]));
-        tokio::spawn(async move { run(&runner, &spec).await })
+        let (runner, spec, stop) = (
+            runner.clone(),
+            spec(&image.id, &["sleep", "120"], &[]),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            runner
+                .run(JobId::random(), OfferId::random(), &spec, &[], &[], stop)
+                .await
+        })
     };
     let mut inspected = None;
     // Until the container shows up (image checks and mounts take a while on
     // a loaded machine), or the job is over.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while tokio::time::Instant::now() < deadline && !sleeper.is_finished() {
         if let Some(id) = runner
             .containers()
@@ -141,8 +152,9 @@ async fn an_image_volume_is_a_bounded_tmpfs_and_honest_writes_fit() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The job ends (and is cleaned up) before anything is asserted.
+    stop.cancel();
     let slept = sleeper.await.unwrap();
-    assert_eq!(slept.outcome, Outcome::Succeeded, "{slept:#?}");
+    assert_eq!(slept.outcome, Outcome::Cancelled, "{slept:#?}");
     let inspected = inspected.expect("the job's container shows up");
     let mounts = inspected.mounts.unwrap_or_default();
     assert!(
