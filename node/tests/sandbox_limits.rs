@@ -140,14 +140,19 @@ async fn an_image_volume_is_a_bounded_tmpfs_and_honest_writes_fit() {
             .into_iter()
             .find_map(|c| c.id)
         {
-            inspected = docker
+            // Listed as soon as it is created: inspected once it runs.
+            let seen = docker
                 .inspect_container(
                     &id,
                     None::<bollard::query_parameters::InspectContainerOptions>,
                 )
                 .await
-                .ok();
-            break;
+                .ok()
+                .filter(|c| c.state.as_ref().and_then(|s| s.running) == Some(true));
+            if seen.is_some() {
+                inspected = seen;
+                break;
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
