@@ -20,6 +20,7 @@
 //! | `GET /v1/ledger/balances` | none | the stored balances the chain must reproduce |
 //! | `GET /v1/accounts/{account}/statement?from=N&limit=M` | none | an account's entries (a page, through its index) and balance |
 //! | `POST /v1/operator/transfers` | operator key | record a buyer's deposit or a provider's payout (see [`crate::operator`]) |
+//! | `GET /metrics`, `/healthz`, `/readyz` | none | Prometheus text, liveness, readiness (see [`crate::metrics`]) |
 //!
 //! The ledger is public on purpose: anyone can replay it with
 //! `kiln ledger verify` against the coordinator's published key.
@@ -94,6 +95,13 @@ pub fn create_app(state: AppState) -> Router {
         .route("/v1/accounts/{account}/statement", get(statement))
         .route("/v1/operator/transfers", post(crate::operator::transfer))
         .merge(crate::blob_api::routes())
+        .route("/metrics", get(crate::metrics::metrics))
+        .route("/healthz", get(crate::metrics::healthz))
+        .route("/readyz", get(crate::metrics::readyz))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::record,
+        ))
         .layer(Extension(Arc::new(crate::listing::Listing::new())))
         .layer(Extension(auth.clone()))
         .layer(Extension(InfoBody::of(&state)))

@@ -54,6 +54,7 @@ pub mod join;
 pub mod lifecycle;
 pub mod listing;
 pub mod live;
+pub mod metrics;
 pub mod operator;
 pub mod sched;
 pub mod schedule;
@@ -223,6 +224,8 @@ pub struct Inner {
     pub stopping: CancellationToken,
     /// One verification step at a time (see [`lifecycle::reexec`]).
     pub reexec: tokio::sync::Mutex<()>,
+    /// API latency, for `GET /metrics` (see [`metrics`]).
+    pub http_metrics: metrics::HttpMetrics,
 }
 
 pub type AppState = Arc<Inner>;
@@ -349,6 +352,7 @@ pub async fn start(
         tasks: TaskTracker::new(),
         stopping: cancel.clone(),
         reexec: tokio::sync::Mutex::new(()),
+        http_metrics: metrics::HttpMetrics::default(),
     });
     tracing::info!(http = %http_addr, p2p = ?p2p_addrs, "coordinator up");
 

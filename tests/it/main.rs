@@ -12,6 +12,7 @@ mod e2e;
 mod gang;
 mod ledger;
 mod load;
+mod metrics;
 mod sandbox;
 mod tamper;
 mod verification;
