@@ -11,6 +11,21 @@ fn kiln(home: &std::path::Path) -> Command {
     c
 }
 
+/// Runs `c`: its exit code, stdout and stderr.
+fn output(c: &mut Command) -> (Option<i32>, String, String) {
+    let out = c.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `kiln --coordinator <url> ARGS…` as the buyer whose files are in `home`.
+fn kiln_at(home: &std::path::Path, url: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    output(kiln(home).args(["--coordinator", url]).args(args))
+}
+
 #[test]
 fn a_malformed_spec_is_reported_with_its_field_and_a_non_zero_exit() {
     let home = tempfile::tempdir().unwrap();
@@ -128,18 +143,7 @@ async fn ledger_commands_show_interval_payouts_and_catch_tampering() {
         .unwrap();
     assert_eq!(done.state, kiln_protocol::JobState::Completed);
     let url = dn.url();
-    let run = |args: &[&str]| {
-        let out = kiln(home.path())
-            .args(["--coordinator", &url])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| kiln_at(home.path(), &url, args);
     // `kiln job status --json` lists the job's executions: what each
     // provider was seen running and was paid (README: "Using it").
     let (code, stdout, _) = run(&["--json", "job", "status", &id.to_string()]);
@@ -235,18 +239,7 @@ async fn data_commands_add_list_and_remove_within_the_quota() {
     .await
     .unwrap();
     let url = dn.url();
-    let run = |args: &[&str]| {
-        let out = kiln(home.path())
-            .args(["--coordinator", &url])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| kiln_at(home.path(), &url, args);
     let file = home.path().join("weights.bin");
     std::fs::write(&file, vec![7u8; 300 << 10]).unwrap();
     let (code, stdout, stderr) = run(&["data", "add", "--quiet", file.to_str().unwrap()]);
@@ -351,18 +344,7 @@ async fn everyday_rough_edges_get_clear_answers() {
     let url = dn.url();
     let key = kiln_cli::buyer_key(&home.path().join("buyer.key")).unwrap();
     let client = kiln_cli::Client::new(&url, key);
-    let run = |args: &[&str]| {
-        let out = kiln(home.path())
-            .args(["--coordinator", &url])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| kiln_at(home.path(), &url, args);
 
     // Item 3: a running job has no outputs yet, and says so.
     let running = client
@@ -619,12 +601,7 @@ async fn the_pieces_run_separately_with_money_in_and_out() {
         if let Some(k) = key {
             c.arg("--key").arg(k);
         }
-        let out = c.args(args).output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        output(c.args(args))
     };
     let (_, out, _) = kiln_as(None, &["--json", "account", "balance"]);
     let account: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -746,18 +723,7 @@ async fn lists_are_tables_and_job_ids_can_be_shortened() {
     let url = dn.url();
     let key = kiln_cli::buyer_key(&home.path().join("buyer.key")).unwrap();
     let client = kiln_cli::Client::new(&url, key);
-    let run = |args: &[&str]| {
-        let out = kiln(home.path())
-            .args(["--coordinator", &url])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| kiln_at(home.path(), &url, args);
     let id = client
         .submit(
             dn.workload_spec(&["echo", "tabled"]),
@@ -915,16 +881,11 @@ async fn kiln_run_prints_the_jobs_output_and_exits_with_its_code() {
     .unwrap();
     let url = dn.url();
     let run = |args: &[&str]| {
-        let out = kiln(home.path())
-            .args(["--coordinator", &url, "run", "--memory", "64MiB"])
-            .args(["--timeout", "60s", "--label", "from-run"])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        output(
+            kiln(home.path())
+                .args(["--coordinator", &url, "run", "--memory", "64MiB"])
+                .args(["--timeout", "60s", "--label", "from-run"])
+                .args(args),
         )
     };
     let image = dn.image_id.clone();
@@ -945,17 +906,7 @@ async fn kiln_run_prints_the_jobs_output_and_exits_with_its_code() {
     let (code, _, err) = run(&["--cpus", "0.5", "alpine:latest", "--", "echo"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("image"), "{err}");
-    let (_, list, _) = {
-        let out = kiln(home.path())
-            .args(["--coordinator", &url, "job", "list"])
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            (),
-        )
-    };
+    let (_, list, _) = kiln_at(home.path(), &url, &["job", "list"]);
     assert_eq!(list.matches("from-run").count(), 2, "{list}");
     dn.shutdown().await;
 }
@@ -1040,6 +991,19 @@ async fn following_logs_shows_lines_before_the_job_ends() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Another buyer cannot read this job's live output (it does not exist
+    // for them), and a rank it does not have is refused by name.
+    let stranger = kiln_cli::Client::new(&url, kiln_protocol::Keypair::generate());
+    match stranger.live_logs(&id, 0, 0, 0).await {
+        Err(kiln_cli::client::ClientError::Api { status, .. }) => assert_eq!(status, 404),
+        other => panic!("a stranger read the logs: {other:?}"),
+    }
+    match client.live_logs(&id, 3, 0, 0).await {
+        Err(kiln_cli::client::ClientError::Api { status, field, .. }) => {
+            assert_eq!((status, field.as_deref()), (400, Some("rank")));
+        }
+        other => panic!("rank 3 of a job of one: {other:?}"),
+    }
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {

@@ -219,6 +219,22 @@ async fn cancel_job(
     }))
 }
 
+/// A gang rank the job has; its gang size.
+fn check_rank(job: &JobRecord, rank: u32) -> Result<u32, ApiError> {
+    let gang = job.spec.resources.gang.max(1);
+    if rank >= gang {
+        return Err(ApiError::BadRequest {
+            field: Some("rank".into()),
+            reason: format!(
+                "job {} runs on {gang} node(s): its ranks are 0 to {}",
+                job.id,
+                gang - 1
+            ),
+        });
+    }
+    Ok(gang)
+}
+
 #[derive(serde::Deserialize)]
 struct LogsQuery {
     /// A gang member's rank (its last attempt); default: the job's own
@@ -236,17 +252,7 @@ async fn job_logs(
     let receipt = match q.rank {
         None => job.receipt.clone(),
         Some(rank) => {
-            let gang = job.spec.resources.gang;
-            if rank >= gang {
-                return Err(ApiError::BadRequest {
-                    field: Some("rank".into()),
-                    reason: format!(
-                        "job {} runs on {gang} node(s): its ranks are 0 to {}",
-                        job.id,
-                        gang.saturating_sub(1)
-                    ),
-                });
-            }
+            let gang = check_rank(&job, rank)?;
             // The rank's latest delivered receipt (a job of one falls back
             // to the job's own).
             state
@@ -336,17 +342,7 @@ async fn job_logs_live(
     use kiln_protocol::{NetRequest, NetResponse, TailLogs};
     let job = owned_job(&state, &buyer, &id).await?;
     let rank = q.rank.unwrap_or(0);
-    let gang = job.spec.resources.gang.max(1);
-    if rank >= gang {
-        return Err(ApiError::BadRequest {
-            field: Some("rank".into()),
-            reason: format!(
-                "job {} runs on {gang} node(s): its ranks are 0 to {}",
-                job.id,
-                gang - 1
-            ),
-        });
-    }
+    check_rank(&job, rank)?;
     let mut view = LiveLogsView {
         job_id: job.id,
         rank,

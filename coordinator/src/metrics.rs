@@ -134,6 +134,12 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// A metric family's `# HELP` and `# TYPE` lines.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
 /// `GET /metrics`.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match render(&state).await {
@@ -153,34 +159,40 @@ async fn render(state: &AppState) -> Result<String, sqlx::Error> {
         .iter()
         .find(|(s, _)| s == "queued")
         .map_or(0, |(_, n)| *n);
-    let _ = writeln!(out, "# HELP kiln_jobs Jobs in each state.");
-    let _ = writeln!(out, "# TYPE kiln_jobs gauge");
+    family(&mut out, "kiln_jobs", "gauge", "Jobs in each state.");
     for (s, n) in &jobs {
         let _ = writeln!(out, "kiln_jobs{{state=\"{}\"}} {n}", label(s));
     }
-    let _ = writeln!(out, "# HELP kiln_queue_depth Jobs waiting to be placed.");
-    let _ = writeln!(out, "# TYPE kiln_queue_depth gauge");
+    family(
+        &mut out,
+        "kiln_queue_depth",
+        "gauge",
+        "Jobs waiting to be placed.",
+    );
     let _ = writeln!(out, "kiln_queue_depth {queued}");
     let online = crate::live::lock(state).fleet.online();
-    let _ = writeln!(
-        out,
-        "# HELP kiln_providers_online Providers in the live fleet."
+    family(
+        &mut out,
+        "kiln_providers_online",
+        "gauge",
+        "Providers in the live fleet.",
     );
-    let _ = writeln!(out, "# TYPE kiln_providers_online gauge");
     let _ = writeln!(out, "kiln_providers_online {online}");
-    let _ = writeln!(
-        out,
-        "# HELP kiln_verifications Audit records (spot re-execution) by status."
+    family(
+        &mut out,
+        "kiln_verifications",
+        "gauge",
+        "Audit records (spot re-execution) by status.",
     );
-    let _ = writeln!(out, "# TYPE kiln_verifications gauge");
     for (s, n) in counts_by(state, "verifications", "status").await? {
         let _ = writeln!(out, "kiln_verifications{{status=\"{}\"}} {n}", label(&s));
     }
-    let _ = writeln!(
-        out,
-        "# HELP kiln_capability_audits Capability challenges by outcome."
+    family(
+        &mut out,
+        "kiln_capability_audits",
+        "gauge",
+        "Capability challenges by outcome.",
     );
-    let _ = writeln!(out, "# TYPE kiln_capability_audits gauge");
     for (s, n) in counts_by(state, "provider_audits", "outcome").await? {
         let _ = writeln!(
             out,
@@ -195,29 +207,33 @@ async fn render(state: &AppState) -> Result<String, sqlx::Error> {
         .bank
         .read(|l| (l.balance(&AccountId::Fee).0, l.total_burned().0))
         .await;
-    let _ = writeln!(
-        out,
-        "# HELP kiln_ledger_entries Entries in the signed ledger."
+    family(
+        &mut out,
+        "kiln_ledger_entries",
+        "gauge",
+        "Entries in the signed ledger.",
     );
-    let _ = writeln!(out, "# TYPE kiln_ledger_entries gauge");
     let _ = writeln!(out, "kiln_ledger_entries {entries}");
-    let _ = writeln!(
-        out,
-        "# HELP kiln_ledger_fees_microcredits The marketplace's fee account."
+    family(
+        &mut out,
+        "kiln_ledger_fees_microcredits",
+        "gauge",
+        "The marketplace's fee account.",
     );
-    let _ = writeln!(out, "# TYPE kiln_ledger_fees_microcredits gauge");
     let _ = writeln!(out, "kiln_ledger_fees_microcredits {fees}");
-    let _ = writeln!(
-        out,
-        "# HELP kiln_ledger_burned_microcredits Slashed stake burned."
+    family(
+        &mut out,
+        "kiln_ledger_burned_microcredits",
+        "gauge",
+        "Slashed stake burned.",
     );
-    let _ = writeln!(out, "# TYPE kiln_ledger_burned_microcredits gauge");
     let _ = writeln!(out, "kiln_ledger_burned_microcredits {burned}");
-    let _ = writeln!(
-        out,
-        "# HELP kiln_http_request_duration_seconds API request latency by route template."
+    family(
+        &mut out,
+        "kiln_http_request_duration_seconds",
+        "histogram",
+        "API request latency by route template.",
     );
-    let _ = writeln!(out, "# TYPE kiln_http_request_duration_seconds histogram");
     for ((route, method), h) in state.http_metrics.snapshot() {
         let labels = format!("route=\"{}\",method=\"{}\"", label(&route), label(&method));
         let mut cumulative = 0;

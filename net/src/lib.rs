@@ -688,17 +688,7 @@ impl EventLoop {
                     }
                 }
                 for done in self.pending_dials.remove(&peer).unwrap_or_default() {
-                    let _ = done.send(Err(match &wrong {
-                        Some((found, addr)) => NetError::WrongPeer {
-                            expected: peer,
-                            found: *found,
-                            addr: addr.clone(),
-                        },
-                        None => NetError::Unreachable {
-                            peer,
-                            reason: error.to_string(),
-                        },
-                    }));
+                    let _ = done.send(Err(dial_error(peer, wrong.as_ref(), || error.to_string())));
                 }
             }
             _ => {}
@@ -763,17 +753,9 @@ impl EventLoop {
             } => {
                 if let Some((_, done)) = self.pending_requests.remove(&request_id) {
                     let err = match error {
-                        OutboundFailure::DialFailure => match self.dial_failures.get(&peer) {
-                            Some((found, addr)) => NetError::WrongPeer {
-                                expected: peer,
-                                found: *found,
-                                addr: addr.clone(),
-                            },
-                            None => NetError::Unreachable {
-                                peer,
-                                reason: "dial failed".into(),
-                            },
-                        },
+                        OutboundFailure::DialFailure => {
+                            dial_error(peer, self.dial_failures.get(&peer), || "dial failed".into())
+                        }
                         OutboundFailure::Timeout => NetError::Timeout {
                             peer,
                             secs: self.request_timeout.as_secs(),
@@ -802,4 +784,24 @@ impl EventLoop {
 /// buffering without limit.
 async fn emit(events: &mpsc::Sender<NetEvent>, ev: NetEvent) {
     let _ = events.send(ev).await;
+}
+
+/// Why a dial to `peer` failed: the peer at the address had another
+/// identity (`wrong`: the one found and the address), or `reason`.
+fn dial_error(
+    peer: PeerId,
+    wrong: Option<&(PeerId, String)>,
+    reason: impl FnOnce() -> String,
+) -> NetError {
+    match wrong {
+        Some((found, addr)) => NetError::WrongPeer {
+            expected: peer,
+            found: *found,
+            addr: addr.clone(),
+        },
+        None => NetError::Unreachable {
+            peer,
+            reason: reason(),
+        },
+    }
 }

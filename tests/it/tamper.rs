@@ -211,6 +211,31 @@ async fn a_node_refuses_expired_misaddressed_and_foreign_offers() {
         reason.contains("not from this node's coordinator"),
         "{reason}"
     );
+
+    // A running job's live output goes only to this node's coordinator,
+    // and only for an attempt that runs here.
+    let tail = kiln_protocol::TailLogs {
+        job_id: JobId::random(),
+        offer_id: OfferId::random(),
+        provider: node.provider,
+        stdout_from: 0,
+        stderr_from: 0,
+    };
+    let forged = Signed::sign(&Keypair::generate(), tail.clone(), 30).unwrap();
+    let a = coord
+        .request(&advert, kiln_protocol::NetRequest::TailLogs(forged))
+        .await
+        .unwrap();
+    assert!(
+        rejected(&a).contains("not from this node's coordinator"),
+        "{a:?}"
+    );
+    let unknown = Signed::sign(&coord.key, tail, 30).unwrap();
+    let a = coord
+        .request(&advert, kiln_protocol::NetRequest::TailLogs(unknown))
+        .await
+        .unwrap();
+    assert!(rejected(&a).contains("not running here"), "{a:?}");
     cancel.cancel();
     for t in node.tasks {
         let _ = t.await;

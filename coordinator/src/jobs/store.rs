@@ -114,6 +114,40 @@ pub struct Member {
     pub role: Role,
 }
 
+impl Member {
+    /// A new member of `job`'s `attempt`, just offered to the provider a
+    /// placement chose (a fresh offer id; nothing run, paid or delivered).
+    pub fn offered(
+        job_id: JobId,
+        attempt: u32,
+        rank: u32,
+        placement: &crate::sched::Placement,
+        listen_addrs: Vec<String>,
+        role: Role,
+    ) -> Self {
+        Self {
+            offer_id: OfferId::random(),
+            job_id,
+            attempt,
+            rank,
+            provider: placement.provider,
+            listen_addrs,
+            price_per_hour: placement.price_per_hour,
+            state: MemberState::Offered,
+            reason: None,
+            outcome: None,
+            paid: Credits(0),
+            cost: None,
+            receipt: None,
+            manifest: None,
+            started_at: None,
+            result_at: None,
+            paid_at: None,
+            role,
+        }
+    }
+}
+
 /// Which job state(s) a change expects, and which attempt.
 #[derive(Clone, Copy, Debug)]
 pub struct Expect<'a> {

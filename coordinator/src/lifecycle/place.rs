@@ -18,7 +18,7 @@
 
 use futures::future::join_all;
 use kiln_protocol::{
-    GangMember, GangOffer, GangStart, JobOffer, NetRequest, OfferId, ProviderId, UnixMillis,
+    GangMember, GangOffer, GangStart, JobOffer, NetRequest, ProviderId, UnixMillis,
 };
 
 use super::{send, settle, sign, wind_down};
@@ -42,25 +42,15 @@ pub async fn place(
         .iter()
         .zip(addrs)
         .enumerate()
-        .map(|(rank, (p, addrs))| Member {
-            offer_id: OfferId::random(),
-            job_id: job.id,
-            attempt,
-            rank: rank as u32,
-            provider: p.provider,
-            listen_addrs: addrs,
-            price_per_hour: p.price_per_hour,
-            state: MemberState::Offered,
-            reason: None,
-            outcome: None,
-            paid: kiln_protocol::Credits(0),
-            cost: None,
-            receipt: None,
-            manifest: None,
-            started_at: None,
-            result_at: None,
-            paid_at: None,
-            role: crate::jobs::Role::Run,
+        .map(|(rank, (p, addrs))| {
+            Member::offered(
+                job.id,
+                attempt,
+                rank as u32,
+                p,
+                addrs,
+                crate::jobs::Role::Run,
+            )
         })
         .collect();
     let Some(lead) = members.first() else {
@@ -260,25 +250,32 @@ async fn run_single(state: &AppState, job: &JobRecord, members: &[Member]) -> Re
     settle::requeue_or_fail(state, &job.id, job.attempts, &why).await
 }
 
-async fn run_gang(state: &AppState, job: &JobRecord, members: &[Member]) -> Result<(), DbError> {
+/// Sends each member of a gang (ranks `base..`, numbered from 0 in what
+/// the nodes see, with a roster of them) its signed [`GangOffer`]; the
+/// replies, in member order. A job's first gang and a verifier round of a
+/// gang (see [`super::reexec`]) reserve the same way.
+pub(crate) async fn offer_gang(
+    state: &AppState,
+    job: &JobRecord,
+    members: &[Member],
+    base: u32,
+) -> Vec<Reply> {
     let size = members.len() as u32;
-    let providers: Vec<ProviderId> = members.iter().map(|m| m.provider).collect();
     let roster: Vec<GangMember> = members
         .iter()
         .map(|m| GangMember {
-            rank: m.rank,
+            rank: m.rank - base,
             provider: m.provider,
             listen_addrs: m.listen_addrs.clone(),
         })
         .collect();
     let hold_ms = u64::try_from(state.config.offer_ttl.as_millis()).unwrap_or(u64::MAX);
-    // 1. Reserve.
     let offers = members.iter().map(|m| {
         let roster = roster.clone();
         async move {
             let offer = GangOffer {
                 offer: offer_for(state, job, m).await,
-                rank: m.rank,
+                rank: m.rank - base,
                 size,
                 members: roster,
                 hold_ms,
@@ -289,7 +286,35 @@ async fn run_gang(state: &AppState, job: &JobRecord, members: &[Member]) -> Resu
             }
         }
     });
-    let replies = join_all(offers).await;
+    join_all(offers).await
+}
+
+/// Sends each reserved member its signed [`GangStart`]; the replies, in
+/// member order.
+pub(crate) async fn start_gang(
+    state: &AppState,
+    job: &JobRecord,
+    members: &[Member],
+) -> Vec<Reply> {
+    let starts = members.iter().map(|m| async move {
+        let msg = GangStart {
+            job_id: job.id,
+            offer_id: m.offer_id,
+            provider: m.provider,
+        };
+        match sign(state, msg) {
+            Some(s) => send(state, m, NetRequest::GangStart(s), 3).await,
+            None => Reply::Refused("the coordinator could not sign the start".into()),
+        }
+    });
+    join_all(starts).await
+}
+
+async fn run_gang(state: &AppState, job: &JobRecord, members: &[Member]) -> Result<(), DbError> {
+    let size = members.len() as u32;
+    let providers: Vec<ProviderId> = members.iter().map(|m| m.provider).collect();
+    // 1. Reserve.
+    let replies = offer_gang(state, job, members, 0).await;
     suspend_failed(state, members, &replies);
     let mut tx = state.db.begin().await?;
     for (m, r) in members.iter().zip(&replies) {
@@ -319,18 +344,7 @@ async fn run_gang(state: &AppState, job: &JobRecord, members: &[Member]) -> Resu
         ReserveVerdict::ReleaseAll { reason } => reason,
         ReserveVerdict::StartAll => {
             // 2. Every member reserved: start them all.
-            let starts = members.iter().map(|m| async move {
-                let msg = GangStart {
-                    job_id: job.id,
-                    offer_id: m.offer_id,
-                    provider: m.provider,
-                };
-                match sign(state, msg) {
-                    Some(s) => send(state, m, NetRequest::GangStart(s), 3).await,
-                    None => Reply::Refused("the coordinator could not sign the start".into()),
-                }
-            });
-            let replies = join_all(starts).await;
+            let replies = start_gang(state, job, members).await;
             let accepted: Vec<&Member> = members
                 .iter()
                 .zip(&replies)

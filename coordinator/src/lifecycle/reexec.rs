@@ -62,12 +62,10 @@
 
 use std::time::Duration;
 
-use futures::future::join_all;
 use kiln_contracts::Op;
 use kiln_protocol::views::VerificationStatus;
 use kiln_protocol::{
-    Credits, GangMember, GangOffer, GangStart, JobId, NetRequest, OfferId, Outcome, ProviderId,
-    ResultReceipt, Signed, UnixMillis,
+    Credits, JobId, NetRequest, OfferId, Outcome, ProviderId, ResultReceipt, Signed, UnixMillis,
 };
 use serde::Serialize;
 
@@ -690,25 +688,15 @@ async fn place_round(state: &AppState, s: &Standing) -> Result<(), DbError> {
         .iter()
         .zip(addrs)
         .enumerate()
-        .map(|(i, (p, addrs))| Member {
-            offer_id: OfferId::random(),
-            job_id: s.job.id,
-            attempt: s.row.attempt,
-            rank: s.next_rank + i as u32,
-            provider: p.provider,
-            listen_addrs: addrs,
-            price_per_hour: p.price_per_hour,
-            state: MemberState::Offered,
-            reason: None,
-            outcome: None,
-            paid: Credits(0),
-            cost: None,
-            receipt: None,
-            manifest: None,
-            started_at: None,
-            result_at: None,
-            paid_at: None,
-            role: Role::Verify,
+        .map(|(i, (p, addrs))| {
+            Member::offered(
+                s.job.id,
+                s.row.attempt,
+                s.next_rank + i as u32,
+                p,
+                addrs,
+                Role::Verify,
+            )
         })
         .collect();
     let tie = s.rounds.len() > 1;
@@ -898,32 +886,7 @@ async fn offer_round(
     base: u32,
 ) -> Result<(), DbError> {
     let size = round.len() as u32;
-    let roster: Vec<GangMember> = round
-        .iter()
-        .map(|m| GangMember {
-            rank: m.rank - base,
-            provider: m.provider,
-            listen_addrs: m.listen_addrs.clone(),
-        })
-        .collect();
-    let hold_ms = u64::try_from(state.config.offer_ttl.as_millis()).unwrap_or(u64::MAX);
-    let offers = round.iter().map(|m| {
-        let roster = roster.clone();
-        async move {
-            let offer = GangOffer {
-                offer: super::place::offer_for(state, job, m).await,
-                rank: m.rank - base,
-                size,
-                members: roster,
-                hold_ms,
-            };
-            match sign(state, offer) {
-                Some(s) => send(state, m, NetRequest::GangOffer(s), 3).await,
-                None => Reply::Refused("the coordinator could not sign the offer".into()),
-            }
-        }
-    });
-    let replies = join_all(offers).await;
+    let replies = super::place::offer_gang(state, job, round, base).await;
     let still = |s: Option<(JobState, u32)>| s == Some((JobState::Verifying, job.attempts));
     let mut tx = state.db.begin().await?;
     for (m, r) in round.iter().zip(&replies) {
@@ -945,18 +908,7 @@ async fn offer_round(
         (false, _) => "the verification ended while its round reserved".to_string(),
         (true, ReserveVerdict::ReleaseAll { reason }) => reason,
         (true, ReserveVerdict::StartAll) => {
-            let starts = round.iter().map(|m| async move {
-                let msg = GangStart {
-                    job_id: job.id,
-                    offer_id: m.offer_id,
-                    provider: m.provider,
-                };
-                match sign(state, msg) {
-                    Some(s) => send(state, m, NetRequest::GangStart(s), 3).await,
-                    None => Reply::Refused("the coordinator could not sign the start".into()),
-                }
-            });
-            let replies = join_all(starts).await;
+            let replies = super::place::start_gang(state, job, round).await;
             let mut tx = state.db.begin().await?;
             let live = still(Db::job_state_in(&mut tx, &job.id).await?);
             let now = UnixMillis::now();
