@@ -176,7 +176,7 @@ fn walk(root: &Path) -> anyhow::Result<Vec<LocalFile>> {
 }
 
 /// Streams one file up, counting progress.
-async fn upload_file(
+pub(crate) async fn upload_file(
     client: &Client,
     path: &Path,
     cid: &ContentId,

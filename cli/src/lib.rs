@@ -10,6 +10,7 @@ pub mod bench_api;
 pub mod client;
 pub mod data;
 pub mod devnet;
+pub mod image;
 pub mod ledger;
 pub mod show;
 pub mod sim;

@@ -73,6 +73,9 @@ enum Cmd {
     /// Datasets by content id: add, get, list.
     #[command(subcommand)]
     Data(DataCmd),
+    /// Your own container images, as content-addressed data: push, list.
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// Run a coordinator and N providers on loopback, and a demo job.
     Devnet {
         /// Provider nodes to run.
@@ -193,6 +196,22 @@ enum DataCmd {
         /// The content id to give up.
         cid: kiln_protocol::ContentId,
     },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Upload an image from your Docker engine (its layers and config, as
+    /// blobs; only what the coordinator lacks is sent) and print the name
+    /// jobs use for it: `image = "kiln:<cid>"`.
+    Push {
+        /// The image as your engine knows it: `name:tag`, or an id.
+        image: String,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// The images you pushed.
+    Ls,
 }
 
 #[derive(Subcommand)]
@@ -707,6 +726,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     kiln_cli::data::human(r.skipped_bytes),
                     r.elapsed_ms
                 )
+            });
+        }
+        Cmd::Image(ImageCmd::Push { image, quiet }) => {
+            let r = kiln_cli::image::push(&client, &image, !quiet && !json).await?;
+            print(json, &r, |r| {
+                format!(
+                    "{}\npushed {image} ({}): {} layer(s), {}; uploaded {}, already there {} ({} ms)\nname it in a job spec as: image = \"{}\"",
+                    r.image,
+                    r.image_id,
+                    r.layers,
+                    kiln_cli::data::human(r.size),
+                    kiln_cli::data::human(r.uploaded_bytes),
+                    kiln_cli::data::human(r.skipped_bytes),
+                    r.elapsed_ms,
+                    r.image
+                )
+            });
+        }
+        Cmd::Image(ImageCmd::Ls) => {
+            let mut v = client.blobs().await?;
+            v.blobs.retain(|b| b.kind == kiln_protocol::BlobKind::Image);
+            print(json, &v.blobs, |blobs| {
+                let mut t = kiln_cli::table::Table::new(&[
+                    ("IMAGE", kiln_cli::table::Align::Left),
+                    ("SIZE", kiln_cli::table::Align::Right),
+                    ("LAYERS", kiln_cli::table::Align::Right),
+                    ("NAME", kiln_cli::table::Align::Left),
+                ]);
+                for b in blobs {
+                    t.row(vec![
+                        format!("kiln:{}", b.cid),
+                        kiln_cli::data::human(b.content_size.unwrap_or(b.size)),
+                        // Its blobs less the config.
+                        b.files
+                            .map_or_else(|| "?".into(), |n| n.saturating_sub(1).to_string()),
+                        b.name.clone(),
+                    ]);
+                }
+                t.render_or("no images yet: `kiln image push <image>` uploads one")
             });
         }
         Cmd::Data(DataCmd::Get { cid, output, quiet }) => {

@@ -618,6 +618,7 @@ mod tests {
             region: None,
             disk: kiln_protocol::ByteSize(0),
             cached: vec![],
+            registries: Vec::new(),
         }
     }
 

@@ -286,6 +286,7 @@ fn provider(rng: &mut Rng, n: usize) -> ProviderView {
         cached: (0..rng.below(5))
             .map(|_| dataset(rng.below(DATASETS)))
             .collect(),
+        registries: Vec::new(),
     };
     ProviderView {
         id,

@@ -414,7 +414,7 @@ async fn list(
                 && b.size <= MAX_LISTED_MANIFEST)
                 .then(|| state.blobs.get(&b.cid).ok().flatten())
                 .flatten()
-                .and_then(|bytes| kiln_protocol::Manifest::from_dag_cbor(&bytes).ok());
+                .and_then(|bytes| kiln_protocol::DagNode::decode(&bytes).ok());
             crate::views::blob(b, held, manifest.as_ref())
         })
         .collect();

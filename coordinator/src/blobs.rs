@@ -161,34 +161,30 @@ async fn decide(
     let jobs = state.db.jobs_held_by(&provider).await?;
     let mut entitled = HashSet::new();
     for j in &jobs {
-        // URL inputs come from their URL only: naming a CID with a URL
-        // proves nothing about being allowed to read the stored copy.
-        let inputs: Vec<ContentId> = j
-            .spec
-            .inputs
-            .iter()
-            .filter(|i| i.url.is_none())
-            .map(|i| i.cid)
-            .collect();
-        for dir in inputs
+        // Stored inputs and the Kiln image (URL inputs come from their URL
+        // only: naming a CID with a URL proves nothing about being allowed
+        // to read the stored copy).
+        let inputs = j.spec.stored_cids();
+        for node in inputs
             .iter()
             .filter(|c| c.codec() == kiln_protocol::content::DAG_CBOR_CODEC)
         {
             let store = state.blobs.clone();
-            let dir = *dir;
-            // Disk read and decode off the async threads.
-            let entries = tokio::task::spawn_blocking(move || {
+            let node = *node;
+            // Disk read and decode off the async threads: a directory's
+            // files, an image's config and layers.
+            let children = tokio::task::spawn_blocking(move || {
                 store
-                    .get(&dir)
+                    .get(&node)
                     .ok()
                     .flatten()
-                    .and_then(|b| kiln_protocol::Manifest::from_dag_cbor(&b).ok())
-                    .map(|m| m.entries.into_iter().map(|e| e.cid).collect::<Vec<_>>())
+                    .and_then(|b| kiln_protocol::DagNode::decode(&b).ok())
+                    .map(|n| n.children())
                     .unwrap_or_default()
             })
             .await
             .unwrap_or_default();
-            entitled.extend(entries);
+            entitled.extend(children);
         }
         entitled.extend(inputs);
     }
@@ -201,7 +197,10 @@ async fn decide(
 /// Peers that hold the offer's inputs (announced, or cached per their
 /// advert), with their addresses, excluding the provider itself.
 pub async fn offer_sources(state: &AppState, offer: &JobOffer) -> Vec<InputSources> {
-    if offer.spec.inputs.is_empty() {
+    // Inputs and the Kiln image: a directory's or image's peers serve its
+    // files and layers too.
+    let stored = offer.spec.stored_cids();
+    if stored.is_empty() {
         return Vec::new();
     }
     let since = crate::live::lease_start(state);
@@ -217,29 +216,22 @@ pub async fn offer_sources(state: &AppState, offer: &JobOffer) -> Vec<InputSourc
         .holders
         .lock()
         .map(|h| {
-            offer
-                .spec
-                .inputs
+            stored
                 .iter()
-                .map(|i| {
-                    (
-                        i.cid,
-                        h.providers(&i.cid).into_iter().map(|(p, _)| p).collect(),
-                    )
-                })
+                .map(|c| (*c, h.providers(c).into_iter().map(|(p, _)| p).collect()))
                 .collect()
         })
         .unwrap_or_default();
     let mut out = Vec::new();
-    for input in offer.spec.inputs.iter().filter(|i| i.url.is_none()) {
+    for cid in stored {
         let peers: Vec<PeerSource> = live
             .iter()
             .map(|p| &p.advert.payload)
             .filter(|a| a.provider != offer.provider)
             .filter(|a| {
-                a.cached.contains(&input.cid)
+                a.cached.contains(&cid)
                     || announced
-                        .get(&input.cid)
+                        .get(&cid)
                         .is_some_and(|s| s.contains(&a.provider.peer_id()))
             })
             .take(MAX_SOURCES_PER_INPUT)
@@ -249,10 +241,7 @@ pub async fn offer_sources(state: &AppState, offer: &JobOffer) -> Vec<InputSourc
             })
             .collect();
         if !peers.is_empty() {
-            out.push(InputSources {
-                cid: input.cid,
-                peers,
-            });
+            out.push(InputSources { cid, peers });
         }
     }
     out

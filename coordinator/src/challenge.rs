@@ -1072,6 +1072,7 @@ mod tests {
             region: None,
             disk: ByteSize(0),
             cached: vec![],
+            registries: Vec::new(),
             // As an advert carries it: the report alone.
             benchmark: report.map(|r| r.report),
         }

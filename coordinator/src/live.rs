@@ -311,6 +311,7 @@ mod tests {
             region: None,
             disk: ByteSize(0),
             cached: vec![],
+            registries: Vec::new(),
         })
     }
 

@@ -85,6 +85,8 @@ pub enum Constraint {
     MinTflops,
     /// The job wants the network and the provider does not allow it.
     Network,
+    /// The job's image is pulled from a registry the provider does not allow.
+    Registry,
     /// The provider is not in the job's region.
     Region,
     /// The provider's reputation is below the job's minimum.
@@ -112,7 +114,7 @@ pub enum Constraint {
 }
 
 /// Number of constraints.
-pub const N_CONSTRAINTS: usize = 18;
+pub const N_CONSTRAINTS: usize = 19;
 
 /// The hard constraints' names, in the order they are checked.
 pub const CONSTRAINTS: [&str; N_CONSTRAINTS] = [
@@ -122,6 +124,7 @@ pub const CONSTRAINTS: [&str; N_CONSTRAINTS] = [
     "min_vram",
     "min_tflops",
     "network",
+    "registry",
     "region",
     "min_reputation",
     "max_price_per_hour",
@@ -144,6 +147,7 @@ impl Constraint {
         Self::MinVram,
         Self::MinTflops,
         Self::Network,
+        Self::Registry,
         Self::Region,
         Self::MinReputation,
         Self::MaxPrice,
@@ -180,6 +184,7 @@ impl fmt::Display for Constraint {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Wanted {
     pub network: bool,
+    pub registry: Option<Arc<str>>,
     pub region: Option<Arc<str>>,
     pub min_reputation: u32,
     pub gpus: u32,
@@ -198,6 +203,7 @@ impl Wanted {
         let r = &spec.resources;
         Self {
             network: spec.network == kiln_protocol::NetworkMode::Full,
+            registry: spec.image.registry_host().map(Arc::from),
             region: r.region.as_deref().map(Arc::from),
             min_reputation: r.min_reputation,
             gpus: r.gpus,
@@ -216,6 +222,9 @@ impl Wanted {
         let name = c.name();
         match c {
             Constraint::Network => write!(f, "{name}=full"),
+            Constraint::Registry => {
+                write!(f, "{name}={}", self.registry.as_deref().unwrap_or(""))
+            }
             Constraint::Region => write!(f, "{name}={}", self.region.as_deref().unwrap_or("")),
             Constraint::MinReputation => write!(f, "{name}={}", self.min_reputation),
             Constraint::Gpus | Constraint::FreeGpus => write!(f, "{name}={}", self.gpus),

@@ -14,7 +14,7 @@ pub struct Expected {
     pub offer: OfferId,
     pub provider: ProviderId,
     /// The image the job named, as its digest (`sha256:…`: an image id or
-    /// a repository digest).
+    /// a repository digest), or `kiln:<cid>` ([`kiln_protocol::ImageRef::pinned`]).
     pub image: String,
     /// The job's input CIDs, in order.
     pub inputs: Vec<ContentId>,
@@ -30,7 +30,7 @@ impl Expected {
             provider,
             image: spec
                 .image
-                .digest()
+                .pinned()
                 .map_or_else(|| spec.image.0.clone(), str::to_string),
             inputs: spec.inputs.iter().map(|i| i.cid).collect(),
         }

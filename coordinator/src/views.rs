@@ -225,16 +225,20 @@ pub fn offer_sort(s: SortBy) -> OfferSort {
 
 /// A blob the caller may read; `held`: whether the store holds it now.
 /// `manifest`: a directory's manifest, when it is held here.
-pub fn blob(b: BlobRecord, held: bool, manifest: Option<&kiln_protocol::Manifest>) -> BlobView {
+pub fn blob(b: BlobRecord, held: bool, node: Option<&kiln_protocol::DagNode>) -> BlobView {
+    use kiln_protocol::DagNode;
     BlobView {
-        kind: BlobKind::of(&b.cid),
+        kind: match node {
+            Some(DagNode::Image(_)) => BlobKind::Image,
+            _ => BlobKind::of(&b.cid),
+        },
         cid: b.cid,
         size: b.size,
         name: b.name,
         created_at: b.created_at,
         held,
-        files: manifest.map(|m| m.entries.len() as u64),
-        content_size: manifest.map(|m| m.entries.iter().map(|e| e.size).sum()),
+        files: node.map(|n| n.children().len() as u64),
+        content_size: node.map(DagNode::total_size),
     }
 }
 
@@ -601,6 +605,7 @@ mod tests {
             region: None,
             disk: ByteSize(100 << 30),
             cached: vec![ContentId::of_bytes(b"in")],
+            registries: Vec::new(),
         };
         let p = ProviderRecord {
             advert: Signed::sign_with(&key(), advert, Nonce::from_bytes([1; 16]), UnixMillis(9))
@@ -669,7 +674,28 @@ mod tests {
                 },
             ],
         };
-        let d = blob(rec(m.cid()), true, Some(&m));
+        let d = blob(
+            rec(m.cid()),
+            true,
+            Some(&kiln_protocol::DagNode::Directory(m.clone())),
+        );
         assert_eq!((d.files, d.content_size), (Some(2), Some(123)));
+        // An image manifest is listed as an image, with its blobs' bytes.
+        let b = |n: u64| kiln_protocol::ImageBlob {
+            cid: ContentId::of_bytes(&n.to_le_bytes()),
+            digest: kiln_protocol::OciDigest([n as u8; 32]),
+            size: n,
+        };
+        let img = kiln_protocol::ImageManifest {
+            config: b(10),
+            layers: vec![b(1000), b(1000)],
+        };
+        let i = blob(
+            rec(img.cid()),
+            true,
+            Some(&kiln_protocol::DagNode::Image(img.clone())),
+        );
+        assert_eq!(i.kind, BlobKind::Image);
+        assert_eq!((i.files, i.content_size), (Some(2), Some(1010)));
     }
 }

@@ -108,6 +108,7 @@ async fn provider(coordinator: kiln_net::Addr, cancel: CancellationToken) {
         region: None,
         disk: ByteSize(0),
         cached: vec![],
+        registries: Vec::new(),
     };
     let mut seen = HashSet::new();
     let mut pending: Vec<JobResult> = Vec::new();

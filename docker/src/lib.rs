@@ -61,7 +61,7 @@
 //! # Ok(()) }
 //! ```
 
-mod tar;
+pub mod tar;
 
 use std::error::Error as StdError;
 use std::time::Duration;
@@ -460,6 +460,105 @@ pub async fn collect_logs(docker: &Docker, container: &str) -> Result<ContainerL
         }
     }
     Ok(logs)
+}
+
+/// One layer of an image made without a builder: files as `(path, mode,
+/// bytes)`, written as an uncompressed layer tar.
+pub fn layer_tar(files: &[(&str, u32, &[u8])]) -> Result<Vec<u8>, DockerError> {
+    let mut t = tar::TarBuilder::new();
+    for (path, mode, data) in files {
+        t.add_file(path, *mode, data)
+            .map_err(|e| DockerError::Unexpected {
+                op: "make an image layer".into(),
+                message: e.to_string(),
+            })?;
+    }
+    Ok(t.finish())
+}
+
+/// The workload binary as a layer (at [`WORKLOAD_PATH_IN_IMAGE`], 0755).
+pub fn workload_layer() -> Result<Vec<u8>, DockerError> {
+    layer_tar(&[(
+        WORKLOAD_PATH_IN_IMAGE.trim_start_matches('/'),
+        0o755,
+        WORKLOAD_ELF,
+    )])
+}
+
+/// Loads an image of `layers` (uncompressed layer tars, bottom first) into
+/// the engine as `tag`, with the workload's entrypoint and user, through
+/// `docker load` (no builder, no registry): how tests and benchmarks make
+/// images of a chosen size and content, as `docker import` of a root
+/// filesystem would. `label` makes the config (so the image id) unique.
+/// Returns the image id (`sha256:` of the config).
+pub async fn load_layers(
+    docker: &Docker,
+    tag: &str,
+    layers: &[Vec<u8>],
+    label: &str,
+) -> Result<String, DockerError> {
+    use futures::StreamExt;
+    use sha2::Digest;
+    let digests: Vec<String> = layers
+        .iter()
+        .map(|l| hex::encode(sha2::Sha256::digest(l)))
+        .collect();
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Entrypoint":["{WORKLOAD_PATH_IN_IMAGE}"],"User":"{WORKLOAD_USER}","Labels":{{"io.kiln.test":"{label}"}}}},"rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
+        digests
+            .iter()
+            .map(|d| format!("\"sha256:{d}\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let config_hex = hex::encode(sha2::Sha256::digest(config.as_bytes()));
+    let index = format!(
+        r#"[{{"Config":"{config_hex}.json","RepoTags":["{tag}"],"Layers":[{}]}}]"#,
+        digests
+            .iter()
+            .map(|d| format!("\"{d}.tar\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let bad = |e: tar::TarError| DockerError::Unexpected {
+        op: format!("make the archive of {tag}"),
+        message: e.to_string(),
+    };
+    let mut head = tar::TarBuilder::new();
+    head.add_file("manifest.json", 0o644, index.as_bytes())
+        .map_err(bad)?;
+    head.add_file(&format!("{config_hex}.json"), 0o644, config.as_bytes())
+        .map_err(bad)?;
+    let mut head = head.finish();
+    head.truncate(head.len() - 2 * tar::BLOCK); // more entries follow
+    let mut chunks: Vec<bytes::Bytes> = vec![bytes::Bytes::from(head)];
+    let mut seen = std::collections::HashSet::new();
+    for (l, d) in layers.iter().zip(&digests) {
+        if !seen.insert(d) {
+            continue;
+        }
+        let h = tar::header(&format!("{d}.tar"), b'0', 0o644, l.len() as u64).map_err(bad)?;
+        chunks.push(bytes::Bytes::copy_from_slice(&h));
+        chunks.push(bytes::Bytes::copy_from_slice(l));
+        chunks.push(bytes::Bytes::from(vec![0u8; tar::padding(l.len() as u64)]));
+    }
+    chunks.push(bytes::Bytes::from_static(&tar::END));
+    let body = futures::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
+    let opts = bollard::query_parameters::ImportImageOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    let mut s = docker.import_image_stream(opts, body, None);
+    while let Some(r) = s.next().await {
+        let info = r.map_err(|e| api(format!("load {tag}"), e))?;
+        if let Some(m) = info.error_detail.and_then(|d| d.message) {
+            return Err(DockerError::Unexpected {
+                op: format!("load {tag}"),
+                message: m,
+            });
+        }
+    }
+    Ok(format!("sha256:{config_hex}"))
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@
 //! spaces. Timestamps are fixed at 0 and owners at root so the archive (and
 //! the image layer built from it) is a pure function of the file contents.
 
-const BLOCK: usize = 512;
+/// A tar block.
+pub const BLOCK: usize = 512;
 
 /// Builds a tar archive in memory.
 #[derive(Debug, Default)]
@@ -23,7 +24,7 @@ pub(crate) struct TarBuilder {
 
 /// Why a file could not be added.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum TarError {
+pub enum TarError {
     #[error("tar entry name `{0}` is empty or longer than 100 bytes")]
     BadName(String),
     #[error("tar entry `{0}` is too large for a ustar header")]
@@ -58,36 +59,16 @@ impl TarBuilder {
         mode: u32,
         data: &[u8],
     ) -> Result<(), TarError> {
-        if name.is_empty() || name.len() > 100 {
-            return Err(TarError::BadName(name.to_string()));
-        }
-        // 11 octal digits hold sizes below 8 GiB.
+        // 11 octal digits hold sizes below 8 GiB; an in-memory archive
+        // never needs more.
         if data.len() as u64 >= 1u64 << 33 {
             return Err(TarError::TooLarge(name.to_string()));
         }
-        let mut h = [0u8; BLOCK];
-        h[0..name.len()].copy_from_slice(name.as_bytes());
-        octal(&mut h[100..108], u64::from(mode & 0o7777)); // mode
-        octal(&mut h[108..116], 0); // uid
-        octal(&mut h[116..124], 0); // gid
-        octal(&mut h[124..136], data.len() as u64); // size
-        octal(&mut h[136..148], 0); // mtime
-        h[156] = typeflag; // '0' regular file, '5' directory
-        h[257..263].copy_from_slice(b"ustar\0"); // magic
-        h[263..265].copy_from_slice(b"00"); // version
-        h[265..269].copy_from_slice(b"root"); // uname
-        h[297..301].copy_from_slice(b"root"); // gname
-        // Checksum: computed with the field set to spaces, then written as
-        // six octal digits, NUL, space.
-        h[148..156].fill(b' ');
-        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-        octal(&mut h[148..155], u64::from(sum));
-        h[155] = b' ';
-
+        let h = header(name, typeflag, mode, data.len() as u64)?;
         self.buf.extend_from_slice(&h);
         self.buf.extend_from_slice(data);
-        let pad = (BLOCK - data.len() % BLOCK) % BLOCK;
-        self.buf.resize(self.buf.len() + pad, 0);
+        self.buf
+            .resize(self.buf.len() + padding(data.len() as u64), 0);
         Ok(())
     }
 
@@ -97,6 +78,50 @@ impl TarBuilder {
         self.buf
     }
 }
+
+/// The 512-byte header of a regular file (`typeflag` `b'0'`) or directory
+/// (`b'5'`) entry `name` (at most 100 bytes) of `size` bytes. Sizes of
+/// 8 GiB and more use the base-256 form GNU tar and Go's `archive/tar`
+/// (so Docker) read. For streaming an archive: write the header, the
+/// `size` bytes, then [`padding`] zero bytes; end with [`END`].
+pub fn header(name: &str, typeflag: u8, mode: u32, size: u64) -> Result<[u8; BLOCK], TarError> {
+    if name.is_empty() || name.len() > 100 {
+        return Err(TarError::BadName(name.to_string()));
+    }
+    let mut h = [0u8; BLOCK];
+    h[0..name.len()].copy_from_slice(name.as_bytes());
+    octal(&mut h[100..108], u64::from(mode & 0o7777)); // mode
+    octal(&mut h[108..116], 0); // uid
+    octal(&mut h[116..124], 0); // gid
+    if size < 1u64 << 33 {
+        octal(&mut h[124..136], size);
+    } else {
+        // Base-256: a set high bit, then the size big-endian.
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+    }
+    octal(&mut h[136..148], 0); // mtime
+    h[156] = typeflag; // '0' regular file, '5' directory
+    h[257..263].copy_from_slice(b"ustar\0"); // magic
+    h[263..265].copy_from_slice(b"00"); // version
+    h[265..269].copy_from_slice(b"root"); // uname
+    h[297..301].copy_from_slice(b"root"); // gname
+    // Checksum: computed with the field set to spaces, then written as
+    // six octal digits, NUL, space.
+    h[148..156].fill(b' ');
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    octal(&mut h[148..155], u64::from(sum));
+    h[155] = b' ';
+    Ok(h)
+}
+
+/// Zero bytes that follow an entry of `size` bytes.
+pub fn padding(size: u64) -> usize {
+    ((BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64) as usize
+}
+
+/// The end-of-archive marker: two zero blocks.
+pub const END: [u8; 2 * BLOCK] = [0; 2 * BLOCK];
 
 /// Writes `value` as zero-padded octal filling `field` except its last byte,
 /// which is NUL.
@@ -134,6 +159,18 @@ mod tests {
         assert!(matches!(stored, Ok(Ok(v)) if v == sum));
         assert!(bytes[bytes.len() - 1024..].iter().all(|&b| b == 0));
         Ok(())
+    }
+
+    #[test]
+    fn huge_sizes_use_base_256() {
+        let h = header("big.tar", b'0', 0o644, 9 << 30).unwrap();
+        assert_eq!(h[124], 0x80);
+        assert_eq!(u64::from_be_bytes(h[128..136].try_into().unwrap()), 9 << 30);
+        let small = header("s", b'0', 0o644, 5).unwrap();
+        assert_eq!(&small[124..136], b"00000000005\0");
+        assert_eq!(padding(5), 507);
+        assert_eq!(padding(1024), 0);
+        assert!(header(&"n".repeat(101), b'0', 0, 0).is_err());
     }
 
     #[test]

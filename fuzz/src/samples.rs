@@ -243,6 +243,7 @@ pub fn advert(n: u8) -> CapabilityAdvert {
         region: Some("eu-west-1".into()),
         disk: ByteSize(500 << 30),
         cached: vec![cid(1), cid(2)],
+        registries: vec!["ghcr.io".into()],
     }
 }
 

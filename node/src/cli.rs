@@ -63,6 +63,18 @@ pub struct RunArgs {
     /// Largest image accepted, e.g. 10GiB (no limit if unset).
     #[arg(long, value_parser = parse_size)]
     pub max_image_size: Option<u64>,
+    /// A registry host jobs' images may be pulled from by digest
+    /// (`ghcr.io`, `127.0.0.1:5000`; repeatable). None by default: jobs
+    /// then bring images as kiln:<cid> (`kiln image push`).
+    #[arg(long = "registry-allow")]
+    pub registry_allow: Vec<String>,
+    /// Longest a registry pull may take, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub pull_timeout: u64,
+    /// Most bytes the images this node loads or pulls may take in the
+    /// engine, e.g. 20GiB; least recently used ones not in use are removed.
+    #[arg(long, value_parser = parse_size, default_value = "20GiB")]
+    pub image_cache: u64,
     /// Size of each job's output area, e.g. 1GiB.
     #[arg(long, value_parser = parse_size, default_value = "64MiB")]
     pub max_output: u64,
@@ -158,7 +170,10 @@ impl RunArgs {
             image_allow: self.image_allow,
             image_deny: self.image_deny,
             max_image_bytes: self.max_image_size.unwrap_or(0),
+            registries: self.registry_allow,
+            pull_timeout: Duration::from_secs(self.pull_timeout),
         };
+        c.image_cache = self.image_cache;
         c.limits.max_output_bytes = self.max_output;
         c.limits.max_output_files = self.max_output_files;
         c.limits.volume_size_bytes = self.volume_size;
@@ -285,6 +300,13 @@ pub struct DoctorArgs {
     /// The node's state directory (identity key, job files, benchmark cache).
     #[arg(long, env = "KILN_NODE_STATE", default_value_os_t = default_state_dir())]
     pub state_dir: PathBuf,
+    /// The registries `kiln-node run --registry-allow` will allow, to
+    /// report the policy and check each answers.
+    #[arg(long = "registry-allow")]
+    pub registry_allow: Vec<String>,
+    /// The image cache size `kiln-node run --image-cache` will use.
+    #[arg(long, value_parser = parse_size, default_value = "20GiB")]
+    pub image_cache: u64,
 }
 
 /// Runs `kiln-node doctor`; returns the exit code (0 ok, 1 fail, 2 warnings).
@@ -294,6 +316,8 @@ pub async fn doctor(args: DoctorArgs) -> i32 {
         coordinator: args.coordinator,
         coordinator_http: args.coordinator_http,
         listen: args.listen,
+        registries: args.registry_allow,
+        image_cache: args.image_cache,
     })
     .await;
     if args.json {

@@ -60,6 +60,9 @@ pub struct NodeConfig {
     /// could otherwise reach this machine's services, its LAN or the cloud
     /// metadata endpoint.
     pub allow_private_urls: bool,
+    /// Most bytes of images this node loads or pulls may take in the
+    /// engine; least recently used ones no job is using are removed.
+    pub image_cache: u64,
 }
 
 impl NodeConfig {
@@ -86,6 +89,7 @@ impl NodeConfig {
             disk: kiln_protocol::ByteSize(0),
             drain_grace: Duration::from_secs(30),
             allow_private_urls: false,
+            image_cache: 20 << 30,
         }
     }
 }
@@ -99,7 +103,7 @@ const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 
 /// A size for people, as the doctor writes it: `72.6 GiB`, `300.0 MiB`.
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     if bytes >= GIB {
         format!("{:.1} GiB", bytes as f64 / GIB as f64)
     } else {

@@ -88,6 +88,10 @@ pub struct DoctorOptions {
     pub coordinator_http: Option<String>,
     /// The address `kiln-node run` will listen on.
     pub listen: Option<kiln_net::Addr>,
+    /// Registry hosts pulls are allowed from (`--registry-allow`).
+    pub registries: Vec<String>,
+    /// The image cache's size (`--image-cache`).
+    pub image_cache: u64,
 }
 
 const DOCKER_INSTALL: &str = "install Docker Engine (https://docs.docker.com/engine/install/) and start it with `sudo systemctl enable --now docker`; add yourself to the docker group (`sudo usermod -aG docker $USER`) or set DOCKER_HOST";
@@ -640,6 +644,49 @@ async fn check_coordinator(addr: Option<&kiln_net::Addr>) -> Check {
     }
 }
 
+/// What the image cache holds (read from the state directory's table).
+fn check_image_cache(state_dir: &Path, quota: u64) -> Check {
+    let s = crate::images::ImageCache::open(state_dir, b"", quota).summary();
+    Check::ok(
+        "image-cache",
+        format!(
+            "{} image{} loaded by this node, {} of {} (kiln-node --image-cache)",
+            s.count,
+            if s.count == 1 { "" } else { "s" },
+            crate::config::human(s.bytes),
+            crate::config::human(s.quota)
+        ),
+    )
+}
+
+/// The registry policy, and whether each allowed registry answers.
+async fn check_registries(hosts: &[String]) -> Check {
+    if hosts.is_empty() {
+        return Check::ok(
+            "registries",
+            "registry pulls are off: jobs bring images as kiln:<cid> (`kiln image push`) or use images already in the engine",
+        );
+    }
+    let mut down = Vec::new();
+    for h in hosts {
+        if let Err(e) = crate::registry::probe(h).await {
+            down.push(e);
+        }
+    }
+    if down.is_empty() {
+        Check::ok(
+            "registries",
+            format!("images may be pulled by digest from {}", hosts.join(", ")),
+        )
+    } else {
+        Check::warn(
+            "registries",
+            down.join("; "),
+            "check the host names given to --registry-allow and this machine's route to them",
+        )
+    }
+}
+
 /// Runs every check. Never panics.
 pub async fn run(opts: &DoctorOptions) -> DoctorReport {
     let mut checks = Vec::new();
@@ -684,6 +731,8 @@ pub async fn run(opts: &DoctorOptions) -> DoctorReport {
         &key,
         std::fs::metadata(&key).ok().map(|m| m.permissions().mode()),
     ));
+    checks.push(check_image_cache(&opts.state_dir, opts.image_cache));
+    checks.push(check_registries(&opts.registries).await);
     checks.push(check_ports(opts.listen.as_ref()));
     checks.push(check_clock(opts.coordinator_http.as_deref()).await);
     checks.push(check_coordinator(opts.coordinator.as_ref()).await);
@@ -820,8 +869,16 @@ mod tests {
             coordinator: None,
             coordinator_http: None,
             listen: None,
+            // A registry nobody listens on: a warning with a fix.
+            registries: vec!["127.0.0.1:9".into()],
+            image_cache: 1 << 30,
         })
         .await;
+        let reg = r.checks.iter().find(|c| c.name == "registries").unwrap();
+        assert_eq!(reg.status, Status::Warn, "{reg:?}");
+        assert!(reg.detail.contains("127.0.0.1:9"), "{reg:?}");
+        let cache = r.checks.iter().find(|c| c.name == "image-cache").unwrap();
+        assert!(cache.detail.contains("0 images"), "{cache:?}");
         for c in &r.checks {
             if matches!(c.status, Status::Warn | Status::Fail) {
                 assert!(c.fix.as_deref().is_some_and(|f| !f.is_empty()), "{c:?}");

@@ -52,18 +52,35 @@ pub(crate) fn launch(state: &Arc<State>, offer: JobOffer, admitted: Admitted) {
     });
 }
 
-async fn run_job(state: &State, offer: JobOffer, gpu_uuids: &[String], cancel: CancellationToken) {
+async fn run_job(
+    state: &Arc<State>,
+    offer: JobOffer,
+    gpu_uuids: &[String],
+    cancel: CancellationToken,
+) {
     let (job, offer_id) = (offer.job_id, offer.offer_id);
+    // The image and the inputs come in together (both may be fetched
+    // from the coordinator and peers); either failing fails the job
+    // before its container exists.
     let fetched = tokio::select! {
-        f = fetch_inputs(state, &offer) => f,
-        () = cancel.cancelled() => Err("cancelled while its inputs were being fetched".into()),
+        f = async {
+            tokio::try_join!(crate::images::prepare(state, &offer), fetch_inputs(state, &offer))
+        } => f,
+        () = cancel.cancelled() => Err("cancelled while its image and inputs were being fetched".into()),
     };
     let report = match fetched {
-        Ok(inputs) => {
-            let run =
-                state
-                    .runner
-                    .run(job, offer_id, &offer.spec, &inputs.local, gpu_uuids, cancel);
+        Ok((image, inputs)) => {
+            let run = state.runner.run(
+                crate::runner::Launch {
+                    job,
+                    offer: offer_id,
+                    spec: &offer.spec,
+                    image: &image.reference,
+                    inputs: &inputs.local,
+                    gpu_uuids,
+                },
+                cancel,
+            );
             // Usage is reported for settlement while the job runs.
             tokio::select! {
                 report = run => report,
@@ -139,7 +156,7 @@ fn sign_result(
             offer
                 .spec
                 .image
-                .digest()
+                .pinned()
                 .map_or_else(|| report.image_digest.clone(), str::to_string)
         },
         input_cids: offer.spec.inputs.iter().map(|i| i.cid).collect(),

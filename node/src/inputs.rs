@@ -95,8 +95,14 @@ pub(crate) async fn fetch_inputs(state: &State, offer: &JobOffer) -> Result<Fetc
             container_path: input.path.clone(),
         });
     }
-    // Peers may now fetch these from here; tell them.
-    let have: Vec<(ContentId, u64)> = announce
+    share(state, &announce).await;
+    Ok(FetchedInputs { local, _pins: pins })
+}
+
+/// Peers may now fetch `cids` from here (when the coordinator allows):
+/// they join the shared set and are announced.
+pub(crate) async fn share(state: &State, cids: &[ContentId]) {
+    let have: Vec<(ContentId, u64)> = cids
         .iter()
         .filter_map(|c| state.store.size(c).map(|s| (*c, s)))
         .collect();
@@ -108,9 +114,8 @@ pub(crate) async fn fetch_inputs(state: &State, offer: &JobOffer) -> Result<Fetc
         dropped: Vec::new(),
     };
     if let Err(e) = kiln_blobs::announce::announce(&state.client, &a).await {
-        tracing::debug!("could not announce cached inputs: {e}");
+        tracing::debug!("could not announce cached blobs: {e}");
     }
-    Ok(FetchedInputs { local, _pins: pins })
 }
 
 /// How a URL input is fetched: the provider's address policy
@@ -133,7 +138,11 @@ fn url_options(state: &State, input: &InputSpec, deadline: Option<Instant>) -> H
 
 /// Where an input can come from: the coordinator, plus the peers the offer
 /// names for it (never this node itself).
-fn sources_for(state: &State, offer: &JobOffer, cid: &ContentId) -> Vec<kiln_blobs::Source> {
+pub(crate) fn sources_for(
+    state: &State,
+    offer: &JobOffer,
+    cid: &ContentId,
+) -> Vec<kiln_blobs::Source> {
     let mut v = vec![kiln_blobs::Source {
         peer: state.coordinator,
         addrs: vec![state.coordinator_addr.clone()],
@@ -149,7 +158,7 @@ fn sources_for(state: &State, offer: &JobOffer, cid: &ContentId) -> Vec<kiln_blo
     v
 }
 
-async fn fetch_one(
+pub(crate) async fn fetch_one(
     state: &State,
     job: &JobId,
     cid: ContentId,

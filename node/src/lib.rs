@@ -63,8 +63,10 @@ mod delivery;
 mod execution;
 mod gang;
 mod handlers;
+mod images;
 mod inputs;
 mod owner;
+mod registry;
 mod reporting;
 mod shared;
 mod state;
@@ -214,12 +216,18 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         region: config.region.clone(),
         disk: config.disk,
         cached: Vec::new(),
+        registries: config.policy.registries.clone(),
         benchmark: match benchmark {
             Some(task) => task.await.ok(),
             None => None,
         },
     };
     let shared = shared::SharedSet::open(&config.state_dir.join("shared-cids"));
+    let images = Arc::new(images::ImageCache::open(
+        &config.state_dir,
+        provider.to_string().as_bytes(),
+        config.image_cache,
+    ));
     let state = Arc::new(State {
         key,
         provider,
@@ -237,6 +245,7 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         }),
         store: store.clone(),
         shared,
+        images,
         fetch_grants: Mutex::new(HashMap::new()),
         tasks: TaskTracker::new(),
         give_up: cancel.child_token(),

@@ -30,7 +30,14 @@ pub(crate) fn signed_advert(state: &State) -> Option<Signed<CapabilityAdvert>> {
     {
         advert.slots = 0; // shutting down, or the owner is busy: take no new work
     }
-    advert.cached = state.shared.held(&state.store, MAX_ADVERTISED_CACHE);
+    // Images loaded in the engine first (the cheapest to start), then the
+    // blobs held (inputs, image layers).
+    let mut cached = state.images.held_kiln_images();
+    cached.extend(state.shared.held(&state.store, MAX_ADVERTISED_CACHE));
+    cached.sort_unstable();
+    cached.dedup();
+    cached.truncate(MAX_ADVERTISED_CACHE);
+    advert.cached = cached;
     let ttl = (state.config.heartbeat.as_secs() * 3).max(15);
     Signed::sign(&state.key, advert, ttl).ok()
 }

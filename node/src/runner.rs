@@ -108,7 +108,7 @@ impl Default for Limits {
 }
 
 /// What the provider allows, beyond the fixed sandbox.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Policy {
     /// Jobs may ask for `network = "full"`.
     pub allow_network: bool,
@@ -121,6 +121,25 @@ pub struct Policy {
     pub image_deny: Vec<String>,
     /// Largest image (uncompressed bytes) accepted; 0 means no limit.
     pub max_image_bytes: u64,
+    /// Registry hosts (`ghcr.io`, `127.0.0.1:5000`) images may be pulled
+    /// from by digest; none by default.
+    pub registries: Vec<String>,
+    /// Longest a registry pull may take.
+    pub pull_timeout: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            allow_network: false,
+            runtime: None,
+            image_allow: Vec::new(),
+            image_deny: Vec::new(),
+            max_image_bytes: 0,
+            registries: Vec::new(),
+            pull_timeout: Duration::from_secs(600),
+        }
+    }
 }
 
 /// What an image is known as, for the policy check.
@@ -259,6 +278,34 @@ pub fn check_image_policy(policy: &Policy, facts: &ImageFacts) -> Result<(), Str
         ));
     }
     Ok(())
+}
+
+/// One attempt for [`Runner::run`]: which job and offer, its spec, the
+/// engine's name for its image (see `images.rs`), its mounted inputs and
+/// its GPUs.
+#[derive(Clone, Copy, Debug)]
+pub struct Launch<'a> {
+    pub job: JobId,
+    pub offer: OfferId,
+    pub spec: &'a JobSpec,
+    pub image: &'a str,
+    pub inputs: &'a [LocalInput],
+    pub gpu_uuids: &'a [String],
+}
+
+impl<'a> Launch<'a> {
+    /// An attempt of `spec` with its image as the spec names it, no
+    /// inputs and no GPUs.
+    pub fn plain(job: JobId, offer: OfferId, spec: &'a JobSpec) -> Self {
+        Self {
+            job,
+            offer,
+            spec,
+            image: &spec.image.0,
+            inputs: &[],
+            gpu_uuids: &[],
+        }
+    }
 }
 
 /// Everything the provider learned from running a job.
@@ -596,6 +643,11 @@ impl Runner {
         &self.policy
     }
 
+    /// The engine jobs run on.
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
     /// The directory of one attempt of a job (`<job>-<offer>`, like its
     /// container's name): inputs under `in/`, outputs under `out/`.
     pub fn attempt_dir(&self, job: &JobId, offer: &OfferId) -> PathBuf {
@@ -686,12 +738,16 @@ impl Runner {
 
     /// Resolves the spec's pinned image to a local image (its id and the
     /// volumes it declares) and applies the provider's image policy.
-    pub async fn resolve_image(&self, spec: &JobSpec) -> Result<ResolvedImage, String> {
-        let reference = &spec.image.0;
+    pub async fn resolve_image(
+        &self,
+        spec: &JobSpec,
+        reference: &str,
+    ) -> Result<ResolvedImage, String> {
         let inspect = self.docker.inspect_image(reference).await.map_err(|e| {
             format!(
-                "image {reference} is not present on this provider ({e}); no registry is reachable, \
-                 so it must be loaded with `docker load` or built locally first"
+                "image {reference} is not present on this provider ({e}); push it with \
+                 `kiln image push` and name it as kiln:<cid>, or name it as name@sha256:… \
+                 for a provider that allows its registry"
             )
         })?;
         let facts = ImageFacts {
@@ -721,15 +777,15 @@ impl Runner {
     /// and outputs. Never returns an error: anything that goes wrong becomes
     /// a failed report with the reason, so the buyer always gets an answer.
     /// Everything the job created on this machine is gone when this returns.
-    pub async fn run(
-        &self,
-        job: JobId,
-        offer: OfferId,
-        spec: &JobSpec,
-        inputs: &[LocalInput],
-        gpu_uuids: &[String],
-        cancel: CancellationToken,
-    ) -> RunReport {
+    pub async fn run(&self, attempt: Launch<'_>, cancel: CancellationToken) -> RunReport {
+        let Launch {
+            job,
+            offer,
+            spec,
+            image,
+            inputs,
+            gpu_uuids,
+        } = attempt;
         if spec.network == NetworkMode::Full && !self.policy.allow_network {
             return RunReport::failed_before_start(
                 "this provider does not allow network access for jobs".into(),
@@ -739,7 +795,7 @@ impl Runner {
         if let Err(e) = check_pids(&self.limits, spec) {
             return RunReport::failed_before_start(e, String::new());
         }
-        let image = match self.resolve_image(spec).await {
+        let image = match self.resolve_image(spec, image).await {
             Ok(image) => image,
             Err(e) => return RunReport::failed_before_start(e, String::new()),
         };

@@ -47,6 +47,9 @@ pub(crate) struct State {
     /// than the coordinator (when it allows), and the ones advertised as
     /// cached.
     pub(crate) shared: SharedSet,
+    /// Images this node loaded or pulled into the engine (LRU, pinned
+    /// while in use).
+    pub(crate) images: std::sync::Arc<crate::images::ImageCache>,
     /// The coordinator's answers about fetches of cached inputs, by (peer,
     /// CID): when, and whether allowed.
     pub(crate) fetch_grants: Mutex<HashMap<(Peer, ContentId), (Instant, bool)>>,

@@ -16,7 +16,7 @@ use std::time::Duration;
 use kiln_blobs::Store;
 use kiln_docker::WorkloadImage;
 use kiln_net::NetEvent;
-use kiln_node::runner::{Limits, Policy, RunReport, Runner};
+use kiln_node::runner::{Launch, Limits, Policy, RunReport, Runner};
 use kiln_protocol::{
     BuyerId, ByteSize, Credits, JobId, JobOffer, JobSpec, Keypair, MilliCpu, NetRequest,
     NetResponse, OfferId, Outcome, Seconds, Signed,
@@ -73,7 +73,7 @@ fn spec(image: &str, args: &[&str], env: &[(&str, &str)]) -> JobSpec {
 async fn run(runner: &Runner, spec: &JobSpec) -> RunReport {
     let (job, offer) = (JobId::random(), OfferId::random());
     let report = runner
-        .run(job, offer, spec, &[], &[], CancellationToken::new())
+        .run(Launch::plain(job, offer, spec), CancellationToken::new())
         .await;
     assert_eq!(
         runner.leftovers(&job).await.expect("the engine answers"),
@@ -124,7 +124,10 @@ async fn an_image_volume_is_a_bounded_tmpfs_and_honest_writes_fit() {
         );
         tokio::spawn(async move {
             runner
-                .run(JobId::random(), OfferId::random(), &spec, &[], &[], stop)
+                .run(
+                    Launch::plain(JobId::random(), OfferId::random(), &spec),
+                    stop,
+                )
                 .await
         })
     };

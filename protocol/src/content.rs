@@ -322,7 +322,7 @@ impl Manifest {
 }
 
 /// The few canonical CBOR primitives a manifest needs.
-mod cbor {
+pub(crate) mod cbor {
     pub const UINT: u8 = 0;
     pub const BYTES: u8 = 2;
     pub const TEXT: u8 = 3;

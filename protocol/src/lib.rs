@@ -19,6 +19,7 @@ pub mod content;
 pub mod encoding;
 pub mod gang;
 pub mod ids;
+pub mod image;
 pub mod keys;
 pub mod messages;
 pub mod request_auth;
@@ -34,6 +35,7 @@ pub use bench::{
 pub use content::{ContentId, Manifest, ManifestEntry, ManifestError};
 pub use gang::{GangMember, GangOffer, GangRelease, GangStart};
 pub use ids::{BuyerId, IdParseError, JobId, Nonce, OfferId, ProviderId};
+pub use image::{DagNode, ImageBlob, ImageManifest, OciDigest};
 pub use keys::{Keypair, PublicKey};
 pub use messages::*;
 pub use signed::{Signed, SignedMessage, VerifyError};

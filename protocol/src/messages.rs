@@ -84,6 +84,10 @@ pub struct CapabilityAdvert {
     /// the scheduler prefers providers holding a job's inputs.
     #[serde(default)]
     pub cached: Vec<ContentId>,
+    /// Registry hosts it pulls images from by digest (`name@sha256:…`);
+    /// a job naming another registry's image is not placed here.
+    #[serde(default)]
+    pub registries: Vec<String>,
 }
 
 impl SignedMessage for CapabilityAdvert {

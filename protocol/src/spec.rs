@@ -89,7 +89,66 @@ impl ImageRef {
     pub fn is_image_id(&self) -> bool {
         !self.0.contains('@') && self.digest().is_some()
     }
+
+    /// How a receipt names what ran: a Kiln image as the job names it
+    /// (`kiln:<cid>`: the provider checked its content), otherwise the
+    /// `sha256:` digest.
+    pub fn pinned(&self) -> Option<&str> {
+        if self.kiln_image().is_some() {
+            Some(&self.0)
+        } else {
+            self.digest()
+        }
+    }
+
+    /// The image manifest CID of a Kiln image (`kiln:<cid>`, pushed with
+    /// `kiln image push`), fetched like any input.
+    pub fn kiln_image(&self) -> Option<ContentId> {
+        let cid: ContentId = self.0.strip_prefix(KILN_IMAGE_PREFIX)?.parse().ok()?;
+        (cid.codec() == crate::content::DAG_CBOR_CODEC).then_some(cid)
+    }
+
+    /// For `name@sha256:…`, the registry host the engine would pull from:
+    /// the first path component when it looks like a host (has a `.` or a
+    /// `:`, or is `localhost`), else Docker Hub, `docker.io`.
+    pub fn registry_host(&self) -> Option<&str> {
+        let (name, _) = self.0.rsplit_once('@')?;
+        self.digest()?;
+        Some(match name.split_once('/') {
+            Some((first, _))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                first
+            }
+            _ => "docker.io",
+        })
+    }
+
+    /// The repository part of `name[:tag]@sha256:…` without host or tag,
+    /// as the registry API names it (`library/x` for a bare Hub name).
+    pub fn repository(&self) -> Option<String> {
+        let host = self.registry_host()?;
+        let (name, _) = self.0.rsplit_once('@')?;
+        let path = if name.starts_with(&format!("{host}/")) {
+            &name[host.len() + 1..]
+        } else {
+            name
+        };
+        // A tag is after the last `:` of the last component.
+        let path = match path.rsplit_once('/') {
+            Some((dir, last)) => format!("{dir}/{}", last.split(':').next().unwrap_or(last)),
+            None => path.split(':').next().unwrap_or(path).to_string(),
+        };
+        Some(if host == "docker.io" && !path.contains('/') {
+            format!("library/{path}")
+        } else {
+            path
+        })
+    }
 }
+
+/// How a job names a Kiln image: `kiln:<image manifest CID>`.
+pub const KILN_IMAGE_PREFIX: &str = "kiln:";
 
 impl fmt::Display for ImageRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -468,6 +527,26 @@ fn overlaps(a: &str, b: &str) -> bool {
 }
 
 impl JobSpec {
+    /// The stored blobs the job reads by CID, each once: its inputs without
+    /// a URL, then its Kiln image's manifest. What a job's owner must be
+    /// allowed to read, what its provider may fetch, and what locality
+    /// scoring counts (a directory's or image's children follow from these).
+    pub fn stored_cids(&self) -> Vec<ContentId> {
+        let mut out: Vec<ContentId> = Vec::with_capacity(self.inputs.len() + 1);
+        for c in self
+            .inputs
+            .iter()
+            .filter(|i| i.url.is_none())
+            .map(|i| i.cid)
+            .chain(self.image.kiln_image())
+        {
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
     /// A minimal spec running `command` in `image` with default resources.
     pub fn new(image: impl Into<String>, command: Vec<String>) -> Self {
         Self {
@@ -486,11 +565,21 @@ impl JobSpec {
     /// Checks everything the types do not. The first problem found is returned
     /// with its field path.
     pub fn validate(&self) -> Result<(), SpecError> {
-        if self.image.digest().is_none() {
+        if let Some(rest) = self.image.0.strip_prefix(KILN_IMAGE_PREFIX) {
+            if self.image.kiln_image().is_none() {
+                return Err(err(
+                    "image",
+                    format!(
+                        "`{rest}` is not an image manifest CID (bafyr…); `kiln image push <image>` prints one"
+                    ),
+                ));
+            }
+        } else if self.image.digest().is_none() {
             return Err(err(
                 "image",
                 format!(
-                    "`{}` is not pinned: use an image id (sha256:<64 hex>) or name@sha256:<64 hex>; \
+                    "`{}` is not pinned: use kiln:<cid> (from `kiln image push`), an image id \
+                     (sha256:<64 hex>) or name@sha256:<64 hex>; \
                      `docker image inspect --format '{{{{.Id}}}}' <image>` prints the id",
                     self.image
                 ),
@@ -1081,6 +1170,38 @@ max_price_per_hour = 5000000
         assert_eq!(by_digest.digest(), Some(IMG));
         assert!(!by_digest.is_image_id());
         assert!(ImageRef("sha256:ABC".into()).digest().is_none());
+        // Registry hosts and repositories, as the engine reads a reference.
+        let cases = [
+            ("registry.example/x:1", "registry.example", "x"),
+            ("127.0.0.1:5000/team/app", "127.0.0.1:5000", "team/app"),
+            ("localhost/a/b:t", "localhost", "a/b"),
+            ("busybox", "docker.io", "library/busybox"),
+            ("user/app:v2", "docker.io", "user/app"),
+        ];
+        for (name, host, repo) in cases {
+            let r = ImageRef(format!("{name}@{IMG}"));
+            assert_eq!(r.registry_host(), Some(host), "{name}");
+            assert_eq!(r.repository().as_deref(), Some(repo), "{name}");
+        }
+        assert_eq!(ImageRef(IMG.into()).registry_host(), None);
+        // Kiln images: a manifest CID only.
+        let m = crate::ImageManifest {
+            config: crate::ImageBlob {
+                cid: ContentId::of_bytes(b"c"),
+                digest: crate::OciDigest([1; 32]),
+                size: 1,
+            },
+            layers: vec![],
+        };
+        let k = ImageRef(format!("kiln:{}", m.cid()));
+        assert_eq!(k.kiln_image(), Some(m.cid()));
+        assert_eq!(k.registry_host(), None);
+        let mut spec = JobSpec::new(k.0.clone(), vec![]);
+        spec.validate().unwrap();
+        spec.image = ImageRef(format!("kiln:{}", ContentId::of_bytes(b"c")));
+        let e = spec.validate().unwrap_err();
+        assert_eq!(e.field, "image");
+        assert!(e.reason.contains("kiln image push"), "{e}");
     }
 
     #[test]

@@ -881,15 +881,19 @@ pub struct UploadView {
 pub enum BlobKind {
     File,
     Directory,
+    /// A container image's manifest (`kiln image push`).
+    Image,
 }
 
 string_enum!(BlobKind, "blob kind", {
     File => "file",
     Directory => "directory",
+    Image => "image",
 });
 
 impl BlobKind {
-    /// By the CID's codec (DAG-CBOR: a directory manifest).
+    /// By the CID's codec (DAG-CBOR: a directory manifest, unless its
+    /// bytes say it is an image: [`crate::DagNode`]).
     pub fn of(cid: &ContentId) -> Self {
         if cid.codec() == crate::content::DAG_CBOR_CODEC {
             Self::Directory
@@ -910,8 +914,9 @@ pub struct BlobView {
     pub created_at: UnixMillis,
     /// Whether the coordinator's store holds it now.
     pub held: bool,
-    /// A directory's files and their bytes in all (`size` is its
-    /// manifest's); absent for a file, or a manifest not held here.
+    /// A directory's files (an image's config and layers) and their bytes
+    /// in all (`size` is its manifest's); absent for a file, or a manifest
+    /// not held here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

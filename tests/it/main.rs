@@ -10,6 +10,7 @@ mod billing;
 mod data;
 mod e2e;
 mod gang;
+mod images;
 mod ledger;
 mod load;
 mod metrics;

@@ -299,6 +299,7 @@ impl RogueProvider {
             region: None,
             disk: ByteSize(0),
             cached: vec![],
+            registries: Vec::new(),
         };
         Ok(Signed::sign(&self.key, a, 3600)?)
     }
@@ -542,4 +543,104 @@ impl TestCoordinatorPeer {
             }
         }
     }
+}
+
+/// A real registry (Debian's `docker-registry`, the CNCF distribution
+/// server) on a free loopback port, with its storage in a temporary
+/// directory; stopped when dropped.
+pub struct LoopbackRegistry {
+    child: std::process::Child,
+    /// `127.0.0.1:<port>`, as image references and `--registry-allow` name it.
+    pub host: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopbackRegistry {
+    pub async fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let host = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
+                dir.path().join("data").display()
+            ),
+        )?;
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context(
+                "cannot start `docker-registry` (install Debian's docker-registry package; .ci/run does)",
+            )?;
+        let reg = Self {
+            child,
+            host,
+            _dir: dir,
+        };
+        let url = format!("http://{}/v2/", reg.host);
+        let up = eventually(
+            || async {
+                reqwest::get(&url)
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            },
+            |ok| *ok,
+        )
+        .await;
+        anyhow::ensure!(up, "the loopback registry at {url} never answered");
+        Ok(reg)
+    }
+}
+
+impl Drop for LoopbackRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The images this devnet's nodes hold in their image caches (tags
+/// `kiln-cache-<node>:…`), as `tag` strings.
+pub async fn cached_images(dn: &Devnet) -> anyhow::Result<Vec<String>> {
+    let docker = kiln_docker::connect().await?;
+    let repos: Vec<String> = dn
+        .nodes
+        .iter()
+        .map(|n| {
+            format!(
+                "kiln-cache-{}:",
+                &blake3::hash(n.provider.to_string().as_bytes()).to_hex()[..12]
+            )
+        })
+        .collect();
+    let all = docker
+        .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+        .await?;
+    Ok(all
+        .into_iter()
+        .flat_map(|i| i.repo_tags)
+        .filter(|t| repos.iter().any(|r| t.starts_with(r.as_str())))
+        .collect())
+}
+
+/// Removes what [`cached_images`] lists (tests clean the shared engine).
+pub async fn remove_cached_images(dn: &Devnet) -> anyhow::Result<()> {
+    let docker = kiln_docker::connect().await?;
+    for t in cached_images(dn).await? {
+        let _ = docker
+            .remove_image(
+                &t,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
+            .await;
+    }
+    Ok(())
 }

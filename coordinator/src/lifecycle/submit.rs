@@ -73,6 +73,7 @@ pub async fn submit(
         })?;
     check_escrow(max_cost, state.config.min_job_escrow)?;
     inputs_readable(state, &owner, &sub.spec).await?;
+    image_readable(state, &owner, &sub.spec).await?;
     let now = UnixMillis::now();
     let job = JobRecord {
         id,
@@ -231,6 +232,52 @@ async fn inputs_readable(
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// A Kiln image is read like an input: its owner must be allowed to read
+/// the manifest and every blob it names, and it must be an image.
+async fn image_readable(
+    state: &AppState,
+    owner: &BuyerId,
+    spec: &kiln_protocol::JobSpec,
+) -> Result<(), SubmitError> {
+    let Some(cid) = spec.image.kiln_image() else {
+        return Ok(());
+    };
+    let refuse = |reason: String| {
+        SubmitError::Spec(kiln_protocol::SpecError {
+            field: "image".into(),
+            reason,
+        })
+    };
+    if !state.db.readable_of(owner, &[cid]).await?.contains(&cid) {
+        return Err(refuse(format!(
+            "image kiln:{cid} is not among your images: push it first with `kiln image push`"
+        )));
+    }
+    let image = state
+        .blobs
+        .get(&cid)
+        .ok()
+        .flatten()
+        .ok_or_else(|| refuse(format!("image kiln:{cid} is not held here: push it again with `kiln image push`")))
+        .and_then(|b| {
+            kiln_protocol::ImageManifest::from_dag_cbor(&b).map_err(|e| {
+                refuse(format!(
+                    "kiln:{cid} is not an image manifest ({e}); `kiln image push <image>` prints an image's CID"
+                ))
+            })
+        })?;
+    let blobs = image.blobs();
+    let cids: Vec<ContentId> = blobs.iter().map(|b| b.cid).collect();
+    let ok = state.db.readable_of(owner, &cids).await?;
+    if let Some(b) = blobs.iter().find(|b| !ok.contains(&b.cid)) {
+        return Err(refuse(format!(
+            "image kiln:{cid} names blob {} ({}), which is not among your data: push the image with `kiln image push`",
+            b.cid, b.digest
+        )));
     }
     Ok(())
 }

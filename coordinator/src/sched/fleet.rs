@@ -394,6 +394,9 @@ pub(crate) struct Cand {
 pub(crate) struct JobFilter<'a> {
     min_tflops: u32,
     network: bool,
+    /// For an image pulled from a registry: which nodes (by index) allow
+    /// that registry.
+    registry: Option<Vec<bool>>,
     /// Which interned regions match (`None`: any).
     regions: Option<&'a [bool]>,
     min_reputation: u32,
@@ -406,6 +409,7 @@ impl JobFilter<'_> {
         [
             (Constraint::MinTflops, c.tflops < self.min_tflops),
             (Constraint::Network, self.network && !c.network),
+            (Constraint::Registry, !self.registry_ok(c)),
             (
                 Constraint::Region,
                 self.regions
@@ -424,12 +428,22 @@ impl JobFilter<'_> {
     }
 
     #[inline]
+    fn registry_ok(&self, c: &Cand) -> bool {
+        self.registry
+            .as_ref()
+            .is_none_or(|ok| ok.get(c.idx as usize).copied().unwrap_or(false))
+    }
+
+    #[inline]
     pub fn violation(&self, c: &Cand) -> Option<Constraint> {
         if c.tflops < self.min_tflops {
             return Some(Constraint::MinTflops);
         }
         if self.network && !c.network {
             return Some(Constraint::Network);
+        }
+        if !self.registry_ok(c) {
+            return Some(Constraint::Registry);
         }
         if let Some(ok) = self.regions
             && !ok.get(c.region as usize).copied().unwrap_or(false)
@@ -900,6 +914,12 @@ impl Fleet {
         JobFilter {
             min_tflops: if r.gpus > 0 { r.min_tflops } else { 0 },
             network: spec.network == NetworkMode::Full,
+            registry: spec.image.registry_host().map(|h| {
+                self.nodes
+                    .iter()
+                    .map(|n| n.view.advert.registries.iter().any(|r| r == h))
+                    .collect()
+            }),
             // A region set missing from the cache (impossible after
             // `shape_for`) matches nothing rather than everything.
             regions: r

@@ -125,14 +125,15 @@ impl Fleet {
         if picked.len() >= k {
             if picked.len() > k {
                 // Ties with the k-th on the static score: locality, load, id.
-                if !spec.inputs.is_empty() {
+                // Inputs and the Kiln image count alike.
+                let stored = spec.stored_cids();
+                if !stored.is_empty() {
                     let last = picked[k - 1].group;
                     for p in picked.iter_mut().filter(|p| p.group == last) {
                         let cached = &self.nodes[p.idx as usize].cached;
-                        p.locality = spec
-                            .inputs
+                        p.locality = stored
                             .iter()
-                            .filter(|i| cached.binary_search(&i.cid).is_ok())
+                            .filter(|c| cached.binary_search(c).is_ok())
                             .count() as u32;
                     }
                 }

@@ -187,11 +187,13 @@ fn round<T: QueueItem>(
     out
 }
 
-/// What placement reads of a job: its resources and network mode (inputs
-/// only break ties among providers that fit). Jobs with equal keys fit the
-/// same providers. `None` (never in practice) opts the job out of sharing.
+/// What placement reads of a job: its resources, network mode and image
+/// registry (inputs only break ties among providers that fit). Jobs with
+/// equal keys fit the same providers. `None` (never in practice) opts the
+/// job out of sharing.
 fn fit_key(spec: &JobSpec) -> Option<Vec<u8>> {
-    kiln_protocol::encoding::encode(&(&spec.resources, spec.network)).ok()
+    kiln_protocol::encoding::encode(&(&spec.resources, spec.network, spec.image.registry_host()))
+        .ok()
 }
 
 /// Whether enough providers would take the job once their running work
@@ -344,6 +346,7 @@ mod tests {
             region: None,
             disk: ByteSize(100 * GIB),
             cached: vec![],
+            registries: Vec::new(),
         })
     }
 

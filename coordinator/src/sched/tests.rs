@@ -48,6 +48,7 @@ fn prov(n: u8) -> ProviderView {
         region: None,
         disk: ByteSize(100 * GIB),
         cached: vec![],
+        registries: Vec::new(),
     })
 }
 
@@ -152,6 +153,33 @@ fn every_hard_constraint() {
             vec![],
             job_with(|s| s.network = NetworkMode::Full),
             Err("waiting: 1 online; 1 excluded by network=full"),
+        ),
+        (
+            "registry",
+            vec![
+                with(prov(1), |p| p.advert.registries = vec!["ghcr.io".into()]),
+                with(prov(2), |p| {
+                    p.advert.registries = vec!["127.0.0.1:5000".into()]
+                }),
+            ],
+            vec![],
+            job_with(|s| {
+                s.image =
+                    kiln_protocol::ImageRef(format!("127.0.0.1:5000/app@sha256:{}", "a".repeat(64)))
+            }),
+            Ok(1),
+        ),
+        (
+            "registry excludes",
+            vec![
+                prov(1),
+                with(prov(2), |p| p.advert.registries = vec!["ghcr.io".into()]),
+            ],
+            vec![],
+            job_with(|s| {
+                s.image = kiln_protocol::ImageRef(format!("busybox@sha256:{}", "a".repeat(64)))
+            }),
+            Err("waiting: 2 online; 2 excluded by registry=docker.io"),
         ),
         (
             "region is hierarchical",
