@@ -218,7 +218,14 @@ pub async fn fetch(
             }
             let mut errors = Vec::new();
             let mut proven = None;
-            for (i, p) in peers.iter_mut().enumerate() {
+            // Two rounds: a connection that closed just as the stream was
+            // opened (an idle timeout racing this fetch) is dialled again.
+            let n = peers.len();
+            for (round, i) in (0..2).flat_map(|r| (0..n).map(move |i| (r, i))) {
+                let p = &mut peers[i];
+                if proven.is_some() || p.dropped || (round == 1 && p.failures == 0) {
+                    continue;
+                }
                 let mut stream = match take_stream(client, &p.addr, &pool, i).await {
                     Ok(s) => s,
                     Err(e) => {
@@ -242,7 +249,7 @@ pub async fn fetch(
                             tracing::warn!(%cid, hint, proven = s, "size hint differs from the proven size");
                         }
                         proven = Some(s);
-                        break;
+                        continue;
                     }
                     Err(ProbeError::Bad(what)) => {
                         tracing::warn!(peer = %p.addr.peer, %cid, "dropping source: {what}");

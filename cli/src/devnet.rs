@@ -173,6 +173,39 @@ impl Devnet {
         Ok(dn)
     }
 
+    /// The configuration of node `i` (state in `node<i>`), as one more
+    /// devnet node would have it: 1 s heartbeats, usage every 5 s, slots
+    /// overcommitted (the nodes share this machine's cores).
+    pub fn node_config(&self, i: usize) -> anyhow::Result<NodeConfig> {
+        let addr = self
+            .coordinator
+            .p2p_addrs
+            .first()
+            .cloned()
+            .context("the coordinator has no p2p address")?;
+        let mut nc = NodeConfig::new(addr, self.state_dir.join(format!("node{i}")));
+        nc.heartbeat = Duration::from_secs(1);
+        nc.usage_interval = Duration::from_secs(5);
+        nc.overcommit_slots = true;
+        Ok(nc)
+    }
+
+    /// Starts one more node, its configuration adjusted by `adjust`; it is
+    /// drained and stopped with the devnet.
+    pub async fn add_node(
+        &mut self,
+        adjust: impl FnOnce(&mut NodeConfig),
+    ) -> anyhow::Result<ProviderId> {
+        let mut nc = self.node_config(self.nodes.len())?;
+        adjust(&mut nc);
+        let token = self.cancel.child_token();
+        let node = kiln_node::start(nc, token.clone()).await?;
+        let id = node.provider;
+        self.nodes.push(node);
+        self.node_cancels.push(token);
+        Ok(id)
+    }
+
     pub fn url(&self) -> String {
         self.coordinator.url()
     }

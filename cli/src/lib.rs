@@ -7,11 +7,13 @@
 
 pub mod bench;
 pub mod bench_api;
+pub mod bench_image;
 pub mod client;
 pub mod data;
 pub mod devnet;
 pub mod image;
 pub mod ledger;
+pub mod registry;
 pub mod show;
 pub mod sim;
 pub mod table;

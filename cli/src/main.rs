@@ -392,6 +392,20 @@ enum BenchCmd {
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
+    /// Job start from an image the provider must fetch (kiln:<cid> from 3
+    /// peers and the coordinator) against `docker pull` + `docker run` from
+    /// a loopback registry, cold and warm (needs Debian's docker-registry).
+    Image {
+        /// Bytes of the image's data layers, e.g. 1GiB.
+        #[arg(long, default_value = "1GiB")]
+        size: kiln_protocol::ByteSize,
+        /// Data layers the bytes are split into.
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        /// Directory for the JSON and markdown reports.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
     /// The API under a flood of unauthenticated requests: honest buyers'
     /// latency unloaded and loaded, and throughput against a bare axum
     /// route (loopback only).
@@ -861,6 +875,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 kiln_cli::data::human(v.used)
             )
         }),
+        Cmd::Bench(BenchCmd::Image { size, layers, out }) => {
+            let r = kiln_cli::bench_image::run(size.0, layers, &out).await?;
+            print(json, &r, |r| {
+                format!(
+                    "{}(reports in {})",
+                    kiln_cli::bench_image::markdown(r),
+                    out.display()
+                )
+            });
+        }
         Cmd::Bench(BenchCmd::Data { size, runs, out }) => {
             std::fs::create_dir_all(&out)?;
             let opts = kiln_blobs::bench::Options {

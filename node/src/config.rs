@@ -63,6 +63,12 @@ pub struct NodeConfig {
     /// Most bytes of images this node loads or pulls may take in the
     /// engine; least recently used ones no job is using are removed.
     pub image_cache: u64,
+    /// Load Kiln images with `docker load` of an archive streamed from the
+    /// cache, after every layer is fetched, instead of the engine pulling
+    /// them from this node's loopback registry as they arrive (the
+    /// default). Used anyway when the engine is not on this machine
+    /// (`DOCKER_HOST` over TCP or SSH), which cannot reach our loopback.
+    pub image_load_archive: bool,
 }
 
 impl NodeConfig {
@@ -90,6 +96,7 @@ impl NodeConfig {
             drain_grace: Duration::from_secs(30),
             allow_private_urls: false,
             image_cache: 20 << 30,
+            image_load_archive: false,
         }
     }
 }

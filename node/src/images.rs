@@ -412,46 +412,24 @@ async fn load_kiln(
             "image {name} is {total} bytes, over this provider's {limit}-byte image limit (kiln-node --max-image-size)"
         ));
     }
-    // Every blob into the cache, several at once (each from every source).
+    // The config first (small): its digest, platform and layer count,
+    // before any layer moves or the engine sees anything.
     let blobs = manifest.blobs();
     let pins: Vec<_> = blobs.iter().map(|b| state.store.pin(&b.cid)).collect();
-    let started = std::time::Instant::now();
-    let label = &name;
-    let fetches: Vec<_> = blobs
-        .iter()
-        .map(|b| {
-            let sources = sources.clone();
-            async move {
-                crate::inputs::fetch_one(state, job, b.cid, Some(b.size), sources)
-                    .await
-                    .map_err(|e| format!("image {label}, blob {}: {e}", b.digest))
-            }
-        })
-        .collect();
-    let results: Vec<Result<(), String>> = futures::stream::iter(fetches)
-        .buffer_unordered(4)
-        .collect()
-        .await;
-    results.into_iter().collect::<Result<Vec<()>, String>>()?;
-    tracing::info!(job = %job.short(), image = %name, bytes = total, ms = started.elapsed().as_millis() as u64, "image blobs fetched and verified");
-    // Peers may now fetch the layers from here.
-    let cids: Vec<ContentId> = std::iter::once(cid)
-        .chain(blobs.iter().map(|b| b.cid))
-        .collect();
-    crate::inputs::share(state, &cids).await;
-
-    // The config: its digest, platform and layer count, before the engine
-    // sees anything.
+    let cfg = manifest.config;
+    crate::inputs::fetch_one(state, job, cfg.cid, Some(cfg.size), sources.clone())
+        .await
+        .map_err(|e| format!("image {name}, config {}: {e}", cfg.digest))?;
     let config = state
         .store
-        .get(&manifest.config.cid)
+        .get(&cfg.cid)
         .map_err(|e| format!("image {name}: cannot read its config: {e}"))?
         .ok_or_else(|| format!("image {name}: its config vanished from the cache"))?;
     let digest = OciDigest(sha2::Sha256::digest(&config).into());
-    if digest != manifest.config.digest {
+    if digest != cfg.digest {
         return Err(format!(
             "image {name}: its config's bytes hash to {digest}, not the {} its manifest names; push it again",
-            manifest.config.digest
+            cfg.digest
         ));
     }
     let parsed: OciConfig = serde_json::from_slice(&config)
@@ -473,20 +451,36 @@ async fn load_kiln(
     }
 
     let tag = state.images.tag_for(&name);
-    let files: Vec<(kiln_protocol::ImageBlob, PathBuf)> =
-        blobs
-            .iter()
-            .map(|b| {
-                state.store.path(&b.cid).map(|p| (*b, p)).ok_or_else(|| {
-                    format!("image {name}: blob {} vanished from the cache", b.digest)
-                })
-            })
-            .collect::<Result<_, _>>()?;
     let docker = state.runner.docker();
     let started = std::time::Instant::now();
-    load_archive(docker, &manifest, &tag, files)
-        .await
-        .map_err(|e| format!("image {name}: {e}"))?;
+    let fetch = Fetch {
+        state,
+        job,
+        name: &name,
+        sources: &sources,
+    };
+    match &state.image_registry {
+        Some(reg) => pull_while_fetching(&fetch, reg, &manifest, &tag).await?,
+        None => {
+            fetch.all(&blobs, |_, _| {}).await?;
+            let files = blobs
+                .iter()
+                .map(|b| {
+                    state.store.path(&b.cid).map(|p| (*b, p)).ok_or_else(|| {
+                        format!("image {name}: blob {} vanished from the cache", b.digest)
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            load_archive(docker, &manifest, &tag, files)
+                .await
+                .map_err(|e| format!("image {name}: {e}"))?;
+        }
+    }
+    // Peers may now fetch the image from here.
+    let cids: Vec<ContentId> = std::iter::once(cid)
+        .chain(blobs.iter().map(|b| b.cid))
+        .collect();
+    crate::inputs::share(state, &cids).await;
     drop(pins);
     let inspect = docker
         .inspect_image(&tag)
@@ -513,8 +507,163 @@ async fn load_kiln(
         .size
         .and_then(|s| u64::try_from(s).ok())
         .unwrap_or(total);
-    tracing::info!(job = %job.short(), image = %name, id = %id, ms = started.elapsed().as_millis() as u64, "image loaded into the engine");
+    tracing::info!(job = %job.short(), image = %name, id = %id, bytes = total, ms = started.elapsed().as_millis() as u64, "image fetched, verified and loaded into the engine");
     Ok((id, size))
+}
+
+/// Fetches an image's blobs into the cache: from the coordinator and
+/// every peer the offer names at once, each verified per group.
+struct Fetch<'a> {
+    state: &'a Arc<State>,
+    job: &'a kiln_protocol::JobId,
+    name: &'a str,
+    sources: &'a [kiln_blobs::Source],
+}
+
+impl Fetch<'_> {
+    /// Fetches `blobs` in order, two at a time, telling `done` about each
+    /// (its path, or why it failed) as it completes.
+    async fn all(
+        &self,
+        blobs: &[kiln_protocol::ImageBlob],
+        mut done: impl FnMut(&kiln_protocol::ImageBlob, Result<PathBuf, String>),
+    ) -> Result<(), String> {
+        let fetches: Vec<_> = blobs
+            .iter()
+            .map(|b| async move {
+                let r = crate::inputs::fetch_one(
+                    self.state,
+                    self.job,
+                    b.cid,
+                    Some(b.size),
+                    self.sources.to_vec(),
+                )
+                .await
+                .and_then(|()| {
+                    self.state
+                        .store
+                        .path(&b.cid)
+                        .ok_or_else(|| "it vanished from the cache".to_string())
+                })
+                .map_err(|e| format!("image {}, blob {}: {e}", self.name, b.digest));
+                (b, r)
+            })
+            .collect();
+        let mut s = futures::stream::iter(fetches).buffered(2);
+        let mut first_error = None;
+        while let Some((b, r)) = s.next().await {
+            if let Err(e) = &r {
+                first_error.get_or_insert_with(|| e.clone());
+            }
+            done(b, r);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// The engine's refusal of a pull, in our words where we know them: a
+/// digest it could not verify names the layer.
+fn engine_refused(name: &str, e: &str) -> String {
+    const BAD: &str = "verification failed for digest ";
+    match e.split_once(BAD) {
+        Some((_, rest)) => {
+            let digest = rest.split_whitespace().next().unwrap_or(rest);
+            format!(
+                "image {name}: layer {digest} does not match its OCI digest (the engine checked its bytes); \
+                 the image was pushed with a wrong manifest, push it again with `kiln image push`"
+            )
+        }
+        None => format!("image {name}: the engine refused it: {e}"),
+    }
+}
+
+/// Has the engine pull the image from the loopback registry while its
+/// layers are still being fetched: each layer is served once verified, so
+/// the engine unpacks early layers while later ones arrive. Whatever
+/// fails first (a fetch, a digest on the way out, the engine) ends the
+/// pull; an unfinished pull registers no image.
+async fn pull_while_fetching(
+    fetch: &Fetch<'_>,
+    reg: &Arc<crate::image_serve::LocalRegistry>,
+    manifest: &ImageManifest,
+    tag: &str,
+) -> Result<(), String> {
+    use crate::image_serve::Slot;
+    let name = fetch.name;
+    let blobs = manifest.blobs();
+    let mut senders = HashMap::new();
+    let mut slots = HashMap::new();
+    for b in &blobs {
+        let (tx, rx) = tokio::sync::watch::channel(Slot::Pending);
+        senders.insert(b.digest, tx);
+        slots.insert(b.digest, rx);
+    }
+    let serving = reg.serve(manifest, slots);
+    let reference = serving.reference();
+    let docker = fetch.state.runner.docker();
+    let fetching = fetch.all(&blobs, |b, r| {
+        if let Some(tx) = senders.get(&b.digest) {
+            let _ = tx.send(match r {
+                Ok(p) => Slot::Ready(p),
+                Err(e) => Slot::Failed(e),
+            });
+        }
+    });
+    let mut fetching = std::pin::pin!(fetching);
+    let opts = bollard::query_parameters::CreateImageOptions {
+        from_image: Some(reference.clone()),
+        ..Default::default()
+    };
+    let mut pull = docker.create_image(Some(opts), None, None);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut fetched = false;
+    let ours = || serving.served.failure.lock().ok().and_then(|f| f.clone());
+    loop {
+        tokio::select! {
+            r = &mut fetching, if !fetched => {
+                fetched = true;
+                r?; // dropping `pull` here cancels it in the engine
+            }
+            item = pull.next() => match item {
+                None => break,
+                Some(Ok(info)) => {
+                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                        return Err(ours().unwrap_or_else(|| engine_refused(name, &e)));
+                    }
+                }
+                Some(Err(e)) => {
+                    return Err(ours().unwrap_or_else(|| engine_refused(name, &e.to_string())));
+                }
+            },
+            _ = tick.tick() => {
+                if let Some(f) = ours() {
+                    return Err(format!("image {name}: {f}"));
+                }
+            }
+        }
+    }
+    if let Some(f) = ours() {
+        return Err(format!("image {name}: {f}"));
+    }
+    if !fetched {
+        fetching.await?;
+    }
+    let (repo, t) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
+    let opts = bollard::query_parameters::TagImageOptions {
+        repo: Some(repo.to_string()),
+        tag: Some(t.to_string()),
+    };
+    docker
+        .tag_image(&reference, Some(opts))
+        .await
+        .map_err(|e| format!("image {name}: cannot tag it for the cache: {e}"))?;
+    // The pull's own name goes; our tag keeps the image.
+    let opts = bollard::query_parameters::RemoveImageOptions {
+        noprune: true,
+        ..Default::default()
+    };
+    let _ = docker.remove_image(&reference, Some(opts), None).await;
+    Ok(())
 }
 
 /// Streams a `docker load` archive of `manifest` (tagged `tag`) into the

@@ -63,6 +63,7 @@ mod delivery;
 mod execution;
 mod gang;
 mod handlers;
+mod image_serve;
 mod images;
 mod inputs;
 mod owner;
@@ -228,6 +229,18 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         provider.to_string().as_bytes(),
         config.image_cache,
     ));
+    let engine_here = kiln_docker::docker_host().starts_with("unix://");
+    let image_registry = if config.image_load_archive || !engine_here {
+        None
+    } else {
+        match image_serve::LocalRegistry::start(cancel.child_token()).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("cannot serve images on loopback, loading them as archives: {e}");
+                None
+            }
+        }
+    };
     let state = Arc::new(State {
         key,
         provider,
@@ -246,6 +259,7 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         store: store.clone(),
         shared,
         images,
+        image_registry,
         fetch_grants: Mutex::new(HashMap::new()),
         tasks: TaskTracker::new(),
         give_up: cancel.child_token(),

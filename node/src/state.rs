@@ -50,6 +50,9 @@ pub(crate) struct State {
     /// Images this node loaded or pulled into the engine (LRU, pinned
     /// while in use).
     pub(crate) images: std::sync::Arc<crate::images::ImageCache>,
+    /// The loopback registry the engine pulls Kiln images from (`None`:
+    /// they are loaded as archives; see `images.rs`).
+    pub(crate) image_registry: Option<std::sync::Arc<crate::image_serve::LocalRegistry>>,
     /// The coordinator's answers about fetches of cached inputs, by (peer,
     /// CID): when, and whether allowed.
     pub(crate) fetch_grants: Mutex<HashMap<(Peer, ContentId), (Instant, bool)>>,

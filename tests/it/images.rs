@@ -200,10 +200,18 @@ async fn bad_images_fail_before_a_container_starts_and_leave_nothing_in_the_engi
     let _roomy = kiln_tests::add_node_with(&mut dn, |c| c.region = Some("roomy".into()))
         .await
         .unwrap();
+    // One that loads images as `docker load` archives (as with a remote
+    // engine) instead of pulling them from its loopback registry.
+    let archive = kiln_tests::add_node_with(&mut dn, |c| {
+        c.region = Some("archive".into());
+        c.image_load_archive = true;
+    })
+    .await
+    .unwrap();
     let docker = kiln_docker::connect().await.unwrap();
     let client = buyer(&dn);
     let tag = fresh_tag("bad");
-    let (_, image_id) = buyers_image(&docker, &tag, 2 << 20).await;
+    let (marker, image_id) = buyers_image(&docker, &tag, 2 << 20).await;
     let pushed = kiln_cli::image::push(&client, &tag, false).await.unwrap();
     remove(&docker, &tag).await;
 
@@ -237,16 +245,28 @@ async fn bad_images_fail_before_a_container_starts_and_leave_nothing_in_the_engi
         .put_blob(&lying.cid(), bytes.len() as u64, "lying", bytes.into())
         .await
         .unwrap();
-    let mut spec = hash_marker(&dn, &format!("kiln:{}", lying.cid()));
-    spec.resources.region = Some("roomy".into());
+    for region in ["roomy", "archive"] {
+        let mut spec = hash_marker(&dn, &format!("kiln:{}", lying.cid()));
+        spec.resources.region = Some(region.into());
+        let done = run_job(&client, spec).await.unwrap();
+        assert_eq!(done.state, JobState::Failed, "{region}: {done:#?}");
+        let why = done.reason.clone().unwrap_or_default();
+        assert!(
+            why.contains(&format!("layer {}", lying.layers[1].digest))
+                && why.contains("does not match its OCI digest"),
+            "{region}: {why}"
+        );
+    }
+    assert!(!engine_has(&docker, &image_id).await);
+
+    // The honest manifest loads as an archive too, and runs.
+    let mut spec = hash_marker(&dn, &pushed.image);
+    spec.resources.region = Some("archive".into());
     let done = run_job(&client, spec).await.unwrap();
-    assert_eq!(done.state, JobState::Failed, "{done:#?}");
-    let why = done.reason.clone().unwrap_or_default();
-    assert!(
-        why.contains(&format!("layer {}", lying.layers[1].digest))
-            && why.contains("does not match its OCI digest"),
-        "{why}"
-    );
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+    assert_eq!(done.provider, Some(archive));
+    assert_eq!(done.output_cid, Some(marker_output(&marker)));
+    kiln_tests::remove_cached_images(&dn).await.unwrap();
 
     // 3. A CID that is a directory, not an image: refused at submission.
     let dir = kiln_protocol::Manifest::new(vec![]).unwrap();

@@ -78,14 +78,7 @@ pub async fn add_node_with(
     dn: &mut Devnet,
     adjust: impl FnOnce(&mut kiln_node::NodeConfig),
 ) -> anyhow::Result<ProviderId> {
-    let mut nc = node_config(dn, dn.nodes.len())?;
-    adjust(&mut nc);
-    let token = dn.cancel.child_token();
-    let node = kiln_node::start(nc, token.clone()).await?;
-    let id = node.provider;
-    dn.nodes.push(node);
-    dn.node_cancels.push(token);
-    Ok(id)
+    dn.add_node(adjust).await
 }
 
 /// Stops node `i` and starts it again on the same state directory (so the
@@ -100,7 +93,7 @@ pub async fn restart_node(
     for t in std::mem::take(&mut dn.nodes[i].tasks) {
         let _ = t.await;
     }
-    let mut nc = node_config(dn, i)?;
+    let mut nc = dn.node_config(i)?;
     adjust(&mut nc);
     let token = dn.cancel.child_token();
     let node = kiln_node::start(nc, token.clone()).await?;
@@ -108,22 +101,6 @@ pub async fn restart_node(
     dn.nodes[i] = node;
     dn.node_cancels[i] = token;
     Ok(id)
-}
-
-/// The configuration of the devnet's node `i` (state in `node<i>`).
-fn node_config(dn: &Devnet, i: usize) -> anyhow::Result<kiln_node::NodeConfig> {
-    let addr = dn
-        .coordinator
-        .p2p_addrs
-        .first()
-        .cloned()
-        .context("the coordinator has no p2p address")?;
-    let mut nc = kiln_node::NodeConfig::new(addr, dn.state_dir.join(format!("node{i}")));
-    nc.heartbeat = Duration::from_secs(1);
-    nc.usage_interval = Duration::from_secs(5);
-    // Like the devnet's own nodes: they share this machine's cores.
-    nc.overcommit_slots = true;
-    Ok(nc)
 }
 
 /// Containers (running or not) that Docker holds for `job`, on any node.
@@ -545,66 +522,7 @@ impl TestCoordinatorPeer {
     }
 }
 
-/// A real registry (Debian's `docker-registry`, the CNCF distribution
-/// server) on a free loopback port, with its storage in a temporary
-/// directory; stopped when dropped.
-pub struct LoopbackRegistry {
-    child: std::process::Child,
-    /// `127.0.0.1:<port>`, as image references and `--registry-allow` name it.
-    pub host: String,
-    _dir: tempfile::TempDir,
-}
-
-impl LoopbackRegistry {
-    pub async fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let host = format!("127.0.0.1:{port}");
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
-                dir.path().join("data").display()
-            ),
-        )?;
-        let child = std::process::Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context(
-                "cannot start `docker-registry` (install Debian's docker-registry package; .ci/run does)",
-            )?;
-        let reg = Self {
-            child,
-            host,
-            _dir: dir,
-        };
-        let url = format!("http://{}/v2/", reg.host);
-        let up = eventually(
-            || async {
-                reqwest::get(&url)
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-            },
-            |ok| *ok,
-        )
-        .await;
-        anyhow::ensure!(up, "the loopback registry at {url} never answered");
-        Ok(reg)
-    }
-}
-
-impl Drop for LoopbackRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub use kiln_cli::registry::LoopbackRegistry;
 
 /// The images this devnet's nodes hold in their image caches (tags
 /// `kiln-cache-<node>:…`), as `tag` strings.
