@@ -356,9 +356,10 @@ enum OffersCmd {
 enum LedgerCmd {
     /// Replay the whole chain from genesis: signatures, links, effects, balances.
     Verify {
-        /// The coordinator's public key (hex); by default the one it publishes.
+        /// The coordinator's public key (hex); by default the one it
+        /// publishes. (Not `--key`: that is the buyer key file.)
         #[arg(long)]
-        key: Option<kiln_protocol::PublicKey>,
+        coordinator_key: Option<kiln_protocol::PublicKey>,
     },
 }
 
@@ -990,8 +991,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
             });
         }
-        Cmd::Ledger(LedgerCmd::Verify { key }) => {
-            match kiln_cli::ledger::verify(&client, key).await? {
+        Cmd::Ledger(LedgerCmd::Verify { coordinator_key }) => {
+            match kiln_cli::ledger::verify(&client, coordinator_key).await? {
                 Ok(v) => print(json, &v, |v| {
                     format!(
                         "ledger verified: {} entries, head {}, {} accounts match",
@@ -1049,9 +1050,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     dn.image_id,
                     dn.url()
                 );
-                tokio::signal::ctrl_c()
+                kiln_net::signal::stop_requested()
                     .await
-                    .context("waiting for Ctrl-C")?;
+                    .context("waiting for a stop signal")?;
             }
             dn.shutdown().await;
             if !ok {

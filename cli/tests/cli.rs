@@ -583,7 +583,7 @@ async fn the_pieces_run_separately_with_money_in_and_out() {
         ["kiln-node", "run", "--coordinator"],
         "{join:?}"
     );
-    let _node = Child(
+    let mut node = Child(
         Command::new(sibling("kiln-node"))
             .args(&join[1..])
             .arg("--state-dir")
@@ -704,6 +704,36 @@ async fn the_pieces_run_separately_with_money_in_and_out() {
     let (code, out, err) = kiln_as(None, &["ledger", "verify"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("ledger verified"), "{out}");
+    // The operator's key file as the global --key: the ledger command's
+    // own key flag is not confused with it.
+    let (code, out, err) = kiln_as(Some(&operator_key), &["ledger", "verify"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ledger verified"), "{out}");
+
+    // A service manager stops both with SIGTERM: each shuts down in order
+    // and exits 0.
+    for (what, child) in [("node", &mut node.0), ("coordinator", &mut coordinator.0)] {
+        let pid = child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} ignored SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        assert_eq!(status.code(), Some(0), "{what}: {status:?}");
+    }
 }
 
 /// Lists are tables with headers, money reads in credits, job ids may be
@@ -1107,5 +1137,102 @@ async fn a_gangs_logs_say_which_rank_they_show() {
         stderr.contains("rank 0 of a gang of 2") && stderr.contains("--rank 1"),
         "{stderr}"
     );
+    dn.shutdown().await;
+}
+
+/// README's buyer path for an image of their own: `kiln image push`, `kiln
+/// image ls`, then `kiln run kiln:<cid>` on a provider that never had it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_image_of_your_own_is_pushed_listed_and_run() {
+    use kiln_cli::devnet::{Devnet, DevnetOptions};
+    let home = tempfile::tempdir().unwrap();
+    let dn = Devnet::start(DevnetOptions {
+        providers: 1,
+        http_port: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let url = dn.url();
+    let docker = kiln_docker::connect().await.unwrap();
+    let tag = format!(
+        "kiln-cli-test:{}",
+        &blake3::hash(home.path().to_string_lossy().as_bytes()).to_hex()[..12]
+    );
+    let layers = vec![
+        kiln_docker::workload_layer().unwrap(),
+        kiln_docker::layer_tar(&[("greeting", 0o444, tag.as_bytes())]).unwrap(),
+    ];
+    let id = kiln_docker::load_layers(&docker, &tag, &layers, &tag)
+        .await
+        .unwrap();
+    let (code, out, err) = kiln_at(home.path(), &url, &["image", "push", "--quiet", &tag]);
+    assert_eq!(code, Some(0), "{err}");
+    let image = out.lines().next().unwrap().to_string();
+    assert!(image.starts_with("kiln:bafyr"), "{out}");
+    assert!(out.contains(&format!("image = \"{image}\"")), "{out}");
+    assert!(out.contains(&id), "{out}");
+    let (code, out, err) = kiln_at(home.path(), &url, &["image", "ls"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with("IMAGE") && out.contains(&image) && out.contains(&tag),
+        "{out}"
+    );
+    // The provider has never seen it: gone from the engine.
+    let force = bollard::query_parameters::RemoveImageOptions {
+        force: true,
+        ..Default::default()
+    };
+    docker.remove_image(&tag, Some(force), None).await.unwrap();
+    let (code, out, err) = kiln_at(
+        home.path(),
+        &url,
+        &[
+            "run",
+            "--cpus",
+            "0.5",
+            "--memory",
+            "64MiB",
+            &image,
+            "--",
+            "hash",
+            "/greeting",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(&blake3::hash(tag.as_bytes()).to_hex().to_string()),
+        "{out}\n{err}"
+    );
+    // A name that is not an image manifest is refused with the fix.
+    let (code, _, err) = kiln_at(
+        home.path(),
+        &url,
+        &[
+            "run",
+            "--cpus",
+            "0.5",
+            "kiln:bafkr4ifwl7loyh723uz52wxyey3bmb7tiymz4dlv54vmrxqvdolwkuwyq4",
+            "--",
+            "echo",
+        ],
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("kiln image push"), "{err}");
+    let images = docker
+        .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+        .await
+        .unwrap();
+    for t in images.into_iter().flat_map(|i| i.repo_tags) {
+        if t.starts_with("kiln-cache-") && t.contains(image.trim_start_matches("kiln:")) {
+            let _ = docker
+                .remove_image(
+                    &t,
+                    None::<bollard::query_parameters::RemoveImageOptions>,
+                    None,
+                )
+                .await;
+        }
+    }
     dn.shutdown().await;
 }

@@ -257,9 +257,10 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    tokio::signal::ctrl_c()
+    let why = kiln_net::signal::stop_requested()
         .await
-        .context("waiting for Ctrl-C")?;
+        .context("waiting for a stop signal")?;
+    tracing::info!("{why}: stopping");
     drop(cancel);
     c.shutdown().await;
     Ok(())

@@ -19,6 +19,7 @@
 //! sender. All payloads are encoded by `kiln_protocol::encoding`.
 
 mod codec;
+pub mod signal;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -75,6 +75,11 @@ pub struct RunArgs {
     /// engine, e.g. 20GiB; least recently used ones not in use are removed.
     #[arg(long, value_parser = parse_size, default_value = "20GiB")]
     pub image_cache: u64,
+    /// Load Kiln images as `docker load` archives once fetched, instead of
+    /// the engine pulling them from this node's loopback registry as their
+    /// layers arrive (used anyway when DOCKER_HOST is not a local socket).
+    #[arg(long)]
+    pub image_load_archive: bool,
     /// Size of each job's output area, e.g. 1GiB.
     #[arg(long, value_parser = parse_size, default_value = "64MiB")]
     pub max_output: u64,
@@ -174,6 +179,7 @@ impl RunArgs {
             pull_timeout: Duration::from_secs(self.pull_timeout),
         };
         c.image_cache = self.image_cache;
+        c.image_load_archive = self.image_load_archive;
         c.limits.max_output_bytes = self.max_output;
         c.limits.max_output_files = self.max_output_files;
         c.limits.volume_size_bytes = self.volume_size;

@@ -65,9 +65,10 @@ async fn main() -> anyhow::Result<()> {
         "provider {} listening on {:?}",
         node.provider, node.listen_addrs
     );
-    tokio::signal::ctrl_c()
+    let why = kiln_net::signal::stop_requested()
         .await
-        .context("waiting for Ctrl-C")?;
+        .context("waiting for a stop signal")?;
+    tracing::info!("{why}: stopping (running jobs are reported, results delivered)");
     // Ordered, bounded shutdown: running jobs are stopped and reported lost
     // while the network is still up, then the network and the rest stop.
     node.shutdown().await;
