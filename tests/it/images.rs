@@ -321,10 +321,16 @@ async fn an_image_by_digest_is_pulled_where_its_registry_is_allowed_and_nowhere_
     let registry = LoopbackRegistry::start().await.unwrap();
     let liar = lying_registry().await;
     let mut dn = devnet(0).await.unwrap();
-    let (reg, lie) = (registry.host.clone(), liar.clone());
+    // A registry host nobody listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let (reg, lie, gone) = (registry.host.clone(), liar.clone(), dead.clone());
     let allows = kiln_tests::add_node_with(&mut dn, move |c| {
         c.region = Some("allows".into());
-        c.policy.registries = vec![reg, lie];
+        c.policy.registries = vec![reg, lie, gone];
     })
     .await
     .unwrap();
@@ -390,6 +396,17 @@ async fn an_image_by_digest_is_pulled_where_its_registry_is_allowed_and_nowhere_
     let why = done.reason.clone().unwrap_or_default();
     assert!(
         why.contains(&format!("registry {liar} served a manifest hashing to")),
+        "{why}"
+    );
+
+    // A registry that is down: named.
+    let mut spec = hash_marker(&dn, &format!("{dead}/x@sha256:{}", "ef".repeat(32)));
+    spec.resources.region = Some("allows".into());
+    let done = run_job(&client, spec).await.unwrap();
+    assert_eq!(done.state, JobState::Failed, "{done:#?}");
+    let why = done.reason.clone().unwrap_or_default();
+    assert!(
+        why.contains(&format!("registry {dead} is unreachable")),
         "{why}"
     );
 

@@ -617,6 +617,20 @@ fn scoring_order() {
             Ok(1),
         ),
         (
+            "a provider holding the job's Kiln image counts it as cached",
+            vec![
+                h100(1, None, 500),
+                with(h100(2, None, 500), |p| p.advert.cached = vec![image_cid()]),
+                h100(3, None, 500),
+            ],
+            vec![],
+            job_with(|s| {
+                s.resources.gpus = 1;
+                s.image = kiln_protocol::ImageRef(format!("kiln:{}", image_cid()));
+            }),
+            Ok(1),
+        ),
+        (
             "locality does not beat reputation",
             vec![
                 with(h100(1, None, 501), |p| p.advert.cached = vec![]),
@@ -1534,4 +1548,17 @@ fn verifiers_of_exact_gpu_work_have_the_originals_model() {
     );
     // No known model (the original left): the job's own constraints.
     assert_eq!(verifier_spec(&exact, None), exact);
+}
+
+/// A Kiln image manifest's CID (DAG-CBOR, as `kiln:<cid>` requires).
+fn image_cid() -> ContentId {
+    kiln_protocol::ImageManifest {
+        config: kiln_protocol::ImageBlob {
+            cid: ContentId::of_bytes(b"config"),
+            digest: kiln_protocol::OciDigest([1; 32]),
+            size: 6,
+        },
+        layers: vec![],
+    }
+    .cid()
 }
