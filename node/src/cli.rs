@@ -80,6 +80,10 @@ pub struct RunArgs {
     /// layers arrive (used anyway when DOCKER_HOST is not a local socket).
     #[arg(long)]
     pub image_load_archive: bool,
+    /// Serve Prometheus `/metrics` (GPUs under DCGM's names), `/healthz`
+    /// and `/readyz` on this address, e.g. 127.0.0.1:9101.
+    #[arg(long)]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Size of each job's output area, e.g. 1GiB.
     #[arg(long, value_parser = parse_size, default_value = "64MiB")]
     pub max_output: u64,
@@ -180,6 +184,7 @@ impl RunArgs {
         };
         c.image_cache = self.image_cache;
         c.image_load_archive = self.image_load_archive;
+        c.metrics_listen = self.metrics;
         c.limits.max_output_bytes = self.max_output;
         c.limits.max_output_files = self.max_output_files;
         c.limits.volume_size_bytes = self.volume_size;

@@ -69,6 +69,8 @@ pub struct NodeConfig {
     /// default). Used anyway when the engine is not on this machine
     /// (`DOCKER_HOST` over TCP or SSH), which cannot reach our loopback.
     pub image_load_archive: bool,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (none if unset).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl NodeConfig {
@@ -97,6 +99,7 @@ impl NodeConfig {
             allow_private_urls: false,
             image_cache: 20 << 30,
             image_load_archive: false,
+            metrics_listen: None,
         }
     }
 }
@@ -204,6 +207,11 @@ pub enum NodeError {
     #[error("cannot create the state directory {path}: {source}")]
     StateDir {
         path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot serve metrics on {addr}: {source}; pick a free address for --metrics")]
+    Metrics {
+        addr: std::net::SocketAddr,
         source: std::io::Error,
     },
 }

@@ -94,6 +94,7 @@ async fn run_job(
         }
     };
     tracing::info!(job = %job.short(), outcome = ?report.outcome, exit = ?report.exit_code, wall_ms = report.wall_ms, "job finished");
+    state.counters.finished(report.outcome);
     let (preempted, draining) = state
         .jobs
         .lock()

@@ -168,6 +168,10 @@ pub(crate) async fn fetch_one(
     let opts = kiln_blobs::FetchOptions::default();
     match kiln_blobs::fetch(&state.store, &state.client, cid, size, sources, &opts).await {
         Ok(r) => {
+            state
+                .counters
+                .fetched_bytes
+                .fetch_add(r.data_bytes, std::sync::atomic::Ordering::Relaxed);
             if r.data_bytes > 0 {
                 tracing::info!(
                     job = %job.short(), cid = %cid.short(), bytes = r.data_bytes,

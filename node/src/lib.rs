@@ -55,6 +55,7 @@ pub mod doctor;
 pub mod gpu;
 pub mod hw;
 pub mod idle;
+pub mod metrics;
 pub mod runner;
 
 mod admission;
@@ -100,6 +101,8 @@ const STOP: Duration = Duration::from_secs(10);
 pub struct Node {
     pub provider: ProviderId,
     pub listen_addrs: Vec<Addr>,
+    /// Where `/metrics` is served (`NodeConfig::metrics_listen`, bound).
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// The service tasks: the network event loop, the blob server, the
     /// heartbeat, the owner sampler (when needed) and the request loop. They
     /// end when the token given to [`start`] fires. (Job tasks are tracked
@@ -260,6 +263,7 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         shared,
         images,
         image_registry,
+        counters: metrics::Counters::default(),
         fetch_grants: Mutex::new(HashMap::new()),
         tasks: TaskTracker::new(),
         give_up: cancel.child_token(),
@@ -288,9 +292,18 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         events,
         cancel.clone(),
     )));
+    let metrics_addr = match state.config.metrics_listen {
+        Some(addr) => Some(
+            metrics::serve(state.clone(), addr, cancel.clone())
+                .await
+                .map_err(|source| NodeError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
     Ok(Node {
         provider,
         listen_addrs,
+        metrics_addr,
         tasks,
         runner: state.runner.clone(),
         state,

@@ -52,6 +52,8 @@ pub(crate) struct State {
     pub(crate) images: std::sync::Arc<crate::images::ImageCache>,
     /// The loopback registry the engine pulls Kiln images from (`None`:
     /// they are loaded as archives; see `images.rs`).
+    /// What `/metrics` counts.
+    pub(crate) counters: crate::metrics::Counters,
     pub(crate) image_registry: Option<std::sync::Arc<crate::image_serve::LocalRegistry>>,
     /// The coordinator's answers about fetches of cached inputs, by (peer,
     /// CID): when, and whether allowed.

@@ -108,3 +108,81 @@ async fn metrics_parse_and_move_when_a_job_runs() {
     assert_eq!(get(&after, inf), 1.0);
     dn.shutdown().await;
 }
+
+/// A provider's `/metrics` (`kiln-node run --metrics`): the text parses,
+/// GPUs are declared under DCGM's names, and the job, cache and transfer
+/// series move when a job with an input runs there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nodes_metrics_parse_and_move_when_a_job_runs() {
+    let mut dn = devnet(0).await.unwrap();
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    kiln_tests::add_node_with(&mut dn, |c| c.metrics_listen = Some(any))
+        .await
+        .unwrap();
+    dn.wait_for_providers(1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let addr = dn.nodes[0].metrics_addr.unwrap();
+    let http = reqwest::Client::new();
+    for (path, body) in [("/healthz", "ok\n"), ("/readyz", "ready\n")] {
+        let r = http
+            .get(format!("http://{addr}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.text().await.unwrap(), body);
+    }
+    let scrape = || {
+        let http = http.clone();
+        async move {
+            let r = http
+                .get(format!("http://{addr}/metrics"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let text = r.text().await.unwrap();
+            for family in [
+                "DCGM_FI_DEV_GPU_UTIL",
+                "DCGM_FI_DEV_FB_USED",
+                "DCGM_FI_DEV_POWER_USAGE",
+            ] {
+                assert!(text.contains(&format!("# TYPE {family} gauge")), "{text}");
+            }
+            parse(&text)
+        }
+    };
+    let before = scrape().await;
+    assert_eq!(get(&before, "kiln_node_jobs_running"), 0.0, "{before:#?}");
+    assert!(get(&before, "kiln_node_slots") >= 1.0);
+
+    let client = buyer(&dn);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("in.bin");
+    std::fs::write(&path, vec![7u8; 300_000]).unwrap();
+    let cid = kiln_cli::data::add(&client, &path, false)
+        .await
+        .unwrap()
+        .cid;
+    let mut spec = dn.workload_spec(&["hash", "/in/x"]);
+    spec.inputs
+        .push(kiln_protocol::spec::InputSpec::new(cid, "/in/x"));
+    let done = kiln_tests::run_job(&client, spec).await.unwrap();
+    assert_eq!(done.state, JobState::Completed, "{done:#?}");
+
+    let ok = "kiln_node_jobs_finished_total{outcome=\"succeeded\"}";
+    let after = kiln_tests::eventually(scrape, |m| get(m, ok) >= 1.0).await;
+    assert_eq!(get(&after, ok), get(&before, ok) + 1.0, "{after:#?}");
+    assert_eq!(
+        get(&after, "kiln_node_fetched_bytes_total")
+            - get(&before, "kiln_node_fetched_bytes_total"),
+        300_000.0,
+        "{after:#?}"
+    );
+    assert!(
+        get(&after, "kiln_node_blob_cache_bytes") > get(&before, "kiln_node_blob_cache_bytes"),
+        "{after:#?}"
+    );
+    dn.shutdown().await;
+}
