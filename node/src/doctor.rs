@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bench::cuda;
 use crate::gpu::{self, Discovery, NVML_FIX};
+use crate::gpu_access::{self, GpuPath};
 
 /// The outcome of one check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +99,7 @@ const DOCKER_INSTALL: &str = "install Docker Engine (https://docs.docker.com/eng
 const TOOLKIT_FIX: &str = "install the NVIDIA Container Toolkit (`sudo apt install nvidia-container-toolkit`) and register it with Docker: `sudo nvidia-ctk runtime configure --runtime=docker && sudo systemctl restart docker`";
 
 struct DockerFacts {
+    version: String,
     runtimes: Vec<String>,
     cdi_dirs: Vec<String>,
     root_dir: Option<String>,
@@ -144,6 +146,7 @@ async fn check_docker(checks: &mut Vec<Check>) -> Option<DockerFacts> {
         ));
     }
     Some(DockerFacts {
+        version,
         runtimes: info
             .runtimes
             .map(|r| {
@@ -157,77 +160,62 @@ async fn check_docker(checks: &mut Vec<Check>) -> Option<DockerFacts> {
     })
 }
 
-fn on_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
+/// How GPUs will reach jobs' containers here (see
+/// [`crate::gpu_access`]): the toolkit, CDI or built-in injection, or why
+/// none can.
+fn check_gpu_path(gpus: usize, docker: Option<&DockerFacts>) -> Check {
+    if gpus == 0 {
+        return Check::skip(GPU_PATH, "no GPUs: not needed");
+    }
+    let Some(d) = docker else {
+        return Check::fail(
+            GPU_PATH,
+            "GPUs exist but Docker is not reachable, so jobs cannot use them",
+            DOCKER_INSTALL,
+        );
+    };
+    let facts = gpu_access::probe(
+        &d.runtimes,
+        &d.version,
+        &d.cdi_dirs,
+        gpu_access::nvml_minors(),
+    );
+    gpu_path_check(&facts)
 }
 
-fn check_container_toolkit(gpus: usize, docker: Option<&DockerFacts>) -> Check {
-    const NAME: &str = "nvidia-container-toolkit";
-    if gpus == 0 {
-        return Check::skip(NAME, "no GPUs: not needed");
-    }
-    let tools: Vec<String> = [
-        "nvidia-ctk",
-        "nvidia-container-runtime",
-        "nvidia-container-cli",
-    ]
-    .iter()
-    .filter_map(|t| on_path(t).map(|p| p.display().to_string()))
-    .collect();
-    let Some(d) = docker else {
-        return if tools.is_empty() {
-            Check::fail(
-                NAME,
-                "GPUs exist but neither Docker nor the NVIDIA Container Toolkit is installed",
-                TOOLKIT_FIX,
-            )
-        } else {
-            Check::warn(
-                NAME,
-                format!(
-                    "toolkit installed ({}) but Docker is not reachable, so it cannot be checked",
-                    tools.join(", ")
-                ),
-                DOCKER_INSTALL,
-            )
-        };
-    };
-    let cdi = d.cdi_dirs.iter().any(|dir| {
-        std::fs::read_dir(dir)
-            .map(|rd| {
-                rd.filter_map(Result::ok)
-                    .any(|e| e.file_name().to_string_lossy().contains("nvidia"))
-            })
-            .unwrap_or(false)
-    });
-    if d.runtimes.iter().any(|r| r == "nvidia") || cdi {
-        Check::ok(
-            NAME,
+const GPU_PATH: &str = "gpu-path";
+
+/// The check for a host with `facts` (pure).
+pub fn gpu_path_check(facts: &gpu_access::HostFacts) -> Check {
+    match gpu_access::choose(facts) {
+        Ok(GpuPath::Toolkit) => Check::ok(
+            GPU_PATH,
+            format!("GPUs reach jobs through {}", GpuPath::Toolkit),
+        ),
+        Ok(GpuPath::Cdi) => Check::ok(
+            GPU_PATH,
             format!(
-                "Docker runtimes: {}{}",
-                d.runtimes.join(", "),
-                if cdi { "; NVIDIA CDI spec present" } else { "" }
+                "GPUs reach jobs through {} ({} NVIDIA CDI devices)",
+                GpuPath::Cdi,
+                facts.cdi_devices.len()
             ),
-        )
-    } else if !tools.is_empty() {
-        Check::fail(
-            NAME,
+        ),
+        Ok(GpuPath::Injected) => Check::ok(
+            GPU_PATH,
             format!(
-                "the toolkit is installed ({}) but Docker does not know the nvidia runtime (runtimes: {})",
-                tools.join(", "),
-                d.runtimes.join(", ")
+                "GPUs reach jobs through {}: {} NVIDIA device nodes, driver libraries {} \
+                 (the NVIDIA Container Toolkit is not needed; with it, Docker sets GPUs up itself)",
+                GpuPath::Injected,
+                facts.dev_nodes.len(),
+                facts
+                    .libraries
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
-            "`sudo nvidia-ctk runtime configure --runtime=docker && sudo systemctl restart docker`",
-        )
-    } else {
-        Check::fail(
-            NAME,
-            "GPUs exist but Docker cannot give them to containers (no nvidia runtime, no CDI spec)",
-            TOOLKIT_FIX,
-        )
+        ),
+        Err(why) => Check::fail(GPU_PATH, why, TOOLKIT_FIX),
     }
 }
 
@@ -700,10 +688,7 @@ pub async fn run(opts: &DoctorOptions) -> DoctorReport {
             gpus: Vec::new(),
             error: Some("NVML discovery crashed".into()),
         });
-    checks.push(check_container_toolkit(
-        discovery.gpus.len(),
-        docker.as_ref(),
-    ));
+    checks.push(check_gpu_path(discovery.gpus.len(), docker.as_ref()));
     checks.push(check_nvml(&discovery));
     checks.push(check_driver(&discovery));
     checks.push(
@@ -843,22 +828,38 @@ mod tests {
     }
 
     #[test]
-    fn toolkit_only_matters_with_gpus() {
-        assert_eq!(check_container_toolkit(0, None).status, Status::Skip);
-        let no_runtime = DockerFacts {
-            runtimes: vec!["runc".into()],
-            cdi_dirs: vec![],
-            root_dir: None,
+    fn gpu_path_is_reported_and_only_matters_with_gpus() {
+        use crate::gpu_access::HostFacts;
+        assert_eq!(check_gpu_path(0, None).status, Status::Skip);
+        assert_eq!(check_gpu_path(1, None).status, Status::Fail);
+        let driver_only = HostFacts {
+            dev_nodes: ["nvidia0", "nvidiactl", "nvidia-uvm"]
+                .map(String::from)
+                .to_vec(),
+            libraries: crate::gpu_access::parse_ldconfig(
+                "\tlibcuda.so.1 (libc6,x86-64) => /lib/libcuda.so.1\n\tlibnvidia-ml.so.1 (libc6,x86-64) => /lib/libnvidia-ml.so.1\n",
+            ),
+            ..HostFacts::default()
         };
-        let c = check_container_toolkit(1, Some(&no_runtime));
-        assert_eq!(c.status, Status::Fail);
-        assert!(c.fix.unwrap().contains("nvidia-ctk"));
-        let with = DockerFacts {
-            runtimes: vec!["nvidia".into(), "runc".into()],
-            cdi_dirs: vec![],
-            root_dir: None,
+        let c = gpu_path_check(&driver_only);
+        assert_eq!(c.status, Status::Ok);
+        assert!(
+            c.detail.contains("built-in injection") && c.detail.contains("libcuda.so.1"),
+            "{c:?}"
+        );
+        let toolkit = HostFacts {
+            nvidia_runtime: true,
+            ..HostFacts::default()
         };
-        assert_eq!(check_container_toolkit(1, Some(&with)).status, Status::Ok);
+        assert!(
+            gpu_path_check(&toolkit)
+                .detail
+                .contains("Container Toolkit")
+        );
+        let nothing = gpu_path_check(&HostFacts::default());
+        assert_eq!(nothing.status, Status::Fail);
+        assert!(nothing.detail.contains("/dev/nvidiactl"), "{nothing:?}");
+        assert!(nothing.fix.unwrap().contains("nvidia-ctk"));
     }
 
     #[tokio::test]

@@ -53,6 +53,7 @@ pub mod bench;
 pub mod cli;
 pub mod doctor;
 pub mod gpu;
+pub mod gpu_access;
 pub mod hw;
 pub mod idle;
 pub mod metrics;
@@ -155,7 +156,7 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
             evict: Default::default(),
         },
     )?;
-    let runner = Runner::new(
+    let mut runner = Runner::new(
         docker,
         config.state_dir.join("jobs"),
         provider.to_string(),
@@ -173,10 +174,43 @@ pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Node
         }
     };
 
-    let gpus = hw::discover_gpus().unwrap_or_else(|why| {
+    let mut gpus = hw::discover_gpus().unwrap_or_else(|why| {
         tracing::info!("{why}");
         Vec::new()
     });
+    if !gpus.is_empty() {
+        // How GPUs get into containers here; none: offer no GPUs at all
+        // rather than take GPU jobs that cannot run.
+        let info = runner.docker().info().await.ok();
+        let version = runner
+            .docker()
+            .version()
+            .await
+            .ok()
+            .and_then(|v| v.version)
+            .unwrap_or_default();
+        let runtimes: Vec<String> = info
+            .as_ref()
+            .and_then(|i| i.runtimes.clone())
+            .map(|r| r.into_keys().collect())
+            .unwrap_or_default();
+        let cdi_dirs = info.and_then(|i| i.cdi_spec_dirs).unwrap_or_default();
+        let facts = tokio::task::spawn_blocking(move || {
+            gpu_access::probe(&runtimes, &version, &cdi_dirs, gpu_access::nvml_minors())
+        })
+        .await
+        .unwrap_or_default();
+        match gpu_access::choose(&facts) {
+            Ok(path) => {
+                tracing::info!("GPUs reach containers through {path}");
+                runner.set_gpu_access(path, facts);
+            }
+            Err(why) => {
+                tracing::error!("offering no GPUs: {why}");
+                gpus.clear();
+            }
+        }
+    }
     let benchmark = config.startup_benchmark.then(|| {
         let dir = config.state_dir.clone();
         tokio::task::spawn_blocking(move || {

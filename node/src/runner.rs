@@ -34,9 +34,7 @@ use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use bollard::container::LogOutput;
-use bollard::models::{
-    ContainerCreateBody, DeviceRequest, HostConfig, HostConfigLogConfig, ResourcesUlimits,
-};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, ResourcesUlimits};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, InspectContainerOptions, ListContainersOptions,
     RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
@@ -382,6 +380,8 @@ pub struct Runner {
     /// What each running container has written so far, by offer id (for
     /// `kiln job logs --follow`); an entry lives while its container does.
     live: Arc<std::sync::Mutex<HashMap<OfferId, Arc<LiveLog>>>>,
+    /// How GPUs reach containers on this host (`None`: no GPUs).
+    gpu: Option<Arc<(crate::gpu_access::GpuPath, crate::gpu_access::HostFacts)>>,
 }
 
 /// A running container's output so far: the first `log_cap` bytes of each
@@ -608,6 +608,8 @@ enum Ended {
 pub struct ResolvedImage {
     pub id: String,
     pub volumes: Vec<String>,
+    /// The image's own `LD_LIBRARY_PATH`, kept when GPUs are injected.
+    pub ld_library_path: Option<String>,
 }
 
 impl Runner {
@@ -627,7 +629,23 @@ impl Runner {
             policy,
             store,
             live: Arc::default(),
+            gpu: None,
         }
+    }
+
+    /// How `gpu_uuids` reach the container of `image` on this host.
+    fn gpu_plan(
+        &self,
+        image: &ResolvedImage,
+        gpu_uuids: &[String],
+    ) -> Result<crate::gpu_access::GpuPlan, String> {
+        if gpu_uuids.is_empty() {
+            return Ok(crate::gpu_access::GpuPlan::default());
+        }
+        let Some(g) = &self.gpu else {
+            return Err("this provider has no way to give GPUs to containers".into());
+        };
+        crate::gpu_access::plan(g.0, &g.1, gpu_uuids, image.ld_library_path.as_deref())
     }
 
     /// The live output of attempt `offer`, while its container runs.
@@ -641,6 +659,15 @@ impl Runner {
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Sets how GPUs reach containers (see [`crate::gpu_access`]).
+    pub fn set_gpu_access(
+        &mut self,
+        path: crate::gpu_access::GpuPath,
+        facts: crate::gpu_access::HostFacts,
+    ) {
+        self.gpu = Some(Arc::new((path, facts)));
     }
 
     /// The engine jobs run on.
@@ -750,6 +777,14 @@ impl Runner {
                  for a provider that allows its registry"
             )
         })?;
+        let ld_library_path = inspect
+            .config
+            .as_ref()
+            .and_then(|c| c.env.as_ref())
+            .and_then(|env| {
+                env.iter()
+                    .find_map(|e| e.strip_prefix("LD_LIBRARY_PATH=").map(str::to_string))
+            });
         let facts = ImageFacts {
             id: inspect.id.clone().unwrap_or_default(),
             repo_tags: inspect.repo_tags.clone().unwrap_or_default(),
@@ -758,7 +793,11 @@ impl Runner {
                 .size
                 .and_then(|s| u64::try_from(s).ok())
                 .unwrap_or(0),
-            volumes: inspect.config.and_then(|c| c.volumes).unwrap_or_default(),
+            volumes: inspect
+                .config
+                .as_ref()
+                .and_then(|c| c.volumes.clone())
+                .unwrap_or_default(),
         };
         if spec.image.is_image_id() && Some(facts.id.as_str()) != spec.image.digest() {
             return Err(format!(
@@ -770,6 +809,7 @@ impl Runner {
         Ok(ResolvedImage {
             id: facts.id,
             volumes: facts.volumes,
+            ld_library_path,
         })
     }
 
@@ -905,14 +945,10 @@ impl Runner {
             })?;
         let shm_size = i64::try_from(self.limits.shm_size_bytes)
             .map_err(|_| "this provider's --shm-size is too large".to_string())?;
-        let device_requests = (!gpu_uuids.is_empty()).then(|| {
-            vec![DeviceRequest {
-                driver: Some("nvidia".into()),
-                device_ids: Some(gpu_uuids.to_vec()),
-                capabilities: Some(vec![vec!["gpu".into()]]),
-                ..Default::default()
-            }]
-        });
+        let gpu = self.gpu_plan(image, gpu_uuids)?;
+        binds.extend(gpu.binds);
+        let device_requests = (!gpu.device_requests.is_empty()).then_some(gpu.device_requests);
+        let devices = (!gpu.devices.is_empty()).then_some(gpu.devices);
         let network = match spec.network {
             NetworkMode::Isolated => "none",
             NetworkMode::Full => "bridge",
@@ -943,6 +979,7 @@ impl Runner {
                 config: None,
             }),
             device_requests,
+            devices,
             runtime: self.policy.runtime.clone(),
             ..Default::default()
         })
@@ -962,7 +999,9 @@ impl Runner {
         cancel: CancellationToken,
     ) -> Result<RunReport, String> {
         let image_id = image.id.as_str();
-        let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // The GPU plan's variables first: the job's own may override them.
+        let mut env = self.gpu_plan(image, gpu_uuids)?.env;
+        env.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
         env.push(format!("KILN_JOB_ID={job}"));
         env.push(format!("KILN_OUTPUT_DIR={}", spec.output_path));
         let body = ContainerCreateBody {
