@@ -26,6 +26,11 @@ fn default_state_dir() -> PathBuf {
 /// Join a coordinator and run buyers' jobs until Ctrl-C.
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
+    /// A TOML file of these settings (keys are the flags' names; flags
+    /// given here win). `kiln-node config init` writes one with every
+    /// default.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// The coordinator's multiaddr, ending in /p2p/<peer id>.
     #[arg(long, env = "KILN_COORDINATOR_ADDR")]
     pub coordinator: kiln_net::Addr,

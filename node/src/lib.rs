@@ -51,6 +51,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod config_file;
 pub mod doctor;
 pub mod gpu;
 pub mod gpu_access;

@@ -136,7 +136,7 @@ fn doctor_json_reports_checks_and_the_documented_exit_code() {
             nvml["fix"].as_str().unwrap().contains("libnvidia-ml.so.1"),
             "{nvml}"
         );
-        assert_eq!(find("nvidia-container-toolkit")["status"], "skip");
+        assert_eq!(find("gpu-path")["status"], "skip");
         if !any("fail") {
             assert_eq!(out.status.code(), Some(2));
         }
