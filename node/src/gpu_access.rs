@@ -116,11 +116,9 @@ pub fn choose(f: &HostFacts) -> Result<GpuPath, String> {
     if f.nvidia_runtime {
         return Ok(GpuPath::Toolkit);
     }
-    if f.engine_cdi
-        && f.cdi_devices
-            .iter()
-            .any(|d| d.starts_with("nvidia.com/gpu="))
-    {
+    // CDI only if every GPU is named there by UUID, the way jobs ask.
+    let by_uuid = |u: &String| f.cdi_devices.contains(&format!("nvidia.com/gpu={u}"));
+    if f.engine_cdi && !f.minors.is_empty() && f.minors.keys().all(by_uuid) {
         return Ok(GpuPath::Cdi);
     }
     match injection_gap(f) {
@@ -393,7 +391,7 @@ mod tests {
     #[test]
     fn the_path_is_toolkit_then_cdi_then_injection() {
         let host = h100_host();
-        let cases: [(&str, HostFacts, Result<GpuPath, &str>); 5] = [
+        let cases: [(&str, HostFacts, Result<GpuPath, &str>); 6] = [
             ("driver only", host.clone(), Ok(GpuPath::Injected)),
             (
                 "toolkit",
@@ -407,10 +405,19 @@ mod tests {
                 "cdi spec and engine",
                 HostFacts {
                     engine_cdi: true,
-                    cdi_devices: vec![format!("nvidia.com/gpu={A}")],
+                    cdi_devices: vec![format!("nvidia.com/gpu={A}"), format!("nvidia.com/gpu={B}")],
                     ..host.clone()
                 },
                 Ok(GpuPath::Cdi),
+            ),
+            (
+                "cdi spec naming GPUs by index only",
+                HostFacts {
+                    engine_cdi: true,
+                    cdi_devices: vec!["nvidia.com/gpu=0".into(), "nvidia.com/gpu=1".into()],
+                    ..host.clone()
+                },
+                Ok(GpuPath::Injected),
             ),
             (
                 "cdi spec, engine too old",

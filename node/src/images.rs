@@ -45,6 +45,9 @@ use sha2::Digest;
 use crate::registry;
 use crate::state::State;
 
+/// What to do when an image's blob cannot be fetched.
+const IMAGE_FIX: &str = "push the image again with `kiln image push`";
+
 /// What a job's container is created from, and the pin that keeps it.
 pub(crate) struct PreparedImage {
     /// The engine's name for it (an id, a digest reference or our tag).
@@ -334,15 +337,37 @@ async fn ensure(
         .lock()
         .map(|mut l| l.entry(key.to_string()).or_default().clone())
         .map_err(|_| "the image cache is unavailable".to_string())?;
-    let _loading = gate.lock().await;
+    let held = gate.lock().await;
+    let r = ensure_locked(state, key, load).await;
+    drop(held);
+    // The last one out removes the gate (the map holds one reference,
+    // each waiter another), so the map holds only images being loaded.
+    if let Ok(mut l) = cache.loading.lock()
+        && Arc::strong_count(&gate) == 2
+    {
+        l.remove(key);
+    }
+    r
+}
+
+async fn ensure_locked(
+    state: &Arc<State>,
+    key: &str,
+    load: impl std::future::Future<Output = Result<(String, u64), String>>,
+) -> Result<ImagePin, String> {
+    let cache = &state.images;
     let docker = state.runner.docker();
     if let Some(e) = cache.lookup(key) {
+        // Pinned before the engine is asked, so no eviction can slip in
+        // between the answer and the job's use of it.
+        let pin = cache.pin(key);
         match docker.inspect_image(&e.tag).await {
-            Ok(i) if i.id.as_deref() == Some(e.image_id.as_str()) => {
-                return Ok(cache.pin(key));
-            }
+            Ok(i) if i.id.as_deref() == Some(e.image_id.as_str()) => return Ok(pin),
             // Removed behind our back (or retagged): load it again.
-            _ => cache.forget(key),
+            _ => {
+                drop(pin);
+                cache.forget(key);
+            }
         }
     }
     let (image_id, size) = load.await?;
@@ -394,7 +419,7 @@ async fn load_kiln(
     let job = &offer.job_id;
     let sources = crate::inputs::sources_for(state, offer, &cid);
     let _mpin = state.store.pin(&cid);
-    crate::inputs::fetch_one(state, job, cid, None, sources.clone())
+    crate::inputs::fetch_one_or(state, job, cid, None, sources.clone(), IMAGE_FIX)
         .await
         .map_err(|e| format!("image {name}: {e}"))?;
     let bytes = state
@@ -417,9 +442,16 @@ async fn load_kiln(
     let blobs = manifest.blobs();
     let pins: Vec<_> = blobs.iter().map(|b| state.store.pin(&b.cid)).collect();
     let cfg = manifest.config;
-    crate::inputs::fetch_one(state, job, cfg.cid, Some(cfg.size), sources.clone())
-        .await
-        .map_err(|e| format!("image {name}, config {}: {e}", cfg.digest))?;
+    crate::inputs::fetch_one_or(
+        state,
+        job,
+        cfg.cid,
+        Some(cfg.size),
+        sources.clone(),
+        IMAGE_FIX,
+    )
+    .await
+    .map_err(|e| format!("image {name}, config {}: {e}", cfg.digest))?;
     let config = state
         .store
         .get(&cfg.cid)
@@ -531,12 +563,13 @@ impl Fetch<'_> {
         let fetches: Vec<_> = blobs
             .iter()
             .map(|b| async move {
-                let r = crate::inputs::fetch_one(
+                let r = crate::inputs::fetch_one_or(
                     self.state,
                     self.job,
                     b.cid,
                     Some(b.size),
                     self.sources.to_vec(),
+                    IMAGE_FIX,
                 )
                 .await
                 .and_then(|()| {
@@ -573,6 +606,11 @@ fn engine_refused(name: &str, e: &str) -> String {
                  the image was pushed with a wrong manifest, push it again with `kiln image push`"
             )
         }
+        None if e.contains("connection refused") || e.contains("no such host") => format!(
+            "image {name}: the engine could not reach this node's loopback registry ({e}); \
+             an engine in another network namespace (rootless Docker, Docker Desktop, a node in a container) \
+             needs kiln-node run --image-load-archive"
+        ),
         None => format!("image {name}: the engine refused it: {e}"),
     }
 }
@@ -860,6 +898,12 @@ async fn pull(state: &Arc<State>, offer: &JobOffer) -> Result<(String, u64), Str
         .tag_image(&image.0, Some(opts))
         .await
         .map_err(|e| format!("image {image}: cannot tag it for the cache: {e}"))?;
+    // Only our tag holds it now, so evicting it frees the disk.
+    let opts = bollard::query_parameters::RemoveImageOptions {
+        noprune: true,
+        ..Default::default()
+    };
+    let _ = docker.remove_image(&image.0, Some(opts), None).await;
     let id = inspect.id.unwrap_or_default();
     tracing::info!(image = %image, id = %id, bytes = size, ms = started.elapsed().as_millis() as u64, "image pulled and checked");
     Ok((

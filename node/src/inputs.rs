@@ -165,6 +165,26 @@ pub(crate) async fn fetch_one(
     size: Option<u64>,
     sources: Vec<kiln_blobs::Source>,
 ) -> Result<(), String> {
+    fetch_one_or(
+        state,
+        job,
+        cid,
+        size,
+        sources,
+        "upload it with `kiln data add` or give it a url",
+    )
+    .await
+}
+
+/// [`fetch_one`], with `fix` as what to do if it cannot be fetched.
+pub(crate) async fn fetch_one_or(
+    state: &State,
+    job: &JobId,
+    cid: ContentId,
+    size: Option<u64>,
+    sources: Vec<kiln_blobs::Source>,
+    fix: &str,
+) -> Result<(), String> {
     let opts = kiln_blobs::FetchOptions::default();
     match kiln_blobs::fetch(&state.store, &state.client, cid, size, sources, &opts).await {
         Ok(r) => {
@@ -182,9 +202,7 @@ pub(crate) async fn fetch_one(
             }
             Ok(())
         }
-        Err(e) => Err(format!(
-            "input {cid} could not be fetched: {e}; upload it with `kiln data add` or give it a url"
-        )),
+        Err(e) => Err(format!("blob {cid} could not be fetched: {e}; {fix}")),
     }
 }
 

@@ -125,7 +125,35 @@ pub(crate) async fn image_size(image: &ImageRef, timeout: Duration) -> Result<u6
     let config = doc
         .config
         .ok_or_else(|| format!("registry {host}: the manifest of {image} names no config"))?;
-    Ok(config.size + doc.layers.iter().map(|l| l.size).sum::<u64>())
+    // Declared by whoever pushed it: summed without wrapping.
+    Ok(doc
+        .layers
+        .iter()
+        .fold(config.size, |t, l| t.saturating_add(l.size)))
+}
+
+/// The body of `resp`, refused past `max` bytes however it is sent
+/// (chunked bodies have no length up front).
+async fn read_capped(
+    mut resp: reqwest::Response,
+    max: usize,
+    what: &str,
+) -> Result<Vec<u8>, String> {
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(format!("{what} is larger than {max} bytes"));
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| format!("{what} broke off: {e}"))?
+    {
+        if out.len() + chunk.len() > max {
+            return Err(format!("{what} is larger than {max} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
 }
 
 struct Registry<'a> {
@@ -167,30 +195,19 @@ impl Registry<'_> {
                 ));
             }
         }
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_MANIFEST as u64)
-        {
-            return Err(format!(
-                "registry {host} sent an oversized manifest for {digest}"
-            ));
-        }
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| format!("registry {host} broke off sending {digest}: {e}"))?;
-        if bytes.len() > MAX_MANIFEST {
-            return Err(format!(
-                "registry {host} sent an oversized manifest for {digest}"
-            ));
-        }
+        let bytes = read_capped(
+            resp,
+            MAX_MANIFEST,
+            &format!("registry {host}'s manifest {digest}"),
+        )
+        .await?;
         let got = OciDigest(sha2::Sha256::digest(&bytes).into());
         if got != *digest {
             return Err(format!(
                 "registry {host} served a manifest hashing to {got} when asked for {digest}: refusing it"
             ));
         }
-        Ok(bytes.to_vec())
+        Ok(bytes)
     }
 
     async fn get(&self, url: &str) -> Result<reqwest::Response, String> {
@@ -220,6 +237,22 @@ impl Registry<'_> {
             .find(|(k, _)| k == "realm")
             .map(|(_, v)| v.clone())
             .ok_or_else(|| format!("registry {}: its challenge names no realm", self.host))?;
+        // The token service must be HTTPS (or this machine, for a loopback
+        // registry): a registry cannot point the node at plain-HTTP or
+        // internal addresses of its choosing.
+        let realm_url = reqwest::Url::parse(&realm).map_err(|e| {
+            format!(
+                "registry {}: its token realm {realm} is not a URL: {e}",
+                self.host
+            )
+        })?;
+        let local = realm_url.host_str().is_some_and(is_loopback) && is_loopback(self.host);
+        if realm_url.scheme() != "https" && !local {
+            return Err(format!(
+                "registry {} names a token service that is not HTTPS ({realm}); refusing it",
+                self.host
+            ));
+        }
         let query: Vec<(String, String)> =
             params.into_iter().filter(|(k, _)| k != "realm").collect();
         #[derive(Deserialize)]
@@ -235,15 +268,20 @@ impl Registry<'_> {
                 self.host
             )
         })?;
-        let t: Token = self
+        let resp = self
             .http
             .get(url)
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| format!("registry {}: cannot get a pull token: {e}", self.host))?
-            .json()
-            .await
+            .map_err(|e| format!("registry {}: cannot get a pull token: {e}", self.host))?;
+        let body = read_capped(
+            resp,
+            64 << 10,
+            &format!("registry {}'s token answer", self.host),
+        )
+        .await?;
+        let t: Token = serde_json::from_slice(&body)
             .map_err(|e| format!("registry {}: its token answer is not JSON: {e}", self.host))?;
         t.token
             .or(t.access_token)

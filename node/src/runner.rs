@@ -799,6 +799,18 @@ impl Runner {
                 .and_then(|c| c.volumes.clone())
                 .unwrap_or_default(),
         };
+        // An image this or another node loaded for a Kiln image is that
+        // image's buyer's: reachable only as kiln:<cid>, which the
+        // coordinator checks, never by its engine id.
+        if spec.image.is_image_id()
+            && !facts.repo_tags.is_empty()
+            && facts.repo_tags.iter().all(|t| t.starts_with("kiln-cache-"))
+        {
+            return Err(format!(
+                "image {reference} is not present on this provider as an image of its own; \
+                 name a pushed image as kiln:<cid>"
+            ));
+        }
         if spec.image.is_image_id() && Some(facts.id.as_str()) != spec.image.digest() {
             return Err(format!(
                 "image id mismatch: asked for {reference}, found {}",

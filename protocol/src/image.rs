@@ -29,6 +29,13 @@ use crate::ids::IdParseError;
 /// Most layers an image may have (Docker's own limit is 127 with overlay2).
 pub const MAX_LAYERS: usize = 256;
 
+/// Largest image config (real ones are a few KiB): providers read it into
+/// memory to check it before anything reaches their engine.
+pub const MAX_CONFIG_BYTES: u64 = 8 << 20;
+
+/// Largest image manifest (256 layers take about 40 KiB).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
 /// An OCI content digest, `sha256:<64 lowercase hex>`.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct OciDigest(pub [u8; 32]);
@@ -106,6 +113,12 @@ impl ImageManifest {
     /// Checks what the types do not: raw CIDs, a bounded layer count.
     pub fn validate(&self) -> Result<(), ManifestError> {
         let bad = |what: String| ManifestError::Encoding(what);
+        if self.config.size > MAX_CONFIG_BYTES {
+            return Err(bad(format!(
+                "a {}-byte config, over the {MAX_CONFIG_BYTES}-byte limit",
+                self.config.size
+            )));
+        }
         if self.layers.len() > MAX_LAYERS {
             return Err(bad(format!(
                 "{} layers, more than the {MAX_LAYERS} an image may have",
@@ -128,7 +141,9 @@ impl ImageManifest {
     /// Bytes of the config and every distinct layer (a layer named twice
     /// is stored and moved once).
     pub fn total_size(&self) -> u64 {
-        self.blobs().iter().map(|b| b.size).sum()
+        self.blobs()
+            .iter()
+            .fold(0u64, |t, b| t.saturating_add(b.size))
     }
 
     /// The config, then each distinct layer in order.
@@ -346,6 +361,10 @@ mod tests {
         let mut bad = good.clone();
         bad[upper + 7] = b'A';
         assert!(ImageManifest::from_dag_cbor(&bad).is_err());
+        // A config too large to check in memory is refused.
+        let mut m = image();
+        m.config.size = MAX_CONFIG_BYTES + 1;
+        assert!(ImageManifest::from_dag_cbor(&m.to_dag_cbor()).is_err());
         // A layer that is itself a manifest CID is refused.
         let mut m = image();
         m.layers[0].cid = m.cid();

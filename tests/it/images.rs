@@ -179,6 +179,13 @@ async fn a_pushed_image_runs_where_it_never_was_and_the_next_provider_fetches_it
         .unwrap_err()
         .to_string();
     assert!(e.contains("image") && e.contains("kiln image push"), "{e}");
+    // Nor run it by the engine id it has on the providers.
+    let mut by_id = hash_marker(&dn, &image_id);
+    by_id.resources.region = Some("zone-a".into());
+    let done = run_job(&stranger, by_id).await.unwrap();
+    assert_eq!(done.state, JobState::Failed, "{done:#?}");
+    let why = done.reason.clone().unwrap_or_default();
+    assert!(why.contains("as kiln:<cid>"), "{why}");
 
     kiln_tests::remove_cached_images(&dn).await.unwrap();
     assert!(
@@ -281,6 +288,21 @@ async fn bad_images_fail_before_a_container_starts_and_leave_nothing_in_the_engi
         .unwrap_err()
         .to_string();
     assert!(e.contains("not an image manifest"), "{e}");
+    // Nor is a 2 MiB DAG-CBOR blob: refused by its size, before anything
+    // reads it into memory.
+    let big = random(2 << 20, 9);
+    let big_cid =
+        ContentId::from_blake3(kiln_protocol::content::DAG_CBOR_CODEC, blake3::hash(&big));
+    client
+        .put_blob(&big_cid, big.len() as u64, "big", big.into())
+        .await
+        .unwrap();
+    let e = client
+        .submit(hash_marker(&dn, &format!("kiln:{big_cid}")), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("larger than any image manifest"), "{e}");
 
     // Nothing of it in the engine: no image, no cache tag.
     assert!(!engine_has(&docker, &image_id).await);
@@ -418,7 +440,11 @@ async fn an_image_by_digest_is_pulled_where_its_registry_is_allowed_and_nowhere_
     let why = done.reason.clone().unwrap_or_default();
     assert!(why.contains("has no manifest"), "{why}");
 
+    // Only the cache's tag holds the pulled image: evicting it frees it.
     kiln_tests::remove_cached_images(&dn).await.unwrap();
-    remove(&docker, &by_digest).await;
+    assert!(
+        !engine_has(&docker, &image_id).await,
+        "the pulled image is gone"
+    );
     dn.shutdown().await;
 }

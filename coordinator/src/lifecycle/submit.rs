@@ -257,11 +257,19 @@ async fn image_readable(
             "image kiln:{cid} is not among your images: push it first with `kiln image push`"
         )));
     }
-    let image = state
-        .blobs
-        .get(&cid)
+    let held = state.blobs.size(&cid);
+    if held.is_some_and(|n| n > kiln_protocol::image::MAX_MANIFEST_BYTES) {
+        return Err(refuse(format!(
+            "kiln:{cid} is not an image manifest (it is larger than any image manifest); \
+             `kiln image push <image>` prints an image's CID"
+        )));
+    }
+    let store = state.blobs.clone();
+    let bytes = tokio::task::spawn_blocking(move || store.get(&cid).ok().flatten())
+        .await
         .ok()
-        .flatten()
+        .flatten();
+    let image = bytes
         .ok_or_else(|| refuse(format!("image kiln:{cid} is not held here: push it again with `kiln image push`")))
         .and_then(|b| {
             kiln_protocol::ImageManifest::from_dag_cbor(&b).map_err(|e| {
