@@ -39,6 +39,8 @@ pub struct PushReport {
     pub image: String,
     /// The engine's id of the image (its config digest).
     pub image_id: String,
+    /// `os/architecture` from its config.
+    pub platform: String,
     pub layers: usize,
     /// Bytes of the config and every distinct layer.
     pub size: u64,
@@ -208,6 +210,21 @@ fn describe(export: &Export) -> anyhow::Result<(ImageManifest, Vec<&Spooled>)> {
     Ok((m, files))
 }
 
+/// `os/architecture` of the image config at `path` (`?/?` if unreadable).
+fn platform_of(path: &Path) -> String {
+    #[derive(Deserialize)]
+    struct Platform {
+        #[serde(default)]
+        os: String,
+        #[serde(default)]
+        architecture: String,
+    }
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Platform>(&b).ok())
+        .map_or_else(|| "?/?".into(), |p| format!("{}/{}", p.os, p.architecture))
+}
+
 /// `kiln image push <image>`: exports `image` from the local engine and
 /// uploads what the coordinator lacks.
 pub async fn push(client: &Client, image: &str, show_progress: bool) -> anyhow::Result<PushReport> {
@@ -235,6 +252,13 @@ pub async fn push(client: &Client, image: &str, show_progress: bool) -> anyhow::
         .with_context(|| format!("exporting {image} from the engine"))?;
     reading.finish();
     let (manifest, files) = describe(&export)?;
+    let platform = platform_of(&files[0].path);
+    if platform != "linux/amd64" {
+        eprintln!(
+            "warning: {image} is for {platform}; providers run linux/amd64 and will refuse it \
+             (build it with `docker build --platform linux/amd64`)"
+        );
+    }
     let cid = manifest.cid();
     let mut cids: Vec<ContentId> = files.iter().map(|f| f.blob.cid).collect();
     cids.push(cid);
@@ -270,6 +294,7 @@ pub async fn push(client: &Client, image: &str, show_progress: bool) -> anyhow::
         cid,
         image: format!("{}{cid}", kiln_protocol::spec::KILN_IMAGE_PREFIX),
         image_id: manifest.image_id(),
+        platform,
         layers: manifest.layers.len(),
         size,
         uploaded_bytes: upload_total,
@@ -326,6 +351,7 @@ mod tests {
         assert_eq!(m.layers[0].cid, ContentId::of_bytes(b"layer one"));
         // The repeated layer is one file to upload.
         assert_eq!(files.len(), 2);
+        assert_eq!(platform_of(&files[0].path), "linux/amd64");
         assert_eq!(std::fs::read(&files[1].path).unwrap(), b"layer one");
     }
 

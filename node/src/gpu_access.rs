@@ -187,11 +187,16 @@ pub fn plan(
                 }
                 devices.push(node(&name));
             }
-            let binds = DRIVER_LIBRARIES
+            let mut binds: Vec<String> = DRIVER_LIBRARIES
                 .iter()
                 .filter_map(|l| f.libraries.get(*l).map(|p| (l, p)))
                 .map(|(l, p)| format!("{}:{LIB_DIR}/{l}:ro", p.display()))
                 .collect();
+            // The unversioned name too: programs that link with -lcuda at
+            // run time (Triton's kernels) look for libcuda.so.
+            if let Some(p) = f.libraries.get("libcuda.so.1") {
+                binds.push(format!("{}:{LIB_DIR}/libcuda.so:ro", p.display()));
+            }
             let on_path = image_ld_path.is_some_and(|p| p.split(':').any(|d| d == LIB_DIR));
             let env = if on_path {
                 Vec::new()
@@ -473,7 +478,10 @@ mod tests {
                 .all(|d| d.cgroup_permissions.as_deref() == Some("rwm"))
         );
         assert!(p.device_requests.is_empty());
-        assert_eq!(p.binds.len(), 6);
+        assert_eq!(p.binds.len(), 7);
+        assert!(p.binds.contains(
+            &"/lib/x86_64-linux-gnu/libcuda.so.1:/usr/local/nvidia/lib64/libcuda.so:ro".to_string()
+        ));
         assert!(
             p.binds.contains(
                 &"/lib/x86_64-linux-gnu/libcuda.so.1:/usr/local/nvidia/lib64/libcuda.so.1:ro"
