@@ -71,7 +71,9 @@ pub struct ImageBenchReport {
     pub warm_ratio: f64,
 }
 
-fn random_layer(path: &str, size: usize, seed: u64) -> anyhow::Result<Vec<u8>> {
+/// `size` seeded pseudo-random bytes (xorshift): incompressible, so no
+/// transfer gains from compression; for benchmarks and tests.
+pub fn pseudo_random(size: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut data = vec![0u8; size];
     for c in data.chunks_mut(8) {
@@ -80,7 +82,15 @@ fn random_layer(path: &str, size: usize, seed: u64) -> anyhow::Result<Vec<u8>> {
         x ^= x << 17;
         c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
     }
-    Ok(kiln_docker::layer_tar(&[(path, 0o444, &data)])?)
+    data
+}
+
+fn random_layer(path: &str, size: usize, seed: u64) -> anyhow::Result<Vec<u8>> {
+    Ok(kiln_docker::layer_tar(&[(
+        path,
+        0o444,
+        &pseudo_random(size, seed),
+    )])?)
 }
 
 /// Seconds from the first event entering `from` to the one entering `to`.

@@ -206,6 +206,41 @@ impl Devnet {
         Ok(id)
     }
 
+    /// The images this devnet's nodes hold in their image caches (tags
+    /// `kiln-cache-<node>:…`), as tag strings.
+    pub async fn cached_images(&self) -> anyhow::Result<Vec<String>> {
+        let docker = kiln_docker::connect().await?;
+        let repos: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("{}:", kiln_node::image_cache_repo(&n.provider)))
+            .collect();
+        let all = docker
+            .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+            .await?;
+        Ok(all
+            .into_iter()
+            .flat_map(|i| i.repo_tags)
+            .filter(|t| repos.iter().any(|r| t.starts_with(r.as_str())))
+            .collect())
+    }
+
+    /// Removes what [`Self::cached_images`] lists: tests and benchmarks
+    /// leave the shared engine as they found it.
+    pub async fn remove_cached_images(&self) -> anyhow::Result<()> {
+        let docker = kiln_docker::connect().await?;
+        for t in self.cached_images().await? {
+            let _ = docker
+                .remove_image(
+                    &t,
+                    None::<bollard::query_parameters::RemoveImageOptions>,
+                    None,
+                )
+                .await;
+        }
+        Ok(())
+    }
+
     pub fn url(&self) -> String {
         self.coordinator.url()
     }

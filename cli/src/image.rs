@@ -212,17 +212,10 @@ fn describe(export: &Export) -> anyhow::Result<(ImageManifest, Vec<&Spooled>)> {
 
 /// `os/architecture` of the image config at `path` (`?/?` if unreadable).
 fn platform_of(path: &Path) -> String {
-    #[derive(Deserialize)]
-    struct Platform {
-        #[serde(default)]
-        os: String,
-        #[serde(default)]
-        architecture: String,
-    }
     std::fs::read(path)
         .ok()
-        .and_then(|b| serde_json::from_slice::<Platform>(&b).ok())
-        .map_or_else(|| "?/?".into(), |p| format!("{}/{}", p.os, p.architecture))
+        .and_then(|b| serde_json::from_slice::<kiln_protocol::OciConfig>(&b).ok())
+        .map_or_else(|| "?/?".into(), |c| c.platform.to_string())
 }
 
 /// `kiln image push <image>`: exports `image` from the local engine and

@@ -1219,20 +1219,6 @@ async fn an_image_of_your_own_is_pushed_listed_and_run() {
     );
     assert_eq!(code, Some(1));
     assert!(err.contains("kiln image push"), "{err}");
-    let images = docker
-        .list_images(None::<bollard::query_parameters::ListImagesOptions>)
-        .await
-        .unwrap();
-    for t in images.into_iter().flat_map(|i| i.repo_tags) {
-        if t.starts_with("kiln-cache-") && t.contains(image.trim_start_matches("kiln:")) {
-            let _ = docker
-                .remove_image(
-                    &t,
-                    None::<bollard::query_parameters::RemoveImageOptions>,
-                    None,
-                )
-                .await;
-        }
-    }
+    dn.remove_cached_images().await.unwrap();
     dn.shutdown().await;
 }

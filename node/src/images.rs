@@ -284,6 +284,12 @@ fn cache_repo(node: &[u8]) -> String {
     format!("kiln-cache-{}", &blake3::hash(node).to_hex()[..12])
 }
 
+/// The repository under which provider `provider` tags the images it
+/// loads or pulls (`kiln-cache-<12 hex>`), on whatever engine it uses.
+pub fn image_cache_repo(provider: &kiln_protocol::ProviderId) -> String {
+    cache_repo(provider.to_string().as_bytes())
+}
+
 /// Makes the offer's image available in the engine, and pins it for the
 /// job. Errors name the image (and the layer or registry) and what to do.
 pub(crate) async fn prepare(state: &Arc<State>, offer: &JobOffer) -> Result<PreparedImage, String> {
@@ -383,22 +389,6 @@ async fn ensure_locked(
     Ok(pin)
 }
 
-/// The parts of an OCI image config a provider checks before loading.
-#[derive(Deserialize)]
-struct OciConfig {
-    #[serde(default)]
-    architecture: String,
-    #[serde(default)]
-    os: String,
-    rootfs: RootFs,
-}
-
-#[derive(Deserialize)]
-struct RootFs {
-    #[serde(default)]
-    diff_ids: Vec<String>,
-}
-
 /// The engine's name for this machine's architecture.
 pub(crate) fn engine_arch() -> &'static str {
     match std::env::consts::ARCH {
@@ -464,13 +454,12 @@ async fn load_kiln(
             cfg.digest
         ));
     }
-    let parsed: OciConfig = serde_json::from_slice(&config)
+    let parsed: kiln_protocol::OciConfig = serde_json::from_slice(&config)
         .map_err(|e| format!("image {name}: its config is not an OCI image config: {e}"))?;
-    if parsed.os != "linux" || parsed.architecture != engine_arch() {
+    if parsed.platform.os != "linux" || parsed.platform.architecture != engine_arch() {
         return Err(format!(
-            "image {name} is for {}/{}; this provider runs linux/{}",
-            parsed.os,
-            parsed.architecture,
+            "image {name} is for {}; this provider runs linux/{}",
+            parsed.platform,
             engine_arch()
         ));
     }

@@ -68,6 +68,7 @@ mod gang;
 mod handlers;
 mod image_serve;
 mod images;
+pub use images::image_cache_repo;
 mod inputs;
 mod owner;
 mod registry;

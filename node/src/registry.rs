@@ -30,15 +30,7 @@ struct Described {
     #[serde(default)]
     size: u64,
     #[serde(default)]
-    platform: Option<Platform>,
-}
-
-#[derive(Deserialize)]
-struct Platform {
-    #[serde(default)]
-    os: String,
-    #[serde(default)]
-    architecture: String,
+    platform: Option<kiln_protocol::OciPlatform>,
 }
 
 #[derive(Deserialize)]

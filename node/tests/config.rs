@@ -10,6 +10,13 @@ fn node() -> Command {
     c
 }
 
+/// `kiln-node run --config <file>`: it must fail; returns its stderr.
+fn run_refused(file: &std::path::Path) -> String {
+    let out = node().args(["run", "--config"]).arg(file).output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn config_init_writes_every_default_and_run_reads_it_back() {
     let out = node().args(["config", "init"]).output().unwrap();
@@ -24,13 +31,7 @@ fn config_init_writes_every_default_and_run_reads_it_back() {
     let file = dir.path().join("node.toml");
     // A file with a typo: refused, naming the key and the file.
     std::fs::write(&file, "registry-allowed = [\"ghcr.io\"]\n").unwrap();
-    let out = node()
-        .args(["run", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run_refused(&file);
     assert!(
         err.contains("`registry-allowed`")
             && err.contains("registry-allow")
@@ -39,11 +40,5 @@ fn config_init_writes_every_default_and_run_reads_it_back() {
     );
     // The generated file, with the coordinator still missing: clap says so.
     std::fs::write(&file, &text).unwrap();
-    let out = node()
-        .args(["run", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--coordinator"));
+    assert!(run_refused(&file).contains("--coordinator"));
 }

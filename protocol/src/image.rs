@@ -92,6 +92,37 @@ impl<'de> Deserialize<'de> for OciDigest {
     }
 }
 
+/// The platform an image (or an index entry) is for, as OCI documents name it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OciPlatform {
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub architecture: String,
+}
+
+impl fmt::Display for OciPlatform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)
+    }
+}
+
+/// What Kiln reads of an OCI image config: its platform and its layers'
+/// uncompressed digests (`rootfs.diff_ids`). Other keys are ignored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct OciConfig {
+    #[serde(flatten)]
+    pub platform: OciPlatform,
+    #[serde(default)]
+    pub rootfs: OciRootFs,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct OciRootFs {
+    #[serde(default)]
+    pub diff_ids: Vec<String>,
+}
+
 /// One blob of an image: the config or a layer, as exported by the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageBlob {

@@ -35,7 +35,7 @@ pub use bench::{
 pub use content::{ContentId, Manifest, ManifestEntry, ManifestError};
 pub use gang::{GangMember, GangOffer, GangRelease, GangStart};
 pub use ids::{BuyerId, IdParseError, JobId, Nonce, OfferId, ProviderId};
-pub use image::{DagNode, ImageBlob, ImageManifest, OciDigest};
+pub use image::{DagNode, ImageBlob, ImageManifest, OciConfig, OciDigest, OciPlatform};
 pub use keys::{Keypair, PublicKey};
 pub use messages::*;
 pub use signed::{Signed, SignedMessage, VerifyError};

@@ -18,15 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Writes `size` pseudo-random bytes (seeded) to `path`.
 fn write_random(path: &Path, size: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut data = vec![0u8; size];
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        chunk.copy_from_slice(&b[..chunk.len()]);
-    }
+    let data = kiln_cli::bench_image::pseudo_random(size, seed);
     let mut f = std::fs::File::create(path).unwrap();
     f.write_all(&data).unwrap();
     data

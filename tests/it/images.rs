@@ -6,22 +6,9 @@
 
 use bollard::Docker;
 use kiln_cli::devnet::Devnet;
-use kiln_protocol::views::{BlobKind, JobState};
+use kiln_protocol::views::{BlobKind, JobState, JobView};
 use kiln_protocol::{ContentId, ImageManifest, ImageRef, JobSpec, OciDigest};
 use kiln_tests::{LoopbackRegistry, buyer, devnet, reason, run_job};
-
-/// Pseudo-random bytes (seeded).
-fn random(size: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = vec![0u8; size];
-    for c in out.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-    }
-    out
-}
 
 /// An image no provider has: the workload binary plus a layer holding
 /// `/marker`, a file of `size` random bytes. Loaded into the engine as
@@ -32,7 +19,7 @@ async fn buyers_image(docker: &Docker, tag: &str, size: usize) -> (Vec<u8>, Stri
             .try_into()
             .unwrap(),
     );
-    let marker = random(size, seed);
+    let marker = kiln_cli::bench_image::pseudo_random(size, seed);
     let layers = vec![
         kiln_docker::workload_layer().unwrap(),
         kiln_docker::layer_tar(&[("marker", 0o444, &marker)]).unwrap(),
@@ -73,6 +60,23 @@ fn marker_output(marker: &[u8]) -> ContentId {
     }])
     .unwrap()
     .cid()
+}
+
+/// Runs `image`'s hash job on the provider in `region`; it must fail
+/// before its container starts. Returns the job and its reason.
+async fn fails(
+    dn: &Devnet,
+    client: &kiln_cli::Client,
+    image: &str,
+    region: &str,
+) -> (JobView, String) {
+    let mut spec = hash_marker(dn, image);
+    spec.resources.region = Some(region.into());
+    let done = run_job(client, spec).await.unwrap();
+    assert_eq!(done.state, JobState::Failed, "{region}: {done:#?}");
+    assert_eq!(done.exit_code, None, "no container ran: {done:#?}");
+    let why = done.reason.clone().unwrap_or_default();
+    (done, why)
 }
 
 async fn engine_has(docker: &Docker, reference: &str) -> bool {
@@ -166,7 +170,7 @@ async fn a_pushed_image_runs_where_it_never_was_and_the_next_provider_fetches_it
     assert_eq!(done.provider, Some(b));
     assert_eq!(done.output_cid, Some(marker_output(&marker)));
     assert_eq!(
-        kiln_tests::cached_images(&dn).await.unwrap().len(),
+        dn.cached_images().await.unwrap().len(),
         2,
         "each node tags it once"
     );
@@ -187,7 +191,7 @@ async fn a_pushed_image_runs_where_it_never_was_and_the_next_provider_fetches_it
     let why = done.reason.clone().unwrap_or_default();
     assert!(why.contains("as kiln:<cid>"), "{why}");
 
-    kiln_tests::remove_cached_images(&dn).await.unwrap();
+    dn.remove_cached_images().await.unwrap();
     assert!(
         !engine_has(&docker, &image_id).await,
         "the last tag removed, the image goes"
@@ -223,12 +227,8 @@ async fn bad_images_fail_before_a_container_starts_and_leave_nothing_in_the_engi
     remove(&docker, &tag).await;
 
     // 1. Over the provider's size limit: named, nothing fetched or loaded.
-    let mut spec = hash_marker(&dn, &pushed.image);
-    spec.resources.region = Some("small".into());
-    let done = run_job(&client, spec).await.unwrap();
-    assert_eq!(done.state, JobState::Failed, "{done:#?}");
+    let (done, why) = fails(&dn, &client, &pushed.image, "small").await;
     assert_eq!(done.provider, Some(small));
-    let why = done.reason.clone().unwrap_or_default();
     assert!(
         why.contains(&pushed.image) && why.contains("1048576-byte image limit"),
         "{why}"
@@ -253,11 +253,7 @@ async fn bad_images_fail_before_a_container_starts_and_leave_nothing_in_the_engi
         .await
         .unwrap();
     for region in ["roomy", "archive"] {
-        let mut spec = hash_marker(&dn, &format!("kiln:{}", lying.cid()));
-        spec.resources.region = Some(region.into());
-        let done = run_job(&client, spec).await.unwrap();
-        assert_eq!(done.state, JobState::Failed, "{region}: {done:#?}");
-        let why = done.reason.clone().unwrap_or_default();
+        let (_, why) = fails(&dn, &client, &format!("kiln:{}", lying.cid()), region).await;
         assert!(
             why.contains(&format!("layer {}", lying.layers[1].digest))
                 && why.contains("does not match its OCI digest"),
@@ -273,7 +269,7 @@ async fn bad_images_fail_before_a_container_starts_and_leave_nothing_in_the_engi
     assert_eq!(done.state, JobState::Completed, "{done:#?}");
     assert_eq!(done.provider, Some(archive));
     assert_eq!(done.output_cid, Some(marker_output(&marker)));
-    kiln_tests::remove_cached_images(&dn).await.unwrap();
+    dn.remove_cached_images().await.unwrap();
 
     // 3. A CID that is a directory, not an image: refused at submission.
     let dir = kiln_protocol::Manifest::new(vec![]).unwrap();
@@ -290,7 +286,7 @@ async fn bad_images_fail_before_a_container_starts_and_leave_nothing_in_the_engi
     assert!(e.contains("not an image manifest"), "{e}");
     // Nor is a 2 MiB DAG-CBOR blob: refused by its size, before anything
     // reads it into memory.
-    let big = random(2 << 20, 9);
+    let big = kiln_cli::bench_image::pseudo_random(2 << 20, 9);
     let big_cid =
         ContentId::from_blake3(kiln_protocol::content::DAG_CBOR_CODEC, blake3::hash(&big));
     client
@@ -306,7 +302,7 @@ async fn bad_images_fail_before_a_container_starts_and_leave_nothing_in_the_engi
 
     // Nothing of it in the engine: no image, no cache tag.
     assert!(!engine_has(&docker, &image_id).await);
-    assert!(kiln_tests::cached_images(&dn).await.unwrap().is_empty());
+    assert!(dn.cached_images().await.unwrap().is_empty());
     assert!(kiln_tests::leftovers(&dn).await.unwrap().is_empty());
     dn.shutdown().await;
 }
@@ -411,37 +407,43 @@ async fn an_image_by_digest_is_pulled_where_its_registry_is_allowed_and_nowhere_
 
     // A registry serving other bytes than the digest names: refused
     // before the engine pulls anything.
-    let mut spec = hash_marker(&dn, &format!("{liar}/x@sha256:{}", "ab".repeat(32)));
-    spec.resources.region = Some("allows".into());
-    let done = run_job(&client, spec).await.unwrap();
-    assert_eq!(done.state, JobState::Failed, "{done:#?}");
-    let why = done.reason.clone().unwrap_or_default();
+    let (_, why) = fails(
+        &dn,
+        &client,
+        &format!("{liar}/x@sha256:{}", "ab".repeat(32)),
+        "allows",
+    )
+    .await;
     assert!(
         why.contains(&format!("registry {liar} served a manifest hashing to")),
         "{why}"
     );
 
     // A registry that is down: named.
-    let mut spec = hash_marker(&dn, &format!("{dead}/x@sha256:{}", "ef".repeat(32)));
-    spec.resources.region = Some("allows".into());
-    let done = run_job(&client, spec).await.unwrap();
-    assert_eq!(done.state, JobState::Failed, "{done:#?}");
-    let why = done.reason.clone().unwrap_or_default();
+    let (_, why) = fails(
+        &dn,
+        &client,
+        &format!("{dead}/x@sha256:{}", "ef".repeat(32)),
+        "allows",
+    )
+    .await;
     assert!(
         why.contains(&format!("registry {dead} is unreachable")),
         "{why}"
     );
 
     // A digest the registry does not have: named.
-    let mut spec = hash_marker(&dn, &format!("{name}@sha256:{}", "cd".repeat(32)));
-    spec.resources.region = Some("allows".into());
-    let done = run_job(&client, spec).await.unwrap();
-    assert_eq!(done.state, JobState::Failed, "{done:#?}");
-    let why = done.reason.clone().unwrap_or_default();
+    let (_, why) = fails(
+        &dn,
+        &client,
+        &format!("{name}@sha256:{}", "cd".repeat(32)),
+        "allows",
+    )
+    .await;
     assert!(why.contains("has no manifest"), "{why}");
 
     // Only the cache's tag holds the pulled image: evicting it frees it.
-    kiln_tests::remove_cached_images(&dn).await.unwrap();
+    dn.remove_cached_images().await.unwrap();
     assert!(
         !engine_has(&docker, &image_id).await,
         "the pulled image is gone"
