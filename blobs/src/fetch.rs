@@ -219,9 +219,14 @@ pub async fn fetch(
             let mut errors = Vec::new();
             let mut proven = None;
             // Two rounds: a connection that closed just as the stream was
-            // opened (an idle timeout racing this fetch) is dialled again.
+            // opened (an idle timeout racing this fetch) is dialled again,
+            // once it has had time to finish closing (an immediate retry
+            // lands on the same closing connection).
             let n = peers.len();
             for (round, i) in (0..2).flat_map(|r| (0..n).map(move |i| (r, i))) {
+                if round == 1 && i == 0 && proven.is_none() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
                 let p = &mut peers[i];
                 if proven.is_some() || p.dropped || (round == 1 && p.failures == 0) {
                     continue;
