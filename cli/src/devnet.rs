@@ -62,6 +62,9 @@ pub struct DevnetOptions {
     /// Most bytes one buyer may hold on the coordinator (its default:
     /// 10 GiB).
     pub blob_quota_per_buyer: Option<u64>,
+    /// The coordinator's database: `None` for the embedded SQLite file in
+    /// the state directory, or a PostgreSQL database.
+    pub database: Option<kiln_coordinator::db::DbLocation>,
 }
 
 impl Default for DevnetOptions {
@@ -83,6 +86,7 @@ impl Default for DevnetOptions {
             min_job_escrow: Credits(1),
             allow_private_urls: false,
             blob_quota_per_buyer: CoordinatorConfig::new(PathBuf::new()).blob_quota_per_buyer,
+            database: None,
         }
     }
 }
@@ -133,6 +137,7 @@ impl Devnet {
         cc.verification.enabled = opts.verification;
         cc.min_job_escrow = opts.min_job_escrow;
         cc.blob_quota_per_buyer = opts.blob_quota_per_buyer;
+        cc.database = opts.database.clone();
         let coordinator_cancel = cancel.child_token();
         let coordinator = kiln_coordinator::start(cc.clone(), coordinator_cancel.clone()).await?;
         let coord_addr = coordinator
@@ -243,6 +248,11 @@ impl Devnet {
 
     pub fn url(&self) -> String {
         self.coordinator.url()
+    }
+
+    /// Where the coordinator's database is.
+    pub fn database(&self) -> kiln_coordinator::db::DbLocation {
+        self.coordinator_config.database_location()
     }
 
     /// Stops the coordinator (its tasks end and release the database and

@@ -213,7 +213,7 @@ async fn ledger_commands_show_interval_payouts_and_catch_tampering() {
     let mut bad = entry;
     let i = bad.len() / 2;
     bad[i] ^= 0x04;
-    sqlx::query("UPDATE ledger_entries SET entry = ? WHERE seq = 2")
+    sqlx::query("UPDATE ledger_entries SET entry = $1 WHERE seq = 2")
         .bind(&bad)
         .execute(&db)
         .await

@@ -391,7 +391,7 @@ async fn record(
         SpeedUpdate::Clear => Db::set_gpu_speeds(&mut tx, provider, &[]).await?,
         SpeedUpdate::Keep => {}
     }
-    sqlx::query("INSERT INTO provider_audits (provider, at, challenge_id, outcome, detail) VALUES (?, ?, ?, ?, ?)")
+    sqlx::query("INSERT INTO provider_audits (provider, at, challenge_id, outcome, detail) VALUES ($1, $2, $3, $4, $5)")
         .bind(provider.to_string())
         .bind(i64::try_from(UnixMillis::now().0).unwrap_or(i64::MAX))
         .bind(challenge_id)
@@ -406,7 +406,7 @@ async fn record(
     };
     let after = Db::reputation_event(&mut tx, provider, reputation_event(outcome)).await?;
     sqlx::query(
-        "UPDATE reputation SET passed = passed + ?, flagged = flagged + ?, failed = failed + ? WHERE provider = ?",
+        "UPDATE reputation SET passed = passed + $1, flagged = flagged + $2, failed = failed + $3 WHERE provider = $4",
     )
     .bind(p)
     .bind(f)
@@ -429,7 +429,7 @@ pub async fn history(
     provider: &ProviderId,
     limit: u32,
 ) -> Result<Vec<AuditView>, DbError> {
-    let rows = sqlx::query("SELECT at, challenge_id, outcome, detail FROM provider_audits WHERE provider = ? ORDER BY seq DESC LIMIT ?")
+    let rows = sqlx::query("SELECT at, challenge_id, outcome, detail FROM provider_audits WHERE provider = $1 ORDER BY seq DESC LIMIT $2")
         .bind(provider.to_string())
         .bind(i64::from(limit))
         .fetch_all(&state.db.pool)

@@ -2,8 +2,23 @@
 //! job row and appends to `job_events` (and, when money moves, `ledger_ops`),
 //! so a crash at any point leaves a consistent database.
 //!
-//! SQLite (embedded, WAL, synchronous=FULL) is the default; the SQL is kept
-//! portable for the PostgreSQL backend to come.
+//! Two engines run the same queries through sqlx's `Any` driver:
+//! - **SQLite** (embedded, WAL, synchronous=FULL), the default: one file in
+//!   the state directory, nothing to install.
+//! - **PostgreSQL** (`--db postgres://…`), when one machine is not enough.
+//!
+//! The SQL is written once for both: `$N` placeholders (SQLite reads them
+//! too), `ON CONFLICT`, `RETURNING`, and aggregates cast to `BIGINT`. Only
+//! the schema differs (`migrations/sqlite`, `migrations/postgres`: types and
+//! identity columns), with the same table and column names.
+//!
+//! Writers are serialized on both engines, which is what every read-then-
+//! write transaction here relies on: SQLite's `BEGIN IMMEDIATE` takes the
+//! database's one write lock; on PostgreSQL each write transaction takes the
+//! transaction-scoped advisory lock [`WRITE_LOCK`] first, so processes
+//! sharing one database (replicas) queue behind each other exactly as
+//! SQLite's writers do, and the lock is released by commit, rollback or a
+//! dropped connection (a killed process never leaves it held).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -12,10 +27,15 @@ use kiln_protocol::{
     BuyerId, CapabilityAdvert, ContentId, Credits, ProviderId, Signed, UnixMillis,
 };
 use serde::Serialize;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The advisory-lock key every PostgreSQL write transaction takes
+/// (`pg_advisory_xact_lock`): "KILNWRIT" in ASCII.
+pub const WRITE_LOCK: i64 = 0x4B49_4C4E_5752_4954;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -25,6 +45,10 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("corrupt row in {table}: {reason}")]
     Corrupt { table: &'static str, reason: String },
+    #[error(
+        "unsupported database '{0}': use a SQLite file path (or sqlite://PATH) or a postgres://user:password@host/dbname URL"
+    )]
+    Unsupported(String),
 }
 
 fn corrupt(table: &'static str, reason: impl ToString) -> DbError {
@@ -50,9 +74,71 @@ pub struct BlobRecord {
     pub created_at: UnixMillis,
 }
 
+/// Which engine a [`Db`] runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// Where the database is: a SQLite file, or a PostgreSQL URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DbLocation {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl DbLocation {
+    /// `postgres://…` / `postgresql://…`, `sqlite://PATH`, or a plain path
+    /// (a SQLite file).
+    pub fn parse(s: &str) -> Result<Self, DbError> {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(Self::Postgres(s.to_string()))
+        } else if let Some(path) = s.strip_prefix("sqlite://") {
+            Ok(Self::Sqlite(path.into()))
+        } else if s.contains("://") {
+            Err(DbError::Unsupported(redact(s)))
+        } else {
+            Ok(Self::Sqlite(s.into()))
+        }
+    }
+
+    /// For logs: a PostgreSQL URL without its password.
+    pub fn display(&self) -> String {
+        match self {
+            Self::Sqlite(p) => p.display().to_string(),
+            Self::Postgres(url) => redact(url),
+        }
+    }
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Db {
-    pub pool: SqlitePool,
+    pub pool: AnyPool,
+    pub backend: Backend,
 }
 
 fn i(v: u64) -> i64 {
@@ -69,31 +155,82 @@ where
     s.parse().map_err(|e: T::Err| corrupt(table, e))
 }
 
-pub type Tx<'c> = sqlx::Transaction<'c, sqlx::Sqlite>;
+/// `$first, $first+1, …` (`n` placeholders) for an `IN (…)` list.
+pub(crate) fn marks(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|k| format!("${k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
 
 impl Db {
-    /// Opens (creating if needed) the SQLite database at `path` and migrates it.
-    pub async fn open_sqlite(path: &std::path::Path) -> Result<Self, DbError> {
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
-            .await?;
-        MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+    /// Opens (creating if needed) the database at `location` and migrates it.
+    pub async fn open(location: &DbLocation) -> Result<Self, DbError> {
+        sqlx::any::install_default_drivers();
+        match location {
+            DbLocation::Sqlite(path) => Self::open_sqlite(path).await,
+            DbLocation::Postgres(url) => {
+                let pool = AnyPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect(url)
+                    .await?;
+                POSTGRES_MIGRATOR.run(&pool).await?;
+                Ok(Self {
+                    pool,
+                    backend: Backend::Postgres,
+                })
+            }
+        }
     }
 
-    /// Starts a write transaction. `BEGIN IMMEDIATE` takes the write lock up
+    /// Opens (creating if needed) the SQLite database at `path` and migrates it.
+    pub async fn open_sqlite(path: &std::path::Path) -> Result<Self, DbError> {
+        sqlx::any::install_default_drivers();
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let pool = AnyPoolOptions::new()
+            .max_connections(4)
+            .after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    // What SqliteConnectOptions would set: WAL (readers never
+                    // block the writer), a full fsync per commit, writers
+                    // waiting for the lock instead of failing, and foreign keys.
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA synchronous = FULL").await?;
+                    conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    conn.execute("PRAGMA foreign_keys = ON").await?;
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await?;
+        SQLITE_MIGRATOR.run(&pool).await?;
+        Ok(Self {
+            pool,
+            backend: Backend::Sqlite,
+        })
+    }
+
+    /// Starts a write transaction, serialized with every other writer (see
+    /// the module docs). SQLite: `BEGIN IMMEDIATE` takes the write lock up
     /// front, so concurrent writers queue on the busy timeout instead of
     /// failing with SQLITE_BUSY when a read transaction tries to upgrade.
     pub async fn begin(&self) -> Result<Tx<'static>, DbError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+        match self.backend {
+            Backend::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                // pg_advisory_xact_lock returns `void`, which the Any driver
+                // cannot decode: count the one row instead.
+                sqlx::query("SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock($1)) AS l")
+                    .bind(WRITE_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(tx)
+            }
+        }
     }
 
     /// Records a nonce; `false` if this (signer, nonce) was seen before.
@@ -104,7 +241,7 @@ impl Db {
         domain: &str,
         expires_at: UnixMillis,
     ) -> Result<bool, DbError> {
-        let r = sqlx::query("INSERT INTO seen_nonces (signer, nonce, domain, expires_at) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING")
+        let r = sqlx::query("INSERT INTO seen_nonces (signer, nonce, domain, expires_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
             .bind(signer)
             .bind(nonce)
             .bind(domain)
@@ -119,7 +256,7 @@ impl Db {
         let js = serde_json::to_string(&advert.payload).map_err(|e| corrupt("providers", e))?;
         let now = i(UnixMillis::now().0);
         sqlx::query(
-            "INSERT INTO providers (id, advert, advert_json, last_seen, registered_at) VALUES (?, ?, ?, ?, ?) \
+            "INSERT INTO providers (id, advert, advert_json, last_seen, registered_at) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (id) DO UPDATE SET advert = excluded.advert, advert_json = excluded.advert_json, last_seen = excluded.last_seen",
         )
         .bind(advert.payload.provider.to_string())
@@ -133,7 +270,7 @@ impl Db {
     }
 
     pub async fn provider_known(&self, id: &ProviderId) -> Result<bool, DbError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM providers WHERE id = ?")
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM providers WHERE id = $1")
             .bind(id.to_string())
             .fetch_one(&self.pool)
             .await?;
@@ -148,7 +285,7 @@ impl Db {
         since: UnixMillis,
     ) -> Result<Vec<ProviderRecord>, DbError> {
         let rows = sqlx::query(
-            "SELECT id, advert, last_seen FROM providers WHERE last_seen >= ? ORDER BY id",
+            "SELECT id, advert, last_seen FROM providers WHERE last_seen >= $1 ORDER BY id",
         )
         .bind(i(since.0))
         .fetch_all(&self.pool)
@@ -163,7 +300,7 @@ impl Db {
     /// One provider's last advert (skipped like [`Self::providers_seen_since`]
     /// when unreadable).
     pub async fn provider(&self, id: &ProviderId) -> Result<Option<ProviderRecord>, DbError> {
-        let row = sqlx::query("SELECT id, advert, last_seen FROM providers WHERE id = ?")
+        let row = sqlx::query("SELECT id, advert, last_seen FROM providers WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?;
@@ -195,7 +332,7 @@ impl Db {
 
     /// A provider's reputation score (`REPUTATION_START` if never audited).
     pub async fn reputation(&self, provider: &ProviderId) -> Result<u32, DbError> {
-        let s: Option<i64> = sqlx::query_scalar("SELECT score FROM reputation WHERE provider = ?")
+        let s: Option<i64> = sqlx::query_scalar("SELECT score FROM reputation WHERE provider = $1")
             .bind(provider.to_string())
             .fetch_optional(&self.pool)
             .await?;
@@ -211,7 +348,7 @@ impl Db {
         event: crate::verification::reputation::Event,
     ) -> Result<u32, DbError> {
         let row: Option<(i64, i64)> =
-            sqlx::query_as("SELECT good, bad FROM reputation WHERE provider = ?")
+            sqlx::query_as("SELECT good, bad FROM reputation WHERE provider = $1")
                 .bind(provider.to_string())
                 .fetch_optional(&mut **tx)
                 .await?;
@@ -224,7 +361,7 @@ impl Db {
         let after = before.after(event);
         let score = after.score();
         sqlx::query(
-            "INSERT INTO reputation (provider, score, good, bad) VALUES (?, ?, ?, ?) \
+            "INSERT INTO reputation (provider, score, good, bad) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (provider) DO UPDATE SET score = excluded.score, good = excluded.good, bad = excluded.bad",
         )
         .bind(provider.to_string())
@@ -238,7 +375,7 @@ impl Db {
 
     pub async fn record_blob(tx: &mut Tx<'_>, cid: &ContentId, size: u64) -> Result<(), DbError> {
         sqlx::query(
-            "INSERT INTO blobs (cid, size, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            "INSERT INTO blobs (cid, size, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
         .bind(cid.to_string())
         .bind(i(size))
@@ -258,7 +395,7 @@ impl Db {
     ) -> Result<(), DbError> {
         Self::record_blob(tx, cid, size).await?;
         sqlx::query(
-            "INSERT INTO blob_owners (buyer, cid, size, name, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            "INSERT INTO blob_owners (buyer, cid, size, name, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
         )
         .bind(buyer.to_string())
         .bind(cid.to_string())
@@ -273,21 +410,23 @@ impl Db {
     /// Bytes counted against `buyer`'s blob quota: every blob it may
     /// read, once each.
     pub async fn blob_usage_in(tx: &mut Tx<'_>, buyer: &BuyerId) -> Result<u64, DbError> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT COALESCE(SUM(size), 0) FROM blob_owners WHERE buyer = ?")
-                .bind(buyer.to_string())
-                .fetch_one(&mut **tx)
-                .await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM blob_owners WHERE buyer = $1",
+        )
+        .bind(buyer.to_string())
+        .fetch_one(&mut **tx)
+        .await?;
         Ok(u(n))
     }
 
     /// [`Self::blob_usage_in`] outside a transaction.
     pub async fn blob_usage(&self, buyer: &BuyerId) -> Result<u64, DbError> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT COALESCE(SUM(size), 0) FROM blob_owners WHERE buyer = ?")
-                .bind(buyer.to_string())
-                .fetch_one(&self.pool)
-                .await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM blob_owners WHERE buyer = $1",
+        )
+        .bind(buyer.to_string())
+        .fetch_one(&self.pool)
+        .await?;
         Ok(u(n))
     }
 
@@ -298,7 +437,7 @@ impl Db {
         cid: &ContentId,
     ) -> Result<Option<u64>, DbError> {
         let size: Option<i64> = sqlx::query_scalar(
-            "DELETE FROM blob_owners WHERE buyer = ? AND cid = ? RETURNING size",
+            "DELETE FROM blob_owners WHERE buyer = $1 AND cid = $2 RETURNING size",
         )
         .bind(buyer.to_string())
         .bind(cid.to_string())
@@ -310,14 +449,14 @@ impl Db {
     /// Whether anyone still holds a claim on `cid`; if not, forgets it
     /// (the caller then removes the bytes).
     pub async fn forget_blob_if_unheld(tx: &mut Tx<'_>, cid: &ContentId) -> Result<bool, DbError> {
-        let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM blob_owners WHERE cid = ?")
+        let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM blob_owners WHERE cid = $1")
             .bind(cid.to_string())
             .fetch_one(&mut **tx)
             .await?;
         if held > 0 {
             return Ok(false);
         }
-        sqlx::query("DELETE FROM blobs WHERE cid = ?")
+        sqlx::query("DELETE FROM blobs WHERE cid = $1")
             .bind(cid.to_string())
             .execute(&mut **tx)
             .await?;
@@ -327,7 +466,7 @@ impl Db {
     /// Whether `buyer` may read `cid`.
     pub async fn blob_readable(&self, buyer: &BuyerId, cid: &ContentId) -> Result<bool, DbError> {
         let n: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM blob_owners WHERE buyer = ? AND cid = ?")
+            sqlx::query_scalar("SELECT COUNT(*) FROM blob_owners WHERE buyer = $1 AND cid = $2")
                 .bind(buyer.to_string())
                 .bind(cid.to_string())
                 .fetch_one(&self.pool)
@@ -344,9 +483,9 @@ impl Db {
         let mut out = std::collections::HashSet::new();
         // SQLite binds at most 32k parameters; stay well below.
         for batch in cids.chunks(500) {
-            let marks = vec!["?"; batch.len()].join(", ");
+            let marks = marks(2, batch.len());
             let sql = format!(
-                "SELECT DISTINCT cid FROM blob_owners WHERE buyer = ? AND cid IN ({marks})"
+                "SELECT DISTINCT cid FROM blob_owners WHERE buyer = $1 AND cid IN ({marks})"
             );
             let mut q =
                 sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).bind(buyer.to_string());
@@ -365,7 +504,7 @@ impl Db {
     /// The blobs `buyer` may read, newest first.
     pub async fn blobs_of(&self, buyer: &BuyerId, limit: u32) -> Result<Vec<BlobRecord>, DbError> {
         let rows = sqlx::query(
-            "SELECT cid, size, name, created_at FROM blob_owners WHERE buyer = ? ORDER BY created_at DESC, cid LIMIT ?",
+            "SELECT cid, size, name, created_at FROM blob_owners WHERE buyer = $1 ORDER BY created_at DESC, cid LIMIT $2",
         )
         .bind(buyer.to_string())
         .bind(i64::from(limit))
@@ -391,7 +530,7 @@ impl Db {
         entry: &[u8],
         at: UnixMillis,
     ) -> Result<(), DbError> {
-        sqlx::query("INSERT INTO ledger_entries (seq, entry, at) VALUES (?, ?, ?)")
+        sqlx::query("INSERT INTO ledger_entries (seq, entry, at) VALUES ($1, $2, $3)")
             .bind(i(seq))
             .bind(entry)
             .bind(i(at.0))
@@ -401,7 +540,7 @@ impl Db {
     }
 
     pub async fn set_balance(tx: &mut Tx<'_>, account: &str, balance: u64) -> Result<(), DbError> {
-        sqlx::query("INSERT INTO balances (account, balance) VALUES (?, ?) ON CONFLICT (account) DO UPDATE SET balance = excluded.balance")
+        sqlx::query("INSERT INTO balances (account, balance) VALUES ($1, $2) ON CONFLICT (account) DO UPDATE SET balance = excluded.balance")
             .bind(account)
             .bind(i(balance))
             .execute(&mut **tx)
@@ -416,7 +555,7 @@ impl Db {
         limit: u32,
     ) -> Result<Vec<(u64, Vec<u8>)>, DbError> {
         let rows = sqlx::query(
-            "SELECT seq, entry FROM ledger_entries WHERE seq >= ? ORDER BY seq LIMIT ?",
+            "SELECT seq, entry FROM ledger_entries WHERE seq >= $1 ORDER BY seq LIMIT $2",
         )
         .bind(i(from))
         .bind(i64::from(limit))
@@ -452,7 +591,7 @@ impl Db {
 
 /// A `providers` row, or `None` (with a warning) if its advert no longer
 /// decodes.
-fn provider_row(r: &sqlx::sqlite::SqliteRow) -> Result<Option<ProviderRecord>, DbError> {
+fn provider_row(r: &AnyRow) -> Result<Option<ProviderRecord>, DbError> {
     let b: Vec<u8> = r.try_get("advert")?;
     match Signed::from_bytes(&b) {
         Ok(advert) => Ok(Some(ProviderRecord {
@@ -490,7 +629,7 @@ impl Db {
         provider: &ProviderId,
         rows: &[GpuSpeedRecord],
     ) -> Result<(), DbError> {
-        sqlx::query("DELETE FROM gpu_speed WHERE provider = ?")
+        sqlx::query("DELETE FROM gpu_speed WHERE provider = $1")
             .bind(provider.to_string())
             .execute(&mut **tx)
             .await?;
@@ -498,7 +637,7 @@ impl Db {
             sqlx::query(
                 "INSERT INTO gpu_speed (provider, gpu_uuid, gpu_name, verified_mflops, observed_mflops, \
                  advertised_mflops, proven_flops, round_trip_us, challenge_id, at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
                  ON CONFLICT (provider, gpu_uuid) DO UPDATE SET gpu_name = excluded.gpu_name, \
                  verified_mflops = excluded.verified_mflops, observed_mflops = excluded.observed_mflops, \
                  advertised_mflops = excluded.advertised_mflops, proven_flops = excluded.proven_flops, \
@@ -535,12 +674,12 @@ impl Db {
     pub async fn gpu_speeds(&self, provider: &ProviderId) -> Result<Vec<GpuSpeedRecord>, DbError> {
         let rows = sqlx::query(
             "SELECT gpu_uuid, gpu_name, verified_mflops, observed_mflops, advertised_mflops, \
-             proven_flops, round_trip_us, challenge_id, at FROM gpu_speed WHERE provider = ? ORDER BY gpu_uuid",
+             proven_flops, round_trip_us, challenge_id, at FROM gpu_speed WHERE provider = $1 ORDER BY gpu_uuid",
         )
         .bind(provider.to_string())
         .fetch_all(&self.pool)
         .await?;
-        let num = |r: &sqlx::sqlite::SqliteRow, col: &str| -> Result<u64, DbError> {
+        let num = |r: &AnyRow, col: &str| -> Result<u64, DbError> {
             let v: i64 = r.try_get(col)?;
             u64::try_from(v).map_err(|_| corrupt("gpu_speed", format!("negative {col} {v}")))
         };
@@ -572,7 +711,7 @@ impl Db {
         seq: u64,
     ) -> Result<(), DbError> {
         sqlx::query(
-            "INSERT INTO ledger_accounts (account, seq) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            "INSERT INTO ledger_accounts (account, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         )
         .bind(account)
         .bind(i(seq))
@@ -599,7 +738,7 @@ impl Db {
     ) -> Result<Vec<(u64, Vec<u8>)>, DbError> {
         let rows = sqlx::query(
             "SELECT e.seq, e.entry FROM ledger_accounts a JOIN ledger_entries e ON e.seq = a.seq \
-             WHERE a.account = ? AND a.seq >= ? ORDER BY a.seq LIMIT ?",
+             WHERE a.account = $1 AND a.seq >= $2 ORDER BY a.seq LIMIT $3",
         )
         .bind(account)
         .bind(i(from))
@@ -619,7 +758,7 @@ impl Db {
     ) -> Result<Vec<(ProviderRecord, u32)>, DbError> {
         let rows = sqlx::query(
             "SELECT p.id, p.advert, p.last_seen, r.score FROM providers p \
-             LEFT JOIN reputation r ON r.provider = p.id WHERE p.last_seen >= ? ORDER BY p.id",
+             LEFT JOIN reputation r ON r.provider = p.id WHERE p.last_seen >= $1 ORDER BY p.id",
         )
         .bind(i(since.0))
         .fetch_all(&self.pool)

@@ -80,8 +80,12 @@ pub use api::create_app;
 /// How a coordinator is set up.
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
-    /// Database, blob store and identity key live here.
+    /// Database (unless [`Self::database`] names one), blob store and
+    /// identity key live here.
     pub state_dir: PathBuf,
+    /// The database: `None` for the embedded SQLite file `kiln.db` in the
+    /// state directory, or a PostgreSQL URL (see [`db`]).
+    pub database: Option<db::DbLocation>,
     pub http_listen: SocketAddr,
     pub p2p_listen: Addr,
     /// Credits given once to each new buyer (devnet); `None` in production.
@@ -136,6 +140,7 @@ impl CoordinatorConfig {
     pub fn new(state_dir: PathBuf) -> Self {
         Self {
             state_dir,
+            database: None,
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8730)),
             p2p_listen: "/ip4/127.0.0.1/tcp/0"
                 .parse()
@@ -164,6 +169,14 @@ impl CoordinatorConfig {
     /// directory.
     pub fn operator_key_path(&self) -> PathBuf {
         self.state_dir.join("operator.key")
+    }
+
+    /// Where the database is: [`Self::database`], or `kiln.db` in the
+    /// state directory.
+    pub fn database_location(&self) -> db::DbLocation {
+        self.database
+            .clone()
+            .unwrap_or_else(|| db::DbLocation::Sqlite(self.state_dir.join("kiln.db")))
     }
 }
 
@@ -306,7 +319,9 @@ pub async fn start(
         config.operators.push(operator.public());
     }
     tracing::info!(key = %config.operator_key_path().display(), "operator key (records deposits and payouts: `kiln --key <it> operator …`)");
-    let db = db::Db::open_sqlite(&config.state_dir.join("kiln.db")).await?;
+    let location = config.database_location();
+    let db = db::Db::open(&location).await?;
+    tracing::info!(database = %location.display(), backend = db.backend.as_str(), "database open");
     let bank = bank::Bank::load(&db, &key, config.fee_bps).await?;
     let blobs = kiln_blobs::Store::open_dir(
         &config.state_dir.join("blobs"),

@@ -23,10 +23,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the coordinator on an embedded SQLite database until Ctrl-C.
+    /// Run the coordinator until Ctrl-C (or SIGTERM).
     Run {
         #[arg(long, env = "KILN_COORDINATOR_STATE", default_value_os_t = default_state_dir())]
         state_dir: PathBuf,
+        /// The database: a SQLite file path, or a PostgreSQL URL
+        /// (`postgres://user:password@host/dbname`). Default: the embedded
+        /// SQLite file `kiln.db` in the state directory.
+        #[arg(long, env = "KILN_COORDINATOR_DB", value_parser = parse_db)]
+        db: Option<kiln_coordinator::db::DbLocation>,
         /// HTTP address for the buyer API.
         #[arg(long, default_value = "127.0.0.1:8730")]
         http: SocketAddr,
@@ -171,6 +176,10 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
     }
 }
 
+fn parse_db(s: &str) -> Result<kiln_coordinator::db::DbLocation, String> {
+    kiln_coordinator::db::DbLocation::parse(s).map_err(|e| e.to_string())
+}
+
 fn default_state_dir() -> PathBuf {
     dirs::data_local_dir()
         .unwrap_or_else(std::env::temp_dir)
@@ -190,6 +199,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let Cmd::Run {
         state_dir,
+        db,
         http,
         p2p,
         faucet,
@@ -210,6 +220,7 @@ async fn main() -> anyhow::Result<()> {
         refusal_delay,
     } = Cli::parse().cmd;
     let mut config = CoordinatorConfig::new(state_dir);
+    config.database = db;
     config.http_listen = http;
     config.p2p_listen = p2p.clone();
     config.faucet = faucet.map(Credits);

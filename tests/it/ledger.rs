@@ -80,12 +80,7 @@ async fn tampering_with_one_ledger_row_is_caught_and_named() {
         .await
         .unwrap()
         .expect("an untouched ledger verifies");
-    let db = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        dn.state_dir.join("coordinator/kiln.db").display()
-    ))
-    .await
-    .unwrap();
+    let db = kiln_tests::open_database(&dn.database()).await.unwrap();
     let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM ledger_entries")
         .fetch_one(&db)
         .await
@@ -100,7 +95,7 @@ async fn tampering_with_one_ledger_row_is_caught_and_named() {
     let mut bad = entry.clone();
     let mid = bad.len() / 2;
     bad[mid] ^= 0x01;
-    sqlx::query("UPDATE ledger_entries SET entry = ? WHERE seq = 3")
+    sqlx::query("UPDATE ledger_entries SET entry = $1 WHERE seq = 3")
         .bind(&bad)
         .execute(&db)
         .await
@@ -115,7 +110,7 @@ async fn tampering_with_one_ledger_row_is_caught_and_named() {
     );
 
     // Restore it; then tamper with a stored balance instead.
-    sqlx::query("UPDATE ledger_entries SET entry = ? WHERE seq = 3")
+    sqlx::query("UPDATE ledger_entries SET entry = $1 WHERE seq = 3")
         .bind(&entry)
         .execute(&db)
         .await

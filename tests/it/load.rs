@@ -24,8 +24,9 @@ struct Running {
     _dir: tempfile::TempDir,
 }
 
-fn config(dir: &tempfile::TempDir, limits: ApiLimits) -> CoordinatorConfig {
+async fn config(dir: &tempfile::TempDir, limits: ApiLimits) -> CoordinatorConfig {
     let mut cc = CoordinatorConfig::new(dir.path().join("coordinator"));
+    cc.database = kiln_tests::database().await.unwrap();
     cc.http_listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     cc.faucet = Some(Credits(1_000_000_000));
     cc.min_job_escrow = Credits(1);
@@ -38,7 +39,7 @@ fn config(dir: &tempfile::TempDir, limits: ApiLimits) -> CoordinatorConfig {
 async fn start(limits: ApiLimits) -> Running {
     kiln_tests::init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let config = config(&dir, limits);
+    let config = config(&dir, limits).await;
     let coordinator = kiln_coordinator::start(config.clone(), CancellationToken::new())
         .await
         .unwrap();

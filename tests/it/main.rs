@@ -1,5 +1,6 @@
 //! Kiln's integration tests: one binary, real components (Docker engine,
-//! libp2p on loopback, SQLite, HTTP). See `kiln_tests` for the harness.
+//! libp2p on loopback, SQLite or PostgreSQL, HTTP). See `kiln_tests` for the
+//! harness; `it_postgres` builds these same files again on PostgreSQL.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 

@@ -1,6 +1,6 @@
 //! Kiln's integration-test harness.
 //!
-//! [`devnet`] boots a real coordinator (SQLite, HTTP, libp2p) and N real
+//! [`devnet`] boots a real coordinator (SQLite or PostgreSQL, HTTP, libp2p) and N real
 //! provider nodes (Docker engine, libp2p) on loopback — the same code
 //! `kiln devnet` runs. [`RogueProvider`] is a real libp2p peer with its own
 //! key that registers like a provider but lets a test decide what it sends
@@ -56,16 +56,25 @@ pub async fn devnet_with_rogue() -> anyhow::Result<(Devnet, CancellationToken, R
     Ok((dn, cancel, rogue))
 }
 
-/// A devnet with explicit options (1 s heartbeats, a free HTTP port).
+/// A devnet with explicit options (1 s heartbeats, a free HTTP port, the
+/// suite's database: see [`database`]).
 pub async fn devnet_with(opts: DevnetOptions) -> anyhow::Result<Devnet> {
     init_tracing();
+    let database = match opts.database {
+        Some(d) => Some(d),
+        None => database().await?,
+    };
     Devnet::start(DevnetOptions {
         http_port: 0,
         heartbeat: Duration::from_secs(1),
+        database,
         ..opts
     })
     .await
 }
+
+mod postgres;
+pub use postgres::{database, open_database};
 
 /// Starts one more provider node and joins it to the devnet's coordinator
 /// (1 s heartbeats); it is drained and stopped with the devnet.

@@ -193,7 +193,7 @@ pub struct ResultColumns<'a> {
 const JOB_COLUMNS: &str = "SELECT id, owner, spec_json, label, state, reason, provider, offer_id, attempts, price_per_hour, \
      max_cost, cost, exit_code, receipt, manifest_json, created_at, updated_at FROM jobs ";
 
-fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRecord, DbError> {
+fn job_from_row(r: &sqlx::any::AnyRow) -> Result<JobRecord, DbError> {
     const T: &str = "jobs";
     let s = |c: &str| -> Result<Option<String>, DbError> { Ok(r.try_get::<Option<String>, _>(c)?) };
     let p = |v: String| v.parse::<JobState>().map_err(|e| corrupt(T, e));
@@ -242,7 +242,7 @@ const TERMINAL: &str = "'completed', 'failed', 'timed_out', 'cancelled'";
 const MEMBER_COLUMNS: &str = "SELECT offer_id, job_id, attempt, rank, provider, listen_addrs, price_per_hour, state, reason, \
      outcome, paid, cost, receipt, manifest_json, started_at, result_at, paid_at, role FROM members ";
 
-fn member_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Member, DbError> {
+fn member_from_row(r: &sqlx::any::AnyRow) -> Result<Member, DbError> {
     const T: &str = "members";
     let s = |c: &str| -> Result<String, DbError> { Ok(r.try_get::<String, _>(c)?) };
     let n = |c: &str| -> Result<u64, DbError> { Ok(u(r.try_get::<i64, _>(c)?)) };
@@ -284,7 +284,7 @@ fn member_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Member, DbError> {
 /// Jobs: reads.
 impl Db {
     pub async fn job(&self, id: &JobId) -> Result<Option<JobRecord>, DbError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{JOB_COLUMNS} WHERE id = ?")))
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{JOB_COLUMNS} WHERE id = $1")))
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?;
@@ -293,7 +293,7 @@ impl Db {
 
     pub async fn jobs_of(&self, owner: &BuyerId, limit: u32) -> Result<Vec<JobRecord>, DbError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{JOB_COLUMNS} WHERE owner = ? ORDER BY created_at DESC LIMIT ?"
+            "{JOB_COLUMNS} WHERE owner = $1 ORDER BY created_at DESC LIMIT $2"
         )))
         .bind(owner.to_string())
         .bind(i64::from(limit))
@@ -306,7 +306,7 @@ impl Db {
     /// queued-per-buyer limit plus those placed).
     pub async fn live_jobs_of(&self, owner: &BuyerId) -> Result<Vec<JobRecord>, DbError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{JOB_COLUMNS} WHERE owner = ? AND state NOT IN ({TERMINAL}) ORDER BY created_at"
+            "{JOB_COLUMNS} WHERE owner = $1 AND state NOT IN ({TERMINAL}) ORDER BY created_at"
         )))
         .bind(owner.to_string())
         .fetch_all(&self.pool)
@@ -335,7 +335,7 @@ impl Db {
         let mut out = Vec::new();
         for s in states {
             let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "{JOB_COLUMNS} WHERE state = ? ORDER BY created_at LIMIT ?"
+                "{JOB_COLUMNS} WHERE state = $1 ORDER BY created_at LIMIT $2"
             )))
             .bind(s.as_str())
             .bind(i64::from(limit))
@@ -354,7 +354,7 @@ impl Db {
     pub async fn jobs_held_by(&self, provider: &ProviderId) -> Result<Vec<JobRecord>, DbError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "{JOB_COLUMNS} WHERE state IN ('dispatched', 'running', 'cancelling', 'verifying') AND id IN \
-             (SELECT m.job_id FROM members m WHERE m.provider = ? \
+             (SELECT m.job_id FROM members m WHERE m.provider = $1 \
               AND m.state IN ('offered', 'reserved', 'started', 'stopping') \
               AND m.attempt = jobs.attempts) ORDER BY created_at"
         )))
@@ -366,7 +366,7 @@ impl Db {
 
     pub async fn events(&self, job: &JobId) -> Result<Vec<JobEvent>, DbError> {
         let rows =
-            sqlx::query("SELECT at, state, detail FROM job_events WHERE job_id = ? ORDER BY seq")
+            sqlx::query("SELECT at, state, detail FROM job_events WHERE job_id = $1 ORDER BY seq")
                 .bind(job.to_string())
                 .fetch_all(&self.pool)
                 .await?;
@@ -384,7 +384,7 @@ impl Db {
     /// Updates only the reason of a queued job (a changed "why not
     /// placed"), without an event: the state did not change.
     pub async fn set_reason(&self, job: &JobId, reason: &str) -> Result<(), DbError> {
-        sqlx::query("UPDATE jobs SET reason = ? WHERE id = ? AND state = 'queued'")
+        sqlx::query("UPDATE jobs SET reason = $1 WHERE id = $2 AND state = 'queued'")
             .bind(reason)
             .bind(job.to_string())
             .execute(&self.pool)
@@ -414,7 +414,7 @@ impl Db {
     ) -> Result<Vec<(i64, JobId, JobState)>, DbError> {
         const T: &str = "job_events";
         let rows: Vec<(i64, String, String)> = sqlx::query_as(
-            "SELECT seq, job_id, state FROM job_events WHERE seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, job_id, state FROM job_events WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(seq)
         .bind(i64::from(limit))
@@ -440,8 +440,8 @@ impl Db {
     ) -> Result<Vec<JobRecord>, DbError> {
         let (at, id) = after.map_or((-1, String::new()), |(at, id)| (i(at.0), id.to_string()));
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{JOB_COLUMNS} WHERE state = 'queued' AND (created_at > ? OR (created_at = ? AND id > ?)) \
-             ORDER BY created_at, id LIMIT ?"
+            "{JOB_COLUMNS} WHERE state = 'queued' AND (created_at > $1 OR (created_at = $2 AND id > $3)) \
+             ORDER BY created_at, id LIMIT $4"
         )))
         .bind(at)
         .bind(at)
@@ -456,7 +456,7 @@ impl Db {
     pub async fn queued_among(&self, ids: &[JobId]) -> Result<Vec<JobRecord>, DbError> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(500) {
-            let marks = vec!["?"; chunk.len()].join(", ");
+            let marks = crate::db::marks(1, chunk.len());
             let sql = format!("{JOB_COLUMNS} WHERE state = 'queued' AND id IN ({marks})");
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for id in chunk {
@@ -474,7 +474,7 @@ impl Db {
     /// the last place.
     pub async fn queued_of(tx: &mut Tx<'_>, owner: &BuyerId) -> Result<u64, DbError> {
         let n: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE owner = ? AND state = 'queued'")
+            sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE owner = $1 AND state = 'queued'")
                 .bind(owner.to_string())
                 .fetch_one(&mut **tx)
                 .await?;
@@ -487,7 +487,7 @@ impl Db {
         for chunk in reasons.chunks(500) {
             let mut tx = self.begin().await?;
             for (job, reason) in chunk {
-                sqlx::query("UPDATE jobs SET reason = ? WHERE id = ? AND state = 'queued'")
+                sqlx::query("UPDATE jobs SET reason = $1 WHERE id = $2 AND state = 'queued'")
                     .bind(reason)
                     .bind(job.to_string())
                     .execute(&mut *tx)
@@ -509,7 +509,7 @@ impl Db {
         let spec_json = serde_json::to_string(&job.spec).map_err(|e| corrupt("jobs", e))?;
         sqlx::query(
             "INSERT INTO jobs (id, owner, submission, spec_json, label, state, reason, attempts, max_cost, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10)",
         )
         .bind(job.id.to_string())
         .bind(job.owner.to_string())
@@ -532,7 +532,7 @@ impl Db {
         job: &JobId,
     ) -> Result<Option<(JobState, u32)>, DbError> {
         let row: Option<(String, i64)> =
-            sqlx::query_as("SELECT state, attempts FROM jobs WHERE id = ?")
+            sqlx::query_as("SELECT state, attempts FROM jobs WHERE id = $1")
                 .bind(job.to_string())
                 .fetch_optional(&mut **tx)
                 .await?;
@@ -566,10 +566,10 @@ impl Db {
             return Ok(false);
         }
         sqlx::query(
-            "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, \
-             provider = COALESCE(?, provider), offer_id = COALESCE(?, offer_id), \
-             price_per_hour = COALESCE(?, price_per_hour), cost = COALESCE(?, cost), \
-             attempts = attempts + ? WHERE id = ?",
+            "UPDATE jobs SET state = $1, reason = $2, updated_at = $3, \
+             provider = COALESCE($4, provider), offer_id = COALESCE($5, offer_id), \
+             price_per_hour = COALESCE($6, price_per_hour), cost = COALESCE($7, cost), \
+             attempts = attempts + $8 WHERE id = $9",
         )
         .bind(to.as_str())
         .bind(change.reason)
@@ -586,8 +586,8 @@ impl Db {
             let receipt = res.receipt.to_bytes().map_err(|e| corrupt("jobs", e))?;
             let r = &res.receipt.payload;
             sqlx::query(
-                "UPDATE jobs SET receipt = ?, receipt_json = ?, manifest_json = ?, output_cid = ?, stdout_cid = ?, \
-                 stderr_cid = ?, exit_code = ? WHERE id = ?",
+                "UPDATE jobs SET receipt = $1, receipt_json = $2, manifest_json = $3, output_cid = $4, stdout_cid = $5, \
+                 stderr_cid = $6, exit_code = $7 WHERE id = $8",
             )
             .bind(receipt)
             .bind(serde_json::to_string(r).map_err(|e| corrupt("jobs", e))?)
@@ -611,7 +611,7 @@ async fn event(
     state: JobState,
     detail: Option<&str>,
 ) -> Result<(), DbError> {
-    sqlx::query("INSERT INTO job_events (job_id, at, state, detail) VALUES (?, ?, ?, ?)")
+    sqlx::query("INSERT INTO job_events (job_id, at, state, detail) VALUES ($1, $2, $3, $4)")
         .bind(job.to_string())
         .bind(i(UnixMillis::now().0))
         .bind(state.as_str())
@@ -642,7 +642,7 @@ pub struct Delivery<'a> {
 impl Db {
     pub async fn member(&self, offer: &OfferId) -> Result<Option<Member>, DbError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{MEMBER_COLUMNS} WHERE offer_id = ?"
+            "{MEMBER_COLUMNS} WHERE offer_id = $1"
         )))
         .bind(offer.to_string())
         .fetch_optional(&self.pool)
@@ -653,7 +653,7 @@ impl Db {
     /// Every member of `job`, all attempts, by attempt then rank.
     pub async fn members(&self, job: &JobId) -> Result<Vec<Member>, DbError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{MEMBER_COLUMNS} WHERE job_id = ? ORDER BY attempt, rank"
+            "{MEMBER_COLUMNS} WHERE job_id = $1 ORDER BY attempt, rank"
         )))
         .bind(job.to_string())
         .fetch_all(&self.pool)
@@ -685,7 +685,7 @@ impl Db {
     /// One member, read inside a write transaction.
     pub async fn member_in(tx: &mut Tx<'_>, offer: &OfferId) -> Result<Option<Member>, DbError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{MEMBER_COLUMNS} WHERE offer_id = ?"
+            "{MEMBER_COLUMNS} WHERE offer_id = $1"
         )))
         .bind(offer.to_string())
         .fetch_optional(&mut **tx)
@@ -700,7 +700,7 @@ impl Db {
         attempt: u32,
     ) -> Result<Vec<Member>, DbError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{MEMBER_COLUMNS} WHERE job_id = ? AND attempt = ? ORDER BY rank"
+            "{MEMBER_COLUMNS} WHERE job_id = $1 AND attempt = $2 ORDER BY rank"
         )))
         .bind(job.to_string())
         .bind(i64::from(attempt))
@@ -711,10 +711,11 @@ impl Db {
 
     /// What a job's members were paid in all attempts (what the buyer paid).
     pub async fn paid_in(tx: &mut Tx<'_>, job: &JobId) -> Result<Credits, DbError> {
-        let n: Option<i64> = sqlx::query_scalar("SELECT SUM(paid) FROM members WHERE job_id = ?")
-            .bind(job.to_string())
-            .fetch_one(&mut **tx)
-            .await?;
+        let n: Option<i64> =
+            sqlx::query_scalar("SELECT CAST(SUM(paid) AS BIGINT) FROM members WHERE job_id = $1")
+                .bind(job.to_string())
+                .fetch_one(&mut **tx)
+                .await?;
         Ok(Credits(n.map(u).unwrap_or(0)))
     }
 }
@@ -724,7 +725,7 @@ impl Db {
     pub async fn insert_member(tx: &mut Tx<'_>, m: &Member) -> Result<(), DbError> {
         sqlx::query(
             "INSERT INTO members (offer_id, job_id, attempt, rank, provider, listen_addrs, price_per_hour, state, updated_at, role) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(m.offer_id.to_string())
         .bind(m.job_id.to_string())
@@ -757,8 +758,8 @@ impl Db {
             return Ok(false);
         }
         let r = sqlx::query(
-            "UPDATE members SET state = ?, reason = COALESCE(?, reason), started_at = COALESCE(?, started_at), \
-             updated_at = ? WHERE offer_id = ? AND state = ?",
+            "UPDATE members SET state = $1, reason = COALESCE($2, reason), started_at = COALESCE($3, started_at), \
+             updated_at = $4 WHERE offer_id = $5 AND state = $6",
         )
         .bind(to.as_str())
         .bind(change.reason)
@@ -779,8 +780,8 @@ impl Db {
         d: Delivery<'_>,
     ) -> Result<bool, DbError> {
         let r = sqlx::query(
-            "UPDATE members SET state = 'delivered', outcome = ?, reason = COALESCE(?, reason), cost = ?, \
-             receipt = ?, manifest_json = ?, updated_at = ? WHERE offer_id = ? AND state IN ('started', 'stopping')",
+            "UPDATE members SET state = 'delivered', outcome = $1, reason = COALESCE($2, reason), cost = $3, \
+             receipt = $4, manifest_json = $5, updated_at = $6 WHERE offer_id = $7 AND state IN ('started', 'stopping')",
         )
         .bind(model::outcome_str(d.outcome))
         .bind(d.reason)
@@ -801,7 +802,7 @@ impl Db {
         amount: Credits,
         at: UnixMillis,
     ) -> Result<(), DbError> {
-        sqlx::query("UPDATE members SET paid = paid + ?, paid_at = ? WHERE offer_id = ?")
+        sqlx::query("UPDATE members SET paid = paid + $1, paid_at = $2 WHERE offer_id = $3")
             .bind(i(amount.0))
             .bind(i(at.0))
             .bind(offer.to_string())
@@ -817,23 +818,24 @@ impl Db {
         offer: &OfferId,
         at: UnixMillis,
     ) -> Result<UnixMillis, DbError> {
-        sqlx::query("UPDATE members SET result_at = ? WHERE offer_id = ? AND result_at IS NULL")
+        sqlx::query("UPDATE members SET result_at = $1 WHERE offer_id = $2 AND result_at IS NULL")
             .bind(i(at.0))
             .bind(offer.to_string())
             .execute(&self.pool)
             .await?;
-        let v: Option<i64> = sqlx::query_scalar("SELECT result_at FROM members WHERE offer_id = ?")
-            .bind(offer.to_string())
-            .fetch_optional(&self.pool)
-            .await?
-            .flatten();
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT result_at FROM members WHERE offer_id = $1")
+                .bind(offer.to_string())
+                .fetch_optional(&self.pool)
+                .await?
+                .flatten();
         Ok(v.map(|v| UnixMillis(u(v))).unwrap_or(at))
     }
 
     /// Forgets a receipt's arrival when the result is refused for good: the
     /// member's deadline applies again.
     pub async fn result_refused(&self, offer: &OfferId) -> Result<(), DbError> {
-        sqlx::query("UPDATE members SET result_at = NULL WHERE offer_id = ? AND state IN ('started', 'stopping')")
+        sqlx::query("UPDATE members SET result_at = NULL WHERE offer_id = $1 AND state IN ('started', 'stopping')")
             .bind(offer.to_string())
             .execute(&self.pool)
             .await?;

@@ -38,7 +38,7 @@ pub struct AuditRow {
 const COLUMNS: &str = "SELECT job_id, attempt, offer_id, provider, epoch, decision_json, status, detail, \
      record_json, signature, opened_at, closes_at, decided_at FROM verifications ";
 
-fn row(r: &sqlx::sqlite::SqliteRow) -> Result<AuditRow, DbError> {
+fn row(r: &sqlx::any::AnyRow) -> Result<AuditRow, DbError> {
     let s = |c: &str| -> Result<String, DbError> { Ok(r.try_get::<String, _>(c)?) };
     Ok(AuditRow {
         job_id: s("job_id")?.parse().map_err(corrupt)?,
@@ -64,7 +64,7 @@ impl Db {
         sqlx::query(
             "INSERT INTO verifications (job_id, attempt, offer_id, provider, epoch, decision_json, audited, \
              status, detail, record_json, signature, opened_at, closes_at, decided_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(a.job_id.to_string())
         .bind(i64::from(a.attempt))
@@ -93,8 +93,8 @@ impl Db {
         from: VerificationStatus,
     ) -> Result<bool, DbError> {
         let r = sqlx::query(
-            "UPDATE verifications SET status = ?, detail = ?, record_json = ?, signature = ?, decided_at = ? \
-             WHERE job_id = ? AND status = ?",
+            "UPDATE verifications SET status = $1, detail = $2, record_json = $3, signature = $4, decided_at = $5 \
+             WHERE job_id = $6 AND status = $7",
         )
         .bind(a.status.as_str())
         .bind(&a.detail)
@@ -109,7 +109,7 @@ impl Db {
     }
 
     pub async fn audit(&self, job: &JobId) -> Result<Option<AuditRow>, DbError> {
-        let r = sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} WHERE job_id = ?")))
+        let r = sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} WHERE job_id = $1")))
             .bind(job.to_string())
             .fetch_optional(&self.pool)
             .await?;
@@ -117,7 +117,7 @@ impl Db {
     }
 
     pub async fn audit_in(tx: &mut Tx<'_>, job: &JobId) -> Result<Option<AuditRow>, DbError> {
-        let r = sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} WHERE job_id = ?")))
+        let r = sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} WHERE job_id = $1")))
             .bind(job.to_string())
             .fetch_optional(&mut **tx)
             .await?;
@@ -137,7 +137,7 @@ impl Db {
     /// Every record, oldest first (for replaying decisions).
     pub async fn audits(&self, limit: u32) -> Result<Vec<AuditRow>, DbError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{COLUMNS} ORDER BY opened_at LIMIT ?"
+            "{COLUMNS} ORDER BY opened_at LIMIT $1"
         )))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
@@ -150,8 +150,8 @@ impl Db {
     pub async fn open_audits_of(&self, provider: &ProviderId) -> Result<u64, DbError> {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM verifications v WHERE v.status IN ('pending', 'disputed') AND \
-             (v.provider = ?1 OR EXISTS (SELECT 1 FROM members m WHERE m.job_id = v.job_id \
-              AND m.attempt = v.attempt AND m.provider = ?1))",
+             (v.provider = $1 OR EXISTS (SELECT 1 FROM members m WHERE m.job_id = v.job_id \
+              AND m.attempt = v.attempt AND m.provider = $1))",
         )
         .bind(provider.to_string())
         .fetch_one(&self.pool)
@@ -161,7 +161,7 @@ impl Db {
 
     pub async fn trust_in(tx: &mut Tx<'_>, provider: &ProviderId) -> Result<TrustState, DbError> {
         let n: Option<i64> =
-            sqlx::query_scalar("SELECT consecutive_verified FROM trust WHERE provider = ?")
+            sqlx::query_scalar("SELECT consecutive_verified FROM trust WHERE provider = $1")
                 .bind(provider.to_string())
                 .fetch_optional(&mut **tx)
                 .await?;
@@ -176,7 +176,7 @@ impl Db {
         trust: TrustState,
     ) -> Result<(), DbError> {
         sqlx::query(
-            "INSERT INTO trust (provider, consecutive_verified) VALUES (?, ?) \
+            "INSERT INTO trust (provider, consecutive_verified) VALUES ($1, $2) \
              ON CONFLICT (provider) DO UPDATE SET consecutive_verified = excluded.consecutive_verified",
         )
         .bind(provider.to_string())
