@@ -296,6 +296,30 @@ pub async fn push(client: &Client, image: &str, show_progress: bool) -> anyhow::
     })
 }
 
+/// The `kiln-node` binary beside the running `kiln` (as a release build or
+/// a package installs them), else the first on `PATH`.
+pub fn find_kiln_node() -> anyhow::Result<std::path::PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("kiln-node")));
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("kiln-node"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    beside
+        .into_iter()
+        .chain(on_path)
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no kiln-node binary beside this kiln or on PATH: build it (`cargo build --release -p kiln-node`) or pass --kiln-node PATH"
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

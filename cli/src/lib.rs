@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod bench_api;
+pub mod bench_coordinator;
 pub mod bench_image;
 pub mod client;
 pub mod data;

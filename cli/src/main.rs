@@ -87,6 +87,11 @@ enum Cmd {
         /// HTTP port for the devnet coordinator (0 picks a free one).
         #[arg(long, default_value_t = 8730)]
         port: u16,
+        /// The coordinator's database: an empty PostgreSQL database
+        /// (`postgres://user:password@host/dbname`) instead of the embedded
+        /// SQLite file in the devnet's temporary state directory.
+        #[arg(long, value_parser = parse_db)]
+        db: Option<kiln_coordinator::db::DbLocation>,
     },
     /// Benchmarks (reports, not tests).
     #[command(subcommand)]
@@ -212,6 +217,17 @@ enum ImageCmd {
     },
     /// The images you pushed.
     Ls,
+    /// Build Kiln's GPU workload image on your engine (no registry):
+    /// `kiln-node gemm`, a deterministic FP32 matrix product on the GPU,
+    /// with the libraries it links. Prints its id; a job runs it with
+    /// `gpus = 1` and `command = ["<n>", "<seed>"]`, and `kiln image push`
+    /// sends it to the coordinator like any image.
+    GpuWorkload {
+        /// The `kiln-node` binary to put in it (default: the one beside
+        /// this `kiln`, else the first on PATH).
+        #[arg(long)]
+        kiln_node: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -411,6 +427,10 @@ enum BenchCmd {
     /// latency unloaded and loaded, and throughput against a bare axum
     /// route (loopback only).
     Api(kiln_cli::bench_api::ApiArgs),
+    /// Jobs through a real coordinator on SQLite and PostgreSQL: scripted
+    /// providers over libp2p accept and answer at once, buyers submit over
+    /// REST; settled jobs/s against a plain sqlx loop of the same writes.
+    Coordinator(kiln_cli::bench_coordinator::CoordinatorArgs),
     /// Submit-to-completed on devnet vs plain `docker run --rm`.
     Devnet {
         /// Jobs to time each way.
@@ -424,6 +444,10 @@ enum BenchCmd {
 
 /// JSON, or text made terminal-safe as a whole ([`term::text`]); fields
 /// that must stay on one line are neutralized with [`term::line`] too.
+fn parse_db(s: &str) -> Result<kiln_coordinator::db::DbLocation, String> {
+    kiln_coordinator::db::DbLocation::parse(s).map_err(|e| e.to_string())
+}
+
 fn print<T: Serialize + ?Sized>(json: bool, v: &T, text: impl FnOnce(&T) -> String) {
     if json {
         term::out(&serde_json::to_string_pretty(v).unwrap_or_default());
@@ -759,6 +783,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
             });
         }
+        Cmd::Image(ImageCmd::GpuWorkload { kiln_node }) => {
+            let bin = match kiln_node {
+                Some(p) => p,
+                None => kiln_cli::image::find_kiln_node()?,
+            };
+            let docker = kiln_docker::connect().await?;
+            let img = kiln_docker::build_gpu_workload_image(&docker, &bin).await?;
+            print(json, &(&img.id, &img.tag), |_| {
+                format!(
+                    "{}
+built {} from {}
+run it as a job with gpus = 1 and command = [\"8192\", \"42\"] (n, seed): the product's BLAKE3 lands in gemm.txt",
+                    img.id,
+                    img.tag,
+                    bin.display()
+                )
+            })
+        }
         Cmd::Image(ImageCmd::Ls) => {
             let mut v = client.blobs().await?;
             v.blobs.retain(|b| b.kind == kiln_protocol::BlobKind::Image);
@@ -1008,10 +1050,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             providers,
             exit_after_demo,
             port,
+            db,
         } => {
             let dn = Devnet::start(DevnetOptions {
                 providers,
                 http_port: port,
+                database: db,
                 // A live marketplace audits its providers: every 5 minutes
                 // on average here (6 hours by default in production).
                 audit_interval: Some(std::time::Duration::from_secs(300)),
@@ -1095,6 +1139,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Completions { .. } => {}
         Cmd::Sim(cmd) => {
             tokio::task::spawn_blocking(move || kiln_cli::sim::run(cmd, json)).await??
+        }
+        Cmd::Bench(BenchCmd::Coordinator(args)) => {
+            let out = args.out.clone();
+            let r = kiln_cli::bench_coordinator::run(args).await?;
+            print(json, &r, |r| kiln_cli::bench_coordinator::summary(r, &out));
         }
         Cmd::Bench(BenchCmd::Api(args)) => {
             let out = args.out.clone();

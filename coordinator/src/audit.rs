@@ -677,6 +677,7 @@ mod tests {
                 memory_total: kiln_protocol::ByteSize(1 << 30),
                 compute_capability: (9, 0),
                 driver_version: "1".into(),
+                mig: None,
             });
         }
         let rows = speed_records(&v, &advert, UnixMillis(7));

@@ -246,6 +246,7 @@ fn provider(rng: &mut Rng, n: usize) -> ProviderView {
                 memory_total: ByteSize(m.vram_gib * GIB),
                 compute_capability: m.cc,
                 driver_version: "580.65".into(),
+                mig: None,
             })
             .collect();
         let cores = k * *rng.pick(&[8u32, 16, 24]);

@@ -1062,6 +1062,7 @@ mod tests {
                 memory_total: ByteSize(80 << 30),
                 compute_capability: (9, 0),
                 driver_version: "580".into(),
+                mig: None,
             }],
             slots: 1,
             price_per_cpu_hour: Credits(1),

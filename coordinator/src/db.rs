@@ -776,3 +776,65 @@ impl Db {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_parse_and_never_show_a_password() {
+        let pg = DbLocation::parse("postgres://kiln:s3cret@db.internal:5432/kiln").unwrap();
+        assert_eq!(pg.display(), "postgres://kiln:***@db.internal:5432/kiln");
+        assert!(matches!(
+            DbLocation::parse("postgresql://h/db").unwrap(),
+            DbLocation::Postgres(_)
+        ));
+        assert_eq!(
+            DbLocation::parse("sqlite:///var/lib/kiln/kiln.db").unwrap(),
+            DbLocation::Sqlite("/var/lib/kiln/kiln.db".into())
+        );
+        assert_eq!(
+            DbLocation::parse("state/kiln.db").unwrap(),
+            DbLocation::Sqlite("state/kiln.db".into())
+        );
+        let e = DbLocation::parse("mysql://root:hunter2@h/db")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("postgres://") && !e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn in_lists_number_their_placeholders_from_where_they_start() {
+        assert_eq!(marks(2, 3), "$2, $3, $4");
+        assert_eq!(marks(1, 1), "$1");
+    }
+
+    /// SQLite through the Any driver keeps what SqliteConnectOptions gave
+    /// (WAL), migrates, and reads `$N` placeholders. (PostgreSQL: the
+    /// `it_postgres` suite.)
+    #[tokio::test]
+    async fn sqlite_through_any_keeps_wal_and_refuses_a_replayed_nonce() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&DbLocation::Sqlite(dir.path().join("kiln.db")))
+            .await
+            .unwrap();
+        assert_eq!(db.backend, Backend::Sqlite);
+        let mut tx = db.begin().await.unwrap();
+        assert!(
+            Db::claim_nonce(&mut tx, "s", "n", "d", UnixMillis(1))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !Db::claim_nonce(&mut tx, "s", "n", "d", UnixMillis(1))
+                .await
+                .unwrap()
+        );
+        tx.commit().await.unwrap();
+        let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(journal, "wal");
+    }
+}

@@ -329,6 +329,7 @@ mod tests {
             memory_total: ByteSize(80 << 30),
             compute_capability: (9, 0),
             driver_version: "580".into(),
+            mig: None,
         }
     }
 

@@ -75,7 +75,10 @@ pub use search::{Query, QueryError, SortBy, search};
 pub enum Constraint {
     /// The node has fewer GPUs in all than the job needs.
     Gpus,
-    /// Fewer GPUs than needed are of an allowed model.
+    /// Fewer GPUs than needed are of the job's kind: MIG instances of the
+    /// profile it asks for, or whole GPUs when it asks for none.
+    Mig,
+    /// … of those, fewer are of an allowed model.
     GpuModels,
     /// … of those, fewer have the compute capability.
     MinComputeCapability,
@@ -114,11 +117,12 @@ pub enum Constraint {
 }
 
 /// Number of constraints.
-pub const N_CONSTRAINTS: usize = 19;
+pub const N_CONSTRAINTS: usize = 20;
 
 /// The hard constraints' names, in the order they are checked.
 pub const CONSTRAINTS: [&str; N_CONSTRAINTS] = [
     "gpus",
+    "mig",
     "gpu_models",
     "min_compute_capability",
     "min_vram",
@@ -142,6 +146,7 @@ pub const CONSTRAINTS: [&str; N_CONSTRAINTS] = [
 impl Constraint {
     pub const ALL: [Constraint; N_CONSTRAINTS] = [
         Self::Gpus,
+        Self::Mig,
         Self::GpuModels,
         Self::MinComputeCapability,
         Self::MinVram,
@@ -188,6 +193,7 @@ pub(crate) struct Wanted {
     pub region: Option<Arc<str>>,
     pub min_reputation: u32,
     pub gpus: u32,
+    pub mig: Option<Arc<str>>,
     pub gpu_models: Option<Arc<str>>,
     pub min_compute_capability: Option<ComputeCapability>,
     pub min_vram: ByteSize,
@@ -207,6 +213,7 @@ impl Wanted {
             region: r.region.as_deref().map(Arc::from),
             min_reputation: r.min_reputation,
             gpus: r.gpus,
+            mig: r.mig.as_deref().map(Arc::from),
             gpu_models: (!r.gpu_models.is_empty()).then(|| Arc::from(r.gpu_models.join(","))),
             min_compute_capability: r.min_compute_capability,
             min_vram: r.min_vram,
@@ -228,6 +235,10 @@ impl Wanted {
             Constraint::Region => write!(f, "{name}={}", self.region.as_deref().unwrap_or("")),
             Constraint::MinReputation => write!(f, "{name}={}", self.min_reputation),
             Constraint::Gpus | Constraint::FreeGpus => write!(f, "{name}={}", self.gpus),
+            Constraint::Mig => match self.mig.as_deref() {
+                Some(profile) => write!(f, "{name}={profile}"),
+                None => write!(f, "{name}=none (whole GPUs)"),
+            },
             Constraint::GpuModels => {
                 write!(f, "{name}={}", self.gpu_models.as_deref().unwrap_or(""))
             }

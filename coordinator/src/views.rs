@@ -594,6 +594,7 @@ mod tests {
                 memory_total: ByteSize(80 << 30),
                 compute_capability: (9, 0),
                 driver_version: "580".into(),
+                mig: None,
             }],
             slots: 4,
             price_per_cpu_hour: Credits(1_000_000),

@@ -61,7 +61,10 @@
 //! # Ok(()) }
 //! ```
 
+pub mod gpu_image;
 pub mod tar;
+
+pub use gpu_image::build_gpu_workload_image;
 
 use std::error::Error as StdError;
 use std::time::Duration;
@@ -339,7 +342,7 @@ pub async fn build_workload_variant(
 /// line into `Err(DockerStreamError)`; that message, plus the last lines of
 /// build output, becomes [`DockerError::ImageBuild`]. If the tag exists
 /// afterwards anyway (a concurrent builder won), that counts as success.
-async fn build_from_context(
+pub(crate) async fn build_from_context(
     docker: &Docker,
     tag: &str,
     context: Vec<u8>,

@@ -116,6 +116,7 @@ pub fn specs() -> Vec<JobSpec> {
         priority: 10,
         deadline: Some(Seconds(7200)),
         gang: 4,
+        mig: Some("1g.10gb".into()),
     };
     full.verify = Verify {
         compare: Compare::Tolerance,
@@ -232,6 +233,7 @@ pub fn advert(n: u8) -> CapabilityAdvert {
             memory_total: ByteSize(80 << 30),
             compute_capability: (9, 0),
             driver_version: "580.159.04".into(),
+            mig: None,
         }],
         slots: 4,
         price_per_cpu_hour: Credits(10_000),

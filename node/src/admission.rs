@@ -94,11 +94,21 @@ pub(crate) fn admit(state: &State, jobs: &mut Jobs, offer: &JobOffer) -> Result<
         ));
     }
     recheck_dirty_gpus(&state.gpus, &mut jobs.dirty_gpus);
-    let free = hw::assignable_gpus(&state.gpus, &jobs.busy_gpus(), &jobs.dirty_gpus);
+    // Only units of the kind the job asked for (a MIG profile or whole
+    // GPUs; the model, capability and memory it accepts): the rule the
+    // scheduler placed it by (`GpuInfo::fits`).
+    let free: Vec<_> = hw::assignable_gpus(&state.gpus, &jobs.busy_gpus(), &jobs.dirty_gpus)
+        .into_iter()
+        .filter(|g| g.fits(&offer.spec.resources))
+        .collect();
     let want = offer.spec.resources.gpus as usize;
     if free.len() < want {
+        let kind = match &offer.spec.resources.mig {
+            Some(p) => format!("MIG {p} instances"),
+            None => "GPUs".into(),
+        };
         return Err(format!(
-            "offer {short} rejected: needs {want} GPUs, {} free",
+            "offer {short} rejected: needs {want} {kind} it accepts, {} free",
             free.len()
         ));
     }

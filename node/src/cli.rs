@@ -215,6 +215,63 @@ fn parse_nonce(s: &str) -> Result<Nonce, String> {
     s.parse::<Nonce>().map_err(|e| e.to_string())
 }
 
+/// Run Kiln's GPU job: multiply two seeded n x n FP32 matrices on CUDA
+/// device 0 with Kiln's PTX kernel, check sampled entries on the CPU, write
+/// the product's BLAKE3 to `<out>/gemm.txt` (deterministic: the same on
+/// every GPU) and print the timing as one JSON line. This is the workload of
+/// Kiln's GPU image; run on bare metal, the same binary gives the figure a
+/// job's container is compared with. Exit code: 0; 1 a wrong product or a
+/// CUDA failure; 2 no GPU driver or a bad size.
+#[derive(clap::Args, Debug)]
+pub struct GemmArgs {
+    /// Matrix size (n x n), at most 262144.
+    #[arg(default_value_t = 4096)]
+    pub n: u32,
+    /// Seed of the inputs.
+    #[arg(default_value_t = 42)]
+    pub seed: u64,
+    /// Timed multiplications (the fastest is reported).
+    #[arg(long, default_value_t = 10)]
+    pub repeats: u32,
+    /// Where `gemm.txt` goes (default: $KILN_OUTPUT_DIR, else /out in a
+    /// job's container, else the current directory).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+}
+
+/// `kiln-node gemm`: the exit code.
+pub fn gemm(args: GemmArgs) -> i32 {
+    let out = args.out.unwrap_or_else(|| {
+        std::env::var_os("KILN_OUTPUT_DIR")
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                let job_out = std::path::Path::new("/out");
+                if job_out.is_dir() {
+                    job_out.to_path_buf()
+                } else {
+                    std::path::PathBuf::from(".")
+                }
+            })
+    });
+    match bench::gemm_job::run(args.n, args.seed, args.repeats, &out) {
+        Ok(report) => match serde_json::to_string(&report) {
+            Ok(line) => {
+                println!("{line}");
+                0
+            }
+            Err(e) => {
+                eprintln!("kiln-node gemm: {e}");
+                1
+            }
+        },
+        Err(e) => {
+            eprintln!("kiln-node gemm: {e}");
+            e.exit_code()
+        }
+    }
+}
+
 /// Measure this machine's CPU and GPUs (the figures a provider advertises).
 ///
 /// CPU: FP64 matmul and memory copy bandwidth. Each GPU: BF16, FP16 and FP32

@@ -32,6 +32,14 @@ pub struct MigInstance {
     pub index: u32,
     pub uuid: Option<String>,
     pub memory_total_bytes: Option<u64>,
+    /// The profile (`1g.10gb`), from the instance's NVML name.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// NVML's GPU instance and compute instance ids (see [`crate::mig`]).
+    #[serde(default)]
+    pub gpu_instance_id: Option<u32>,
+    #[serde(default)]
+    pub compute_instance_id: Option<u32>,
 }
 
 /// What NVML reports about one GPU.
@@ -132,10 +140,16 @@ fn facts_of(nvml: &Nvml, index: u32, driver: &str, cuda: Option<&str>) -> Result
         let count = d.mig_device_count().unwrap_or(0);
         (0..count)
             .filter_map(|i| d.mig_device_by_index(i).ok().map(|m| (i, m)))
-            .map(|(i, m)| MigInstance {
-                index: i,
-                uuid: m.uuid().ok(),
-                memory_total_bytes: m.memory_info().ok().map(|x| x.total),
+            .map(|(i, m)| {
+                let ids = crate::mig::instance_ids(nvml, &m);
+                MigInstance {
+                    index: i,
+                    uuid: m.uuid().ok(),
+                    memory_total_bytes: m.memory_info().ok().map(|x| x.total),
+                    profile: m.name().ok().as_deref().and_then(crate::mig::profile_of),
+                    gpu_instance_id: ids.map(|(g, _)| g),
+                    compute_instance_id: ids.map(|(_, c)| c),
+                }
             })
             .collect()
     } else {

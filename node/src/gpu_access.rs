@@ -81,6 +81,9 @@ pub struct HostFacts {
     pub libraries: BTreeMap<String, PathBuf>,
     /// Device minor number (`/dev/nvidia<minor>`) by GPU UUID, from NVML.
     pub minors: BTreeMap<String, u32>,
+    /// Device nodes of each MIG instance by its UUID (`MIG-…`), from NVML
+    /// and the driver's capability files ([`crate::mig`]).
+    pub mig: BTreeMap<String, crate::mig::MigNodes>,
 }
 
 /// How one job's GPUs get into its container.
@@ -118,7 +121,7 @@ pub fn choose(f: &HostFacts) -> Result<GpuPath, String> {
     }
     // CDI only if every GPU is named there by UUID, the way jobs ask.
     let by_uuid = |u: &String| f.cdi_devices.contains(&format!("nvidia.com/gpu={u}"));
-    if f.engine_cdi && !f.minors.is_empty() && f.minors.keys().all(by_uuid) {
+    if f.engine_cdi && !f.minors.is_empty() && f.minors.keys().chain(f.mig.keys()).all(by_uuid) {
         return Ok(GpuPath::Cdi);
     }
     match injection_gap(f) {
@@ -177,15 +180,43 @@ pub fn plan(
                 .filter(|n| f.dev_nodes.iter().any(|d| d == *n))
                 .map(|n| node(n))
                 .collect();
+            let mut env = Vec::new();
             for u in uuids {
-                let minor = f.minors.get(u).ok_or_else(|| {
-                    format!("cannot inject GPU {u}: NVML gave no device minor number for it")
-                })?;
-                let name = format!("nvidia{minor}");
-                if !f.dev_nodes.contains(&name) {
-                    return Err(format!("cannot inject GPU {u}: /dev/{name} does not exist"));
+                // A MIG instance: its parent's node and the two capability
+                // nodes that grant exactly this instance.
+                let names = if let Some(m) = f.mig.get(u) {
+                    vec![
+                        format!("nvidia{}", m.parent_minor),
+                        format!("nvidia-caps/nvidia-cap{}", m.gi_cap),
+                        format!("nvidia-caps/nvidia-cap{}", m.ci_cap),
+                    ]
+                } else if u.starts_with("MIG-") {
+                    return Err(format!(
+                        "cannot inject MIG instance {u}: its capability device nodes are unknown \
+                         (NVML gave no instance ids, or /proc/driver/nvidia/capabilities lacks them)"
+                    ));
+                } else {
+                    let minor = f.minors.get(u).ok_or_else(|| {
+                        format!("cannot inject GPU {u}: NVML gave no device minor number for it")
+                    })?;
+                    vec![format!("nvidia{minor}")]
+                };
+                for name in names {
+                    if !f.dev_nodes.contains(&name) {
+                        return Err(format!("cannot inject GPU {u}: /dev/{name} does not exist"));
+                    }
+                    if !devices
+                        .iter()
+                        .any(|d| d.path_on_host.as_deref() == Some(&format!("/dev/{name}")))
+                    {
+                        devices.push(node(&name));
+                    }
                 }
-                devices.push(node(&name));
+            }
+            // With MIG, CUDA enumerates the instances the capabilities
+            // grant; naming them keeps the order the job was given.
+            if uuids.iter().any(|u| f.mig.contains_key(u)) {
+                env.push(format!("CUDA_VISIBLE_DEVICES={}", uuids.join(",")));
             }
             let mut binds: Vec<String> = DRIVER_LIBRARIES
                 .iter()
@@ -198,14 +229,12 @@ pub fn plan(
                 binds.push(format!("{}:{LIB_DIR}/libcuda.so:ro", p.display()));
             }
             let on_path = image_ld_path.is_some_and(|p| p.split(':').any(|d| d == LIB_DIR));
-            let env = if on_path {
-                Vec::new()
-            } else {
-                vec![match image_ld_path.filter(|p| !p.is_empty()) {
+            if !on_path {
+                env.push(match image_ld_path.filter(|p| !p.is_empty()) {
                     Some(p) => format!("LD_LIBRARY_PATH={LIB_DIR}:{p}"),
                     None => format!("LD_LIBRARY_PATH={LIB_DIR}"),
-                }]
-            };
+                });
+            }
             Ok(GpuPlan {
                 device_requests: Vec::new(),
                 devices,
@@ -298,14 +327,19 @@ pub fn probe(
         .next()
         .and_then(|m| m.parse().ok())
         .unwrap_or(0);
-    let dev_nodes = std::fs::read_dir("/dev")
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("nvidia"))
-                .collect()
-        })
-        .unwrap_or_default();
+    let list = |dir: &str, prefix: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("nvidia"))
+                    .map(|n| format!("{prefix}{n}"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut dev_nodes = list("/dev", "");
+    dev_nodes.extend(list("/dev/nvidia-caps", "nvidia-caps/"));
     let ldconfig = ["/sbin/ldconfig", "/usr/sbin/ldconfig", "ldconfig"]
         .iter()
         .find_map(|c| std::process::Command::new(c).arg("-p").output().ok())
@@ -318,6 +352,7 @@ pub fn probe(
         dev_nodes,
         libraries: parse_ldconfig(&ldconfig),
         minors,
+        mig: crate::mig::host_mig_nodes(),
     }
 }
 
@@ -375,7 +410,110 @@ mod tests {
             minors: [(A.to_string(), 0), (B.to_string(), 1)]
                 .into_iter()
                 .collect(),
+            mig: BTreeMap::new(),
         }
+    }
+
+    const M: &str = "MIG-7a6b5c4d-3e2f-5a1b-8c9d-0e1f2a3b4c5d";
+
+    /// GPU 0 (minor 0) in MIG mode with instance `M` (GPU instance 9,
+    /// compute instance 0: capability minors 84 and 85), GPU 1 whole.
+    fn mig_host() -> HostFacts {
+        let mut h = h100_host();
+        h.dev_nodes.extend(
+            [
+                "nvidia-caps/nvidia-cap1",
+                "nvidia-caps/nvidia-cap2",
+                "nvidia-caps/nvidia-cap84",
+                "nvidia-caps/nvidia-cap85",
+            ]
+            .map(String::from),
+        );
+        h.mig.insert(
+            M.to_string(),
+            crate::mig::MigNodes {
+                parent_minor: 0,
+                gi_cap: 84,
+                ci_cap: 85,
+            },
+        );
+        h
+    }
+
+    #[test]
+    fn a_mig_instance_gets_its_parent_and_its_two_capabilities_only() {
+        let host = mig_host();
+        let p = plan(GpuPath::Injected, &host, &[M.to_string()], None).unwrap();
+        let nodes: Vec<&str> = p
+            .devices
+            .iter()
+            .filter_map(|d| d.path_on_host.as_deref())
+            .collect();
+        assert_eq!(
+            nodes,
+            [
+                "/dev/nvidiactl",
+                "/dev/nvidia-uvm",
+                "/dev/nvidia-uvm-tools",
+                "/dev/nvidia0",
+                "/dev/nvidia-caps/nvidia-cap84",
+                "/dev/nvidia-caps/nvidia-cap85"
+            ]
+        );
+        assert!(
+            p.env.contains(&format!("CUDA_VISIBLE_DEVICES={M}")),
+            "{:?}",
+            p.env
+        );
+        assert!(p.env.iter().any(|e| e.starts_with("LD_LIBRARY_PATH=")));
+        // The whole GPU beside it is unaffected: no capability nodes, no
+        // CUDA_VISIBLE_DEVICES.
+        let whole = plan(GpuPath::Injected, &host, &[B.to_string()], None).unwrap();
+        assert!(
+            whole
+                .devices
+                .iter()
+                .all(|d| !d.path_on_host.as_deref().unwrap_or("").contains("caps"))
+        );
+        assert!(
+            whole
+                .env
+                .iter()
+                .all(|e| !e.starts_with("CUDA_VISIBLE_DEVICES"))
+        );
+        // The toolkit and CDI name the instance by its UUID.
+        let t = plan(GpuPath::Toolkit, &host, &[M.to_string()], None).unwrap();
+        assert_eq!(
+            t.device_requests[0].device_ids.as_deref(),
+            Some(&[M.to_string()][..])
+        );
+        let c = plan(GpuPath::Cdi, &host, &[M.to_string()], None).unwrap();
+        assert_eq!(
+            c.device_requests[0].device_ids.as_deref(),
+            Some(&[format!("nvidia.com/gpu={M}")][..])
+        );
+        // An instance whose capabilities are unknown, or whose node is
+        // missing, is refused with the reason.
+        let e = plan(GpuPath::Injected, &h100_host(), &[M.to_string()], None).unwrap_err();
+        assert!(e.contains("capability device nodes are unknown"), "{e}");
+        let mut gone = mig_host();
+        gone.dev_nodes.retain(|n| n != "nvidia-caps/nvidia-cap85");
+        let e = plan(GpuPath::Injected, &gone, &[M.to_string()], None).unwrap_err();
+        assert!(
+            e.contains("/dev/nvidia-caps/nvidia-cap85 does not exist"),
+            "{e}"
+        );
+        // CDI is chosen only if the spec names the instance too.
+        let cdi = |names: Vec<String>| HostFacts {
+            engine_cdi: true,
+            cdi_devices: names,
+            ..mig_host()
+        };
+        let gpus = vec![format!("nvidia.com/gpu={A}"), format!("nvidia.com/gpu={B}")];
+        assert_eq!(choose(&cdi(gpus.clone())), Ok(GpuPath::Injected));
+        let mut all = gpus;
+        all.push(format!("nvidia.com/gpu={M}"));
+        assert_eq!(choose(&cdi(all)), Ok(GpuPath::Cdi));
     }
 
     #[test]

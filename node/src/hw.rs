@@ -6,34 +6,17 @@ use std::time::{Duration, Instant};
 
 use kiln_protocol::{ByteSize, CpuInfo, GpuInfo};
 
-/// The GPUs NVML reports, or why there are none.
+/// The GPU units this machine offers (whole GPUs, or the MIG instances of
+/// a GPU in MIG mode: [`crate::mig::units_of`]), or why there are none.
 pub fn discover_gpus() -> Result<Vec<GpuInfo>, String> {
     let nvml = nvml_wrapper::Nvml::init().map_err(|e| {
         format!("NVML is not available ({e}); running CPU-only. Install the NVIDIA driver (libnvidia-ml.so.1) to offer GPUs")
     })?;
-    let driver = nvml.sys_driver_version().unwrap_or_default();
-    let count = nvml
-        .device_count()
-        .map_err(|e| format!("NVML could not count devices: {e}"))?;
-    let mut gpus = Vec::new();
-    for index in 0..count {
-        let d = nvml
-            .device_by_index(index)
-            .map_err(|e| format!("NVML could not open GPU {index}: {e}"))?;
-        let cc = d
-            .cuda_compute_capability()
-            .map(|c| (c.major as u32, c.minor as u32))
-            .unwrap_or((0, 0));
-        gpus.push(GpuInfo {
-            index,
-            uuid: d.uuid().unwrap_or_default(),
-            name: d.name().unwrap_or_default(),
-            memory_total: ByteSize(d.memory_info().map(|m| m.total).unwrap_or(0)),
-            compute_capability: cc,
-            driver_version: driver.clone(),
-        });
+    let d = crate::gpu::discover_with(&nvml);
+    if let Some(e) = d.error.filter(|_| d.gpus.is_empty()) {
+        return Err(e);
     }
-    Ok(gpus)
+    Ok(crate::mig::units_of(&d.gpus))
 }
 
 /// Compute processes NVML sees on each GPU (by UUID). Used between jobs to
@@ -164,6 +147,7 @@ mod tests {
             memory_total: ByteSize(80 << 30),
             compute_capability: (9, 0),
             driver_version: "580".into(),
+            mig: None,
         };
         let all: Vec<GpuInfo> = (0..4).map(gpu).collect();
         let set = |v: &[u32]| v.iter().copied().collect::<HashSet<u32>>();

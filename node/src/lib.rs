@@ -58,6 +58,7 @@ pub mod gpu_access;
 pub mod hw;
 pub mod idle;
 pub mod metrics;
+pub mod mig;
 pub mod runner;
 
 mod admission;

@@ -20,6 +20,7 @@ struct Cli {
 enum Cmd {
     Run(kiln_node::cli::RunArgs),
     Benchmark(kiln_node::cli::BenchArgs),
+    Gemm(kiln_node::cli::GemmArgs),
     /// Check that this machine is ready to be a provider. Exit code: 0 all
     /// checks ok, 1 any check failed, 2 warnings only.
     Doctor(kiln_node::cli::DoctorArgs),
@@ -84,6 +85,12 @@ async fn main() -> anyhow::Result<()> {
             let code = tokio::task::spawn_blocking(move || kiln_node::cli::benchmark(args))
                 .await
                 .context("the benchmark thread")?;
+            std::process::exit(code);
+        }
+        Cmd::Gemm(args) => {
+            let code = tokio::task::spawn_blocking(move || kiln_node::cli::gemm(args))
+                .await
+                .context("the GPU job's thread")?;
             std::process::exit(code);
         }
         Cmd::Doctor(args) => {

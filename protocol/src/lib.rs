@@ -57,4 +57,4 @@ pub mod __private {
 }
 
 /// Version of the wire protocol; bumped on any incompatible change to a message.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;

@@ -27,16 +27,48 @@ use crate::signed::{Signed, SignedMessage};
 use crate::spec::JobSpec;
 use crate::units::{ByteSize, Credits, UnixMillis};
 
-/// One GPU as the provider's driver reports it.
+/// One GPU as the provider's driver reports it: a whole GPU, or one MIG
+/// instance of a GPU in MIG mode (a GPU in MIG mode is advertised only as
+/// its instances, each a unit a job can be given alone).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuInfo {
+    /// The node's number for this unit: NVML's index of a whole GPU; for a
+    /// MIG instance [`MIG_UNIT_BASE`] + parent index × 256 + instance index.
     pub index: u32,
+    /// `GPU-…`, or `MIG-…` for an instance.
     pub uuid: String,
+    /// The GPU model (the parent's, for an instance).
     pub name: String,
+    /// The unit's own memory (an instance's share for MIG).
     pub memory_total: ByteSize,
     /// e.g. (9, 0) for Hopper.
     pub compute_capability: (u32, u32),
     pub driver_version: String,
+    /// The MIG profile (`1g.10gb`, `3g.40gb`) for an instance; `None` for a
+    /// whole GPU.
+    #[serde(default)]
+    pub mig: Option<String>,
+}
+
+/// Where the unit numbers of MIG instances start (see [`GpuInfo::index`]).
+pub const MIG_UNIT_BASE: u32 = 1 << 20;
+
+impl GpuInfo {
+    /// Whether this unit is one a job with `r` may be given: the same kind
+    /// (a MIG instance of the profile it asks for, or a whole GPU when it
+    /// asks for none), a model it accepts, and enough compute capability
+    /// and memory. The scheduler counts units by the same rules.
+    pub fn fits(&self, r: &crate::spec::Resources) -> bool {
+        self.mig == r.mig
+            && (r.gpu_models.is_empty()
+                || r.gpu_models
+                    .iter()
+                    .any(|m| crate::spec::gpu_model_matches(m, &self.name)))
+            && r.min_compute_capability.is_none_or(|min| {
+                crate::spec::ComputeCapability::from(self.compute_capability) >= min
+            })
+            && self.memory_total.0 >= r.min_vram.0
+    }
 }
 
 /// CPU facts and a measured figure (integers: signed data has no floats).

@@ -31,6 +31,7 @@
 //! ```toml
 //! [resources]
 //! gpus = 2                         # on one node
+//! mig = "1g.10gb"                  # each GPU a MIG instance of this profile
 //! min_vram = "80GiB"               # per GPU
 //! gpu_models = ["H100", "A100 80GB"]  # any of these (whole words, case-insensitive)
 //! min_compute_capability = "9.0"   # or 9.0
@@ -247,6 +248,10 @@ pub struct Resources {
     pub deadline: Option<Seconds>,
     /// Number of nodes, placed all-or-nothing (1 = an ordinary job).
     pub gang: u32,
+    /// Each of the `gpus` is a MIG instance of this profile (`1g.10gb`,
+    /// `3g.40gb`, as `nvidia-smi mig -lgip` names them) instead of a whole
+    /// GPU: the job sees only its instances. `None`: whole GPUs.
+    pub mig: Option<String>,
 }
 
 impl Default for Resources {
@@ -268,6 +273,7 @@ impl Default for Resources {
             priority: 0,
             deadline: None,
             gang: 1,
+            mig: None,
         }
     }
 }
@@ -734,6 +740,47 @@ pub const MAX_REPUTATION: u32 = 1000;
 pub const MAX_PRIORITY: i32 = 1000;
 pub const MAX_DEADLINE_SECS: u64 = 30 * 24 * 3600;
 
+/// Words of a GPU name or model pattern: lower-cased, split on spaces, `_` and `-`.
+pub fn gpu_name_words(s: &str) -> Vec<String> {
+    s.split([' ', '_', '-'])
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_lowercase)
+        .collect()
+}
+
+/// Whether `pattern`'s words appear consecutively in `name`'s.
+pub fn gpu_words_match(pattern: &[String], name: &[String]) -> bool {
+    !pattern.is_empty() && name.windows(pattern.len()).any(|w| w == pattern)
+}
+
+/// Whether the requested GPU model `pattern` matches a GPU named `name`
+/// (whole words, in order, ignoring case and `_`/`-`/space differences):
+/// what [`Resources::gpu_models`] means, for the scheduler and the node.
+pub fn gpu_model_matches(pattern: &str, name: &str) -> bool {
+    gpu_words_match(&gpu_name_words(pattern), &gpu_name_words(name))
+}
+
+/// `<n>g.<m>gb`, optionally with NVIDIA's `+me` / `+gfx` suffixes.
+pub fn is_mig_profile(s: &str) -> bool {
+    let base = s.split('+').next().unwrap_or("");
+    let suffixes_ok = s
+        .split('+')
+        .skip(1)
+        .all(|x| !x.is_empty() && x.len() <= 8 && x.bytes().all(|b| b.is_ascii_lowercase()));
+    let Some((g, mem)) = base.split_once("g.") else {
+        return false;
+    };
+    let Some(gb) = mem.strip_suffix("gb") else {
+        return false;
+    };
+    s.len() <= 32
+        && suffixes_ok
+        && !g.is_empty()
+        && g.bytes().all(|b| b.is_ascii_digit())
+        && !gb.is_empty()
+        && gb.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Checks the placement requirements of [`Resources`].
 fn check_requirements(r: &Resources) -> Result<(), SpecError> {
     let per_gpu = |field: &str, set: bool| {
@@ -750,6 +797,17 @@ fn check_requirements(r: &Resources) -> Result<(), SpecError> {
     per_gpu("gpu_models", !r.gpu_models.is_empty())?;
     per_gpu("min_compute_capability", r.min_compute_capability.is_some())?;
     per_gpu("min_tflops", r.min_tflops > 0)?;
+    per_gpu("mig", r.mig.is_some())?;
+    if let Some(m) = &r.mig
+        && !is_mig_profile(m)
+    {
+        return Err(err(
+            "resources.mig",
+            format!(
+                "`{m}` is not a MIG profile: use NVIDIA's name, such as \"1g.10gb\", \"3g.40gb\" or \"1g.20gb+me\""
+            ),
+        ));
+    }
     if r.gpu_models.len() > 32 {
         return Err(err("resources.gpu_models", "more than 32 models"));
     }
@@ -820,6 +878,38 @@ mod tests {
     use super::*;
 
     const IMG: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn mig_profiles_are_nvidias_names() {
+        for ok in [
+            "1g.10gb",
+            "3g.40gb",
+            "7g.80gb",
+            "1g.20gb+me",
+            "1g.10gb+me+gfx",
+        ] {
+            assert!(is_mig_profile(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "1g",
+            "g.10gb",
+            "1g.gb",
+            "1g.10GB",
+            "1g.10gb+",
+            "1g.10gb+ME",
+            "x1g.10gb",
+        ] {
+            assert!(!is_mig_profile(bad), "{bad}");
+        }
+        let spec: JobSpec = toml::from_str(
+            "image = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\n\
+             [resources]\ngpus = 2\nmig = \"1g.10gb\"\n",
+        )
+        .unwrap();
+        assert_eq!(spec.resources.mig.as_deref(), Some("1g.10gb"));
+        spec.validate().unwrap();
+    }
 
     #[test]
     fn toml_spec_parses_with_defaults() {
@@ -958,6 +1048,19 @@ mod tests {
                 "resources.min_vram",
                 |s| s.resources.min_vram = ByteSize(80 << 30),
                 "resources.gpus to 1 or more",
+            ),
+            (
+                "resources.mig",
+                |s| s.resources.mig = Some("1g.10gb".into()),
+                "resources.gpus to 1 or more",
+            ),
+            (
+                "resources.mig",
+                |s| {
+                    s.resources.gpus = 1;
+                    s.resources.mig = Some("half".into())
+                },
+                "\"1g.10gb\"",
             ),
             (
                 "resources.gpu_models",

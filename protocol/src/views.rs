@@ -1365,6 +1365,7 @@ mod tests {
                 "index": 0, "uuid": "GPU-1", "name": "NVIDIA H100 80GB HBM3",
                 "memory_total": 85_899_345_920u64, "compute_capability": [9, 0],
                 "driver_version": "580.159.04",
+                "mig": null,
             }],
             "slots": 2,
             "price_per_cpu_hour": 100_000,

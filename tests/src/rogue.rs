@@ -384,6 +384,7 @@ impl RogueProvider {
             memory_total: ByteSize(80 << 30),
             compute_capability: (9, 0),
             driver_version: "rogue".into(),
+            mig: None,
         }];
         let sizes = ChallengeSizes {
             gpu_matmul_n: claim.matmul_n,

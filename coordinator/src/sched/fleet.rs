@@ -314,6 +314,7 @@ pub(crate) struct ShapeKey {
     min_cc: Option<ComputeCapability>,
     min_vram: u64,
     mcpu: u32,
+    mig: Option<String>,
 }
 
 #[inline]
@@ -343,6 +344,7 @@ impl ShapeKey {
             min_cc: r.min_compute_capability,
             min_vram: r.min_vram.0,
             mcpu: r.cpus.0,
+            mig: r.mig.clone(),
         }
     }
 
@@ -359,6 +361,10 @@ impl ShapeKey {
             None => mix(h, 0),
         };
         h = mix(h, r.min_vram.0);
+        h = match &r.mig {
+            Some(p) => mix_str(mix(h, 1), p),
+            None => mix(h, 0),
+        };
         mix(h, u64::from(r.cpus.0))
     }
 
@@ -369,6 +375,7 @@ impl ShapeKey {
             && self.min_cc == r.min_compute_capability
             && self.min_vram == r.min_vram.0
             && self.mcpu == r.cpus.0
+            && self.mig == r.mig
     }
 }
 
@@ -531,16 +538,49 @@ impl Interner {
 /// signatures (multisets of kinds).
 #[derive(Debug, Default)]
 pub(crate) struct Kinds {
-    ids: HashMap<(u16, ComputeCapability, u64), u16>,
-    /// (model, compute capability, memory) of each kind.
-    pub attrs: Vec<(u16, ComputeCapability, u64)>,
+    ids: HashMap<KindAttrs, u16>,
+    /// (model, compute capability, memory, MIG profile) of each kind.
+    pub attrs: Vec<KindAttrs>,
+    /// Interned MIG profiles: `mig_profiles[p - 1]` for profile id `p`
+    /// (0: a whole GPU).
+    pub mig_profiles: Vec<String>,
     sig_ids: HashMap<Vec<(u16, u32)>, u16>,
     /// (kind, count) of each signature.
     pub sigs: Vec<Vec<(u16, u32)>>,
 }
 
+/// A kind of GPU unit: (model, compute capability, memory, MIG profile id
+/// where 0 is a whole GPU).
+pub(crate) type KindAttrs = (u16, ComputeCapability, u64, u16);
+
 impl Kinds {
-    fn kind(&mut self, attrs: (u16, ComputeCapability, u64)) -> u16 {
+    /// The id of MIG profile `p` (0 for `None`: a whole GPU); `None` if a
+    /// profile never seen is asked for (nothing can match it).
+    pub(crate) fn mig_id(&self, p: Option<&str>) -> Option<u16> {
+        match p {
+            None => Some(0),
+            Some(p) => self
+                .mig_profiles
+                .iter()
+                .position(|q| q == p)
+                .and_then(|i| u16::try_from(i + 1).ok()),
+        }
+    }
+
+    fn intern_mig(&mut self, p: Option<&str>) -> u16 {
+        if let Some(id) = self.mig_id(p) {
+            return id;
+        }
+        self.mig_profiles.push(p.unwrap_or_default().to_string());
+        u16::try_from(self.mig_profiles.len()).unwrap_or(u16::MAX)
+    }
+
+    /// Whether any provider ever advertised a MIG instance.
+    pub(crate) fn any_mig(&self) -> bool {
+        !self.mig_profiles.is_empty()
+    }
+
+    fn kind(&mut self, attrs: KindAttrs) -> u16 {
         if let Some(&id) = self.ids.get(&attrs) {
             return id;
         }
@@ -663,10 +703,12 @@ impl Fleet {
         let mut kinds: Vec<Kind> = Vec::new();
         for (pos, g) in a.gpus.iter().take(MAX_GPUS_PER_NODE).enumerate() {
             let model = self.models.intern(&g.name);
+            let mig = self.kinds.intern_mig(g.mig.as_deref());
             let id = self.kinds.kind((
                 model,
                 ComputeCapability::from(g.compute_capability),
                 g.memory_total.0,
+                mig,
             ));
             match kinds.iter_mut().find(|k| k.id == id) {
                 Some(k) => k.mask |= 1 << pos,
@@ -852,7 +894,13 @@ impl Fleet {
         self.ensure_region(spec);
         let class = self.ensure_class(spec);
         let r = &spec.resources;
-        if r.gpu_models.is_empty() && r.min_compute_capability.is_none() && r.min_vram.0 == 0 {
+        // A price class counts every GPU unit; it serves a job alone only
+        // when each unit would qualify: no model, capability or memory
+        // filter, and no MIG on either side (a job without MIG must not be
+        // given an instance, nor one asking for MIG a whole GPU).
+        let unfiltered =
+            r.gpu_models.is_empty() && r.min_compute_capability.is_none() && r.min_vram.0 == 0;
+        if r.gpus == 0 || (unfiltered && r.mig.is_none() && !self.kinds.any_mig()) {
             return ShapeRef::Class(class);
         }
         let c = &mut self.cache;
@@ -1023,17 +1071,21 @@ impl Fleet {
                 .map(|name| pats.iter().any(|p| words_match(p, name)))
                 .collect()
         });
-        // Per kind: passes (models, + compute capability, + memory).
-        let kind_ok: Vec<(bool, bool, bool)> = self
+        // Per kind: passes (unit kind, + models, + compute capability, +
+        // memory). A profile no provider has matches no kind.
+        let mig = self.kinds.mig_id(key.mig.as_deref());
+        let kind_ok: Vec<(bool, bool, bool, bool)> = self
             .kinds
             .attrs
             .iter()
-            .map(|&(model, cc, vram)| {
-                let m = models
-                    .as_ref()
-                    .is_none_or(|ok| ok.get(model as usize).copied().unwrap_or(false));
+            .map(|&(model, cc, vram, profile)| {
+                let k = Some(profile) == mig;
+                let m = k
+                    && models
+                        .as_ref()
+                        .is_none_or(|ok| ok.get(model as usize).copied().unwrap_or(false));
                 let c = m && key.min_cc.is_none_or(|min| cc >= min);
-                (m, c, c && vram >= key.min_vram)
+                (k, m, c, c && vram >= key.min_vram)
             })
             .collect();
         // Per signature: the first GPU requirement it fails, or whether all
@@ -1043,19 +1095,22 @@ impl Fleet {
             .sigs
             .iter()
             .map(|sig| {
-                let count = |f: fn(&(bool, bool, bool)) -> bool| -> u32 {
+                let count = |f: fn(&(bool, bool, bool, bool)) -> bool| -> u32 {
                     sig.iter()
                         .filter(|(kind, _)| f(&kind_ok[*kind as usize]))
                         .map(|(_, n)| n)
                         .sum()
                 };
                 if count(|o| o.0) < k {
-                    return Err(Constraint::GpuModels);
+                    return Err(Constraint::Mig);
                 }
                 if count(|o| o.1) < k {
+                    return Err(Constraint::GpuModels);
+                }
+                if count(|o| o.2) < k {
                     return Err(Constraint::MinComputeCapability);
                 }
-                let ok = count(|o| o.2);
+                let ok = count(|o| o.3);
                 if ok < k {
                     return Err(Constraint::MinVram);
                 }
@@ -1080,7 +1135,7 @@ impl Fleet {
                         self.stat[c.idx as usize]
                             .kinds
                             .iter()
-                            .filter(|kd| kind_ok[kd.id as usize].2)
+                            .filter(|kd| kind_ok[kd.id as usize].3)
                             .fold(0, |m, kd| m | kd.mask)
                     };
                     cands.push(Cand { qual, ..*c });

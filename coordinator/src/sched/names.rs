@@ -1,23 +1,8 @@
 //! Matching names: GPU models by whole words, regions by prefix.
 
-/// Words of a GPU name or model pattern: lower-cased, split on spaces, `_` and `-`.
-pub(crate) fn words(s: &str) -> Vec<String> {
-    s.split([' ', '_', '-'])
-        .filter(|w| !w.is_empty())
-        .map(str::to_ascii_lowercase)
-        .collect()
-}
-
-/// Whether `pattern`'s words appear consecutively in `name`'s.
-pub(crate) fn words_match(pattern: &[String], name: &[String]) -> bool {
-    !pattern.is_empty() && name.windows(pattern.len()).any(|w| w == pattern)
-}
-
-/// Whether the requested GPU model `pattern` matches a GPU named `name`
-/// (whole words, in order, ignoring case and `_`/`-`/space differences).
-pub fn gpu_model_matches(pattern: &str, name: &str) -> bool {
-    words_match(&words(pattern), &words(name))
-}
+// GPU names are matched by the rule the node applies too (kiln-protocol).
+pub use kiln_protocol::spec::gpu_model_matches;
+pub(crate) use kiln_protocol::spec::{gpu_name_words as words, gpu_words_match as words_match};
 
 /// Whether a job asking for `wanted` may run in `region`: equal, or a
 /// prefix ending at a `-` (`eu` matches `eu-west-1`), ignoring case.

@@ -334,6 +334,7 @@ mod tests {
                     memory_total: ByteSize(80 * GIB),
                     compute_capability: (9, 0),
                     driver_version: "580".into(),
+                    mig: None,
                 })
                 .collect(),
             slots,

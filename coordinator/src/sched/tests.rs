@@ -62,6 +62,7 @@ fn gpus(p: &mut ProviderView, n: u32, (name, vram, cc): (&str, u64, (u32, u32)))
             memory_total: ByteSize(vram * GIB),
             compute_capability: cc,
             driver_version: "580".into(),
+            mig: None,
         });
     }
 }
@@ -1561,4 +1562,121 @@ fn image_cid() -> ContentId {
         layers: vec![],
     }
     .cid()
+}
+
+/// `n` MIG instances of `profile` (`vram` GiB each) of an H100.
+fn mig_units(p: &mut ProviderView, n: u32, profile: &str, vram: u64) {
+    let base = p.advert.gpus.len() as u32;
+    for i in 0..n {
+        p.advert.gpus.push(GpuInfo {
+            index: kiln_protocol::MIG_UNIT_BASE + base + i,
+            uuid: format!("MIG-{}", base + i),
+            name: H100.0.into(),
+            memory_total: ByteSize(vram * GIB),
+            compute_capability: H100.2,
+            driver_version: "580".into(),
+            mig: Some(profile.into()),
+        });
+    }
+}
+
+fn mig_job(n: u32, profile: &str) -> JobSpec {
+    job_with(|s| {
+        s.resources.gpus = n;
+        s.resources.mig = Some(profile.into());
+    })
+}
+
+#[test]
+fn mig_instances_are_units_only_jobs_asking_for_their_profile_get() {
+    let seven = |n| with(prov(n), |p| mig_units(p, 7, "1g.10gb", 10));
+    let whole = |n| with(prov(n), |p| gpus(p, 1, H100));
+    let mixed = |n| {
+        with(prov(n), |p| {
+            gpus(p, 1, H100);
+            mig_units(p, 2, "1g.10gb", 10);
+        })
+    };
+    run_cases(vec![
+        (
+            "a whole-GPU job skips a node of instances",
+            vec![seven(1), whole(2)],
+            vec![],
+            gpu_job(1),
+            Ok(1),
+        ),
+        (
+            "a whole-GPU job is never given an instance",
+            vec![seven(1)],
+            vec![],
+            gpu_job(1),
+            Err("waiting: 1 online; 1 excluded by mig=none (whole GPUs)"),
+        ),
+        (
+            "a MIG job gets an instance of its profile",
+            vec![whole(1), seven(2)],
+            vec![],
+            mig_job(1, "1g.10gb"),
+            Ok(1),
+        ),
+        (
+            "a MIG job is never given a whole GPU",
+            vec![whole(1), seven(2)],
+            vec![],
+            mig_job(1, "3g.40gb"),
+            Err("waiting: 2 online; 2 excluded by mig=3g.40gb"),
+        ),
+        (
+            "a MIG job needs enough instances of its profile on one node",
+            vec![mixed(1)],
+            vec![],
+            mig_job(3, "1g.10gb"),
+            Err("waiting: 1 online; 1 excluded by mig=1g.10gb"),
+        ),
+        (
+            "instances and whole GPUs of one node are booked apart",
+            vec![mixed(1)],
+            vec![(0, gpu_job(1))],
+            mig_job(2, "1g.10gb"),
+            Ok(0),
+        ),
+        (
+            "the whole GPU booked, its instances do not count for a whole-GPU job",
+            vec![mixed(1)],
+            vec![(0, gpu_job(1))],
+            gpu_job(1),
+            Err("waiting: 1 online; 1 excluded by free_gpus=1"),
+        ),
+        (
+            "a CPU job runs on a node of instances",
+            vec![seven(1)],
+            vec![],
+            job(),
+            Ok(0),
+        ),
+    ]);
+
+    // The placement names instances for a MIG job and the whole GPU for
+    // the other, on the same node.
+    let mut fleet = Fleet::from_views(vec![mixed(1)]);
+    let m = place(&mig_job(2, "1g.10gb"), &mut fleet).unwrap();
+    assert!(
+        m.gpus.iter().all(|&g| g >= kiln_protocol::MIG_UNIT_BASE),
+        "{m:?}"
+    );
+    let w = place(&gpu_job(1), &mut fleet).unwrap();
+    assert_eq!(w.gpus, vec![0]);
+    // The node applies the same rule when it picks units (GpuInfo::fits).
+    let view = mixed(1);
+    let fits = |spec: &JobSpec| -> Vec<u32> {
+        view.advert
+            .gpus
+            .iter()
+            .filter(|g| g.fits(&spec.resources))
+            .map(|g| g.index)
+            .collect()
+    };
+    assert_eq!(fits(&gpu_job(1)), vec![0]);
+    assert_eq!(fits(&mig_job(1, "1g.10gb")).len(), 2);
+    assert!(fits(&mig_job(1, "2g.20gb")).is_empty());
 }

@@ -71,7 +71,7 @@ fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
 }
 
 /// Times `iters` calls of `f` on the GPU's stream, in milliseconds.
-fn time_calls(
+pub(crate) fn time_calls(
     gpu: &Gpu,
     iters: u32,
     f: &mut dyn FnMut() -> Result<(), String>,

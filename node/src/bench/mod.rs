@@ -11,6 +11,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod gemm_job;
 pub mod gpu;
 
 use std::path::{Path, PathBuf};
