@@ -90,8 +90,8 @@ enum Cmd {
         /// The coordinator's database: an empty PostgreSQL database
         /// (`postgres://user:password@host/dbname`) instead of the embedded
         /// SQLite file in the devnet's temporary state directory.
-        #[arg(long, value_parser = parse_db)]
-        db: Option<kiln_coordinator::db::DbLocation>,
+        #[arg(long)]
+        db: Option<String>,
     },
     /// Benchmarks (reports, not tests).
     #[command(subcommand)]
@@ -444,10 +444,6 @@ enum BenchCmd {
 
 /// JSON, or text made terminal-safe as a whole ([`term::text`]); fields
 /// that must stay on one line are neutralized with [`term::line`] too.
-fn parse_db(s: &str) -> Result<kiln_coordinator::db::DbLocation, String> {
-    kiln_coordinator::db::DbLocation::parse(s).map_err(|e| e.to_string())
-}
-
 fn print<T: Serialize + ?Sized>(json: bool, v: &T, text: impl FnOnce(&T) -> String) {
     if json {
         term::out(&serde_json::to_string_pretty(v).unwrap_or_default());
@@ -1055,7 +1051,11 @@ run it as a job with gpus = 1 and command = [\"8192\", \"42\"] (n, seed): the pr
             let dn = Devnet::start(DevnetOptions {
                 providers,
                 http_port: port,
-                database: db,
+                // Parsed here, not by clap, whose error would echo a password.
+                database: db
+                    .as_deref()
+                    .map(kiln_coordinator::db::DbLocation::parse)
+                    .transpose()?,
                 // A live marketplace audits its providers: every 5 minutes
                 // on average here (6 hours by default in production).
                 audit_interval: Some(std::time::Duration::from_secs(300)),

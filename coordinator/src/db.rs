@@ -139,6 +139,8 @@ fn redact(url: &str) -> String {
 pub struct Db {
     pub pool: AnyPool,
     pub backend: Backend,
+    /// Serializes this process's write transactions (see [`Tx`]).
+    write_gate: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 fn i(v: u64) -> i64 {
@@ -163,7 +165,36 @@ pub(crate) fn marks(first: usize, n: usize) -> String {
         .join(", ")
 }
 
-pub type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
+/// A write transaction. It holds this process's write gate until it
+/// commits or is dropped (rolled back), so writers in one process queue on
+/// an async mutex, in order, instead of in the engine: SQLite's busy
+/// handler would make a waiting writer sleep and poll (1, 2, 5, 10 … 100
+/// ms), and on PostgreSQL every waiter would hold a pooled connection
+/// blocked on the advisory lock. Writers in *other* processes still queue
+/// in the engine. Derefs to the connection: `&mut **tx` is an executor.
+pub struct Tx<'c> {
+    inner: sqlx::Transaction<'c, sqlx::Any>,
+    _gate: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl<'c> Tx<'c> {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.inner.commit().await
+    }
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Tx<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.inner
+    }
+}
 
 impl Db {
     /// Opens (creating if needed) the database at `location` and migrates it.
@@ -181,6 +212,7 @@ impl Db {
                 Ok(Self {
                     pool,
                     backend: Backend::Postgres,
+                    write_gate: Default::default(),
                 })
             }
         }
@@ -210,6 +242,7 @@ impl Db {
         Ok(Self {
             pool,
             backend: Backend::Sqlite,
+            write_gate: Default::default(),
         })
     }
 
@@ -218,8 +251,9 @@ impl Db {
     /// front, so concurrent writers queue on the busy timeout instead of
     /// failing with SQLITE_BUSY when a read transaction tries to upgrade.
     pub async fn begin(&self) -> Result<Tx<'static>, DbError> {
-        match self.backend {
-            Backend::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
+        let gate = self.write_gate.clone().lock_owned().await;
+        let inner = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => {
                 let mut tx = self.pool.begin().await?;
                 // pg_advisory_xact_lock returns `void`, which the Any driver
@@ -228,9 +262,10 @@ impl Db {
                     .bind(WRITE_LOCK)
                     .execute(&mut *tx)
                     .await?;
-                Ok(tx)
+                tx
             }
-        }
+        };
+        Ok(Tx { inner, _gate: gate })
     }
 
     /// Records a nonce; `false` if this (signer, nonce) was seen before.

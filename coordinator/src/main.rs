@@ -30,8 +30,8 @@ enum Cmd {
         /// The database: a SQLite file path, or a PostgreSQL URL
         /// (`postgres://user:password@host/dbname`). Default: the embedded
         /// SQLite file `kiln.db` in the state directory.
-        #[arg(long, env = "KILN_COORDINATOR_DB", value_parser = parse_db)]
-        db: Option<kiln_coordinator::db::DbLocation>,
+        #[arg(long, env = "KILN_COORDINATOR_DB", hide_env_values = true)]
+        db: Option<String>,
         /// HTTP address for the buyer API.
         #[arg(long, default_value = "127.0.0.1:8730")]
         http: SocketAddr,
@@ -176,10 +176,6 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
     }
 }
 
-fn parse_db(s: &str) -> Result<kiln_coordinator::db::DbLocation, String> {
-    kiln_coordinator::db::DbLocation::parse(s).map_err(|e| e.to_string())
-}
-
 fn default_state_dir() -> PathBuf {
     dirs::data_local_dir()
         .unwrap_or_else(std::env::temp_dir)
@@ -220,7 +216,11 @@ async fn main() -> anyhow::Result<()> {
         refusal_delay,
     } = Cli::parse().cmd;
     let mut config = CoordinatorConfig::new(state_dir);
-    config.database = db;
+    // Parsed here, not by clap, whose error would echo the URL's password.
+    config.database = db
+        .as_deref()
+        .map(kiln_coordinator::db::DbLocation::parse)
+        .transpose()?;
     config.http_listen = http;
     config.p2p_listen = p2p.clone();
     config.faucet = faucet.map(Credits);

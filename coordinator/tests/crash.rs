@@ -5,6 +5,12 @@
 //! genesis against the coordinator's published key, the stored balances
 //! match the replay, and they add up to the work done.
 //!
+//! It runs on the embedded SQLite database and again on PostgreSQL
+//! (`--db postgres://…`, a fresh database on the server named by
+//! `KILN_TEST_POSTGRES`, as the integration suite's): a process killed
+//! inside a write transaction there holds the writers' advisory lock, which
+//! the server must release with the dropped connection.
+//!
 //! The provider is a scripted libp2p peer (this crate never depends on the
 //! node crate): it accepts each offer id once and delivers an honest signed
 //! receipt, retrying until the coordinator answers, as a real node does.
@@ -35,23 +41,79 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-fn spawn(dir: &Path, http: u16, p2p: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_kiln-coordinator"))
-        .args([
-            "run",
-            "--http",
-            &format!("127.0.0.1:{http}"),
-            "--p2p",
-            &format!("/ip4/127.0.0.1/tcp/{p2p}"),
-        ])
-        .args(["--faucet", &FAUCET.to_string()])
-        .arg("--state-dir")
-        .arg(dir)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("kiln-coordinator binary")
+fn spawn(dir: &Path, http: u16, p2p: u16, db: Option<&str>) -> Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln-coordinator"));
+    c.args([
+        "run",
+        "--http",
+        &format!("127.0.0.1:{http}"),
+        "--p2p",
+        &format!("/ip4/127.0.0.1/tcp/{p2p}"),
+    ])
+    .args(["--faucet", &FAUCET.to_string()])
+    .arg("--state-dir")
+    .arg(dir)
+    .env("RUST_LOG", "error")
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    if let Some(db) = db {
+        c.args(["--db", db]);
+    }
+    c.spawn().expect("kiln-coordinator binary")
+}
+
+const DEFAULT_POSTGRES: &str = "postgres://kiln:kiln@127.0.0.1:5432/postgres";
+
+/// A fresh database on the test server (`KILN_TEST_POSTGRES`, as the
+/// integration suite's) and a guard that drops it.
+async fn fresh_postgres(name: &str) -> (String, impl Drop) {
+    use sqlx::Connection;
+    let server = std::env::var("KILN_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_POSTGRES.into());
+    let mut admin = sqlx::PgConnection::connect(&server).await.unwrap_or_else(|e| {
+        panic!(
+            "this test needs a PostgreSQL server at {server} ({e}): set KILN_TEST_POSTGRES to a URL \
+             whose account may CREATE DATABASE; `bash .ci/run` starts one"
+        )
+    });
+    let db = format!("kiln_crash_{}_{name}", std::process::id());
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let (base, _) = server.rsplit_once('/').unwrap();
+    struct DropDb(String, String);
+    impl Drop for DropDb {
+        fn drop(&mut self) {
+            // Best effort, on a fresh thread with its own runtime (this may
+            // run inside the test's runtime).
+            let (server, db) = (self.0.clone(), self.1.clone());
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(rt) = rt {
+                    rt.block_on(async {
+                        use sqlx::Connection;
+                        if let Ok(mut c) = sqlx::PgConnection::connect(&server).await {
+                            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                                "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+                            )))
+                            .execute(&mut c)
+                            .await;
+                        }
+                    });
+                }
+            })
+            .join();
+        }
+    }
+    (format!("{base}/{db}"), DropDb(server, db))
 }
 
 /// Waits until the HTTP API answers (the coordinator verifies its whole
@@ -186,10 +248,47 @@ fn result_for(offer: &kiln_protocol::JobOffer, key: &Keypair, id: ProviderId) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_at_any_point_never_loses_or_doubles_a_payment() {
+    crash_run(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_any_point_never_loses_or_doubles_a_payment_on_postgres() {
+    let (url, _drop) = fresh_postgres("sigkill").await;
+    crash_run(Some(&url)).await;
+}
+
+/// `--db` names what is wrong and what to use, without echoing a password.
+#[test]
+fn an_unsupported_database_is_refused_naming_what_to_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln-coordinator"))
+        .args([
+            "run",
+            "--db",
+            "mysql://root:hunter2@db.internal/kiln",
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("postgres://user:password@host/dbname"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("hunter2"),
+        "the password is not echoed: {err}"
+    );
+}
+
+async fn crash_run(db: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let (http_port, p2p_port) = (free_port(), free_port());
     let base = format!("http://127.0.0.1:{http_port}");
     let http = reqwest::Client::new();
+    let spawn = |dir: &Path, http: u16, p2p: u16| spawn(dir, http, p2p, db);
     let mut coordinator = spawn(dir.path(), http_port, p2p_port);
     let info = wait_up(&http, &base).await;
     let peer = info["peer_id"].as_str().unwrap();
