@@ -187,6 +187,24 @@ const GPU_PATH: &str = "gpu-path";
 
 /// The check for a host with `facts` (pure).
 pub fn gpu_path_check(facts: &gpu_access::HostFacts) -> Check {
+    let check = gpu_path_choice(facts);
+    if check.status != Status::Ok || facts.mig.is_empty() {
+        return check;
+    }
+    // MIG instances are offered one by one (see `crate::mig`).
+    let n = facts.mig.len();
+    Check::ok(
+        GPU_PATH,
+        format!(
+            "{}; {n} MIG instance{} offered as GPU units, each given to a container with only its \
+             capability device nodes",
+            check.detail,
+            if n == 1 { "" } else { "s" }
+        ),
+    )
+}
+
+fn gpu_path_choice(facts: &gpu_access::HostFacts) -> Check {
     match gpu_access::choose(facts) {
         Ok(GpuPath::Toolkit) => Check::ok(
             GPU_PATH,
@@ -855,6 +873,21 @@ mod tests {
             gpu_path_check(&toolkit)
                 .detail
                 .contains("Container Toolkit")
+        );
+        let mut with_mig = driver_only.clone();
+        with_mig.mig.insert(
+            "MIG-7a6b5c4d-3e2f-5a1b-8c9d-0e1f2a3b4c5d".into(),
+            crate::mig::MigNodes {
+                parent_minor: 0,
+                gi_cap: 84,
+                ci_cap: 85,
+            },
+        );
+        let c = gpu_path_check(&with_mig);
+        assert_eq!(c.status, Status::Ok);
+        assert!(
+            c.detail.contains("built-in injection") && c.detail.contains("1 MIG instance offered"),
+            "{c:?}"
         );
         let nothing = gpu_path_check(&HostFacts::default());
         assert_eq!(nothing.status, Status::Fail);

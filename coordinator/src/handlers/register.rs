@@ -35,19 +35,27 @@ pub async fn handle(
     let known = state.db.provider_known(&peer).await?;
     state.db.upsert_provider(advert).await?;
     crate::live::observe(state, a).await?;
-    if let (false, Some(grant)) = (known, state.config.faucet) {
-        // Test networks: a new provider starts funded once, so it can stake.
+    if let Some(grant) = state.config.faucet {
+        // Test networks: a provider starts funded once, so it can stake.
+        // Keyed by the grant itself, not by "first registration": the
+        // provider row is written before this transaction, so a process
+        // killed in between would otherwise never fund it; the next
+        // heartbeat does. An applied key is checked in memory first, so
+        // heartbeats write nothing.
         let account = AccountId::Provider(peer);
-        let mut tx = state.db.begin().await?;
-        let mut pending = state.bank.begin().await;
-        let op = Op::Deposit {
-            key: keys::faucet(&account),
-            account,
-            amount: grant,
-        };
-        if pending.apply(&mut tx, op).await.is_ok() {
-            tx.commit().await.map_err(crate::db::DbError::from)?;
-            pending.commit();
+        let key = keys::faucet(&account);
+        if state.bank.read(|l| l.applied(&key).is_none()).await {
+            let mut tx = state.db.begin().await?;
+            let mut pending = state.bank.begin().await;
+            let op = Op::Deposit {
+                key,
+                account,
+                amount: grant,
+            };
+            if pending.apply(&mut tx, op).await.is_ok() {
+                tx.commit().await.map_err(crate::db::DbError::from)?;
+                pending.commit();
+            }
         }
     }
     if !known {
