@@ -541,3 +541,39 @@ async fn escape_sequences_in_a_jobs_reason_and_logs_print_neutralized() {
     cancel.cancel();
     dn.shutdown().await;
 }
+
+/// A provider whose advert names a MIG profile that is not NVIDIA's form
+/// (the scheduler would index any string as a kind of its own) is refused,
+/// the profile named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_advert_with_a_bogus_mig_profile_is_refused() {
+    let (dn, cancel, rogue) = kiln_tests::devnet_with_rogue().await.unwrap();
+    let mut a = rogue
+        .gpu_advert([0; 3], 1024, kiln_protocol::Credits(1))
+        .unwrap()
+        .payload;
+    a.gpus[0].mig = Some("all-of-it".into());
+    let signed = Signed::sign(&rogue.key, a.clone(), 60).unwrap();
+    match rogue
+        .send(kiln_protocol::NetRequest::Register(signed))
+        .await
+        .unwrap()
+    {
+        kiln_protocol::NetResponse::Rejected { reason } => {
+            assert!(reason.contains("MIG profile \"all-of-it\""), "{reason}")
+        }
+        other => panic!("a bogus MIG profile was accepted: {other:?}"),
+    }
+    // The same advert with a real profile is taken.
+    a.gpus[0].mig = Some("1g.10gb".into());
+    let signed = Signed::sign(&rogue.key, a, 60).unwrap();
+    assert!(matches!(
+        rogue
+            .send(kiln_protocol::NetRequest::Register(signed))
+            .await
+            .unwrap(),
+        kiln_protocol::NetResponse::Accepted
+    ));
+    cancel.cancel();
+    dn.shutdown().await;
+}

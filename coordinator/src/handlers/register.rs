@@ -32,6 +32,17 @@ pub async fn handle(
             kiln_protocol::PROTOCOL_VERSION
         )));
     }
+    if let Some(g) = a.gpus.iter().find(|g| {
+        g.mig
+            .as_deref()
+            .is_some_and(|p| !kiln_protocol::spec::is_mig_profile(p))
+    }) {
+        return Err(refuse(format!(
+            "advert refused: GPU {} names MIG profile {:?}, which is not NVIDIA's form (such as 1g.10gb)",
+            g.uuid,
+            g.mig.as_deref().unwrap_or_default()
+        )));
+    }
     let known = state.db.provider_known(&peer).await?;
     state.db.upsert_provider(advert).await?;
     crate::live::observe(state, a).await?;

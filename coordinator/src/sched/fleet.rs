@@ -549,6 +549,9 @@ pub(crate) struct Kinds {
     pub sigs: Vec<Vec<(u16, u32)>>,
 }
 
+/// Most distinct MIG profile names the fleet index keeps.
+const MAX_MIG_PROFILES: usize = 256;
+
 /// A kind of GPU unit: (model, compute capability, memory, MIG profile id
 /// where 0 is a whole GPU).
 pub(crate) type KindAttrs = (u16, ComputeCapability, u64, u16);
@@ -570,6 +573,12 @@ impl Kinds {
     fn intern_mig(&mut self, p: Option<&str>) -> u16 {
         if let Some(id) = self.mig_id(p) {
             return id;
+        }
+        // NVIDIA has a few dozen profiles; past this many distinct names
+        // (adverts are the providers' word) a new one gets an id that no
+        // job's `mig` resolves to, so its units match nothing.
+        if self.mig_profiles.len() >= MAX_MIG_PROFILES {
+            return u16::MAX;
         }
         self.mig_profiles.push(p.unwrap_or_default().to_string());
         u16::try_from(self.mig_profiles.len()).unwrap_or(u16::MAX)

@@ -16,6 +16,13 @@ K=/tmp/k; mkdir -p $K/bin $K/lib && tar -xJf target/dockerkit.tar.xz -C $K && ta
 export PATH=$K/bin:$PATH
 nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.sm,power.draw --format=csv
 S=$K/docker.sock
+# dockerd --bridge=none deletes the docker0 interface at start: beside
+# another engine (a dry run on a workstation) that breaks its bridge
+# network. The lent GPU machine has none.
+if ip link show docker0 >/dev/null 2>&1; then
+  echo "another Docker engine's docker0 bridge exists here; this script's engine would delete it. Run it on a machine without Docker (the lent GPU machine), or restore docker0 afterwards." >&2
+  exit 2
+fi
 echo '{}' > $K/daemon.json  # never the host's /etc/docker/daemon.json
 start_engine() {
   (LD_LIBRARY_PATH=$K/lib setsid dockerd --config-file $K/daemon.json --iptables=false --bridge=none --ip-masq=false "$@" \
