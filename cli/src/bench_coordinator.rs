@@ -40,6 +40,7 @@ use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
 use crate::Client;
+use crate::bench_api::percentile;
 
 /// Runs of the raw loop per database.
 pub const RAW_RUNS: usize = 3;
@@ -394,14 +395,6 @@ async fn measure(
     })
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn step(sorted: &[f64]) -> Step {
     Step {
         p50_ms: percentile(sorted, 0.5),
@@ -684,7 +677,7 @@ async fn scripted_provider(addr: Addr, cancel: CancellationToken) -> anyhow::Res
                         let _ = reply.send(NetResponse::Accepted);
                         let (send, key) = (send.clone(), key.clone());
                         tokio::spawn(async move {
-                            let Ok(result) = result_for(&offer.payload, &key) else { return };
+                            let Ok(result) = honest_result(&offer.payload, &key, b"bench\n", Manifest::default(), 1) else { return };
                             for _ in 0..300 {
                                 match send(NetRequest::Result(Box::new(result.clone()))).await {
                                     Ok(NetResponse::Retry { .. }) | Err(_) => {
@@ -707,12 +700,19 @@ async fn scripted_provider(addr: Addr, cancel: CancellationToken) -> anyhow::Res
     Ok(())
 }
 
-/// A well-formed result for `offer`: succeeded at once, empty outputs,
-/// stdout and stderr inline.
-fn result_for(offer: &JobOffer, key: &Keypair) -> anyhow::Result<JobResult> {
-    let stdout = b"bench\n".to_vec();
-    let stderr = Vec::new();
-    let manifest = Manifest::default();
+/// A well-formed result for `offer` signed by `key`: succeeded with exit
+/// code 0 after `wall_ms`, `manifest` as its outputs (whose files the
+/// sender does not serve), `stdout` and an empty stderr inline. What the
+/// scripted providers here send, and what the test harness's scripted
+/// providers build on.
+pub fn honest_result(
+    offer: &JobOffer,
+    key: &Keypair,
+    stdout: &[u8],
+    manifest: Manifest,
+    wall_ms: u64,
+) -> anyhow::Result<JobResult> {
+    let stderr: &[u8] = b"";
     let now = UnixMillis::now();
     let receipt = ResultReceipt {
         job_id: offer.job_id,
@@ -724,12 +724,12 @@ fn result_for(offer: &JobOffer, key: &Keypair) -> anyhow::Result<JobResult> {
         image_digest: offer.spec.image.0.clone(),
         input_cids: vec![],
         output_cid: manifest.cid(),
-        stdout_cid: ContentId::of_bytes(&stdout),
-        stderr_cid: ContentId::of_bytes(&stderr),
+        stdout_cid: ContentId::of_bytes(stdout),
+        stderr_cid: ContentId::of_bytes(stderr),
         started_at: now,
         finished_at: now,
         usage: ResourceUsage {
-            wall_ms: 1,
+            wall_ms,
             stdout_bytes: stdout.len() as u64,
             ..Default::default()
         },
@@ -740,12 +740,12 @@ fn result_for(offer: &JobOffer, key: &Keypair) -> anyhow::Result<JobResult> {
         manifest,
         blobs: vec![
             Blob {
-                cid: ContentId::of_bytes(&stdout),
-                bytes: stdout,
+                cid: ContentId::of_bytes(stdout),
+                bytes: stdout.to_vec(),
             },
             Blob {
-                cid: ContentId::of_bytes(&stderr),
-                bytes: stderr,
+                cid: ContentId::of_bytes(stderr),
+                bytes: stderr.to_vec(),
             },
         ],
     })

@@ -20,9 +20,8 @@ use kiln_cli::devnet::{Devnet, DevnetOptions};
 use kiln_net::{Addr, NetConfig, NetEvent, Peer};
 use kiln_protocol::views::JobView;
 use kiln_protocol::{
-    Blob, ByteSize, CapabilityAdvert, ContentId, CpuInfo, Credits, JobOffer, JobResult, Keypair,
-    Manifest, NetRequest, NetResponse, Outcome, ProviderId, ResourceUsage, ResultReceipt, Signed,
-    UnixMillis,
+    ByteSize, CapabilityAdvert, CpuInfo, Credits, JobOffer, JobResult, Keypair, Manifest,
+    NetRequest, NetResponse, ProviderId, Signed, UnixMillis,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -384,44 +383,7 @@ impl RogueProvider {
         signer: &Keypair,
         manifest: Manifest,
     ) -> anyhow::Result<JobResult> {
-        let stdout = b"rogue ran it\n".to_vec();
-        let stderr = Vec::new();
-        let now = UnixMillis::now();
-        let receipt = ResultReceipt {
-            job_id: offer.job_id,
-            offer_id: offer.offer_id,
-            provider: ProviderId::from_public_key(&signer.public()),
-            outcome: Outcome::Succeeded,
-            exit_code: Some(0),
-            error: None,
-            image_digest: offer.spec.image.0.clone(),
-            input_cids: vec![],
-            output_cid: manifest.cid(),
-            stdout_cid: ContentId::of_bytes(&stdout),
-            stderr_cid: ContentId::of_bytes(&stderr),
-            started_at: now,
-            finished_at: now,
-            usage: ResourceUsage {
-                wall_ms: 1000,
-                stdout_bytes: stdout.len() as u64,
-                ..Default::default()
-            },
-        };
-        Ok(JobResult {
-            job_id: offer.job_id,
-            receipt: Signed::sign(signer, receipt, 600)?,
-            manifest,
-            blobs: vec![
-                Blob {
-                    cid: ContentId::of_bytes(&stdout),
-                    bytes: stdout,
-                },
-                Blob {
-                    cid: ContentId::of_bytes(&stderr),
-                    bytes: stderr,
-                },
-            ],
-        })
+        kiln_cli::bench_coordinator::honest_result(offer, signer, b"rogue ran it\n", manifest, 1000)
     }
 }
 
